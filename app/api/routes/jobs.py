@@ -1,0 +1,231 @@
+"""/v1/jobs: submit, inspect, list, cancel, retry, follow (SSE), logs, artifacts."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
+
+from app.api.deps import CurrentTenant, SessionDep
+from app.core.db import session_scope
+from app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
+from app.schemas import (
+    ArtifactsPublic,
+    ErrorResponse,
+    JobCreate,
+    JobLayersPublic,
+    JobPublic,
+    JobsPublic,
+    LayerMetricPublic,
+)
+from app.services import jobs as job_service
+from app.services.jobs import ServiceError
+
+router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+_ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+
+JOB_EXAMPLES = {
+    "awq-w4-g64": {
+        "summary": "AWQ W4 g64 on a hub model",
+        "value": {
+            "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+            "method": "awq",
+            "bits": 4,
+            "group_size": 64,
+            "calibration": {"source": "pileval", "n_samples": 64, "seq_len": 512},
+            "formats": ["awq", "compressed-tensors"],
+            "eval": {"seq_len": 1024},
+        },
+    },
+    "uploaded-calibration": {
+        "summary": "Own calibration data (from POST /v1/calibration-sets), W8 compressed-tensors",
+        "value": {
+            "model": "Qwen/Qwen2.5-0.5B-Instruct",
+            "bits": 8,
+            "group_size": 128,
+            "calibration": {"upload_id": "cal_0123456789abcdef01234567", "n_samples": 128, "seq_len": 512},
+            "formats": ["compressed-tensors"],
+        },
+    },
+    "publish": {
+        "summary": "Quantize and publish to the hub (token used once, never stored in clear or returned)",
+        "value": {
+            "model": "meta-llama/Llama-3.2-1B-Instruct",
+            "bits": 4,
+            "group_size": 128,
+            "publish": {"repo_id": "my-org/Llama-3.2-1B-Instruct-AWQ", "private": True, "token": "hf_..."},
+        },
+    },
+}
+
+
+def _get(session, job_id: str, tenant) -> Job:
+    return job_service.get_job(session, job_id=job_id, tenant_id=tenant.id)
+
+
+@router.post(
+    "",
+    status_code=202,
+    response_model=JobPublic,
+    responses={**_ERRORS, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    summary="Submit a quantization job",
+)
+def create_job(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    response: Response,
+    body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
+    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body = same job (24 h)")] = None,
+) -> JobPublic:
+    created = job_service.create_job(session, body=body, tenant=tenant, idempotency_key=idempotency_key)
+    response.headers["Location"] = f"/v1/jobs/{created.job.id}"
+    if created.replayed:
+        response.headers["Idempotent-Replayed"] = "true"
+    return job_service.job_public(created.job)
+
+
+@router.get("", response_model=JobsPublic, responses=_ERRORS, summary="List jobs (newest first)")
+def list_jobs(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    model: str | None = None,
+    cursor: str | None = None,
+    limit: Annotated[int, Query(ge=1, le=200)] = 50,
+) -> JobsPublic:
+    rows, next_cursor = job_service.list_jobs(
+        session, tenant_id=tenant.id, status=status, model=model, cursor=cursor, limit=limit
+    )
+    return JobsPublic(data=[job_service.job_public(j, with_files=False) for j in rows], count=len(rows), next_cursor=next_cursor)
+
+
+@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Status, progress, metrics and artifacts")
+def read_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    return job_service.job_public(_get(session, job_id, tenant))
+
+
+@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={**_ERRORS, 409: {"model": ErrorResponse}},
+             summary="Cancel: a queued job never starts; a running one stops at the next block")
+def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+    return job_service.job_public(job_service.cancel_job(session, job=_get(session, job_id, tenant)))
+
+
+@router.post("/{job_id}/retry", status_code=202, response_model=JobPublic,
+             responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+             summary="Queue a failed or cancelled job again")
+def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: str, response: Response) -> JobPublic:
+    job = job_service.retry_job(session, job=_get(session, job_id, tenant), tenant=tenant)
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_service.job_public(job)
+
+
+@router.get("/{job_id}/layers", response_model=JobLayersPublic, responses=_ERRORS, summary="Per-layer quantization metrics")
+def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobLayersPublic:
+    job = _get(session, job_id, tenant)
+    rows = session.scalars(select(LayerMetric).where(LayerMetric.job_id == job.id).order_by(LayerMetric.block, LayerMetric.name))
+    data = [LayerMetricPublic.model_validate(r) for r in rows]
+    return JobLayersPublic(data=data, count=len(data))
+
+
+@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses=_ERRORS, summary="The job's log lines as text")
+def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: str) -> str:
+    job = _get(session, job_id, tenant)
+    rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
+    lines = []
+    for e in rows:
+        if e.kind == "progress" and not e.message:
+            continue
+        lines.append(f"{e.created_at:%Y-%m-%dT%H:%M:%S}Z [{e.kind}] {e.stage or '-'}: {e.message or ''}")
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _event_payload(e: JobEvent) -> str:
+    data = {"kind": e.kind, "stage": e.stage, "progress": e.progress, "message": e.message,
+            "created_at": e.created_at.isoformat()}
+    return f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(data)}\n\n"
+
+
+def _poll(job_id: str, after: int) -> tuple[list[str], str, str]:
+    with session_scope() as s:
+        rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)))
+        status = s.scalar(select(Job.status).where(Job.id == job_id)) or "cancelled"
+        return [_event_payload(e) for e in rows], (f"{rows[-1].id}" if rows else str(after)), status
+
+
+@router.get(
+    "/{job_id}/events",
+    responses={**_ERRORS, 200: {"content": {"text/event-stream": {}}, "description": "Server-Sent Events"}},
+    summary="Follow stage, progress and log lines (SSE); resumable with Last-Event-ID; ends when the job ends",
+)
+def follow_events(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    request: Request,
+    job_id: str,
+    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+) -> StreamingResponse:
+    job = _get(session, job_id, tenant)
+    try:
+        start = int(last_event_id or request.query_params.get("last_event_id") or 0)
+    except ValueError:
+        start = 0
+
+    async def stream():
+        after = start
+        last_sent = time.monotonic()
+        yield "retry: 2000\n\n"
+        while True:
+            chunks, after_s, status = await run_in_threadpool(_poll, job.id, after)
+            after = int(after_s)
+            for c in chunks:
+                yield c
+            if chunks:
+                last_sent = time.monotonic()
+            elif status in TERMINAL_STATUSES:
+                yield f"event: end\ndata: {json.dumps({'status': status})}\n\n"
+                return
+            elif time.monotonic() - last_sent > 15:
+                yield ": keep-alive\n\n"
+                last_sent = time.monotonic()
+            if await request.is_disconnected():
+                return
+            if not chunks:
+                await asyncio.sleep(0.5)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=_ERRORS, summary="Artifacts and their files")
+def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: str) -> ArtifactsPublic:
+    job = _get(session, job_id, tenant)
+    data = [job_service.artifact_public(job, a, with_files=True) for a in job.artifacts]
+    return ArtifactsPublic(data=data, count=len(data))
+
+
+@router.get("/{job_id}/artifacts/{artifact_id}/files/{file_path:path}", response_class=FileResponse, responses=_ERRORS,
+            summary="Download one artifact file")
+def download_artifact_file(session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str, file_path: str) -> FileResponse:
+    job = _get(session, job_id, tenant)
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None or artifact.job_id != job.id:
+        raise ServiceError(404, "artifact not found")
+    root = Path(artifact.path).resolve()
+    if root.is_file():
+        target = root if file_path == root.name else None
+    else:
+        target = (root / file_path).resolve()
+        # resolve() follows links and "..": whatever it names must stay inside the artifact folder
+        if not target.is_relative_to(root):
+            target = None
+    if target is None or not target.is_file():
+        raise ServiceError(404, "file not found")
+    return FileResponse(target, filename=target.name)

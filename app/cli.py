@@ -1,0 +1,155 @@
+"""`awqforge serve | keys | worker`: entry points the engine CLI dispatches to (argv without the command)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+
+from app.core.config import GPU_QUEUES, settings
+
+
+def _wait_and_migrate(timeout_s: float = 60) -> None:
+    """Prestart: wait for the database, then `alembic upgrade head`."""
+    from app.core.db import check_database, run_migrations
+
+    settings.ensure_dirs()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            check_database()
+            break
+        except Exception as exc:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"database unreachable: {type(exc).__name__}: {exc}") from exc
+            time.sleep(1)
+    run_migrations()
+
+
+def serve_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="awqforge serve", description=(
+        "Run the API. With no DATABASE_URL/REDIS_URL set it is embedded: SQLite, a filesystem broker, "
+        "one worker in a child process and a local hub folder under AWQFORGE_HOME."))
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--worker", dest="worker", action="store_true", default=None,
+                   help="also run one worker (the default in embedded mode)")
+    p.add_argument("--no-worker", dest="worker", action="store_false")
+    p.add_argument("--no-migrate", action="store_true", help="skip `alembic upgrade head` at start")
+    p.add_argument("--demo", action="store_true", help="run one real SmolLM2 job end to end, print metrics, exit")
+    p.add_argument("--keep-serving", action="store_true", help="with --demo: keep serving after the job")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    if not args.no_migrate:
+        _wait_and_migrate()
+    run_worker = settings.is_embedded if args.worker is None else args.worker
+    if args.demo:
+        from app.demo import run_demo
+
+        return run_demo(host=args.host, port=args.port, start_worker=run_worker, keep_serving=args.keep_serving)
+
+    import uvicorn
+
+    from app.embedded import start_worker_process, stop_process
+    from app.main import create_app
+
+    worker = start_worker_process(name="embedded") if run_worker else None
+    mode = "embedded (SQLite + filesystem broker)" if settings.is_embedded else "server"
+    print(f"AWQForge API on http://{args.host}:{args.port}  ({mode}; data in {settings.AWQFORGE_HOME})", flush=True)
+    try:
+        uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
+    finally:
+        if worker is not None:
+            stop_process(worker)
+    return 0
+
+
+def keys_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="awqforge keys", description="Manage API keys (stored as sha256 hashes).")
+    sub = p.add_subparsers(dest="action", required=True)
+    c = sub.add_parser("create", help="create a key for a tenant (the tenant is created if new); prints it once")
+    c.add_argument("--tenant", required=True)
+    c.add_argument("--max-queued", type=int, default=None, help="per-tenant limit on unfinished jobs")
+    r = sub.add_parser("revoke", help="revoke a key by its id (the part after 'awqf_')")
+    r.add_argument("key_id")
+    ls = sub.add_parser("list", help="list key ids (never the keys)")
+    ls.add_argument("--tenant", default=None)
+    args = p.parse_args(argv)
+
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import ApiKey, Tenant, utcnow
+    from app.services.keys import create_api_key
+
+    _wait_and_migrate(timeout_s=10)
+    if args.action == "create":
+        with session_scope() as s:
+            key = create_api_key(s, tenant_name=args.tenant, max_queued=args.max_queued)
+        print(f"key id: {key.key_id}  (tenant {args.tenant})", file=sys.stderr)
+        print(key.secret)
+        print("Store it now: it is shown only this once.", file=sys.stderr)
+        return 0
+    if args.action == "revoke":
+        key_id = args.key_id.split("_")[1] if args.key_id.startswith("awqf_") else args.key_id
+        with session_scope() as s:
+            row = s.get(ApiKey, key_id)
+            if row is None:
+                print(f"no key {key_id}", file=sys.stderr)
+                return 1
+            row.revoked_at = row.revoked_at or utcnow()
+        print(f"revoked {key_id}")
+        return 0
+    with session_scope() as s:
+        q = select(ApiKey, Tenant.name).join(Tenant)
+        if args.tenant:
+            q = q.where(Tenant.name == args.tenant)
+        for key, tenant in s.execute(q.order_by(ApiKey.created_at)):
+            state = f"revoked {key.revoked_at:%Y-%m-%d}" if key.revoked_at else "active"
+            print(f"{key.id}\t{tenant}\t{key.created_at:%Y-%m-%d %H:%M}\t{state}")
+    return 0
+
+
+def worker_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="awqforge worker", description=(
+        "Run one Celery worker: one job at a time (run one per GPU, e.g. with --gpu)."))
+    p.add_argument("--queues", default=None,
+                   help=f"comma-separated queue classes from {', '.join(GPU_QUEUES)} (default: detected with nvidia-smi)")
+    p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for this worker")
+    p.add_argument("--name", default="awqforge")
+    p.add_argument("--loglevel", default="INFO")
+    args = p.parse_args(argv)
+
+    from app.embedded import detect_queues, worker_argv
+
+    if args.gpu is not None:
+        os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
+    queues = [q.strip() for q in args.queues.split(",")] if args.queues else detect_queues()
+    bad = [q for q in queues if q not in GPU_QUEUES]
+    if bad:
+        print(f"unknown queue(s) {bad}; choose from {list(GPU_QUEUES)}", file=sys.stderr)
+        return 2
+    _wait_and_migrate()
+    from worker.celery_app import celery_app
+
+    celery_app.worker_main(worker_argv(queues, name=args.name, loglevel=args.loglevel))
+    return 0
+
+
+COMMANDS = {"serve": serve_command, "keys": keys_command, "worker": worker_command}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m app.cli serve|keys|worker ...` (the same commands as `awqforge serve|keys|worker`)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in COMMANDS:
+        print(f"usage: python -m app.cli {{{'|'.join(COMMANDS)}}} ...", file=sys.stderr)
+        return 2
+    return COMMANDS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

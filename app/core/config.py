@@ -1,0 +1,165 @@
+"""Service settings: one class, read from the environment (and an optional .env file).
+
+Every other module imports `settings`; nothing else reads os.environ for configuration.
+With neither DATABASE_URL nor REDIS_URL/BROKER_URL set the service runs "embedded":
+SQLite under AWQFORGE_HOME and kombu's filesystem transport as the broker (no server needed).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import warnings
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+GPU_QUEUES = ("cpu", "gpu-24g", "gpu-80g")
+_UNSAFE_SECRETS = {"changethis", "secret", "changeme", "password", ""}
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("AWQFORGE_HOME", "~/.awqforge")).expanduser()
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_file=".env", env_ignore_empty=True, extra="ignore")
+
+    ENVIRONMENT: Literal["local", "staging", "production"] = "local"
+    API_V1_STR: str = "/v1"
+    PROJECT_NAME: str = "AWQForge"
+
+    AWQFORGE_HOME: Path = Field(default_factory=_default_home)
+    DATABASE_URL: str | None = None
+    # REDIS_URL and BROKER_URL are synonyms; BROKER_URL wins when both are set.
+    REDIS_URL: str | None = None
+    BROKER_URL: str | None = None
+
+    # Encrypts publish tokens at rest (Fernet key derived from it). Generated and kept in
+    # AWQFORGE_HOME/secret.key when unset; must be set explicitly outside ENVIRONMENT=local.
+    SECRET_KEY: str | None = None
+
+    HUB_DIR: Path | None = None  # local hub folder (publish backend without a token)
+    # auto: the Hugging Face Hub when the job has a token or HF_ENDPOINT/HF_TOKEN is set, else HUB_DIR.
+    PUBLISH_BACKEND: Literal["auto", "local", "huggingface"] = "auto"
+    HF_ENDPOINT: str | None = None
+    HF_TOKEN: str | None = None
+    ARTIFACT_DIR: Path | None = None
+    UPLOAD_DIR: Path | None = None
+    # Local model paths and file: sources in job bodies must lie under one of these folders.
+    # Uploads are the supported way to bring your own calibration data.
+    # os.pathsep-separated in the environment (or a JSON list).
+    ALLOWED_LOCAL_ROOTS: Annotated[list[Path], NoDecode] = Field(default_factory=list)
+
+    TENANT_MAX_QUEUED_JOBS: int = Field(4, ge=1, le=10_000)
+    MAX_UPLOAD_BYTES: int = Field(64 * 1024 * 1024, ge=1024, le=4 * 1024**3)
+    IDEMPOTENCY_TTL_HOURS: int = Field(24, ge=24, le=24 * 90)
+
+    # Celery / job execution
+    CELERY_QUEUE_PREFIX: str = ""
+    DEFAULT_QUEUE: Literal["cpu", "gpu-24g", "gpu-80g"] = "gpu-80g"
+    GPU_24G_MAX_MODEL_BYTES: int = 16 * 1024**3  # fp16 checkpoint bytes that still fit a 24 GB card
+    JOB_SOFT_TIME_LIMIT_S: int = Field(6 * 3600, ge=60)
+    JOB_HARD_TIME_LIMIT_S: int = Field(6 * 3600 + 600, ge=60)
+    HEARTBEAT_INTERVAL_S: float = Field(10.0, gt=0)
+    HEARTBEAT_STALE_S: float = Field(120.0, gt=0)
+    REAPER_INTERVAL_S: float = Field(30.0, gt=0)
+    MAX_ATTEMPTS: int = Field(3, ge=1)
+
+    @field_validator("ALLOWED_LOCAL_ROOTS", mode="before")
+    @classmethod
+    def _split_roots(cls, v: object) -> object:
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                import json
+
+                return json.loads(v)
+            return [p for p in v.split(os.pathsep) if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _derive_and_check(self) -> Settings:
+        home = self.AWQFORGE_HOME.expanduser()
+        self.AWQFORGE_HOME = home
+        self.HUB_DIR = (self.HUB_DIR or home / "hub").expanduser()
+        self.ARTIFACT_DIR = (self.ARTIFACT_DIR or home / "artifacts").expanduser()
+        self.UPLOAD_DIR = (self.UPLOAD_DIR or home / "uploads").expanduser()
+        if self.JOB_HARD_TIME_LIMIT_S <= self.JOB_SOFT_TIME_LIMIT_S:
+            raise ValueError("JOB_HARD_TIME_LIMIT_S must be above JOB_SOFT_TIME_LIMIT_S")
+        if self.HEARTBEAT_STALE_S < 3 * self.HEARTBEAT_INTERVAL_S:
+            raise ValueError("HEARTBEAT_STALE_S must be at least 3 x HEARTBEAT_INTERVAL_S")
+        if self.CELERY_QUEUE_PREFIX and not all(c.isalnum() or c in "-_." for c in self.CELERY_QUEUE_PREFIX):
+            raise ValueError("CELERY_QUEUE_PREFIX may hold only letters, digits, '-', '_' and '.'")
+        if self.SECRET_KEY is not None and (
+            self.SECRET_KEY.lower() in _UNSAFE_SECRETS or len(self.SECRET_KEY) < 32
+        ):
+            msg = "SECRET_KEY is a default or shorter than 32 characters"
+            if self.ENVIRONMENT == "local":
+                warnings.warn(msg, stacklevel=1)
+            else:
+                raise ValueError(msg)
+        if self.ENVIRONMENT != "local":
+            if self.SECRET_KEY is None:
+                raise ValueError("SECRET_KEY must be set when ENVIRONMENT is not 'local'")
+            if self.is_embedded:
+                raise ValueError("ENVIRONMENT=%s needs DATABASE_URL and REDIS_URL (no embedded mode)" % self.ENVIRONMENT)
+        return self
+
+    @property
+    def is_embedded(self) -> bool:
+        return not self.DATABASE_URL and not (self.REDIS_URL or self.BROKER_URL)
+
+    @property
+    def database_url(self) -> str:
+        url = self.DATABASE_URL or f"sqlite:///{self.AWQFORGE_HOME / 'awqforge.db'}"
+        # A bare postgres URL would pick psycopg2; this project uses psycopg 3.
+        for prefix in ("postgresql://", "postgres://"):
+            if url.startswith(prefix):
+                return "postgresql+psycopg://" + url[len(prefix) :]
+        return url
+
+    @property
+    def broker_url(self) -> str:
+        return self.BROKER_URL or self.REDIS_URL or "filesystem://"
+
+    @property
+    def broker_is_filesystem(self) -> bool:
+        return self.broker_url.startswith("filesystem://")
+
+    @property
+    def broker_dir(self) -> Path:
+        return self.AWQFORGE_HOME / "broker"
+
+    def queue_name(self, queue_class: str) -> str:
+        return f"{self.CELERY_QUEUE_PREFIX}{queue_class}"
+
+    def secret_key(self) -> str:
+        """The configured SECRET_KEY, or one generated once and kept (0600) under AWQFORGE_HOME."""
+        if self.SECRET_KEY:
+            return self.SECRET_KEY
+        path = self.AWQFORGE_HOME / "secret.key"
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".secret.{os.getpid()}")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                f.write(secrets.token_urlsafe(48))
+            try:  # first writer wins; a concurrent process reads the winner's key
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+            finally:
+                tmp.unlink(missing_ok=True)
+        return path.read_text().strip()
+
+    def ensure_dirs(self) -> None:
+        for d in (self.AWQFORGE_HOME, self.HUB_DIR, self.ARTIFACT_DIR, self.UPLOAD_DIR):
+            d.mkdir(parents=True, exist_ok=True)
+        if self.broker_is_filesystem:
+            for sub in ("queue", "control", "processed"):
+                (self.broker_dir / sub).mkdir(parents=True, exist_ok=True)
+
+
+settings = Settings()

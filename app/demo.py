@@ -1,0 +1,122 @@
+"""The README's main command: start the service, quantize SmolLM2 over HTTP, show the result.
+
+    awqforge serve --demo        (or: python -m app.demo)
+
+Starts the API (and, in embedded mode, one worker), makes a demo API key, submits a W4 g64 AWQ job on
+SmolLM2-135M-Instruct with a small calibration set, prints progress from the event stream, then the
+metrics and where the artifacts are.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import sys
+from pathlib import Path
+
+import httpx
+
+from app.core.config import settings
+
+
+def _free_port(preferred: int) -> int:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", preferred))
+            return preferred
+        except OSError:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+
+def _follow(client: httpx.Client, job_id: str) -> None:
+    last_line = ""
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
+        event = None
+        for line in resp.iter_lines():
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event != "end":
+                d = json.loads(line[6:])
+                pct = f"{(d['progress'] or 0) * 100:5.1f}%" if d.get("progress") is not None else "      "
+                text = f"[{pct}] {d.get('stage') or '-':<9} {d.get('message') or ''}"
+                if text != last_line:
+                    print(text, flush=True)
+                    last_line = text
+            elif line.startswith("data: ") and event == "end":
+                return
+
+
+def run_demo(*, host: str = "127.0.0.1", port: int = 8000, start_worker: bool = True, keep_serving: bool = False) -> int:
+    from app.core.db import session_scope
+    from app.embedded import ServerThread, start_worker_process, stop_process
+    from app.main import create_app
+    from app.services.keys import create_api_key
+
+    print("Preparing SmolLM2-135M-Instruct (downloaded/converted once)...", flush=True)
+    from awqforge.smollm import ensure_smollm2_checkpoint
+
+    checkpoint = Path(ensure_smollm2_checkpoint()).resolve()
+    # The demo submits a local checkpoint path: allow its folder for this process's API.
+    settings.ALLOWED_LOCAL_ROOTS = [*settings.ALLOWED_LOCAL_ROOTS, checkpoint.parent]
+
+    with session_scope() as s:
+        key = create_api_key(s, tenant_name="demo")
+    worker = start_worker_process(name="demo") if start_worker else None
+    server = ServerThread(create_app(), host=host, port=_free_port(port)).start()
+    print(f"API on {server.url} (docs: {server.url}/docs, dashboard: {server.url}/dashboard)", flush=True)
+    try:
+        import awqforge
+
+        calib = Path(awqforge.__file__).resolve().parent / "data" / "calibration_en.txt"
+        body = {
+            "model": str(checkpoint),
+            "method": "awq",
+            "bits": 4,
+            "group_size": 64,
+            "calibration": {"source": f"file:{calib}", "n_samples": 32, "seq_len": 256},
+            "formats": ["awq", "compressed-tensors"],
+            "eval": {"seq_len": 512, "max_seqs": 8},
+            "publish": {"repo_id": "demo/SmolLM2-135M-Instruct-AWQ", "private": True},
+        }
+        headers = {"Authorization": f"Bearer {key.secret}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
+            r = client.post("/v1/jobs", json=body)
+            if r.status_code != 202:
+                print(f"submit failed: {r.status_code} {r.text}", file=sys.stderr)
+                return 1
+            job_id = r.json()["id"]
+            print(f"submitted {job_id} (Location: {r.headers['location']}); following its events:", flush=True)
+            _follow(client, job_id)
+            job = client.get(f"/v1/jobs/{job_id}").json()
+        print(f"\njob {job_id}: {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
+        m = job.get("metrics") or {}
+        if m:
+            print(f"  perplexity  FP {m.get('fp_perplexity')}  ->  W4 g64 {m.get('quant_perplexity')}")
+            print(f"  size        {m.get('size_before_bytes')} -> {m.get('size_after_bytes')} bytes")
+            print(f"  wall time   {m.get('total_s') and round(m['total_s'], 1)} s "
+                  f"(quantize {m.get('quantize_s') and round(m['quantize_s'], 1)} s), peak RSS {m.get('peak_rss_bytes')} bytes")
+        for a in job.get("artifacts", []):
+            print(f"  artifact    {a['format']:<20} {len(a['files'])} files"
+                  + (f"  published: {a['published_to']}" if a.get("published_to") else ""))
+        print(f"  artifacts on disk under {settings.ARTIFACT_DIR}; API: GET {server.url}/v1/jobs/{job_id}/artifacts")
+        if keep_serving:
+            print(f"Serving on {server.url} (Ctrl-C to stop). Demo API key: {key.secret}", flush=True)
+            server.thread.join()
+        return 0 if job["status"] == "succeeded" else 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        server.stop()
+        if worker is not None:
+            stop_process(worker)
+
+
+def main() -> int:
+    from app.cli import serve_command
+
+    return serve_command(["--demo", *sys.argv[1:]])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

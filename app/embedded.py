@@ -1,0 +1,86 @@
+"""Running the pieces in one place: a Celery worker child process and uvicorn in a thread."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+import uvicorn
+
+from app.core.config import GPU_QUEUES, settings
+
+
+def detect_queues() -> list[str]:
+    """Queue classes this machine can serve, from nvidia-smi (never initialises CUDA in this process)."""
+    if shutil.which("nvidia-smi"):
+        try:
+            out = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True, text=True, timeout=10, check=True,
+            ).stdout.split()
+            mib = min(int(x) for x in out) if out else 0
+        except (subprocess.SubprocessError, ValueError, OSError):
+            mib = 0
+        if mib >= 70_000:
+            return ["gpu-80g", "gpu-24g"]
+        if mib >= 20_000:
+            return ["gpu-24g"]
+    return ["cpu"]
+
+
+def worker_argv(queues: list[str], *, name: str = "awqforge", loglevel: str = "INFO") -> list[str]:
+    """`celery worker` arguments: one process, one job at a time, prefork so the child forks before CUDA."""
+    return [
+        "worker",
+        "-Q", ",".join(settings.queue_name(q) for q in queues),
+        "--concurrency", "1",
+        "--pool", "prefork",
+        "--prefetch-multiplier", "1",
+        "--without-gossip", "--without-mingle",
+        "-n", f"{name}@%h",
+        "--loglevel", loglevel,
+    ]
+
+
+def start_worker_process(queues: list[str] | None = None, *, env: dict | None = None, name: str = "embedded",
+                         log_path=None) -> subprocess.Popen:
+    """A Celery worker in a child process, consuming every queue unless told otherwise."""
+    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *worker_argv(list(queues or GPU_QUEUES), name=name)]
+    out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
+    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out or None, stderr=subprocess.STDOUT if out else None)
+
+
+def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
+    if proc.poll() is None:
+        proc.terminate()  # warm shutdown: the running job is abandoned and redelivered (acks_late)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class ServerThread:
+    """uvicorn in a background thread (demo, tests)."""
+
+    def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
+        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
+        self.url = f"http://{host}:{port}"
+
+    def start(self, timeout: float = 20) -> ServerThread:
+        self.thread.start()
+        deadline = time.monotonic() + timeout
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError(f"the API did not start on {self.url}")
+            time.sleep(0.05)
+        return self
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

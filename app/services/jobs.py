@@ -1,0 +1,382 @@
+"""Job use cases: create (validate, idempotency, limits, routing), list, cancel, retry, reap."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+from pydantic import ValidationError
+from sqlalchemy import and_, func, or_, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from app.core.config import settings
+from app.core.security import encrypt_secret
+from app.models import (
+    Artifact,
+    CalibrationSet,
+    IdempotencyKey,
+    Job,
+    JobMetrics,
+    JobStatus,
+    LayerMetric,
+    Tenant,
+    utcnow,
+)
+from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
+from app.services.events import add_event
+from app.services.routing import queue_for
+
+log = logging.getLogger("awqforge.jobs")
+
+ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+# Where JobSpec fields live in the request body (the body is flatter than the spec).
+_SPEC_TO_BODY = {("quant", "bits"): "bits", ("quant", "group_size"): "group_size",
+                 ("quant", "zero_point"): "zero_point", ("quant", "modules_to_not_convert"): "modules_to_not_convert"}
+
+
+class SpecError(Exception):
+    def __init__(self, errors: list[FieldError]):
+        super().__init__("; ".join(f"{e.field}: {e.reason}" for e in errors))
+        self.errors = errors
+
+
+class ServiceError(Exception):
+    """An error with an HTTP status the route passes through."""
+
+    def __init__(self, status_code: int, detail: str):
+        super().__init__(detail)
+        self.status_code = status_code
+        self.detail = detail
+
+
+def _is_local_path(value: str) -> bool:
+    return value.startswith(("/", "./", "../", "~"))
+
+
+def _bundled_data_dir() -> Path:
+    import awqforge  # the package root only: no torch
+
+    return Path(awqforge.__file__).resolve().parent / "data"
+
+
+def _check_local(field: str, raw: str) -> FieldError | None:
+    """Local paths must lie under ALLOWED_LOCAL_ROOTS (or be the engine's bundled public texts)."""
+    path = Path(raw).expanduser().resolve()
+    roots = [Path(r).expanduser().resolve() for r in settings.ALLOWED_LOCAL_ROOTS] + [_bundled_data_dir()]
+    if not any(path.is_relative_to(r) for r in roots):
+        return FieldError(field=field, reason="local paths are not allowed here: use a hub id (or upload_id for calibration data)")
+    return None
+
+
+def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
+    """JobCreate -> awqforge.spec.JobSpec, or SpecError listing each bad field and why."""
+    from awqforge.spec import JobSpec
+
+    errors: list[FieldError] = []
+    cal = body.calibration
+    if cal.upload_id and cal.source:
+        errors.append(FieldError(field="calibration", reason="give either calibration.source or calibration.upload_id, not both"))
+    source = f"upload:{cal.upload_id}" if cal.upload_id else (cal.source or "pileval")
+    if source.startswith("upload:"):
+        owned = session.scalar(
+            select(CalibrationSet.id).where(CalibrationSet.id == source[7:], CalibrationSet.tenant_id == tenant_id)
+        )
+        if owned is None:
+            errors.append(FieldError(field="calibration.upload_id", reason=f"calibration set {source[7:]!r} not found"))
+    elif source.startswith("file:") and (e := _check_local("calibration.source", source[5:])):
+        errors.append(e)
+    if _is_local_path(body.model) and (e := _check_local("model", body.model)):
+        errors.append(e)
+    if body.eval.text and body.eval.text.startswith("file:") and (e := _check_local("eval.text", body.eval.text[5:])):
+        errors.append(e)
+
+    data: dict = {
+        "model": body.model,
+        "revision": body.revision,
+        "method": body.method,
+        "quant": {"bits": body.bits, "group_size": body.group_size, "zero_point": body.zero_point,
+                  "modules_to_not_convert": body.modules_to_not_convert},
+        "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len},
+        "formats": body.formats,
+        "eval": body.eval.model_dump(),
+        "publish": body.publish.model_dump() if body.publish else None,
+        "device": body.device,
+    }
+    for name in ("scale_search", "n_grid", "clip_search", "seed"):
+        if getattr(body, name) is not None:
+            data[name] = getattr(body, name)
+    try:
+        spec = JobSpec.model_validate(data)
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = tuple(str(x) for x in err["loc"])
+            field = _SPEC_TO_BODY.get(loc[:2]) or (".".join(loc) if loc else "formats")
+            reason = err["msg"].removeprefix("Value error, ")
+            errors.append(FieldError(field=field, reason=reason))
+    if errors:
+        raise SpecError(errors)
+    return spec
+
+
+def request_hash(body: JobCreate) -> str:
+    return hashlib.sha256(json.dumps(body.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()
+
+
+def _active_count(session: Session, tenant_id: int) -> int:
+    return session.scalar(
+        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    ) or 0
+
+
+def _check_limit(session: Session, tenant: Tenant) -> None:
+    # Serialise submissions per tenant so two concurrent requests cannot both pass the count.
+    session.execute(select(Tenant.id).where(Tenant.id == tenant.id).with_for_update())
+    limit = tenant.max_queued_jobs or settings.TENANT_MAX_QUEUED_JOBS
+    active = _active_count(session, tenant.id)
+    if active >= limit:
+        raise ServiceError(429, f"tenant has {active} unfinished jobs (queued or running); the limit is {limit}")
+
+
+def send_job(job: Job) -> None:
+    from worker.celery_app import TASK_RUN_JOB, celery_app
+
+    celery_app.send_task(TASK_RUN_JOB, args=[job.id], queue=settings.queue_name(job.queue))
+
+
+def _dispatch(session: Session, job: Job) -> None:
+    """Send the task after the commit; a broker failure leaves the job failed (retryable), not lost."""
+    try:
+        send_job(job)
+    except Exception as exc:
+        log.error("broker unreachable while queueing %s: %s", job.id, type(exc).__name__)
+        job.status = JobStatus.FAILED.value
+        job.error = "could not queue the job: the broker is unreachable; retry later"
+        job.finished_at = utcnow()
+        add_event(session, job_id=job.id, kind="status", message=job.error)
+        session.commit()
+        raise ServiceError(503, job.error) from exc
+
+
+@dataclass
+class Created:
+    job: Job
+    replayed: bool
+
+
+def _find_idempotent(session: Session, tenant_id: int, key: str, body_hash: str) -> Job | None:
+    row = session.get(IdempotencyKey, (tenant_id, key))
+    if row is None:
+        return None
+    if row.expires_at < utcnow():
+        session.delete(row)
+        session.flush()
+        return None
+    if row.request_hash != body_hash:
+        raise SpecError([FieldError(field="Idempotency-Key", reason="this key was already used with a different request body")])
+    return session.get(Job, row.job_id)
+
+
+def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency_key: str | None) -> Created:
+    body_hash = request_hash(body)
+    if idempotency_key:
+        if len(idempotency_key) > 200:
+            raise SpecError([FieldError(field="Idempotency-Key", reason="at most 200 characters")])
+        existing = _find_idempotent(session, tenant.id, idempotency_key, body_hash)
+        if existing is not None:
+            return Created(existing, True)
+    spec = spec_from_request(session, body=body, tenant_id=tenant.id)
+    _check_limit(session, tenant)
+
+    token = spec.publish.token if spec.publish else None
+    stored = spec.model_dump(mode="json")
+    if stored.get("publish"):
+        stored["publish"]["token"] = None
+    job = Job(
+        tenant_id=tenant.id,
+        model=spec.model,
+        revision=spec.revision,
+        method=spec.method.value,
+        bits=spec.quant.bits,
+        group_size=spec.quant.group_size,
+        spec=stored,
+        publish_token_enc=encrypt_secret(token) if token else None,
+        queue=queue_for(spec.model, spec.revision, spec.device),
+        status=JobStatus.QUEUED.value,
+        progress=0.0,
+        attempts=0,
+        cancel_requested=False,
+    )
+    session.add(job)
+    session.flush()
+    add_event(session, job_id=job.id, kind="status", message=f"queued on {job.queue}", progress=0.0)
+    if idempotency_key:
+        now = utcnow()
+        session.add(IdempotencyKey(tenant_id=tenant.id, key=idempotency_key, request_hash=body_hash, job_id=job.id,
+                                   created_at=now, expires_at=now + timedelta(hours=settings.IDEMPOTENCY_TTL_HOURS)))
+    try:
+        session.commit()
+    except IntegrityError:
+        # A concurrent request with the same key won the race: answer with its job.
+        session.rollback()
+        existing = _find_idempotent(session, tenant.id, idempotency_key or "", body_hash)
+        if existing is None:
+            raise
+        return Created(existing, True)
+    _dispatch(session, job)
+    return Created(job, False)
+
+
+def get_job(session: Session, *, job_id: str, tenant_id: int) -> Job:
+    job = session.get(Job, job_id)
+    if job is None or job.tenant_id != tenant_id:
+        raise ServiceError(404, "job not found")
+    return job
+
+
+def encode_cursor(job: Job) -> str:
+    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    try:
+        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
+        return datetime.fromisoformat(created), job_id
+    except Exception as exc:
+        raise SpecError([FieldError(field="cursor", reason="not a cursor returned by this API")]) from exc
+
+
+def list_jobs(
+    session: Session, *, tenant_id: int, status: str | None, model: str | None, cursor: str | None, limit: int
+) -> tuple[list[Job], str | None]:
+    q = select(Job).where(Job.tenant_id == tenant_id)
+    if status:
+        q = q.where(Job.status == status)
+    if model:
+        q = q.where(Job.model == model)
+    if cursor:
+        created, cid = decode_cursor(cursor)
+        q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < cid)))
+    rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
+    next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
+    return rows[:limit], next_cursor
+
+
+def cancel_job(session: Session, *, job: Job) -> Job:
+    if job.status == JobStatus.QUEUED.value:
+        job.status = JobStatus.CANCELLED.value
+        job.cancel_requested = True
+        job.finished_at = utcnow()
+        add_event(session, job_id=job.id, kind="status", message="cancelled before it started")
+    elif job.status == JobStatus.RUNNING.value:
+        if not job.cancel_requested:
+            job.cancel_requested = True
+            add_event(session, job_id=job.id, kind="log", stage=job.stage, message="cancel requested; stopping at the next block")
+    elif job.status != JobStatus.CANCELLED.value:
+        raise ServiceError(409, f"job already {job.status}")
+    session.commit()
+    return job
+
+
+def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
+    if job.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+        raise ServiceError(409, f"only failed or cancelled jobs can be retried; this one is {job.status}")
+    _check_limit(session, tenant)
+    session.query(LayerMetric).filter(LayerMetric.job_id == job.id).delete()
+    session.query(JobMetrics).filter(JobMetrics.job_id == job.id).delete()
+    session.query(Artifact).filter(Artifact.job_id == job.id).delete()
+    job.status = JobStatus.QUEUED.value
+    job.stage = None
+    job.progress = 0.0
+    job.eta_s = None
+    job.error = None
+    job.cancel_requested = False
+    job.attempts = 0
+    job.worker = None
+    job.started_at = job.finished_at = job.heartbeat_at = None
+    add_event(session, job_id=job.id, kind="status", message=f"retried; queued on {job.queue}", progress=0.0)
+    session.commit()
+    session.expire(job, ["metrics", "artifacts"])
+    _dispatch(session, job)
+    return job
+
+
+def reap_stale_jobs(session: Session) -> list[str]:
+    """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS."""
+    stale_before = utcnow() - timedelta(seconds=settings.HEARTBEAT_STALE_S)
+    stale = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)))
+    requeued = []
+    for job in stale:
+        give_up = job.attempts >= settings.MAX_ATTEMPTS or job.cancel_requested
+        new_status = (JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED) if give_up else JobStatus.QUEUED
+        res = session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
+            .values(status=new_status.value, worker=None,
+                    error=(f"worker lost: no heartbeat for {int(settings.HEARTBEAT_STALE_S)} s after "
+                           f"{job.attempts} attempt(s)") if new_status == JobStatus.FAILED else None,
+                    finished_at=utcnow() if give_up else None)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            continue
+        add_event(session, job_id=job.id, kind="status",
+                  message="worker lost (heartbeat stale): " + ("requeued" if not give_up else new_status.value))
+        session.commit()
+        if not give_up:
+            try:
+                send_job(job)
+                requeued.append(job.id)
+            except Exception:
+                log.exception("could not requeue %s", job.id)
+    session.commit()
+    return requeued
+
+
+# -- presentation ---------------------------------------------------------------------------
+
+def artifact_files(artifact: Artifact) -> list[tuple[str, int]]:
+    root = Path(artifact.path)
+    if root.is_file():
+        return [(root.name, root.stat().st_size)]
+    if not root.is_dir():
+        return []
+    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+
+
+def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> ArtifactPublic:
+    files = []
+    if with_files:
+        base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
+        files = [ArtifactFile(path=p, size_bytes=n, url=base + p) for p, n in artifact_files(artifact)]
+    return ArtifactPublic(id=artifact.id, format=artifact.format, size_bytes=artifact.size_bytes,
+                          published_to=artifact.published_to, files=files)
+
+
+def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
+    return JobPublic(
+        id=job.id,
+        status=job.status,
+        stage=job.stage,
+        progress=min(max(job.progress or 0.0, 0.0), 1.0),
+        eta_s=job.eta_s,
+        error=job.error,
+        model=job.model,
+        revision=job.revision,
+        method=job.method,
+        bits=job.bits,
+        group_size=job.group_size,
+        queue=job.queue,
+        attempts=job.attempts,
+        spec=job.spec,
+        created_at=job.created_at,
+        started_at=job.started_at,
+        finished_at=job.finished_at,
+        metrics=MetricsPublic.model_validate(job.metrics) if job.metrics else None,
+        artifacts=[artifact_public(job, a, with_files=with_files) for a in job.artifacts],
+    )

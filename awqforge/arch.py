@@ -1,0 +1,469 @@
+"""Architecture adapters: where a model's decoder blocks are and which op feeds which linears.
+
+Architecture knowledge is data, as in llm-compressor: a registry of `MappingSpec`s per model family
+(the op whose output is scaled -> the linears that read it -> the module whose output measures the
+loss). The specs are resolved against each block's actual module tree, so optional parts (a dense
+layer inside an MoE model, a shared expert, per-expert linears) are discovered, and one generic
+algorithm (`awqforge.awq`) runs over the result. A spec that cannot apply to a block (grouped-query
+attention, where `v_proj` and `o_proj` shapes differ) comes back as a `Mapping` with a `skip_reason`.
+
+MoE experts: transformers 5.x stores a block's experts as fused 3D parameters
+(`mlp.experts.gate_up_proj` [E, 2*I, H], `mlp.experts.down_proj` [E, H, I]). `ArchAdapter.prepare_block`
+replaces that module by `UnfusedExperts`, a ModuleList of per-expert `nn.Linear`s named as in the
+original checkpoints (`mlp.experts.{e}.gate_proj|up_proj|down_proj`; Mixtral `w1|w3|w2`), which is also
+the layout vLLM and AutoAWQ load quantized experts from. `ArchAdapter.checkpoint_name` maps a module
+name to its checkpoint tensor prefix (Mixtral: `.mlp.` -> `.block_sparse_moe.`).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from awqforge.quant import effective_group_size
+from awqforge.spec import SUPPORTED_GROUP_SIZES
+
+
+class UnsupportedArchitecture(ValueError):
+    """The model family has no adapter: refused before any work starts."""
+
+
+@dataclass(frozen=True)
+class MappingSpec:
+    """One AWQ mapping as data; names are relative to a decoder block, `*` matches one name part.
+
+    prev: the op whose output channels get divided by the scales (norm, linear, activation).
+    linears: the linears reading that output; their input columns get multiplied by the scales.
+    inspect: the module whose output measures the loss; None = the linears' own outputs.
+    absorb: unquantized readers of the same input (MoE routers): they absorb the scales, never quantized.
+    prev_rows: for a fused prev linear, which output rows feed `linears` ("v": the v part of a fused
+        qkv, "up": the second half of a fused gate_up).
+    disabled: a reason this spec is never applied (reported, not silently dropped).
+    Wildcards in `prev` are bound by the match and substituted, in order, into the other names, so
+    "mlp.experts.*.up_proj" -> "mlp.experts.*.down_proj" pairs each expert with itself.
+    """
+
+    prev: str
+    linears: tuple[str, ...]
+    inspect: str | None = None
+    absorb: tuple[str, ...] = ()
+    prev_rows: str | None = None
+    disabled: str | None = None
+
+
+@dataclass
+class Mapping:
+    """A `MappingSpec` resolved on one block: the modules themselves."""
+
+    prev_name: str
+    prev: nn.Module
+    linear_names: list[str]
+    linears: list[nn.Linear]
+    inspect_name: str | None
+    inspect: nn.Module | None
+    absorb_names: list[str] = field(default_factory=list)
+    absorb: list[nn.Module] = field(default_factory=list)
+    prev_rows: slice | None = None
+    norm_plus_one: bool = False
+    skip_reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        return f"{self.prev_name}->{_summarize(self.linear_names)}"
+
+    @property
+    def linear_loss(self) -> bool:
+        """True when the loss is on the linears' own outputs (exact from the input Gram matrix)."""
+        return self.inspect is None or (len(self.linears) == 1 and self.inspect is self.linears[0])
+
+
+def _summarize(names: list[str]) -> str:
+    if len(names) <= 4:
+        return ",".join(names)
+    return f"{names[0]},...,{names[-1]} ({len(names)} linears)"
+
+
+@dataclass(frozen=True)
+class ExpertLayout:
+    """Per-expert linear names after unfusing (as the original checkpoints name them)."""
+
+    gate: str = "gate_proj"
+    up: str = "up_proj"
+    down: str = "down_proj"
+
+
+class ScaledActivation(nn.Module):
+    """act(x) / scales: how AWQ folds scales into an activation that is not positively homogeneous.
+
+    The parameter is named `scales`, so the tensor is `<...>.act.scales` as AutoAWQ and vLLM expect.
+    """
+
+    def __init__(self, act: nn.Module, scales: torch.Tensor):
+        super().__init__()
+        self.act = act
+        self.scales = nn.Parameter(scales.detach().clone(), requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(x) / self.scales.to(x.dtype)
+
+
+class ExpertMLP(nn.Module):
+    """One expert as three linears: down(act(gate(x)) * up(x))."""
+
+    def __init__(self, layout: ExpertLayout, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn: nn.Module):
+        super().__init__()
+        self.layout = layout
+        setattr(self, layout.gate, gate)
+        setattr(self, layout.up, up)
+        setattr(self, layout.down, down)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lay = self.layout
+        return getattr(self, lay.down)(self.act_fn(getattr(self, lay.gate)(x)) * getattr(self, lay.up)(x))
+
+
+class UnfusedExperts(nn.ModuleList):
+    """Drop-in replacement for transformers' fused `*Experts` module, one `ExpertMLP` per expert.
+
+    Same forward signature and arithmetic as the fused module (hidden [T, H], top_k_index [T, k],
+    top_k_weights [T, k]); experts that receive no token are not run.
+    """
+
+    def __init__(self, experts: Iterable[ExpertMLP], num_experts: int):
+        super().__init__(experts)
+        self.num_experts = num_experts
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
+        final = torch.zeros_like(hidden_states)
+        for expert_idx in torch.unique(top_k_index).tolist():
+            if expert_idx < 0 or expert_idx >= self.num_experts:
+                continue
+            token_idx, top_k_pos = torch.where(top_k_index == expert_idx)
+            out = self[expert_idx](hidden_states[token_idx])
+            out = out * top_k_weights[token_idx, top_k_pos, None]
+            final.index_add_(0, token_idx, out.to(final.dtype))
+        return final
+
+
+def unfuse_experts(experts: nn.Module, layout: ExpertLayout) -> UnfusedExperts:
+    """Per-expert nn.Linear modules from fused [E, 2I, H] / [E, H, I] parameters (gate rows first)."""
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    n_exp, two_i, hidden = gate_up.shape
+    inter = two_i // 2
+    modules = []
+    for e in range(n_exp):
+        lin = [
+            nn.Linear(hidden, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype),
+            nn.Linear(hidden, inter, bias=False, device=gate_up.device, dtype=gate_up.dtype),
+            nn.Linear(inter, hidden, bias=False, device=down.device, dtype=down.dtype),
+        ]
+        if gate_up.device.type != "meta":
+            with torch.no_grad():
+                lin[0].weight.copy_(gate_up[e, :inter])
+                lin[1].weight.copy_(gate_up[e, inter:])
+                lin[2].weight.copy_(down[e])
+        for m in lin:
+            m.weight.requires_grad_(False)
+        modules.append(ExpertMLP(layout, lin[0], lin[1], lin[2], experts.act_fn))
+    return UnfusedExperts(modules, n_exp)
+
+
+_NEVER_QUANTIZE = ("lm_head", "*.mlp.gate", "mlp.gate", "*shared_expert_gate", "*.router", "router")
+
+
+@dataclass(frozen=True)
+class ArchAdapter:
+    """Everything AWQForge knows about one model family."""
+
+    family: str
+    layers_attr: str
+    specs: tuple[MappingSpec, ...]
+    norm_plus_one: bool = False  # Gemma RMSNorm computes x * (1 + w)
+    experts: ExpertLayout | None = None
+    checkpoint_renames: tuple[tuple[str, str], ...] = ()
+
+    def get_layers(self, model: nn.Module) -> nn.ModuleList:
+        obj = model
+        for part in self.layers_attr.split("."):
+            obj = getattr(obj, part)
+        return obj
+
+    def prepare_block(self, block: nn.Module) -> nn.Module:
+        """Unfuse 3D expert parameters into per-expert linears (idempotent; works on the meta device)."""
+        if self.experts is None:
+            return block
+        for name, mod in list(block.named_modules()):
+            if isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and getattr(mod, "down_proj", None) is not None:
+                if mod.gate_up_proj.dim() != 3:
+                    continue
+                parent_name, _, attr = name.rpartition(".")
+                parent = block.get_submodule(parent_name) if parent_name else block
+                setattr(parent, attr, unfuse_experts(mod, self.experts))
+        return block
+
+    def mappings(self, block: nn.Module) -> list[Mapping]:
+        """Resolve the family's specs on this block; inapplicable ones come back with `skip_reason`."""
+        self.prepare_block(block)
+        modules = dict(block.named_modules())
+        out: list[Mapping] = []
+        for spec in self.specs:
+            for prev_name, binds in _match(spec.prev, modules):
+                linear_names = [n for pat in spec.linears for n, _ in _match(_bind(pat, binds), modules)]
+                linear_names = [n for n in linear_names if isinstance(modules[n], nn.Linear)]
+                if not linear_names:
+                    continue
+                inspect_name = _bind(spec.inspect, binds) if spec.inspect is not None else None
+                if inspect_name is not None and inspect_name not in modules:
+                    continue
+                absorb_names = [n for pat in spec.absorb for n, _ in _match(_bind(pat, binds), modules)]
+                m = Mapping(
+                    prev_name=prev_name,
+                    prev=modules[prev_name],
+                    linear_names=linear_names,
+                    linears=[modules[n] for n in linear_names],
+                    inspect_name=inspect_name,
+                    inspect=modules[inspect_name] if inspect_name is not None else None,
+                    absorb_names=absorb_names,
+                    absorb=[modules[n] for n in absorb_names],
+                    norm_plus_one=self.norm_plus_one and not isinstance(modules[prev_name], (nn.Linear, nn.LayerNorm)),
+                    skip_reason=spec.disabled,
+                )
+                if m.skip_reason is None:
+                    m.prev_rows, m.skip_reason = _prev_rows(spec, m)
+                out.append(m)
+        return out
+
+    def never_quantize(self, name: str) -> bool:
+        """lm_head and MoE routers stay in full precision, whatever the settings."""
+        return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
+
+    def quantizable_linears(self, block: nn.Module, skip_patterns: Iterable[str] = ()) -> dict[str, nn.Linear]:
+        """The block's linears that get quantized, by name relative to the block."""
+        self.prepare_block(block)
+        skip = tuple(skip_patterns)
+        return {
+            n: m
+            for n, m in block.named_modules()
+            if isinstance(m, nn.Linear) and not self.never_quantize(n) and not matches_any(n, skip)
+        }
+
+    def checkpoint_name(self, module_name: str) -> str:
+        """The checkpoint tensor prefix of a module (full or block-relative name)."""
+        name = f".{module_name}"
+        for src, dst in self.checkpoint_renames:
+            name = name.replace(src, dst)
+        return name[1:]
+
+
+def matches_any(name: str, patterns: Iterable[str]) -> bool:
+    """fnmatch or plain substring, as `QuantSettings.modules_to_not_convert` documents."""
+    return any(fnmatch.fnmatchcase(name, p) or (p and p in name) for p in patterns)
+
+
+def _match(pattern: str, modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, ...]]]:
+    if "*" not in pattern:
+        return [(pattern, ())] if pattern in modules else []
+    rx = re.compile("^" + re.escape(pattern).replace(r"\*", r"([^.]+)") + "$")
+    hits = [(n, m.groups()) for n in modules if (m := rx.match(n))]
+    return sorted(hits, key=lambda h: [int(g) if g.isdigit() else g for g in h[1]])
+
+
+def _bind(pattern: str, binds: tuple[str, ...]) -> str:
+    for b in binds:
+        pattern = pattern.replace("*", b, 1)
+    return pattern
+
+
+def _prev_rows(spec: MappingSpec, m: Mapping) -> tuple[slice | None, str | None]:
+    """Which prev output rows feed the linears, or why the mapping cannot apply."""
+    width = m.linears[0].in_features
+    prev = m.prev
+    if isinstance(prev, nn.Linear):
+        n_out = prev.out_features
+        if spec.prev_rows == "v":
+            # fused qkv = [q (heads*d), k (kv*d), v (kv*d)]; v width = o_proj width only without GQA
+            if n_out != 3 * width:
+                v_rows = (n_out - width) // 2
+                return None, (
+                    f"grouped-query attention: the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not "
+                    f"match {m.linear_names[0]}'s input width {width}, so no per-channel scale can be folded"
+                )
+            return slice(n_out - width, n_out), None
+        if spec.prev_rows == "up":
+            if n_out != 2 * width:
+                return None, f"{m.prev_name} has {n_out} rows, expected 2 x {width} for a fused gate_up"
+            return slice(width, n_out), None
+        if n_out != width:
+            return None, (
+                f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
+                "channels (grouped-query attention): no per-channel scale can be folded"
+            )
+        return None, None
+    weight = getattr(prev, "weight", None)
+    if weight is not None and weight.dim() == 1 and weight.shape[0] != width:
+        return None, f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}"
+    return None, None
+
+
+# ---- the registry -----------------------------------------------------------------------------
+
+_ATTN = MappingSpec("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")
+_VO = MappingSpec("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj")
+_MLP = MappingSpec("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")
+_UPDOWN = MappingSpec("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")
+_LLAMA = (_ATTN, _VO, _MLP, _UPDOWN)
+_GEMMA2 = (_ATTN, _VO, MappingSpec("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"), _UPDOWN)
+
+
+def _moe_specs(gate: str, up: str, down: str, shared: bool) -> tuple[MappingSpec, ...]:
+    linears = (f"mlp.experts.*.{gate}", f"mlp.experts.*.{up}")
+    absorb: tuple[str, ...] = ("mlp.gate",)
+    extra: tuple[MappingSpec, ...] = ()
+    if shared:
+        linears += ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
+        absorb += ("mlp.shared_expert_gate",)
+        extra = (MappingSpec("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"),)
+    return (
+        _ATTN,
+        _VO,
+        MappingSpec("post_attention_layernorm", linears, "mlp", absorb=absorb),
+        MappingSpec(f"mlp.experts.*.{up}", (f"mlp.experts.*.{down}",), f"mlp.experts.*.{down}"),
+        *extra,
+        # dense layers inside an MoE model (Qwen2-MoE mlp_only_layers / decoder_sparse_step)
+        _MLP,
+        _UPDOWN,
+    )
+
+
+_PHI3 = (
+    MappingSpec("input_layernorm", ("self_attn.qkv_proj",), "self_attn"),
+    MappingSpec("self_attn.qkv_proj", ("self_attn.o_proj",), "self_attn.o_proj", prev_rows="v"),
+    MappingSpec("post_attention_layernorm", ("mlp.gate_up_proj",), "mlp"),
+    MappingSpec("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_rows="up"),
+)
+_OPT = (
+    MappingSpec("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    MappingSpec("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
+    MappingSpec("final_layer_norm", ("fc1",), "fc1"),
+    # ReLU is positively homogeneous: relu(x / s) = relu(x) / s, so fc1's rows take the scales exactly
+    MappingSpec("fc1", ("fc2",), "fc2"),
+)
+_NEOX = (
+    MappingSpec("input_layernorm", ("attention.query_key_value",), "attention"),
+    MappingSpec(
+        "attention.query_key_value",
+        ("attention.dense",),
+        "attention.dense",
+        disabled="fused query_key_value interleaves q/k/v per head; AutoAWQ and llm-awq leave this mapping out",
+    ),
+    MappingSpec("post_attention_layernorm", ("mlp.dense_h_to_4h",), "mlp"),
+    # GELU is not homogeneous: the scales go into a ScaledActivation (`mlp.act.scales`)
+    MappingSpec("mlp.act", ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),
+)
+
+_REGISTRY: dict[str, ArchAdapter] = {
+    "llama": ArchAdapter("llama", "model.layers", _LLAMA),
+    "mistral": ArchAdapter("mistral", "model.layers", _LLAMA),
+    "qwen2": ArchAdapter("qwen2", "model.layers", _LLAMA),
+    "qwen3": ArchAdapter("qwen3", "model.layers", _LLAMA),
+    "gemma": ArchAdapter("gemma", "model.layers", _LLAMA, norm_plus_one=True),
+    "gemma2": ArchAdapter("gemma2", "model.layers", _GEMMA2, norm_plus_one=True),
+    "gemma3_text": ArchAdapter("gemma3_text", "model.layers", _GEMMA2, norm_plus_one=True),
+    "phi3": ArchAdapter("phi3", "model.layers", _PHI3),
+    "opt": ArchAdapter("opt", "model.decoder.layers", _OPT),
+    "gpt_neox": ArchAdapter("gpt_neox", "gpt_neox.layers", _NEOX),
+    "mixtral": ArchAdapter(
+        "mixtral",
+        "model.layers",
+        _moe_specs("w1", "w3", "w2", shared=False),
+        experts=ExpertLayout("w1", "w3", "w2"),
+        checkpoint_renames=((".mlp.", ".block_sparse_moe."),),
+    ),
+    "qwen2_moe": ArchAdapter(
+        "qwen2_moe", "model.layers", _moe_specs("gate_proj", "up_proj", "down_proj", shared=True), experts=ExpertLayout()
+    ),
+    "qwen3_moe": ArchAdapter(
+        "qwen3_moe", "model.layers", _moe_specs("gate_proj", "up_proj", "down_proj", shared=False), experts=ExpertLayout()
+    ),
+}
+
+SUPPORTED_FAMILIES = tuple(_REGISTRY)
+
+
+def get_adapter(config) -> ArchAdapter:
+    """The adapter for a transformers config (or model), refusing unknown families up front."""
+    config = getattr(config, "config", config)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _REGISTRY:
+        return _REGISTRY[model_type]
+    archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
+    hint = ""
+    if model_type == "gemma3":
+        hint = " For Gemma 3, quantize the text model (Gemma3ForCausalLM, model_type 'gemma3_text')."
+    raise UnsupportedArchitecture(
+        f"model type {model_type!r} (architectures: {archs}) is not supported by AWQForge. "
+        f"Supported model types: {', '.join(SUPPORTED_FAMILIES)}.{hint}"
+    )
+
+
+def check_group_size(model_or_config, adapter: ArchAdapter, group_size: int, skip_patterns: Iterable[str] = ()) -> None:
+    """Raise ValueError naming the quantized layers whose input width `group_size` does not divide."""
+    widths = _linear_widths(model_or_config, adapter, tuple(skip_patterns))
+    bad: dict[str, int] = {}
+    for name, width in widths.items():
+        g = effective_group_size(width, group_size)
+        if width % g:
+            bad[_generic_name(name)] = width
+    if not bad:
+        return
+    all_widths = set(widths.values())
+    ok = [g for g in SUPPORTED_GROUP_SIZES if all(w % effective_group_size(w, g) == 0 for w in all_widths)]
+    layers = ", ".join(f"{n} (input width {w})" for n, w in sorted(bad.items()))
+    raise ValueError(
+        f"group size {group_size} does not divide the input width of: {layers}. "
+        f"Group sizes that work for this model: {', '.join(map(str, ok))}; "
+        "or leave these layers unquantized with modules_to_not_convert."
+    )
+
+
+def _generic_name(name: str) -> str:
+    return re.sub(r"\.\d+\.", ".*.", f".{name}.")[1:-1]
+
+
+def _linear_widths(model_or_config, adapter: ArchAdapter, skip: tuple[str, ...]) -> dict[str, int]:
+    if isinstance(model_or_config, nn.Module):
+        model = model_or_config
+    else:
+        from transformers import AutoModelForCausalLM
+
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_or_config)
+    widths = {}
+    for i, block in enumerate(adapter.get_layers(model)):
+        prefix = f"{adapter.layers_attr}.{i}"
+        for name, width in _block_linear_widths(block, adapter):
+            full = f"{prefix}.{name}"
+            if not adapter.never_quantize(name) and not matches_any(name, skip) and not matches_any(full, skip):
+                widths[full] = width
+    return widths
+
+
+def _block_linear_widths(block: nn.Module, adapter: ArchAdapter) -> Iterable[tuple[str, int]]:
+    """(name, input width) of every linear, fused experts included, without unfusing anything."""
+    for name, mod in block.named_modules():
+        if isinstance(mod, nn.Linear):
+            yield name, mod.in_features
+        elif adapter.experts is not None and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter):
+            n_exp, _, hidden = mod.gate_up_proj.shape
+            inter = mod.down_proj.shape[-1]
+            lay = adapter.experts
+            for e in range(n_exp):
+                yield f"{name}.{e}.{lay.gate}", hidden
+                yield f"{name}.{e}.{lay.up}", hidden
+                yield f"{name}.{e}.{lay.down}", inter

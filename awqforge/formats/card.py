@@ -1,0 +1,249 @@
+"""README.md model card: Hub metadata (YAML front matter) and a body saying what was done and how to load it."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import yaml
+
+from awqforge import __version__
+
+if TYPE_CHECKING:  # pragma: no cover
+    from awqforge.spec import JobSpec
+
+
+@dataclass
+class ModelCardInfo:
+    """What the card says beyond what the writer knows (format, bits, layers left in full precision)."""
+
+    base_model: str
+    method: str = "awq"
+    calibration: str | None = None  # e.g. "pileval, 128 samples x 512 tokens"
+    fp_perplexity: float | None = None
+    quant_perplexity: float | None = None
+    eval_description: str | None = None  # e.g. "wikitext-2 test, 2048-token windows"
+    repo_id: str | None = None  # where the artifact is published; used in the loading snippets
+    base_model_revision: str | None = None
+    license: str | None = None  # overrides what is read from the source card
+    extra_settings: dict[str, Any] = field(default_factory=dict)  # scale search, grid, clip search, seed...
+    metrics: dict[str, Any] = field(default_factory=dict)  # sizes, wall time, layers quantized
+
+    @classmethod
+    def from_spec(
+        cls, spec: JobSpec, metrics: dict[str, Any] | None = None, repo_id: str | None = None
+    ) -> ModelCardInfo:
+        metrics = dict(metrics or {})
+        cal = spec.calibration
+        ev = spec.eval
+        return cls(
+            base_model=spec.model,
+            method=spec.method.value,
+            calibration=f"{cal.source}, {cal.n_samples} samples x {cal.seq_len} tokens",
+            fp_perplexity=metrics.pop("fp_perplexity", None),
+            quant_perplexity=metrics.pop("quant_perplexity", None),
+            eval_description=(
+                f"{ev.text or 'built-in text'}, {ev.seq_len}-token windows"
+                + (f", at most {ev.max_seqs}" if ev.max_seqs else "")
+                if ev.enabled
+                else None
+            ),
+            repo_id=repo_id or (spec.publish.repo_id if spec.publish else None),
+            base_model_revision=spec.revision,
+            extra_settings={
+                "scale_search": spec.scale_search.value,
+                "n_grid": spec.n_grid,
+                "clip_search": spec.clip_search,
+                "seed": spec.seed,
+            }
+            if spec.method.value == "awq"
+            else {"seed": spec.seed},
+            metrics=metrics,
+        )
+
+
+_FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
+
+
+def read_source_card_metadata(source_dir: str | Path) -> dict[str, Any]:
+    """The YAML front matter of the source model's README.md, {} when absent or unreadable."""
+    path = Path(source_dir) / "README.md"
+    if not path.is_file():
+        return {}
+    match = _FRONT_MATTER.match(path.read_text(errors="replace"))
+    if not match:
+        return {}
+    try:
+        meta = yaml.safe_load(match.group(1))
+    except yaml.YAMLError:
+        return {}
+    return meta if isinstance(meta, dict) else {}
+
+
+def _looks_like_hub_id(ref: str) -> bool:
+    return bool(re.match(r"^[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*$", ref))
+
+
+def _fmt_ppl(value: float | None) -> str:
+    return "not measured" if value is None else f"{value:.4f}"
+
+
+def _fmt_bytes(n: Any) -> str:
+    if not isinstance(n, int | float):
+        return "n/a"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1000
+    return str(n)
+
+
+def render_card(
+    info: ModelCardInfo,
+    *,
+    fmt: str,
+    bits: int,
+    group_size: int,
+    zero_point: bool,
+    unquantized: list[str],
+    source_meta: dict[str, Any],
+    has_chat_template: bool,
+) -> str:
+    """The README.md text."""
+    meta: dict[str, Any] = {}
+    if _looks_like_hub_id(info.base_model):
+        meta["base_model"] = info.base_model
+        meta["base_model_relation"] = "quantized"
+    meta["library_name"] = "transformers"
+    meta["pipeline_tag"] = "text-generation"
+    license_ = info.license or source_meta.get("license")
+    if license_:
+        meta["license"] = license_
+        for key in ("license_name", "license_link"):
+            if source_meta.get(key):
+                meta[key] = source_meta[key]
+    language = source_meta.get("language")
+    if language:
+        meta["language"] = language
+    tags = [info.method, f"{bits}-bit", "quantized", fmt, "awqforge"]
+    if fmt == "compressed-tensors":
+        tags.insert(2, "int4" if bits == 4 else f"int{bits}")
+    meta["tags"] = list(dict.fromkeys(tags))
+
+    name = info.repo_id or "path/to/this/folder"
+    scheme = "symmetric" if not zero_point else "asymmetric (zero point)"
+    groups = "one group per output channel" if group_size == -1 else f"{group_size} input channels per group"
+    method_text = {
+        "awq": "AWQ (activation-aware weight quantization: per-channel scales searched on calibration activations, then round-to-nearest)",
+        "rtn": "round-to-nearest (no calibration)",
+    }.get(info.method, info.method)
+    base = info.base_model + (f" (revision `{info.base_model_revision}`)" if info.base_model_revision else "")
+
+    lines = [
+        f"# {Path(name).name}",
+        "",
+        f"{bits}-bit weight-only quantization of [{info.base_model}]"
+        + (f"(https://huggingface.co/{info.base_model})" if _looks_like_hub_id(info.base_model) else "")
+        + f", in the **{fmt}** checkpoint format, made with AWQForge {__version__}.",
+        "",
+        "## Quantization",
+        "",
+        "| setting | value |",
+        "|---|---|",
+        f"| base model | {base} |",
+        f"| method | {method_text} |",
+        f"| weight bits | {bits} |",
+        f"| grouping | {groups} |",
+        f"| scheme | {scheme} |",
+        f"| format | {fmt}" + (" (AutoAWQ gemm layout)" if fmt == "awq" else " (pack-quantized)") + " |",
+        f"| calibration set | {info.calibration or 'none'} |",
+    ]
+    for key, value in info.extra_settings.items():
+        lines.append(f"| {key} | {value} |")
+    lines.append(f"| left in full precision | {', '.join(f'`{m}`' for m in unquantized) or 'nothing'} |")
+    if fmt == "awq" and not zero_point:
+        lines += [
+            "",
+            "Symmetric weights are stored with an explicit zero point of 8 in every group (the AWQ layout always carries `qzeros`), so the config says `zero_point: true`.",
+        ]
+    lines += [
+        "",
+        "## Evaluation",
+        "",
+        "| model | perplexity |",
+        "|---|---|",
+        f"| original | {_fmt_ppl(info.fp_perplexity)} |",
+        f"| quantized | {_fmt_ppl(info.quant_perplexity)} |",
+        "",
+        f"Perplexity on {info.eval_description or 'no evaluation text'} (lower is better).",
+    ]
+    sizes = info.metrics
+    if "size_before_bytes" in sizes or "size_after_bytes" in sizes:
+        lines += [
+            "",
+            f"Weights: {_fmt_bytes(sizes.get('size_before_bytes'))} before, {_fmt_bytes(sizes.get('size_after_bytes'))} after.",
+        ]
+
+    vllm_quant = "awq_marlin" if fmt == "awq" else "compressed-tensors"
+    lines += [
+        "",
+        "## Use it",
+        "",
+        "### vLLM",
+        "",
+        "```bash",
+        f"vllm serve {name}",
+        "```",
+        "",
+        "```python",
+        "from vllm import LLM, SamplingParams",
+        "",
+        f'llm = LLM(model="{name}", quantization="{vllm_quant}")'
+        + ('  # "awq" on GPUs older than Ampere' if fmt == "awq" else ""),
+        'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
+        "```",
+        "",
+        "### transformers",
+        "",
+        "```python",
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
+        f'model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")',
+        "```",
+        "",
+        "(needs `pip install compressed-tensors`)"
+        if fmt == "compressed-tensors"
+        else "(needs `pip install gptqmodel` for AWQ checkpoints)",
+    ]
+    if fmt == "compressed-tensors" and zero_point:
+        lines += [
+            "",
+            "With asymmetric weights, transformers 5.x + compressed-tensors 0.20 mis-size the packed zero points when they keep "
+            "the model compressed; load with `quantization_config=CompressedTensorsConfig(dequantize=True)` there.",
+        ]
+    if fmt == "compressed-tensors" and bits not in (4, 8):
+        lines += [
+            "",
+            f"vLLM's compressed-tensors weight-only kernels cover 4 and 8 bits: this {bits}-bit checkpoint runs in transformers and AWQForge.",
+        ]
+    lines += [
+        "",
+        "### AWQForge (CPU or GPU, our INT4 kernels)",
+        "",
+        "```python",
+        "import awqforge",
+        "",
+        f'model = awqforge.load_quantized("{name}", device="cpu")',
+        "```",
+    ]
+    if has_chat_template:
+        lines += [
+            "",
+            "The tokenizer's chat template is included: use `tokenizer.apply_chat_template` for chat models.",
+        ]
+    lines += ["", "`manifest.json` lists every file with its size and sha256."]
+    front = yaml.safe_dump(meta, sort_keys=False, allow_unicode=True).strip()
+    return f"---\n{front}\n---\n\n" + "\n".join(lines) + "\n"

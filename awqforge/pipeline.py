@@ -1,0 +1,286 @@
+"""run_quantization: the one code path from a JobSpec to published artifacts, for the CLI and the worker alike.
+
+Stages: resolve (checkpoint folder, config, architecture and group-size checks, output folders), calibrate
+(token blocks, capture of every decoder layer's inputs), quantize (block by block, streamed from the shards,
+every requested format fed in the same pass), evaluate (perplexity of the FP and the quantized model), package
+(report, model card, manifest, atomic rename). Peak memory is one block plus the calibration activations;
+the exceptions are calibration source `self` (generation needs the whole model) and evaluation, which loads
+the FP model and the quantized one whole (pass eval.enabled=False for models larger than memory).
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from awqforge.errors import InputError, JobCancelled
+
+logger = logging.getLogger("awqforge")
+
+# Where each stage sits on the overall progress scale (start, end).
+STAGES = {
+    "resolve": (0.0, 0.02),
+    "calibrate": (0.02, 0.10),
+    "quantize": (0.10, 0.85),
+    "evaluate": (0.85, 0.97),
+    "package": (0.97, 1.0),
+}
+DEFAULT_SHARD_SIZE = "2GB"  # the writer holds one shard in memory: smaller than HF's 5GB to bound peak RSS
+
+
+@dataclass
+class ProgressEvent:
+    stage: str
+    progress: float  # overall, 0..1
+    message: str
+    block: int | None = None  # blocks done so far (quantize stage)
+    n_blocks: int | None = None
+    eta_s: float | None = None  # remaining time of the quantize stage
+
+
+@dataclass
+class QuantResult:
+    artifacts: dict[str, Path]  # format -> final folder
+    metrics: dict
+    layers: list = field(default_factory=list)  # awq.LayerMetric
+    report_path: Path | None = None  # the first format's quant_report.json
+
+
+class _Job:
+    """Progress, cancellation, logging and stage timing of one run."""
+
+    def __init__(self, progress, cancel, log) -> None:
+        self.progress_cb = progress
+        self.cancel_cb = cancel
+        self.log = log or logger.info
+        self.wall: dict[str, float] = {}
+        self._stage: str | None = None
+        self._t0 = 0.0
+
+    def stage(self, name: str, message: str) -> None:
+        self.end_stage()
+        self.check_cancel()
+        self._stage, self._t0 = name, time.perf_counter()
+        self.log(message)
+        self.report(0.0, message)
+
+    def end_stage(self) -> None:
+        if self._stage is not None:
+            self.wall[self._stage] = round(self.wall.get(self._stage, 0.0) + time.perf_counter() - self._t0, 3)
+            self._stage = None
+
+    def report(self, fraction: float, message: str, **extra) -> None:
+        if self.progress_cb is None or self._stage is None:
+            return
+        lo, hi = STAGES[self._stage]
+        self.progress_cb(ProgressEvent(self._stage, lo + (hi - lo) * min(max(fraction, 0.0), 1.0), message, **extra))
+
+    def check_cancel(self) -> None:
+        if self.cancel_cb is not None and self.cancel_cb():
+            raise JobCancelled("the job was cancelled; partial output removed")
+
+
+def run_quantization(
+    spec,
+    out_dir: str | Path,
+    *,
+    progress: Callable[[ProgressEvent], None] | None = None,
+    cancel: Callable[[], bool] | None = None,
+    log: Callable[[str], None] | None = None,
+    overwrite: bool = False,
+    shard_size: int | str = DEFAULT_SHARD_SIZE,
+) -> QuantResult:
+    """Quantize `spec.model` into `out_dir/<format>/` for every format in `spec.formats` (see module docstring).
+
+    Raises InputError (bad request), HubUnavailable, UnsupportedArchitecture, NumericalError, JobCancelled;
+    on any error nothing is left in out_dir that was not there before.
+    """
+    from transformers import AutoTokenizer
+
+    from awqforge import report as reporting
+    from awqforge.arch import check_group_size, get_adapter
+    from awqforge.awq import BlockSettings
+    from awqforge.calibration import load_calibration
+    from awqforge.formats import ArtifactWriter
+    from awqforge.resolve import resolve_model
+    from awqforge.streaming import StreamingModel, pick_device
+
+    job = _Job(progress, cancel, log)
+    out_dir = Path(out_dir).expanduser().absolute()
+    created_out_dir = not out_dir.exists()
+    writers: list[ArtifactWriter] = []
+    reporting.reset_peak_rss()
+    torch.manual_seed(spec.seed)
+    device = pick_device(spec.device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    try:
+        # -- resolve: everything that can fail cheaply fails here, before any heavy work
+        job.stage("resolve", f"resolving {spec.model}")
+        resolved = resolve_model(spec.model, spec.revision)
+        adapter = get_adapter(resolved.config)
+        stream = StreamingModel.from_resolved(resolved, adapter, device=device)
+        try:
+            check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
+        except ValueError as exc:
+            raise InputError(str(exc)) from exc
+        settings = BlockSettings.from_spec(spec)
+        tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
+        for fmt in spec.formats:
+            fmt = getattr(fmt, "value", fmt)
+            writers.append(
+                ArtifactWriter(out_dir / fmt, fmt, source_dir=resolved.path, settings=spec.quant,
+                               shard_size=shard_size, overwrite=overwrite)
+            )
+        job.log(
+            f"{adapter.family}, {stream.n_blocks} blocks, checkpoint {_dt(stream.checkpoint_dtype)}, "
+            f"computing in {_dt(stream.dtype)} on {device}"
+        )
+
+        # -- calibrate: token blocks, then every layer's inputs captured once
+        cal = spec.calibration
+        job.stage("calibrate", f"calibration: {cal.source}, {cal.n_samples} x {cal.seq_len} tokens")
+        tokens = load_calibration(cal, tokenizer, resolved.path, device=device, dtype=stream.dtype, seed=spec.seed)
+        stream.load_non_block()
+        captured = stream.capture(tokens)
+        stream.unload_non_block()
+        inputs, layer_kwargs = captured.inputs, captured.layer_kwargs
+
+        # -- quantize: one block at a time
+        job.stage("quantize", f"quantizing {stream.n_blocks} blocks ({spec.method.value})")
+        layers, mappings, skipped = [], {}, []
+        started = time.perf_counter()
+        for i in range(stream.n_blocks):
+            job.check_cancel()
+            inputs, block_layers = _quantize_one_block(stream, i, inputs, layer_kwargs[i], settings, adapter,
+                                                        writers, mappings, skipped)
+            layers.extend(block_layers)
+            done = i + 1
+            eta = (time.perf_counter() - started) / done * (stream.n_blocks - done)
+            job.report(done / stream.n_blocks, f"block {done}/{stream.n_blocks}", block=done,
+                       n_blocks=stream.n_blocks, eta_s=eta)
+        del inputs, layer_kwargs, captured
+        job.check_cancel()
+        for name, tensor in stream.non_block_checkpoint_tensors():
+            for w in writers:
+                w.add_tensor(name, tensor)
+        for w in writers:
+            w.finish_tensors()
+
+        # -- evaluate
+        eval_info = None
+        metrics: dict = {"fp_perplexity": None, "quant_perplexity": None}
+        if spec.eval.enabled:
+            job.stage("evaluate", "evaluating perplexity (FP and quantized)")
+            eval_info = _evaluate(spec, resolved.path, writers[0], tokenizer, device, stream.dtype, job)
+            metrics["fp_perplexity"] = eval_info["fp"]["perplexity"]
+            metrics["quant_perplexity"] = (eval_info.get("quantized") or {}).get("perplexity")
+
+        # -- package
+        job.stage("package", "writing report, model card and manifest")
+        job.end_stage()
+        sizes = {w.fmt: _weights_size(w.staging_dir) for w in writers}
+        metrics.update(
+            wall_time_s=dict(job.wall),
+            peak_rss_bytes=reporting.peak_rss_bytes(),
+            peak_gpu_bytes=reporting.peak_gpu_bytes(device),
+            size_before_bytes=resolved.size_bytes,
+            size_after_bytes=sizes[writers[0].fmt],
+            size_after_bytes_by_format=sizes,
+            n_layers_quantized=len(layers),
+        )
+        final_dirs = {w.fmt: w.final_dir for w in writers}
+        report = reporting.build_report(
+            spec=spec, resolved_path=resolved.path, revision=resolved.revision, device=device,
+            compute_dtype=stream.dtype, checkpoint_dtype=stream.checkpoint_dtype, metrics=metrics, layers=layers,
+            mappings=mappings, skipped=skipped, artifacts=final_dirs, eval_info=eval_info,
+        )
+        from awqforge.formats import ModelCardInfo
+
+        card = ModelCardInfo.from_spec(spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        for w in writers:
+            reporting.write_report(w.staging_dir, report)
+            w.finalize(card)
+        job.report(1.0, "done")
+        job.log(f"artifacts: {', '.join(str(p) for p in final_dirs.values())}")
+        return QuantResult(
+            artifacts=final_dirs, metrics=metrics, layers=layers,
+            report_path=final_dirs[writers[0].fmt] / reporting.REPORT_NAME,
+        )
+    except BaseException:
+        for w in writers:
+            w.abort()
+        if created_out_dir and out_dir.is_dir() and not any(out_dir.iterdir()):
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
+def _quantize_one_block(stream, i, inputs, layer_kwargs, settings, adapter, writers, mappings, skipped):
+    """Load block i, quantize it, feed the writers, free it. Returns (next block's inputs, layer metrics)."""
+    from awqforge.awq import quantize_block
+
+    prefix = stream.block_prefix(i)
+    block = stream.load_block(i)
+    adapter.prepare_block(block)  # unfused experts: per-expert linears, named as in the checkpoint
+    result = quantize_block(block, inputs, layer_kwargs, settings=settings, adapter=adapter, block_index=i,
+                            block_prefix=prefix)
+    exclude = set()
+    for rel, qt in result.quantized.items():
+        linear = block.get_submodule(rel)
+        bias = None if linear.bias is None else linear.bias.detach().to(stream.checkpoint_dtype)
+        name = adapter.checkpoint_name(f"{prefix}.{rel}")
+        for w in writers:
+            w.add_quantized(name, qt, bias)
+        exclude.update({f"{rel}.weight", f"{rel}.bias"})
+    for name, tensor in stream.block_tensors_for_checkpoint(i, exclude).items():
+        for w in writers:
+            w.add_tensor(name, tensor)
+    for map_name, info in result.scales.items():
+        mappings[f"{prefix}.{map_name}"] = info  # the scale vector is summarised (min/max/mean) in the report
+    skipped.extend(f"{prefix}: {s}" for s in result.skipped)
+    outputs, layer_metrics = result.outputs, result.layers
+    del result, block
+    stream.free_block(i)
+    return outputs, layer_metrics
+
+
+def _evaluate(spec, model_dir: Path, writer, tokenizer, device, dtype, job: _Job) -> dict:
+    """FP perplexity (model from the source checkpoint) and quantized perplexity (load_quantized on the
+    first format's staging folder, i.e. our QuantLinear kernels)."""
+    from awqforge.calibration import read_text
+    from awqforge.evaluate import load_fp_model, perplexity
+    from awqforge.loading import load_quantized
+
+    ev = spec.eval
+    text = read_text(ev.text)
+    info: dict = {"text": ev.text or "built-in English text (awqforge/data/eval_en.txt)", "format": writer.fmt}
+    model = load_fp_model(model_dir, device=device, dtype=dtype)
+    info["fp"] = perplexity(model, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs)
+    del model
+    job.report(0.5, f"FP perplexity {info['fp']['perplexity']:.3f}")
+    job.check_cancel()
+    try:
+        qmodel = load_quantized(writer.staging_dir, device=device, dtype=dtype)
+    except InputError as exc:  # e.g. fused MoE experts, which load_quantized does not rebuild
+        info["quantized"] = None
+        info["quantized_error"] = str(exc)
+        job.log(f"quantized perplexity not measured: {exc}")
+        return info
+    info["quantized"] = perplexity(qmodel, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs)
+    del qmodel
+    job.report(1.0, f"quantized perplexity {info['quantized']['perplexity']:.3f}")
+    return info
+
+
+def _weights_size(folder: Path) -> int:
+    return sum(f.stat().st_size for f in Path(folder).glob("*.safetensors"))
+
+
+def _dt(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")

@@ -1,0 +1,381 @@
+"""The model as a skeleton on the meta device whose pieces are read from the safetensors shards on demand.
+
+Nothing here ever holds the whole model: `StreamingModel` builds the transformers model from its config on the
+meta device (no memory, no init), materialises the non-block pieces (embeddings, final norm, rotary tables)
+for capturing, and materialises one decoder block at a time (`load_block` / `free_block`). Tensors are read
+one by one with `safe_open`, so peak memory is one block plus the activations.
+
+Checkpoint names and module names differ for some models in transformers >= 5 (MoE experts are stored per
+expert on disk and fused into 3-D parameters in memory); the conversions transformers registers for the model
+are applied in both directions (`checkpoint -> module` on load, `module -> checkpoint` for what is written).
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Iterable, Iterator
+from copy import deepcopy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from awqforge.errors import AWQForgeError, InputError
+
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def pick_device(device: str | torch.device) -> torch.device:
+    """'auto' = cuda when available, else cpu; asking for cuda without one is an InputError."""
+    name = str(device)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InputError("device 'cuda' was asked for but torch sees no CUDA device; use --device cpu")
+    return dev
+
+
+def compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype blocks run in: the checkpoint's on GPU; float32 on CPU, where bf16/fp16 matmuls are slow
+    and imprecise. Statistics and losses are float32 in any case (awq.py)."""
+    if device.type == "cpu" or checkpoint_dtype not in (torch.float16, torch.bfloat16):
+        return torch.float32
+    return checkpoint_dtype
+
+
+class ShardReader:
+    """Tensor name -> shard file over a safetensors checkpoint; reads tensors one at a time.
+
+    Files are opened per `read` call and closed after it, so that pages of shards already consumed do not
+    stay mapped (and counted in RSS) for the rest of the job.
+    """
+
+    def __init__(self, files: list[Path]) -> None:
+        from safetensors import safe_open
+
+        self.files = list(files)
+        self.where: dict[str, Path] = {}
+        self.dtypes: dict[str, str] = {}
+        for f in self.files:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    self.where[name] = f
+                    self.dtypes[name] = handle.get_slice(name).get_dtype()
+
+    def names(self) -> list[str]:
+        return list(self.where)
+
+    def floating_dtype(self) -> torch.dtype:
+        """The checkpoint's dtype: the most common floating dtype among its tensors."""
+        counts: dict[str, int] = defaultdict(int)
+        for d in self.dtypes.values():
+            if d in SAFETENSORS_DTYPES:
+                counts[d] += 1
+        if not counts:
+            raise InputError("the checkpoint has no floating-point tensors")
+        return SAFETENSORS_DTYPES[max(counts, key=counts.get)]
+
+    def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, CPU tensor as stored) for each name, grouped by shard file."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = defaultdict(list)
+        for n in names:
+            by_file[self.where[n]].append(n)
+        for f, group in by_file.items():
+            with safe_open(str(f), framework="pt") as handle:
+                for n in group:
+                    yield n, handle.get_tensor(n)
+
+
+# -- checkpoint <-> module names ----------------------------------------------------------------------
+
+
+def _conversions(model: nn.Module) -> list | None:
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+    except ImportError:  # transformers < 5: checkpoint names are module names
+        return None
+    conversions = get_model_conversion_mapping(model)
+    return conversions or None
+
+
+def _checkpoint_to_module(model: nn.Module, tensors: dict[str, torch.Tensor], conversions: list | None,
+                          meta_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Checkpoint tensors -> module tensors, with transformers' registered conversions (renames, expert fusion)."""
+    if not conversions:
+        return tensors
+    from transformers.core_model_loading import (
+        WeightConverter,
+        WeightRenaming,
+        dot_natural_key,
+        rename_source_key,
+    )
+
+    renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
+    converters = [c for c in conversions if isinstance(c, WeightConverter)]
+    pattern_to_converter = {p: c for c in converters for p in c.source_patterns}
+    prefix = getattr(model, "base_model_prefix", None)
+    pending: dict[str, Any] = {}
+    for key in sorted(tensors, key=dot_natural_key):
+        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if pattern is not None:
+            unit = pending.setdefault(target, deepcopy(pattern_to_converter[pattern]))
+        else:
+            unit = pending.setdefault(target, WeightRenaming(key, target))
+            pattern = key
+        unit.add_tensor(target, key, pattern, tensors[key])
+    out: dict[str, torch.Tensor] = {}
+    for first_name, unit in pending.items():
+        for name, value in unit.convert(first_name, model=model, config=model.config).items():
+            out[name] = value[0] if isinstance(value, list) else value
+    return out
+
+
+# -- the streamed model -------------------------------------------------------------------------------
+
+
+# Cache plumbing the layers are called with; capture runs without a cache, and each block is re-run many times.
+_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "cache_position")
+
+
+class _StopForward(Exception):
+    pass
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer `index` during capture: records what it is called with, passes through.
+
+    Two passes: one sample through every recorder for the kwargs (a batch of one, so masks and rotary tables
+    broadcast over any chunk of samples that quantize_block runs), then all samples up to layer 0 only.
+    """
+
+    def __init__(self, index: int, captured: CapturedInputs, stop: bool, record_inputs: bool) -> None:
+        super().__init__()
+        self.index, self.captured, self.stop, self.record_inputs = index, captured, stop, record_inputs
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if args:
+            raise AWQForgeError(
+                f"decoder layer {self.index} is called with positional arguments besides hidden_states; "
+                "this model's calling convention is not supported"
+            )
+        if self.record_inputs:
+            self.captured.inputs = hidden_states
+        else:
+            for key in _CACHE_KWARGS:
+                kwargs.pop(key, None)
+            self.captured.layer_kwargs.append(kwargs)
+        if self.stop:
+            raise _StopForward
+        return hidden_states
+
+
+@dataclass
+class CapturedInputs:
+    """Block 0's input hidden states and each decoder layer's own kwargs (masks, rotary tables...)."""
+
+    inputs: torch.Tensor | None = None
+    layer_kwargs: list[dict[str, Any]] | None = None
+
+
+class StreamingModel:
+    """A causal LM skeleton on meta whose non-block pieces and blocks are loaded from the shards on demand."""
+
+    def __init__(self, config, weight_files: list[Path], adapter, *, device: torch.device,
+                 dtype: torch.dtype | None = None) -> None:
+        from transformers import AutoModelForCausalLM
+
+        self.config = config
+        self.adapter = adapter
+        self.device = device
+        self.reader = ShardReader(weight_files)
+        self.checkpoint_dtype = self.reader.floating_dtype()
+        self.dtype = dtype or compute_dtype(self.checkpoint_dtype, device)
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=False)
+        self.model.eval()
+        self.layers = adapter.get_layers(self.model)
+        self.layers_prefix = adapter.layers_attr
+        self.n_blocks = len(self.layers)
+
+        self._conversions = _conversions(self.model)
+        meta_state = dict(self.model.state_dict(keep_vars=True))
+        self._sources = self._group_checkpoint_keys(meta_state)
+
+    @classmethod
+    def from_resolved(cls, resolved, adapter, *, device: torch.device, dtype: torch.dtype | None = None) -> StreamingModel:
+        return cls(resolved.config, resolved.weight_files, adapter, device=device, dtype=dtype)
+
+    def _group_checkpoint_keys(self, meta_state: dict[str, Any]) -> dict[int | None, list[str]]:
+        """Checkpoint keys by the block they belong to (None: not in a block)."""
+        prefix = self.layers_prefix + "."
+        groups: dict[int | None, list[str]] = defaultdict(list)
+        if self._conversions:
+            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+            renamings = [c for c in self._conversions if isinstance(c, WeightRenaming)]
+            converters = [c for c in self._conversions if isinstance(c, WeightConverter)]
+            base = getattr(self.model, "base_model_prefix", None)
+            targets = {k: rename_source_key(k, renamings, converters, base, meta_state)[0] for k in self.reader.names()}
+        else:
+            targets = {k: k for k in self.reader.names()}
+        for key, target in targets.items():
+            block = None
+            if target.startswith(prefix):
+                head = target[len(prefix):].split(".", 1)[0]
+                block = int(head) if head.isdigit() else None
+            groups[block].append(key)
+        return groups
+
+    def block_prefix(self, index: int) -> str:
+        return f"{self.layers_prefix}.{index}"
+
+    # -- loading ------------------------------------------------------------------------------------
+
+    def _module_tensors(self, keys: list[str]) -> dict[str, torch.Tensor]:
+        tensors = dict(self.reader.read(keys))
+        return _checkpoint_to_module(self.model, tensors, self._conversions, self._meta_state())
+
+    def _meta_state(self) -> dict[str, Any]:
+        return dict(self.model.state_dict(keep_vars=True))
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        module_name, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(module_name) if module_name else self.model
+        if value.is_floating_point():
+            value = value.to(self.dtype)
+        value = value.to(self.device)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        elif attr in module._buffers:
+            module._buffers[attr] = value
+        else:
+            raise InputError(f"checkpoint tensor {name!r} has no place in {type(self.model).__name__}")
+
+    def load_non_block(self, *, skip_output_embedding: bool = True) -> None:
+        """Embeddings, final norm, rotary and other buffers: what runs before and after the blocks."""
+        keys = self._sources.get(None, [])
+        out_emb = self.model.get_output_embeddings()
+        out_name = None
+        if skip_output_embedding and out_emb is not None:
+            out_name = next((n for n, m in self.model.named_modules() if m is out_emb), None)
+        tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        # Buffers first: transformers' init of their owner (an embedding with an embed_scale) also re-inits its
+        # weights, which must not overwrite what is loaded next.
+        self._init_buffers(outside_blocks=True)
+        for name, value in self._module_tensors(keys).items():
+            if out_name is not None and name == f"{out_name}.weight" and not tied:
+                continue  # lm_head is read again, tensor by tensor, when it is written
+            self._set(name, value)
+        self.model.tie_weights()
+
+    def _init_buffers(self, outside_blocks: bool, block: nn.Module | None = None) -> None:
+        """Buffers not in the checkpoint (rotary inv_freq, embed scales) computed by transformers' own init."""
+        root = block if block is not None else self.model
+        owners = set()
+        for name, buf in list(root.named_buffers()):
+            if buf.device.type != "meta":
+                continue
+            if outside_blocks and block is None and name.startswith(self.layers_prefix + "."):
+                continue
+            module_name, _, attr = name.rpartition(".")
+            module = root.get_submodule(module_name) if module_name else root
+            module._buffers[attr] = torch.empty_like(buf, device="cpu", dtype=buf.dtype)
+            owners.add(module)
+        for module in owners:
+            self.model._init_weights(module)
+            for attr, buf in module._buffers.items():
+                if buf is not None:
+                    module._buffers[attr] = buf.to(self.device)
+
+    def unload_non_block(self) -> None:
+        """Back to meta for everything outside the blocks (the embeddings are not needed while quantizing)."""
+        for name, module in self.model.named_modules():
+            if name == self.layers_prefix or name.startswith(self.layers_prefix + "."):
+                continue
+            for attr, p in list(module._parameters.items()):
+                if p is not None and p.device.type != "meta":
+                    module._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+    def load_block(self, index: int) -> nn.Module:
+        """Block `index` with its weights read from the shards, on the device, in the compute dtype."""
+        block = self.layers[index]
+        prefix = self.block_prefix(index) + "."
+        self._init_buffers(outside_blocks=False, block=block)  # before the weights, see load_non_block
+        for name, value in self._module_tensors(self._sources.get(index, [])).items():
+            if not name.startswith(prefix):
+                raise AWQForgeError(f"checkpoint tensor for block {index} maps outside it: {name}")
+            self._set(name, value)
+        missing = [n for n, p in block.named_parameters() if p.device.type == "meta"]
+        if missing:
+            raise InputError(f"block {index}: tensors missing from the checkpoint: {missing[:6]}")
+        return block
+
+    def free_block(self, index: int) -> None:
+        """Back to meta: the block's memory is released."""
+        block = self.layers[index]
+        for module in block.modules():
+            for attr, p in list(module._parameters.items()):
+                if p is not None:
+                    module._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
+
+    def block_tensors_for_checkpoint(self, index: int, exclude: set[str]) -> dict[str, torch.Tensor]:
+        """The block's current tensors (after scale folding, experts unfused) under checkpoint names, in the
+        checkpoint dtype, except the block-relative names in `exclude` (the quantized linears' weights and biases)."""
+        prefix = self.block_prefix(index)
+        out = {}
+        for name, t in self.layers[index].state_dict().items():  # persistent tensors only
+            if name in exclude:
+                continue
+            t = t.detach()
+            out[self.adapter.checkpoint_name(f"{prefix}.{name}")] = t.to(self.checkpoint_dtype) if t.is_floating_point() else t
+        return out
+
+    def non_block_checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Embeddings, final norm, lm_head... as stored in the source checkpoint, one at a time."""
+        yield from self.reader.read(self._sources.get(None, []))
+
+    # -- capture ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CapturedInputs:
+        """Run the model up to the blocks once, with every decoder layer replaced by a recorder.
+
+        Layer kwargs are recorded per layer because they differ between layers in some families (Gemma2/3
+        alternate sliding-window and full attention masks, Gemma3 local and global rotary tables).
+        """
+        captured = CapturedInputs(layer_kwargs=[])
+        originals = list(self.layers)
+        try:
+            for i in range(self.n_blocks):
+                self.layers[i] = _Recorder(i, captured, stop=i == self.n_blocks - 1, record_inputs=False)
+            self._run_until_stop(input_ids[:1], None if attention_mask is None else attention_mask[:1])
+            self.layers[0] = _Recorder(0, captured, stop=True, record_inputs=True)
+            self._run_until_stop(input_ids, attention_mask)
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
+        if captured.inputs is None or len(captured.layer_kwargs) != self.n_blocks:
+            raise AWQForgeError("capturing the decoder layers' inputs failed: the model did not call every layer")
+        return captured
+
+    def _run_until_stop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
+        kwargs: dict[str, Any] = {"use_cache": False}
+        if attention_mask is not None:
+            kwargs["attention_mask"] = attention_mask.to(self.device)
+        try:
+            self.model(input_ids=input_ids.to(self.device), **kwargs)
+        except _StopForward:
+            return
+        raise AWQForgeError("capture ran past the last decoder layer")
+
+
+def checkpoint_dtype(path: Path) -> torch.dtype:
+    """The floating dtype a checkpoint folder stores its weights in."""
+    from awqforge.resolve import safetensors_files
+
+    return ShardReader(safetensors_files(path)).floating_dtype()

@@ -1,0 +1,215 @@
+"""Benchmark the W4 kernels against torch's own paths.
+
+CPU: ours (fp32 and bf16 activations) vs torch fp32 F.linear vs torch's int4 CPU op
+(aten._weight_int4pack_mm_for_cpu, bf16 activations), side by side as speed-ups, plus the weight
+bytes ours reads per second beside the memory bandwidth measured here. Every implementation cycles
+through enough weight copies to exceed twice the last-level cache, so each call reads its weight
+from DRAM, as in a real model. Timings alternate between implementations (round-robin) and keep the
+best round, which makes them comparable on a shared machine.
+
+GPU (when CUDA is available): ours (Triton W4A16, fp16) vs torch fp16 matmul; TFLOP/s and GB/s.
+
+    python bench/bench_kernels.py            # full: 3 shapes x M = 1, 4, 16, 64, 256
+    python bench/bench_kernels.py --quick    # 4096x4096, M = 1, 16, 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from awqforge import packing
+from awqforge.quant import QuantizedTensor
+
+SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # N x K
+BATCHES = [1, 4, 16, 64, 256]
+GROUP = 128
+
+
+def llc_bytes() -> int:
+    """Largest cache the kernel reports (sysfs), 64 MiB when unknown."""
+    best = 0
+    for f in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*/size"):
+        text = f.read_text().strip()
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1], 1)
+        best = max(best, int(text.rstrip("KMG")) * mult)
+    return best or 64 << 20
+
+
+def n_copies(bytes_each: int, llc: int) -> int:
+    return max(2, math.ceil(2 * llc / bytes_each) + 1)
+
+
+def random_qt(n: int, k: int, group: int) -> QuantizedTensor:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    z = torch.randint(0, 16, (n, k // group), generator=g, dtype=torch.uint8)
+    s = torch.rand(n, k // group, generator=g) * 0.01
+    return QuantizedTensor(q, s, z, 4, group)
+
+
+def memory_bandwidth_gbs(size_bytes: int = 1 << 30) -> dict[str, float]:
+    """Read (sum) and copy bandwidth of a large fp32 tensor, with torch's threads."""
+    a = torch.ones(size_bytes // 4)
+    b = torch.empty_like(a)
+    read = copy = 0.0
+    for _ in range(5):
+        t = time.perf_counter()
+        a.sum()
+        read = max(read, size_bytes / (time.perf_counter() - t) / 1e9)
+        t = time.perf_counter()
+        b.copy_(a)
+        copy = max(copy, 2 * size_bytes / (time.perf_counter() - t) / 1e9)
+    return {"read": read, "copy": copy}
+
+
+def time_round_robin(fns: dict[str, Callable[[int], object]], rounds: int, budget_s: float) -> dict[str, float]:
+    """Seconds per call of each fn(i) (i: call index, used to pick a weight copy), best round."""
+    calls = {}
+    for name, fn in fns.items():
+        fn(0)
+        t = time.perf_counter()
+        fn(1)
+        calls[name] = max(2, min(200, int(budget_s / max(time.perf_counter() - t, 1e-6))))
+    best = dict.fromkeys(fns, math.inf)
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            n = calls[name]
+            t = time.perf_counter()
+            for i in range(n):
+                fn(i)
+            best[name] = min(best[name], (time.perf_counter() - t) / n)
+    return best
+
+
+def bench_cpu(shapes, batches, rounds: int, budget_s: float) -> None:
+    from awqforge.kernels import cpu
+
+    cpu.load_extension()
+    llc = llc_bytes()
+    bw = memory_bandwidth_gbs()
+    print(
+        f"CPU: {torch.get_num_threads()} threads, ISA {cpu.best_isa()}, LLC {llc >> 20} MiB; "
+        f"memory bandwidth {bw['read']:.1f} GB/s read (sum), {bw['copy']:.1f} GB/s copy (r+w)"
+    )
+    header = (
+        f"{'N x K':>12} {'M':>4} | {'ours f32':>9} {'ours bf16':>9} {'F.linear':>9} {'int4 op':>9} | "
+        f"{'vs fp32':>7} {'vs int4':>7} | {'ours GB/s':>9} {'%bw':>5}"
+    )
+    print("times in ms; 'vs fp32' = F.linear fp32 / ours fp32, 'vs int4' = torch int4 op / ours bf16")
+    print(header)
+    print("-" * len(header))
+    for n, k in shapes:
+        qt = random_qt(n, k, GROUP)
+        ours = packing.pack_cpu_w4(qt)
+        ours_bytes = ours["qdata"].nbytes + ours["params"].nbytes
+        ours_w = [(ours["qdata"].clone(), ours["params"].clone()) for _ in range(n_copies(ours_bytes, llc))]
+        fp32_w = [torch.randn(n, k) for _ in range(n_copies(n * k * 4, llc))]
+        t4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.qweight.to(torch.int32), 1)
+        s, z = qt.scales.float(), qt.zeros.float()
+        t4_sz = torch.stack([s.t(), ((8 - z) * s).t()], -1).to(torch.bfloat16).contiguous()
+        t4_w = [(t4.clone(), t4_sz.clone()) for _ in range(n_copies(t4.nbytes + t4_sz.nbytes, llc))]
+        for m in batches:
+            x = torch.randn(m, k)
+            xb = x.bfloat16()
+
+            def ours_f32(i, x=x):
+                q, p = ours_w[i % len(ours_w)]
+                return cpu.w4_linear_cpu(x, q, p, n, GROUP)
+
+            def ours_bf16(i, xb=xb):
+                q, p = ours_w[i % len(ours_w)]
+                return cpu.w4_linear_cpu(xb, q, p, n, GROUP)
+
+            def fp32(i, x=x):
+                return F.linear(x, fp32_w[i % len(fp32_w)])
+
+            def int4(i, xb=xb):
+                w, sz = t4_w[i % len(t4_w)]
+                return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz)
+
+            t = time_round_robin(
+                {"ours": ours_f32, "ours_bf16": ours_bf16, "fp32": fp32, "int4": int4}, rounds, budget_s
+            )
+            gbs = ours_bytes / t["ours"] / 1e9
+            print(
+                f"{f'{n}x{k}':>12} {m:>4} | {t['ours'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} "
+                f"{t['fp32'] * 1e3:9.3f} {t['int4'] * 1e3:9.3f} | {t['fp32'] / t['ours']:6.2f}x "
+                f"{t['int4'] / t['ours_bf16']:6.2f}x | {gbs:9.1f} {100 * gbs / bw['read']:4.0f}%",
+                flush=True,
+            )
+        del ours_w, fp32_w, t4_w
+
+
+def bench_gpu(shapes, batches, rounds: int) -> None:
+    from awqforge.kernels import triton_w4a16
+
+    dev = torch.device("cuda")
+    l2 = 128 << 20  # more than any current GPU's L2
+    print(f"\nGPU: {torch.cuda.get_device_name(dev)}; ours = Triton W4A16 (AWQ gemm layout), fp16")
+    header = (
+        f"{'N x K':>12} {'M':>4} | {'ours ms':>8} {'fp16 ms':>8} {'speedup':>7} | "
+        f"{'ours TFLOP/s':>12} {'ours GB/s':>9} {'fp16 GB/s':>9}"
+    )
+    print(header)
+    print("-" * len(header))
+    for n, k in shapes:
+        qt = random_qt(n, k, GROUP)
+        awq = {key: v.to(dev) for key, v in packing.pack_awq_gemm(qt).items()}
+        w_bytes = sum(v.nbytes for v in awq.values())
+        ours_w = [{key: v.clone() for key, v in awq.items()} for _ in range(n_copies(w_bytes, l2))]
+        fp16_w = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(n_copies(n * k * 2, l2))]
+        for m in batches:
+            x = torch.randn(m, k, device=dev, dtype=torch.float16)
+            fns = {
+                "ours": lambda i, x=x: triton_w4a16.w4a16_linear(
+                    x, ours_w[i % len(ours_w)]["qweight"], ours_w[i % len(ours_w)]["qzeros"],
+                    ours_w[i % len(ours_w)]["scales"], GROUP,
+                ),
+                "fp16": lambda i, x=x: F.linear(x, fp16_w[i % len(fp16_w)]),
+            }
+            best = dict.fromkeys(fns, math.inf)
+            for _ in range(rounds):
+                for name, fn in fns.items():
+                    fn(0)
+                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                    start.record()
+                    for i in range(50):
+                        fn(i)
+                    end.record()
+                    torch.cuda.synchronize()
+                    best[name] = min(best[name], start.elapsed_time(end) / 1e3 / 50)
+            flops = 2 * m * n * k
+            print(
+                f"{f'{n}x{k}':>12} {m:>4} | {best['ours'] * 1e3:8.4f} {best['fp16'] * 1e3:8.4f} "
+                f"{best['fp16'] / best['ours']:6.2f}x | {flops / best['ours'] / 1e12:12.2f} "
+                f"{w_bytes / best['ours'] / 1e9:9.0f} {n * k * 2 / best['fp16'] / 1e9:9.0f}",
+                flush=True,
+            )
+        del ours_w, fp16_w
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="one shape, M = 1, 16, 256")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--budget", type=float, default=0.15, help="seconds per timed batch of calls")
+    ap.add_argument("--no-cpu", action="store_true")
+    ap.add_argument("--no-gpu", action="store_true")
+    args = ap.parse_args()
+    shapes = SHAPES[:1] if args.quick else SHAPES
+    batches = [1, 16, 256] if args.quick else BATCHES
+    if not args.no_cpu:
+        bench_cpu(shapes, batches, args.rounds, args.budget)
+    if not args.no_gpu and torch.cuda.is_available():
+        bench_gpu(shapes, batches, args.rounds)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,225 @@
+"""Quality and speed: FP, RTN, our AWQ and llm-compressor's AWQModifier on SmolLM2-135M-Instruct, same data.
+
+    python bench/bench_quality.py                      # W4 g64 and W3 g64, llm-compressor from /work/venvs/llmc
+    python bench/bench_quality.py --bits 4 --skip-llmc
+
+Calibration: 32 blocks x 512 tokens of the bundled calibration text (awqforge/data/calibration_en.txt), made by
+awqforge.calibration.load_calibration, the function run_quantization uses; llm-compressor gets the very same
+token tensor. Evaluation: 20 non-overlapping windows of 1024 tokens of the bundled evaluation text (topped up
+with two more licences when it is short of 20 windows), scored for every model by bench/common.perplexity.
+Ours runs end to end through run_quantization and is scored after load_quantized (our QuantLinear layers);
+llm-compressor's model is scored with its quantize-dequantize weights baked in. Wall times: our whole
+run_quantization (resolve, calibrate, quantize, package) and its quantize stage, against llm-compressor's
+`oneshot` call (its model load and evaluation excluded), in the same run with the same thread count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LLMC_PYTHON = "/work/venvs/llmc/bin/python"
+# The bundled evaluation text is ~19.7k SmolLM2 tokens, short of 20 x 1024: these licences, in none of the
+# calibration text, top it up.
+EVAL_TOP_UP = ("BSD", "GFDL-1.2")
+
+
+def eval_text(windows: int, seq_len: int, tokenizer) -> tuple[str, list[str]]:
+    """The bundled evaluation text, topped up with EVAL_TOP_UP licences until it fills `windows` windows."""
+    from awqforge.calibration import BUNDLED_EVAL_TEXT
+
+    parts, names = [BUNDLED_EVAL_TEXT.read_text().strip()], [f"awqforge/data/{BUNDLED_EVAL_TEXT.name}"]
+    for extra in EVAL_TOP_UP:
+        if len(tokenizer("\n\n".join(parts), add_special_tokens=False)["input_ids"]) >= windows * seq_len:
+            break
+        parts.append(common.read_texts([extra]))
+        names.append(str(common.LICENSES / extra))
+    return "\n\n".join(parts), names
+
+
+def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_source: str, n_samples: int,
+             seq_len: int, out_dir: Path, windows: torch.Tensor) -> dict:
+    """run_quantization end to end, then perplexity of the artifact loaded onto QuantLinear layers."""
+    from awqforge.loading import load_quantized
+    from awqforge.pipeline import run_quantization
+    from awqforge.spec import JobSpec
+
+    fmt = "awq" if bits == 4 else "compressed-tensors"
+    spec = JobSpec(
+        model=str(ckpt),
+        method=method,
+        quant={"bits": bits, "group_size": group_size, "zero_point": True},
+        calibration={"source": calib_source, "n_samples": n_samples, "seq_len": seq_len},
+        formats=[fmt],
+        eval={"enabled": False},
+        device="cpu",
+    )
+    with common.Timer() as t:
+        result = run_quantization(spec, out_dir / f"{method}-w{bits}g{group_size}")
+    artifact = Path(result.artifacts[fmt])
+    model = load_quantized(artifact, device="cpu", dtype=torch.float32)
+    with common.Timer() as te:
+        ppl = common.perplexity(model, windows)
+    del model
+    stages = result.metrics.get("wall_time_s", {})
+    return {
+        "impl": f"awqforge {method}",
+        "bits": bits,
+        "group_size": group_size,
+        **ppl,
+        "total_s": t.s,
+        "quantize_s": stages.get("quantize"),
+        "stages_s": stages,
+        "eval_s": te.s,
+        "artifact": str(artifact),
+    }
+
+
+def run_llmc(python: str, ckpt: Path, data_path: Path, *, bits: int, group_size: int, threads: int,
+             duo_scaling: str, log_path: Path) -> dict:
+    """bench/llmc_awq.py in llm-compressor's virtualenv; its chatter goes to log_path."""
+    cmd = [python, str(REPO / "bench" / "llmc_awq.py"), "--model", str(ckpt), "--data", str(data_path),
+           "--bits", str(bits), "--group-size", str(group_size), "--threads", str(threads),
+           "--duo-scaling", duo_scaling]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with log_path.open("w") as log:
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=False)
+        log.write(proc.stdout)
+    if proc.returncode != 0:
+        raise RuntimeError(f"llm-compressor run failed (exit {proc.returncode}); see {log_path}")
+    return common.parse_emitted(proc.stdout)
+
+
+def _fmt(x, spec: str = ".3f") -> str:
+    return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
+
+
+def print_report(fp: dict, rows: list[dict], meta: dict) -> list[str]:
+    """The side-by-side table, then one line per target; returns the target lines."""
+    print(f"\nSmolLM2-135M-Instruct, calibration {meta['calib_shape'][0]} x {meta['calib_shape'][1]} tokens, "
+          f"evaluation {fp['n_windows']} x {meta['eval_seq_len']} tokens, {meta['threads']} threads")
+    print(f"FP perplexity (float32): {fp['perplexity']:.3f}\n")
+    head = f"{'bits':>4}  {'method':<26} {'ppl':>9} {'+ppl vs FP':>10} {'RTN gap closed':>15} {'wall s':>8} {'quantize s':>10}"
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['bits']:>4}  {r['label']:<26} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
+              f"{_fmt(r.get('gap_closed', float('nan')) * 100, '.1f') + '%':>15} {_fmt(r.get('wall_s'), '.1f'):>8} "
+              f"{_fmt(r.get('quantize_s'), '.1f'):>10}")
+    targets = []
+    for bits in meta["bits"]:
+        by = {r["key"]: r for r in rows if r["bits"] == bits}
+        ours, llmc = by.get("awq"), by.get("llmc")
+        if ours and llmc:
+            ok = ours["perplexity"] <= llmc["perplexity"]
+            targets.append(f"W{bits}: ours {ours['perplexity']:.3f} vs llm-compressor {llmc['perplexity']:.3f} ppl "
+                           f"-> {'PASS' if ok else 'FAIL'} (ours <= llm-compressor)")
+            ratio = ours["wall_s"] / llmc["wall_s"]
+            qratio = ours["quantize_s"] / llmc["wall_s"] if ours.get("quantize_s") else float("nan")
+            targets.append(f"W{bits}: time ours/llm-compressor = {ratio:.2f} (whole run_quantization), "
+                           f"{qratio:.2f} (quantize stage) -> {'PASS' if ratio <= 0.5 else 'FAIL'} (<= 0.5)")
+        if ours and bits == 4:
+            g = ours.get("gap_closed", float("nan"))
+            targets.append(f"W4: ours closes {g * 100:.1f}% of RTN's gap to FP -> {'PASS' if g >= 0.7 else 'MISS'} (aim 70%)")
+    print()
+    for line in targets:
+        print(line)
+    return targets
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", help="HF checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--eval-seq-len", type=int, default=1024)
+    ap.add_argument("--eval-windows", type=int, default=20)
+    ap.add_argument("--calib-text", help="calibration text file (default: the bundled awqforge/data/calibration_en.txt)")
+    ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON)
+    ap.add_argument("--llmc-duo-scaling", default="true", choices=["true", "false", "both"],
+                    help="llm-compressor's duo_scaling (its default is true, like ours)")
+    ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--skip-rtn", action="store_true")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: all cores)")
+    ap.add_argument("--work-dir", default="/tmp/awqforge-bench-quality")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from awqforge.calibration import BUNDLED_CALIBRATION_TEXT, load_calibration
+    from awqforge.spec import CalibrationSpec
+
+    threads = common.set_threads(args.threads)
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    if args.model:
+        ckpt = Path(args.model)
+    else:
+        from awqforge.smollm import ensure_smollm2_checkpoint
+
+        ckpt = ensure_smollm2_checkpoint()
+    tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
+
+    calib_source = f"file:{args.calib_text or BUNDLED_CALIBRATION_TEXT}"
+    calib = load_calibration(CalibrationSpec(source=calib_source, n_samples=args.n_samples, seq_len=args.seq_len), tokenizer)
+    text, eval_sources = eval_text(args.eval_windows, args.eval_seq_len, tokenizer)
+    windows = common.eval_windows(tokenizer(text, add_special_tokens=False)["input_ids"], args.eval_seq_len, args.eval_windows)
+    if windows.shape[0] < args.eval_windows:
+        print(f"note: the evaluation text fills only {windows.shape[0]} windows of {args.eval_seq_len} tokens")
+    data_path = work / "data.pt"
+    torch.save({"calib": calib, "eval": windows}, data_path)
+    meta = {"model": str(ckpt), "calib_source": calib_source, "calib_shape": list(calib.shape),
+            "eval_sources": eval_sources, "eval_seq_len": args.eval_seq_len, "threads": threads, "bits": args.bits,
+            "group_size": args.group_size}
+
+    fp_model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
+    fp = common.perplexity(fp_model, windows)
+    del fp_model
+    print(f"FP: {fp}", flush=True)
+
+    rows: list[dict] = []
+    for bits in args.bits:
+        kw = dict(bits=bits, group_size=args.group_size, calib_source=calib_source, n_samples=args.n_samples,
+                  seq_len=args.seq_len, out_dir=work, windows=windows)
+        rtn = None
+        if not args.skip_rtn:
+            rtn = run_ours(ckpt, method="rtn", **kw)
+            rows.append({**rtn, "key": "rtn", "label": "RTN (awqforge)", "wall_s": rtn["total_s"]})
+            print(f"W{bits} RTN: {rtn['perplexity']:.3f}", flush=True)
+        ours = run_ours(ckpt, method="awq", **kw)
+        rows.append({**ours, "key": "awq", "label": "AWQ (awqforge)", "wall_s": ours["total_s"]})
+        print(f"W{bits} ours: {ours['perplexity']:.3f} in {ours['total_s']:.1f} s", flush=True)
+        if not args.skip_llmc:
+            llmc = run_llmc(args.llmc_python, ckpt, data_path, bits=bits, group_size=args.group_size, threads=threads,
+                            duo_scaling=args.llmc_duo_scaling, log_path=work / f"llmc-w{bits}.log")
+            rows.append({**llmc, "key": "llmc", "label": f"AWQ (llm-compressor {llmc['version']})",
+                         "wall_s": llmc["oneshot_s"]})
+            print(f"W{bits} llm-compressor: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True)
+        if rtn:
+            for r in rows:
+                if r["bits"] == bits:
+                    r["gap_closed"] = common.gap_closed(fp["perplexity"], rtn["perplexity"], r["perplexity"])
+
+    targets = print_report(fp, rows, meta)
+    out = work / "results.json"
+    out.write_text(json.dumps({"meta": meta, "fp": fp, "rows": rows, "targets": targets}, indent=2, default=str))
+    print(f"\nresults: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

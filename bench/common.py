@@ -1,0 +1,120 @@
+"""Data and measurement shared by the benchmarks and by the llm-compressor runner.
+
+Imports only torch and the standard library: `bench/llmc_awq.py` runs in llm-compressor's own virtualenv, where
+awqforge is not installed, and must window and score text with exactly the same code as our side.
+Texts are the English licences every Debian machine has; tokenisation happens in the caller (transformers is in
+both virtualenvs), this module only slices token ids and scores them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+LICENSES = Path("/usr/share/common-licenses")
+# Calibration and evaluation texts share no file: GPL-3 calibrates, the others evaluate.
+CALIB_FILES = ("GPL-3",)
+EVAL_FILES = ("GFDL-1.3", "MPL-2.0", "GPL-2", "LGPL-2.1", "Apache-2.0", "Artistic", "MPL-1.1", "GPL-1")
+
+
+def read_texts(names: tuple[str, ...] | list[str], root: Path = LICENSES) -> str:
+    """The named files of `root`, joined by a blank line."""
+    missing = [n for n in names if not (root / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"missing text files under {root}: {missing}")
+    return "\n\n".join((root / n).read_text(encoding="utf-8").strip() for n in names)
+
+
+def calibration_samples(ids: list[int] | torch.Tensor, n_samples: int, max_seq_len: int = 512) -> torch.Tensor:
+    """`n_samples` contiguous, non-overlapping slices of `ids`, as long as the text allows (at most max_seq_len).
+
+    A short text gives shorter samples rather than repeated ones: GPL-3 is ~7.7k SmolLM2 tokens, so 32 samples
+    are ~239 tokens each.
+    """
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    seq_len = min(max_seq_len, ids.numel() // n_samples)
+    if seq_len < 16:
+        raise ValueError(f"{ids.numel()} tokens are too few for {n_samples} calibration samples")
+    return ids[: n_samples * seq_len].view(n_samples, seq_len).clone()
+
+
+def eval_windows(ids: list[int] | torch.Tensor, seq_len: int = 1024, max_windows: int | None = 20) -> torch.Tensor:
+    """Non-overlapping windows [n, seq_len] from the start of `ids`; the tail shorter than a window is dropped."""
+    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"{ids.numel()} tokens do not fill one window of {seq_len}")
+    return ids[: n * seq_len].view(n, seq_len).clone()
+
+
+@torch.no_grad()
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1) -> dict:
+    """exp(mean next-token NLL) over every predicted position of every window, summed in float64.
+
+    Each window is scored on its own (no context carried over), as in the AWQ paper's evaluation.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    nll, count = 0.0, 0
+    for start in range(0, windows.shape[0], batch_size):
+        batch = windows[start : start + batch_size].to(device)
+        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        target = batch[:, 1:]
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        if not torch.isfinite(loss):
+            raise FloatingPointError(f"non-finite loss in window {start}")
+        nll += float(loss)
+        count += target.numel()
+    return {"perplexity": math.exp(nll / count), "n_tokens": count, "n_windows": int(windows.shape[0])}
+
+
+def gap_closed(fp: float, rtn: float, quant: float) -> float:
+    """Share of RTN's perplexity gap to FP that `quant` closes (1.0 = back to FP, negative = worse than RTN)."""
+    gap = rtn - fp
+    return float("nan") if gap <= 0 else (rtn - quant) / gap
+
+
+def peak_rss_bytes() -> int:
+    """This process's peak resident set size so far (ru_maxrss is KiB on Linux)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def set_threads(n: int | None) -> int:
+    """Pin torch's intra-op threads so both sides of a speed comparison use the same number."""
+    n = n or os.cpu_count() or 1
+    torch.set_num_threads(n)
+    return n
+
+
+class Timer:
+    """`with Timer() as t: ...` then `t.s` holds the wall seconds."""
+
+    def __enter__(self) -> Timer:
+        self._t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.s = time.perf_counter() - self._t0
+
+
+def emit_json(obj: dict) -> None:
+    """One JSON line on stdout, prefixed so a parent process can find it among library logging."""
+    sys.stdout.write("BENCH_JSON " + json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def parse_emitted(stdout: str) -> dict:
+    """The last `emit_json` object in a child's stdout."""
+    for line in reversed(stdout.splitlines()):
+        if line.startswith("BENCH_JSON "):
+            return json.loads(line[len("BENCH_JSON ") :])
+    raise ValueError("no BENCH_JSON line in the child's output")

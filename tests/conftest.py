@@ -1,0 +1,56 @@
+"""Shared fixtures: a tiny tokenizer that fits tiny_models' vocabulary, and tiny checkpoints on disk."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
+
+CALIBRATION_TEXT = Path(__file__).parents[1] / "awqforge" / "data" / "calibration_en.txt"
+
+
+def train_tiny_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE of vocab_size tokens trained on the bundled English text (ids < vocab_size;
+    <pad>, <s>, </s> are 0, 1, 2 as in tiny_models' configs)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<pad>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train([str(CALIBRATION_TEXT)], trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    return train_tiny_tokenizer()
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_tokenizer):
+    """tiny_checkpoint(family, dtype=torch.float32, **overrides) -> folder with safetensors + tokenizer (cached)."""
+    from tiny_models import build_tiny_model
+
+    cache: dict[tuple, Path] = {}
+
+    def make(family: str, dtype: torch.dtype = torch.float32, **overrides) -> Path:
+        key = (family, dtype, tuple(sorted(overrides.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"ckpt-{family}")
+            build_tiny_model(family, dtype=dtype, **overrides).save_pretrained(folder)
+            tiny_tokenizer.save_pretrained(folder)
+            cache[key] = folder
+        return cache[key]
+
+    return make

@@ -1,0 +1,239 @@
+"""Fixtures for the service tests: a fresh Postgres database, a Redis key prefix, a Celery worker
+process and the API in a thread, all made for this run and removed after it.
+
+Needs the real services (AWQFORGE_TEST_PG, AWQFORGE_TEST_REDIS; defaults: local Postgres with trust
+auth and local Redis). The environment is set here, before any `app` module is imported, because
+`app.core.config.settings` is read once at import.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("AWQFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
+REDIS_URL = os.environ.get("AWQFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+RUN_ID = uuid.uuid4().hex[:10]
+DB_NAME = f"awqf_test_{RUN_ID}"
+QUEUE_PREFIX = f"awqf-test-{RUN_ID}-"
+HOME = Path(tempfile.mkdtemp(prefix=f"awqf-svc-{RUN_ID}-"))
+_base, _, _ = PG_ADMIN_URL.rpartition("/")
+TEST_DB_URL = f"{_base}/{DB_NAME}"
+
+SERVICE_ENV = {
+    "AWQFORGE_HOME": str(HOME),
+    "DATABASE_URL": TEST_DB_URL,
+    "REDIS_URL": REDIS_URL,
+    "CELERY_QUEUE_PREFIX": QUEUE_PREFIX,
+    "ALLOWED_LOCAL_ROOTS": str(HOME),
+    "HEARTBEAT_INTERVAL_S": "1",
+    "HEARTBEAT_STALE_S": "4",
+    "REAPER_INTERVAL_S": "3600",  # tests call the reaper themselves
+    "TENANT_MAX_QUEUED_JOBS": "20",
+    "MAX_UPLOAD_BYTES": str(256 * 1024),
+    "PUBLISH_BACKEND": "local",  # tokens still travel (and must stay hidden); uploads go to HUB_DIR
+}
+for _k in ("BROKER_URL", "SECRET_KEY", "HF_ENDPOINT", "HF_TOKEN", "ENVIRONMENT"):
+    os.environ.pop(_k, None)
+os.environ.update(SERVICE_ENV)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+
+
+def _reachable(host: str, port: int) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def services_available() -> bool:
+    from urllib.parse import urlparse
+
+    pg, rd = urlparse(PG_ADMIN_URL), urlparse(REDIS_URL)
+    return _reachable(pg.hostname or "127.0.0.1", pg.port or 5432) and _reachable(rd.hostname or "127.0.0.1", rd.port or 6379)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def build_tiny_checkpoint(dest: Path, text_file: Path, **overrides) -> Path:
+    """A random tiny Llama saved as safetensors with a small BPE tokenizer trained on `text_file`."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**{**TINY_LLAMA, **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                      tie_word_embeddings=False)
+    model = LlamaForCausalLM(cfg).eval()
+    dest.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(dest, safe_serialization=True)
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=TINY_LLAMA["vocab_size"], special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train([str(text_file)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.save_pretrained(dest)
+    return dest
+
+
+@dataclass
+class Service:
+    url: str
+    home: Path
+    model_dir: Path
+    deep_model_dir: Path
+    calib_file: Path
+    worker_log: Path
+    keys: dict = field(default_factory=dict)
+
+    def client(self, key: str | None):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=30)
+
+    def job_body(self, **overrides) -> dict:
+        body = {
+            "model": str(self.model_dir),
+            "method": "awq",
+            "bits": 4,
+            "group_size": 32,
+            "calibration": {"source": f"file:{self.calib_file}", "n_samples": 4, "seq_len": 32},
+            "formats": ["awq"],
+            "eval": {"seq_len": 32, "max_seqs": 2},
+            "n_grid": 4,
+            "device": "cpu",
+        }
+        body.update(overrides)
+        return body
+
+
+def wait_for_status(client, job_id: str, statuses: tuple[str, ...], timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = client.get(f"/v1/jobs/{job_id}").json()
+        if job["status"] in statuses:
+            return job
+        if time.monotonic() > deadline:
+            raise AssertionError(f"job {job_id} still {job['status']} ({job.get('stage')}) after {timeout}s: {job}")
+        time.sleep(0.2)
+
+
+def _calibration_text() -> str:
+    base = ("The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits. "
+            "Activation aware scaling protects the salient channels of each linear layer. ")
+    return "\n\n".join(f"Document {i}. " + base * 3 for i in range(200))
+
+
+def _create_database() -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{DB_NAME}"')
+
+
+def _drop_database(name: str = DB_NAME) -> None:
+    import psycopg
+
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _clear_redis() -> None:
+    import redis
+
+    r = redis.Redis.from_url(REDIS_URL)
+    keys = list(r.scan_iter(f"{QUEUE_PREFIX}*", count=1000))
+    if keys:
+        r.delete(*keys)
+
+
+@pytest.fixture(scope="session")
+def service():
+    if not services_available():
+        pytest.skip("Postgres and Redis are needed (AWQFORGE_TEST_PG / AWQFORGE_TEST_REDIS)")
+    _create_database()
+    worker = server = None
+    try:
+        from app.core.db import get_engine, run_migrations
+
+        run_migrations()
+        calib = HOME / "calib.txt"
+        calib.write_text(_calibration_text())
+        model_dir = build_tiny_checkpoint(HOME / "models" / "tiny-llama", calib)
+        deep_dir = build_tiny_checkpoint(HOME / "models" / "deep-llama", calib, num_hidden_layers=24)
+
+        from app.embedded import ServerThread, start_worker_process, stop_process
+        from app.main import create_app
+
+        worker_log = HOME / "worker.log"
+        worker = start_worker_process(name=f"test-{RUN_ID}", log_path=worker_log)
+        server = ServerThread(create_app(run_reaper=False), port=free_port()).start()
+        deadline = time.monotonic() + 60
+        while b"ready." not in (worker_log.read_bytes() if worker_log.exists() else b""):
+            if worker.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("celery worker did not start:\n" + worker_log.read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+        yield Service(url=server.url, home=HOME, model_dir=model_dir, deep_model_dir=deep_dir, calib_file=calib,
+                      worker_log=worker_log)
+    finally:
+        if server is not None:
+            server.stop()
+        if worker is not None:
+            stop_process(worker)
+        try:
+            from app.core.db import get_engine
+
+            get_engine().dispose()
+        except Exception:
+            pass
+        _drop_database()
+        _clear_redis()
+        shutil.rmtree(HOME, ignore_errors=True)
+
+
+@pytest.fixture
+def make_key(service):
+    """make_key(tenant, max_queued=None) -> API key string."""
+    from app.core.db import session_scope
+    from app.services.keys import create_api_key
+
+    def make(tenant: str | None = None, max_queued: int | None = None) -> str:
+        with session_scope() as s:
+            return create_api_key(s, tenant_name=tenant or f"tenant-{uuid.uuid4().hex[:8]}", max_queued=max_queued).secret
+
+    return make
+
+
+@pytest.fixture
+def db_session(service):
+    from app.core.db import session_scope
+
+    with session_scope() as s:
+        yield s
+
+
+__all__ = ["Service", "wait_for_status", "build_tiny_checkpoint", "free_port", "sys", "subprocess"]

@@ -1,0 +1,140 @@
+"""Architecture adapters: registry, discovery, expert unfusing, folding, group-size check."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import transformers
+from tiny_models import FAMILIES, MOE_FAMILIES, build_tiny_model, tiny_config, tiny_input_ids
+
+from awqforge.arch import (
+    SUPPORTED_FAMILIES,
+    ScaledActivation,
+    UnfusedExperts,
+    UnsupportedArchitecture,
+    check_group_size,
+    get_adapter,
+)
+from awqforge.awq import fold_scales
+
+
+def test_every_tiny_family_has_an_adapter():
+    assert set(FAMILIES) <= set(SUPPORTED_FAMILIES)
+
+
+def test_unsupported_architecture_is_refused_with_the_supported_list():
+    with pytest.raises(UnsupportedArchitecture) as err:
+        get_adapter(transformers.GPT2Config())
+    msg = str(err.value)
+    assert "'gpt2'" in msg and "llama" in msg and "qwen3_moe" in msg
+
+
+def test_gemma3_multimodal_points_to_the_text_model():
+    cfg = transformers.PretrainedConfig()
+    cfg.model_type = "gemma3"
+    with pytest.raises(UnsupportedArchitecture, match="gemma3_text"):
+        get_adapter(cfg)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_folding_random_scales_keeps_the_fp_function(family):
+    overrides = {"num_key_value_heads": 4} if family in ("llama", "phi3") else {}
+    model = build_tiny_model(family, **overrides)
+    ids = tiny_input_ids(2, 24)
+    with torch.no_grad():
+        ref = model(ids).logits
+    adapter = get_adapter(model.config)
+    gen = torch.Generator().manual_seed(0)
+    applied = 0
+    for block in adapter.get_layers(model):
+        for m in adapter.mappings(block):
+            if m.skip_reason:
+                continue
+            s = torch.exp(0.5 * torch.randn(m.linears[0].in_features, generator=gen))
+            fold_scales(block, m, s)
+            applied += 1
+    with torch.no_grad():
+        out = model(ids).logits
+    assert applied >= 2 * 3
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_mha_makes_v_to_o_applicable_and_gqa_skips_it_with_a_reason():
+    gqa = get_adapter(tiny_config("llama"))
+    block = build_tiny_model("llama").model.layers[0]
+    vo = [m for m in gqa.mappings(block) if m.prev_name == "self_attn.v_proj"][0]
+    assert vo.skip_reason and "grouped-query" in vo.skip_reason
+    mha_block = build_tiny_model("llama", num_key_value_heads=4).model.layers[0]
+    vo = [m for m in gqa.mappings(mha_block) if m.prev_name == "self_attn.v_proj"][0]
+    assert vo.skip_reason is None
+
+
+def test_phi3_fused_mappings_scale_the_v_and_up_rows():
+    model = build_tiny_model("phi3", num_key_value_heads=4)
+    maps = {m.prev_name: m for m in get_adapter(model.config).mappings(model.model.layers[0])}
+    assert maps["self_attn.qkv_proj"].prev_rows == slice(256, 384)
+    assert maps["mlp.gate_up_proj"].prev_rows == slice(256, 512)
+
+
+def test_neox_activation_fold_creates_scaled_activation_with_autoawq_name():
+    model = build_tiny_model("gpt_neox")
+    adapter = get_adapter(model.config)
+    block = adapter.get_layers(model)[0]
+    m = [m for m in adapter.mappings(block) if m.prev_name == "mlp.act"][0]
+    fold_scales(block, m, torch.full((256,), 2.0))
+    assert isinstance(block.mlp.act, ScaledActivation)
+    assert "mlp.act.scales" in block.state_dict()
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_moe_experts_are_unfused_into_named_linears(family):
+    model = build_tiny_model(family)
+    adapter = get_adapter(model.config)
+    block = adapter.prepare_block(adapter.get_layers(model)[0])
+    assert isinstance(block.mlp.experts, UnfusedExperts)
+    names = set(adapter.quantizable_linears(block))
+    lay = adapter.experts
+    assert {f"mlp.experts.3.{lay.gate}", f"mlp.experts.3.{lay.up}", f"mlp.experts.3.{lay.down}"} <= names
+    assert not any(n.endswith(("mlp.gate", "shared_expert_gate")) for n in names)
+    norm_map = [m for m in adapter.mappings(block) if m.prev_name == "post_attention_layernorm"][0]
+    assert "mlp.gate" in norm_map.absorb_names
+    if family == "qwen2_moe":
+        assert "mlp.shared_expert_gate" in norm_map.absorb_names
+        assert "mlp.shared_expert.up_proj" in norm_map.linear_names
+
+
+def test_checkpoint_names_for_mixtral_experts():
+    adapter = get_adapter(tiny_config("mixtral"))
+    assert adapter.checkpoint_name("model.layers.3.mlp.experts.7.w1") == "model.layers.3.block_sparse_moe.experts.7.w1"
+    assert adapter.checkpoint_name("mlp.experts.0.w2") == "block_sparse_moe.experts.0.w2"
+    assert get_adapter(tiny_config("qwen3_moe")).checkpoint_name("mlp.experts.0.up_proj") == "mlp.experts.0.up_proj"
+
+
+def test_never_quantize_routers_and_lm_head():
+    adapter = get_adapter(tiny_config("qwen2_moe"))
+    assert adapter.never_quantize("lm_head")
+    assert adapter.never_quantize("mlp.gate")
+    assert adapter.never_quantize("model.layers.0.mlp.shared_expert_gate")
+    assert not adapter.never_quantize("mlp.gate_proj")
+
+
+def test_group_size_check_names_layers_and_working_sizes():
+    config = tiny_config("llama", intermediate_size=96)
+    adapter = get_adapter(config)
+    check_group_size(config, adapter, 32)
+    with pytest.raises(ValueError) as err:
+        check_group_size(config, adapter, 64)
+    msg = str(err.value)
+    assert "model.layers.*.mlp.down_proj (input width 96)" in msg
+    assert "q_proj" not in msg
+    assert "32, -1" in msg
+    # a skipped layer does not count
+    check_group_size(config, adapter, 64, skip_patterns=["*down_proj"])
+
+
+def test_group_size_check_covers_fused_experts_on_a_model():
+    model = build_tiny_model("qwen3_moe", moe_intermediate_size=96)
+    adapter = get_adapter(model.config)
+    with pytest.raises(ValueError, match=r"mlp\.experts\.\*\.down_proj \(input width 96\)"):
+        check_group_size(model, adapter, 64)
+    assert not isinstance(adapter.get_layers(model)[0].mlp.experts, UnfusedExperts)  # not mutated

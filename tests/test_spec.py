@@ -1,0 +1,57 @@
+"""The job specification refuses bad input before any work, with the field and the reason."""
+
+import pytest
+from pydantic import ValidationError
+
+from awqforge.spec import JobSpec
+
+
+def _err(**kw) -> str:
+    with pytest.raises(ValidationError) as ei:
+        JobSpec(**kw)
+    return str(ei.value)
+
+
+def test_defaults_are_the_awq_paper_settings():
+    spec = JobSpec(model="org/model")
+    assert spec.quant.bits == 4 and spec.quant.group_size == 128 and spec.quant.zero_point
+    assert spec.calibration.source == "pileval"
+    assert spec.calibration.n_samples == 128 and spec.calibration.seq_len == 512
+    assert spec.eval.seq_len == 2048 and spec.n_grid == 20
+
+
+@pytest.mark.parametrize("bits", [1, 5, 16])
+def test_bad_bits(bits):
+    assert "bits must be one of" in _err(model="a/b", quant={"bits": bits}, formats=["compressed-tensors"])
+
+
+def test_bad_group_size():
+    assert "group_size must be one of" in _err(model="a/b", quant={"group_size": 48})
+
+
+def test_awq_format_is_4_bit_only():
+    msg = _err(model="a/b", quant={"bits": 3}, formats=["awq"])
+    assert "4-bit only" in msg
+    JobSpec(model="a/b", quant={"bits": 3}, formats=["compressed-tensors"])
+
+
+@pytest.mark.parametrize("model", ["", "a/b/c", "bad model", "org/..", "-x"])
+def test_bad_model_ids(model):
+    _err(model=model)
+
+
+def test_local_paths_are_accepted():
+    assert JobSpec(model="/tmp/x").model == "/tmp/x"
+
+
+@pytest.mark.parametrize("source", ["pileval", "self", "hf:org/ds", "hf:org/ds:train:text", "file:/x.txt", "upload:abc"])
+def test_calibration_sources(source):
+    JobSpec(model="a/b", calibration={"source": source})
+
+
+def test_bad_calibration_source():
+    assert "not understood" in _err(model="a/b", calibration={"source": "ftp://x"})
+
+
+def test_unknown_field_refused():
+    assert "extra" in _err(model="a/b", bitz=4).lower()

@@ -1,0 +1,12 @@
+"""Celery tasks: thin wrappers that hand a job id to worker.runner."""
+
+from __future__ import annotations
+
+from worker.celery_app import TASK_RUN_JOB, celery_app
+
+
+@celery_app.task(name=TASK_RUN_JOB, bind=True)
+def run_job_task(self, job_id: str) -> str:
+    from worker.runner import run_job  # torch is imported here, in the forked child
+
+    return run_job(job_id, worker_name=self.request.hostname or "worker")
