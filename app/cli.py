@@ -29,16 +29,27 @@ def _wait_and_migrate(timeout_s: float = 60) -> None:
 
 
 def serve_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="awqforge serve", description=(
-        "Run the API. With no DATABASE_URL/REDIS_URL set it is embedded: SQLite, a filesystem broker, "
-        "one worker in a child process and a local hub folder under AWQFORGE_HOME."))
+    p = argparse.ArgumentParser(
+        prog="awqforge serve",
+        description=(
+            "Run the API. With no DATABASE_URL/REDIS_URL set it is embedded: SQLite, a filesystem broker, "
+            "one worker in a child process and a local hub folder under AWQFORGE_HOME."
+        ),
+    )
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--worker", dest="worker", action="store_true", default=None,
-                   help="also run one worker (the default in embedded mode)")
+    p.add_argument(
+        "--worker",
+        dest="worker",
+        action="store_true",
+        default=None,
+        help="also run one worker (the default in embedded mode)",
+    )
     p.add_argument("--no-worker", dest="worker", action="store_false")
     p.add_argument("--no-migrate", action="store_true", help="skip `alembic upgrade head` at start")
-    p.add_argument("--demo", action="store_true", help="run one real SmolLM2 job end to end, print metrics, exit")
+    p.add_argument(
+        "--demo", action="store_true", help="run one real SmolLM2 job end to end, print metrics, exit"
+    )
     p.add_argument("--keep-serving", action="store_true", help="with --demo: keep serving after the job")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -49,7 +60,9 @@ def serve_command(argv: list[str]) -> int:
     if args.demo:
         from app.demo import run_demo
 
-        return run_demo(host=args.host, port=args.port, start_worker=run_worker, keep_serving=args.keep_serving)
+        return run_demo(
+            host=args.host, port=args.port, start_worker=run_worker, keep_serving=args.keep_serving
+        )
 
     import uvicorn
 
@@ -58,7 +71,10 @@ def serve_command(argv: list[str]) -> int:
 
     worker = start_worker_process(name="embedded") if run_worker else None
     mode = "embedded (SQLite + filesystem broker)" if settings.is_embedded else "server"
-    print(f"AWQForge API on http://{args.host}:{args.port}  ({mode}; data in {settings.AWQFORGE_HOME})", flush=True)
+    print(
+        f"AWQForge API on http://{args.host}:{args.port}  ({mode}; data in {settings.AWQFORGE_HOME})",
+        flush=True,
+    )
     try:
         uvicorn.run(create_app(), host=args.host, port=args.port, log_level="info")
     finally:
@@ -68,9 +84,13 @@ def serve_command(argv: list[str]) -> int:
 
 
 def keys_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="awqforge keys", description="Manage API keys (stored as sha256 hashes).")
+    p = argparse.ArgumentParser(
+        prog="awqforge keys", description="Manage API keys (stored as sha256 hashes)."
+    )
     sub = p.add_subparsers(dest="action", required=True)
-    c = sub.add_parser("create", help="create a key for a tenant (the tenant is created if new); prints it once")
+    c = sub.add_parser(
+        "create", help="create a key for a tenant (the tenant is created if new); prints it once"
+    )
     c.add_argument("--tenant", required=True)
     c.add_argument("--max-queued", type=int, default=None, help="per-tenant limit on unfinished jobs")
     r = sub.add_parser("revoke", help="revoke a key by its id (the part after 'awqf_')")
@@ -114,10 +134,15 @@ def keys_command(argv: list[str]) -> int:
 
 
 def worker_command(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="awqforge worker", description=(
-        "Run one Celery worker: one job at a time (run one per GPU, e.g. with --gpu)."))
-    p.add_argument("--queues", default=None,
-                   help=f"comma-separated queue classes from {', '.join(GPU_QUEUES)} (default: detected with nvidia-smi)")
+    p = argparse.ArgumentParser(
+        prog="awqforge worker",
+        description=("Run one Celery worker: one job at a time (run one per GPU, e.g. with --gpu)."),
+    )
+    p.add_argument(
+        "--queues",
+        default=None,
+        help=f"comma-separated queue classes from {', '.join(GPU_QUEUES)} (default: detected with nvidia-smi)",
+    )
     p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for this worker")
     p.add_argument("--name", default="awqforge")
     p.add_argument("--loglevel", default="INFO")

@@ -47,7 +47,9 @@ def _follow(client: httpx.Client, job_id: str) -> None:
                 return
 
 
-def run_demo(*, host: str = "127.0.0.1", port: int = 8000, start_worker: bool = True, keep_serving: bool = False) -> int:
+def run_demo(
+    *, host: str = "127.0.0.1", port: int = 8000, start_worker: bool = True, keep_serving: bool = False
+) -> int:
     from app.core.db import session_scope
     from app.embedded import ServerThread, start_worker_process, stop_process
     from app.main import create_app
@@ -86,7 +88,9 @@ def run_demo(*, host: str = "127.0.0.1", port: int = 8000, start_worker: bool = 
                 print(f"submit failed: {r.status_code} {r.text}", file=sys.stderr)
                 return 1
             job_id = r.json()["id"]
-            print(f"submitted {job_id} (Location: {r.headers['location']}); following its events:", flush=True)
+            print(
+                f"submitted {job_id} (Location: {r.headers['location']}); following its events:", flush=True
+            )
             _follow(client, job_id)
             job = client.get(f"/v1/jobs/{job_id}").json()
         print(f"\njob {job_id}: {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
@@ -94,12 +98,18 @@ def run_demo(*, host: str = "127.0.0.1", port: int = 8000, start_worker: bool = 
         if m:
             print(f"  perplexity  FP {m.get('fp_perplexity')}  ->  W4 g64 {m.get('quant_perplexity')}")
             print(f"  size        {m.get('size_before_bytes')} -> {m.get('size_after_bytes')} bytes")
-            print(f"  wall time   {m.get('total_s') and round(m['total_s'], 1)} s "
-                  f"(quantize {m.get('quantize_s') and round(m['quantize_s'], 1)} s), peak RSS {m.get('peak_rss_bytes')} bytes")
+            print(
+                f"  wall time   {m.get('total_s') and round(m['total_s'], 1)} s "
+                f"(quantize {m.get('quantize_s') and round(m['quantize_s'], 1)} s), peak RSS {m.get('peak_rss_bytes')} bytes"
+            )
         for a in job.get("artifacts", []):
-            print(f"  artifact    {a['format']:<20} {len(a['files'])} files"
-                  + (f"  published: {a['published_to']}" if a.get("published_to") else ""))
-        print(f"  artifacts on disk under {settings.ARTIFACT_DIR}; API: GET {server.url}/v1/jobs/{job_id}/artifacts")
+            print(
+                f"  artifact    {a['format']:<20} {len(a['files'])} files"
+                + (f"  published: {a['published_to']}" if a.get("published_to") else "")
+            )
+        print(
+            f"  artifacts on disk under {settings.ARTIFACT_DIR}; API: GET {server.url}/v1/jobs/{job_id}/artifacts"
+        )
         if keep_serving:
             print(f"Serving on {server.url} (Ctrl-C to stop). Demo API key: {key.secret}", flush=True)
             server.thread.join()

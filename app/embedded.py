@@ -20,7 +20,10 @@ def detect_queues() -> list[str]:
         try:
             out = subprocess.run(
                 ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                capture_output=True, text=True, timeout=10, check=True,
+                capture_output=True,
+                text=True,
+                timeout=10,
+                check=True,
             ).stdout.split()
             mib = min(int(x) for x in out) if out else 0
         except (subprocess.SubprocessError, ValueError, OSError):
@@ -36,22 +39,39 @@ def worker_argv(queues: list[str], *, name: str = "awqforge", loglevel: str = "I
     """`celery worker` arguments: one process, one job at a time, prefork so the child forks before CUDA."""
     return [
         "worker",
-        "-Q", ",".join(settings.queue_name(q) for q in queues),
-        "--concurrency", "1",
-        "--pool", "prefork",
-        "--prefetch-multiplier", "1",
-        "--without-gossip", "--without-mingle",
-        "-n", f"{name}@%h",
-        "--loglevel", loglevel,
+        "-Q",
+        ",".join(settings.queue_name(q) for q in queues),
+        "--concurrency",
+        "1",
+        "--pool",
+        "prefork",
+        "--prefetch-multiplier",
+        "1",
+        "--without-gossip",
+        "--without-mingle",
+        "-n",
+        f"{name}@%h",
+        "--loglevel",
+        loglevel,
     ]
 
 
-def start_worker_process(queues: list[str] | None = None, *, env: dict | None = None, name: str = "embedded",
-                         log_path=None) -> subprocess.Popen:
+def start_worker_process(
+    queues: list[str] | None = None, *, env: dict | None = None, name: str = "embedded", log_path=None
+) -> subprocess.Popen:
     """A Celery worker in a child process, consuming every queue unless told otherwise."""
-    cmd = [sys.executable, "-m", "celery", "-A", "worker.celery_app", *worker_argv(list(queues or GPU_QUEUES), name=name)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "celery",
+        "-A",
+        "worker.celery_app",
+        *worker_argv(list(queues or GPU_QUEUES), name=name),
+    ]
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out or None, stderr=subprocess.STDOUT if out else None)
+    return subprocess.Popen(
+        cmd, env={**os.environ, **(env or {})}, stdout=out or None, stderr=subprocess.STDOUT if out else None
+    )
 
 
 def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
@@ -68,7 +88,9 @@ class ServerThread:
     """uvicorn in a background thread (demo, tests)."""
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
-        self.server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on"))
+        self.server = uvicorn.Server(
+            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
         self.url = f"http://{host}:{port}"
 

@@ -66,8 +66,13 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
-        detail = [{"field": _field_of(tuple(e.get("loc", ()))), "reason": str(e.get("msg", "")).removeprefix("Value error, ")}
-                  for e in exc.errors()]
+        detail = [
+            {
+                "field": _field_of(tuple(e.get("loc", ()))),
+                "reason": str(e.get("msg", "")).removeprefix("Value error, "),
+            }
+            for e in exc.errors()
+        ]
         return JSONResponse({"detail": detail}, status_code=422)
 
     @app.exception_handler(SpecError)

@@ -14,7 +14,9 @@ class CalibrationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str | None = Field(
-        None, description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id", examples=["pileval"]
+        None,
+        description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id",
+        examples=["pileval"],
     )
     upload_id: str | None = Field(None, description="id returned by POST /v1/calibration-sets")
     n_samples: int = Field(128, description="calibration sequences")
@@ -25,7 +27,9 @@ class EvalIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    text: str | None = Field(None, description="hf:<dataset>[:<split>[:<column>]] or None for the built-in text")
+    text: str | None = Field(
+        None, description="hf:<dataset>[:<split>[:<column>]] or None for the built-in text"
+    )
     seq_len: int = 2048
     max_seqs: int | None = None
 
@@ -35,7 +39,11 @@ class PublishIn(BaseModel):
 
     repo_id: str = Field(..., examples=["my-org/SmolLM2-135M-Instruct-AWQ"])
     private: bool = True
-    token: str | None = Field(None, description="Hub token: encrypted at rest, used once, never returned", json_schema_extra={"writeOnly": True})
+    token: str | None = Field(
+        None,
+        description="Hub token: encrypted at rest, used once, never returned",
+        json_schema_extra={"writeOnly": True},
+    )
 
 
 JOB_EXAMPLE = {

@@ -59,7 +59,9 @@ def _resolve_dir(path: str | Path, revision: str | None) -> Path:
     try:
         return Path(snapshot_download(str(path), revision=revision, allow_patterns=patterns))
     except Exception as exc:  # offline, unknown repo, auth: one message for the user
-        raise HubUnavailable(f"{path} is not a local folder and could not be fetched from the Hub: {exc}") from exc
+        raise HubUnavailable(
+            f"{path} is not a local folder and could not be fetched from the Hub: {exc}"
+        ) from exc
 
 
 def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:

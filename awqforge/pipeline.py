@@ -71,9 +71,16 @@ class _Job:
         self.report(0.0, message)
 
     def end_stage(self) -> None:
-        if self._stage is not None:
+        if self._stage is not None and self._t0:
             self.wall[self._stage] = round(self.wall.get(self._stage, 0.0) + time.perf_counter() - self._t0, 3)
-            self._stage = None
+            self._t0 = 0.0
+
+    def wall_so_far(self) -> dict[str, float]:
+        """Wall time per stage, the running stage counted up to now."""
+        wall = dict(self.wall)
+        if self._stage is not None and self._t0:
+            wall[self._stage] = round(wall.get(self._stage, 0.0) + time.perf_counter() - self._t0, 3)
+        return wall
 
     def report(self, fraction: float, message: str, **extra) -> None:
         if self.progress_cb is None or self._stage is None:
@@ -184,10 +191,9 @@ def run_quantization(
 
         # -- package
         job.stage("package", "writing report, model card and manifest")
-        job.end_stage()
         sizes = {w.fmt: _weights_size(w.staging_dir) for w in writers}
         metrics.update(
-            wall_time_s=dict(job.wall),
+            wall_time_s=job.wall_so_far(),  # in the report: package counted until the report is written
             peak_rss_bytes=reporting.peak_rss_bytes(),
             peak_gpu_bytes=reporting.peak_gpu_bytes(device),
             size_before_bytes=resolved.size_bytes,
@@ -207,6 +213,8 @@ def run_quantization(
         for w in writers:
             reporting.write_report(w.staging_dir, report)
             w.finalize(card)
+        job.end_stage()
+        metrics["wall_time_s"] = dict(job.wall)
         job.report(1.0, "done")
         job.log(f"artifacts: {', '.join(str(p) for p in final_dirs.values())}")
         return QuantResult(

@@ -49,7 +49,7 @@ def eval_text(windows: int, seq_len: int, tokenizer) -> tuple[str, list[str]]:
 
 
 def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_source: str, n_samples: int,
-             seq_len: int, out_dir: Path, windows: torch.Tensor) -> dict:
+             seq_len: int, out_dir: Path, windows: torch.Tensor, n_prefix: int) -> dict:
     """run_quantization end to end, then perplexity of the artifact loaded onto QuantLinear layers."""
     from awqforge.loading import load_quantized
     from awqforge.pipeline import run_quantization
@@ -66,11 +66,11 @@ def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_sourc
         device="cpu",
     )
     with common.Timer() as t:
-        result = run_quantization(spec, out_dir / f"{method}-w{bits}g{group_size}")
+        result = run_quantization(spec, out_dir / f"{method}-w{bits}g{group_size}", overwrite=True)
     artifact = Path(result.artifacts[fmt])
     model = load_quantized(artifact, device="cpu", dtype=torch.float32)
     with common.Timer() as te:
-        ppl = common.perplexity(model, windows)
+        ppl = common.perplexity(model, windows, n_prefix)
     del model
     stages = result.metrics.get("wall_time_s", {})
     return {
@@ -110,11 +110,11 @@ def print_report(fp: dict, rows: list[dict], meta: dict) -> list[str]:
     print(f"\nSmolLM2-135M-Instruct, calibration {meta['calib_shape'][0]} x {meta['calib_shape'][1]} tokens, "
           f"evaluation {fp['n_windows']} x {meta['eval_seq_len']} tokens, {meta['threads']} threads")
     print(f"FP perplexity (float32): {fp['perplexity']:.3f}\n")
-    head = f"{'bits':>4}  {'method':<26} {'ppl':>9} {'+ppl vs FP':>10} {'RTN gap closed':>15} {'wall s':>8} {'quantize s':>10}"
+    head = f"{'bits':>4}  {'method':<30} {'ppl':>9} {'+ppl vs FP':>10} {'RTN gap closed':>15} {'wall s':>8} {'quantize s':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['bits']:>4}  {r['label']:<26} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
+        print(f"{r['bits']:>4}  {r['label']:<30} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
               f"{_fmt(r.get('gap_closed', float('nan')) * 100, '.1f') + '%':>15} {_fmt(r.get('wall_s'), '.1f'):>8} "
               f"{_fmt(r.get('quantize_s'), '.1f'):>10}")
     targets = []
@@ -177,24 +177,30 @@ def main(argv: list[str] | None = None) -> int:
     calib_source = f"file:{args.calib_text or BUNDLED_CALIBRATION_TEXT}"
     calib = load_calibration(CalibrationSpec(source=calib_source, n_samples=args.n_samples, seq_len=args.seq_len), tokenizer)
     text, eval_sources = eval_text(args.eval_windows, args.eval_seq_len, tokenizer)
-    windows = common.eval_windows(tokenizer(text, add_special_tokens=False)["input_ids"], args.eval_seq_len, args.eval_windows)
+    prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # BOS for tokenizers that add one
+    windows = common.eval_windows(tokenizer(text, add_special_tokens=False)["input_ids"], args.eval_seq_len,
+                                  args.eval_windows, prefix)
     if windows.shape[0] < args.eval_windows:
         print(f"note: the evaluation text fills only {windows.shape[0]} windows of {args.eval_seq_len} tokens")
     data_path = work / "data.pt"
-    torch.save({"calib": calib, "eval": windows}, data_path)
+    torch.save({"calib": calib, "eval": windows, "n_prefix": len(prefix)}, data_path)
     meta = {"model": str(ckpt), "calib_source": calib_source, "calib_shape": list(calib.shape),
             "eval_sources": eval_sources, "eval_seq_len": args.eval_seq_len, "threads": threads, "bits": args.bits,
             "group_size": args.group_size}
 
     fp_model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
-    fp = common.perplexity(fp_model, windows)
+    fp = common.perplexity(fp_model, windows, len(prefix))
+    # The engine's own evaluate.perplexity on the same text must agree with bench/common's copy of it.
+    from awqforge.evaluate import perplexity as engine_perplexity
+
+    meta["fp_engine_perplexity"] = engine_perplexity(fp_model, tokenizer, text, args.eval_seq_len, args.eval_windows)
     del fp_model
     print(f"FP: {fp}", flush=True)
 
     rows: list[dict] = []
     for bits in args.bits:
         kw = dict(bits=bits, group_size=args.group_size, calib_source=calib_source, n_samples=args.n_samples,
-                  seq_len=args.seq_len, out_dir=work, windows=windows)
+                  seq_len=args.seq_len, out_dir=work, windows=windows, n_prefix=len(prefix))
         rtn = None
         if not args.skip_rtn:
             rtn = run_ours(ckpt, method="rtn", **kw)

@@ -45,34 +45,44 @@ def calibration_samples(ids: list[int] | torch.Tensor, n_samples: int, max_seq_l
     return ids[: n_samples * seq_len].view(n_samples, seq_len).clone()
 
 
-def eval_windows(ids: list[int] | torch.Tensor, seq_len: int = 1024, max_windows: int | None = 20) -> torch.Tensor:
-    """Non-overlapping windows [n, seq_len] from the start of `ids`; the tail shorter than a window is dropped."""
+def eval_windows(
+    ids: list[int] | torch.Tensor, seq_len: int = 1024, max_windows: int | None = 20, prefix: list[int] | tuple = ()
+) -> torch.Tensor:
+    """Non-overlapping windows [n, seq_len]: `prefix` (the tokenizer's BOS, if it adds one) + the next
+    seq_len - len(prefix) text tokens; the tail shorter than a window is dropped. Same cut as
+    awqforge.evaluate.eval_windows, on token ids instead of a tokenizer."""
     ids = torch.as_tensor(ids, dtype=torch.long).flatten()
-    n = ids.numel() // seq_len
+    body = seq_len - len(prefix)
+    n = ids.numel() // body
     if max_windows is not None:
         n = min(n, max_windows)
     if n == 0:
         raise ValueError(f"{ids.numel()} tokens do not fill one window of {seq_len}")
-    return ids[: n * seq_len].view(n, seq_len).clone()
+    windows = ids[: n * body].view(n, body)
+    if prefix:
+        windows = torch.cat([torch.tensor(list(prefix), dtype=torch.long).expand(n, -1), windows], dim=1)
+    return windows.clone()
 
 
 @torch.no_grad()
-def perplexity(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 1) -> dict:
-    """exp(mean next-token NLL) over every predicted position of every window, summed in float64.
+def perplexity(model: torch.nn.Module, windows: torch.Tensor, n_prefix: int = 0, batch_size: int = 1) -> dict:
+    """exp(mean next-token NLL) over every predicted token of every window (those after the prefix).
 
-    Each window is scored on its own (no context carried over), as in the AWQ paper's evaluation.
+    Each window is scored on its own (no context carried over), as in the AWQ paper and in
+    awqforge.evaluate.perplexity, whose loss this reproduces.
     """
     model.eval()
-    device = next(model.parameters()).device
+    device = next(p.device for p in model.parameters() if p.device.type != "meta")
+    first = max(n_prefix, 1)
     nll, count = 0.0, 0
     for start in range(0, windows.shape[0], batch_size):
         batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
-        target = batch[:, 1:]
+        logits = model(input_ids=batch, use_cache=False).logits[:, first - 1 : -1].float()
+        target = batch[:, first:]
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss in window {start}")
-        nll += float(loss)
+        nll += loss.item()
         count += target.numel()
     return {"perplexity": math.exp(nll / count), "n_tokens": count, "n_windows": int(windows.shape[0])}
 

@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     result["n_quantized"] = _bake_fake_quant(model)
     if not args.skip_eval:
         with common.Timer() as te:
-            result.update(common.perplexity(model, data["eval"]))
+            result.update(common.perplexity(model, data["eval"], data.get("n_prefix", 0)))
         result["eval_s"] = te.s
     result["peak_rss_bytes"] = common.peak_rss_bytes()
     common.emit_json(result)

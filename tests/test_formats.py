@@ -393,6 +393,7 @@ def test_side_files_card_and_manifest(source, tmp_path):
         "| weight bits | 4 |",
         "32 input channels per group",
         "`lm_head`",
+        "# awq\n",
     ):
         assert needle in text, needle
 
@@ -503,7 +504,9 @@ def test_writer_rejects_misuse(source, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("bits,group_size,zero_point", [(4, 32, True), (4, -1, False), (3, 64, True), (8, 32, True)])
+@pytest.mark.parametrize(
+    "bits,group_size,zero_point", [(4, 32, True), (4, -1, False), (3, 64, True), (8, 32, True)]
+)
 def test_compressed_tensors_tensors_equal_the_libraries_own(source, tmp_path, bits, group_size, zero_point):
     """compressed-tensors' own compressor, given our scales and zero points, writes the very tensors we wrote."""
     from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
@@ -525,4 +528,60 @@ def test_compressed_tensors_tensors_equal_the_libraries_own(source, tmp_path, bi
         theirs = PackedQuantizationCompressor.compress(state, scheme)
         assert set(theirs) == {k.rpartition(".")[2] for k in tensors if k.startswith(name + ".")}
         for key, value in theirs.items():
-            assert torch.equal(tensors[f"{name}.{key}"], value.to(tensors[f"{name}.{key}"].dtype)), (name, key)
+            assert torch.equal(tensors[f"{name}.{key}"], value.to(tensors[f"{name}.{key}"].dtype)), (
+                name,
+                key,
+            )
+
+
+def test_card_from_spec_and_compressed_tensors_notes(source, tmp_path):
+    from awqforge.formats import parse_size, render_card
+    from awqforge.spec import JobSpec
+
+    spec = JobSpec(
+        model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        formats=["compressed-tensors"],
+        quant={"bits": 3, "group_size": 64},
+        publish={"repo_id": "me/smol-w3"},
+    )
+    info = ModelCardInfo.from_spec(
+        spec, {"fp_perplexity": 10.0, "quant_perplexity": 11.25, "size_after_bytes": 10**8}
+    )
+    assert info.repo_id == "me/smol-w3" and info.quant_perplexity == 11.25 and "pileval" in info.calibration
+    text = render_card(
+        info,
+        fmt="compressed-tensors",
+        bits=3,
+        group_size=64,
+        zero_point=True,
+        unquantized=["lm_head"],
+        source_meta={"license": "apache-2.0"},
+        has_chat_template=True,
+    )
+    front = yaml.safe_load(text.split("---")[1])
+    assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "3-bit" in front["tags"]
+    assert "compressed-tensors" in front["tags"] and front["license"] == "apache-2.0"
+    for needle in (
+        "vllm serve me/smol-w3",
+        'quantization="compressed-tensors"',
+        "dequantize=True",
+        "4 and 8 bits",
+        "11.2500",
+        "scale_search",
+        "apply_chat_template",
+    ):
+        assert needle in text, needle
+    # a local source path is not Hub metadata
+    local = render_card(
+        ModelCardInfo(base_model="/models/tiny"),
+        fmt="awq",
+        bits=4,
+        group_size=128,
+        zero_point=False,
+        unquantized=[],
+        source_meta={},
+        has_chat_template=False,
+    )
+    assert "base_model" not in yaml.safe_load(local.split("---")[1])
+    assert "zero point of 8" in local
+    assert (parse_size("5GB"), parse_size("2MiB"), parse_size(1234)) == (5 * 10**9, 2 * 2**20, 1234)

@@ -52,7 +52,9 @@ def make_celery() -> Celery:
         broker_transport_options=_transport_options(),
         broker_connection_retry_on_startup=True,
         # One direct exchange and routing key per queue: a job goes to exactly one GPU class.
-        task_queues=[Queue(n, Exchange(n, type="direct"), routing_key=n) for n in map(settings.queue_name, GPU_QUEUES)],
+        task_queues=[
+            Queue(n, Exchange(n, type="direct"), routing_key=n) for n in map(settings.queue_name, GPU_QUEUES)
+        ],
         task_default_queue=settings.queue_name(settings.DEFAULT_QUEUE),
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,

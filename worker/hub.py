@@ -66,6 +66,8 @@ def hub_for(token: str | None) -> Hub:
     """PUBLISH_BACKEND, or in auto mode: a per-job token or a configured endpoint/token selects the
     Hugging Face Hub; else the local folder."""
     backend = settings.PUBLISH_BACKEND
-    if backend == "huggingface" or (backend == "auto" and (token or settings.HF_ENDPOINT or settings.HF_TOKEN)):
+    if backend == "huggingface" or (
+        backend == "auto" and (token or settings.HF_ENDPOINT or settings.HF_TOKEN)
+    ):
         return HuggingFaceHub(token or settings.HF_TOKEN, settings.HF_ENDPOINT)
     return LocalHub(settings.HUB_DIR)

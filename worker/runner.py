@@ -38,7 +38,12 @@ log = logging.getLogger("awqforge.worker")
 # The engine reports overall progress (0..1 across resolve..package); publishing, done here, takes
 # the last PUBLISH_SHARE of the bar when the job publishes.
 PUBLISH_SHARE = 0.03
-_STAGE_ALIASES = {"calibration": "calibrate", "quantization": "quantize", "evaluation": "evaluate", "eval": "evaluate"}
+_STAGE_ALIASES = {
+    "calibration": "calibrate",
+    "quantization": "quantize",
+    "evaluation": "evaluate",
+    "eval": "evaluate",
+}
 
 
 class JobCancelledByUser(Exception):
@@ -92,13 +97,22 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             return f"not claimable ({job.status})", None
         s.refresh(job)
         if job.attempts > settings.MAX_ATTEMPTS:
-            _finish(s, job, JobStatus.FAILED, error=f"gave up after {job.attempts - 1} attempts (worker lost)")
+            _finish(
+                s, job, JobStatus.FAILED, error=f"gave up after {job.attempts - 1} attempts (worker lost)"
+            )
             return "gave up", None
         # A re-run starts from a clean slate: previous attempt's rows and files go.
         s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
         s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()
         s.query(Artifact).filter(Artifact.job_id == job_id).delete()
-        add_event(s, job_id=job_id, kind="status", message=f"running on {worker_name} (attempt {job.attempts})", stage="resolve", progress=0.0)
+        add_event(
+            s,
+            job_id=job_id,
+            kind="status",
+            message=f"running on {worker_name} (attempt {job.attempts})",
+            stage="resolve",
+            progress=0.0,
+        )
         s.expunge(job)
         return "claimed", job
 
@@ -113,7 +127,14 @@ def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message
     if status == JobStatus.SUCCEEDED:
         job.progress = 1.0
         job.publish_token_enc = None  # used once; nothing left to retry with it
-    add_event(s, job_id=job.id, kind="status", message=message or error or status.value, stage=job.stage, progress=job.progress)
+    add_event(
+        s,
+        job_id=job.id,
+        kind="status",
+        message=message or error or status.value,
+        stage=job.stage,
+        progress=job.progress,
+    )
 
 
 class _JobReporter:
@@ -176,7 +197,11 @@ class _JobReporter:
         self._last_block = block
         self._last_progress_write = now
         frac = min(max(frac, 0.0), 1.0)
-        overall = self.engine_share + (1 - self.engine_share) * frac if stage == "publish" else self.engine_share * frac
+        overall = (
+            self.engine_share + (1 - self.engine_share) * frac
+            if stage == "publish"
+            else self.engine_share * frac
+        )
         self.progress_value = max(self.progress_value, overall)
         message = get("message")
         if message is None and block is not None and n_blocks:
@@ -185,11 +210,23 @@ class _JobReporter:
             s.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
-                .values(stage=stage, progress=self.progress_value, eta_s=get("eta_s"), heartbeat_at=utcnow(), updated_at=utcnow())
+                .values(
+                    stage=stage,
+                    progress=self.progress_value,
+                    eta_s=get("eta_s"),
+                    heartbeat_at=utcnow(),
+                    updated_at=utcnow(),
+                )
                 .execution_options(synchronize_session=False)
             )
-            add_event(s, job_id=self.job_id, kind="progress", stage=stage, progress=self.progress_value,
-                      message=self.scrub(str(message)) if message is not None else None)
+            add_event(
+                s,
+                job_id=self.job_id,
+                kind="progress",
+                stage=stage,
+                progress=self.progress_value,
+                message=self.scrub(str(message)) if message is not None else None,
+            )
 
     def set_stage(self, stage: str, frac: float = 0.0, message: str | None = None) -> None:
         self.progress({"stage": stage, "progress": frac, "message": message})
@@ -218,7 +255,9 @@ def _resolve_spec(job: Job, token: str | None):
     if source.startswith("upload:"):
         with session_scope() as s:
             cal = s.scalar(
-                select(CalibrationSet).where(CalibrationSet.id == source[7:], CalibrationSet.tenant_id == job.tenant_id)
+                select(CalibrationSet).where(
+                    CalibrationSet.id == source[7:], CalibrationSet.tenant_id == job.tenant_id
+                )
             )
             if cal is None:
                 raise ValueError(f"calibration set {source[7:]} not found")
@@ -281,7 +320,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         return outcome
 
     token = decrypt_secret(job.publish_token_enc) if job.publish_token_enc else None
-    reporter = _JobReporter(job_id, worker_name, [token] if token else [], publishes=bool(job.spec.get("publish")))
+    reporter = _JobReporter(
+        job_id, worker_name, [token] if token else [], publishes=bool(job.spec.get("publish"))
+    )
     out_dir = job_output_dir(job)
     t0 = time.monotonic()
     reporter.start()
@@ -294,7 +335,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         from awqforge.pipeline import run_quantization  # imports torch: only ever in the worker child
 
-        result = run_quantization(spec, out_dir, progress=reporter.progress, cancel=reporter.cancel, log=reporter.log)
+        result = run_quantization(
+            spec, out_dir, progress=reporter.progress, cancel=reporter.cancel, log=reporter.log
+        )
 
         publish_s = None
         published: dict[str, str] = {}
@@ -316,33 +359,66 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             publish_s = time.monotonic() - tp
 
         with session_scope() as s:
-            s.add(JobMetrics(job_id=job_id, **_metric_columns(dict(result.metrics or {}), publish_s, time.monotonic() - t0)))
+            s.add(
+                JobMetrics(
+                    job_id=job_id,
+                    **_metric_columns(dict(result.metrics or {}), publish_s, time.monotonic() - t0),
+                )
+            )
             s.add_all(_layer_row(job_id, m) for m in (result.layers or []))
             for fmt, path in dict(result.artifacts).items():
                 fmt_name = str(getattr(fmt, "value", fmt))
-                s.add(Artifact(job_id=job_id, format=fmt_name, path=str(Path(path).resolve()),
-                               size_bytes=_dir_size(Path(path)), published_to=published.get(fmt_name)))
+                s.add(
+                    Artifact(
+                        job_id=job_id,
+                        format=fmt_name,
+                        path=str(Path(path).resolve()),
+                        size_bytes=_dir_size(Path(path)),
+                        published_to=published.get(fmt_name),
+                    )
+                )
             report = getattr(result, "report_path", None)
-            inside = report and any(Path(report).resolve().is_relative_to(Path(p).resolve()) for p in dict(result.artifacts).values())
+            inside = report and any(
+                Path(report).resolve().is_relative_to(Path(p).resolve())
+                for p in dict(result.artifacts).values()
+            )
             if report and Path(report).exists() and not inside:
-                s.add(Artifact(job_id=job_id, format="report", path=str(Path(report).resolve()), size_bytes=_dir_size(Path(report))))
+                s.add(
+                    Artifact(
+                        job_id=job_id,
+                        format="report",
+                        path=str(Path(report).resolve()),
+                        size_bytes=_dir_size(Path(report)),
+                    )
+                )
             row = s.get(Job, job_id)
             row.stage = "publish" if spec.publish is not None else "package"
             _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
         log.info("job %s succeeded", job_id)
         return "succeeded"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
-        cancelled = isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
+        cancelled = (
+            isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
+        )
         shutil.rmtree(out_dir, ignore_errors=True)
         with session_scope() as s:
             row = s.get(Job, job_id)
             if cancelled:
                 _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
             else:
-                name = "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else f"{type(exc).__name__}: {exc}"
+                name = (
+                    "time limit exceeded"
+                    if type(exc).__name__ == "SoftTimeLimitExceeded"
+                    else f"{type(exc).__name__}: {exc}"
+                )
                 error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
-                add_event(s, job_id=job_id, kind="log", stage=reporter.stage,
-                          message=reporter.scrub(traceback.format_exc())[-4000:])
+                add_event(
+                    s,
+                    job_id=job_id,
+                    kind="log",
+                    stage=reporter.stage,
+                    message=reporter.scrub(traceback.format_exc())[-4000:],
+                )
                 _finish(s, row, JobStatus.FAILED, error=error)
         if not isinstance(exc, Exception):
             raise  # KeyboardInterrupt/SystemExit: the status is recorded, let the process go

@@ -86,6 +86,9 @@ class Settings(BaseSettings):
         self.HUB_DIR = (self.HUB_DIR or home / "hub").expanduser()
         self.ARTIFACT_DIR = (self.ARTIFACT_DIR or home / "artifacts").expanduser()
         self.UPLOAD_DIR = (self.UPLOAD_DIR or home / "uploads").expanduser()
+        if self.is_embedded and not self.ALLOWED_LOCAL_ROOTS:
+            # Single-user local mode: checkpoints under AWQFORGE_HOME/models may be named by path.
+            self.ALLOWED_LOCAL_ROOTS = [home / "models"]
         if self.JOB_HARD_TIME_LIMIT_S <= self.JOB_SOFT_TIME_LIMIT_S:
             raise ValueError("JOB_HARD_TIME_LIMIT_S must be above JOB_SOFT_TIME_LIMIT_S")
         if self.HEARTBEAT_STALE_S < 3 * self.HEARTBEAT_INTERVAL_S:
@@ -104,7 +107,9 @@ class Settings(BaseSettings):
             if self.SECRET_KEY is None:
                 raise ValueError("SECRET_KEY must be set when ENVIRONMENT is not 'local'")
             if self.is_embedded:
-                raise ValueError("ENVIRONMENT=%s needs DATABASE_URL and REDIS_URL (no embedded mode)" % self.ENVIRONMENT)
+                raise ValueError(
+                    f"ENVIRONMENT={self.ENVIRONMENT} needs DATABASE_URL and REDIS_URL (no embedded mode)"
+                )
         return self
 
     @property

@@ -36,8 +36,12 @@ log = logging.getLogger("awqforge.jobs")
 
 ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 # Where JobSpec fields live in the request body (the body is flatter than the spec).
-_SPEC_TO_BODY = {("quant", "bits"): "bits", ("quant", "group_size"): "group_size",
-                 ("quant", "zero_point"): "zero_point", ("quant", "modules_to_not_convert"): "modules_to_not_convert"}
+_SPEC_TO_BODY = {
+    ("quant", "bits"): "bits",
+    ("quant", "group_size"): "group_size",
+    ("quant", "zero_point"): "zero_point",
+    ("quant", "modules_to_not_convert"): "modules_to_not_convert",
+}
 
 
 class SpecError(Exception):
@@ -70,7 +74,10 @@ def _check_local(field: str, raw: str) -> FieldError | None:
     path = Path(raw).expanduser().resolve()
     roots = [Path(r).expanduser().resolve() for r in settings.ALLOWED_LOCAL_ROOTS] + [_bundled_data_dir()]
     if not any(path.is_relative_to(r) for r in roots):
-        return FieldError(field=field, reason="local paths are not allowed here: use a hub id (or upload_id for calibration data)")
+        return FieldError(
+            field=field,
+            reason="local paths are not allowed here: use a hub id (or upload_id for calibration data)",
+        )
     return None
 
 
@@ -81,27 +88,44 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     errors: list[FieldError] = []
     cal = body.calibration
     if cal.upload_id and cal.source:
-        errors.append(FieldError(field="calibration", reason="give either calibration.source or calibration.upload_id, not both"))
+        errors.append(
+            FieldError(
+                field="calibration",
+                reason="give either calibration.source or calibration.upload_id, not both",
+            )
+        )
     source = f"upload:{cal.upload_id}" if cal.upload_id else (cal.source or "pileval")
     if source.startswith("upload:"):
         owned = session.scalar(
-            select(CalibrationSet.id).where(CalibrationSet.id == source[7:], CalibrationSet.tenant_id == tenant_id)
+            select(CalibrationSet.id).where(
+                CalibrationSet.id == source[7:], CalibrationSet.tenant_id == tenant_id
+            )
         )
         if owned is None:
-            errors.append(FieldError(field="calibration.upload_id", reason=f"calibration set {source[7:]!r} not found"))
+            errors.append(
+                FieldError(field="calibration.upload_id", reason=f"calibration set {source[7:]!r} not found")
+            )
     elif source.startswith("file:") and (e := _check_local("calibration.source", source[5:])):
         errors.append(e)
     if _is_local_path(body.model) and (e := _check_local("model", body.model)):
         errors.append(e)
-    if body.eval.text and body.eval.text.startswith("file:") and (e := _check_local("eval.text", body.eval.text[5:])):
+    if (
+        body.eval.text
+        and body.eval.text.startswith("file:")
+        and (e := _check_local("eval.text", body.eval.text[5:]))
+    ):
         errors.append(e)
 
     data: dict = {
         "model": body.model,
         "revision": body.revision,
         "method": body.method,
-        "quant": {"bits": body.bits, "group_size": body.group_size, "zero_point": body.zero_point,
-                  "modules_to_not_convert": body.modules_to_not_convert},
+        "quant": {
+            "bits": body.bits,
+            "group_size": body.group_size,
+            "zero_point": body.zero_point,
+            "modules_to_not_convert": body.modules_to_not_convert,
+        },
         "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len},
         "formats": body.formats,
         "eval": body.eval.model_dump(),
@@ -129,9 +153,14 @@ def request_hash(body: JobCreate) -> str:
 
 
 def _active_count(session: Session, tenant_id: int) -> int:
-    return session.scalar(
-        select(func.count()).select_from(Job).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
-    ) or 0
+    return (
+        session.scalar(
+            select(func.count())
+            .select_from(Job)
+            .where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+        )
+        or 0
+    )
 
 
 def _check_limit(session: Session, tenant: Tenant) -> None:
@@ -140,7 +169,9 @@ def _check_limit(session: Session, tenant: Tenant) -> None:
     limit = tenant.max_queued_jobs or settings.TENANT_MAX_QUEUED_JOBS
     active = _active_count(session, tenant.id)
     if active >= limit:
-        raise ServiceError(429, f"tenant has {active} unfinished jobs (queued or running); the limit is {limit}")
+        raise ServiceError(
+            429, f"tenant has {active} unfinished jobs (queued or running); the limit is {limit}"
+        )
 
 
 def send_job(job: Job) -> None:
@@ -178,7 +209,13 @@ def _find_idempotent(session: Session, tenant_id: int, key: str, body_hash: str)
         session.flush()
         return None
     if row.request_hash != body_hash:
-        raise SpecError([FieldError(field="Idempotency-Key", reason="this key was already used with a different request body")])
+        raise SpecError(
+            [
+                FieldError(
+                    field="Idempotency-Key", reason="this key was already used with a different request body"
+                )
+            ]
+        )
     return session.get(Job, row.job_id)
 
 
@@ -217,8 +254,16 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
     add_event(session, job_id=job.id, kind="status", message=f"queued on {job.queue}", progress=0.0)
     if idempotency_key:
         now = utcnow()
-        session.add(IdempotencyKey(tenant_id=tenant.id, key=idempotency_key, request_hash=body_hash, job_id=job.id,
-                                   created_at=now, expires_at=now + timedelta(hours=settings.IDEMPOTENCY_TTL_HOURS)))
+        session.add(
+            IdempotencyKey(
+                tenant_id=tenant.id,
+                key=idempotency_key,
+                request_hash=body_hash,
+                job_id=job.id,
+                created_at=now,
+                expires_at=now + timedelta(hours=settings.IDEMPOTENCY_TTL_HOURS),
+            )
+        )
     try:
         session.commit()
     except IntegrityError:
@@ -276,7 +321,13 @@ def cancel_job(session: Session, *, job: Job) -> Job:
     elif job.status == JobStatus.RUNNING.value:
         if not job.cancel_requested:
             job.cancel_requested = True
-            add_event(session, job_id=job.id, kind="log", stage=job.stage, message="cancel requested; stopping at the next block")
+            add_event(
+                session,
+                job_id=job.id,
+                kind="log",
+                stage=job.stage,
+                message="cancel requested; stopping at the next block",
+            )
     elif job.status != JobStatus.CANCELLED.value:
         raise ServiceError(409, f"job already {job.status}")
     session.commit()
@@ -309,24 +360,43 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
 def reap_stale_jobs(session: Session) -> list[str]:
     """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS."""
     stale_before = utcnow() - timedelta(seconds=settings.HEARTBEAT_STALE_S)
-    stale = list(session.scalars(select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)))
+    stale = list(
+        session.scalars(
+            select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
+        )
+    )
     requeued = []
     for job in stale:
         give_up = job.attempts >= settings.MAX_ATTEMPTS or job.cancel_requested
-        new_status = (JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED) if give_up else JobStatus.QUEUED
+        new_status = (
+            (JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED)
+            if give_up
+            else JobStatus.QUEUED
+        )
         res = session.execute(
             update(Job)
             .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
-            .values(status=new_status.value, worker=None,
-                    error=(f"worker lost: no heartbeat for {int(settings.HEARTBEAT_STALE_S)} s after "
-                           f"{job.attempts} attempt(s)") if new_status == JobStatus.FAILED else None,
-                    finished_at=utcnow() if give_up else None)
+            .values(
+                status=new_status.value,
+                worker=None,
+                error=(
+                    f"worker lost: no heartbeat for {int(settings.HEARTBEAT_STALE_S)} s after "
+                    f"{job.attempts} attempt(s)"
+                )
+                if new_status == JobStatus.FAILED
+                else None,
+                finished_at=utcnow() if give_up else None,
+            )
             .execution_options(synchronize_session=False)
         )
         if res.rowcount != 1:
             continue
-        add_event(session, job_id=job.id, kind="status",
-                  message="worker lost (heartbeat stale): " + ("requeued" if not give_up else new_status.value))
+        add_event(
+            session,
+            job_id=job.id,
+            kind="status",
+            message="worker lost (heartbeat stale): " + ("requeued" if not give_up else new_status.value),
+        )
         session.commit()
         if not give_up:
             try:
@@ -339,6 +409,7 @@ def reap_stale_jobs(session: Session) -> list[str]:
 
 
 # -- presentation ---------------------------------------------------------------------------
+
 
 def artifact_files(artifact: Artifact) -> list[tuple[str, int]]:
     root = Path(artifact.path)
@@ -354,8 +425,13 @@ def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> Artifa
     if with_files:
         base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
         files = [ArtifactFile(path=p, size_bytes=n, url=base + p) for p, n in artifact_files(artifact)]
-    return ArtifactPublic(id=artifact.id, format=artifact.format, size_bytes=artifact.size_bytes,
-                          published_to=artifact.published_to, files=files)
+    return ArtifactPublic(
+        id=artifact.id,
+        format=artifact.format,
+        size_bytes=artifact.size_bytes,
+        published_to=artifact.published_to,
+        files=files,
+    )
 
 
 def job_public(job: Job, *, with_files: bool = True) -> JobPublic:

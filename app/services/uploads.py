@@ -81,8 +81,16 @@ def store_upload(session: Session, *, tenant_id: int, filename: str, stream: Bin
         partial.rename(dest)
     finally:
         partial.unlink(missing_ok=True)
-    row = CalibrationSet(id=cal_id, tenant_id=tenant_id, filename=name[:300], format=FORMATS[ext], path=str(dest),
-                         size_bytes=size, n_records=n, sha256=digest.hexdigest())
+    row = CalibrationSet(
+        id=cal_id,
+        tenant_id=tenant_id,
+        filename=name[:300],
+        format=FORMATS[ext],
+        path=str(dest),
+        size_bytes=size,
+        n_records=n,
+        sha256=digest.hexdigest(),
+    )
     session.add(row)
     session.commit()
     return row

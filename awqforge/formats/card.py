@@ -110,8 +110,9 @@ def render_card(
     unquantized: list[str],
     source_meta: dict[str, Any],
     has_chat_template: bool,
+    title: str | None = None,
 ) -> str:
-    """The README.md text."""
+    """The README.md text; `title` (default: the repo id's name) heads it."""
     meta: dict[str, Any] = {}
     if _looks_like_hub_id(info.base_model):
         meta["base_model"] = info.base_model
@@ -142,7 +143,7 @@ def render_card(
     base = info.base_model + (f" (revision `{info.base_model_revision}`)" if info.base_model_revision else "")
 
     lines = [
-        f"# {Path(name).name}",
+        f"# {title or Path(name).name}",
         "",
         f"{bits}-bit weight-only quantization of [{info.base_model}]"
         + (f"(https://huggingface.co/{info.base_model})" if _looks_like_hub_id(info.base_model) else "")

@@ -302,6 +302,7 @@ class ArtifactWriter:
             unquantized=self.unquantized_modules(),
             source_meta=read_source_card_metadata(self.source_dir),
             has_chat_template=self.has_chat_template(),
+            title=Path(card.repo_id).name if card.repo_id else self.final_dir.name,
         )
         (self.staging_dir / "README.md").write_text(readme)
         write_manifest(self.staging_dir)

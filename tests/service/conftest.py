@@ -49,8 +49,15 @@ os.environ.update(SERVICE_ENV)
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-TINY_LLAMA = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=512, max_position_embeddings=512)
+TINY_LLAMA = dict(
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=512,
+    max_position_embeddings=512,
+)
 
 
 def _reachable(host: str, port: int) -> bool:
@@ -65,7 +72,9 @@ def services_available() -> bool:
     from urllib.parse import urlparse
 
     pg, rd = urlparse(PG_ADMIN_URL), urlparse(REDIS_URL)
-    return _reachable(pg.hostname or "127.0.0.1", pg.port or 5432) and _reachable(rd.hostname or "127.0.0.1", rd.port or 6379)
+    return _reachable(pg.hostname or "127.0.0.1", pg.port or 5432) and _reachable(
+        rd.hostname or "127.0.0.1", rd.port or 6379
+    )
 
 
 def free_port() -> int:
@@ -81,8 +90,13 @@ def build_tiny_checkpoint(dest: Path, text_file: Path, **overrides) -> Path:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**{**TINY_LLAMA, **overrides}, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-                      tie_word_embeddings=False)
+    cfg = LlamaConfig(
+        **{**TINY_LLAMA, **overrides},
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(cfg).eval()
     dest.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(dest, safe_serialization=True)
@@ -90,11 +104,15 @@ def build_tiny_checkpoint(dest: Path, text_file: Path, **overrides) -> Path:
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=TINY_LLAMA["vocab_size"], special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_LLAMA["vocab_size"],
+        special_tokens=["<pad>", "<s>", "</s>", "<unk>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train([str(text_file)], trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
-                                   unk_token="<unk>")
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
     fast.save_pretrained(dest)
     return dest
 
@@ -138,13 +156,17 @@ def wait_for_status(client, job_id: str, statuses: tuple[str, ...], timeout: flo
         if job["status"] in statuses:
             return job
         if time.monotonic() > deadline:
-            raise AssertionError(f"job {job_id} still {job['status']} ({job.get('stage')}) after {timeout}s: {job}")
+            raise AssertionError(
+                f"job {job_id} still {job['status']} ({job.get('stage')}) after {timeout}s: {job}"
+            )
         time.sleep(0.2)
 
 
 def _calibration_text() -> str:
-    base = ("The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits. "
-            "Activation aware scaling protects the salient channels of each linear layer. ")
+    base = (
+        "The quick brown fox jumps over the lazy dog. Quantization maps weights to a few bits. "
+        "Activation aware scaling protects the salient channels of each linear layer. "
+    )
     return "\n\n".join(f"Document {i}. " + base * 3 for i in range(200))
 
 
@@ -171,20 +193,37 @@ def _clear_redis() -> None:
         r.delete(*keys)
 
 
+@dataclass
+class TinyModels:
+    tiny: Path
+    deep: Path
+    calib: Path
+
+
 @pytest.fixture(scope="session")
-def service():
+def tiny_models():
+    """Two random Llama checkpoints (2 and 24 blocks) and a calibration text, made once per run."""
+    calib = HOME / "calib.txt"
+    calib.write_text(_calibration_text())
+    yield TinyModels(
+        tiny=build_tiny_checkpoint(HOME / "models" / "tiny-llama", calib),
+        deep=build_tiny_checkpoint(HOME / "models" / "deep-llama", calib, num_hidden_layers=24),
+        calib=calib,
+    )
+    shutil.rmtree(HOME, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def service(tiny_models):
     if not services_available():
         pytest.skip("Postgres and Redis are needed (AWQFORGE_TEST_PG / AWQFORGE_TEST_REDIS)")
     _create_database()
     worker = server = None
     try:
-        from app.core.db import get_engine, run_migrations
+        from app.core.db import run_migrations
 
         run_migrations()
-        calib = HOME / "calib.txt"
-        calib.write_text(_calibration_text())
-        model_dir = build_tiny_checkpoint(HOME / "models" / "tiny-llama", calib)
-        deep_dir = build_tiny_checkpoint(HOME / "models" / "deep-llama", calib, num_hidden_layers=24)
+        calib, model_dir, deep_dir = tiny_models.calib, tiny_models.tiny, tiny_models.deep
 
         from app.embedded import ServerThread, start_worker_process, stop_process
         from app.main import create_app
@@ -195,10 +234,18 @@ def service():
         deadline = time.monotonic() + 60
         while b"ready." not in (worker_log.read_bytes() if worker_log.exists() else b""):
             if worker.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("celery worker did not start:\n" + worker_log.read_text(errors="replace")[-3000:])
+                raise RuntimeError(
+                    "celery worker did not start:\n" + worker_log.read_text(errors="replace")[-3000:]
+                )
             time.sleep(0.2)
-        yield Service(url=server.url, home=HOME, model_dir=model_dir, deep_model_dir=deep_dir, calib_file=calib,
-                      worker_log=worker_log)
+        yield Service(
+            url=server.url,
+            home=HOME,
+            model_dir=model_dir,
+            deep_model_dir=deep_dir,
+            calib_file=calib,
+            worker_log=worker_log,
+        )
     finally:
         if server is not None:
             server.stop()
@@ -212,7 +259,6 @@ def service():
             pass
         _drop_database()
         _clear_redis()
-        shutil.rmtree(HOME, ignore_errors=True)
 
 
 @pytest.fixture
@@ -223,7 +269,9 @@ def make_key(service):
 
     def make(tenant: str | None = None, max_queued: int | None = None) -> str:
         with session_scope() as s:
-            return create_api_key(s, tenant_name=tenant or f"tenant-{uuid.uuid4().hex[:8]}", max_queued=max_queued).secret
+            return create_api_key(
+                s, tenant_name=tenant or f"tenant-{uuid.uuid4().hex[:8]}", max_queued=max_queued
+            ).secret
 
     return make
 

@@ -21,7 +21,9 @@ def test_health_and_ready(service):
         spec = c.get("/v1/openapi.json").json()
         body = spec["paths"]["/v1/jobs"]["post"]["requestBody"]["content"]["application/json"]
         assert body["examples"], "POST /v1/jobs has examples"
-        upload = spec["paths"]["/v1/calibration-sets"]["post"]["requestBody"]["content"]["multipart/form-data"]
+        upload = spec["paths"]["/v1/calibration-sets"]["post"]["requestBody"]["content"][
+            "multipart/form-data"
+        ]
         assert upload["examples"]
 
 
@@ -51,7 +53,9 @@ def test_validation_errors_name_field_and_reason(service, make_key):
         assert "local paths are not allowed" in f["model"]
         f = _fields(c.post("/v1/jobs", json=service.job_body(calibration={"source": "file:/etc/passwd"})))
         assert "local paths are not allowed" in f["calibration.source"]
-        f = _fields(c.post("/v1/jobs", json=service.job_body(calibration={"source": "nonsense", "n_samples": 0})))
+        f = _fields(
+            c.post("/v1/jobs", json=service.job_body(calibration={"source": "nonsense", "n_samples": 0}))
+        )
         assert "not understood" in f["calibration.source"] and "calibration.n_samples" in f
         f = _fields(c.post("/v1/jobs", json=service.job_body(calibration={"upload_id": "cal_missing"})))
         assert "not found" in f["calibration.upload_id"]
@@ -69,13 +73,21 @@ def test_tenant_isolation(service, make_key, db_session):
         up = ca.post("/v1/calibration-sets", files={"file": ("c.txt", b"some text\n\nmore text\n")})
         assert up.status_code == 201, up.text
         # Cancel at once so the worker has nothing to run; the row is what matters here.
-        job = ca.post("/v1/jobs", json=service.job_body(model="someorg/somemodel", calibration={"upload_id": up.json()["id"]}))
+        job = ca.post(
+            "/v1/jobs",
+            json=service.job_body(model="someorg/somemodel", calibration={"upload_id": up.json()["id"]}),
+        )
         assert job.status_code == 202, job.text
         job_id = job.json()["id"]
         ca.post(f"/v1/jobs/{job_id}/cancel")
-        for path in (f"/v1/jobs/{job_id}", f"/v1/jobs/{job_id}/logs", f"/v1/jobs/{job_id}/artifacts",
-                     f"/v1/jobs/{job_id}/events", f"/v1/jobs/{job_id}/layers",
-                     f"/v1/jobs/{job_id}/artifacts/art_x/files/config.json"):
+        for path in (
+            f"/v1/jobs/{job_id}",
+            f"/v1/jobs/{job_id}/logs",
+            f"/v1/jobs/{job_id}/artifacts",
+            f"/v1/jobs/{job_id}/events",
+            f"/v1/jobs/{job_id}/layers",
+            f"/v1/jobs/{job_id}/artifacts/art_x/files/config.json",
+        ):
             assert cb.get(path).status_code == 404, path
         assert cb.post(f"/v1/jobs/{job_id}/cancel").status_code == 404
         assert cb.post(f"/v1/jobs/{job_id}/retry").status_code == 404
@@ -97,8 +109,13 @@ def test_idempotency_key(service, make_key, db_session):
         assert r1.status_code == r2.status_code == 202
         assert r1.json()["id"] == r2.json()["id"] and r2.headers["Idempotent-Replayed"] == "true"
         assert r1.headers["Location"] == f"/v1/jobs/{r1.json()['id']}"
-        f = _fields(c.post("/v1/jobs", json={**body, "bits": 8, "formats": ["compressed-tensors"]},
-                           headers={"Idempotency-Key": "abc-1"}))
+        f = _fields(
+            c.post(
+                "/v1/jobs",
+                json={**body, "bits": 8, "formats": ["compressed-tensors"]},
+                headers={"Idempotency-Key": "abc-1"},
+            )
+        )
         assert "different request body" in f["Idempotency-Key"]
         r3 = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-2"})
         assert r3.json()["id"] != r1.json()["id"]
@@ -116,8 +133,21 @@ def test_per_tenant_queue_limit(service, make_key, db_session):
     tenant_id = db_session.get(ApiKey, key.split("_")[1]).tenant_id
     with session_scope() as s:  # two unfinished jobs that no worker will see
         for _ in range(2):
-            s.add(Job(tenant_id=tenant_id, model="x/y", method="awq", bits=4, group_size=128, spec={}, queue="cpu",
-                      status="queued", progress=0.0, attempts=0, cancel_requested=False))
+            s.add(
+                Job(
+                    tenant_id=tenant_id,
+                    model="x/y",
+                    method="awq",
+                    bits=4,
+                    group_size=128,
+                    spec={},
+                    queue="cpu",
+                    status="queued",
+                    progress=0.0,
+                    attempts=0,
+                    cancel_requested=False,
+                )
+            )
     with service.client(key) as c:
         r = c.post("/v1/jobs", json=service.job_body())
         assert r.status_code == 429, r.text
@@ -154,7 +184,9 @@ def test_calibration_upload_validation(service, make_key):
     import pyarrow.parquet as pq
 
     with service.client(make_key()) as c:
-        ok = c.post("/v1/calibration-sets", files={"file": ("a.jsonl", b'{"text": "one"}\n{"text": "two"}\n')})
+        ok = c.post(
+            "/v1/calibration-sets", files={"file": ("a.jsonl", b'{"text": "one"}\n{"text": "two"}\n')}
+        )
         assert ok.status_code == 201 and ok.json()["n_records"] == 2
         buf = io.BytesIO()
         pq.write_table(pa.table({"text": ["a", "b", "c"]}), buf)
@@ -166,7 +198,10 @@ def test_calibration_upload_validation(service, make_key):
         assert c.post("/v1/calibration-sets", files={"file": ("a.txt", b"\xff\xfe\x00")}).status_code == 422
         big = c.post("/v1/calibration-sets", files={"file": ("big.txt", b"x" * (300 * 1024))})
         assert big.status_code == 413
-        assert c.post("/v1/calibration-sets", files={"file": ("../../evil.txt", b"hi")}).json()["filename"] == "evil.txt"
+        assert (
+            c.post("/v1/calibration-sets", files={"file": ("../../evil.txt", b"hi")}).json()["filename"]
+            == "evil.txt"
+        )
 
 
 def test_dashboard(service, make_key):

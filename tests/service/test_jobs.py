@@ -38,8 +38,10 @@ def test_job_end_to_end(service, make_key, db_session):
     from app.models import Artifact, JobMetrics, LayerMetric
 
     key, other = make_key(), make_key()
-    body = service.job_body(formats=["awq", "compressed-tensors"],
-                            publish={"repo_id": "acme/tiny-llama-awq", "private": True, "token": "hf_SECRET_never_shown"})
+    body = service.job_body(
+        formats=["awq", "compressed-tensors"],
+        publish={"repo_id": "acme/tiny-llama-awq", "private": True, "token": "hf_SECRET_never_shown"},
+    )
     with service.client(key) as c:
         r = c.post("/v1/jobs", json=body)
         assert r.status_code == 202, r.text
@@ -62,17 +64,26 @@ def test_job_end_to_end(service, make_key, db_session):
         job = c.get(f"/v1/jobs/{job_id}").json()
         assert job["status"] == "succeeded" and job["progress"] == 1.0 and job["error"] is None
         m = job["metrics"]
-        assert m["fp_perplexity"] > 0 and m["quant_perplexity"] > 0 and m["size_after_bytes"] < m["size_before_bytes"]
+        assert (
+            m["fp_perplexity"] > 0
+            and m["quant_perplexity"] > 0
+            and m["size_after_bytes"] < m["size_before_bytes"]
+        )
         assert {a["format"] for a in job["artifacts"]} >= {"awq", "compressed-tensors"}
         assert "hf_SECRET" not in json.dumps(job) and job["spec"]["publish"]["token"] is None
 
         # Rows in Postgres, queryable with SQL.
         db_session.expire_all()
         assert db_session.get(JobMetrics, job_id).quant_perplexity == pytest.approx(m["quant_perplexity"])
-        n_layers = db_session.scalar(select(func.count()).select_from(LayerMetric).where(LayerMetric.job_id == job_id))
+        n_layers = db_session.scalar(
+            select(func.count()).select_from(LayerMetric).where(LayerMetric.job_id == job_id)
+        )
         assert n_layers > 0
         assert c.get(f"/v1/jobs/{job_id}/layers").json()["count"] == n_layers
-        assert db_session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id)) >= 2
+        assert (
+            db_session.scalar(select(func.count()).select_from(Artifact).where(Artifact.job_id == job_id))
+            >= 2
+        )
 
         # Download through the API, byte for byte.
         arts = c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
@@ -115,7 +126,9 @@ def test_failure_is_readable_and_retry_works(service, make_key):
         assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 409
         shutil.copytree(service.model_dir, missing)
         r = c.post(f"/v1/jobs/{job_id}/retry")
-        assert r.status_code == 202 and r.json()["status"] in ("queued", "running") and r.json()["error"] is None
+        assert (
+            r.status_code == 202 and r.json()["status"] in ("queued", "running") and r.json()["error"] is None
+        )
         job = wait_for_status(c, job_id, TERMINAL)
         assert job["status"] == "succeeded", job
         assert c.post(f"/v1/jobs/{job_id}/retry").status_code == 409
@@ -125,9 +138,13 @@ def test_cancel_running_and_queued(service, make_key, db_session):
     from app.models import Job
 
     with service.client(make_key()) as c:
-        slow = c.post("/v1/jobs", json=service.job_body(model=str(service.deep_model_dir),
-                                                       calibration={"source": f"file:{service.calib_file}",
-                                                                    "n_samples": 8, "seq_len": 64})).json()["id"]
+        slow = c.post(
+            "/v1/jobs",
+            json=service.job_body(
+                model=str(service.deep_model_dir),
+                calibration={"source": f"file:{service.calib_file}", "n_samples": 8, "seq_len": 64},
+            ),
+        ).json()["id"]
         deadline = time.monotonic() + 90
         while True:  # wait until it is inside the block loop
             j = c.get(f"/v1/jobs/{slow}").json()
@@ -168,7 +185,7 @@ def test_stale_heartbeat_requeues_or_fails(service, make_key):
             wait_for_status(c, job_id, TERMINAL)
         # Pretend both died mid-run: one with attempts left, one out of attempts.
         with session_scope() as s:
-            for job_id, attempts in zip(ids, (1, 3)):
+            for job_id, attempts in zip(ids, (1, 3), strict=True):
                 job = s.get(Job, job_id)
                 job.status, job.attempts, job.worker = "running", attempts, "dead-worker@host"
                 job.heartbeat_at = utcnow() - timedelta(minutes=10)

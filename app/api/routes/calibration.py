@@ -21,14 +21,17 @@ router = APIRouter(prefix="/calibration-sets", tags=["calibration"])
     status_code=201,
     response_model=CalibrationSetPublic,
     responses={401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
-    summary="Upload calibration text (.txt lines, .jsonl with a \"text\" field, or .parquet with a \"text\" column)",
+    summary='Upload calibration text (.txt lines, .jsonl with a "text" field, or .parquet with a "text" column)',
     openapi_extra={
         "requestBody": {
             "content": {
                 "multipart/form-data": {
                     "examples": {
                         "jsonl": {"summary": "curl -F file=@calib.jsonl", "value": {"file": "calib.jsonl"}},
-                        "txt": {"summary": "curl -F file=@calib.txt (one sample per line)", "value": {"file": "calib.txt"}},
+                        "txt": {
+                            "summary": "curl -F file=@calib.txt (one sample per line)",
+                            "value": {"file": "calib.txt"},
+                        },
                     }
                 }
             }

@@ -44,7 +44,11 @@ def dashboard(session: SessionDep, tenant: DashboardTenant, refresh: int = 5) ->
             "<label>API key <input type='password' name='key' size='60' autocomplete='off'></label> "
             "<button>Open dashboard</button></form>",
         )
-    jobs = list(session.scalars(select(Job).where(Job.tenant_id == tenant.id).order_by(Job.created_at.desc()).limit(200)))
+    jobs = list(
+        session.scalars(
+            select(Job).where(Job.tenant_id == tenant.id).order_by(Job.created_at.desc()).limit(200)
+        )
+    )
     rows = []
     for j in jobs:
         m = j.metrics
@@ -59,10 +63,16 @@ def dashboard(session: SessionDep, tenant: DashboardTenant, refresh: int = 5) ->
             f"<td>{_fmt(m.total_s if m else None, '.1f')}</td><td>{_mib(m.peak_rss_bytes if m else None)}</td>"
             f"<td>{escape((j.error or '')[:160])}</td></tr>"
         )
-    head = ("<tr><th>job</th><th>model</th><th>quant</th><th>status</th><th>stage</th><th>progress</th>"
-            "<th>FP ppl</th><th>quant ppl</th><th>size before MiB</th><th>size after MiB</th><th>total s</th>"
-            "<th>peak RSS MiB</th><th>error</th></tr>")
-    meta = f"<meta http-equiv='refresh' content='{max(refresh, 2)}'>" if any(j.status in ("queued", "running") for j in jobs) else ""
+    head = (
+        "<tr><th>job</th><th>model</th><th>quant</th><th>status</th><th>stage</th><th>progress</th>"
+        "<th>FP ppl</th><th>quant ppl</th><th>size before MiB</th><th>size after MiB</th><th>total s</th>"
+        "<th>peak RSS MiB</th><th>error</th></tr>"
+    )
+    meta = (
+        f"<meta http-equiv='refresh' content='{max(refresh, 2)}'>"
+        if any(j.status in ("queued", "running") for j in jobs)
+        else ""
+    )
     return _page(
         "AWQForge jobs",
         f"{meta}<h1>AWQForge jobs: {escape(tenant.name)}</h1><table>{head}{''.join(rows)}</table>"

@@ -39,4 +39,7 @@ def readyz() -> JSONResponse:
         except Exception as exc:
             checks[name] = f"unreachable: {type(exc).__name__}"
     ok = all(v == "ok" for v in checks.values())
-    return JSONResponse(Health(status="ok" if ok else "unavailable", checks=checks).model_dump(), status_code=200 if ok else 503)
+    return JSONResponse(
+        Health(status="ok" if ok else "unavailable", checks=checks).model_dump(),
+        status_code=200 if ok else 503,
+    )

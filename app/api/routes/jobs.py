@@ -75,7 +75,12 @@ def _get(session, job_id: str, tenant) -> Job:
     "",
     status_code=202,
     response_model=JobPublic,
-    responses={**_ERRORS, 422: {"model": ErrorResponse}, 429: {"model": ErrorResponse}, 503: {"model": ErrorResponse}},
+    responses={
+        **_ERRORS,
+        422: {"model": ErrorResponse},
+        429: {"model": ErrorResponse},
+        503: {"model": ErrorResponse},
+    },
     summary="Submit a quantization job",
 )
 def create_job(
@@ -83,7 +88,9 @@ def create_job(
     tenant: CurrentTenant,
     response: Response,
     body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
-    idempotency_key: Annotated[str | None, Header(alias="Idempotency-Key", description="same key + same body = same job (24 h)")] = None,
+    idempotency_key: Annotated[
+        str | None, Header(alias="Idempotency-Key", description="same key + same body = same job (24 h)")
+    ] = None,
 ) -> JobPublic:
     created = job_service.create_job(session, body=body, tenant=tenant, idempotency_key=idempotency_key)
     response.headers["Location"] = f"/v1/jobs/{created.job.id}"
@@ -104,38 +111,68 @@ def list_jobs(
     rows, next_cursor = job_service.list_jobs(
         session, tenant_id=tenant.id, status=status, model=model, cursor=cursor, limit=limit
     )
-    return JobsPublic(data=[job_service.job_public(j, with_files=False) for j in rows], count=len(rows), next_cursor=next_cursor)
+    return JobsPublic(
+        data=[job_service.job_public(j, with_files=False) for j in rows],
+        count=len(rows),
+        next_cursor=next_cursor,
+    )
 
 
-@router.get("/{job_id}", response_model=JobPublic, responses=_ERRORS, summary="Status, progress, metrics and artifacts")
+@router.get(
+    "/{job_id}",
+    response_model=JobPublic,
+    responses=_ERRORS,
+    summary="Status, progress, metrics and artifacts",
+)
 def read_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
     return job_service.job_public(_get(session, job_id, tenant))
 
 
-@router.post("/{job_id}/cancel", status_code=202, response_model=JobPublic, responses={**_ERRORS, 409: {"model": ErrorResponse}},
-             summary="Cancel: a queued job never starts; a running one stops at the next block")
+@router.post(
+    "/{job_id}/cancel",
+    status_code=202,
+    response_model=JobPublic,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}},
+    summary="Cancel: a queued job never starts; a running one stops at the next block",
+)
 def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
     return job_service.job_public(job_service.cancel_job(session, job=_get(session, job_id, tenant)))
 
 
-@router.post("/{job_id}/retry", status_code=202, response_model=JobPublic,
-             responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
-             summary="Queue a failed or cancelled job again")
+@router.post(
+    "/{job_id}/retry",
+    status_code=202,
+    response_model=JobPublic,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+    summary="Queue a failed or cancelled job again",
+)
 def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: str, response: Response) -> JobPublic:
     job = job_service.retry_job(session, job=_get(session, job_id, tenant), tenant=tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_service.job_public(job)
 
 
-@router.get("/{job_id}/layers", response_model=JobLayersPublic, responses=_ERRORS, summary="Per-layer quantization metrics")
+@router.get(
+    "/{job_id}/layers",
+    response_model=JobLayersPublic,
+    responses=_ERRORS,
+    summary="Per-layer quantization metrics",
+)
 def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobLayersPublic:
     job = _get(session, job_id, tenant)
-    rows = session.scalars(select(LayerMetric).where(LayerMetric.job_id == job.id).order_by(LayerMetric.block, LayerMetric.name))
+    rows = session.scalars(
+        select(LayerMetric).where(LayerMetric.job_id == job.id).order_by(LayerMetric.block, LayerMetric.name)
+    )
     data = [LayerMetricPublic.model_validate(r) for r in rows]
     return JobLayersPublic(data=data, count=len(data))
 
 
-@router.get("/{job_id}/logs", response_class=PlainTextResponse, responses=_ERRORS, summary="The job's log lines as text")
+@router.get(
+    "/{job_id}/logs",
+    response_class=PlainTextResponse,
+    responses=_ERRORS,
+    summary="The job's log lines as text",
+)
 def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: str) -> str:
     job = _get(session, job_id, tenant)
     rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
@@ -148,14 +185,26 @@ def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: str) -> str:
 
 
 def _event_payload(e: JobEvent) -> str:
-    data = {"kind": e.kind, "stage": e.stage, "progress": e.progress, "message": e.message,
-            "created_at": e.created_at.isoformat()}
+    data = {
+        "kind": e.kind,
+        "stage": e.stage,
+        "progress": e.progress,
+        "message": e.message,
+        "created_at": e.created_at.isoformat(),
+    }
     return f"id: {e.id}\nevent: {e.kind}\ndata: {json.dumps(data)}\n\n"
 
 
 def _poll(job_id: str, after: int) -> tuple[list[str], str, str]:
     with session_scope() as s:
-        rows = list(s.scalars(select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.id > after).order_by(JobEvent.id).limit(500)))
+        rows = list(
+            s.scalars(
+                select(JobEvent)
+                .where(JobEvent.job_id == job_id, JobEvent.id > after)
+                .order_by(JobEvent.id)
+                .limit(500)
+            )
+        )
         status = s.scalar(select(Job.status).where(Job.id == job_id)) or "cancelled"
         return [_event_payload(e) for e in rows], (f"{rows[-1].id}" if rows else str(after)), status
 
@@ -200,20 +249,34 @@ def follow_events(
             if not chunks:
                 await asyncio.sleep(0.5)
 
-    return StreamingResponse(stream(), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    return StreamingResponse(
+        stream(),
+        media_type="text/event-stream",
+        headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+    )
 
 
-@router.get("/{job_id}/artifacts", response_model=ArtifactsPublic, responses=_ERRORS, summary="Artifacts and their files")
+@router.get(
+    "/{job_id}/artifacts",
+    response_model=ArtifactsPublic,
+    responses=_ERRORS,
+    summary="Artifacts and their files",
+)
 def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: str) -> ArtifactsPublic:
     job = _get(session, job_id, tenant)
     data = [job_service.artifact_public(job, a, with_files=True) for a in job.artifacts]
     return ArtifactsPublic(data=data, count=len(data))
 
 
-@router.get("/{job_id}/artifacts/{artifact_id}/files/{file_path:path}", response_class=FileResponse, responses=_ERRORS,
-            summary="Download one artifact file")
-def download_artifact_file(session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str, file_path: str) -> FileResponse:
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
+    response_class=FileResponse,
+    responses=_ERRORS,
+    summary="Download one artifact file",
+)
+def download_artifact_file(
+    session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str, file_path: str
+) -> FileResponse:
     job = _get(session, job_id, tenant)
     artifact = session.get(Artifact, artifact_id)
     if artifact is None or artifact.job_id != job.id:

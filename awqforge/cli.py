@@ -1,0 +1,205 @@
+"""The `awqforge` command line: quantize, eval, smollm; other subcommands (serve, keys, worker) are plugins.
+
+Plugins are entry points in the group "awqforge.commands", each `fn(argv: list[str]) -> int`; the engine
+finds them through importlib.metadata and never imports the service packages itself.
+Exit codes: 0 ok, 1 the job failed (message on stderr), 2 bad arguments, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+PLUGIN_GROUP = "awqforge.commands"
+BUILTIN = ("quantize", "eval", "smollm")
+
+
+class _UsageError(Exception):
+    pass
+
+
+def _plugins() -> dict:
+    return {ep.name: ep for ep in entry_points(group=PLUGIN_GROUP) if ep.name not in BUILTIN}
+
+
+def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
+    plugins = _plugins() if plugins is None else plugins
+    extra = f" Service commands: {', '.join(sorted(plugins))} (see `awqforge NAME --help`)." if plugins else ""
+    parser = argparse.ArgumentParser(
+        prog="awqforge", description="AWQ weight quantization of Hugging Face causal LMs." + extra
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    q = sub.add_parser("quantize", help="quantize a model into one or more artifact formats")
+    q.add_argument("model", help="local checkpoint folder or Hugging Face model id")
+    q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
+    q.add_argument("--revision", help="hub revision (branch, tag or commit)")
+    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per output channel)")
+    q.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
+    q.add_argument("--method", choices=["awq", "rtn"], default="awq")
+    q.add_argument("--calib", default="pileval", metavar="SOURCE",
+                   help="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path>")
+    q.add_argument("--n-samples", type=int, default=128)
+    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--format", dest="formats", action="append", choices=["awq", "compressed-tensors"],
+                   help="artifact format (repeatable; default awq)")
+    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    q.add_argument("--modules-to-not-convert", action="append", default=[], metavar="PATTERN",
+                   help="leave matching modules in full precision (repeatable)")
+    q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
+    q.add_argument("--n-grid", type=int, default=20)
+    q.add_argument("--no-clip-search", action="store_true")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
+    q.add_argument("--eval-text", help="evaluation text: a file, file:<path> or hf:<dataset>[:<split>[:<column>]] "
+                   "(default: the bundled English text)")
+    q.add_argument("--eval-seq-len", type=int, default=2048)
+    q.add_argument("--eval-max-seqs", type=int)
+    q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
+    q.add_argument("--shard-size", default="2GB", help="max safetensors shard size, e.g. 500MB, 5GB")
+
+    e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
+    e.add_argument("model", help="artifact folder, checkpoint folder or hub id")
+    e.add_argument("--text", help="text file (default: the bundled English text)")
+    e.add_argument("--seq-len", type=int, default=2048)
+    e.add_argument("--max-seqs", type=int)
+    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    e.add_argument("--revision")
+
+    s = sub.add_parser("smollm", help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder")
+    s.add_argument("--cache-dir", type=Path)
+
+    for name in sorted(plugins):
+        sub.add_parser(name, help=f"service command ({plugins[name].value})", add_help=False)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    plugins = _plugins()
+    if argv and argv[0] in plugins:
+        return int(plugins[argv[0]].load()(argv[1:]) or 0)
+    parser = build_parser(plugins)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    from awqforge.errors import engine_errors
+
+    try:
+        if args.command == "quantize":
+            return _quantize(args)
+        if args.command == "eval":
+            return _eval(args)
+        if args.command == "smollm":
+            from awqforge.smollm import ensure_smollm2_checkpoint
+
+            print(ensure_smollm2_checkpoint(args.cache_dir))
+            return 0
+    except _UsageError as exc:
+        parser.exit(2, f"awqforge {args.command}: error: {exc}\n")
+    except KeyboardInterrupt:
+        print("interrupted; partial output removed", file=sys.stderr)
+        return 130
+    except engine_errors() as exc:
+        print(f"awqforge {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    return 2
+
+
+def _model_ref(model: str) -> str:
+    """Existing folders become absolute paths (the spec tells paths from hub ids by their form)."""
+    p = Path(model).expanduser()
+    return str(p.absolute()) if p.exists() else model
+
+
+def _spec_from_args(args):
+    from pydantic import ValidationError
+
+    from awqforge.spec import JobSpec
+
+    eval_text = args.eval_text
+    if eval_text and not eval_text.startswith(("file:", "hf:")):
+        eval_text = f"file:{Path(eval_text).expanduser().absolute()}"
+    try:
+        return JobSpec(
+            model=_model_ref(args.model),
+            revision=args.revision,
+            method=args.method,
+            quant={"bits": args.bits, "group_size": args.group_size, "zero_point": not args.symmetric,
+                   "modules_to_not_convert": args.modules_to_not_convert},
+            calibration={"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len},
+            formats=args.formats or ["awq"],
+            eval={"enabled": not args.no_eval, "text": eval_text, "seq_len": args.eval_seq_len,
+                  "max_seqs": args.eval_max_seqs},
+            device=args.device,
+            scale_search=args.scale_search,
+            n_grid=args.n_grid,
+            clip_search=not args.no_clip_search,
+            seed=args.seed,
+        )
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
+        raise _UsageError(problems) from None
+
+
+class _ProgressPrinter:
+    """Stage messages on stderr, and a tqdm bar with ETA over the blocks."""
+
+    def __init__(self) -> None:
+        self.bar = None
+
+    def __call__(self, event) -> None:
+        from tqdm import tqdm
+
+        if event.stage == "quantize" and event.n_blocks:
+            if self.bar is None:
+                self.bar = tqdm(total=event.n_blocks, desc="quantize", unit="block", file=sys.stderr)
+            self.bar.update(event.block - self.bar.n)
+        elif self.bar is not None and event.stage != "quantize":
+            self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _quantize(args) -> int:
+    from awqforge.pipeline import run_quantization
+    from awqforge.report import summary_lines
+
+    spec = _spec_from_args(args)
+    printer = _ProgressPrinter()
+    try:
+        result = run_quantization(
+            spec, args.out, progress=printer, log=lambda msg: print(msg, file=sys.stderr),
+            overwrite=args.overwrite, shard_size=args.shard_size,
+        )
+    finally:
+        printer.close()
+    for fmt, path in result.artifacts.items():
+        print(f"artifact ({fmt}): {path}")
+    print(f"report: {result.report_path}")
+    for line in summary_lines(result.metrics, result.layers):
+        print(f"  {line}")
+    return 0
+
+
+def _eval(args) -> int:
+    from awqforge.calibration import read_text
+    from awqforge.evaluate import evaluate_path
+
+    text = read_text(args.text)
+    result = evaluate_path(_model_ref(args.model), text, seq_len=args.seq_len, max_seqs=args.max_seqs,
+                           device=args.device, revision=args.revision)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,196 @@
+"""QuantLinear: a linear layer holding packed integer weights, run by our kernels.
+
+Buffers (what state_dict holds):
+- 4-bit with out_features % 8 == 0: the AWQ "gemm" tensors, exactly as an AutoAWQ/vLLM checkpoint
+  names and lays them out: qweight int32 [in, out/8], qzeros int32 [in/g, out/8], scales [in/g, out]
+  (in the layer's dtype; fp16 in AWQ checkpoints) (+ bias).
+- any other case ("dense"): qweight int32 [out, ceil(in*bits/32)] (compressed-tensors' bit order,
+  unsigned codes), qzeros uint8 [out, in/g], scales [out, in/g] (+ bias).
+
+forward(x) dispatches on x's device:
+- CPU, 4-bit: the C++ kernel (awqforge.kernels.cpu) on a kernel layout derived from the buffers on
+  first use and cached (rebuilt if the buffers change); fp32/bf16/fp16 x, computed in fp32.
+- CUDA, 4-bit AWQ layout, fp16/bf16 x, group size divisible by 16: the Triton W4A16 kernel.
+- everything else (2/3/8 bits, fp32 on CUDA, a CPU kernel that failed to build, AWQFORGE_KERNELS=0):
+  `reference_forward`, a pure-torch dequantize + matmul.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn as nn
+
+from awqforge import packing
+from awqforge.quant import QuantizedTensor, effective_group_size, quantize_tensor
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def kernels_enabled() -> bool:
+    return os.environ.get("AWQFORGE_KERNELS", "1") != "0"
+
+
+class QuantLinear(nn.Module):
+    """y = x . W^T + b with W stored as group-quantized integer codes (see module docstring)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int = 4,
+        group_size: int = 128,
+        bias: bool = False,
+        dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        if not 2 <= bits <= 8:
+            raise ValueError(f"bits must be in [2, 8], got {bits}")
+        g = effective_group_size(in_features, group_size)
+        if in_features % g:
+            raise ValueError(f"group size {g} does not divide in_features {in_features}")
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.dtype = bits, group_size, dtype
+        self.use_kernel = True  # False: always reference_forward
+        n_groups = in_features // g
+        self.layout = "awq_gemm" if bits == 4 and out_features % 8 == 0 else "dense"
+        if self.layout == "awq_gemm":
+            shapes = {"qweight": (in_features, out_features // 8), "qzeros": (n_groups, out_features // 8)}
+            zdtype, sshape = torch.int32, (n_groups, out_features)
+        else:
+            shapes = {
+                "qweight": (out_features, math.ceil(in_features * bits / 32)),
+                "qzeros": (out_features, n_groups),
+            }
+            zdtype, sshape = torch.uint8, (out_features, n_groups)
+        self.register_buffer("qweight", torch.zeros(shapes["qweight"], dtype=torch.int32, device=device))
+        self.register_buffer("qzeros", torch.zeros(shapes["qzeros"], dtype=zdtype, device=device))
+        self.register_buffer("scales", torch.zeros(sshape, dtype=dtype, device=device))
+        if bias:
+            self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
+        else:
+            self.bias = None
+        self._cpu_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_quantized(
+        cls, qt: QuantizedTensor, bias: torch.Tensor | None = None, dtype: torch.dtype = torch.float16
+    ) -> QuantLinear:
+        """Wrap a QuantizedTensor (on its device); scales and bias are stored in `dtype`."""
+        out_f, in_f = qt.shape
+        layer = cls(in_f, out_f, qt.bits, qt.group_size, bias is not None, dtype, qt.qweight.device)
+        layer.load_quantized(qt)
+        if bias is not None:
+            layer.bias.copy_(bias.detach().to(dtype))
+        return layer
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, bits: int = 4, group_size: int = 128, zero_point: bool = True
+    ) -> QuantLinear:
+        """Round-to-nearest quantization of an nn.Linear (tests, benchmarks); keeps its dtype/device."""
+        w = linear.weight.detach()
+        qt = quantize_tensor(w.float(), bits, group_size, zero_point)
+        return cls.from_quantized(qt, linear.bias, dtype=w.dtype)
+
+    @torch.no_grad()
+    def load_quantized(self, qt: QuantizedTensor) -> None:
+        """Pack `qt` into this layer's buffers."""
+        if qt.shape != (self.out_features, self.in_features) or (qt.bits, qt.group_size) != (
+            self.bits,
+            self.group_size,
+        ):
+            raise ValueError(
+                f"QuantizedTensor {qt.shape} bits={qt.bits} group={qt.group_size} does not fit "
+                f"QuantLinear({self.in_features}, {self.out_features}, bits={self.bits}, group={self.group_size})"
+            )
+        dev = self.qweight.device
+        if self.layout == "awq_gemm":
+            t = packing.pack_awq_gemm(qt)
+            self.qweight.copy_(t["qweight"].to(dev))
+            self.qzeros.copy_(t["qzeros"].to(dev))
+            self.scales.copy_(qt.scales.t().to(device=dev, dtype=self.dtype))  # not via fp16
+        else:
+            self.qweight.copy_(packing.pack_dense(qt.qweight, self.bits).to(dev))
+            self.qzeros.copy_(qt.zeros.to(device=dev, dtype=torch.uint8))
+            self.scales.copy_(qt.scales.to(device=dev, dtype=self.dtype))
+        self._cpu_cache = None
+
+    def quantized_tensor(self) -> QuantizedTensor:
+        """The codes, scales (in the layer dtype) and zeros this layer holds."""
+        if self.layout == "awq_gemm":
+            return packing.unpack_awq_gemm(self.qweight, self.qzeros, self.scales, self.group_size)
+        q = packing.unpack_dense(self.qweight, self.bits, self.in_features)
+        return QuantizedTensor(q, self.scales, self.qzeros, self.bits, self.group_size)
+
+    # ------------------------------------------------------------------ forward
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Pure torch: dequantize the whole weight, fp32 matmul, result in x.dtype."""
+        from awqforge.kernels.reference import reference_linear
+
+        return reference_linear(x, self.quantized_tensor(), self.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_kernel and kernels_enabled() and self.bits == 4:
+            if x.device.type == "cpu":
+                y = self._forward_cpu(x)
+                if y is not None:
+                    return y
+            elif x.is_cuda:
+                y = self._forward_cuda(x)
+                if y is not None:
+                    return y
+        return self.reference_forward(x)
+
+    def _forward_cpu(self, x: torch.Tensor) -> torch.Tensor | None:
+        g = effective_group_size(self.in_features, self.group_size)
+        if g % 2 or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            return None
+        from awqforge.kernels import cpu
+
+        try:
+            cpu.load_extension()
+        except cpu.KernelBuildError as exc:
+            _warn_once("cpu-build", f"{exc}; QuantLinear uses the (slow) pure-torch reference on CPU")
+            return None
+        layout = self._cpu_layout()
+        return cpu.w4_linear_cpu(x, layout["qdata"], layout["params"], self.out_features, g, self.bias)
+
+    def _cpu_layout(self) -> dict[str, torch.Tensor]:
+        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.qzeros, self.scales))
+        if self._cpu_cache is None or self._cpu_cache[0] != key:
+            self._cpu_cache = (key, packing.pack_cpu_w4(self.quantized_tensor()))
+        return self._cpu_cache[1]
+
+    def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor | None:
+        g = effective_group_size(self.in_features, self.group_size)
+        if self.layout != "awq_gemm" or g % 16 or x.dtype not in (torch.float16, torch.bfloat16):
+            return None
+        from awqforge.kernels.triton_w4a16 import w4a16_linear
+
+        return w4a16_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
+
+    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the CPU layout cache belongs to the old tensors
+        self._cpu_cache = None
+        out = super()._apply(fn, recurse)
+        self.dtype = self.scales.dtype  # .half()/.to(dtype) converted the float buffers
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group_size={self.group_size}, bias={self.bias is not None}, layout={self.layout}, dtype={self.dtype}"
+        )

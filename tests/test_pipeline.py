@@ -1,0 +1,214 @@
+"""run_quantization end to end on tiny checkpoints: artifacts, report, load-back, cancel, errors, memory."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
+from awqforge.errors import InputError, JobCancelled, NumericalError, UnsupportedArchitecture
+from awqforge.loading import load_quantized
+from awqforge.pipeline import ProgressEvent, run_quantization
+from awqforge.spec import JobSpec
+
+CALIB = f"file:{BUNDLED_CALIBRATION_TEXT}"
+
+
+def tiny_spec(model: Path, **overrides) -> JobSpec:
+    """Small and fast: 8 x 64 calibration tokens, a coarse grid, short evaluation windows."""
+    fields = dict(
+        model=str(model),
+        quant={"bits": 4, "group_size": 64},
+        calibration={"source": CALIB, "n_samples": 8, "seq_len": 64},
+        formats=["awq", "compressed-tensors"],
+        eval={"seq_len": 128, "max_seqs": 4},
+        device="cpu",
+        n_grid=8,
+    )
+    fields.update(overrides)
+    return JobSpec(**fields)
+
+
+def leftovers(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir()) if out.exists() else []
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "qwen2_moe"])
+def test_end_to_end_both_formats(family, tiny_checkpoint, tiny_tokenizer, tmp_path):
+    ckpt = tiny_checkpoint(family)
+    events: list[ProgressEvent] = []
+    result = run_quantization(tiny_spec(ckpt), tmp_path / "out", progress=events.append)
+
+    assert set(result.artifacts) == {"awq", "compressed-tensors"}
+    for fmt, folder in result.artifacts.items():
+        assert folder == tmp_path / "out" / fmt
+        for name in ("config.json", "model.safetensors", "manifest.json", "README.md", "quant_report.json"):
+            assert (folder / name).is_file(), (fmt, name)
+        assert json.loads((folder / "config.json").read_text())["quantization_config"]
+    assert leftovers(tmp_path / "out") == ["awq", "compressed-tensors"]  # no staging folder left
+
+    report = json.loads(result.report_path.read_text())
+    m = report["metrics"]
+    assert set(m["wall_time_s"]) == {"resolve", "calibrate", "quantize", "evaluate", "package"}
+    assert m["peak_rss_bytes"] > 0 and m["size_after_bytes"] < m["size_before_bytes"]
+    assert m["n_layers_quantized"] == len(report["layers"]) > 0
+    assert all({"mse_rtn", "mse_quant", "scale_ratio", "clip_ratio"} <= set(layer) for layer in report["layers"])
+    assert report["mappings"] and math.isfinite(m["fp_perplexity"])
+    assert "token" not in json.dumps(report["settings"].get("publish") or {})
+
+    # progress: monotonic, every block reported, ends at 1
+    assert [e.progress for e in events] == sorted(e.progress for e in events) and events[-1].progress == 1.0
+    assert max(e.block or 0 for e in events) == events[-1].n_blocks or any(e.block == e.n_blocks for e in events)
+
+    if family in ("qwen2_moe",):
+        # load_quantized does not rebuild fused experts: the per-expert quantized tensors are checked on disk
+        with safe_open(str(result.artifacts["awq"] / "model.safetensors"), "pt") as f:
+            names = set(f.keys())
+        assert "model.layers.0.mlp.experts.3.down_proj.qweight" in names
+        assert "model.layers.0.mlp.gate.weight" in names  # the router stays in full precision
+        assert report["evaluation"]["quantized_error"]
+        return
+    assert math.isfinite(m["quant_perplexity"])
+    assert m["quant_perplexity"] < 1.2 * m["fp_perplexity"]
+    for folder in result.artifacts.values():
+        model = load_quantized(folder)
+        ids = torch.randint(3, 512, (1, 16))
+        assert torch.isfinite(model(ids).logits).all()
+
+
+def test_awq_beats_rtn(tiny_checkpoint, tmp_path):
+    """Outlier channels (tiny_models) at 3 bits: AWQ's layer output error and perplexity are not worse than RTN's."""
+    ckpt = tiny_checkpoint("llama")
+    common = dict(quant={"bits": 3, "group_size": 64}, formats=["compressed-tensors"])
+    awq = run_quantization(tiny_spec(ckpt, **common), tmp_path / "awq")
+    rtn = run_quantization(tiny_spec(ckpt, method="rtn", **common), tmp_path / "rtn")
+    assert sum(m.mse_quant for m in awq.layers) < 0.9 * sum(m.mse_quant for m in rtn.layers)
+    assert awq.metrics["quant_perplexity"] <= rtn.metrics["quant_perplexity"] * 1.01
+
+
+def test_bf16_checkpoint(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("qwen3", dtype=torch.bfloat16)
+    result = run_quantization(tiny_spec(ckpt, formats=["awq"], eval={"enabled": False}), tmp_path / "out")
+    report = json.loads(result.report_path.read_text())
+    assert report["source"]["dtype"] == "bfloat16" and report["environment"]["compute_dtype"] == "float32"
+    with safe_open(str(result.artifacts["awq"] / "model.safetensors"), "pt") as f:
+        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16  # unquantized tensors keep their dtype
+
+
+def test_cancel_removes_partial_output(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("llama")
+    blocks_done = []
+    out = tmp_path / "out"
+
+    def on_progress(event: ProgressEvent) -> None:
+        if event.block:
+            blocks_done.append(event.block)
+
+    with pytest.raises(JobCancelled):
+        run_quantization(tiny_spec(ckpt, method="rtn"), out, progress=on_progress, cancel=lambda: bool(blocks_done))
+    assert blocks_done == [1]  # stopped between blocks
+    assert not out.exists()  # created by the job, removed with everything in it
+
+    out.mkdir()
+    (out / "mine.txt").write_text("kept")
+    with pytest.raises(JobCancelled):
+        run_quantization(tiny_spec(ckpt, method="rtn"), out, cancel=lambda: True)
+    assert leftovers(out) == ["mine.txt"]
+
+
+def test_bad_group_size_refused_up_front(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("llama", hidden_size=96, head_dim=24, intermediate_size=192)
+    with pytest.raises(InputError) as info:
+        run_quantization(tiny_spec(ckpt, quant={"group_size": 64}), tmp_path / "out")
+    msg = str(info.value)
+    assert "group size 64" in msg and "q_proj" in msg and "32" in msg
+    assert not (tmp_path / "out").exists()
+
+
+def test_unsupported_architecture_refused(tmp_path, tiny_tokenizer):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    folder = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=64, n_head=2, vocab_size=512)).save_pretrained(folder)
+    tiny_tokenizer.save_pretrained(folder)
+    with pytest.raises(UnsupportedArchitecture, match="gpt2"):
+        run_quantization(tiny_spec(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def test_pickle_only_checkpoint_refused(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("llama")
+    folder = tmp_path / "bin-only"
+    folder.mkdir()
+    (folder / "config.json").write_text((src / "config.json").read_text())
+    torch.save({"w": torch.zeros(2)}, folder / "pytorch_model.bin")
+    with pytest.raises(InputError, match="pickle"):
+        run_quantization(tiny_spec(folder), tmp_path / "out")
+
+
+def test_missing_model_path(tmp_path):
+    with pytest.raises(InputError, match="does not exist"):
+        run_quantization(tiny_spec(tmp_path / "nope"), tmp_path / "out")
+
+
+def test_nan_names_block_and_removes_output(tiny_checkpoint, tmp_path):
+    src = tiny_checkpoint("llama")
+    folder = tmp_path / "nan"
+    folder.mkdir()
+    for f in src.iterdir():
+        if f.name != "model.safetensors":
+            (folder / f.name).write_bytes(f.read_bytes())
+    with safe_open(str(src / "model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors["model.layers.1.mlp.up_proj.weight"][0, 0] = float("nan")
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(NumericalError, match="block 1"):
+        run_quantization(tiny_spec(folder), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+MEMORY_SCRIPT = textwrap.dedent(
+    """
+    import json, sys
+    sys.path.insert(0, {tests!r})
+    from conftest import train_tiny_tokenizer
+    from tiny_models import build_tiny_model
+    from awqforge.pipeline import run_quantization
+    from awqforge.spec import JobSpec
+
+    layers, folder, out = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+    build_tiny_model("llama", hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4,
+                     head_dim=64, num_hidden_layers=layers, outliers=False).save_pretrained(folder)
+    train_tiny_tokenizer().save_pretrained(folder)
+    spec = JobSpec(model=folder, method="rtn", quant={{"group_size": 128}}, device="cpu", eval={{"enabled": False}},
+                   calibration={{"source": {calib!r}, "n_samples": 4, "seq_len": 64}})
+    result = run_quantization(spec, out, shard_size="4MB")
+    print(json.dumps(result.metrics))
+    """
+)
+
+
+def test_streaming_peak_rss_is_bounded(tmp_path):
+    """Peak RSS grows far less than the checkpoint when the model gets 4x deeper (one block at a time)."""
+    script = tmp_path / "mem.py"
+    script.write_text(MEMORY_SCRIPT.format(tests=str(Path(__file__).parent), calib=CALIB))
+    metrics = {}
+    for layers in (4, 16):
+        proc = subprocess.run(
+            [sys.executable, str(script), str(layers), str(tmp_path / f"m{layers}"), str(tmp_path / f"o{layers}")],
+            capture_output=True, text=True, timeout=300,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics[layers] = json.loads(proc.stdout.strip().splitlines()[-1])
+    model_growth = metrics[16]["size_before_bytes"] - metrics[4]["size_before_bytes"]  # ~160 MB of fp32 weights
+    rss_growth = metrics[16]["peak_rss_bytes"] - metrics[4]["peak_rss_bytes"]
+    assert rss_growth < 0.25 * model_growth, (rss_growth, model_growth)
