@@ -11,9 +11,8 @@ import time
 from app.core.config import GPU_QUEUES, settings
 
 
-def _wait_and_migrate(timeout_s: float = 60) -> None:
-    """Prestart: wait for the database, then `alembic upgrade head`."""
-    from app.core.db import check_database, run_migrations
+def _wait_for_database(timeout_s: float = 60) -> None:
+    from app.core.db import check_database
 
     settings.ensure_dirs()
     deadline = time.monotonic() + timeout_s
@@ -25,7 +24,25 @@ def _wait_and_migrate(timeout_s: float = 60) -> None:
             if time.monotonic() > deadline:
                 raise SystemExit(f"database unreachable: {type(exc).__name__}: {exc}") from exc
             time.sleep(1)
+
+
+def _wait_and_migrate(timeout_s: float = 60) -> None:
+    """Prestart: wait for the database, then `alembic upgrade head`."""
+    from app.core.db import run_migrations
+
+    _wait_for_database(timeout_s)
     run_migrations()
+
+
+def _requeue_orphans() -> None:
+    """Embedded mode has exactly one worker, about to start: jobs left `running` by the last one are orphans."""
+    from app.core.db import session_scope
+    from app.services.jobs import reap_stale_jobs
+
+    with session_scope() as s:
+        requeued = reap_stale_jobs(s, all_running=True)
+    if requeued:
+        print(f"requeued {len(requeued)} job(s) interrupted by the last shutdown", flush=True)
 
 
 def serve_command(argv: list[str]) -> int:
@@ -51,8 +68,17 @@ def serve_command(argv: list[str]) -> int:
         "--demo", action="store_true", help="run one real SmolLM2 job end to end, print metrics, exit"
     )
     p.add_argument("--keep-serving", action="store_true", help="with --demo: keep serving after the job")
+    p.add_argument("--demo-samples", type=int, default=16, help="with --demo: calibration sequences")
+    p.add_argument(
+        "--demo-seq-len", type=int, default=128, help="with --demo: calibration tokens per sequence"
+    )
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.WARNING if args.demo else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    for noisy in ("alembic", "httpx", "kombu.connection"):
+        logging.getLogger(noisy).setLevel(logging.ERROR if args.demo else logging.WARNING)
 
     if not args.no_migrate:
         _wait_and_migrate()
@@ -60,8 +86,15 @@ def serve_command(argv: list[str]) -> int:
     if args.demo:
         from app.demo import run_demo
 
+        if run_worker and settings.is_embedded:
+            _requeue_orphans()
         return run_demo(
-            host=args.host, port=args.port, start_worker=run_worker, keep_serving=args.keep_serving
+            host=args.host,
+            port=args.port,
+            start_worker=run_worker,
+            keep_serving=args.keep_serving,
+            n_samples=args.demo_samples,
+            seq_len=args.demo_seq_len,
         )
 
     import uvicorn
@@ -69,6 +102,8 @@ def serve_command(argv: list[str]) -> int:
     from app.embedded import start_worker_process, stop_process
     from app.main import create_app
 
+    if run_worker and settings.is_embedded:
+        _requeue_orphans()
     worker = start_worker_process(name="embedded") if run_worker else None
     mode = "embedded (SQLite + filesystem broker)" if settings.is_embedded else "server"
     print(
@@ -157,7 +192,7 @@ def worker_command(argv: list[str]) -> int:
     if bad:
         print(f"unknown queue(s) {bad}; choose from {list(GPU_QUEUES)}", file=sys.stderr)
         return 2
-    _wait_and_migrate()
+    _wait_for_database()  # migrations are the API's prestart step, not every worker's
     from worker.celery_app import celery_app
 
     celery_app.worker_main(worker_argv(queues, name=args.name, loglevel=args.loglevel))

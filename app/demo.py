@@ -30,25 +30,53 @@ def _free_port(preferred: int) -> int:
 
 
 def _follow(client: httpx.Client, job_id: str) -> None:
-    last_line = ""
+    """Print the job's event stream: progress lines, and log lines that say something new."""
+    last = None
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
         event = None
         for line in resp.iter_lines():
             if line.startswith("event: "):
                 event = line[7:]
-            elif line.startswith("data: ") and event != "end":
+            elif line.startswith("data: "):
+                if event == "end":
+                    return
                 d = json.loads(line[6:])
-                pct = f"{(d['progress'] or 0) * 100:5.1f}%" if d.get("progress") is not None else "      "
-                text = f"[{pct}] {d.get('stage') or '-':<9} {d.get('message') or ''}"
-                if text != last_line:
-                    print(text, flush=True)
-                    last_line = text
-            elif line.startswith("data: ") and event == "end":
-                return
+                msg = d.get("message") or ""
+                if msg == last:
+                    continue
+                last = msg
+                if d.get("progress") is not None:
+                    print(f"[{d['progress'] * 100:5.1f}%] {d.get('stage') or '-':<9} {msg}", flush=True)
+                else:
+                    print(f"{'':8} {d.get('stage') or '-':<9} {msg}", flush=True)
+
+
+def _cancel_previous_demo_jobs() -> None:
+    """A new demo run supersedes unfinished jobs of an earlier one (so it is not queued behind them)."""
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import Job, Tenant
+    from app.services.jobs import ACTIVE_STATUSES, cancel_job
+
+    with session_scope() as s:
+        q = (
+            select(Job)
+            .join(Tenant, Tenant.id == Job.tenant_id)
+            .where(Tenant.name == "demo", Job.status.in_(ACTIVE_STATUSES))
+        )
+        for job in s.scalars(q):
+            cancel_job(s, job=job)
 
 
 def run_demo(
-    *, host: str = "127.0.0.1", port: int = 8000, start_worker: bool = True, keep_serving: bool = False
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    start_worker: bool = True,
+    keep_serving: bool = False,
+    n_samples: int = 16,
+    seq_len: int = 128,
 ) -> int:
     from app.core.db import session_scope
     from app.embedded import ServerThread, start_worker_process, stop_process
@@ -62,9 +90,13 @@ def run_demo(
     # The demo submits a local checkpoint path: allow its folder for this process's API.
     settings.ALLOWED_LOCAL_ROOTS = [*settings.ALLOWED_LOCAL_ROOTS, checkpoint.parent]
 
+    _cancel_previous_demo_jobs()
     with session_scope() as s:
         key = create_api_key(s, tenant_name="demo")
-    worker = start_worker_process(name="demo") if start_worker else None
+    worker_log = settings.AWQFORGE_HOME / "demo-worker.log"
+    worker = start_worker_process(name="demo", log_path=worker_log) if start_worker else None
+    if worker is not None:
+        print(f"worker started (log: {worker_log})", flush=True)
     server = ServerThread(create_app(), host=host, port=_free_port(port)).start()
     print(f"API on {server.url} (docs: {server.url}/docs, dashboard: {server.url}/dashboard)", flush=True)
     try:
@@ -76,9 +108,11 @@ def run_demo(
             "method": "awq",
             "bits": 4,
             "group_size": 64,
-            "calibration": {"source": f"file:{calib}", "n_samples": 32, "seq_len": 256},
+            # Small calibration and grid so that it also finishes in minutes on a CPU.
+            "calibration": {"source": f"file:{calib}", "n_samples": n_samples, "seq_len": seq_len},
+            "n_grid": 10,
             "formats": ["awq", "compressed-tensors"],
-            "eval": {"seq_len": 512, "max_seqs": 8},
+            "eval": {"seq_len": 256, "max_seqs": 8},
             "publish": {"repo_id": "demo/SmolLM2-135M-Instruct-AWQ", "private": True},
         }
         headers = {"Authorization": f"Bearer {key.secret}"}

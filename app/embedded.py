@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -59,7 +60,7 @@ def worker_argv(queues: list[str], *, name: str = "awqforge", loglevel: str = "I
 def start_worker_process(
     queues: list[str] | None = None, *, env: dict | None = None, name: str = "embedded", log_path=None
 ) -> subprocess.Popen:
-    """A Celery worker in a child process, consuming every queue unless told otherwise."""
+    """A Celery worker in a child process (its own process group), consuming every queue unless told otherwise."""
     cmd = [
         sys.executable,
         "-m",
@@ -70,18 +71,34 @@ def start_worker_process(
     ]
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
     return subprocess.Popen(
-        cmd, env={**os.environ, **(env or {})}, stdout=out or None, stderr=subprocess.STDOUT if out else None
+        cmd,
+        env={**os.environ, **(env or {})},
+        stdout=out or None,
+        stderr=subprocess.STDOUT if out else None,
+        start_new_session=True,  # Ctrl-C in the terminal reaches us; we stop the worker ourselves
     )
 
 
-def stop_process(proc: subprocess.Popen, timeout: float = 20) -> None:
-    if proc.poll() is None:
-        proc.terminate()  # warm shutdown: the running job is abandoned and redelivered (acks_late)
+def stop_process(proc: subprocess.Popen, timeout: float = 5) -> None:
+    """Stop a worker started above: warm shutdown, then cold (SIGQUIT), then kill its process group.
+
+    A job cut short stays `running` with a stale heartbeat; the reaper (or the next embedded start)
+    queues it again.
+    """
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGQUIT, 10)):
+        if proc.poll() is not None:
+            break
+        proc.send_signal(sig)
         try:
-            proc.wait(timeout=timeout)
+            proc.wait(timeout=wait)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+            continue
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)  # leftovers of the pool, if any
+    except (ProcessLookupError, PermissionError):
+        pass
+    if proc.poll() is None:
+        proc.wait()
 
 
 class ServerThread:
@@ -89,7 +106,9 @@ class ServerThread:
 
     def __init__(self, app, host: str = "127.0.0.1", port: int = 8000, log_level: str = "warning"):
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="on")
+            uvicorn.Config(
+                app, host=host, port=port, log_level=log_level, lifespan="on", timeout_graceful_shutdown=3
+            )
         )
         self.thread = threading.Thread(target=self.server.run, daemon=True, name="uvicorn")
         self.url = f"http://{host}:{port}"

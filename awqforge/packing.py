@@ -73,8 +73,11 @@ def pack_dense(codes: torch.Tensor, bits: int) -> torch.Tensor:
         per = 32 // bits
         v = torch.zeros(rows, n_words * per, dtype=torch.int32, device=codes.device)
         v[:, :cols] = codes.to(torch.int32) & ((1 << bits) - 1)
-        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=codes.device)
-        return _to_int32((v.view(rows, n_words, per).to(torch.int64) << shifts).sum(-1))
+        v = v.view(rows, n_words, per)
+        packed = torch.zeros(rows, n_words, dtype=torch.int32, device=codes.device)
+        for slot in range(per):
+            packed |= v[:, :, slot] << (slot * bits)  # wraps into the sign bit: the wanted pattern
+        return packed
     n_blocks = math.ceil(cols / 32)  # 32 elements fill exactly `bits` words
     v = torch.zeros(rows, n_blocks * 32, dtype=torch.int64, device=codes.device)
     v[:, :cols] = codes.to(torch.int64) & ((1 << bits) - 1)
@@ -122,9 +125,12 @@ def unpack_dense(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
 def _pack_awq_cols(codes: torch.Tensor) -> torch.Tensor:
     """uint8 [R, C] (C % 8 == 0) -> int32 [R, C/8] in AWQ's interleaved nibble order."""
     rows, cols = codes.shape
-    v = codes.to(torch.int64).view(rows, cols // 8, 8)[..., list(AWQ_ORDER)]
-    shifts = torch.arange(0, 32, 4, device=codes.device, dtype=torch.int64)
-    return _to_int32((v << shifts).sum(-1))
+    v = codes.to(torch.int32).view(rows, cols // 8, 8)
+    packed = torch.zeros(rows, cols // 8, dtype=torch.int32, device=codes.device)
+    for nibble, channel in enumerate(AWQ_ORDER):
+        # int32 shifts wrap into the sign bit for the top nibble, which is the bit pattern we want
+        packed |= (v[:, :, channel] & 0xF) << (4 * nibble)
+    return packed
 
 
 def _unpack_awq_cols(packed: torch.Tensor) -> torch.Tensor:

@@ -200,9 +200,12 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, M = 1, 16, 256")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.15, help="seconds per timed batch of calls")
+    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
     ap.add_argument("--no-cpu", action="store_true")
     ap.add_argument("--no-gpu", action="store_true")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     batches = [1, 16, 256] if args.quick else BATCHES
     if not args.no_cpu:

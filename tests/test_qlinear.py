@@ -108,8 +108,22 @@ def test_rejects_mismatched_quantized_tensor():
                                              torch.zeros(32, 1, dtype=torch.uint8), 4, -1))
 
 
-def test_smollm2_greedy_tokens_kernel_equals_reference():
-    """A quantized SmolLM2-135M generates the same greedy tokens through the kernel and the reference."""
+@pytest.fixture
+def one_thread():
+    """Many tiny ops: on a shared, oversubscribed CPU, OpenMP barriers dominate with >1 thread."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def test_smollm2_greedy_tokens_kernel_equals_reference(one_thread):
+    """A quantized SmolLM2-135M generates the same greedy tokens through the kernel and the reference.
+
+    fp32 model: kernel and reference logits agree to ~5e-5. (In bf16 both paths round every layer's
+    output to 8 bits; their 1-ulp differences move the logits by ~0.5, as much as switching the
+    reference's matmul to bf16 does, and can flip a near-tie: no test of token identity there.)
+    """
     smollm = pytest.importorskip("awqforge.smollm")
     transformers = pytest.importorskip("transformers")
     try:
@@ -117,7 +131,7 @@ def test_smollm2_greedy_tokens_kernel_equals_reference():
     except Exception as exc:  # package or conversion unavailable here
         pytest.skip(f"SmolLM2 checkpoint unavailable: {exc}")
     tok = transformers.AutoTokenizer.from_pretrained(path)
-    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     layers = []
     for name, module in list(model.model.layers.named_modules()):
@@ -133,7 +147,9 @@ def test_smollm2_greedy_tokens_kernel_equals_reference():
         for q in layers:
             q.use_kernel = use_kernel
         with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=8, do_sample=False)
+            out = model.generate(ids, max_new_tokens=6, do_sample=False)
         return out[0, ids.shape[1]:].tolist()
 
-    assert greedy(True) == greedy(False)
+    kernel_tokens = greedy(True)
+    assert kernel_tokens == greedy(False)
+    assert len(set(kernel_tokens)) > 1  # not a degenerate repetition

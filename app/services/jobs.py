@@ -357,9 +357,12 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
     return job
 
 
-def reap_stale_jobs(session: Session) -> list[str]:
-    """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS."""
-    stale_before = utcnow() - timedelta(seconds=settings.HEARTBEAT_STALE_S)
+def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]:
+    """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS.
+
+    `all_running`: every running job counts as orphaned (embedded start, where no other worker exists).
+    """
+    stale_before = utcnow() - timedelta(seconds=0 if all_running else settings.HEARTBEAT_STALE_S)
     stale = list(
         session.scalars(
             select(Job).where(Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)

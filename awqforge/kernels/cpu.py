@@ -33,6 +33,8 @@ _EXT_NAME = "awqforge_w4_cpu"
 # From this many rows on, decode panels of PANEL_N channels and let the BLAS sgemm multiply them.
 PANEL_MIN_M = int(os.environ.get("AWQFORGE_CPU_PANEL_MIN_M", "32"))
 PANEL_N = int(os.environ.get("AWQFORGE_CPU_PANEL_N", "256"))
+# Software prefetch distance (bytes) in the weight stream of the AVX-512 tile loop; 0 disables.
+PREFETCH = int(os.environ.get("AWQFORGE_CPU_PREFETCH", "0"))
 
 _lock = threading.Lock()
 _module: ModuleType | None = None
@@ -143,6 +145,7 @@ def w4_linear_cpu(
         ISAS[isa or best_isa()],
         PANEL_MIN_M if panel_min_m is None else panel_min_m,
         PANEL_N,
+        PREFETCH,
     )
     if bias is not None:
         y += bias.to(torch.float32)

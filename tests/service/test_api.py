@@ -27,6 +27,22 @@ def test_health_and_ready(service):
         assert upload["examples"]
 
 
+def test_readyz_is_503_when_a_dependency_is_down(service, monkeypatch):
+    from app.api.routes import health
+
+    def down() -> None:
+        raise ConnectionError("refused")
+
+    monkeypatch.setattr(health, "check_broker", down)
+    with service.client(None) as c:
+        r = c.get("/readyz")
+        assert r.status_code == 503 and r.json()["checks"] == {
+            "database": "ok",
+            "broker": "unreachable: ConnectionError",
+        }
+        assert c.get("/healthz").status_code == 200
+
+
 def test_auth_required_and_revoked_keys(service, make_key):
     from app.cli import keys_command
 

@@ -30,7 +30,7 @@ def test_serve_embedded_runs_a_job_end_to_end(tiny_models, tmp_path):
         PYTHONUNBUFFERED="1",
     )
     key = subprocess.run(
-        [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "solo"],
+        [sys.executable, "-m", "awqforge", "keys", "create", "--tenant", "solo"],
         env=env,
         cwd=REPO,
         capture_output=True,
@@ -42,7 +42,7 @@ def test_serve_embedded_runs_a_job_end_to_end(tiny_models, tmp_path):
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "app.cli", "serve", "--port", str(port)],
+        [sys.executable, "-m", "awqforge", "serve", "--port", str(port)],
         env=env,
         cwd=REPO,
         stdout=log,

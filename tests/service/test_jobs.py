@@ -178,11 +178,22 @@ def test_stale_heartbeat_requeues_or_fails(service, make_key):
     from app.services.jobs import reap_stale_jobs
 
     with service.client(make_key()) as c:
+        # Calibration from an upload: the worker turns upload:<id> into the stored file for the engine.
+        up = c.post(
+            "/v1/calibration-sets", files={"file": ("calib.txt", service.calib_file.read_bytes()[:200_000])}
+        )
+        assert up.status_code == 201, up.text
+        body = service.job_body(calibration={"upload_id": up.json()["id"], "n_samples": 4, "seq_len": 32})
         ids = []
         for _ in range(2):
-            ids.append(c.post("/v1/jobs", json=service.job_body()).json()["id"])
+            r = c.post("/v1/jobs", json=body)
+            assert (
+                r.status_code == 202
+                and r.json()["spec"]["calibration"]["source"] == f"upload:{up.json()['id']}"
+            )
+            ids.append(r.json()["id"])
         for job_id in ids:
-            wait_for_status(c, job_id, TERMINAL)
+            assert wait_for_status(c, job_id, TERMINAL)["status"] == "succeeded"
         # Pretend both died mid-run: one with attempts left, one out of attempts.
         with session_scope() as s:
             for job_id, attempts in zip(ids, (1, 3), strict=True):

@@ -221,7 +221,7 @@ def follow_events(
     job_id: str,
     last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
-    job = _get(session, job_id, tenant)
+    jid = _get(session, job_id, tenant).id  # the stream below opens its own sessions
     try:
         start = int(last_event_id or request.query_params.get("last_event_id") or 0)
     except ValueError:
@@ -232,7 +232,7 @@ def follow_events(
         last_sent = time.monotonic()
         yield "retry: 2000\n\n"
         while True:
-            chunks, after_s, status = await run_in_threadpool(_poll, job.id, after)
+            chunks, after_s, status = await run_in_threadpool(_poll, jid, after)
             after = int(after_s)
             for c in chunks:
                 yield c

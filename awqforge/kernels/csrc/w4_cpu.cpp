@@ -44,6 +44,7 @@ struct Problem {
   const float* prm;    // [NB, G, 2, 32]
   float* y;            // [M, N]
   int64_t M, N, K, g, G, NB;
+  int64_t prefetch = 0;  // bytes ahead in the weight stream to prefetch (0: leave it to the hardware)
 };
 
 // ---------------------------------------------------------------------------------- scalar
@@ -200,6 +201,7 @@ AWQF_AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t m0) {
       for (int v = 0; v < 2; ++v)
         for (int u = 0; u < U; ++u) acc[m][v][0][u] = acc[m][v][1][u] = _mm512_setzero_ps();
     for (int64_t kp = 0; kp < p.g / 2; kp += U) {
+      if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + kp * kBlockN + p.prefetch), _MM_HINT_T0);
 #pragma GCC unroll 2
       for (int u = 0; u < U; ++u) {
         const uint8_t* qk = q + (kp + u) * kBlockN;
@@ -336,7 +338,8 @@ void run_panels(const Problem& p, const torch::Tensor& x, torch::Tensor& y, Isa 
 
 // x fp32 [M, K] -> y fp32 [M, N]. panel_min_m: M from which the panel path is used (<=0: never).
 torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, const torch::Tensor& params,
-                        int64_t N, int64_t group_size, int64_t isa, int64_t panel_min_m, int64_t panel_n) {
+                        int64_t N, int64_t group_size, int64_t isa, int64_t panel_min_m, int64_t panel_n,
+                        int64_t prefetch) {
   TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
               "x must be a 2-D float32 CPU tensor");
   TORCH_CHECK(qdata.scalar_type() == torch::kUInt8 && qdata.dim() == 3 && qdata.size(2) == kBlockN,
@@ -361,7 +364,7 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
   if (M == 0) return y;
   auto xsum = xc.view({M, G, group_size}).sum(-1).contiguous();
   Problem p{xc.data_ptr<float>(), xsum.data_ptr<float>(), qc.data_ptr<uint8_t>(), pc.data_ptr<float>(),
-            y.data_ptr<float>(), M, N, K, group_size, G, NB};
+            y.data_ptr<float>(), M, N, K, group_size, G, NB, prefetch};
   const int nthreads = std::max(1, at::get_num_threads());
   if (panel_min_m > 0 && M >= panel_min_m) {
     const int64_t panel_blocks = std::max<int64_t>(1, panel_n / kBlockN);
