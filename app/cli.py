@@ -68,9 +68,9 @@ def serve_command(argv: list[str]) -> int:
         "--demo", action="store_true", help="run one real SmolLM2 job end to end, print metrics, exit"
     )
     p.add_argument("--keep-serving", action="store_true", help="with --demo: keep serving after the job")
-    p.add_argument("--demo-samples", type=int, default=16, help="with --demo: calibration sequences")
+    p.add_argument("--demo-samples", type=int, default=None, help="with --demo: calibration sequences")
     p.add_argument(
-        "--demo-seq-len", type=int, default=128, help="with --demo: calibration tokens per sequence"
+        "--demo-seq-len", type=int, default=None, help="with --demo: calibration tokens per sequence"
     )
     args = p.parse_args(argv)
     logging.basicConfig(
@@ -179,7 +179,7 @@ def worker_command(argv: list[str]) -> int:
         help=f"comma-separated queue classes from {', '.join(GPU_QUEUES)} (default: detected with nvidia-smi)",
     )
     p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for this worker")
-    p.add_argument("--name", default="awqforge")
+    p.add_argument("--name", default=None, help="node name (unique per host; default from --gpu or the pid)")
     p.add_argument("--loglevel", default="INFO")
     args = p.parse_args(argv)
 
@@ -195,7 +195,9 @@ def worker_command(argv: list[str]) -> int:
     _wait_for_database()  # migrations are the API's prestart step, not every worker's
     from worker.celery_app import celery_app
 
-    celery_app.worker_main(worker_argv(queues, name=args.name, loglevel=args.loglevel))
+    # Node names must be unique per host: the runner trusts "same node" to mean "my own redelivery".
+    name = args.name or (f"awqforge-gpu{args.gpu}" if args.gpu is not None else f"awqforge-{os.getpid()}")
+    celery_app.worker_main(worker_argv(queues, name=name, loglevel=args.loglevel))
     return 0
 
 

@@ -42,13 +42,41 @@ def _follow(client: httpx.Client, job_id: str) -> None:
                     return
                 d = json.loads(line[6:])
                 msg = d.get("message") or ""
-                if msg == last:
+                if not msg or msg == last:
                     continue
                 last = msg
                 if d.get("progress") is not None:
                     print(f"[{d['progress'] * 100:5.1f}%] {d.get('stage') or '-':<9} {msg}", flush=True)
                 else:
-                    print(f"{'':8} {d.get('stage') or '-':<9} {msg}", flush=True)
+                    print(f"{'':8} {'':<9} {msg}", flush=True)
+
+
+def print_summary(job: dict, *, api_url: str) -> None:
+    """The job's outcome, metrics and artifact locations."""
+    print(f"\njob {job['id']}: {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
+    m = job.get("metrics") or {}
+    if m:
+        fp, q = m.get("fp_perplexity"), m.get("quant_perplexity")
+        if fp and q:
+            print(f"  perplexity  FP {fp:.3f}  ->  W4 g64 {q:.3f}  ({(q / fp - 1) * 100:+.1f}%)")
+        if m.get("size_before_bytes") and m.get("size_after_bytes"):
+            b, a = m["size_before_bytes"], m["size_after_bytes"]
+            print(f"  size        {b / 1e6:.1f} MB -> {a / 1e6:.1f} MB  ({b / a:.2f}x smaller)")
+        stages = ", ".join(
+            f"{k[:-2]} {m[k]:.1f} s"
+            for k in ("resolve_s", "calibrate_s", "quantize_s", "evaluate_s", "package_s", "publish_s")
+            if m.get(k) is not None
+        )
+        print(f"  wall time   {m.get('total_s') or 0:.1f} s ({stages})")
+        rss, gpu = (m.get("peak_rss_bytes") or 0) / 2**20, (m.get("peak_gpu_bytes") or 0) / 2**20
+        print(f"  peak memory RSS {rss:.0f} MiB, GPU {gpu:.0f} MiB")
+    for a in job.get("artifacts", []):
+        where = a.get("published_to") or ""
+        print(
+            f"  artifact    {a['format']:<19} {len(a['files'])} files, {a['size_bytes'] / 1e6:.1f} MB  {where}"
+        )
+    print(f"  artifacts on disk under {settings.ARTIFACT_DIR}")
+    print(f"  API: GET {api_url}/v1/jobs/{job['id']}  (metrics, layers, artifacts, logs, events)")
 
 
 def _cancel_previous_demo_jobs() -> None:
@@ -75,15 +103,19 @@ def run_demo(
     port: int = 8000,
     start_worker: bool = True,
     keep_serving: bool = False,
-    n_samples: int = 16,
-    seq_len: int = 128,
+    n_samples: int | None = None,
+    seq_len: int | None = None,
 ) -> int:
+    """Run the demo; calibration defaults to 64 x 512 tokens with a GPU, 8 x 128 on a CPU."""
     from app.core.db import session_scope
-    from app.embedded import ServerThread, start_worker_process, stop_process
+    from app.embedded import ServerThread, detect_queues, start_worker_process, stop_process
     from app.main import create_app
     from app.services.keys import create_api_key
 
-    print("Preparing SmolLM2-135M-Instruct (downloaded/converted once)...", flush=True)
+    has_gpu = detect_queues() != ["cpu"]  # nvidia-smi: no CUDA initialised in this process
+    n_samples = n_samples or (64 if has_gpu else 8)
+    seq_len = seq_len or (512 if has_gpu else 128)
+    print("Preparing SmolLM2-135M-Instruct (converted once)...", flush=True)
     from awqforge.smollm import ensure_smollm2_checkpoint
 
     checkpoint = Path(ensure_smollm2_checkpoint()).resolve()
@@ -108,11 +140,11 @@ def run_demo(
             "method": "awq",
             "bits": 4,
             "group_size": 64,
-            # Small calibration and grid so that it also finishes in minutes on a CPU.
+            # A small calibration set and grid on a CPU, so that the demo ends in minutes.
             "calibration": {"source": f"file:{calib}", "n_samples": n_samples, "seq_len": seq_len},
-            "n_grid": 10,
+            "n_grid": 20 if has_gpu else 10,
             "formats": ["awq", "compressed-tensors"],
-            "eval": {"seq_len": 256, "max_seqs": 8},
+            "eval": {"seq_len": 512, "max_seqs": 16} if has_gpu else {"seq_len": 256, "max_seqs": 4},
             "publish": {"repo_id": "demo/SmolLM2-135M-Instruct-AWQ", "private": True},
         }
         headers = {"Authorization": f"Bearer {key.secret}"}
@@ -127,23 +159,7 @@ def run_demo(
             )
             _follow(client, job_id)
             job = client.get(f"/v1/jobs/{job_id}").json()
-        print(f"\njob {job_id}: {job['status']}" + (f" ({job['error']})" if job.get("error") else ""))
-        m = job.get("metrics") or {}
-        if m:
-            print(f"  perplexity  FP {m.get('fp_perplexity')}  ->  W4 g64 {m.get('quant_perplexity')}")
-            print(f"  size        {m.get('size_before_bytes')} -> {m.get('size_after_bytes')} bytes")
-            print(
-                f"  wall time   {m.get('total_s') and round(m['total_s'], 1)} s "
-                f"(quantize {m.get('quantize_s') and round(m['quantize_s'], 1)} s), peak RSS {m.get('peak_rss_bytes')} bytes"
-            )
-        for a in job.get("artifacts", []):
-            print(
-                f"  artifact    {a['format']:<20} {len(a['files'])} files"
-                + (f"  published: {a['published_to']}" if a.get("published_to") else "")
-            )
-        print(
-            f"  artifacts on disk under {settings.ARTIFACT_DIR}; API: GET {server.url}/v1/jobs/{job_id}/artifacts"
-        )
+        print_summary(job, api_url=server.url)
         if keep_serving:
             print(f"Serving on {server.url} (Ctrl-C to stop). Demo API key: {key.secret}", flush=True)
             server.thread.join()

@@ -10,12 +10,14 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy import delete
 from starlette.concurrency import run_in_threadpool
 
 from app.api.main import api_router
 from app.api.routes import dashboard, health
 from app.core.config import settings
 from app.core.db import session_scope
+from app.models import IdempotencyKey, utcnow
 from app.services.jobs import ServiceError, SpecError, reap_stale_jobs
 
 log = logging.getLogger("awqforge.api")
@@ -27,8 +29,10 @@ Everything a tenant creates is invisible (404) to other tenants."""
 
 
 def _reap_once() -> None:
+    """Periodic housekeeping: requeue jobs whose worker died; drop expired idempotency keys."""
     with session_scope() as s:
         requeued = reap_stale_jobs(s)
+        s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
     if requeued:
         log.warning("requeued jobs whose worker died: %s", ", ".join(requeued))
 

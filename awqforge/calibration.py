@@ -34,8 +34,22 @@ PILEVAL_REPO = "mit-han-lab/pile-val-backup"
 PILEVAL_FILE = "val.jsonl.zst"
 TEXT_SUFFIXES = (".parquet", ".jsonl", ".json", ".txt", ".jsonl.zst")
 SELF_PROMPTS = (
-    "The", "In", "A", "It", "This", "When", "One", "We", "There", "Today",
-    "The history of", "In the beginning", "Question:", "Once upon a time", "Here is", "According to",
+    "The",
+    "In",
+    "A",
+    "It",
+    "This",
+    "When",
+    "One",
+    "We",
+    "There",
+    "Today",
+    "The history of",
+    "In the beginning",
+    "Question:",
+    "Once upon a time",
+    "Here is",
+    "According to",
 )
 
 
@@ -57,7 +71,9 @@ def load_calibration(
     return token_blocks(iter_source_texts(calib.source), tokenizer, n, seq, source=calib.source)
 
 
-def token_blocks(texts: Iterable[str], tokenizer, n_samples: int, seq_len: int, *, source: str = "text") -> torch.Tensor:
+def token_blocks(
+    texts: Iterable[str], tokenizer, n_samples: int, seq_len: int, *, source: str = "text"
+) -> torch.Tensor:
     """Tokenize and concatenate texts until n_samples * seq_len tokens are there; cut into blocks."""
     needed = n_samples * seq_len
     ids: list[int] = []
@@ -86,8 +102,12 @@ def iter_source_texts(source: str) -> Iterator[str]:
     if source.startswith("file:"):
         return iter_file_texts(Path(source[5:]).expanduser())
     if source.startswith("upload:"):
-        raise InputError(f"{source!r}: uploads are resolved to file: by the service; the engine cannot read them")
-    raise InputError(f"text source {source!r} is not understood: use pileval, hf:<dataset>[:<split>[:<column>]] or file:<path>")
+        raise InputError(
+            f"{source!r}: uploads are resolved to file: by the service; the engine cannot read them"
+        )
+    raise InputError(
+        f"text source {source!r} is not understood: use pileval, hf:<dataset>[:<split>[:<column>]] or file:<path>"
+    )
 
 
 def read_text(source: str | Path | None) -> str:
@@ -119,7 +139,9 @@ def iter_file_texts(path: Path, column: str = "text") -> Iterator[str]:
             else:
                 yield from _jsonl_texts(fh, column, path)
     else:
-        raise InputError(f"text file {path}: unsupported type; use .txt, .jsonl, .json, .parquet or .jsonl.zst")
+        raise InputError(
+            f"text file {path}: unsupported type; use .txt, .jsonl, .json, .parquet or .jsonl.zst"
+        )
 
 
 def _jsonl_texts(lines: Iterable[str], column: str, path: Path) -> Iterator[str]:
@@ -203,7 +225,9 @@ def generate_self_samples(
     """n_samples sequences of seq_len tokens sampled from the model itself, from short generic prompts."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False).to(device)
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False).to(
+        device
+    )
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

@@ -27,7 +27,9 @@ def _plugins() -> dict:
 
 def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     plugins = _plugins() if plugins is None else plugins
-    extra = f" Service commands: {', '.join(sorted(plugins))} (see `awqforge NAME --help`)." if plugins else ""
+    extra = (
+        f" Service commands: {', '.join(sorted(plugins))} (see `awqforge NAME --help`)." if plugins else ""
+    )
     parser = argparse.ArgumentParser(
         prog="awqforge", description="AWQ weight quantization of Hugging Face causal LMs." + extra
     )
@@ -38,29 +40,48 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
     q.add_argument("--bits", type=int, default=4)
-    q.add_argument("--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per output channel)")
+    q.add_argument(
+        "--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per output channel)"
+    )
     q.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
     q.add_argument("--method", choices=["awq", "rtn"], default="awq")
-    q.add_argument("--calib", default="pileval", metavar="SOURCE",
-                   help="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path>")
+    q.add_argument(
+        "--calib",
+        default="pileval",
+        metavar="SOURCE",
+        help="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path>",
+    )
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
-    q.add_argument("--format", dest="formats", action="append", choices=["awq", "compressed-tensors"],
-                   help="artifact format (repeatable; default awq)")
+    q.add_argument(
+        "--format",
+        dest="formats",
+        action="append",
+        choices=["awq", "compressed-tensors"],
+        help="artifact format (repeatable; default awq)",
+    )
     q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    q.add_argument("--modules-to-not-convert", action="append", default=[], metavar="PATTERN",
-                   help="leave matching modules in full precision (repeatable)")
+    q.add_argument(
+        "--modules-to-not-convert",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="leave matching modules in full precision (repeatable)",
+    )
     q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
     q.add_argument("--n-grid", type=int, default=20)
     q.add_argument("--no-clip-search", action="store_true")
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
-    q.add_argument("--eval-text", help="evaluation text: a file, file:<path> or hf:<dataset>[:<split>[:<column>]] "
-                   "(default: the bundled English text)")
+    q.add_argument(
+        "--eval-text",
+        help="evaluation text: a file, file:<path> or hf:<dataset>[:<split>[:<column>]] "
+        "(default: the bundled English text)",
+    )
     q.add_argument("--eval-seq-len", type=int, default=2048)
     q.add_argument("--eval-max-seqs", type=int)
     q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
-    q.add_argument("--shard-size", default="2GB", help="max safetensors shard size, e.g. 500MB, 5GB")
+    q.add_argument("--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default 2GB)")
 
     e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
     e.add_argument("model", help="artifact folder, checkpoint folder or hub id")
@@ -70,7 +91,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     e.add_argument("--revision")
 
-    s = sub.add_parser("smollm", help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder")
+    s = sub.add_parser(
+        "smollm", help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder"
+    )
     s.add_argument("--cache-dir", type=Path)
 
     for name in sorted(plugins):
@@ -130,12 +153,20 @@ def _spec_from_args(args):
             model=_model_ref(args.model),
             revision=args.revision,
             method=args.method,
-            quant={"bits": args.bits, "group_size": args.group_size, "zero_point": not args.symmetric,
-                   "modules_to_not_convert": args.modules_to_not_convert},
+            quant={
+                "bits": args.bits,
+                "group_size": args.group_size,
+                "zero_point": not args.symmetric,
+                "modules_to_not_convert": args.modules_to_not_convert,
+            },
             calibration={"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len},
             formats=args.formats or ["awq"],
-            eval={"enabled": not args.no_eval, "text": eval_text, "seq_len": args.eval_seq_len,
-                  "max_seqs": args.eval_max_seqs},
+            eval={
+                "enabled": not args.no_eval,
+                "text": eval_text,
+                "seq_len": args.eval_seq_len,
+                "max_seqs": args.eval_max_seqs,
+            },
             device=args.device,
             scale_search=args.scale_search,
             n_grid=args.n_grid,
@@ -176,9 +207,14 @@ def _quantize(args) -> int:
     spec = _spec_from_args(args)
     printer = _ProgressPrinter()
     try:
+        options = {"shard_size": args.shard_size} if args.shard_size else {}
         result = run_quantization(
-            spec, args.out, progress=printer, log=lambda msg: print(msg, file=sys.stderr),
-            overwrite=args.overwrite, shard_size=args.shard_size,
+            spec,
+            args.out,
+            progress=printer,
+            log=lambda msg: print(msg, file=sys.stderr),
+            overwrite=args.overwrite,
+            **options,
         )
     finally:
         printer.close()
@@ -195,8 +231,14 @@ def _eval(args) -> int:
     from awqforge.evaluate import evaluate_path
 
     text = read_text(args.text)
-    result = evaluate_path(_model_ref(args.model), text, seq_len=args.seq_len, max_seqs=args.max_seqs,
-                           device=args.device, revision=args.revision)
+    result = evaluate_path(
+        _model_ref(args.model),
+        text,
+        seq_len=args.seq_len,
+        max_seqs=args.max_seqs,
+        device=args.device,
+        revision=args.revision,
+    )
     print(json.dumps(result))
     return 0
 

@@ -8,6 +8,12 @@ fixed by changing the request. `NumericalError` and `UnsupportedArchitecture` ar
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # pragma: no cover
+    from awqforge.arch import UnsupportedArchitecture
+    from awqforge.awq import NumericalError
+
 
 class AWQForgeError(Exception):
     """Base of every error the engine raises on purpose, with a message meant for the user."""

@@ -33,7 +33,13 @@ def eval_windows(tokenizer, text: str, seq_len: int = 2048, max_seqs: int | None
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, tokenizer, text: str, seq_len: int = 2048, max_seqs: int | None = None, *, batch_size: int = 1
+    model: nn.Module,
+    tokenizer,
+    text: str,
+    seq_len: int = 2048,
+    max_seqs: int | None = None,
+    *,
+    batch_size: int = 1,
 ) -> dict:
     """{'perplexity', 'n_tokens' (predicted tokens), 'n_windows', 'seq_len'} of `model` on `text`."""
     windows = eval_windows(tokenizer, text, seq_len, max_seqs)
@@ -48,14 +54,18 @@ def perplexity(
         first = max(n_prefix, 1)
         pred = logits[:, first - 1 : -1].float()
         target = batch[:, first:]
-        nll = nn.functional.cross_entropy(pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum")
+        nll = nn.functional.cross_entropy(
+            pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
+        )
         total_nll += nll.item()
         count += target.numel()
     ppl = math.exp(total_nll / count)
     return {"perplexity": ppl, "n_tokens": count, "n_windows": len(windows), "seq_len": seq_len}
 
 
-def load_fp_model(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> nn.Module:
+def load_fp_model(
+    path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+) -> nn.Module:
     """The full-precision model from a safetensors checkpoint folder (never remote code)."""
     from transformers import AutoModelForCausalLM
 
@@ -67,7 +77,9 @@ def load_fp_model(path: str | Path, device: str | torch.device = "cpu", dtype: t
         from awqforge.streaming import checkpoint_dtype, compute_dtype
 
         dtype = compute_dtype(checkpoint_dtype(Path(path)), device)
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True
+    )
     return model.to(device).eval()
 
 
@@ -79,8 +91,13 @@ def is_quantized_checkpoint(path: str | Path) -> bool:
 
 
 def evaluate_path(
-    path: str | Path, text: str, *, seq_len: int = 2048, max_seqs: int | None = None,
-    device: str | torch.device = "cpu", revision: str | None = None,
+    path: str | Path,
+    text: str,
+    *,
+    seq_len: int = 2048,
+    max_seqs: int | None = None,
+    device: str | torch.device = "cpu",
+    revision: str | None = None,
 ) -> dict:
     """Perplexity of a folder or hub id: a quantized artifact (load_quantized) or an FP checkpoint."""
     from transformers import AutoTokenizer

@@ -72,7 +72,9 @@ class _Job:
 
     def end_stage(self) -> None:
         if self._stage is not None and self._t0:
-            self.wall[self._stage] = round(self.wall.get(self._stage, 0.0) + time.perf_counter() - self._t0, 3)
+            self.wall[self._stage] = round(
+                self.wall.get(self._stage, 0.0) + time.perf_counter() - self._t0, 3
+            )
             self._t0 = 0.0
 
     def wall_so_far(self) -> dict[str, float]:
@@ -86,7 +88,9 @@ class _Job:
         if self.progress_cb is None or self._stage is None:
             return
         lo, hi = STAGES[self._stage]
-        self.progress_cb(ProgressEvent(self._stage, lo + (hi - lo) * min(max(fraction, 0.0), 1.0), message, **extra))
+        self.progress_cb(
+            ProgressEvent(self._stage, lo + (hi - lo) * min(max(fraction, 0.0), 1.0), message, **extra)
+        )
 
     def check_cancel(self) -> None:
         if self.cancel_cb is not None and self.cancel_cb():
@@ -142,8 +146,14 @@ def run_quantization(
         for fmt in spec.formats:
             fmt = getattr(fmt, "value", fmt)
             writers.append(
-                ArtifactWriter(out_dir / fmt, fmt, source_dir=resolved.path, settings=spec.quant,
-                               shard_size=shard_size, overwrite=overwrite)
+                ArtifactWriter(
+                    out_dir / fmt,
+                    fmt,
+                    source_dir=resolved.path,
+                    settings=spec.quant,
+                    shard_size=shard_size,
+                    overwrite=overwrite,
+                )
             )
         job.log(
             f"{adapter.family}, {stream.n_blocks} blocks, checkpoint {_dt(stream.checkpoint_dtype)}, "
@@ -153,7 +163,9 @@ def run_quantization(
         # -- calibrate: token blocks, then every layer's inputs captured once
         cal = spec.calibration
         job.stage("calibrate", f"calibration: {cal.source}, {cal.n_samples} x {cal.seq_len} tokens")
-        tokens = load_calibration(cal, tokenizer, resolved.path, device=device, dtype=stream.dtype, seed=spec.seed)
+        tokens = load_calibration(
+            cal, tokenizer, resolved.path, device=device, dtype=stream.dtype, seed=spec.seed
+        )
         stream.load_non_block()
         captured = stream.capture(tokens)
         stream.unload_non_block()
@@ -165,13 +177,19 @@ def run_quantization(
         started = time.perf_counter()
         for i in range(stream.n_blocks):
             job.check_cancel()
-            inputs, block_layers = _quantize_one_block(stream, i, inputs, layer_kwargs[i], settings, adapter,
-                                                        writers, mappings, skipped)
+            inputs, block_layers = _quantize_one_block(
+                stream, i, inputs, layer_kwargs[i], settings, adapter, writers, mappings, skipped
+            )
             layers.extend(block_layers)
             done = i + 1
             eta = (time.perf_counter() - started) / done * (stream.n_blocks - done)
-            job.report(done / stream.n_blocks, f"block {done}/{stream.n_blocks}", block=done,
-                       n_blocks=stream.n_blocks, eta_s=eta)
+            job.report(
+                done / stream.n_blocks,
+                f"block {done}/{stream.n_blocks}",
+                block=done,
+                n_blocks=stream.n_blocks,
+                eta_s=eta,
+            )
         del inputs, layer_kwargs, captured
         job.check_cancel()
         for name, tensor in stream.non_block_checkpoint_tensors():
@@ -203,13 +221,24 @@ def run_quantization(
         )
         final_dirs = {w.fmt: w.final_dir for w in writers}
         report = reporting.build_report(
-            spec=spec, resolved_path=resolved.path, revision=resolved.revision, device=device,
-            compute_dtype=stream.dtype, checkpoint_dtype=stream.checkpoint_dtype, metrics=metrics, layers=layers,
-            mappings=mappings, skipped=skipped, artifacts=final_dirs, eval_info=eval_info,
+            spec=spec,
+            resolved_path=resolved.path,
+            revision=resolved.revision,
+            device=device,
+            compute_dtype=stream.dtype,
+            checkpoint_dtype=stream.checkpoint_dtype,
+            metrics=metrics,
+            layers=layers,
+            mappings=mappings,
+            skipped=skipped,
+            artifacts=final_dirs,
+            eval_info=eval_info,
         )
         from awqforge.formats import ModelCardInfo
 
-        card = ModelCardInfo.from_spec(spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)})
+        card = ModelCardInfo.from_spec(
+            spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
+        )
         for w in writers:
             reporting.write_report(w.staging_dir, report)
             w.finalize(card)
@@ -218,7 +247,9 @@ def run_quantization(
         job.report(1.0, "done")
         job.log(f"artifacts: {', '.join(str(p) for p in final_dirs.values())}")
         return QuantResult(
-            artifacts=final_dirs, metrics=metrics, layers=layers,
+            artifacts=final_dirs,
+            metrics=metrics,
+            layers=layers,
             report_path=final_dirs[writers[0].fmt] / reporting.REPORT_NAME,
         )
     except BaseException:
@@ -235,9 +266,9 @@ def _quantize_one_block(stream, i, inputs, layer_kwargs, settings, adapter, writ
 
     prefix = stream.block_prefix(i)
     block = stream.load_block(i)
-    adapter.prepare_block(block)  # unfused experts: per-expert linears, named as in the checkpoint
-    result = quantize_block(block, inputs, layer_kwargs, settings=settings, adapter=adapter, block_index=i,
-                            block_prefix=prefix)
+    result = quantize_block(
+        block, inputs, layer_kwargs, settings=settings, adapter=adapter, block_index=i, block_prefix=prefix
+    )
     exclude = set()
     for rel, qt in result.quantized.items():
         linear = block.get_submodule(rel)
@@ -267,7 +298,10 @@ def _evaluate(spec, model_dir: Path, writer, tokenizer, device, dtype, job: _Job
 
     ev = spec.eval
     text = read_text(ev.text)
-    info: dict = {"text": ev.text or "built-in English text (awqforge/data/eval_en.txt)", "format": writer.fmt}
+    info: dict = {
+        "text": ev.text or "built-in English text (awqforge/data/eval_en.txt)",
+        "format": writer.fmt,
+    }
     model = load_fp_model(model_dir, device=device, dtype=dtype)
     info["fp"] = perplexity(model, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs)
     del model

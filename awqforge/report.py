@@ -42,7 +42,12 @@ def _jsonable(value: Any) -> Any:
         if value.numel() == 1:
             return value.item()
         v = value.float()
-        return {"shape": list(value.shape), "min": v.min().item(), "max": v.max().item(), "mean": v.mean().item()}
+        return {
+            "shape": list(value.shape),
+            "min": v.min().item(),
+            "max": v.max().item(),
+            "mean": v.mean().item(),
+        }
     if isinstance(value, dict):
         return {str(k): _jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -55,32 +60,48 @@ def _jsonable(value: Any) -> Any:
 
 
 def build_report(
-    *, spec, resolved_path: Path, revision: str | None, device: torch.device, compute_dtype: torch.dtype,
-    checkpoint_dtype: torch.dtype, metrics: dict, layers: list, mappings: dict, skipped: list[str],
-    artifacts: dict[str, Path], eval_info: dict | None,
+    *,
+    spec,
+    resolved_path: Path,
+    revision: str | None,
+    device: torch.device,
+    compute_dtype: torch.dtype,
+    checkpoint_dtype: torch.dtype,
+    metrics: dict,
+    layers: list,
+    mappings: dict,
+    skipped: list[str],
+    artifacts: dict[str, Path],
+    eval_info: dict | None,
 ) -> dict:
     """The report as a JSON-ready dict. The job spec is included without the publish token."""
     settings = spec.model_dump(mode="json")
     if settings.get("publish"):
         settings["publish"].pop("token", None)
-    return _jsonable({
-        "awqforge_version": _version(),
-        "settings": settings,
-        "source": {"path": str(resolved_path), "revision": revision, "dtype": str(checkpoint_dtype).removeprefix("torch.")},
-        "environment": {
-            "device": str(device),
-            "compute_dtype": str(compute_dtype).removeprefix("torch."),
-            "torch": torch.__version__,
-            "python": platform.python_version(),
-            "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        },
-        "metrics": metrics,
-        "evaluation": eval_info,
-        "artifacts": {fmt: str(p) for fmt, p in artifacts.items()},
-        "layers": [asdict(m) for m in layers],
-        "mappings": mappings,
-        "skipped_mappings": skipped,
-    })
+    return _jsonable(
+        {
+            "awqforge_version": _version(),
+            "settings": settings,
+            "source": {
+                "path": str(resolved_path),
+                "revision": revision,
+                "dtype": str(checkpoint_dtype).removeprefix("torch."),
+            },
+            "environment": {
+                "device": str(device),
+                "compute_dtype": str(compute_dtype).removeprefix("torch."),
+                "torch": torch.__version__,
+                "python": platform.python_version(),
+                "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+            },
+            "metrics": metrics,
+            "evaluation": eval_info,
+            "artifacts": {fmt: str(p) for fmt, p in artifacts.items()},
+            "layers": [asdict(m) for m in layers],
+            "mappings": mappings,
+            "skipped_mappings": skipped,
+        }
+    )
 
 
 def write_report(folder: Path, report: dict) -> Path:
@@ -97,7 +118,9 @@ def summary_lines(metrics: dict, layers: list) -> list[str]:
         lines.append(f"perplexity: FP {_fmt(fp)} -> quantized {_fmt(q)}")
     before, after = metrics.get("size_before_bytes"), metrics.get("size_after_bytes")
     if before and after:
-        lines.append(f"size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({before / after:.2f}x smaller)")
+        lines.append(
+            f"size: {before / 2**20:.1f} MiB -> {after / 2**20:.1f} MiB ({before / after:.2f}x smaller)"
+        )
     if layers:
         rtn = sum(m.mse_rtn for m in layers)
         ours = sum(m.mse_quant for m in layers)

@@ -45,7 +45,9 @@ def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
         if not path.exists():
             raise InputError(f"model path {path} does not exist")
         if not path.is_dir():
-            raise InputError(f"model path {path} is not a folder: give the checkpoint folder (with config.json)")
+            raise InputError(
+                f"model path {path} is not a folder: give the checkpoint folder (with config.json)"
+            )
         rev = revision
     else:
         path, rev = _download_from_hub(model, revision)
@@ -64,7 +66,9 @@ def safetensors_files(path: Path, source: str | None = None) -> list[Path]:
         files = [path / name for name in sorted(set(weight_map.values()))]
         missing = [f.name for f in files if not f.is_file()]
         if missing:
-            raise InputError(f"{source}: {SAFETENSORS_INDEX} names shards that are missing: {', '.join(missing)}")
+            raise InputError(
+                f"{source}: {SAFETENSORS_INDEX} names shards that are missing: {', '.join(missing)}"
+            )
         return files
     files = sorted(path.glob("*.safetensors"))
     if files:
@@ -116,7 +120,9 @@ def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | 
     def from_cache(reason: str) -> tuple[Path, str | None]:
         try:
             folder = snapshot_download(
-                repo_id, revision=revision, local_files_only=True,
+                repo_id,
+                revision=revision,
+                local_files_only=True,
                 allow_patterns=METADATA_PATTERNS + ["*.safetensors"],
             )
         except (hf_errors.LocalEntryNotFoundError, hf_errors.OfflineModeIsEnabled, FileNotFoundError) as exc:

@@ -88,7 +88,9 @@ def _model_from_gguf(source: Path):
     model.tie_weights()
     still_meta = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if still_meta:
-        raise InputError(f"{source.name}: tensors missing after conversion: {still_meta[:5]} (missing {sorted(missing)[:5]})")
+        raise InputError(
+            f"{source.name}: tensors missing after conversion: {still_meta[:5]} (missing {sorted(missing)[:5]})"
+        )
     model.config.dtype = torch.bfloat16
     return model
 

@@ -12,6 +12,8 @@ are applied in both directions (`checkpoint -> module` on load, `module -> check
 
 from __future__ import annotations
 
+import ctypes
+import gc
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from copy import deepcopy
@@ -24,7 +26,24 @@ from torch import nn
 
 from awqforge.errors import AWQForgeError, InputError
 
-SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+SAFETENSORS_DTYPES = {
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F64": torch.float64,
+}
+
+
+def release_memory(device: torch.device) -> None:
+    """Return freed memory: glibc keeps freed heap chunks (RSS creeps up block after block) unless trimmed;
+    CUDA's caching allocator keeps blocks too."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
 
 
 def pick_device(device: str | torch.device) -> torch.device:
@@ -103,8 +122,9 @@ def _conversions(model: nn.Module) -> list | None:
     return conversions or None
 
 
-def _checkpoint_to_module(model: nn.Module, tensors: dict[str, torch.Tensor], conversions: list | None,
-                          meta_state: dict[str, Any]) -> dict[str, torch.Tensor]:
+def _checkpoint_to_module(
+    model: nn.Module, tensors: dict[str, torch.Tensor], conversions: list | None, meta_state: dict[str, Any]
+) -> dict[str, torch.Tensor]:
     """Checkpoint tensors -> module tensors, with transformers' registered conversions (renames, expert fusion)."""
     if not conversions:
         return tensors
@@ -185,8 +205,15 @@ class CapturedInputs:
 class StreamingModel:
     """A causal LM skeleton on meta whose non-block pieces and blocks are loaded from the shards on demand."""
 
-    def __init__(self, config, weight_files: list[Path], adapter, *, device: torch.device,
-                 dtype: torch.dtype | None = None) -> None:
+    def __init__(
+        self,
+        config,
+        weight_files: list[Path],
+        adapter,
+        *,
+        device: torch.device,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         from transformers import AutoModelForCausalLM
 
         self.config = config
@@ -203,30 +230,37 @@ class StreamingModel:
         self.n_blocks = len(self.layers)
 
         self._conversions = _conversions(self.model)
-        meta_state = dict(self.model.state_dict(keep_vars=True))
-        self._sources = self._group_checkpoint_keys(meta_state)
+        self._targets = self._module_names_of_checkpoint_keys()
+        self._sources = self._group_by_block(self._targets)
 
     @classmethod
-    def from_resolved(cls, resolved, adapter, *, device: torch.device, dtype: torch.dtype | None = None) -> StreamingModel:
+    def from_resolved(
+        cls, resolved, adapter, *, device: torch.device, dtype: torch.dtype | None = None
+    ) -> StreamingModel:
         return cls(resolved.config, resolved.weight_files, adapter, device=device, dtype=dtype)
 
-    def _group_checkpoint_keys(self, meta_state: dict[str, Any]) -> dict[int | None, list[str]]:
+    def _module_names_of_checkpoint_keys(self) -> dict[str, str]:
+        """Checkpoint key -> the module tensor it becomes (its first target, for keys fused into one)."""
+        if not self._conversions:
+            return {k: k for k in self.reader.names()}
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+        renamings = [c for c in self._conversions if isinstance(c, WeightRenaming)]
+        converters = [c for c in self._conversions if isinstance(c, WeightConverter)]
+        base = getattr(self.model, "base_model_prefix", None)
+        meta_state = self._meta_state()
+        return {
+            k: rename_source_key(k, renamings, converters, base, meta_state)[0] for k in self.reader.names()
+        }
+
+    def _group_by_block(self, targets: dict[str, str]) -> dict[int | None, list[str]]:
         """Checkpoint keys by the block they belong to (None: not in a block)."""
         prefix = self.layers_prefix + "."
         groups: dict[int | None, list[str]] = defaultdict(list)
-        if self._conversions:
-            from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-
-            renamings = [c for c in self._conversions if isinstance(c, WeightRenaming)]
-            converters = [c for c in self._conversions if isinstance(c, WeightConverter)]
-            base = getattr(self.model, "base_model_prefix", None)
-            targets = {k: rename_source_key(k, renamings, converters, base, meta_state)[0] for k in self.reader.names()}
-        else:
-            targets = {k: k for k in self.reader.names()}
         for key, target in targets.items():
             block = None
             if target.startswith(prefix):
-                head = target[len(prefix):].split(".", 1)[0]
+                head = target[len(prefix) :].split(".", 1)[0]
                 block = int(head) if head.isdigit() else None
             groups[block].append(key)
         return groups
@@ -256,31 +290,27 @@ class StreamingModel:
         else:
             raise InputError(f"checkpoint tensor {name!r} has no place in {type(self.model).__name__}")
 
-    def load_non_block(self, *, skip_output_embedding: bool = True) -> None:
-        """Embeddings, final norm, rotary and other buffers: what runs before and after the blocks."""
-        keys = self._sources.get(None, [])
+    def load_non_block(self) -> None:
+        """Embeddings, final norm, rotary and other buffers: what runs before the blocks (lm_head, unless tied to
+        the embedding, is left on meta: it is read again, tensor by tensor, when it is written)."""
         out_emb = self.model.get_output_embeddings()
-        out_name = None
-        if skip_output_embedding and out_emb is not None:
-            out_name = next((n for n, m in self.model.named_modules() if m is out_emb), None)
         tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
+        skip = None
+        if out_emb is not None and not tied:
+            skip = next((f"{n}.weight" for n, m in self.model.named_modules() if m is out_emb), None)
+        keys = [k for k in self._sources.get(None, []) if self._targets[k] != skip]
         # Buffers first: transformers' init of their owner (an embedding with an embed_scale) also re-inits its
         # weights, which must not overwrite what is loaded next.
-        self._init_buffers(outside_blocks=True)
+        self._init_buffers(self.model, skip_prefix=self.layers_prefix + ".")
         for name, value in self._module_tensors(keys).items():
-            if out_name is not None and name == f"{out_name}.weight" and not tied:
-                continue  # lm_head is read again, tensor by tensor, when it is written
             self._set(name, value)
         self.model.tie_weights()
 
-    def _init_buffers(self, outside_blocks: bool, block: nn.Module | None = None) -> None:
+    def _init_buffers(self, root: nn.Module, skip_prefix: str | None = None) -> None:
         """Buffers not in the checkpoint (rotary inv_freq, embed scales) computed by transformers' own init."""
-        root = block if block is not None else self.model
         owners = set()
         for name, buf in list(root.named_buffers()):
-            if buf.device.type != "meta":
-                continue
-            if outside_blocks and block is None and name.startswith(self.layers_prefix + "."):
+            if buf.device.type != "meta" or (skip_prefix and name.startswith(skip_prefix)):
                 continue
             module_name, _, attr = name.rpartition(".")
             module = root.get_submodule(module_name) if module_name else root
@@ -302,10 +332,10 @@ class StreamingModel:
                     module._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
 
     def load_block(self, index: int) -> nn.Module:
-        """Block `index` with its weights read from the shards, on the device, in the compute dtype."""
+        """Block `index` with its weights read from the shards, on the device, in the compute dtype, experts unfused."""
         block = self.layers[index]
         prefix = self.block_prefix(index) + "."
-        self._init_buffers(outside_blocks=False, block=block)  # before the weights, see load_non_block
+        self._init_buffers(block)  # before the weights, see load_non_block
         for name, value in self._module_tensors(self._sources.get(index, [])).items():
             if not name.startswith(prefix):
                 raise AWQForgeError(f"checkpoint tensor for block {index} maps outside it: {name}")
@@ -313,15 +343,17 @@ class StreamingModel:
         missing = [n for n, p in block.named_parameters() if p.device.type == "meta"]
         if missing:
             raise InputError(f"block {index}: tensors missing from the checkpoint: {missing[:6]}")
-        return block
+        # Fused MoE experts become per-expert linears, named as in the checkpoint (adapter.checkpoint_name).
+        return self.adapter.prepare_block(block)
 
     def free_block(self, index: int) -> None:
-        """Back to meta: the block's memory is released."""
+        """Back to meta: the block's memory is released (and handed back to the OS, see release_memory)."""
         block = self.layers[index]
         for module in block.modules():
             for attr, p in list(module._parameters.items()):
                 if p is not None:
                     module._parameters[attr] = nn.Parameter(p.to("meta"), requires_grad=False)
+        release_memory(self.device)
 
     def block_tensors_for_checkpoint(self, index: int, exclude: set[str]) -> dict[str, torch.Tensor]:
         """The block's current tensors (after scale folding, experts unfused) under checkpoint names, in the
@@ -332,7 +364,9 @@ class StreamingModel:
             if name in exclude:
                 continue
             t = t.detach()
-            out[self.adapter.checkpoint_name(f"{prefix}.{name}")] = t.to(self.checkpoint_dtype) if t.is_floating_point() else t
+            out[self.adapter.checkpoint_name(f"{prefix}.{name}")] = (
+                t.to(self.checkpoint_dtype) if t.is_floating_point() else t
+            )
         return out
 
     def non_block_checkpoint_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -360,7 +394,9 @@ class StreamingModel:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
         if captured.inputs is None or len(captured.layer_kwargs) != self.n_blocks:
-            raise AWQForgeError("capturing the decoder layers' inputs failed: the model did not call every layer")
+            raise AWQForgeError(
+                "capturing the decoder layers' inputs failed: the model did not call every layer"
+            )
         return captured
 
     def _run_until_stop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:

@@ -69,7 +69,9 @@ def memory_bandwidth_gbs(size_bytes: int = 1 << 30) -> dict[str, float]:
     return {"read": read, "copy": copy}
 
 
-def time_round_robin(fns: dict[str, Callable[[int], object]], rounds: int, budget_s: float) -> dict[str, float]:
+def time_round_robin(
+    fns: dict[str, Callable[[int], object]], rounds: int, budget_s: float
+) -> dict[str, float]:
     """Seconds per call of each fn(i) (i: call index, used to pick a weight copy), best round."""
     calls = {}
     for name, fn in fns.items():
@@ -106,52 +108,51 @@ def bench_cpu(shapes, batches, rounds: int, budget_s: float) -> None:
     print(header)
     print("-" * len(header))
     for n, k in shapes:
-        qt = random_qt(n, k, GROUP)
-        ours = packing.pack_cpu_w4(qt)
-        ours_bytes = ours["qdata"].nbytes + ours["params"].nbytes
-        ours_w = [(ours["qdata"].clone(), ours["params"].clone()) for _ in range(n_copies(ours_bytes, llc))]
-        fp32_w = [torch.randn(n, k) for _ in range(n_copies(n * k * 4, llc))]
-        t4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.qweight.to(torch.int32), 1)
-        s, z = qt.scales.float(), qt.zeros.float()
-        t4_sz = torch.stack([s.t(), ((8 - z) * s).t()], -1).to(torch.bfloat16).contiguous()
-        t4_w = [(t4.clone(), t4_sz.clone()) for _ in range(n_copies(t4.nbytes + t4_sz.nbytes, llc))]
-        for m in batches:
-            x = torch.randn(m, k)
-            xb = x.bfloat16()
+        for line in cpu_rows(n, k, batches, llc, bw["read"], rounds, budget_s):
+            print(line, flush=True)
 
-            def ours_f32(i, x=x):
-                q, p = ours_w[i % len(ours_w)]
-                return cpu.w4_linear_cpu(x, q, p, n, GROUP)
 
-            def ours_bf16(i, xb=xb):
-                q, p = ours_w[i % len(ours_w)]
-                return cpu.w4_linear_cpu(xb, q, p, n, GROUP)
+def cpu_rows(n: int, k: int, batches, llc: int, read_bw: float, rounds: int, budget_s: float):
+    """One table row per batch size for weight N x K (weight copies live for this call only)."""
+    from awqforge.kernels import cpu
 
-            def fp32(i, x=x):
-                return F.linear(x, fp32_w[i % len(fp32_w)])
+    qt = random_qt(n, k, GROUP)
+    ours = packing.pack_cpu_w4(qt)
+    ours_bytes = ours["qdata"].nbytes + ours["params"].nbytes
+    ours_w = [(ours["qdata"].clone(), ours["params"].clone()) for _ in range(n_copies(ours_bytes, llc))]
+    fp32_w = [torch.randn(n, k) for _ in range(n_copies(n * k * 4, llc))]
+    t4 = torch.ops.aten._convert_weight_to_int4pack_for_cpu(qt.qweight.to(torch.int32), 1)
+    s, z = qt.scales.float(), qt.zeros.float()
+    # torch's int4 op dequantizes (q - 8) * scale + zero: zero = (8 - z) * s in our convention
+    t4_sz = torch.stack([s.t(), ((8 - z) * s).t()], -1).to(torch.bfloat16).contiguous()
+    t4_w = [(t4.clone(), t4_sz.clone()) for _ in range(n_copies(t4.nbytes + t4_sz.nbytes, llc))]
 
-            def int4(i, xb=xb):
-                w, sz = t4_w[i % len(t4_w)]
-                return torch.ops.aten._weight_int4pack_mm_for_cpu(xb, w, GROUP, sz)
+    def ours_call(x):
+        return lambda i: cpu.w4_linear_cpu(x, *ours_w[i % len(ours_w)], n, GROUP)
 
-            t = time_round_robin(
-                {"ours": ours_f32, "ours_bf16": ours_bf16, "fp32": fp32, "int4": int4}, rounds, budget_s
-            )
-            gbs = ours_bytes / t["ours"] / 1e9
-            print(
-                f"{f'{n}x{k}':>12} {m:>4} | {t['ours'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} "
-                f"{t['fp32'] * 1e3:9.3f} {t['int4'] * 1e3:9.3f} | {t['fp32'] / t['ours']:6.2f}x "
-                f"{t['int4'] / t['ours_bf16']:6.2f}x | {gbs:9.1f} {100 * gbs / bw['read']:4.0f}%",
-                flush=True,
-            )
-        del ours_w, fp32_w, t4_w
+    def fp32_call(x):
+        return lambda i: F.linear(x, fp32_w[i % len(fp32_w)])
+
+    def int4_call(x):
+        return lambda i: torch.ops.aten._weight_int4pack_mm_for_cpu(
+            x, t4_w[i % len(t4_w)][0], GROUP, t4_w[i % len(t4_w)][1]
+        )
+
+    for m in batches:
+        x = torch.randn(m, k)
+        xb = x.bfloat16()
+        fns = {"ours": ours_call(x), "ours_bf16": ours_call(xb), "fp32": fp32_call(x), "int4": int4_call(xb)}
+        t = time_round_robin(fns, rounds, budget_s)
+        gbs = ours_bytes / t["ours"] / 1e9
+        yield (
+            f"{f'{n}x{k}':>12} {m:>4} | {t['ours'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} "
+            f"{t['fp32'] * 1e3:9.3f} {t['int4'] * 1e3:9.3f} | {t['fp32'] / t['ours']:6.2f}x "
+            f"{t['int4'] / t['ours_bf16']:6.2f}x | {gbs:9.1f} {100 * gbs / read_bw:4.0f}%"
+        )
 
 
 def bench_gpu(shapes, batches, rounds: int) -> None:
-    from awqforge.kernels import triton_w4a16
-
     dev = torch.device("cuda")
-    l2 = 128 << 20  # more than any current GPU's L2
     print(f"\nGPU: {torch.cuda.get_device_name(dev)}; ours = Triton W4A16 (AWQ gemm layout), fp16")
     header = (
         f"{'N x K':>12} {'M':>4} | {'ours ms':>8} {'fp16 ms':>8} {'speedup':>7} | "
@@ -160,39 +161,51 @@ def bench_gpu(shapes, batches, rounds: int) -> None:
     print(header)
     print("-" * len(header))
     for n, k in shapes:
-        qt = random_qt(n, k, GROUP)
-        awq = {key: v.to(dev) for key, v in packing.pack_awq_gemm(qt).items()}
-        w_bytes = sum(v.nbytes for v in awq.values())
-        ours_w = [{key: v.clone() for key, v in awq.items()} for _ in range(n_copies(w_bytes, l2))]
-        fp16_w = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(n_copies(n * k * 2, l2))]
-        for m in batches:
-            x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            fns = {
-                "ours": lambda i, x=x: triton_w4a16.w4a16_linear(
-                    x, ours_w[i % len(ours_w)]["qweight"], ours_w[i % len(ours_w)]["qzeros"],
-                    ours_w[i % len(ours_w)]["scales"], GROUP,
-                ),
-                "fp16": lambda i, x=x: F.linear(x, fp16_w[i % len(fp16_w)]),
-            }
-            best = dict.fromkeys(fns, math.inf)
-            for _ in range(rounds):
-                for name, fn in fns.items():
-                    fn(0)
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                    for i in range(50):
-                        fn(i)
-                    end.record()
-                    torch.cuda.synchronize()
-                    best[name] = min(best[name], start.elapsed_time(end) / 1e3 / 50)
-            flops = 2 * m * n * k
-            print(
-                f"{f'{n}x{k}':>12} {m:>4} | {best['ours'] * 1e3:8.4f} {best['fp16'] * 1e3:8.4f} "
-                f"{best['fp16'] / best['ours']:6.2f}x | {flops / best['ours'] / 1e12:12.2f} "
-                f"{w_bytes / best['ours'] / 1e9:9.0f} {n * k * 2 / best['fp16'] / 1e9:9.0f}",
-                flush=True,
-            )
-        del ours_w, fp16_w
+        for line in gpu_rows(n, k, batches, rounds):
+            print(line, flush=True)
+
+
+def gpu_rows(n: int, k: int, batches, rounds: int):
+    from awqforge.kernels import triton_w4a16
+
+    dev = torch.device("cuda")
+    l2 = 128 << 20  # more than any current GPU's L2
+    qt = random_qt(n, k, GROUP)
+    awq = {key: v.to(dev) for key, v in packing.pack_awq_gemm(qt).items()}
+    w_bytes = sum(v.nbytes for v in awq.values())
+    ours_w = [{key: v.clone() for key, v in awq.items()} for _ in range(n_copies(w_bytes, l2))]
+    fp16_w = [torch.randn(n, k, device=dev, dtype=torch.float16) for _ in range(n_copies(n * k * 2, l2))]
+
+    def ours_call(x):
+        def call(i):
+            w = ours_w[i % len(ours_w)]
+            return triton_w4a16.w4a16_linear(x, w["qweight"], w["qzeros"], w["scales"], GROUP)
+
+        return call
+
+    def fp16_call(x):
+        return lambda i: F.linear(x, fp16_w[i % len(fp16_w)])
+
+    for m in batches:
+        x = torch.randn(m, k, device=dev, dtype=torch.float16)
+        fns = {"ours": ours_call(x), "fp16": fp16_call(x)}
+        best = dict.fromkeys(fns, math.inf)
+        for _ in range(rounds):
+            for name, fn in fns.items():
+                fn(0)
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                for i in range(50):
+                    fn(i)
+                end.record()
+                torch.cuda.synchronize()
+                best[name] = min(best[name], start.elapsed_time(end) / 1e3 / 50)
+        flops = 2 * m * n * k
+        yield (
+            f"{f'{n}x{k}':>12} {m:>4} | {best['ours'] * 1e3:8.4f} {best['fp16'] * 1e3:8.4f} "
+            f"{best['fp16'] / best['ours']:6.2f}x | {flops / best['ours'] / 1e12:12.2f} "
+            f"{w_bytes / best['ours'] / 1e9:9.0f} {n * k * 2 / best['fp16'] / 1e9:9.0f}"
+        )
 
 
 def main() -> None:

@@ -153,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="llm-compressor's duo_scaling (its default is true, like ours)")
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-rtn", action="store_true")
+    ap.add_argument("--crosscheck", action="store_true",
+                    help="also score FP with awqforge.evaluate.perplexity (must equal bench/common's number)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: all cores)")
     ap.add_argument("--work-dir", default="/tmp/awqforge-bench-quality")
     args = ap.parse_args(argv)
@@ -190,10 +192,11 @@ def main(argv: list[str] | None = None) -> int:
 
     fp_model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
     fp = common.perplexity(fp_model, windows, len(prefix))
-    # The engine's own evaluate.perplexity on the same text must agree with bench/common's copy of it.
-    from awqforge.evaluate import perplexity as engine_perplexity
+    if args.crosscheck:  # the engine's own evaluate.perplexity must agree with bench/common's copy of it
+        from awqforge.evaluate import perplexity as engine_perplexity
 
-    meta["fp_engine_perplexity"] = engine_perplexity(fp_model, tokenizer, text, args.eval_seq_len, args.eval_windows)
+        meta["fp_engine_perplexity"] = engine_perplexity(fp_model, tokenizer, text, args.eval_seq_len, args.eval_windows)
+        print(f"FP, awqforge.evaluate.perplexity: {meta['fp_engine_perplexity']}", flush=True)
     del fp_model
     print(f"FP: {fp}", flush=True)
 

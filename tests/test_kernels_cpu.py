@@ -82,7 +82,9 @@ def test_build_is_cached(ext):
     so = next(cpu.build_dir().glob("*.so"))
     before = so.stat().st_mtime_ns
     code = "from awqforge.kernels import cpu; cpu.load_extension(); print(cpu.build_dir())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=os.environ
+    )
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == str(cpu.build_dir())
     assert so.stat().st_mtime_ns == before

@@ -50,8 +50,9 @@ def test_matches_reference(n, k, group_size, dtype):
     for m in (1, 3, 17, 40):  # 40 > SMALL_M: the large-M launch
         x = torch.randn(m, k).to(dtype)
         ref = reference_linear(x.float(), qt, bias)
-        y = triton_w4a16.w4a16_linear(x.to(DEVICE), t["qweight"], t["qzeros"], t["scales"], group_size,
-                                      bias.to(DEVICE))
+        y = triton_w4a16.w4a16_linear(
+            x.to(DEVICE), t["qweight"], t["qzeros"], t["scales"], group_size, bias.to(DEVICE)
+        )
         assert y.dtype == dtype and y.shape == (m, n)
         assert rel_err(y, ref) < TOL[dtype], (m, rel_err(y, ref))
 
@@ -68,6 +69,10 @@ def test_split_k(split_k):
 def test_rejects_bad_inputs():
     t, _ = awq_case(16, 64, 32)
     with pytest.raises(TypeError):
-        triton_w4a16.w4a16_linear(torch.randn(1, 64, device=DEVICE), t["qweight"], t["qzeros"], t["scales"], 32)
+        triton_w4a16.w4a16_linear(
+            torch.randn(1, 64, device=DEVICE), t["qweight"], t["qzeros"], t["scales"], 32
+        )
     with pytest.raises(ValueError, match="group size"):
-        triton_w4a16.w4a16_linear(torch.randn(1, 64, device=DEVICE).half(), t["qweight"], t["qzeros"], t["scales"], 16)
+        triton_w4a16.w4a16_linear(
+            torch.randn(1, 64, device=DEVICE).half(), t["qweight"], t["qzeros"], t["scales"], 16
+        )

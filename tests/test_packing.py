@@ -28,7 +28,9 @@ def random_qt(out_f: int, in_f: int, bits: int, group_size: int, symmetric: bool
 def assert_same_qt(a: QuantizedTensor, b: QuantizedTensor, scale_atol: float = 0.0) -> None:
     assert torch.equal(a.qweight, b.qweight)
     assert torch.equal(a.zeros, b.zeros)
-    torch.testing.assert_close(a.scales.float(), b.scales.float(), atol=scale_atol, rtol=1e-3 if scale_atol else 0)
+    torch.testing.assert_close(
+        a.scales.float(), b.scales.float(), atol=scale_atol, rtol=1e-3 if scale_atol else 0
+    )
     assert (a.bits, a.group_size) == (b.bits, b.group_size)
 
 

@@ -61,13 +61,17 @@ def test_end_to_end_both_formats(family, tiny_checkpoint, tiny_tokenizer, tmp_pa
     assert set(m["wall_time_s"]) == {"resolve", "calibrate", "quantize", "evaluate", "package"}
     assert m["peak_rss_bytes"] > 0 and m["size_after_bytes"] < m["size_before_bytes"]
     assert m["n_layers_quantized"] == len(report["layers"]) > 0
-    assert all({"mse_rtn", "mse_quant", "scale_ratio", "clip_ratio"} <= set(layer) for layer in report["layers"])
+    assert all(
+        {"mse_rtn", "mse_quant", "scale_ratio", "clip_ratio"} <= set(layer) for layer in report["layers"]
+    )
     assert report["mappings"] and math.isfinite(m["fp_perplexity"])
     assert "token" not in json.dumps(report["settings"].get("publish") or {})
 
     # progress: monotonic, every block reported, ends at 1
     assert [e.progress for e in events] == sorted(e.progress for e in events) and events[-1].progress == 1.0
-    assert max(e.block or 0 for e in events) == events[-1].n_blocks or any(e.block == e.n_blocks for e in events)
+    assert max(e.block or 0 for e in events) == events[-1].n_blocks or any(
+        e.block == e.n_blocks for e in events
+    )
 
     if family in ("qwen2_moe",):
         # load_quantized does not rebuild fused experts: the per-expert quantized tensors are checked on disk
@@ -102,7 +106,9 @@ def test_bf16_checkpoint(tiny_checkpoint, tmp_path):
     report = json.loads(result.report_path.read_text())
     assert report["source"]["dtype"] == "bfloat16" and report["environment"]["compute_dtype"] == "float32"
     with safe_open(str(result.artifacts["awq"] / "model.safetensors"), "pt") as f:
-        assert f.get_tensor("model.norm.weight").dtype == torch.bfloat16  # unquantized tensors keep their dtype
+        assert (
+            f.get_tensor("model.norm.weight").dtype == torch.bfloat16
+        )  # unquantized tensors keep their dtype
 
 
 def test_cancel_removes_partial_output(tiny_checkpoint, tmp_path):
@@ -115,7 +121,9 @@ def test_cancel_removes_partial_output(tiny_checkpoint, tmp_path):
             blocks_done.append(event.block)
 
     with pytest.raises(JobCancelled):
-        run_quantization(tiny_spec(ckpt, method="rtn"), out, progress=on_progress, cancel=lambda: bool(blocks_done))
+        run_quantization(
+            tiny_spec(ckpt, method="rtn"), out, progress=on_progress, cancel=lambda: bool(blocks_done)
+        )
     assert blocks_done == [1]  # stopped between blocks
     assert not out.exists()  # created by the job, removed with everything in it
 
@@ -204,13 +212,21 @@ def test_streaming_peak_rss_is_bounded(tmp_path, tiny_tokenizer):
     for layers in (2, 8):
         folder = tmp_path / f"m{layers}"
         build_tiny_model(
-            "llama", hidden_size=512, intermediate_size=1536, num_attention_heads=8, num_key_value_heads=4,
-            head_dim=64, num_hidden_layers=layers, outliers=False,
+            "llama",
+            hidden_size=512,
+            intermediate_size=1536,
+            num_attention_heads=8,
+            num_key_value_heads=4,
+            head_dim=64,
+            num_hidden_layers=layers,
+            outliers=False,
         ).save_pretrained(folder)
         tiny_tokenizer.save_pretrained(folder)
         procs[layers] = subprocess.Popen(
             [sys.executable, str(script), str(folder), str(tmp_path / f"o{layers}")],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
     metrics = {}
     for layers, proc in procs.items():

@@ -78,7 +78,9 @@ def test_state_dict_round_trip_and_cache_invalidation():
 def test_kernels_can_be_switched_off(monkeypatch):
     layer = QuantLinear.from_linear(nn.Linear(64, 32), group_size=32)
     calls = []
-    monkeypatch.setattr(QuantLinear, "reference_forward", lambda self, x: calls.append(1) or x @ torch.zeros(64, 32))
+    monkeypatch.setattr(
+        QuantLinear, "reference_forward", lambda self, x: calls.append(1) or x @ torch.zeros(64, 32)
+    )
     layer(torch.randn(1, 64))
     assert not calls
     monkeypatch.setenv("AWQFORGE_KERNELS", "0")
@@ -104,8 +106,15 @@ def test_failed_cpu_build_falls_back_with_warning(monkeypatch):
 def test_rejects_mismatched_quantized_tensor():
     layer = QuantLinear(64, 32, bits=4, group_size=32)
     with pytest.raises(ValueError, match="does not fit"):
-        layer.load_quantized(QuantizedTensor(torch.zeros(32, 64, dtype=torch.uint8), torch.ones(32, 1),
-                                             torch.zeros(32, 1, dtype=torch.uint8), 4, -1))
+        layer.load_quantized(
+            QuantizedTensor(
+                torch.zeros(32, 64, dtype=torch.uint8),
+                torch.ones(32, 1),
+                torch.zeros(32, 1, dtype=torch.uint8),
+                4,
+                -1,
+            )
+        )
 
 
 @pytest.fixture
@@ -134,7 +143,7 @@ def test_smollm2_greedy_tokens_kernel_equals_reference(one_thread):
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     model.eval()
     layers = []
-    for name, module in list(model.model.layers.named_modules()):
+    for module in model.model.layers.modules():
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 q = QuantLinear.from_linear(child, bits=4, group_size=64)
@@ -148,7 +157,7 @@ def test_smollm2_greedy_tokens_kernel_equals_reference(one_thread):
             q.use_kernel = use_kernel
         with torch.no_grad():
             out = model.generate(ids, max_new_tokens=6, do_sample=False)
-        return out[0, ids.shape[1]:].tolist()
+        return out[0, ids.shape[1] :].tolist()
 
     kernel_tokens = greedy(True)
     assert kernel_tokens == greedy(False)

@@ -31,11 +31,23 @@ SMALL_M = 32
 
 @triton.jit
 def _w4a16_kernel(
-    x_ptr, qw_ptr, qz_ptr, s_ptr, y_ptr,
-    M, N, K, group_size,
-    stride_xm, stride_ym,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr, GROUP_M: tl.constexpr, DOT_F32: tl.constexpr,
+    x_ptr,
+    qw_ptr,
+    qz_ptr,
+    s_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    group_size,
+    stride_xm,
+    stride_ym,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -65,10 +77,16 @@ def _w4a16_kernel(
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         mask_k = offs_k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
-                    mask=mask_m[:, None] & mask_k[None, :], other=0.0)
-        qw = tl.load(qw_ptr + offs_k[:, None] * (N // 8) + word_n[None, :],
-                     mask=mask_k[:, None] & mask_n[None, :], other=0)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+            mask=mask_m[:, None] & mask_k[None, :],
+            other=0.0,
+        )
+        qw = tl.load(
+            qw_ptr + offs_k[:, None] * (N // 8) + word_n[None, :],
+            mask=mask_k[:, None] & mask_n[None, :],
+            other=0,
+        )
         g = k0 // group_size  # BLOCK_K divides group_size: one group per tile
         qz = tl.load(qz_ptr + g * (N // 8) + word_n, mask=mask_n, other=0)
         s = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0)
@@ -139,15 +157,29 @@ def w4a16_linear(
     else:
         block_m, block_n = (64, 128) if M >= 128 else (32, 128)
         split_k = split_k or 1
-    y = torch.zeros(M, N, device=x.device, dtype=torch.float32) if split_k > 1 else torch.empty(
-        M, N, device=x.device, dtype=x.dtype
+    y = (
+        torch.zeros(M, N, device=x.device, dtype=torch.float32)
+        if split_k > 1
+        else torch.empty(M, N, device=x.device, dtype=x.dtype)
     )
     grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
     _w4a16_kernel[grid](
-        x2, qweight, qzeros, scales, y,
-        M, N, K, g,
-        x2.stride(0), y.stride(0),
-        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k, GROUP_M=8,
+        x2,
+        qweight,
+        qzeros,
+        scales,
+        y,
+        M,
+        N,
+        K,
+        g,
+        x2.stride(0),
+        y.stride(0),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        GROUP_M=8,
         DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
     )
     y = y.to(x.dtype)

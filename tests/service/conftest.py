@@ -1,8 +1,8 @@
 """Fixtures for the service tests: a fresh Postgres database, a Redis key prefix, a Celery worker
 process and the API in a thread, all made for this run and removed after it.
 
-Needs the real services (AWQFORGE_TEST_PG, AWQFORGE_TEST_REDIS; defaults: local Postgres with trust
-auth and local Redis). The environment is set here, before any `app` module is imported, because
+Needs the real services (AWQFORGE_TEST_DATABASE_URL, AWQFORGE_TEST_REDIS_URL; defaults: local Postgres
+with trust auth, database `test`, and local Redis). The environment is set here, before any `app` module is imported, because
 `app.core.config.settings` is read once at import.
 """
 
@@ -21,8 +21,17 @@ from pathlib import Path
 
 import pytest
 
-PG_ADMIN_URL = os.environ.get("AWQFORGE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/test")
-REDIS_URL = os.environ.get("AWQFORGE_TEST_REDIS", "redis://127.0.0.1:6379/0")
+# An existing database on the test server (new databases are created beside it) and a Redis URL.
+PG_ADMIN_URL = (
+    os.environ.get("AWQFORGE_TEST_DATABASE_URL")
+    or os.environ.get("AWQFORGE_TEST_PG")
+    or "postgresql://postgres@127.0.0.1:5432/test"
+).replace("postgresql+psycopg://", "postgresql://", 1)
+REDIS_URL = (
+    os.environ.get("AWQFORGE_TEST_REDIS_URL")
+    or os.environ.get("AWQFORGE_TEST_REDIS")
+    or "redis://127.0.0.1:6379/0"
+)
 RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"awqf_test_{RUN_ID}"
 QUEUE_PREFIX = f"awqf-test-{RUN_ID}-"
@@ -216,7 +225,7 @@ def tiny_models():
 @pytest.fixture(scope="session")
 def service(tiny_models):
     if not services_available():
-        pytest.skip("Postgres and Redis are needed (AWQFORGE_TEST_PG / AWQFORGE_TEST_REDIS)")
+        pytest.skip("Postgres and Redis are needed (AWQFORGE_TEST_DATABASE_URL / AWQFORGE_TEST_REDIS_URL)")
     _create_database()
     worker = server = None
     try:

@@ -26,7 +26,9 @@ def test_celery_settings_for_long_jobs():
     assert conf.task_soft_time_limit < conf.task_time_limit
     assert conf.broker_transport_options["visibility_timeout"] > conf.task_time_limit
     assert conf.broker_transport_options["global_keyprefix"] == SERVICE_ENV["CELERY_QUEUE_PREFIX"]
-    assert {q.name for q in conf.task_queues} == {settings.queue_name(q) for q in ("cpu", "gpu-24g", "gpu-80g")}
+    assert {q.name for q in conf.task_queues} == {
+        settings.queue_name(q) for q in ("cpu", "gpu-24g", "gpu-80g")
+    }
     assert all(q.exchange.name == q.name == q.routing_key for q in conf.task_queues)
 
 
@@ -49,8 +51,14 @@ def test_queue_routing_by_checkpoint_size(tmp_path, monkeypatch):
 @pytest.mark.parametrize(
     "env, message",
     [
-        ({"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://x/y", "REDIS_URL": "redis://r"}, "SECRET_KEY must be set"),
-        ({"ENVIRONMENT": "production", "SECRET_KEY": "changethis", "DATABASE_URL": "postgresql://x/y"}, "SECRET_KEY is a default"),
+        (
+            {"ENVIRONMENT": "production", "DATABASE_URL": "postgresql://x/y", "REDIS_URL": "redis://r"},
+            "SECRET_KEY must be set",
+        ),
+        (
+            {"ENVIRONMENT": "production", "SECRET_KEY": "changethis", "DATABASE_URL": "postgresql://x/y"},
+            "SECRET_KEY is a default",
+        ),
         ({"ENVIRONMENT": "staging", "SECRET_KEY": "x" * 40}, "no embedded mode"),
         ({"IDEMPOTENCY_TTL_HOURS": "1"}, "IDEMPOTENCY_TTL_HOURS"),
         ({"JOB_SOFT_TIME_LIMIT_S": "7200", "JOB_HARD_TIME_LIMIT_S": "3600"}, "JOB_HARD_TIME_LIMIT_S"),
@@ -67,3 +75,50 @@ def test_settings_refuse_unsafe_values(env, message, monkeypatch):
         monkeypatch.setenv(k, v)
     with pytest.raises(ValidationError, match=message):
         Settings(_env_file=None)
+
+
+def test_publish_backends(tmp_path, monkeypatch):
+    from app.core.config import settings
+    from worker import hub
+
+    calls = []
+
+    class FakeApi:
+        endpoint = "https://hub.example"
+
+        def __init__(self, endpoint=None, token=None):
+            calls.append(("init", endpoint, token))
+
+        def create_repo(self, repo_id, **kw):
+            calls.append(("create_repo", repo_id, kw["private"]))
+
+        def upload_folder(self, **kw):
+            calls.append(("upload_folder", kw["repo_id"], kw["path_in_repo"]))
+            return type("Info", (), {"commit_url": "https://hub.example/acme/m/commit/1"})()
+
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    folder = tmp_path / "awq"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+
+    monkeypatch.setattr(settings, "PUBLISH_BACKEND", "auto")
+    remote = hub.hub_for("hf_token")
+    assert isinstance(remote, hub.HuggingFaceHub)
+    assert remote.publish(folder, "acme/m", private=True, path_in_repo="awq").endswith("/commit/1")
+    assert calls == [
+        ("init", None, "hf_token"),
+        ("create_repo", "acme/m", True),
+        ("upload_folder", "acme/m", "awq"),
+    ]
+
+    monkeypatch.setattr(settings, "HUB_DIR", tmp_path / "hub")
+    local = hub.hub_for(None)
+    assert isinstance(local, hub.LocalHub)
+    assert (tmp_path / "hub" / "acme" / "m" / "config.json").exists() is False
+    local.publish(folder, "acme/m", private=True)
+    local.publish(folder, "acme/m", private=True)  # re-publishing replaces
+    assert (tmp_path / "hub" / "acme" / "m" / "config.json").exists()
+    with pytest.raises(ValueError):
+        local.publish(folder, "../../etc", private=True)

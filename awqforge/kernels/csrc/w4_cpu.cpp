@@ -8,8 +8,9 @@
 // acc = sum_k q[n,k] * x[m,k] in fp32 registers, then y += s * acc + o * sum_k x[m,k].
 // Each decoded weight vector is used for MT rows; the whole FP weight never exists.
 //
-// Large M ("panel" path): decode a panel of output channels, W^T [K, Nc] fp32 (a few MB, lives
-// in cache), and let the BLAS sgemm that F.linear uses multiply it; then decode the next panel.
+// Large M ("panel" path): each thread decodes a panel of its output channels, W^T [K, Nc] fp32
+// (a few MB, lives in cache), and lets the BLAS sgemm that F.linear uses multiply it; then decodes
+// its next panel.
 // Decoding costs O(N*K) against the GEMM's O(M*N*K), so at large M this is as fast as the FP
 // GEMM while reading 1/8 of the weight bytes from memory.
 //
@@ -121,6 +122,7 @@ AWQF_AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t m0) {
         for (int v = 0; v < NS; ++v) acc[m][v][0] = acc[m][v][1] = _mm256_setzero_ps();
       const uint8_t* q = qg + v0 * 8;
       for (int64_t kp = 0; kp < p.g / 2; ++kp, q += kBlockN) {
+        if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + p.prefetch), _MM_HINT_T0);
         // Decode one 8-channel vector and use it at once: keeps the live registers to the
         // 2*MT*NS accumulators plus a handful (AVX2 has 16).
 #pragma GCC unroll 4
@@ -306,31 +308,41 @@ void run_tiles(const Problem& p, Isa isa, int nthreads) {
   }
 }
 
+void decode_block(const Problem& p, Isa isa, int64_t b, float* wt, int64_t ldw, int64_t col0) {
+#if AWQF_HAVE_X86
+  if (isa == kAvx512) return decode_block_avx512(p, b, wt, ldw, col0);
+  if (isa == kAvx2) return decode_block_avx2(p, b, wt, ldw, col0);
+#endif
+  decode_block_scalar(p, b, wt, ldw, col0);
+}
+
+// One parallel region: each thread owns a contiguous range of blocks, decodes them panel by panel
+// into its own buffer (still warm in its caches) and multiplies with a single-threaded sgemm (BLAS
+// calls inside an OpenMP region do not spawn threads of their own). One fork/join per call instead
+// of two per panel matters on a shared, oversubscribed machine.
 void run_panels(const Problem& p, const torch::Tensor& x, torch::Tensor& y, Isa isa, int nthreads,
                 int64_t panel_blocks) {
-  auto panel = torch::empty({p.K, panel_blocks * kBlockN}, x.options());
-  float* wt = panel.data_ptr<float>();
   const int64_t ldw = panel_blocks * kBlockN;
-  for (int64_t b0 = 0; b0 < p.NB; b0 += panel_blocks) {
-    const int64_t nb = std::min(panel_blocks, p.NB - b0);
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (int64_t i = 0; i < nb; ++i) {
-#if AWQF_HAVE_X86
-      if (isa == kAvx512) {
-        decode_block_avx512(p, b0 + i, wt, ldw, i * kBlockN);
-        continue;
-      }
-      if (isa == kAvx2) {
-        decode_block_avx2(p, b0 + i, wt, ldw, i * kBlockN);
-        continue;
-      }
+  const int64_t nt = std::max<int64_t>(1, std::min<int64_t>(nthreads, p.NB));
+  auto panels = torch::empty({nt, p.K, ldw}, x.options());
+#pragma omp parallel num_threads(nt)
+  {
+#ifdef _OPENMP
+    const int64_t t = omp_get_thread_num();
+#else
+    const int64_t t = 0;
 #endif
-      decode_block_scalar(p, b0 + i, wt, ldw, i * kBlockN);
+    const int64_t b_begin = p.NB * t / nt, b_end = p.NB * (t + 1) / nt;
+    auto panel = panels[t];
+    float* wt = panel.data_ptr<float>();
+    for (int64_t b0 = b_begin; b0 < b_end; b0 += panel_blocks) {
+      const int64_t nb = std::min(panel_blocks, b_end - b0);
+      for (int64_t i = 0; i < nb; ++i) decode_block(p, isa, b0 + i, wt, ldw, i * kBlockN);
+      const int64_t n0 = b0 * kBlockN;
+      const int64_t ncols = std::min(nb * kBlockN, p.N - n0);
+      auto out = y.narrow(1, n0, ncols);
+      at::mm_out(out, x, panel.narrow(1, 0, ncols));
     }
-    const int64_t n0 = b0 * kBlockN;
-    const int64_t ncols = std::min(nb * kBlockN, p.N - n0);
-    auto out = y.narrow(1, n0, ncols);
-    at::mm_out(out, x, panel.narrow(1, 0, ncols));
   }
 }
 

@@ -1,0 +1,112 @@
+"""The `awqforge` command line, run as a user runs it (subprocess), plus plugin dispatch in process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from awqforge import cli
+from awqforge.calibration import BUNDLED_CALIBRATION_TEXT, BUNDLED_EVAL_TEXT
+
+
+def awqforge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "awqforge", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def test_quantize_then_eval(tiny_checkpoint, tmp_path):
+    ckpt = tiny_checkpoint("llama")
+    out = tmp_path / "out"
+    proc = awqforge(
+        "quantize",
+        str(ckpt),
+        "--out",
+        str(out),
+        "--group-size",
+        "64",
+        "--calib",
+        f"file:{BUNDLED_CALIBRATION_TEXT}",
+        "--n-samples",
+        "8",
+        "--seq-len",
+        "64",
+        "--n-grid",
+        "6",
+        "--format",
+        "awq",
+        "--format",
+        "compressed-tensors",
+        "--device",
+        "cpu",
+        "--eval-seq-len",
+        "64",
+        "--eval-max-seqs",
+        "2",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"artifact (awq): {out / 'awq'}" in proc.stdout
+    assert f"artifact (compressed-tensors): {out / 'compressed-tensors'}" in proc.stdout
+    assert "perplexity: FP" in proc.stdout and "report:" in proc.stdout
+    assert "block" in proc.stderr  # the tqdm bar over blocks
+    assert (out / "awq" / "quant_report.json").is_file()
+
+    proc = awqforge(
+        "eval",
+        str(out / "awq"),
+        "--text",
+        str(BUNDLED_EVAL_TEXT),
+        "--seq-len",
+        "64",
+        "--max-seqs",
+        "2",
+        "--device",
+        "cpu",
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["quantized"] is True and result["perplexity"] > 1 and result["n_windows"] == 2
+
+    proc = awqforge("eval", str(ckpt), "--seq-len", "64", "--max-seqs", "2", "--device", "cpu")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["quantized"] is False
+
+
+def test_errors_and_exit_codes(tmp_path):
+    proc = awqforge("quantize", str(tmp_path), "--out", str(tmp_path / "o"), "--bits", "5")
+    assert proc.returncode == 2 and "bits must be one of" in proc.stderr
+    proc = awqforge("quantize", "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "model" in proc.stderr
+    proc = awqforge("no-such-command")
+    assert proc.returncode == 2 and "invalid choice" in proc.stderr
+    proc = awqforge("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--device", "cpu")
+    assert proc.returncode == 1 and "does not exist" in proc.stderr
+
+
+def test_plugins_are_dispatched_without_importing_the_service(monkeypatch):
+    calls = []
+
+    class FakeEntryPoint:
+        name, value = "serve", "app.cli:serve_command"
+
+        def load(self):
+            return lambda argv: calls.append(argv) or 7
+
+    monkeypatch.setattr(cli, "_plugins", lambda: {"serve": FakeEntryPoint()})
+    assert cli.main(["serve", "--port", "1"]) == 7
+    assert calls == [["--port", "1"]]
+
+    code = "import sys, awqforge.cli as c; c.build_parser(); print(sorted(m for m in sys.modules if m.split('.')[0] in ('app', 'worker')))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["quantize", "--help"]])
+def test_help(argv, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    assert info.value.code == 0
+    assert "awqforge" in capsys.readouterr().out
