@@ -106,7 +106,7 @@ def run_demo(
     n_samples: int | None = None,
     seq_len: int | None = None,
 ) -> int:
-    """Run the demo; calibration defaults to 64 x 512 tokens with a GPU, 8 x 128 on a CPU."""
+    """Run the demo; calibration defaults to 64 x 512 tokens with a GPU, 8 x 64 on a CPU."""
     from app.core.db import session_scope
     from app.embedded import ServerThread, detect_queues, start_worker_process, stop_process
     from app.main import create_app
@@ -114,7 +114,7 @@ def run_demo(
 
     has_gpu = detect_queues() != ["cpu"]  # nvidia-smi: no CUDA initialised in this process
     n_samples = n_samples or (64 if has_gpu else 8)
-    seq_len = seq_len or (512 if has_gpu else 128)
+    seq_len = seq_len or (512 if has_gpu else 64)
     print("Preparing SmolLM2-135M-Instruct (converted once)...", flush=True)
     from awqforge.smollm import ensure_smollm2_checkpoint
 

@@ -17,6 +17,7 @@ name to its checkpoint tensor prefix (Mixtral: `.mlp.` -> `.block_sparse_moe.`).
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import re
 from collections.abc import Iterable
@@ -115,7 +116,9 @@ class ScaledActivation(nn.Module):
 class ExpertMLP(nn.Module):
     """One expert as three linears: down(act(gate(x)) * up(x))."""
 
-    def __init__(self, layout: ExpertLayout, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn: nn.Module):
+    def __init__(
+        self, layout: ExpertLayout, gate: nn.Linear, up: nn.Linear, down: nn.Linear, act_fn: nn.Module
+    ):
         super().__init__()
         self.layout = layout
         setattr(self, layout.gate, gate)
@@ -199,7 +202,10 @@ class ArchAdapter:
         if self.experts is None:
             return block
         for name, mod in list(block.named_modules()):
-            if isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and getattr(mod, "down_proj", None) is not None:
+            if (
+                isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+                and getattr(mod, "down_proj", None) is not None
+            ):
                 if mod.gate_up_proj.dim() != 3:
                     continue
                 parent_name, _, attr = name.rpartition(".")
@@ -231,7 +237,8 @@ class ArchAdapter:
                     inspect=modules[inspect_name] if inspect_name is not None else None,
                     absorb_names=absorb_names,
                     absorb=[modules[n] for n in absorb_names],
-                    norm_plus_one=self.norm_plus_one and not isinstance(modules[prev_name], (nn.Linear, nn.LayerNorm)),
+                    norm_plus_one=self.norm_plus_one
+                    and not isinstance(modules[prev_name], (nn.Linear, nn.LayerNorm)),
                     skip_reason=spec.disabled,
                 )
                 if m.skip_reason is None:
@@ -243,7 +250,9 @@ class ArchAdapter:
         """lm_head and MoE routers stay in full precision, whatever the settings."""
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
-    def quantizable_linears(self, block: nn.Module, skip_patterns: Iterable[str] = ()) -> dict[str, nn.Linear]:
+    def quantizable_linears(
+        self, block: nn.Module, skip_patterns: Iterable[str] = ()
+    ) -> dict[str, nn.Linear]:
         """The block's linears that get quantized, by name relative to the block."""
         self.prepare_block(block)
         skip = tuple(skip_patterns)
@@ -313,12 +322,19 @@ def _prev_rows(spec: MappingSpec, m: Mapping) -> tuple[slice | None, str | None]
 
 # ---- the registry -----------------------------------------------------------------------------
 
-_ATTN = MappingSpec("input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn")
+_ATTN = MappingSpec(
+    "input_layernorm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
+)
 _VO = MappingSpec("self_attn.v_proj", ("self_attn.o_proj",), "self_attn.o_proj")
 _MLP = MappingSpec("post_attention_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp")
 _UPDOWN = MappingSpec("mlp.up_proj", ("mlp.down_proj",), "mlp.down_proj")
 _LLAMA = (_ATTN, _VO, _MLP, _UPDOWN)
-_GEMMA2 = (_ATTN, _VO, MappingSpec("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"), _UPDOWN)
+_GEMMA2 = (
+    _ATTN,
+    _VO,
+    MappingSpec("pre_feedforward_layernorm", ("mlp.gate_proj", "mlp.up_proj"), "mlp"),
+    _UPDOWN,
+)
 
 
 def _moe_specs(gate: str, up: str, down: str, shared: bool) -> tuple[MappingSpec, ...]:
@@ -328,7 +344,11 @@ def _moe_specs(gate: str, up: str, down: str, shared: bool) -> tuple[MappingSpec
     if shared:
         linears += ("mlp.shared_expert.gate_proj", "mlp.shared_expert.up_proj")
         absorb += ("mlp.shared_expert_gate",)
-        extra = (MappingSpec("mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"),)
+        extra = (
+            MappingSpec(
+                "mlp.shared_expert.up_proj", ("mlp.shared_expert.down_proj",), "mlp.shared_expert.down_proj"
+            ),
+        )
     return (
         _ATTN,
         _VO,
@@ -348,7 +368,9 @@ _PHI3 = (
     MappingSpec("mlp.gate_up_proj", ("mlp.down_proj",), "mlp.down_proj", prev_rows="up"),
 )
 _OPT = (
-    MappingSpec("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"),
+    MappingSpec(
+        "self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "self_attn"
+    ),
     MappingSpec("self_attn.v_proj", ("self_attn.out_proj",), "self_attn.out_proj"),
     MappingSpec("final_layer_norm", ("fc1",), "fc1"),
     # ReLU is positively homogeneous: relu(x / s) = relu(x) / s, so fc1's rows take the scales exactly
@@ -386,10 +408,16 @@ _REGISTRY: dict[str, ArchAdapter] = {
         checkpoint_renames=((".mlp.", ".block_sparse_moe."),),
     ),
     "qwen2_moe": ArchAdapter(
-        "qwen2_moe", "model.layers", _moe_specs("gate_proj", "up_proj", "down_proj", shared=True), experts=ExpertLayout()
+        "qwen2_moe",
+        "model.layers",
+        _moe_specs("gate_proj", "up_proj", "down_proj", shared=True),
+        experts=ExpertLayout(),
     ),
     "qwen3_moe": ArchAdapter(
-        "qwen3_moe", "model.layers", _moe_specs("gate_proj", "up_proj", "down_proj", shared=False), experts=ExpertLayout()
+        "qwen3_moe",
+        "model.layers",
+        _moe_specs("gate_proj", "up_proj", "down_proj", shared=False),
+        experts=ExpertLayout(),
     ),
 }
 
@@ -400,6 +428,13 @@ def get_adapter(config) -> ArchAdapter:
     """The adapter for a transformers config (or model), refusing unknown families up front."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
+        # post-LN OPT (opt-350m): the layer norms sit after attention / MLP and feed nothing we scale
+        reason = "post-LN OPT (do_layer_norm_before=False): this norm does not feed these linears"
+        specs = tuple(
+            dataclasses.replace(sp, disabled=reason) if sp.prev.endswith("layer_norm") else sp for sp in _OPT
+        )
+        return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
     archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
@@ -412,7 +447,9 @@ def get_adapter(config) -> ArchAdapter:
     )
 
 
-def check_group_size(model_or_config, adapter: ArchAdapter, group_size: int, skip_patterns: Iterable[str] = ()) -> None:
+def check_group_size(
+    model_or_config, adapter: ArchAdapter, group_size: int, skip_patterns: Iterable[str] = ()
+) -> None:
     """Raise ValueError naming the quantized layers whose input width `group_size` does not divide."""
     widths = _linear_widths(model_or_config, adapter, tuple(skip_patterns))
     bad: dict[str, int] = {}
@@ -449,7 +486,11 @@ def _linear_widths(model_or_config, adapter: ArchAdapter, skip: tuple[str, ...])
         prefix = f"{adapter.layers_attr}.{i}"
         for name, width in _block_linear_widths(block, adapter):
             full = f"{prefix}.{name}"
-            if not adapter.never_quantize(name) and not matches_any(name, skip) and not matches_any(full, skip):
+            if (
+                not adapter.never_quantize(name)
+                and not matches_any(name, skip)
+                and not matches_any(full, skip)
+            ):
                 widths[full] = width
     return widths
 

@@ -146,11 +146,15 @@ def capture_block_inputs(
                 layers[i] = _Passthrough(layer)
             handles.append(layers[i].register_forward_pre_hook(make_hook(i, layer), with_kwargs=True))
         device = next(model.parameters()).device
-        batches = [input_ids[:1]] + [input_ids[j : j + batch_size] for j in range(1, len(input_ids), batch_size)]
+        # the base model (no lm_head): logits over the vocabulary are not needed here
+        base = getattr(model, "base_model", model)
+        batches = [input_ids[:1]] + [
+            input_ids[j : j + batch_size] for j in range(1, len(input_ids), batch_size)
+        ]
         with torch.no_grad():
             for ids in batches:
                 if len(ids):
-                    model(input_ids=ids.to(device), use_cache=False)
+                    base(input_ids=ids.to(device), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -289,7 +293,9 @@ def _fake_quant(w: torch.Tensor, bits: int, group_size: int, zero_point: bool) -
     in_f = w.shape[-1]
     g = effective_group_size(in_f, group_size)
     wg = w.reshape(-1, g)
-    scales, zeros = _qparams_from_range(wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, zero_point)
+    scales, zeros = _qparams_from_range(
+        wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True), bits, zero_point
+    )
     q = (torch.round(wg / scales) + zeros).clamp_(0, 2**bits - 1)
     return ((q - zeros) * scales).reshape(w.shape)
 
@@ -299,7 +305,9 @@ def _gram_loss(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
     return ((delta @ gram) * delta).sum(dim=(-1, -2))
 
 
-def _search_clip(w: torch.Tensor, gram: torch.Tensor, s: BlockSettings) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _search_clip(
+    w: torch.Tensor, gram: torch.Tensor, s: BlockSettings
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Per-group clip ratio minimising the group's output error: (scales, zeros, mean ratio)."""
     out_f, in_f = w.shape
     g = effective_group_size(in_f, s.group_size)
@@ -317,7 +325,9 @@ def _search_clip(w: torch.Tensor, gram: torch.Tensor, s: BlockSettings) -> tuple
         part = wg[sl]
         for r in ratios:
             sc, z = _qparams_from_range(w_min[sl] * r, w_max[sl] * r, s.bits, s.zero_point)
-            dq = ((torch.round(part / sc[..., None]) + z[..., None]).clamp_(0, max_int) - z[..., None]) * sc[..., None]
+            dq = ((torch.round(part / sc[..., None]) + z[..., None]).clamp_(0, max_int) - z[..., None]) * sc[
+                ..., None
+            ]
             d = (dq - part).transpose(0, 1)  # [ng, rows, g]
             err = (torch.bmm(d, blocks) * d).sum(-1).transpose(0, 1)  # [rows, ng]
             better = err < best_err[sl]
@@ -403,7 +413,9 @@ def quantize_block(
     linears = adapter.quantizable_linears(block, s.skip_patterns)
     for name, lin in linears.items():
         if lin.in_features % effective_group_size(lin.in_features, s.group_size):
-            raise ValueError(f"{where}: group size {s.group_size} does not divide {name}'s input width {lin.in_features}")
+            raise ValueError(
+                f"{where}: group size {s.group_size} does not divide {name}'s input width {lin.in_features}"
+            )
     all_maps = adapter.mappings(block) if s.method == "awq" else []
     skipped = [f"{m.name}: {m.skip_reason}" for m in all_maps if m.skip_reason]
     maps = [m for m in all_maps if m.skip_reason is None]
@@ -437,7 +449,9 @@ def quantize_block(
         stats.new_chunk()
     outputs = torch.cat(outputs)
     if not torch.isfinite(outputs).all():
-        raise NumericalError(f"{where}: the FP block output has NaN/inf values (check the inputs and weights)")
+        raise NumericalError(
+            f"{where}: the FP block output has NaN/inf values (check the inputs and weights)"
+        )
 
     # plain RTN error of every linear, before anything changes
     orig = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
@@ -457,7 +471,9 @@ def quantize_block(
     for idx, m in enumerate(maps):
         cnt = stats.abs_count.get(idx, 0)
         if cnt < s.min_tokens:
-            skipped.append(f"{m.name}: only {cnt} calibration tokens reach it (fewer than min_tokens={s.min_tokens})")
+            skipped.append(
+                f"{m.name}: only {cnt} calibration tokens reach it (fewer than min_tokens={s.min_tokens})"
+            )
             continue
         x_mean = stats.abs_sum[idx] / cnt
         qlins = [(names_of[id(lin)], lin) for lin in m.linears if id(lin) in quantized_ids]
@@ -481,7 +497,10 @@ def quantize_block(
         if isinstance(m.prev, nn.Linear) and prev_name in linears:
             rows = m.prev_rows or slice(None)
             out_scale[prev_name] = (rows, best_s)
-        identity = next((i for i, c in enumerate(cands) if c[0] in ("identity",) or (c[0] == "activation" and c[1] == 0)), None)
+        identity = next(
+            (i for i, c in enumerate(cands) if c[0] in ("identity",) or (c[0] == "activation" and c[1] == 0)),
+            None,
+        )
         scales_info[m.name] = {
             "prev": prev_name,
             "linears": list(m.linear_names),
@@ -489,7 +508,9 @@ def quantize_block(
             "ratio": ratio,
             "scales": best_s.detach().cpu(),
             "loss": float(losses[best]),
-            "loss_identity": float(losses[identity]) if identity is not None and torch.isfinite(losses[identity]) else None,
+            "loss_identity": float(losses[identity])
+            if identity is not None and torch.isfinite(losses[identity])
+            else None,
         }
 
     # 4. clip search and quantization
@@ -503,7 +524,13 @@ def quantize_block(
             inv = (1.0 / s_in).to(gram.device)
             gram = gram * inv[:, None] * inv[None, :]
         clip_ratio = None
-        if s.method == "awq" and s.clip_search and gram is not None and cnt >= s.min_tokens and not _is_qk(name):
+        if (
+            s.method == "awq"
+            and s.clip_search
+            and gram is not None
+            and cnt >= s.min_tokens
+            and not _is_qk(name)
+        ):
             scales, zeros, clip_ratio = _search_clip(w, gram, s)
         else:
             scales, zeros = compute_qparams(w, s.bits, s.group_size, s.zero_point)
@@ -521,7 +548,9 @@ def quantize_block(
         lin.weight.copy_(dq.to(lin.weight.dtype))
         quantized[name] = qt
         metrics.append(LayerMetric(name, block_index, mse_rtn[name], mse_q, ratio_of.get(name), clip_ratio))
-    return BlockResult(outputs=outputs, quantized=quantized, layers=metrics, scales=scales_info, skipped=skipped)
+    return BlockResult(
+        outputs=outputs, quantized=quantized, layers=metrics, scales=scales_info, skipped=skipped
+    )
 
 
 def _to_device(v, device):
@@ -619,7 +648,9 @@ def _w_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     return total / rows
 
 
-def _candidates(x_mean: torch.Tensor, w_mean: torch.Tensor, s: BlockSettings) -> list[tuple[str, float, torch.Tensor]]:
+def _candidates(
+    x_mean: torch.Tensor, w_mean: torch.Tensor, s: BlockSettings
+) -> list[tuple[str, float, torch.Tensor]]:
     modes = {"duo": ["duo"], "activation": ["activation"], "both": ["activation", "duo"]}[s.scale_search]
     out = []
     for mode in modes:
@@ -655,7 +686,9 @@ def _gram_losses(cands, qlins, orig, stats: _Stats, s: BlockSettings) -> torch.T
     return losses
 
 
-def _module_losses(cands, qlins, m: Mapping, stats: _Stats, s: BlockSettings, coarse, rest, dtype, where: str):
+def _module_losses(
+    cands, qlins, m: Mapping, stats: _Stats, s: BlockSettings, coarse, rest, dtype, where: str
+):
     """Output MSE of the inspected module per candidate: all on the coarse chunks, top-k on the rest."""
     name = m.inspect_name
     calls, fp = stats.calls.get(name, []), stats.fp_out.get(name, [])
@@ -667,7 +700,9 @@ def _module_losses(cands, qlins, m: Mapping, stats: _Stats, s: BlockSettings, co
         for (_n, lin), (_, w0) in zip(qlins, saved, strict=True):
             w = w0.float()
             scd = sc.to(w.device)[None, :]
-            lin.weight.copy_((_fake_quant(w * scd, s.bits, s.group_size, s.zero_point) / scd).to(lin.weight.dtype))
+            lin.weight.copy_(
+                (_fake_quant(w * scd, s.bits, s.group_size, s.zero_point) / scd).to(lin.weight.dtype)
+            )
         total, count = 0.0, 0
         for k in chunk_ids:
             args, kwargs = calls[k]

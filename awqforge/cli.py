@@ -81,7 +81,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument("--eval-seq-len", type=int, default=2048)
     q.add_argument("--eval-max-seqs", type=int)
     q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
-    q.add_argument("--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default 2GB)")
+    q.add_argument(
+        "--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default: one block, 256MB..2GB)"
+    )
 
     e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
     e.add_argument("model", help="artifact folder, checkpoint folder or hub id")

@@ -2,8 +2,9 @@
 
 Each window is the tokenizer's usual prefix (BOS for tokenizers that add one, nothing otherwise) followed by
 the next `seq_len - len(prefix)` tokens of the text; the loss is the mean negative log-likelihood of every
-predicted token over all windows. The same function scores the FP model and the quantized one (loaded with
-`load_quantized`), so the two numbers are comparable.
+predicted token over all windows. One scoring function serves an in-memory model (`perplexity`: the quantized
+one from `load_quantized`) and a checkpoint streamed block by block from its shards (`streamed_perplexity`:
+the FP model, whatever its size), so the numbers are comparable.
 """
 
 from __future__ import annotations
@@ -41,26 +42,56 @@ def perplexity(
     *,
     batch_size: int = 1,
 ) -> dict:
-    """{'perplexity', 'n_tokens' (predicted tokens), 'n_windows', 'seq_len'} of `model` on `text`."""
+    """{'perplexity', 'n_tokens' (predicted tokens), 'n_windows', 'seq_len'} of an in-memory `model` on `text`."""
     windows = eval_windows(tokenizer, text, seq_len, max_seqs)
-    n_prefix = len(tokenizer("", add_special_tokens=True)["input_ids"])
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
-    total_nll = 0.0
-    count = 0
+
+    def logits(start: int, stop: int) -> torch.Tensor:
+        return model(input_ids=windows[start:stop].to(device), use_cache=False).logits
+
+    return _score(logits, windows, _prefix_len(tokenizer), batch_size)
+
+
+@torch.no_grad()
+def streamed_perplexity(
+    stream, tokenizer, text: str, seq_len: int = 2048, max_seqs: int | None = None, *, batch_size: int = 1
+) -> dict:
+    """perplexity() of a checkpoint run block by block from its shards (a fresh `StreamingModel`): the FP model
+    is scored without ever being in memory whole."""
+    windows = eval_windows(tokenizer, text, seq_len, max_seqs)
+    stream.load_non_block(with_output_embedding=True)
+    last_hidden = stream.forward_blocks(windows, batch_size=batch_size)
+
+    def logits(start: int, stop: int) -> torch.Tensor:
+        return stream.head_logits(windows[start:stop], last_hidden[start:stop])
+
+    return _score(logits, windows, _prefix_len(tokenizer), batch_size)
+
+
+def _prefix_len(tokenizer) -> int:
+    return len(tokenizer("", add_special_tokens=True)["input_ids"])
+
+
+def _score(logits_of, windows: torch.Tensor, n_prefix: int, batch_size: int) -> dict:
+    """Mean NLL of every token after the prefix, from logits_of(start, stop) over batches of windows."""
+    first = max(n_prefix, 1)
+    total_nll, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        batch = windows[start : start + batch_size].to(device)
-        logits = model(input_ids=batch, use_cache=False).logits
-        # Predict every token after the prefix: positions n_prefix.. from the logits one step earlier.
-        first = max(n_prefix, 1)
-        pred = logits[:, first - 1 : -1].float()
-        target = batch[:, first:]
+        batch = windows[start : start + batch_size]
+        logits = logits_of(start, start + len(batch))
+        pred = logits[:, first - 1 : -1].float()  # the logits one step before each predicted token
+        target = batch[:, first:].to(pred.device)
         nll = nn.functional.cross_entropy(
             pred.reshape(-1, pred.shape[-1]), target.reshape(-1), reduction="sum"
         )
         total_nll += nll.item()
         count += target.numel()
-    ppl = math.exp(total_nll / count)
-    return {"perplexity": ppl, "n_tokens": count, "n_windows": len(windows), "seq_len": seq_len}
+    return {
+        "perplexity": math.exp(total_nll / count),
+        "n_tokens": count,
+        "n_windows": len(windows),
+        "seq_len": windows.shape[1],
+    }
 
 
 def load_fp_model(
@@ -113,8 +144,12 @@ def evaluate_path(
         from awqforge.loading import load_quantized
 
         model = load_quantized(resolved.path, device=device)
-    else:
-        model = load_fp_model(resolved.path, device=device)
-    result = perplexity(model, tokenizer, text, seq_len=seq_len, max_seqs=max_seqs)
+        result = perplexity(model, tokenizer, text, seq_len=seq_len, max_seqs=max_seqs)
+    else:  # an FP checkpoint of any size: streamed block by block
+        from awqforge.arch import get_adapter
+        from awqforge.streaming import StreamingModel
+
+        stream = StreamingModel.from_resolved(resolved, get_adapter(resolved.config), device=device)
+        result = streamed_perplexity(stream, tokenizer, text, seq_len=seq_len, max_seqs=max_seqs)
     result.update(model=str(path), quantized=quantized)
     return result

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Iterator
 from copy import deepcopy
@@ -26,6 +27,18 @@ from torch import nn
 
 from awqforge.errors import AWQForgeError, InputError
 
+_ITEM_BYTES = {
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+}
 SAFETENSORS_DTYPES = {
     "F32": torch.float32,
     "F16": torch.float16,
@@ -78,11 +91,14 @@ class ShardReader:
         self.files = list(files)
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
+        self.nbytes: dict[str, int] = {}
         for f in self.files:
             with safe_open(str(f), framework="pt") as handle:
                 for name in handle.keys():
                     self.where[name] = f
-                    self.dtypes[name] = handle.get_slice(name).get_dtype()
+                    tensor = handle.get_slice(name)
+                    self.dtypes[name] = tensor.get_dtype()
+                    self.nbytes[name] = math.prod(tensor.get_shape()) * _ITEM_BYTES.get(self.dtypes[name], 4)
 
     def names(self) -> list[str]:
         return list(self.where)
@@ -194,6 +210,17 @@ class _Recorder(nn.Module):
         return hidden_states
 
 
+class _Inject(nn.Module):
+    """A decoder layer stand-in that passes its input through, or returns a fixed output."""
+
+    def __init__(self, output: torch.Tensor | None) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return hidden_states if self.output is None else self.output.to(hidden_states.device)
+
+
 @dataclass
 class CapturedInputs:
     """Block 0's input hidden states and each decoder layer's own kwargs (masks, rotary tables...)."""
@@ -265,6 +292,10 @@ class StreamingModel:
             groups[block].append(key)
         return groups
 
+    def block_bytes(self, index: int = 0) -> int:
+        """Bytes block `index` takes in the checkpoint."""
+        return sum(self.reader.nbytes[k] for k in self._sources.get(index, []))
+
     def block_prefix(self, index: int) -> str:
         return f"{self.layers_prefix}.{index}"
 
@@ -290,13 +321,13 @@ class StreamingModel:
         else:
             raise InputError(f"checkpoint tensor {name!r} has no place in {type(self.model).__name__}")
 
-    def load_non_block(self) -> None:
-        """Embeddings, final norm, rotary and other buffers: what runs before the blocks (lm_head, unless tied to
-        the embedding, is left on meta: it is read again, tensor by tensor, when it is written)."""
+    def load_non_block(self, *, with_output_embedding: bool = False) -> None:
+        """Embeddings, final norm, rotary and other buffers: what runs before the blocks. lm_head, unless tied to
+        the embedding or asked for, is left on meta (the pipeline reads it again when it writes it)."""
         out_emb = self.model.get_output_embeddings()
         tied = bool(getattr(self.model.config.get_text_config(), "tie_word_embeddings", False))
         skip = None
-        if out_emb is not None and not tied:
+        if out_emb is not None and not tied and not with_output_embedding:
             skip = next((f"{n}.weight" for n, m in self.model.named_modules() if m is out_emb), None)
         keys = [k for k in self._sources.get(None, []) if self._targets[k] != skip]
         # Buffers first: transformers' init of their owner (an embedding with an embed_scale) also re-inits its
@@ -398,6 +429,34 @@ class StreamingModel:
                 "capturing the decoder layers' inputs failed: the model did not call every layer"
             )
         return captured
+
+    @torch.no_grad()
+    def forward_blocks(self, input_ids: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
+        """The last block's output for input_ids [n, seq], with one block in memory at a time."""
+        captured = self.capture(input_ids)
+        hidden = captured.inputs
+        for i in range(self.n_blocks):
+            block = self.load_block(i)
+            outs = []
+            for start in range(0, len(hidden), batch_size):
+                out = block(hidden[start : start + batch_size], **captured.layer_kwargs[i])
+                outs.append(out[0] if isinstance(out, tuple) else out)
+            hidden = torch.cat(outs)
+            self.free_block(i)
+        return hidden
+
+    @torch.no_grad()
+    def head_logits(self, input_ids: torch.Tensor, last_hidden: torch.Tensor) -> torch.Tensor:
+        """Logits through the model's own head (final norm, lm_head, logit softcapping...) for the given last
+        block output: the model runs with its layers replaced by pass-throughs, the last one returning it."""
+        originals = list(self.layers)
+        try:
+            for i in range(self.n_blocks):
+                self.layers[i] = _Inject(last_hidden if i == self.n_blocks - 1 else None)
+            return self.model(input_ids=input_ids.to(self.device), use_cache=False).logits
+        finally:
+            for i, layer in enumerate(originals):
+                self.layers[i] = layer
 
     def _run_until_stop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
         kwargs: dict[str, Any] = {"use_cache": False}

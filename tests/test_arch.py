@@ -105,9 +105,15 @@ def test_moe_experts_are_unfused_into_named_linears(family):
 
 def test_checkpoint_names_for_mixtral_experts():
     adapter = get_adapter(tiny_config("mixtral"))
-    assert adapter.checkpoint_name("model.layers.3.mlp.experts.7.w1") == "model.layers.3.block_sparse_moe.experts.7.w1"
+    assert (
+        adapter.checkpoint_name("model.layers.3.mlp.experts.7.w1")
+        == "model.layers.3.block_sparse_moe.experts.7.w1"
+    )
     assert adapter.checkpoint_name("mlp.experts.0.w2") == "block_sparse_moe.experts.0.w2"
-    assert get_adapter(tiny_config("qwen3_moe")).checkpoint_name("mlp.experts.0.up_proj") == "mlp.experts.0.up_proj"
+    assert (
+        get_adapter(tiny_config("qwen3_moe")).checkpoint_name("mlp.experts.0.up_proj")
+        == "mlp.experts.0.up_proj"
+    )
 
 
 def test_never_quantize_routers_and_lm_head():
@@ -138,3 +144,30 @@ def test_group_size_check_covers_fused_experts_on_a_model():
     with pytest.raises(ValueError, match=r"mlp\.experts\.\*\.down_proj \(input width 96\)"):
         check_group_size(model, adapter, 64)
     assert not isinstance(adapter.get_layers(model)[0].mlp.experts, UnfusedExperts)  # not mutated
+
+
+@pytest.mark.parametrize("family", MOE_FAMILIES)
+def test_prepared_block_state_dict_names_are_the_checkpoint_names(family, tmp_path):
+    """After prepare_block, a block loads straight from the shards: names map 1:1 via checkpoint_name."""
+    from safetensors.torch import load_file
+
+    model = build_tiny_model(family)
+    model.save_pretrained(tmp_path)
+    saved = load_file(tmp_path / "model.safetensors")
+    adapter = get_adapter(model.config)
+    prefix = f"{adapter.layers_attr}.0"
+    block = adapter.prepare_block(adapter.get_layers(model)[0])
+    for name, tensor in block.state_dict().items():
+        key = adapter.checkpoint_name(f"{prefix}.{name}")
+        assert key in saved, key
+        torch.testing.assert_close(saved[key], tensor)
+    assert len(block.state_dict()) == len([k for k in saved if k.startswith(f"{prefix}.")])
+
+
+def test_post_ln_opt_disables_the_norm_mappings():
+    config = tiny_config("opt", do_layer_norm_before=False)
+    model = build_tiny_model("opt", do_layer_norm_before=False)
+    maps = {m.prev_name: m for m in get_adapter(config).mappings(model.model.decoder.layers[0])}
+    assert "post-LN" in maps["self_attn_layer_norm"].skip_reason
+    assert "post-LN" in maps["final_layer_norm"].skip_reason
+    assert maps["fc1"].skip_reason is None

@@ -18,7 +18,12 @@ def quantize_model(model, ids, settings):
     results = []
     for i, block in enumerate(adapter.get_layers(model)):
         res = quantize_block(
-            block, captured[i][0], captured[i][1], settings=settings, adapter=adapter, block_index=i,
+            block,
+            captured[i][0],
+            captured[i][1],
+            settings=settings,
+            adapter=adapter,
+            block_index=i,
             block_prefix=f"{adapter.layers_attr}.{i}",
         )
         if i + 1 < len(captured):
@@ -56,7 +61,11 @@ def test_every_family_quantizes_and_awq_beats_rtn_on_its_layers(family):
 
 def test_rtn_is_plain_round_to_nearest_and_codes_match_the_block():
     model = build_tiny_model("llama")
-    originals = {n: m.weight.detach().clone() for n, m in model.model.layers[0].named_modules() if hasattr(m, "in_features")}
+    originals = {
+        n: m.weight.detach().clone()
+        for n, m in model.model.layers[0].named_modules()
+        if hasattr(m, "in_features")
+    }
     results = quantize_model(model, tiny_input_ids(4, 16), BlockSettings(method="rtn", bits=4, group_size=64))
     block = model.model.layers[0]
     for name, qt in results[0].quantized.items():
@@ -68,7 +77,9 @@ def test_rtn_is_plain_round_to_nearest_and_codes_match_the_block():
 
 
 def test_gqa_skip_is_reported():
-    results = quantize_model(build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32))
+    results = quantize_model(
+        build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32)
+    )
     assert any("v_proj->self_attn.o_proj" in s and "grouped-query" in s for s in results[0].skipped)
 
 
@@ -107,8 +118,14 @@ def test_half_precision_blocks(dtype):
         captured = capture_block_inputs(model, ids)
         x = captured[0][0]
         for i, block in enumerate(adapter.get_layers(model)):
-            res = quantize_block(block, x, captured[i][1], settings=BlockSettings(method=method, bits=3, group_size=32),
-                                 adapter=adapter, block_index=i)
+            res = quantize_block(
+                block,
+                x,
+                captured[i][1],
+                settings=BlockSettings(method=method, bits=3, group_size=32),
+                adapter=adapter,
+                block_index=i,
+            )
             assert res.outputs.dtype == dtype
             x = res.outputs
         assert model.model.layers[0].input_layernorm.weight.dtype == dtype
@@ -121,7 +138,9 @@ def test_half_precision_blocks(dtype):
 def test_scale_search_modes_symmetric_and_per_channel(search):
     s = BlockSettings(bits=4, group_size=-1, zero_point=False, scale_search=search, search_fraction=1.0)
     mse_awq, results = logits_mse("gemma2", tiny_input_ids(4, 32), s)
-    mse_rtn, _ = logits_mse("gemma2", tiny_input_ids(4, 32), BlockSettings(method="rtn", bits=4, group_size=-1, zero_point=False))
+    mse_rtn, _ = logits_mse(
+        "gemma2", tiny_input_ids(4, 32), BlockSettings(method="rtn", bits=4, group_size=-1, zero_point=False)
+    )
     assert mse_awq < mse_rtn
     modes = {info["mode"] for res in results for info in res.scales.values()}
     assert modes <= ({"activation"} if search == "activation" else {"activation", "duo"})
@@ -130,15 +149,21 @@ def test_scale_search_modes_symmetric_and_per_channel(search):
 
 
 def test_linear_output_loss_option():
-    mse, results = logits_mse("llama", tiny_input_ids(4, 32), BlockSettings(bits=3, group_size=32, module_loss=False))
-    mse_rtn, _ = logits_mse("llama", tiny_input_ids(4, 32), BlockSettings(method="rtn", bits=3, group_size=32))
+    mse, results = logits_mse(
+        "llama", tiny_input_ids(4, 32), BlockSettings(bits=3, group_size=32, module_loss=False)
+    )
+    mse_rtn, _ = logits_mse(
+        "llama", tiny_input_ids(4, 32), BlockSettings(method="rtn", bits=3, group_size=32)
+    )
     assert mse < mse_rtn
 
 
 def test_skip_patterns_leave_layers_in_full_precision():
     model = build_tiny_model("llama")
     w = model.model.layers[0].mlp.down_proj.weight.detach().clone()
-    results = quantize_model(model, tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32, skip_patterns=("*down_proj",)))
+    results = quantize_model(
+        model, tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32, skip_patterns=("*down_proj",))
+    )
     assert "mlp.down_proj" not in results[0].quantized
     assert any("up_proj->mlp.down_proj" in s for s in results[0].skipped)
     torch.testing.assert_close(model.model.layers[0].mlp.down_proj.weight, w)
@@ -151,8 +176,15 @@ def test_nan_input_names_block_and_layer():
     x = captured[0][0].clone()
     x[0, 3, 5] = float("nan")
     with pytest.raises(NumericalError, match=r"block 0 \(model.layers.0\)"):
-        quantize_block(model.model.layers[0], x, captured[0][1], settings=BlockSettings(), adapter=adapter,
-                       block_index=0, block_prefix="model.layers.0")
+        quantize_block(
+            model.model.layers[0],
+            x,
+            captured[0][1],
+            settings=BlockSettings(),
+            adapter=adapter,
+            block_index=0,
+            block_prefix="model.layers.0",
+        )
 
 
 def test_nan_weight_names_the_layer():
@@ -163,7 +195,9 @@ def test_nan_weight_names_the_layer():
     with torch.no_grad():
         block.mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(NumericalError, match="block 1"):
-        quantize_block(block, captured[1][0], captured[1][1], settings=BlockSettings(), adapter=adapter, block_index=1)
+        quantize_block(
+            block, captured[1][0], captured[1][1], settings=BlockSettings(), adapter=adapter, block_index=1
+        )
 
 
 def test_capture_without_running_layers_gives_per_layer_kwargs():
@@ -187,3 +221,17 @@ def test_two_stage_search_matches_exhaustive_search_closely():
     fast, _ = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, search_fraction=0.25))
     full, _ = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, search_fraction=1.0))
     assert fast <= full * 1.1
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_light_capture_matches_full_capture(family):
+    model = build_tiny_model(family)
+    ids = tiny_input_ids(2, 16)
+    full = capture_block_inputs(model, ids)
+    light = capture_block_inputs(model, ids, run_layers=False)
+    torch.testing.assert_close(light[0][0], full[0][0])
+    # replaying block 0 with the light kwargs reproduces block 1's captured input
+    with torch.no_grad():
+        out = get_adapter(model.config).get_layers(model)[0](light[0][0], **light[0][1])
+    out = out[0] if isinstance(out, tuple) else out
+    torch.testing.assert_close(out, full[1][0])

@@ -49,23 +49,46 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
     kw = dict(_COMMON)
     if family == "opt":
         kw = dict(
-            hidden_size=128, ffn_dim=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
-            word_embed_proj_dim=128, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            hidden_size=128,
+            ffn_dim=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=512,
+            word_embed_proj_dim=128,
+            max_position_embeddings=256,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
             tie_word_embeddings=False,
         )
     elif family == "gpt_neox":
         kw = dict(
-            hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, vocab_size=512,
-            max_position_embeddings=256, rotary_pct=0.5, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            hidden_size=128,
+            intermediate_size=256,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            vocab_size=512,
+            max_position_embeddings=256,
+            rotary_pct=0.5,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
             tie_word_embeddings=False,
         )
     elif family in ("gemma2", "gemma3_text"):
-        kw.update(sliding_window=16, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32)
+        kw.update(
+            sliding_window=16, layer_types=["sliding_attention", "full_attention"], query_pre_attn_scalar=32
+        )
     elif family == "mixtral":
         kw.update(num_local_experts=4, num_experts_per_tok=2)
     elif family == "qwen2_moe":
-        kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, shared_expert_intermediate_size=256,
-                  decoder_sparse_step=1)
+        kw.update(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            shared_expert_intermediate_size=256,
+            decoder_sparse_step=1,
+        )
     elif family == "qwen3_moe":
         kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)
     kw.update(overrides)

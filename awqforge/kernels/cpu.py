@@ -3,10 +3,10 @@
 Build: compiled on first use with torch.utils.cpp_extension.load (needs a C++ compiler and ninja,
 both pulled in by `pip install awqforge` except the compiler itself), then cached. The cache folder
 is, in order: $AWQFORGE_EXTENSIONS_DIR, $TORCH_EXTENSIONS_DIR/awqforge, or
-~/.cache/awqforge/torch_extensions; below it one folder per torch version and build flavour, so a
-torch upgrade rebuilds instead of loading a stale binary. A first build takes ~30-60 s; later
-processes load the cached .so in well under a second (ninja only recompiles when the source or
-flags change). The build has AVX2+FMA code (function-level target attributes) and a portable
+~/.cache/awqforge/torch_extensions; below it one folder per torch version (torch2.13.0_cpu/...), so
+a torch upgrade rebuilds instead of loading a stale binary. A first build takes ~40-70 s (measured
+on 2 busy cores); later processes load the cached .so in a few seconds (ninja only recompiles when
+the source or flags change). The build has AVX2+FMA code (function-level target attributes) and a portable
 scalar path, plus an AVX-512 variant of the same kernels, in one binary; which one runs is decided
 at call time (`best_isa()`: torch.backends.cpu.get_cpu_capability(), capped by $AWQFORGE_CPU_ISA,
 and re-checked in C++ with __builtin_cpu_supports). On a non-x86 build the SIMD code is compiled

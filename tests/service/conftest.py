@@ -2,12 +2,13 @@
 process and the API in a thread, all made for this run and removed after it.
 
 Needs the real services (AWQFORGE_TEST_DATABASE_URL, AWQFORGE_TEST_REDIS_URL; defaults: local Postgres
-with trust auth, database `test`, and local Redis). The environment is set here, before any `app` module is imported, because
-`app.core.config.settings` is read once at import.
+with trust auth, database `test`, and local Redis). The environment is set by the package-scoped `service_env` fixture, before any `app` module is
+imported (tests import `app` inside their bodies), because `app.core.config.settings` is read once.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import socket
@@ -36,6 +37,7 @@ RUN_ID = uuid.uuid4().hex[:10]
 DB_NAME = f"awqf_test_{RUN_ID}"
 QUEUE_PREFIX = f"awqf-test-{RUN_ID}-"
 HOME = Path(tempfile.mkdtemp(prefix=f"awqf-svc-{RUN_ID}-"))
+atexit.register(shutil.rmtree, HOME, ignore_errors=True)
 _base, _, _ = PG_ADMIN_URL.rpartition("/")
 TEST_DB_URL = f"{_base}/{DB_NAME}"
 
@@ -52,11 +54,22 @@ SERVICE_ENV = {
     "MAX_UPLOAD_BYTES": str(256 * 1024),
     "PUBLISH_BACKEND": "local",  # tokens still travel (and must stay hidden); uploads go to HUB_DIR
 }
-for _k in ("BROKER_URL", "SECRET_KEY", "HF_ENDPOINT", "HF_TOKEN", "ENVIRONMENT"):
-    os.environ.pop(_k, None)
-os.environ.update(SERVICE_ENV)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+_CLEARED = ("BROKER_URL", "SECRET_KEY", "HF_ENDPOINT", "HF_TOKEN", "ENVIRONMENT")
+
+
+@pytest.fixture(scope="package", autouse=True)
+def service_env():
+    """This package's environment, set before any `app` module is imported (settings are read once)
+    and restored after the package's last test so that the rest of the suite never sees it."""
+    mp = pytest.MonkeyPatch()
+    for k in _CLEARED:
+        mp.delenv(k, raising=False)
+    for k, v in SERVICE_ENV.items():
+        mp.setenv(k, v)
+    mp.setenv("HF_HUB_OFFLINE", "1")
+    yield SERVICE_ENV
+    mp.undo()
+
 
 TINY_LLAMA = dict(
     hidden_size=128,
@@ -209,7 +222,7 @@ class TinyModels:
     calib: Path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def tiny_models():
     """Two random Llama checkpoints (2 and 24 blocks) and a calibration text, made once per run."""
     calib = HOME / "calib.txt"
@@ -222,7 +235,7 @@ def tiny_models():
     shutil.rmtree(HOME, ignore_errors=True)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def service(tiny_models):
     if not services_available():
         pytest.skip("Postgres and Redis are needed (AWQFORGE_TEST_DATABASE_URL / AWQFORGE_TEST_REDIS_URL)")
@@ -238,7 +251,9 @@ def service(tiny_models):
         from app.main import create_app
 
         worker_log = HOME / "worker.log"
-        worker = start_worker_process(name=f"test-{RUN_ID}", log_path=worker_log)
+        worker = start_worker_process(
+            name=f"test-{RUN_ID}", log_path=worker_log, env={"OMP_NUM_THREADS": "1"}
+        )
         server = ServerThread(create_app(run_reaper=False), port=free_port()).start()
         deadline = time.monotonic() + 60
         while b"ready." not in (worker_log.read_bytes() if worker_log.exists() else b""):

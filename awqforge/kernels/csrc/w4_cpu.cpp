@@ -14,8 +14,10 @@
 // Decoding costs O(N*K) against the GEMM's O(M*N*K), so at large M this is as fast as the FP
 // GEMM while reading 1/8 of the weight bytes from memory.
 //
-// The AVX2+FMA code is compiled with function-level target attributes (no global -mavx2), so
-// one build holds both it and the portable scalar path; the caller picks one at run time.
+// The AVX2+FMA and AVX-512 code is compiled with function-level target attributes (no global
+// -mavx2), so one build holds them and the portable scalar path; the caller picks one at run time
+// and w4_linear re-checks it against the CPU (__builtin_cpu_supports). Non-x86 builds compile the
+// SIMD code out and keep the scalar path.
 
 #include <torch/extension.h>
 
