@@ -121,8 +121,9 @@ def run_quantization(
     from awqforge import report as reporting
     from awqforge.arch import check_group_size, get_adapter
     from awqforge.awq import BlockSettings
-    from awqforge.calibration import load_calibration
-    from awqforge.formats import ArtifactWriter
+    from awqforge.calibration import load_calibration, read_text
+    from awqforge.evaluate import eval_windows
+    from awqforge.formats import ArtifactWriter, ModelCardInfo
     from awqforge.resolve import resolve_model
     from awqforge.streaming import StreamingModel, pick_device
 
@@ -147,6 +148,10 @@ def run_quantization(
             raise InputError(str(exc)) from exc
         settings = BlockSettings.from_spec(spec)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
+        eval_text = None
+        if spec.eval.enabled:  # a missing or too short evaluation text fails now, not after the quantization
+            eval_text = read_text(spec.eval.text)
+            eval_windows(tokenizer, eval_text, spec.eval.seq_len, 1)
         if shard_size is None:
             shard_size = min(MAX_SHARD_SIZE, max(MIN_SHARD_SIZE, stream.block_bytes(0)))
         for fmt in spec.formats:
@@ -209,7 +214,9 @@ def run_quantization(
         metrics: dict = {"fp_perplexity": None, "quant_perplexity": None}
         if spec.eval.enabled:
             job.stage("evaluate", "evaluating perplexity (FP and quantized)")
-            eval_info = _evaluate(spec, resolved, adapter, writers[0], tokenizer, device, stream.dtype, job)
+            eval_info = _evaluate(
+                spec, eval_text, resolved, adapter, writers[0], tokenizer, device, stream.dtype, job
+            )
             metrics["fp_perplexity"] = eval_info["fp"]["perplexity"]
             metrics["quant_perplexity"] = (eval_info.get("quantized") or {}).get("perplexity")
 
@@ -240,8 +247,6 @@ def run_quantization(
             artifacts=final_dirs,
             eval_info=eval_info,
         )
-        from awqforge.formats import ModelCardInfo
-
         card = ModelCardInfo.from_spec(
             spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
         )
@@ -295,16 +300,14 @@ def _quantize_one_block(stream, i, inputs, layer_kwargs, settings, adapter, writ
     return outputs, layer_metrics
 
 
-def _evaluate(spec, resolved, adapter, writer, tokenizer, device, dtype, job: _Job) -> dict:
+def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dtype, job: _Job) -> dict:
     """FP perplexity (the source checkpoint streamed block by block) and quantized perplexity (load_quantized
     on the first format's staging folder, i.e. our QuantLinear kernels)."""
-    from awqforge.calibration import read_text
     from awqforge.evaluate import perplexity, streamed_perplexity
     from awqforge.loading import load_quantized
     from awqforge.streaming import StreamingModel
 
     ev = spec.eval
-    text = read_text(ev.text)
     info: dict = {
         "text": ev.text or "built-in English text (awqforge/data/eval_en.txt)",
         "format": writer.fmt,

@@ -66,7 +66,8 @@ def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_sourc
         device="cpu",
     )
     with common.Timer() as t:
-        result = run_quantization(spec, out_dir / f"{method}-w{bits}g{group_size}", overwrite=True)
+        result = run_quantization(spec, out_dir / f"{method}-w{bits}g{group_size}", overwrite=True,
+                                  progress=_progress_printer(f"W{bits} {method}"))
     artifact = Path(result.artifacts[fmt])
     model = load_quantized(artifact, device="cpu", dtype=torch.float32)
     with common.Timer() as te:
@@ -84,6 +85,19 @@ def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_sourc
         "eval_s": te.s,
         "artifact": str(artifact),
     }
+
+
+def _progress_printer(tag: str):
+    """A run_quantization progress callback that prints stage changes and each block to stderr."""
+    last = {"stage": None}
+
+    def show(ev) -> None:
+        if ev.stage != last["stage"] or ev.block is not None:
+            last["stage"] = ev.stage
+            eta = f", eta {ev.eta_s:.0f} s" if ev.eta_s is not None else ""
+            print(f"  [{tag}] {ev.stage}: {ev.message}{eta}", file=sys.stderr, flush=True)
+
+    return show
 
 
 def run_llmc(python: str, ckpt: Path, data_path: Path, *, bits: int, group_size: int, threads: int,

@@ -236,3 +236,30 @@ def test_streaming_peak_rss_is_bounded(tmp_path, tiny_tokenizer):
     model_growth = metrics[8]["size_before_bytes"] - metrics[2]["size_before_bytes"]  # ~80 MB of fp32 weights
     rss_growth = metrics[8]["peak_rss_bytes"] - metrics[2]["peak_rss_bytes"]
     assert rss_growth < 0.25 * model_growth, (rss_growth, model_growth)
+
+
+@pytest.mark.parametrize("family", ["gemma3_text", "mixtral"])
+def test_streamed_fp_perplexity_equals_in_memory(family, tiny_checkpoint, tiny_tokenizer):
+    """Block-by-block from the shards (per-layer masks, rotary, fused experts) gives the full model's numbers."""
+    from awqforge.arch import get_adapter
+    from awqforge.calibration import read_text
+    from awqforge.evaluate import load_fp_model, perplexity, streamed_perplexity
+    from awqforge.resolve import resolve_model
+    from awqforge.streaming import StreamingModel
+
+    resolved = resolve_model(str(tiny_checkpoint(family)))
+    stream = StreamingModel.from_resolved(resolved, get_adapter(resolved.config), device=torch.device("cpu"))
+    text = read_text(None)
+    streamed = streamed_perplexity(stream, tiny_tokenizer, text, seq_len=64, max_seqs=3, batch_size=2)
+    full = perplexity(load_fp_model(resolved.path), tiny_tokenizer, text, seq_len=64, max_seqs=3)
+    assert streamed["perplexity"] == pytest.approx(full["perplexity"], rel=1e-5)
+    assert streamed["n_tokens"] == full["n_tokens"] == 3 * 63
+
+
+def test_short_eval_text_refused_before_quantizing(tiny_checkpoint, tmp_path):
+    short = tmp_path / "short.txt"
+    short.write_text("Too short to hold one window.")
+    spec = tiny_spec(tiny_checkpoint("llama"), eval={"text": f"file:{short}", "seq_len": 64})
+    with pytest.raises(InputError, match="too short"):
+        run_quantization(spec, tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -136,9 +136,8 @@ def w4_linear_cpu(
     if qdata.shape[0] * CPU_BLOCK_N < out_features:
         raise ValueError("qdata holds fewer channels than out_features")
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, x.shape[-1]).to(torch.float32).contiguous()
     y = ext.w4_linear(
-        x2,
+        x.reshape(-1, x.shape[-1]),  # fp32/bf16/fp16: converted to fp32 inside, with the row sums
         qdata,
         params,
         out_features,
@@ -147,7 +146,8 @@ def w4_linear_cpu(
         PANEL_MIN_M if panel_min_m is None else panel_min_m,
         PANEL_N,
         PREFETCH,
+        bias,
     )
-    if bias is not None:
-        y += bias.to(torch.float32)
-    return y.to(x.dtype).reshape(*lead, out_features)
+    if x.dtype != torch.float32:
+        y = y.to(x.dtype)
+    return y.reshape(*lead, out_features)

@@ -46,6 +46,7 @@ struct Problem {
   const uint8_t* qd;   // [NB, K/2, 32]
   const float* prm;    // [NB, G, 2, 32]
   float* y;            // [M, N]
+  const float* bias;   // [N] or nullptr
   int64_t M, N, K, g, G, NB;
   int64_t prefetch = 0;  // bytes ahead in the weight stream to prefetch (0: leave it to the hardware)
 };
@@ -74,6 +75,8 @@ void tile_scalar(const Problem& p, int64_t b, int64_t m0, int64_t mt) {
       const float xs = p.xsum[m * p.G + gi];
       for (int j = 0; j < kBlockN; ++j) out[j] += s[j] * acc[j] + o[j] * xs;
     }
+    if (p.bias)
+      for (int j = 0; j < nvalid; ++j) out[j] += p.bias[n0 + j];
     std::memcpy(p.y + m * p.N + n0, out, nvalid * sizeof(float));
   }
 }
@@ -153,7 +156,11 @@ AWQF_AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t m0) {
       }
     }
   }
-  for (int m = 0; m < MT; ++m) std::memcpy(p.y + (m0 + m) * p.N + n0, out[m], nvalid * sizeof(float));
+  for (int m = 0; m < MT; ++m) {
+    if (p.bias)
+      for (int j = 0; j < nvalid; ++j) out[m][j] += p.bias[n0 + j];
+    std::memcpy(p.y + (m0 + m) * p.N + n0, out[m], nvalid * sizeof(float));
+  }
 }
 
 AWQF_AVX2 void decode_block_avx2(const Problem& p, int64_t b, float* wt, int64_t ldw, int64_t col0) {
@@ -236,8 +243,12 @@ AWQF_AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t m0) {
   }
   const __mmask16 k0 = nvalid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
   const __mmask16 k1 = nvalid >= 32 ? 0xFFFF : nvalid <= 16 ? 0 : static_cast<__mmask16>((1u << (nvalid - 16)) - 1);
+  const __m512 b0 = p.bias ? _mm512_maskz_loadu_ps(k0, p.bias + n0) : _mm512_setzero_ps();
+  const __m512 b1 = p.bias ? _mm512_maskz_loadu_ps(k1, p.bias + n0 + 16) : _mm512_setzero_ps();
   for (int m = 0; m < MT; ++m) {
     float* yr = p.y + (m0 + m) * p.N + n0;
+    out[m][0] = _mm512_add_ps(out[m][0], b0);
+    out[m][1] = _mm512_add_ps(out[m][1], b1);
     _mm512_mask_storeu_ps(yr, k0, out[m][0]);
     _mm512_mask_storeu_ps(yr + 16, k1, out[m][1]);
   }
@@ -344,6 +355,9 @@ void run_panels(const Problem& p, const torch::Tensor& x, torch::Tensor& y, Isa 
       const int64_t ncols = std::min(nb * kBlockN, p.N - n0);
       auto out = y.narrow(1, n0, ncols);
       at::mm_out(out, x, panel.narrow(1, 0, ncols));
+      if (p.bias)
+        for (int64_t m = 0; m < p.M; ++m)
+          for (int64_t j = 0; j < ncols; ++j) p.y[m * p.N + n0 + j] += p.bias[n0 + j];
     }
   }
 }
@@ -351,11 +365,31 @@ void run_panels(const Problem& p, const torch::Tensor& x, torch::Tensor& y, Isa 
 }  // namespace
 
 // x fp32 [M, K] -> y fp32 [M, N]. panel_min_m: M from which the panel path is used (<=0: never).
+// Activations to fp32 and per-group row sums, serially: for the small M this kernel is for, a few
+// extra parallel torch ops cost more in fork/join than the work they do.
+template <typename T>
+void prepare_rows(const T* x, float* xf, float* xsum, int64_t M, int64_t K, int64_t g) {
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t k0 = 0; k0 < K; k0 += g) {
+      float s = 0.f;
+      for (int64_t k = k0; k < k0 + g; ++k) {
+        const float v = static_cast<float>(x[m * K + k]);
+        if (xf) xf[m * K + k] = v;
+        s += v;
+      }
+      xsum[m * (K / g) + k0 / g] = s;
+    }
+}
+
+// x float32/bfloat16/float16 [M, K] -> y float32 [M, N] (+ bias, float32 [N]).
+// panel_min_m: M from which the panel path is used (<= 0: never).
 torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, const torch::Tensor& params,
                         int64_t N, int64_t group_size, int64_t isa, int64_t panel_min_m, int64_t panel_n,
-                        int64_t prefetch) {
-  TORCH_CHECK(x.device().is_cpu() && x.scalar_type() == torch::kFloat32 && x.dim() == 2,
-              "x must be a 2-D float32 CPU tensor");
+                        int64_t prefetch, const c10::optional<torch::Tensor>& bias) {
+  const auto xt = x.scalar_type();
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
+                  (xt == torch::kFloat32 || xt == torch::kBFloat16 || xt == torch::kFloat16),
+              "x must be a 2-D float32/bfloat16/float16 CPU tensor");
   TORCH_CHECK(qdata.scalar_type() == torch::kUInt8 && qdata.dim() == 3 && qdata.size(2) == kBlockN,
               "qdata must be uint8 [N/32, K/2, 32]");
   TORCH_CHECK(params.scalar_type() == torch::kFloat32 && params.dim() == 4, "params must be float32 [N/32, G, 2, 32]");
@@ -366,19 +400,32 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
   TORCH_CHECK(N > (NB - 1) * kBlockN && N <= NB * kBlockN, "N=", N, " does not match ", NB, " blocks");
   TORCH_CHECK(params.size(0) == NB && params.size(1) == G && params.size(2) == 2 && params.size(3) == kBlockN,
               "params shape does not match");
+  torch::Tensor bc;
+  if (bias.has_value() && bias->defined()) {
+    bc = bias->to(torch::kFloat32).contiguous();
+    TORCH_CHECK(bc.dim() == 1 && bc.size(0) == N, "bias must be [N]");
+  }
+  const float* bias_ptr = bc.defined() ? bc.data_ptr<float>() : nullptr;
   // Never run code the CPU cannot execute, whatever the caller asked for.
   Isa use = kScalar;
   if (isa >= kAvx512 && cpu_has_avx512()) use = kAvx512;
   else if (isa >= kAvx2 && cpu_has_avx2()) use = kAvx2;
 
-  auto xc = x.contiguous();
+  const auto f32 = x.options().dtype(torch::kFloat32);
+  auto xin = x.contiguous();
+  auto xc = xt == torch::kFloat32 ? xin : torch::empty({M, K}, f32);
+  auto xsum = torch::empty({M, G}, f32);
   auto qc = qdata.contiguous();
   auto pc = params.contiguous();
-  auto y = torch::empty({M, N}, x.options());
+  auto y = torch::empty({M, N}, f32);
   if (M == 0) return y;
-  auto xsum = xc.view({M, G, group_size}).sum(-1).contiguous();
+  float* xf = xt == torch::kFloat32 ? nullptr : xc.data_ptr<float>();
+  if (xt == torch::kFloat32) prepare_rows(xin.data_ptr<float>(), xf, xsum.data_ptr<float>(), M, K, group_size);
+  else if (xt == torch::kBFloat16) prepare_rows(xin.data_ptr<c10::BFloat16>(), xf, xsum.data_ptr<float>(), M, K, group_size);
+  else prepare_rows(xin.data_ptr<c10::Half>(), xf, xsum.data_ptr<float>(), M, K, group_size);
+
   Problem p{xc.data_ptr<float>(), xsum.data_ptr<float>(), qc.data_ptr<uint8_t>(), pc.data_ptr<float>(),
-            y.data_ptr<float>(), M, N, K, group_size, G, NB, prefetch};
+            y.data_ptr<float>(), bias_ptr, M, N, K, group_size, G, NB, prefetch};
   const int nthreads = std::max(1, at::get_num_threads());
   if (panel_min_m > 0 && M >= panel_min_m) {
     const int64_t panel_blocks = std::max<int64_t>(1, panel_n / kBlockN);
@@ -392,7 +439,9 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
 bool compiled_with_simd() { return AWQF_HAVE_X86 != 0; }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("w4_linear", &w4_linear, "y = x . W^T from the packed 4-bit CPU layout (fp32)");
+  m.def("w4_linear", &w4_linear, "y = x . W^T (+ bias) from the packed 4-bit CPU layout, fp32 result",
+        py::arg("x"), py::arg("qdata"), py::arg("params"), py::arg("N"), py::arg("group_size"), py::arg("isa"),
+        py::arg("panel_min_m"), py::arg("panel_n"), py::arg("prefetch"), py::arg("bias") = py::none());
   m.def("cpu_has_avx2", &cpu_has_avx2, "AVX2+FMA available on this CPU");
   m.def("cpu_has_avx512", &cpu_has_avx512, "AVX-512F available on this CPU");
   m.def("compiled_with_simd", &compiled_with_simd, "the AVX2/AVX-512 paths were compiled into this build");
