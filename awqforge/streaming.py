@@ -6,8 +6,9 @@ for capturing, and materialises one decoder block at a time (`load_block` / `fre
 one by one with `safe_open`, so peak memory is one block plus the activations.
 
 Checkpoint names and module names differ for some models in transformers >= 5 (MoE experts are stored per
-expert on disk and fused into 3-D parameters in memory); the conversions transformers registers for the model
-are applied in both directions (`checkpoint -> module` on load, `module -> checkpoint` for what is written).
+expert on disk and fused into 3-D parameters in memory): blocks are loaded through the conversions transformers
+registers for the model, then the adapter unfuses the experts into per-expert linears (`prepare_block`), whose
+names `adapter.checkpoint_name` maps back to the checkpoint's for writing.
 """
 
 from __future__ import annotations
@@ -104,11 +105,11 @@ class ShardReader:
         return list(self.where)
 
     def floating_dtype(self) -> torch.dtype:
-        """The checkpoint's dtype: the most common floating dtype among its tensors."""
+        """The checkpoint's dtype: the floating dtype that holds most of its bytes."""
         counts: dict[str, int] = defaultdict(int)
-        for d in self.dtypes.values():
+        for name, d in self.dtypes.items():
             if d in SAFETENSORS_DTYPES:
-                counts[d] += 1
+                counts[d] += self.nbytes[name]
         if not counts:
             raise InputError("the checkpoint has no floating-point tensors")
         return SAFETENSORS_DTYPES[max(counts, key=counts.get)]
