@@ -436,7 +436,7 @@ def quantize_block(
 
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
     stats = _Stats()
-    handles = _install_hooks(block, linears, maps, stats, s)
+    handles = _install_hooks(linears, maps, stats, s)
     outputs = []
     try:
         for sl in coarse + rest:
@@ -483,7 +483,7 @@ def quantize_block(
             losses = _gram_losses(cands, qlins, orig, stats, s)
             best = int(torch.argmin(losses))
         else:
-            losses, best = _module_losses(cands, qlins, m, stats, s, coarse, rest, dtype, where)
+            losses, best = _module_losses(cands, qlins, m, stats, s, len(coarse), where)
         if not math.isfinite(float(losses[best])):
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
         mode, ratio, best_s = cands[best]
@@ -565,7 +565,7 @@ def _to_device(v, device):
     return v
 
 
-def _install_hooks(block, linears, maps, stats: _Stats, s: BlockSettings) -> list:
+def _install_hooks(linears, maps, stats: _Stats, s: BlockSettings) -> list:
     handles = []
 
     def linear_hook(name: str) -> Callable:
@@ -686,13 +686,10 @@ def _gram_losses(cands, qlins, orig, stats: _Stats, s: BlockSettings) -> torch.T
     return losses
 
 
-def _module_losses(
-    cands, qlins, m: Mapping, stats: _Stats, s: BlockSettings, coarse, rest, dtype, where: str
-):
+def _module_losses(cands, qlins, m: Mapping, stats: _Stats, s: BlockSettings, n_coarse: int, where: str):
     """Output MSE of the inspected module per candidate: all on the coarse chunks, top-k on the rest."""
     name = m.inspect_name
     calls, fp = stats.calls.get(name, []), stats.fp_out.get(name, [])
-    n_coarse = len(coarse)
     saved = [(lin, lin.weight.detach().clone()) for _, lin in qlins]
 
     def score(ci: int, chunk_ids) -> float:

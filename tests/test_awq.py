@@ -11,6 +11,15 @@ from awqforge.awq import BlockSettings, NumericalError, capture_block_inputs, qu
 from awqforge.quant import fake_quantize
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: one intra-op thread; OpenMP workers spinning on a shared machine cost far more."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def quantize_model(model, ids, settings):
     """Capture every block's FP inputs, then quantize the blocks in order; returns the BlockResults."""
     adapter = get_adapter(model.config)
@@ -225,4 +234,3 @@ def test_two_stage_search_matches_exhaustive_search_closely():
     fast, _ = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, search_fraction=0.25))
     full, _ = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, search_fraction=1.0))
     assert fast <= full * 1.1
-
