@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -95,6 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     duo = {"true": True, "false": False, "both": "both"}[args.duo_scaling]
     recipe = _recipe(args.bits, args.group_size, args.symmetric, duo, args.n_grid)
 
+    cpu0 = time.process_time()
     with common.Timer() as t:
         model = oneshot(
             model=model,
@@ -118,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": threads,
         "calib_shape": [n, seq],
         "oneshot_s": t.s,
+        "oneshot_cpu_s": time.process_time() - cpu0,
     }
     result["n_quantized"] = _bake_fake_quant(model)
     if not args.skip_eval:
