@@ -131,8 +131,14 @@ def child(spec_json: str, out_dir: str) -> int:
     from awqforge.spec import JobSpec
 
     spec = JobSpec.model_validate_json(spec_json)
+
+    def progress(ev) -> None:  # to the child's log, so a long run can be followed
+        if ev.block is not None or ev.stage != "quantize":
+            print(f"{time.strftime('%H:%M:%S')} {ev.stage}: {ev.message} rss {common.peak_rss_bytes() / GIB:.2f} GiB",
+                  file=sys.stderr, flush=True)
+
     with common.Timer() as t:
-        result = run_quantization(spec, out_dir)
+        result = run_quantization(spec, out_dir, progress=progress)
     m = result.metrics
     common.emit_json({
         "wall_s": t.s,
