@@ -149,7 +149,9 @@ class _Names:
         for name in self.model_names:
             key = adapter.checkpoint_name(name) if adapter is not None else name
             if self.table.get(key, name) != name:
-                raise InputError(f"model names {self.table[key]!r} and {name!r} map to one checkpoint name {key!r}")
+                raise InputError(
+                    f"model names {self.table[key]!r} and {name!r} map to one checkpoint name {key!r}"
+                )
             self.table[key] = name
         self.tensor_names = tensor_names
         self._rename = _transformers_renamer(model)

@@ -317,13 +317,9 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
     del fp_stream
     job.report(0.5, f"FP perplexity {info['fp']['perplexity']:.3f}")
     job.check_cancel()
-    try:
-        qmodel = load_quantized(writer.staging_dir, device=device, dtype=dtype)
-    except InputError as exc:  # e.g. fused MoE experts, which load_quantized does not rebuild
-        info["quantized"] = None
-        info["quantized_error"] = str(exc)
-        job.log(f"quantized perplexity not measured: {exc}")
-        return info
+    # The artifact must load through our own loader: a failure here fails the job rather than shipping an
+    # artifact nobody has run.
+    qmodel = load_quantized(writer.staging_dir, device=device, dtype=dtype)
     info["quantized"] = perplexity(qmodel, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs)
     del qmodel
     job.report(1.0, f"quantized perplexity {info['quantized']['perplexity']:.3f}")

@@ -74,13 +74,11 @@ def test_end_to_end_both_formats(family, tiny_checkpoint, tiny_tokenizer, tmp_pa
     )
 
     if family in ("qwen2_moe",):
-        # load_quantized does not rebuild fused experts: the per-expert quantized tensors are checked on disk
+        # experts are written per expert, as vLLM and AutoAWQ read them; the router stays in full precision
         with safe_open(str(result.artifacts["awq"] / "model.safetensors"), "pt") as f:
             names = set(f.keys())
         assert "model.layers.0.mlp.experts.3.down_proj.qweight" in names
-        assert "model.layers.0.mlp.gate.weight" in names  # the router stays in full precision
-        assert report["evaluation"]["quantized_error"]
-        return
+        assert "model.layers.0.mlp.gate.weight" in names
     assert math.isfinite(m["quant_perplexity"])
     assert m["quant_perplexity"] < 1.2 * m["fp_perplexity"]
     for folder in result.artifacts.values():
