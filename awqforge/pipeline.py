@@ -32,8 +32,6 @@ STAGES = {
     "evaluate": (0.85, 0.97),
     "package": (0.97, 1.0),
 }
-MAX_SHARD_SIZE = 2 * 10**9
-MIN_SHARD_SIZE = 256 * 10**6
 
 
 @dataclass
@@ -111,8 +109,8 @@ def run_quantization(
 ) -> QuantResult:
     """Quantize `spec.model` into `out_dir/<format>/` for every format in `spec.formats` (see module docstring).
 
-    `shard_size` (bytes or "500MB"): the writers hold one shard in memory, so by default it is one block's
-    checkpoint size, within 256 MB..2 GB, which keeps peak memory at about one block whatever the depth.
+    `shard_size` (bytes or "500MB"): the bound on one safetensors file (default 5 GB, as the Hub's tools);
+    the writers spool tensors to disk as they come, so it does not bound memory.
     Raises InputError (bad request), HubUnavailable, UnsupportedArchitecture, NumericalError, JobCancelled;
     on any error nothing is left in out_dir that was not there before.
     """
@@ -123,7 +121,7 @@ def run_quantization(
     from awqforge.awq import BlockSettings
     from awqforge.calibration import load_calibration, read_text
     from awqforge.evaluate import eval_windows
-    from awqforge.formats import ArtifactWriter, ModelCardInfo
+    from awqforge.formats import DEFAULT_SHARD_SIZE, ArtifactWriter, ModelCardInfo
     from awqforge.resolve import resolve_model
     from awqforge.streaming import StreamingModel, pick_device
 
@@ -153,7 +151,7 @@ def run_quantization(
             eval_text = read_text(spec.eval.text)
             eval_windows(tokenizer, eval_text, spec.eval.seq_len, 1)
         if shard_size is None:
-            shard_size = min(MAX_SHARD_SIZE, max(MIN_SHARD_SIZE, stream.block_bytes(0)))
+            shard_size = DEFAULT_SHARD_SIZE
         for fmt in spec.formats:
             fmt = getattr(fmt, "value", fmt)
             writers.append(

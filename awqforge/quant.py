@@ -70,7 +70,9 @@ def quantize_with_qparams(
     return q.clamp_(0, 2**bits - 1).reshape(out_f, in_f).to(torch.uint8)
 
 
-def dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int) -> torch.Tensor:
+def dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group_size: int
+) -> torch.Tensor:
     """W ~ (q - z) * s, float32 [out, in]."""
     out_f, in_f = qweight.shape
     g = effective_group_size(in_f, group_size)

@@ -59,7 +59,9 @@ class QuantSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     bits: int = Field(4, description="Weight bit width", examples=[4])
-    group_size: int = Field(128, description="Input channels per quantization group; -1 = one group per output channel")
+    group_size: int = Field(
+        128, description="Input channels per quantization group; -1 = one group per output channel"
+    )
     zero_point: bool = Field(True, description="Asymmetric with a zero point (True) or symmetric (False)")
     modules_to_not_convert: list[str] = Field(
         default_factory=list,
@@ -108,7 +110,8 @@ class EvalSpec(BaseModel):
 
     enabled: bool = True
     text: str | None = Field(
-        None, description="Evaluation text source: file:<path>, hf:<dataset>[:<split>[:<column>]], or None for the built-in text"
+        None,
+        description="Evaluation text source: file:<path>, hf:<dataset>[:<split>[:<column>]], or None for the built-in text",
     )
     seq_len: int = Field(2048, ge=16, le=32768)
     max_seqs: int | None = Field(None, ge=1)
@@ -134,7 +137,11 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., description="Hugging Face model id or local checkpoint path", examples=["HuggingFaceTB/SmolLM2-135M-Instruct"])
+    model: str = Field(
+        ...,
+        description="Hugging Face model id or local checkpoint path",
+        examples=["HuggingFaceTB/SmolLM2-135M-Instruct"],
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
     method: Method = Method.AWQ
     quant: QuantSettings = Field(default_factory=QuantSettings)

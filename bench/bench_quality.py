@@ -49,8 +49,19 @@ def eval_text(windows: int, seq_len: int, tokenizer) -> tuple[str, list[str]]:
     return "\n\n".join(parts), names
 
 
-def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_source: str, n_samples: int,
-             seq_len: int, out_dir: Path, windows: torch.Tensor, n_prefix: int) -> dict:
+def run_ours(
+    ckpt: Path,
+    *,
+    method: str,
+    bits: int,
+    group_size: int,
+    calib_source: str,
+    n_samples: int,
+    seq_len: int,
+    out_dir: Path,
+    windows: torch.Tensor,
+    n_prefix: int,
+) -> dict:
     """run_quantization end to end, then perplexity of the artifact loaded onto QuantLinear layers."""
     from awqforge.loading import load_quantized
     from awqforge.pipeline import run_quantization
@@ -68,8 +79,12 @@ def run_ours(ckpt: Path, *, method: str, bits: int, group_size: int, calib_sourc
     )
     cpu0 = time.process_time()
     with common.Timer() as t:
-        result = run_quantization(spec, out_dir / f"{method}-w{bits}g{group_size}", overwrite=True,
-                                  progress=_progress_printer(f"W{bits} {method}"))
+        result = run_quantization(
+            spec,
+            out_dir / f"{method}-w{bits}g{group_size}",
+            overwrite=True,
+            progress=_progress_printer(f"W{bits} {method}"),
+        )
     cpu_s = time.process_time() - cpu0
     artifact = Path(result.artifacts[fmt])
     model = load_quantized(artifact, device="cpu", dtype=torch.float32)
@@ -104,12 +119,34 @@ def _progress_printer(tag: str):
     return show
 
 
-def run_llmc(python: str, ckpt: Path, data_path: Path, *, bits: int, group_size: int, threads: int,
-             duo_scaling: str, log_path: Path) -> dict:
+def run_llmc(
+    python: str,
+    ckpt: Path,
+    data_path: Path,
+    *,
+    bits: int,
+    group_size: int,
+    threads: int,
+    duo_scaling: str,
+    log_path: Path,
+) -> dict:
     """bench/llmc_awq.py in llm-compressor's virtualenv; its chatter goes to log_path."""
-    cmd = [python, str(REPO / "bench" / "llmc_awq.py"), "--model", str(ckpt), "--data", str(data_path),
-           "--bits", str(bits), "--group-size", str(group_size), "--threads", str(threads),
-           "--duo-scaling", duo_scaling]
+    cmd = [
+        python,
+        str(REPO / "bench" / "llmc_awq.py"),
+        "--model",
+        str(ckpt),
+        "--data",
+        str(data_path),
+        "--bits",
+        str(bits),
+        "--group-size",
+        str(group_size),
+        "--threads",
+        str(threads),
+        "--duo-scaling",
+        duo_scaling,
+    ]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=False)
@@ -125,33 +162,45 @@ def _fmt(x, spec: str = ".3f") -> str:
 
 def print_report(fp: dict, rows: list[dict], meta: dict) -> list[str]:
     """The side-by-side table, then one line per target; returns the target lines."""
-    print(f"\n{Path(meta['model']).name}, calibration {meta['calib_shape'][0]} x {meta['calib_shape'][1]} tokens, "
-          f"evaluation {fp['n_windows']} x {meta['eval_seq_len']} tokens, {meta['threads']} threads")
+    print(
+        f"\n{Path(meta['model']).name}, calibration {meta['calib_shape'][0]} x {meta['calib_shape'][1]} tokens, "
+        f"evaluation {fp['n_windows']} x {meta['eval_seq_len']} tokens, {meta['threads']} threads"
+    )
     print(f"FP perplexity (float32): {fp['perplexity']:.3f}\n")
     head = f"{'bits':>4}  {'method':<30} {'ppl':>9} {'+ppl vs FP':>10} {'RTN gap closed':>15} {'wall s':>8} {'CPU s':>8} {'quantize s':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
-        print(f"{r['bits']:>4}  {r['label']:<30} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
-              f"{_fmt(r.get('gap_closed', float('nan')) * 100, '.1f') + '%':>15} {_fmt(r.get('wall_s'), '.1f'):>8} "
-              f"{_fmt(r.get('cpu_s'), '.1f'):>8} "
-              f"{_fmt(r.get('quantize_s'), '.1f'):>10}")
+        print(
+            f"{r['bits']:>4}  {r['label']:<30} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
+            f"{_fmt(r.get('gap_closed', float('nan')) * 100, '.1f') + '%':>15} {_fmt(r.get('wall_s'), '.1f'):>8} "
+            f"{_fmt(r.get('cpu_s'), '.1f'):>8} "
+            f"{_fmt(r.get('quantize_s'), '.1f'):>10}"
+        )
     targets = []
     for bits in meta["bits"]:
         by = {r["key"]: r for r in rows if r["bits"] == bits}
         ours, llmc = by.get("awq"), by.get("llmc")
         if ours and llmc:
             ok = ours["perplexity"] <= llmc["perplexity"]
-            targets.append(f"W{bits}: ours {ours['perplexity']:.3f} vs llm-compressor {llmc['perplexity']:.3f} ppl "
-                           f"-> {'PASS' if ok else 'FAIL'} (ours <= llm-compressor)")
+            targets.append(
+                f"W{bits}: ours {ours['perplexity']:.3f} vs llm-compressor {llmc['perplexity']:.3f} ppl "
+                f"-> {'PASS' if ok else 'FAIL'} (ours <= llm-compressor)"
+            )
             ratio = ours["wall_s"] / llmc["wall_s"]
             qratio = ours["quantize_s"] / llmc["wall_s"] if ours.get("quantize_s") else float("nan")
-            cratio = ours["cpu_s"] / llmc["cpu_s"] if ours.get("cpu_s") and llmc.get("cpu_s") else float("nan")
-            targets.append(f"W{bits}: time ours/llm-compressor = {ratio:.2f} wall (whole run_quantization), "
-                           f"{qratio:.2f} (quantize stage), {cratio:.2f} CPU -> {'PASS' if ratio <= 0.5 else 'FAIL'} (<= 0.5)")
+            cratio = (
+                ours["cpu_s"] / llmc["cpu_s"] if ours.get("cpu_s") and llmc.get("cpu_s") else float("nan")
+            )
+            targets.append(
+                f"W{bits}: time ours/llm-compressor = {ratio:.2f} wall (whole run_quantization), "
+                f"{qratio:.2f} (quantize stage), {cratio:.2f} CPU -> {'PASS' if ratio <= 0.5 else 'FAIL'} (<= 0.5)"
+            )
         if ours and bits == 4:
             g = ours.get("gap_closed", float("nan"))
-            targets.append(f"W4: ours closes {g * 100:.1f}% of RTN's gap to FP -> {'PASS' if g >= 0.7 else 'MISS'} (aim 70%)")
+            targets.append(
+                f"W4: ours closes {g * 100:.1f}% of RTN's gap to FP -> {'PASS' if g >= 0.7 else 'MISS'} (aim 70%)"
+            )
     print()
     for line in targets:
         print(line)
@@ -167,16 +216,29 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq-len", type=int, default=512)
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=20)
-    ap.add_argument("--calib-text", help="calibration text file (default: the bundled awqforge/data/calibration_en.txt)")
+    ap.add_argument(
+        "--calib-text", help="calibration text file (default: the bundled awqforge/data/calibration_en.txt)"
+    )
     ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON)
-    ap.add_argument("--llmc-duo-scaling", default="true", choices=["true", "false", "both"],
-                    help="llm-compressor's duo_scaling (its default is true, like ours)")
+    ap.add_argument(
+        "--llmc-duo-scaling",
+        default="true",
+        choices=["true", "false", "both"],
+        help="llm-compressor's duo_scaling (its default is true, like ours)",
+    )
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-rtn", action="store_true")
-    ap.add_argument("--fp-perplexity", type=float, help="reuse the FP perplexity of an earlier run on the same data")
-    ap.add_argument("--crosscheck", action="store_true",
-                    help="also score FP with awqforge.evaluate.perplexity (must equal bench/common's number)")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads for both sides (default: all cores)")
+    ap.add_argument(
+        "--fp-perplexity", type=float, help="reuse the FP perplexity of an earlier run on the same data"
+    )
+    ap.add_argument(
+        "--crosscheck",
+        action="store_true",
+        help="also score FP with awqforge.evaluate.perplexity (must equal bench/common's number)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=0, help="torch threads for both sides (default: all cores)"
+    )
     ap.add_argument("--work-dir", default="/tmp/awqforge-bench-quality")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -198,29 +260,47 @@ def main(argv: list[str] | None = None) -> int:
     tokenizer = AutoTokenizer.from_pretrained(str(ckpt))
 
     calib_source = f"file:{args.calib_text or BUNDLED_CALIBRATION_TEXT}"
-    calib = load_calibration(CalibrationSpec(source=calib_source, n_samples=args.n_samples, seq_len=args.seq_len), tokenizer)
+    calib = load_calibration(
+        CalibrationSpec(source=calib_source, n_samples=args.n_samples, seq_len=args.seq_len), tokenizer
+    )
     text, eval_sources = eval_text(args.eval_windows, args.eval_seq_len, tokenizer)
     prefix = tokenizer("", add_special_tokens=True)["input_ids"]  # BOS for tokenizers that add one
-    windows = common.eval_windows(tokenizer(text, add_special_tokens=False)["input_ids"], args.eval_seq_len,
-                                  args.eval_windows, prefix)
+    windows = common.eval_windows(
+        tokenizer(text, add_special_tokens=False)["input_ids"], args.eval_seq_len, args.eval_windows, prefix
+    )
     if windows.shape[0] < args.eval_windows:
-        print(f"note: the evaluation text fills only {windows.shape[0]} windows of {args.eval_seq_len} tokens")
+        print(
+            f"note: the evaluation text fills only {windows.shape[0]} windows of {args.eval_seq_len} tokens"
+        )
     data_path = work / "data.pt"
     torch.save({"calib": calib, "eval": windows, "n_prefix": len(prefix)}, data_path)
-    meta = {"model": str(ckpt), "calib_source": calib_source, "calib_shape": list(calib.shape),
-            "eval_sources": eval_sources, "eval_seq_len": args.eval_seq_len, "threads": threads, "bits": args.bits,
-            "group_size": args.group_size}
+    meta = {
+        "model": str(ckpt),
+        "calib_source": calib_source,
+        "calib_shape": list(calib.shape),
+        "eval_sources": eval_sources,
+        "eval_seq_len": args.eval_seq_len,
+        "threads": threads,
+        "bits": args.bits,
+        "group_size": args.group_size,
+    }
 
     fp_model = AutoModelForCausalLM.from_pretrained(str(ckpt), dtype=torch.float32)
     if args.fp_perplexity:  # from an earlier run on the same data: saves one evaluation
-        fp = {"perplexity": args.fp_perplexity, "n_tokens": windows.numel() - windows.shape[0] * max(len(prefix), 1),
-              "n_windows": int(windows.shape[0]), "reused": True}
+        fp = {
+            "perplexity": args.fp_perplexity,
+            "n_tokens": windows.numel() - windows.shape[0] * max(len(prefix), 1),
+            "n_windows": int(windows.shape[0]),
+            "reused": True,
+        }
     else:
         fp = common.perplexity(fp_model, windows, len(prefix))
     if args.crosscheck:  # the engine's own evaluate.perplexity must agree with bench/common's copy of it
         from awqforge.evaluate import perplexity as engine_perplexity
 
-        meta["fp_engine_perplexity"] = engine_perplexity(fp_model, tokenizer, text, args.eval_seq_len, args.eval_windows)
+        meta["fp_engine_perplexity"] = engine_perplexity(
+            fp_model, tokenizer, text, args.eval_seq_len, args.eval_windows
+        )
         print(f"FP, awqforge.evaluate.perplexity: {meta['fp_engine_perplexity']}", flush=True)
     del fp_model
     print(f"FP: {fp}", flush=True)
@@ -229,11 +309,21 @@ def main(argv: list[str] | None = None) -> int:
     out = work / "results.json"
 
     def save(targets: list[str] | None = None) -> None:  # after every row: a late failure loses nothing
-        out.write_text(json.dumps({"meta": meta, "fp": fp, "rows": rows, "targets": targets}, indent=2, default=str))
+        out.write_text(
+            json.dumps({"meta": meta, "fp": fp, "rows": rows, "targets": targets}, indent=2, default=str)
+        )
 
     for bits in args.bits:
-        kw = dict(bits=bits, group_size=args.group_size, calib_source=calib_source, n_samples=args.n_samples,
-                  seq_len=args.seq_len, out_dir=work, windows=windows, n_prefix=len(prefix))
+        kw = dict(
+            bits=bits,
+            group_size=args.group_size,
+            calib_source=calib_source,
+            n_samples=args.n_samples,
+            seq_len=args.seq_len,
+            out_dir=work,
+            windows=windows,
+            n_prefix=len(prefix),
+        )
         rtn = None
         if not args.skip_rtn:
             rtn = run_ours(ckpt, method="rtn", **kw)
@@ -243,11 +333,28 @@ def main(argv: list[str] | None = None) -> int:
         rows.append({**ours, "key": "awq", "label": "AWQ (awqforge)", "wall_s": ours["total_s"]})
         print(f"W{bits} ours: {ours['perplexity']:.3f} in {ours['total_s']:.1f} s", flush=True)
         if not args.skip_llmc:
-            llmc = run_llmc(args.llmc_python, ckpt, data_path, bits=bits, group_size=args.group_size, threads=threads,
-                            duo_scaling=args.llmc_duo_scaling, log_path=work / f"llmc-w{bits}.log")
-            rows.append({**llmc, "key": "llmc", "label": f"AWQ (llm-compressor {llmc['version']})",
-                         "wall_s": llmc["oneshot_s"], "cpu_s": llmc.get("oneshot_cpu_s")})
-            print(f"W{bits} llm-compressor: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True)
+            llmc = run_llmc(
+                args.llmc_python,
+                ckpt,
+                data_path,
+                bits=bits,
+                group_size=args.group_size,
+                threads=threads,
+                duo_scaling=args.llmc_duo_scaling,
+                log_path=work / f"llmc-w{bits}.log",
+            )
+            rows.append(
+                {
+                    **llmc,
+                    "key": "llmc",
+                    "label": f"AWQ (llm-compressor {llmc['version']})",
+                    "wall_s": llmc["oneshot_s"],
+                    "cpu_s": llmc.get("oneshot_cpu_s"),
+                }
+            )
+            print(
+                f"W{bits} llm-compressor: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True
+            )
         if rtn:
             for r in rows:
                 if r["bits"] == bits:

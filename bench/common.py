@@ -32,7 +32,9 @@ def read_texts(names: tuple[str, ...] | list[str], root: Path = LICENSES) -> str
     return "\n\n".join((root / n).read_text(encoding="utf-8").strip() for n in names)
 
 
-def calibration_samples(ids: list[int] | torch.Tensor, n_samples: int, max_seq_len: int = 512) -> torch.Tensor:
+def calibration_samples(
+    ids: list[int] | torch.Tensor, n_samples: int, max_seq_len: int = 512
+) -> torch.Tensor:
     """`n_samples` contiguous, non-overlapping slices of `ids`, as long as the text allows (at most max_seq_len).
 
     A short text gives shorter samples rather than repeated ones: GPL-3 is ~7.7k SmolLM2 tokens, so 32 samples
@@ -46,7 +48,10 @@ def calibration_samples(ids: list[int] | torch.Tensor, n_samples: int, max_seq_l
 
 
 def eval_windows(
-    ids: list[int] | torch.Tensor, seq_len: int = 1024, max_windows: int | None = 20, prefix: list[int] | tuple = ()
+    ids: list[int] | torch.Tensor,
+    seq_len: int = 1024,
+    max_windows: int | None = 20,
+    prefix: list[int] | tuple = (),
 ) -> torch.Tensor:
     """Non-overlapping windows [n, seq_len]: `prefix` (the tokenizer's BOS, if it adds one) + the next
     seq_len - len(prefix) text tokens; the tail shorter than a window is dropped. Same cut as
@@ -79,7 +84,9 @@ def perplexity(model: torch.nn.Module, windows: torch.Tensor, n_prefix: int = 0,
         batch = windows[start : start + batch_size].to(device)
         logits = model(input_ids=batch, use_cache=False).logits[:, first - 1 : -1].float()
         target = batch[:, first:]
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum")
+        loss = torch.nn.functional.cross_entropy(
+            logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="sum"
+        )
         if not torch.isfinite(loss):
             raise FloatingPointError(f"non-finite loss in window {start}")
         nll += loss.item()

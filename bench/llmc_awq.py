@@ -38,7 +38,12 @@ def _recipe(bits: int, group_size: int, symmetric: bool, duo_scaling, n_grid: in
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(
-            num_bits=bits, type="int", strategy="group", group_size=group_size, symmetric=symmetric, dynamic=False
+            num_bits=bits,
+            type="int",
+            strategy="group",
+            group_size=group_size,
+            symmetric=symmetric,
+            dynamic=False,
         ),
     )
     return [
@@ -72,7 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--symmetric", action="store_true")
     ap.add_argument("--duo-scaling", default="true", choices=["true", "false", "both"])
     ap.add_argument("--n-grid", type=int, default=20)
-    ap.add_argument("--batch-size", type=int, default=0, help="calibration batch; 0 = all samples in one batch")
+    ap.add_argument(
+        "--batch-size", type=int, default=0, help="calibration batch; 0 = all samples in one batch"
+    )
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-eval", action="store_true")
@@ -88,7 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     data = torch.load(args.data)
     calib: torch.Tensor = data["calib"]
     n, seq = calib.shape
-    dataset = Dataset.from_dict({"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()})
+    dataset = Dataset.from_dict(
+        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+    )
 
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
@@ -98,16 +107,19 @@ def main(argv: list[str] | None = None) -> int:
 
     cpu0 = time.process_time()
     with common.Timer() as t:
-        model = oneshot(
-            model=model,
-            tokenizer=tokenizer,
-            dataset=dataset,
-            recipe=recipe,
-            num_calibration_samples=n,
-            max_seq_length=seq,
-            batch_size=args.batch_size or n,
-            shuffle_calibration_samples=False,
-        ) or model
+        model = (
+            oneshot(
+                model=model,
+                tokenizer=tokenizer,
+                dataset=dataset,
+                recipe=recipe,
+                num_calibration_samples=n,
+                max_seq_length=seq,
+                batch_size=args.batch_size or n,
+                shuffle_calibration_samples=False,
+            )
+            or model
+        )
     result = {
         "impl": "llm-compressor",
         "version": llmcompressor.__version__,

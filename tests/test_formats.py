@@ -585,3 +585,35 @@ def test_card_from_spec_and_compressed_tensors_notes(source, tmp_path):
     assert "base_model" not in yaml.safe_load(local.split("---")[1])
     assert "zero point of 8" in local
     assert (parse_size("5GB"), parse_size("2MiB"), parse_size(1234)) == (5 * 10**9, 2 * 2**20, 1234)
+
+
+def test_shards_are_spooled_to_disk_and_read_back_exactly(source, tmp_path):
+    """Tensors leave memory as they are added; the shard written from the spool is a valid safetensors file."""
+    from safetensors.torch import load_file
+
+    writer = ArtifactWriter(
+        tmp_path / "spool", "awq", source_dir=source, settings=QuantSettings(bits=4, group_size=32)
+    )
+    torch.manual_seed(0)
+    tensors = {
+        "a.bf16": torch.randn(7, 5).bfloat16(),
+        "b.i32": torch.randint(-(2**31), 2**31 - 1, (3, 4), dtype=torch.int32),
+        "c.u8": torch.randint(0, 255, (9,), dtype=torch.uint8),
+        "d.scalar": torch.tensor(3.5),
+        "e.f16": torch.randn(2, 3, 4).half(),
+        "f.empty": torch.zeros(0, 4),
+    }
+    for name, t in tensors.items():
+        writer._add(name, t)
+    assert writer._shard is not None and writer._shard.nbytes == sum(
+        t.numel() * t.element_size() for t in tensors.values()
+    )
+    assert not hasattr(writer._shard, "tensors")  # nothing but offsets is kept in memory
+    writer._flush_shard()
+    path, names = writer._shard_files[0]
+    back = load_file(str(path))
+    assert names == list(tensors)
+    for name, t in tensors.items():
+        assert back[name].dtype == t.dtype and torch.equal(back[name], t)
+    writer.abort()
+    assert not writer.staging_dir.exists()

@@ -44,7 +44,9 @@ def test_local_paths_are_accepted():
     assert JobSpec(model="/tmp/x").model == "/tmp/x"
 
 
-@pytest.mark.parametrize("source", ["pileval", "self", "hf:org/ds", "hf:org/ds:train:text", "file:/x.txt", "upload:abc"])
+@pytest.mark.parametrize(
+    "source", ["pileval", "self", "hf:org/ds", "hf:org/ds:train:text", "file:/x.txt", "upload:abc"]
+)
 def test_calibration_sources(source):
     JobSpec(model="a/b", calibration={"source": source})
 

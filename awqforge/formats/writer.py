@@ -17,12 +17,12 @@ import logging
 import os
 import re
 import shutil
+import struct
 import uuid
 from pathlib import Path
 from typing import Any, Protocol
 
 import torch
-from safetensors.torch import save_file
 
 from awqforge.errors import AWQForgeError, InputError
 from awqforge.formats import awq as awq_format
@@ -109,6 +109,60 @@ def _config_dtype(config: dict[str, Any]) -> torch.dtype | None:
     return None
 
 
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+
+
+class _ShardSpool:
+    """One safetensors shard written incrementally: tensor bytes are appended to a spool file as they come,
+    the header (which must precede the data and name every offset) is written when the shard closes, and
+    the data is then streamed behind it. Peak memory is one tensor, not one shard."""
+
+    def __init__(self, stem: Path) -> None:
+        self.path = stem.with_suffix(".safetensors.partial")
+        self._data_path = stem.with_suffix(".data.partial")
+        self._data = open(self._data_path, "wb")
+        self.names: list[str] = []
+        self._entries: dict[str, dict[str, Any]] = {}
+        self.nbytes = 0
+
+    def append(self, name: str, t: torch.Tensor) -> None:
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"{name}: dtype {t.dtype} cannot be stored in safetensors")
+        n = _tensor_bytes(t)
+        if n:
+            self._data.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self._entries[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [self.nbytes, self.nbytes + n],
+        }
+        self.names.append(name)
+        self.nbytes += n
+
+    def close(self) -> Path:
+        self._data.close()
+        header = {"__metadata__": {"format": "pt"}, **self._entries}
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as safetensors' own writer does
+        with open(self.path, "wb") as out, open(self._data_path, "rb") as data:
+            out.write(struct.pack("<Q", len(raw)))
+            out.write(raw)
+            shutil.copyfileobj(data, out, 16 * 1024 * 1024)
+        self._data_path.unlink()
+        return self.path
+
+
 class ArtifactWriter:
     """Writes one artifact (one format) into `<final_dir>`'s staging sibling and publishes it atomically."""
 
@@ -152,8 +206,8 @@ class ArtifactWriter:
         self.staging_dir.mkdir()
 
         self._state = "open"
-        self._shard: dict[str, torch.Tensor] = {}
-        self._shard_bytes = 0
+        # Tensor bytes go to disk as they arrive: memory stays at one tensor, whatever the shard size.
+        self._shard: _ShardSpool | None = None
         self._shard_files: list[tuple[Path, list[str]]] = []
         self._names: set[str] = set()
         self._quantized: list[str] = []
@@ -212,21 +266,20 @@ class ArtifactWriter:
             # Own the bytes: a view would drag its whole storage into the file, and the caller may reuse its buffer.
             t = t.clone()
         nbytes = _tensor_bytes(t)
-        if self._shard and self._shard_bytes + nbytes > self.shard_size:
+        if self._shard is not None and self._shard.names and self._shard.nbytes + nbytes > self.shard_size:
             self._flush_shard()
+        if self._shard is None:
+            self._shard = _ShardSpool(self.staging_dir / f"shard-{len(self._shard_files) + 1:05d}")
         self._names.add(name)
-        self._shard[name] = t
-        self._shard_bytes += nbytes
+        self._shard.append(name, t)
         self.total_size += nbytes
 
     def _flush_shard(self) -> None:
-        if not self._shard:
+        if self._shard is None or not self._shard.names:
             return
-        path = self.staging_dir / f"shard-{len(self._shard_files) + 1:05d}.safetensors.partial"
-        save_file(self._shard, str(path), metadata={"format": "pt"})
-        self._shard_files.append((path, list(self._shard)))
-        self._shard = {}
-        self._shard_bytes = 0
+        path = self._shard.close()
+        self._shard_files.append((path, list(self._shard.names)))
+        self._shard = None
 
     @property
     def quantized_modules(self) -> list[str]:
