@@ -228,32 +228,40 @@ def unpack_compressed_tensors(
 def pack_cpu_w4(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     """QuantizedTensor (4-bit) -> the layout of the C++ kernel.
 
-    - qdata uint8 [Np/32, K/2, 32]: Np = out rounded up to 32. Block b covers output channels
-      32b..32b+31; byte [b, p, j] holds q[32b+j, 2p] in its low nibble and q[32b+j, 2p+1] in its
-      high nibble. One block's stream over K is contiguous, and one k-pair of 32 channels is one
-      32-byte load (four 8-byte lanes widened to eight int32 each).
-    - params float32 [Np/32, G, 2, 32]: per block and group, the scale s and the offset -z*s, so
-      that W = q*s + (-z*s). Padded channels have s = 0 and offset 0.
+    - qdata int32 [Np/32, K8/8, 32]: Np = out rounded up to 32, K8 = in rounded up to 8 (only a
+      per-channel layer can have in % 8 != 0; its padded codes are 0 and the kernel pads x with
+      zeros). Block b covers output channels 32b..32b+31; word [b, c, j] holds the eight codes
+      q[32b+j, 8c..8c+7]: q[., 8c+2i] in bits 4i..4i+3 and q[., 8c+2i+1] in bits 16+4i..19+4i
+      (i = 0..3). One k-octet of 16 channels is one 64-byte load, and one shift puts the codes of a
+      k-pair at the same place in both 16-bit halves: the kernel turns them into the bf16 pair
+      (1 + q/16, 1 + q'/16) with one bitwise op (or into fp32 1 + q/16 the same way).
+    - params float32 [Np/32, G, 2, 32]: per block and group, s' = 16*s and o' = -(z + 16)*s, so
+      that W = q*s - z*s = (1 + q/16)*s' + o'. Padded channels have s' = o' = 0.
     """
     _check_codes(qt)
     if qt.bits != 4:
         raise ValueError(f"the CPU kernel layout is 4-bit only, got bits={qt.bits}")
     out_f, in_f = qt.qweight.shape
     g = effective_group_size(in_f, qt.group_size)
-    if g % 2:
-        raise ValueError(f"the CPU kernel needs an even group size, got {g}")
     n_groups = in_f // g
+    if g % 8 and n_groups > 1:
+        raise ValueError(f"the CPU kernel needs a group size that is a multiple of 8, got {g}")
+    k_pad = -in_f % 8
     n_pad = -out_f % CPU_BLOCK_N
-    q = qt.qweight.to(torch.uint8)
+    q = qt.qweight.to(torch.int32) & 0xF
     s = qt.scales.float()
-    off = -qt.zeros.float() * s
-    if n_pad:
-        q = torch.cat([q, q.new_zeros(n_pad, in_f)])
-        s = torch.cat([s, s.new_zeros(n_pad, n_groups)])
-        off = torch.cat([off, off.new_zeros(n_pad, n_groups)])
-    n_blocks = (out_f + n_pad) // CPU_BLOCK_N
-    pairs = (q[:, 0::2] & 0xF) | ((q[:, 1::2] & 0xF) << 4)  # [Np, K/2]
-    qdata = pairs.view(n_blocks, CPU_BLOCK_N, in_f // 2).transpose(1, 2).contiguous()
-    params = torch.stack([s, off], dim=-1)  # [Np, G, 2]
+    s16 = 16.0 * s
+    off = -(qt.zeros.float() + 16.0) * s
+    if n_pad or k_pad:
+        q = torch.nn.functional.pad(q, (0, k_pad, 0, n_pad))
+        s16 = torch.nn.functional.pad(s16, (0, 0, 0, n_pad))
+        off = torch.nn.functional.pad(off, (0, 0, 0, n_pad))
+    n_p, k8 = out_f + n_pad, in_f + k_pad
+    n_blocks = n_p // CPU_BLOCK_N
+    octets = q.view(n_p, k8 // 8, 8)
+    shifts = torch.tensor([0, 16, 4, 20, 8, 24, 12, 28], dtype=torch.int64)
+    words = _to_int32((octets.to(torch.int64) << shifts).sum(-1))  # disjoint bits: the sum is an OR
+    qdata = words.view(n_blocks, CPU_BLOCK_N, k8 // 8).transpose(1, 2).contiguous()
+    params = torch.stack([s16, off], dim=-1)  # [Np, G, 2]
     params = params.view(n_blocks, CPU_BLOCK_N, n_groups, 2).permute(0, 2, 3, 1).contiguous()
     return {"qdata": qdata, "params": params}

@@ -138,18 +138,31 @@ def test_symmetric_needs_midpoint_zeros():
 # ---------------------------------------------------------------- CPU kernel layout
 
 
-@pytest.mark.parametrize("out_f,in_f,group_size", [(32, 64, 32), (40, 128, -1), (13, 96, 32), (72, 384, 128)])
+@pytest.mark.parametrize(
+    "out_f,in_f,group_size", [(32, 64, 32), (40, 128, -1), (13, 96, 32), (72, 384, 128), (9, 70, -1)]
+)
 def test_cpu_layout_decodes_to_the_codes(out_f, in_f, group_size):
     qt = random_qt(out_f, in_f, 4, group_size)
     t = packing.pack_cpu_w4(qt)
     qdata, params = t["qdata"], t["params"]
-    n_blocks = -(-out_f // 32)
-    assert qdata.shape == (n_blocks, in_f // 2, 32) and params.shape == (n_blocks, qt.scales.shape[1], 2, 32)
-    lo = (qdata & 0xF).transpose(1, 2).reshape(n_blocks * 32, in_f // 2)
-    hi = (qdata >> 4).transpose(1, 2).reshape(n_blocks * 32, in_f // 2)
-    q = torch.stack([lo, hi], dim=-1).reshape(n_blocks * 32, in_f)[:out_f]
-    assert torch.equal(q, qt.qweight)
-    s = params[:, :, 0].permute(0, 2, 1).reshape(n_blocks * 32, -1)[:out_f]
-    off = params[:, :, 1].permute(0, 2, 1).reshape(n_blocks * 32, -1)[:out_f]
-    torch.testing.assert_close(s, qt.scales.float())
-    torch.testing.assert_close(off, -qt.zeros.float() * qt.scales.float())
+    n_blocks, k8 = -(-out_f // 32), -(-in_f // 8) * 8
+    assert qdata.dtype == torch.int32 and qdata.shape == (n_blocks, k8 // 8, 32)
+    assert params.shape == (n_blocks, qt.scales.shape[1], 2, 32)
+    words = qdata.to(torch.int64) & 0xFFFFFFFF
+    # code k = 8c + 2i sits at bits 4i, k = 8c + 2i + 1 at bits 16 + 4i
+    shifts = torch.tensor([0, 16, 4, 20, 8, 24, 12, 28])
+    codes = (words.unsqueeze(-1) >> shifts) & 0xF  # [NB, K8/8, 32, 8]
+    q = codes.permute(0, 2, 1, 3).reshape(n_blocks * 32, k8)
+    assert torch.equal(q[:out_f, :in_f].to(torch.uint8), qt.qweight)
+    assert not q[out_f:].any() and not q[:, in_f:].any()  # padding holds zero codes
+    s16 = params[:, :, 0].permute(0, 2, 1).reshape(n_blocks * 32, -1)
+    off = params[:, :, 1].permute(0, 2, 1).reshape(n_blocks * 32, -1)
+    s, z = qt.scales.float(), qt.zeros.float()
+    torch.testing.assert_close(s16[:out_f], 16 * s)
+    torch.testing.assert_close(off[:out_f], -(z + 16) * s)
+    assert not s16[out_f:].any() and not off[out_f:].any()
+    # W = (1 + q/16) * s' + o' reproduces the dequantized weight
+    w = (1 + q[:out_f, :in_f].float() / 16) * s16[:out_f].repeat_interleave(
+        in_f // qt.scales.shape[1], dim=1
+    ) + off[:out_f].repeat_interleave(in_f // qt.scales.shape[1], dim=1)
+    torch.testing.assert_close(w, qt.dequantize(), atol=1e-5, rtol=1e-5)

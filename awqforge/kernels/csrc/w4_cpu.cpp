@@ -1,29 +1,39 @@
-// W4 x fp32 linear on CPU: y[M, N] = x[M, K] . W[N, K]^T straight from packed 4-bit weights.
+// W4 linear on CPU: y[M, N] = x[M, K] . W[N, K]^T straight from packed 4-bit weights.
 //
 // Weight layout (awqforge.packing.pack_cpu_w4): blocks of 32 output channels.
-//   qdata  uint8 [NB, K/2, 32]: byte [b, p, j] = q[32b+j, 2p] | q[32b+j, 2p+1] << 4
-//   params fp32  [NB, G, 2, 32]: per group, scale s and offset o = -z*s, so W = q*s + o.
+//   qdata  uint32 [NB, K/8, 32]: word [b, c, j] holds the codes q[32b+j, 8c..8c+7]:
+//          q[., 8c+2i] in bits 4i..4i+3, q[., 8c+2i+1] in bits 16+4i..19+4i (i = 0..3).
+//   params fp32   [NB, G, 2, 32]: per group s' = 16 s and o' = -(z + 16) s.
 //
-// Small M ("tile" path): for a tile of MT rows and one group of one block, accumulate
-// acc = sum_k q[n,k] * x[m,k] in fp32 registers, then y += s * acc + o * sum_k x[m,k].
-// Each decoded weight vector is used for MT rows; the whole FP weight never exists.
+// Decoding ("mantissa trick"): shifting a word so that a code lands in bits 19..22 and OR-ing in
+// the bits of 1.0f gives the float 1 + q/16 exactly, with one shift and one bitwise op (AVX-512:
+// one vpternlogd) and no int->float conversion. Then per group
+//   sum_k (1 + q/16) x = X + (1/16) sum_k q x,  X = sum_k x,
+// so y = sum_groups s * sum q x - z s X = sum_groups s' * acc + o' * X.
+//
+// Small M ("tile" path): for a tile of MT rows and one group of one block, accumulate acc in fp32
+// registers, then y += s' * acc + o' * X. Each decoded weight vector serves MT rows; the whole FP
+// weight never exists. Activations are fp32 in registers (bf16/fp16 are converted once per call).
+// Paths:
+//   avx512      fp32 FMA, 16 channels per register: 3 uops per 16 weights (shift, ternlog, FMA);
+//   avx2        the same with 8 channels per register;
+//   scalar      portable C++.
 //
 // Large M ("panel" path): each thread decodes a panel of its output channels, W^T [K, Nc] fp32
 // (a few MB, lives in cache), and lets the BLAS sgemm that F.linear uses multiply it; then decodes
-// its next panel.
-// Decoding costs O(N*K) against the GEMM's O(M*N*K), so at large M this is as fast as the FP
-// GEMM while reading 1/8 of the weight bytes from memory.
+// its next panel. Decoding costs O(N*K) against the GEMM's O(M*N*K), so at large M this is as fast
+// as the FP GEMM while reading 1/8 of the weight bytes from memory.
 //
-// The AVX2+FMA and AVX-512 code is compiled with function-level target attributes (no global
-// -mavx2), so one build holds them and the portable scalar path; the caller picks one at run time
-// and w4_linear re-checks it against the CPU (__builtin_cpu_supports). Non-x86 builds compile the
-// SIMD code out and keep the scalar path.
+// The SIMD code is compiled with function-level target attributes (no global -mavx2), so one build
+// holds every path; the caller picks one at run time and w4_linear re-checks it against the CPU
+// (__builtin_cpu_supports). Non-x86 builds compile the SIMD code out and keep the scalar path.
 
 #include <torch/extension.h>
 
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <utility>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -41,20 +51,27 @@ namespace {
 constexpr int64_t kBlockN = 32;
 
 struct Problem {
-  const float* x;      // [M, K]
-  const float* xsum;   // [M, G]: per-row, per-group sums of x
-  const uint8_t* qd;   // [NB, K/2, 32]
-  const float* prm;    // [NB, G, 2, 32]
-  float* y;            // [M, N]
-  const float* bias;   // [N] or nullptr
+  const float* x;       // [M, K] fp32 (fp32 paths)
+  const float* xsum;    // [M, G]: per-row, per-group sums of x
+  const uint32_t* qd;   // [NB, K/8, 32]
+  const float* prm;     // [NB, G, 2, 32]
+  float* y;             // [M, N]
+  const float* bias;    // [N] or nullptr
   int64_t M, N, K, g, G, NB;
   int64_t prefetch = 0;  // bytes ahead in the weight stream to prefetch (0: leave it to the hardware)
 };
 
+// Bit position of code kk (k = 8c + kk) in its word.
+constexpr int code_pos(int kk) { return (kk & 1) ? 16 + 4 * (kk >> 1) : 4 * (kk >> 1); }
+
 // ---------------------------------------------------------------------------------- scalar
 
+inline float decode_scalar(uint32_t w, int kk) {
+  return 1.f + static_cast<float>((w >> code_pos(kk)) & 15u) * 0.0625f;
+}
+
 void tile_scalar(const Problem& p, int64_t b, int64_t m0, int64_t mt) {
-  const uint8_t* qb = p.qd + b * (p.K / 2) * kBlockN;
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
   const float* pb = p.prm + b * p.G * 2 * kBlockN;
   const int64_t n0 = b * kBlockN;
   const int64_t nvalid = std::min<int64_t>(kBlockN, p.N - n0);
@@ -63,11 +80,13 @@ void tile_scalar(const Problem& p, int64_t b, int64_t m0, int64_t mt) {
     float out[kBlockN] = {0.f};
     for (int64_t gi = 0; gi < p.G; ++gi) {
       float acc[kBlockN] = {0.f};
-      for (int64_t k = gi * p.g; k < (gi + 1) * p.g; k += 2) {
-        const uint8_t* row = qb + (k / 2) * kBlockN;
-        const float x0 = xm[k], x1 = xm[k + 1];
+      for (int64_t c = gi * p.g / 8; c < (gi + 1) * p.g / 8; ++c) {
+        const uint32_t* row = qb + c * kBlockN;
+        const float* xk = xm + 8 * c;
         for (int j = 0; j < kBlockN; ++j) {
-          acc[j] += static_cast<float>(row[j] & 15) * x0 + static_cast<float>(row[j] >> 4) * x1;
+          float a = 0.f;
+          for (int kk = 0; kk < 8; ++kk) a += decode_scalar(row[j], kk) * xk[kk];
+          acc[j] += a;
         }
       }
       const float* s = pb + gi * 2 * kBlockN;
@@ -83,35 +102,71 @@ void tile_scalar(const Problem& p, int64_t b, int64_t m0, int64_t mt) {
 
 // W^T[k, col0 + j] for the 32 channels of block b, all k.
 void decode_block_scalar(const Problem& p, int64_t b, float* wt, int64_t ldw, int64_t col0) {
-  const uint8_t* qb = p.qd + b * (p.K / 2) * kBlockN;
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
   const float* pb = p.prm + b * p.G * 2 * kBlockN;
-  for (int64_t k = 0; k < p.K; k += 2) {
-    const uint8_t* row = qb + (k / 2) * kBlockN;
-    const float* s = pb + (k / p.g) * 2 * kBlockN;
+  for (int64_t c = 0; c < p.K / 8; ++c) {
+    const uint32_t* row = qb + c * kBlockN;
+    const float* s = pb + (8 * c / p.g) * 2 * kBlockN;
     const float* o = s + kBlockN;
-    float* w0 = wt + k * ldw + col0;
-    float* w1 = w0 + ldw;
-    for (int j = 0; j < kBlockN; ++j) {
-      w0[j] = static_cast<float>(row[j] & 15) * s[j] + o[j];
-      w1[j] = static_cast<float>(row[j] >> 4) * s[j] + o[j];
+    for (int kk = 0; kk < 8; ++kk) {
+      float* w = wt + (8 * c + kk) * ldw + col0;
+      for (int j = 0; j < kBlockN; ++j) w[j] = decode_scalar(row[j], kk) * s[j] + o[j];
     }
   }
 }
 
-// ---------------------------------------------------------------------------------- AVX2
-
 #if AWQF_HAVE_X86
+
+// Compile-time unrolled loops are folds over std::integer_sequence into always_inline helpers
+// that carry the same target attribute (a lambda would not inherit it).
+#define AWQF_INLINE inline __attribute__((always_inline))
+
+// ---------------------------------------------------------------------------------- AVX2
 #define AWQF_AVX2 __attribute__((target("avx2,fma")))
+
+// fp32 1 + q/16 of code kk in each word
+template <int KK>
+AWQF_AVX2 AWQF_INLINE __m256 decode8(__m256i w) {
+  constexpr int pos = code_pos(KK);
+  __m256i t;
+  if constexpr (pos <= 19) t = _mm256_slli_epi32(w, 19 - pos);
+  else t = _mm256_srli_epi32(w, pos - 19);
+  t = _mm256_and_si256(t, _mm256_set1_epi32(0x00780000));
+  return _mm256_castsi256_ps(_mm256_or_si256(t, _mm256_set1_epi32(0x3F800000)));
+}
+
+template <int KK, int MT, int NS>
+AWQF_AVX2 AWQF_INLINE void step_avx2(__m256i w, const float* xk, int64_t K, int v, __m256 (&acc)[MT][NS][2]) {
+  const __m256 d = decode8<KK>(w);
+  for (int m = 0; m < MT; ++m)
+    acc[m][v][KK & 1] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(xk + m * K + KK), acc[m][v][KK & 1]);
+}
+
+template <int MT, int NS, int... KK>
+AWQF_AVX2 AWQF_INLINE void octet_avx2(std::integer_sequence<int, KK...>, __m256i w, const float* xk, int64_t K,
+                                       int v, __m256 (&acc)[MT][NS][2]) {
+  (step_avx2<KK, MT, NS>(w, xk, K, v, acc), ...);
+}
+
+template <int KK>
+AWQF_AVX2 AWQF_INLINE void store_decoded8(__m256i w, float* wt, int64_t ldw, __m256 s, __m256 o) {
+  _mm256_storeu_ps(wt + KK * ldw, _mm256_fmadd_ps(decode8<KK>(w), s, o));
+}
+
+template <int... KK>
+AWQF_AVX2 AWQF_INLINE void decode_octet_avx2(std::integer_sequence<int, KK...>, __m256i w, float* wt, int64_t ldw,
+                                              __m256 s, __m256 o) {
+  (store_decoded8<KK>(w, wt, ldw, s, o), ...);
+}
 
 // MT rows x 32 channels of block b; NS = how many 8-channel vectors are in flight at once
 // (MT * NS * 2 independent accumulators hide the FMA latency).
 template <int MT, int NS>
 AWQF_AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t m0) {
-  const uint8_t* qb = p.qd + b * (p.K / 2) * kBlockN;
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
   const float* pb = p.prm + b * p.G * 2 * kBlockN;
   const int64_t n0 = b * kBlockN;
   const int64_t nvalid = std::min<int64_t>(kBlockN, p.N - n0);
-  const __m256i low4 = _mm256_set1_epi32(15);
   alignas(32) float out[MT][kBlockN];
   for (int m = 0; m < MT; ++m)
     for (int j = 0; j < kBlockN; ++j) out[m][j] = 0.f;
@@ -119,27 +174,19 @@ AWQF_AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t m0) {
   for (int64_t gi = 0; gi < p.G; ++gi) {
     const float* s = pb + gi * 2 * kBlockN;
     const float* o = s + kBlockN;
-    const uint8_t* qg = qb + gi * (p.g / 2) * kBlockN;
-    const float* xg = p.x + m0 * p.K + gi * p.g;
+    const int64_t c0 = gi * p.g / 8, c1 = (gi + 1) * p.g / 8;
     for (int v0 = 0; v0 < kBlockN / 8; v0 += NS) {
       __m256 acc[MT][NS][2];
       for (int m = 0; m < MT; ++m)
         for (int v = 0; v < NS; ++v) acc[m][v][0] = acc[m][v][1] = _mm256_setzero_ps();
-      const uint8_t* q = qg + v0 * 8;
-      for (int64_t kp = 0; kp < p.g / 2; ++kp, q += kBlockN) {
-        if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + p.prefetch), _MM_HINT_T0);
-        // Decode one 8-channel vector and use it at once: keeps the live registers to the
-        // 2*MT*NS accumulators plus a handful (AVX2 has 16).
+      for (int64_t c = c0; c < c1; ++c) {
+        const uint32_t* q = qb + c * kBlockN + v0 * 8;
+        if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch, _MM_HINT_T0);
+        const float* xk = p.x + m0 * p.K + 8 * c;
 #pragma GCC unroll 4
         for (int v = 0; v < NS; ++v) {
-          const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + v * 8)));
-          const __m256 lo = _mm256_cvtepi32_ps(_mm256_and_si256(w, low4));
-          const __m256 hi = _mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4));
-#pragma GCC unroll 4
-          for (int m = 0; m < MT; ++m) {
-            acc[m][v][0] = _mm256_fmadd_ps(lo, _mm256_broadcast_ss(xg + m * p.K + 2 * kp), acc[m][v][0]);
-            acc[m][v][1] = _mm256_fmadd_ps(hi, _mm256_broadcast_ss(xg + m * p.K + 2 * kp + 1), acc[m][v][1]);
-          }
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 8));
+          octet_avx2<MT, NS>(std::make_integer_sequence<int, 8>{}, w, xk, p.K, v, acc);
         }
       }
       for (int v = 0; v < NS; ++v) {
@@ -164,9 +211,8 @@ AWQF_AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t m0) {
 }
 
 AWQF_AVX2 void decode_block_avx2(const Problem& p, int64_t b, float* wt, int64_t ldw, int64_t col0) {
-  const uint8_t* qb = p.qd + b * (p.K / 2) * kBlockN;
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
   const float* pb = p.prm + b * p.G * 2 * kBlockN;
-  const __m256i low4 = _mm256_set1_epi32(15);
   for (int64_t gi = 0; gi < p.G; ++gi) {
     const float* s = pb + gi * 2 * kBlockN;
     __m256 sv[4], ov[4];
@@ -174,119 +220,140 @@ AWQF_AVX2 void decode_block_avx2(const Problem& p, int64_t b, float* wt, int64_t
       sv[v] = _mm256_loadu_ps(s + v * 8);
       ov[v] = _mm256_loadu_ps(s + kBlockN + v * 8);
     }
-    for (int64_t k = gi * p.g; k < (gi + 1) * p.g; k += 2) {
-      const uint8_t* q = qb + (k / 2) * kBlockN;
-      float* w0 = wt + k * ldw + col0;
-      float* w1 = w0 + ldw;
+    for (int64_t c = gi * p.g / 8; c < (gi + 1) * p.g / 8; ++c) {
+      const uint32_t* q = qb + c * kBlockN;
       for (int v = 0; v < 4; ++v) {
-        const __m256i w = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(q + v * 8)));
-        _mm256_storeu_ps(w0 + v * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(w, low4)), sv[v], ov[v]));
-        _mm256_storeu_ps(w1 + v * 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(w, 4)), sv[v], ov[v]));
+        const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 8));
+        decode_octet_avx2(std::make_integer_sequence<int, 8>{}, w, wt + 8 * c * ldw + col0 + v * 8, ldw, sv[v], ov[v]);
       }
     }
   }
 }
 
 // ---------------------------------------------------------------------------------- AVX-512
-// Same scheme with 16 channels per register (two per block) and 32 registers, which lets each
-// row keep 2 (vectors) x 2 (lo/hi nibble) x U (k-pair unroll) accumulators in flight.
+// 16 channels per register (two per block) and 32 registers.
 #define AWQF_AVX512 __attribute__((target("avx512f,avx2,fma")))
+constexpr int kTernAndOr = 0xEA;  // vpternlogd: (a & b) | c
 
-template <int MT, int U>
-AWQF_AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t m0) {
-  const uint8_t* qb = p.qd + b * (p.K / 2) * kBlockN;
-  const float* pb = p.prm + b * p.G * 2 * kBlockN;
-  const int64_t n0 = b * kBlockN;
-  const int64_t nvalid = std::min<int64_t>(kBlockN, p.N - n0);
-  const __m512i low4 = _mm512_set1_epi32(15);
-  __m512 out[MT][2];
-  for (int m = 0; m < MT; ++m) out[m][0] = out[m][1] = _mm512_setzero_ps();
+template <int KK>
+AWQF_AVX512 AWQF_INLINE __m512 decode16(__m512i w) {
+  constexpr int pos = code_pos(KK);
+  __m512i t;
+  if constexpr (pos <= 19) t = _mm512_slli_epi32(w, 19 - pos);
+  else t = _mm512_srli_epi32(w, pos - 19);
+  return _mm512_castsi512_ps(
+      _mm512_ternarylogic_epi32(t, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000), kTernAndOr));
+}
 
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    const float* s = pb + gi * 2 * kBlockN;
-    const float* o = s + kBlockN;
-    const uint8_t* q = qb + gi * (p.g / 2) * kBlockN;
-    const float* xg = p.x + m0 * p.K + gi * p.g;
-    __m512 acc[MT][2][2][U];
-    for (int m = 0; m < MT; ++m)
-      for (int v = 0; v < 2; ++v)
-        for (int u = 0; u < U; ++u) acc[m][v][0][u] = acc[m][v][1][u] = _mm512_setzero_ps();
-    for (int64_t kp = 0; kp < p.g / 2; kp += U) {
-      if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q + kp * kBlockN + p.prefetch), _MM_HINT_T0);
-#pragma GCC unroll 2
-      for (int u = 0; u < U; ++u) {
-        const uint8_t* qk = q + (kp + u) * kBlockN;
-#pragma GCC unroll 2
-        for (int v = 0; v < 2; ++v) {
-          const __m512i w = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(qk + v * 16)));
-          const __m512 lo = _mm512_cvtepi32_ps(_mm512_and_si512(w, low4));
-          const __m512 hi = _mm512_cvtepi32_ps(_mm512_srli_epi32(w, 4));
-#pragma GCC unroll 4
-          for (int m = 0; m < MT; ++m) {
-            const float* xk = xg + m * p.K + 2 * (kp + u);
-            acc[m][v][0][u] = _mm512_fmadd_ps(lo, _mm512_set1_ps(xk[0]), acc[m][v][0][u]);
-            acc[m][v][1][u] = _mm512_fmadd_ps(hi, _mm512_set1_ps(xk[1]), acc[m][v][1][u]);
-          }
-        }
-      }
-    }
-    for (int v = 0; v < 2; ++v) {
-      const __m512 sv = _mm512_loadu_ps(s + v * 16);
-      const __m512 ov = _mm512_loadu_ps(o + v * 16);
-      for (int m = 0; m < MT; ++m) {
-        __m512 a = _mm512_add_ps(acc[m][v][0][0], acc[m][v][1][0]);
-        for (int u = 1; u < U; ++u) a = _mm512_add_ps(a, _mm512_add_ps(acc[m][v][0][u], acc[m][v][1][u]));
-        out[m][v] = _mm512_fmadd_ps(sv, a, out[m][v]);
-        out[m][v] = _mm512_fmadd_ps(ov, _mm512_set1_ps(p.xsum[(m0 + m) * p.G + gi]), out[m][v]);
-      }
+// Epilogue of one group: out[m][v] += s' * sum(acc) + o' * X.
+template <int MT, int A>
+AWQF_AVX512 AWQF_INLINE void group_epilogue(const Problem& p, const float* s, int64_t m0,
+                                                                     int64_t gi, __m512 (&acc)[MT][2][A],
+                                                                     __m512 (&out)[MT][2]) {
+  for (int v = 0; v < 2; ++v) {
+    const __m512 sv = _mm512_loadu_ps(s + v * 16);
+    const __m512 ov = _mm512_loadu_ps(s + kBlockN + v * 16);
+    for (int m = 0; m < MT; ++m) {
+      __m512 a = acc[m][v][0];
+      for (int u = 1; u < A; ++u) a = _mm512_add_ps(a, acc[m][v][u]);
+      out[m][v] = _mm512_fmadd_ps(sv, a, out[m][v]);
+      out[m][v] = _mm512_fmadd_ps(ov, _mm512_set1_ps(p.xsum[(m0 + m) * p.G + gi]), out[m][v]);
     }
   }
+}
+
+template <int MT>
+AWQF_AVX512 AWQF_INLINE void store_tile(const Problem& p, int64_t b, int64_t m0,
+                                                                 __m512 (&out)[MT][2]) {
+  const int64_t n0 = b * kBlockN;
+  const int64_t nvalid = std::min<int64_t>(kBlockN, p.N - n0);
   const __mmask16 k0 = nvalid >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nvalid) - 1);
   const __mmask16 k1 = nvalid >= 32 ? 0xFFFF : nvalid <= 16 ? 0 : static_cast<__mmask16>((1u << (nvalid - 16)) - 1);
   const __m512 b0 = p.bias ? _mm512_maskz_loadu_ps(k0, p.bias + n0) : _mm512_setzero_ps();
   const __m512 b1 = p.bias ? _mm512_maskz_loadu_ps(k1, p.bias + n0 + 16) : _mm512_setzero_ps();
   for (int m = 0; m < MT; ++m) {
     float* yr = p.y + (m0 + m) * p.N + n0;
-    out[m][0] = _mm512_add_ps(out[m][0], b0);
-    out[m][1] = _mm512_add_ps(out[m][1], b1);
-    _mm512_mask_storeu_ps(yr, k0, out[m][0]);
-    _mm512_mask_storeu_ps(yr + 16, k1, out[m][1]);
+    _mm512_mask_storeu_ps(yr, k0, _mm512_add_ps(out[m][0], b0));
+    _mm512_mask_storeu_ps(yr + 16, k1, _mm512_add_ps(out[m][1], b1));
   }
 }
 
-AWQF_AVX512 void decode_block_avx512(const Problem& p, int64_t b, float* wt, int64_t ldw, int64_t col0) {
-  const uint8_t* qb = p.qd + b * (p.K / 2) * kBlockN;
+template <int KK, int MT, int A>
+AWQF_AVX512 AWQF_INLINE void step_avx512(__m512i w0, __m512i w1, const float* xk, int64_t K, __m512 (&acc)[MT][2][A]) {
+  const __m512 d0 = decode16<KK>(w0);
+  const __m512 d1 = decode16<KK>(w1);
+  constexpr int u = KK % A;
+  for (int m = 0; m < MT; ++m) {
+    const __m512 xv = _mm512_set1_ps(xk[m * K + KK]);
+    acc[m][0][u] = _mm512_fmadd_ps(d0, xv, acc[m][0][u]);
+    acc[m][1][u] = _mm512_fmadd_ps(d1, xv, acc[m][1][u]);
+  }
+}
+
+template <int MT, int A, int... KK>
+AWQF_AVX512 AWQF_INLINE void octet_avx512(std::integer_sequence<int, KK...>, __m512i w0, __m512i w1, const float* xk,
+                                           int64_t K, __m512 (&acc)[MT][2][A]) {
+  (step_avx512<KK, MT, A>(w0, w1, xk, K, acc), ...);
+}
+
+// fp32 FMA path. A: accumulators per (row, vector), alternating over k.
+template <int MT, int A>
+AWQF_AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t m0) {
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
   const float* pb = p.prm + b * p.G * 2 * kBlockN;
-  const __m512i low4 = _mm512_set1_epi32(15);
+  __m512 out[MT][2];
+  for (int m = 0; m < MT; ++m) out[m][0] = out[m][1] = _mm512_setzero_ps();
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    __m512 acc[MT][2][A];
+    for (int m = 0; m < MT; ++m)
+      for (int v = 0; v < 2; ++v)
+        for (int u = 0; u < A; ++u) acc[m][v][u] = _mm512_setzero_ps();
+    for (int64_t c = gi * p.g / 8; c < (gi + 1) * p.g / 8; ++c) {
+      const uint32_t* q = qb + c * kBlockN;
+      if (p.prefetch) {
+        _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch, _MM_HINT_T0);
+        _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch + 64, _MM_HINT_T0);
+      }
+      const __m512i w0 = _mm512_loadu_si512(q);
+      const __m512i w1 = _mm512_loadu_si512(q + 16);
+      octet_avx512<MT, A>(std::make_integer_sequence<int, 8>{}, w0, w1, p.x + m0 * p.K + 8 * c, p.K, acc);
+    }
+    group_epilogue<MT, A>(p, pb + gi * 2 * kBlockN, m0, gi, acc, out);
+  }
+  store_tile<MT>(p, b, m0, out);
+}
+
+template <int KK>
+AWQF_AVX512 AWQF_INLINE void store_decoded16(__m512i w0, __m512i w1, float* wt, int64_t ldw, __m512 s0, __m512 s1,
+                                             __m512 o0, __m512 o1) {
+  _mm512_storeu_ps(wt + KK * ldw, _mm512_fmadd_ps(decode16<KK>(w0), s0, o0));
+  _mm512_storeu_ps(wt + KK * ldw + 16, _mm512_fmadd_ps(decode16<KK>(w1), s1, o1));
+}
+
+template <int... KK>
+AWQF_AVX512 AWQF_INLINE void decode_octet_avx512(std::integer_sequence<int, KK...>, __m512i w0, __m512i w1, float* wt,
+                                                 int64_t ldw, __m512 s0, __m512 s1, __m512 o0, __m512 o1) {
+  (store_decoded16<KK>(w0, w1, wt, ldw, s0, s1, o0, o1), ...);
+}
+
+AWQF_AVX512 void decode_block_avx512(const Problem& p, int64_t b, float* wt, int64_t ldw, int64_t col0) {
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
+  const float* pb = p.prm + b * p.G * 2 * kBlockN;
   for (int64_t gi = 0; gi < p.G; ++gi) {
     const float* s = pb + gi * 2 * kBlockN;
     const __m512 s0 = _mm512_loadu_ps(s), s1 = _mm512_loadu_ps(s + 16);
     const __m512 o0 = _mm512_loadu_ps(s + 32), o1 = _mm512_loadu_ps(s + 48);
-    for (int64_t k = gi * p.g; k < (gi + 1) * p.g; k += 2) {
-      const uint8_t* q = qb + (k / 2) * kBlockN;
-      float* w0 = wt + k * ldw + col0;
-      float* w1 = w0 + ldw;
-      const __m512i a = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q)));
-      const __m512i c = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(q + 16)));
-      _mm512_storeu_ps(w0, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(a, low4)), s0, o0));
-      _mm512_storeu_ps(w0 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_and_si512(c, low4)), s1, o1));
-      _mm512_storeu_ps(w1, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(a, 4)), s0, o0));
-      _mm512_storeu_ps(w1 + 16, _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(c, 4)), s1, o1));
+    for (int64_t c = gi * p.g / 8; c < (gi + 1) * p.g / 8; ++c) {
+      const uint32_t* q = qb + c * kBlockN;
+      const __m512i w0 = _mm512_loadu_si512(q);
+      const __m512i w1 = _mm512_loadu_si512(q + 16);
+      decode_octet_avx512(std::make_integer_sequence<int, 8>{}, w0, w1, wt + 8 * c * ldw + col0, ldw, s0, s1, o0, o1);
     }
   }
 }
 #endif  // AWQF_HAVE_X86
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
-
-bool cpu_has_avx512() {
-#if AWQF_HAVE_X86 && (defined(__GNUC__) || defined(__clang__))
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-#else
-  return false;
-#endif
-}
 
 bool cpu_has_avx2() {
 #if AWQF_HAVE_X86 && (defined(__GNUC__) || defined(__clang__))
@@ -297,17 +364,25 @@ bool cpu_has_avx2() {
 #endif
 }
 
+bool cpu_has_avx512() {
+#if AWQF_HAVE_X86 && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+#else
+  return false;
+#endif
+}
+
 void run_tiles(const Problem& p, Isa isa, int nthreads) {
   // Rows in tiles of 4 (then 2, 1); blocks of 32 channels spread over the threads.
-  const bool even_pairs = (p.g / 2) % 2 == 0;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t b = 0; b < p.NB; ++b) {
     int64_t m = 0;
 #if AWQF_HAVE_X86
     if (isa == kAvx512) {
       for (; m + 4 <= p.M; m += 4) tile_avx512<4, 1>(p, b, m);
-      for (; m + 2 <= p.M; m += 2) even_pairs ? tile_avx512<2, 2>(p, b, m) : tile_avx512<2, 1>(p, b, m);
-      for (; m < p.M; ++m) even_pairs ? tile_avx512<1, 2>(p, b, m) : tile_avx512<1, 1>(p, b, m);
+      for (; m + 2 <= p.M; m += 2) tile_avx512<2, 2>(p, b, m);
+      for (; m < p.M; ++m) tile_avx512<1, 4>(p, b, m);
       continue;
     }
     if (isa == kAvx2) {
@@ -362,27 +437,29 @@ void run_panels(const Problem& p, const torch::Tensor& x, torch::Tensor& y, Isa 
   }
 }
 
-}  // namespace
-
-// x fp32 [M, K] -> y fp32 [M, N]. panel_min_m: M from which the panel path is used (<=0: never).
-// Activations to fp32 and per-group row sums, serially: for the small M this kernel is for, a few
-// extra parallel torch ops cost more in fork/join than the work they do.
+// Rows of x [M, K] -> fp32 copy (when xf is given) and per-group sums.
+// Serial: for the small M this kernel is for, a few extra parallel torch ops cost more in
+// fork/join than the work they do.
 template <typename T>
-void prepare_rows(const T* x, float* xf, float* xsum, int64_t M, int64_t K, int64_t g) {
+void prepare_rows(const T* x, int64_t M, int64_t K, int64_t g, float* xf, float* xsum) {
+  const int64_t G = K / g;
   for (int64_t m = 0; m < M; ++m)
-    for (int64_t k0 = 0; k0 < K; k0 += g) {
+    for (int64_t gi = 0; gi < G; ++gi) {
       float s = 0.f;
-      for (int64_t k = k0; k < k0 + g; ++k) {
+      for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
         const float v = static_cast<float>(x[m * K + k]);
         if (xf) xf[m * K + k] = v;
         s += v;
       }
-      xsum[m * (K / g) + k0 / g] = s;
+      xsum[m * G + gi] = s;
     }
 }
 
+}  // namespace
+
 // x float32/bfloat16/float16 [M, K] -> y float32 [M, N] (+ bias, float32 [N]).
-// panel_min_m: M from which the panel path is used (<= 0: never).
+// qdata int32 [NB, Kp/8, 32] with Kp = K, or K rounded up to 8 for a per-channel layer
+// (group_size == K). panel_min_m: M from which the panel path is used (<= 0: never).
 torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, const torch::Tensor& params,
                         int64_t N, int64_t group_size, int64_t isa, int64_t panel_min_m, int64_t panel_n,
                         int64_t prefetch, const c10::optional<torch::Tensor>& bias) {
@@ -390,13 +467,14 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 &&
                   (xt == torch::kFloat32 || xt == torch::kBFloat16 || xt == torch::kFloat16),
               "x must be a 2-D float32/bfloat16/float16 CPU tensor");
-  TORCH_CHECK(qdata.scalar_type() == torch::kUInt8 && qdata.dim() == 3 && qdata.size(2) == kBlockN,
-              "qdata must be uint8 [N/32, K/2, 32]");
+  TORCH_CHECK(qdata.scalar_type() == torch::kInt32 && qdata.dim() == 3 && qdata.size(2) == kBlockN,
+              "qdata must be int32 [N/32, K/8, 32] (awqforge.packing.pack_cpu_w4)");
   TORCH_CHECK(params.scalar_type() == torch::kFloat32 && params.dim() == 4, "params must be float32 [N/32, G, 2, 32]");
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK(qdata.size(1) * 2 == K, "x has K=", K, " but the weight has K=", qdata.size(1) * 2);
-  TORCH_CHECK(group_size > 0 && group_size % 2 == 0 && K % group_size == 0, "bad group size ", group_size);
-  const int64_t NB = qdata.size(0), G = K / group_size;
+  const int64_t M = x.size(0), K = x.size(1), Kp = qdata.size(1) * 8;
+  TORCH_CHECK(Kp == K || (group_size == K && Kp > K && Kp - K < 8), "x has K=", K, " but the weight has K=", Kp);
+  const int64_t g = group_size == K ? Kp : group_size;
+  TORCH_CHECK(g > 0 && g % 8 == 0 && Kp % g == 0, "bad group size ", group_size, " for K=", K);
+  const int64_t NB = qdata.size(0), G = Kp / g;
   TORCH_CHECK(N > (NB - 1) * kBlockN && N <= NB * kBlockN, "N=", N, " does not match ", NB, " blocks");
   TORCH_CHECK(params.size(0) == NB && params.size(1) == G && params.size(2) == 2 && params.size(3) == kBlockN,
               "params shape does not match");
@@ -411,25 +489,34 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
   if (isa >= kAvx512 && cpu_has_avx512()) use = kAvx512;
   else if (isa >= kAvx2 && cpu_has_avx2()) use = kAvx2;
 
+  auto y = torch::empty({M, N}, x.options().dtype(torch::kFloat32));
+  if (M == 0) return y;
+  const bool panels = panel_min_m > 0 && M >= panel_min_m;
   const auto f32 = x.options().dtype(torch::kFloat32);
   auto xin = x.contiguous();
-  auto xc = xt == torch::kFloat32 ? xin : torch::empty({M, K}, f32);
+  if (Kp != K) xin = torch::constant_pad_nd(xin, {0, Kp - K}, 0);
+  // fp32 copy of x (none when it already is fp32) and the per-group row sums.
+  const bool own_xf = xt != torch::kFloat32;
+  auto xf = own_xf ? torch::empty({M, Kp}, f32) : xin;
   auto xsum = torch::empty({M, G}, f32);
+  float* xf_w = own_xf ? xf.data_ptr<float>() : nullptr;
+  if (xt == torch::kFloat32) prepare_rows(xin.data_ptr<float>(), M, Kp, g, xf_w, xsum.data_ptr<float>());
+  else if (xt == torch::kBFloat16) prepare_rows(xin.data_ptr<c10::BFloat16>(), M, Kp, g, xf_w, xsum.data_ptr<float>());
+  else prepare_rows(xin.data_ptr<c10::Half>(), M, Kp, g, xf_w, xsum.data_ptr<float>());
+
   auto qc = qdata.contiguous();
   auto pc = params.contiguous();
-  auto y = torch::empty({M, N}, f32);
-  if (M == 0) return y;
-  float* xf = xt == torch::kFloat32 ? nullptr : xc.data_ptr<float>();
-  if (xt == torch::kFloat32) prepare_rows(xin.data_ptr<float>(), xf, xsum.data_ptr<float>(), M, K, group_size);
-  else if (xt == torch::kBFloat16) prepare_rows(xin.data_ptr<c10::BFloat16>(), xf, xsum.data_ptr<float>(), M, K, group_size);
-  else prepare_rows(xin.data_ptr<c10::Half>(), xf, xsum.data_ptr<float>(), M, K, group_size);
-
-  Problem p{xc.data_ptr<float>(), xsum.data_ptr<float>(), qc.data_ptr<uint8_t>(), pc.data_ptr<float>(),
-            y.data_ptr<float>(), bias_ptr, M, N, K, group_size, G, NB, prefetch};
+  Problem p{xf.data_ptr<float>(),
+            xsum.data_ptr<float>(),
+            reinterpret_cast<const uint32_t*>(qc.data_ptr<int32_t>()),
+            pc.data_ptr<float>(),
+            y.data_ptr<float>(),
+            bias_ptr,
+            M, N, Kp, g, G, NB, prefetch};
   const int nthreads = std::max(1, at::get_num_threads());
-  if (panel_min_m > 0 && M >= panel_min_m) {
+  if (panels) {
     const int64_t panel_blocks = std::max<int64_t>(1, panel_n / kBlockN);
-    run_panels(p, xc, y, use, nthreads, panel_blocks);
+    run_panels(p, xf, y, use, nthreads, panel_blocks);
   } else {
     run_tiles(p, use, nthreads);
   }
