@@ -79,6 +79,7 @@ class JobCreate(BaseModel):
     scale_search: Literal["activation", "duo", "both"] | None = None
     n_grid: int | None = None
     clip_search: bool | None = None
+    rounding: Literal["nearest", "gptq"] | None = None
     seed: int | None = None
 
 

@@ -70,6 +70,9 @@ class BlockSettings:
     search_topk: int = 3  # candidates rescored on the remaining samples
     min_tokens: int = 16  # an expert seeing fewer calibration tokens gets no data-driven search
     module_loss: bool = True  # False: score attention/MLP mappings on their linears' outputs (Gram)
+    refine_steps: int = 2  # least-squares refits of each group's scale/zero after the clip search (0: off)
+    rounding: str = "nearest"  # "nearest" | "gptq": codes rounded with error feedback (same format)
+    gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
 
     @classmethod
     def from_spec(cls, spec) -> BlockSettings:
@@ -81,6 +84,7 @@ class BlockSettings:
             scale_search=getattr(spec.scale_search, "value", spec.scale_search),
             n_grid=spec.n_grid,
             clip_search=spec.clip_search,
+            rounding=getattr(spec.rounding, "value", spec.rounding),
             skip_patterns=tuple(spec.quant.modules_to_not_convert),
         )
 
@@ -300,11 +304,6 @@ def _fake_quant(w: torch.Tensor, bits: int, group_size: int, zero_point: bool) -
     return ((q - zeros) * scales).reshape(w.shape)
 
 
-def _gram_loss(delta: torch.Tensor, gram: torch.Tensor) -> torch.Tensor:
-    """sum over rows of delta G delta^T, per leading index: [C, out, in] -> [C]."""
-    return ((delta @ gram) * delta).sum(dim=(-1, -2))
-
-
 def _search_clip(
     w: torch.Tensor, gram: torch.Tensor, s: BlockSettings
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
@@ -312,7 +311,7 @@ def _search_clip(
     out_f, in_f = w.shape
     g = effective_group_size(in_f, s.group_size)
     ng = in_f // g
-    blocks = gram.reshape(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()  # [ng, g, g]
+    blocks = _group_blocks(gram, in_f, g)  # [ng, g, g]
     ratios = [1.0 - i / s.clip_grid for i in range(max(1, int(s.max_shrink * s.clip_grid)))]
     max_int = 2**s.bits - 1
     wg = w.reshape(out_f, ng, g)
@@ -337,6 +336,124 @@ def _search_clip(
     return scales, zeros, float(best_r.mean())
 
 
+def _group_blocks(gram: torch.Tensor, in_f: int, g: int) -> torch.Tensor:
+    """The diagonal [g, g] blocks of an input Gram matrix, one per group: [ng, g, g]."""
+    ng = in_f // g
+    return gram.reshape(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+
+
+def _refine_qparams(
+    w: torch.Tensor, gram: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, s: BlockSettings
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Least-squares refinement of each group's scale (and integer zero) for its output error.
+
+    With the codes q fixed, the dequantized group is a*q + b; the (a, b) minimising
+    (w - a q - b)^T G_g (w - a q - b) (G_g: the group's diagonal block of the input Gram matrix)
+    solves a 2x2 system. Then s = a, z = round(-b / a) (clamped), the codes are re-rounded, and the
+    group keeps the new parameters only if its error went down. Symmetric groups keep z and only
+    refit s. Returns (scales, zeros, fraction of groups changed).
+    """
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, s.group_size)
+    ng = in_f // g
+    blocks = _group_blocks(gram, in_f, g)
+    max_int = 2**s.bits - 1
+    wg = w.reshape(out_f, ng, g)
+    scales, zeros = scales.clone(), zeros.clone()
+    changed = torch.zeros((out_f, ng), dtype=torch.bool, device=w.device)
+    ones = torch.ones(g, device=w.device)
+    g1 = blocks @ ones  # [ng, g]: G 1
+    one_g_one = g1.sum(-1)  # [ng]: 1^T G 1
+    rows = max(1, (1 << 21) // in_f)
+
+    def group_err(part, sc, z):
+        q = (torch.round(part / sc[..., None]) + z[..., None]).clamp_(0, max_int)
+        d = (q - z[..., None]) * sc[..., None] - part  # [rows, ng, g]
+        return torch.einsum("rng,ngh,rnh->rn", d, blocks, d), q
+
+    for r0 in range(0, out_f, rows):
+        sl = slice(r0, r0 + rows)
+        part = wg[sl]
+        sc, z = scales[sl], zeros[sl]
+        err, q = group_err(part, sc, z)
+        for _ in range(s.refine_steps):
+            gq = torch.einsum("rng,ngh->rnh", q, blocks)  # G q
+            qgq = (q * gq).sum(-1)
+            qgw = (part * gq).sum(-1)
+            if s.zero_point:
+                qg1 = (q * g1).sum(-1)  # q^T G 1
+                wg1 = (part * g1).sum(-1)
+                det = qgq * one_g_one - qg1 * qg1
+                a = (qgw * one_g_one - qg1 * wg1) / det
+                b = (qgq * wg1 - qg1 * qgw) / det
+                ok = (
+                    torch.isfinite(a) & torch.isfinite(b) & (a > 1e-8) & (det.abs() > 1e-12 * qgq * one_g_one)
+                )
+                a = torch.where(ok, a, sc)
+                new_z = torch.where(ok, (-b / a).round().clamp(0, max_int), z)
+            else:
+                qz = q - z[..., None]
+                gqz = torch.einsum("rng,ngh->rnh", qz, blocks)
+                a = (part * gqz).sum(-1) / (qz * gqz).sum(-1)
+                ok = torch.isfinite(a) & (a > 1e-8)
+                a = torch.where(ok, a, sc)
+                new_z = z
+            new_err, new_q = group_err(part, a, new_z)
+            better = new_err < err
+            sc = torch.where(better, a, sc)
+            z = torch.where(better, new_z, z)
+            err = torch.where(better, new_err, err)
+            q = torch.where(better[..., None], new_q, q)
+            changed[sl] |= better
+        scales[sl], zeros[sl] = sc, z
+    return scales, zeros, float(changed.float().mean())
+
+
+def _gptq_codes(
+    w: torch.Tensor, gram: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, s: BlockSettings
+) -> torch.Tensor:
+    """Codes for fixed group scales/zeros, rounded with error feedback (OBQ/GPTQ, static groups).
+
+    Columns are quantized in order; each one's rounding error, weighted by the inverse of the
+    damped input Gram matrix, is pushed onto the columns not yet quantized, so that the layer's
+    output error x (W - Q)^T, not the weight error, is what the rounding minimises. Scales and
+    zeros are not changed (they come from the clip search), so the artifact format is the same.
+    """
+    out_f, in_f = w.shape
+    g = effective_group_size(in_f, s.group_size)
+    max_int = 2**s.bits - 1
+    h = gram.to(torch.float64).clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(s.gptq_damp * float(torch.diagonal(h).mean()))
+    try:
+        hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
+    except RuntimeError:  # not positive definite even after damping: plain rounding
+        return quantize_with_qparams(w, scales, zeros, s.bits, s.group_size).float()
+    hinv = hinv.float()
+    wk = w.clone()
+    wk[:, dead] = 0.0
+    q_all = torch.empty_like(wk)
+    col_s = scales.repeat_interleave(g, dim=1)  # [out, in]
+    col_z = zeros.repeat_interleave(g, dim=1)
+    block = 128
+    for i1 in range(0, in_f, block):
+        i2 = min(i1 + block, in_f)
+        w1 = wk[:, i1:i2].clone()
+        err1 = torch.empty_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = w1[:, i]
+            sc, z = col_s[:, i1 + i], col_z[:, i1 + i]
+            q = (torch.round(col / sc) + z).clamp_(0, max_int)
+            q_all[:, i1 + i] = q
+            e = (col - (q - z) * sc) / h1[i, i]
+            w1[:, i:] -= e[:, None] * h1[i, i:][None, :]
+            err1[:, i] = e
+        wk[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return q_all
+
+
 def _is_qk(name: str) -> bool:
     """q/k projections get no clip search: their error goes through q k^T, not a linear output."""
     last = name.rsplit(".", 1)[-1]
@@ -357,6 +474,8 @@ class _Stats:
         self.abs_count: dict[int, int] = {}
         self.calls: dict[str, list[tuple[tuple, dict]]] = {}  # inspected module -> per-chunk (args, kwargs)
         self.fp_out: dict[str, list[torch.Tensor]] = {}
+        self.inputs: dict[str, list[torch.Tensor]] = {}  # the inputs themselves, where kept (see keep_below)
+        self.keep_below = 0  # keep a linear's inputs when the block sees fewer tokens than its input width
         self._seen: list[tuple[torch.Tensor, str]] = []
 
     def new_chunk(self):
@@ -367,6 +486,39 @@ class _Stats:
         if key is None or self.count.get(key, 0) == 0:
             return None, 0
         return self.gram[key] / self.count[key], self.count[key]
+
+    def inputs_of(self, name: str) -> _Inputs | None:
+        """What the losses of one linear need: its Gram matrix, and its inputs when they were kept."""
+        gram, count = self.gram_of(name)
+        if gram is None:
+            return None
+        key = self.key[name]
+        x = self.inputs.get(key)
+        if isinstance(x, list):
+            x = self.inputs[key] = torch.cat(x)
+        return _Inputs(gram, x, count)
+
+
+class _Inputs:
+    """A linear's calibration inputs X [n, in] as the losses see them: the Gram matrix X^T X / n, and
+    X itself when n < in. The output error of a weight error D is then computed as ||X D^T||^2 / n
+    (cost n*in*out) instead of sum(D G * D) (cost in^2*out): at a 14336-wide input and a few hundred
+    calibration tokens, 50x fewer operations."""
+
+    def __init__(self, gram: torch.Tensor, x: torch.Tensor | None, count: int):
+        self.gram, self.x, self.count = gram, x, count
+
+    def scaled(self, inv: torch.Tensor) -> _Inputs:
+        """The inputs divided per channel by folded AWQ scales (inv = 1 / s)."""
+        inv = inv.to(self.gram.device)
+        x = self.x * inv if self.x is not None else None
+        return _Inputs(self.gram * inv[:, None] * inv[None, :], x, self.count)
+
+    def row_errors(self, delta: torch.Tensor) -> torch.Tensor:
+        """Per output row, the squared output error per token of weight error delta [..., out, in]."""
+        if self.x is not None:
+            return (delta @ self.x.T).pow(2).sum(-1) / self.count
+        return ((delta @ self.gram) * delta).sum(-1)
 
 
 def _first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -405,6 +557,8 @@ def quantize_block(
     s = settings
     if s.method not in ("awq", "rtn"):
         raise ValueError(f"method must be 'awq' or 'rtn', got {s.method!r}")
+    if s.rounding not in ("nearest", "gptq"):
+        raise ValueError(f"rounding must be 'nearest' or 'gptq', got {s.rounding!r}")
     if s.scale_search not in ("duo", "activation", "both"):
         raise ValueError(f"scale_search must be duo, activation or both, got {s.scale_search!r}")
     where = f"block {block_index}" + (f" ({block_prefix})" if block_prefix else "")
@@ -436,6 +590,7 @@ def quantize_block(
 
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
     stats = _Stats()
+    stats.keep_below = n * seq  # tokens this block sees
     handles = _install_hooks(linears, maps, stats, s)
     outputs = []
     try:
@@ -457,10 +612,10 @@ def quantize_block(
     orig = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
     mse_rtn = {}
     for name, w in orig.items():
-        gram, cnt = stats.gram_of(name)
-        if gram is not None and not torch.isfinite(gram).all():
+        inp = stats.inputs_of(name)
+        if inp is not None and not torch.isfinite(inp.gram).all():
             raise NumericalError(f"{where}, layer {name}: the calibration inputs have NaN/inf values")
-        mse_rtn[name] = _mse(_fake_quant(w, s.bits, s.group_size, s.zero_point) - w, gram, None)
+        mse_rtn[name] = _mse(_fake_quant(w, s.bits, s.group_size, s.zero_point) - w, inp, None)
 
     # 2-3. scale search and folding, mapping by mapping
     in_scale: dict[str, torch.Tensor] = {}
@@ -518,11 +673,11 @@ def quantize_block(
     metrics: list[LayerMetric] = []
     for name, lin in linears.items():
         w = lin.weight.detach().float()
-        gram, cnt = stats.gram_of(name)
+        inp = stats.inputs_of(name)
         s_in = in_scale.get(name)
-        if gram is not None and s_in is not None:
-            inv = (1.0 / s_in).to(gram.device)
-            gram = gram * inv[:, None] * inv[None, :]
+        if inp is not None and s_in is not None:
+            inp = inp.scaled(1.0 / s_in)
+        gram, cnt = (inp.gram, inp.count) if inp is not None else (None, 0)
         clip_ratio = None
         if (
             s.method == "awq"
@@ -532,9 +687,14 @@ def quantize_block(
             and not _is_qk(name)
         ):
             scales, zeros, clip_ratio = _search_clip(w, gram, s)
+            if s.refine_steps:
+                scales, zeros, _ = _refine_qparams(w, gram, scales, zeros, s)
         else:
             scales, zeros = compute_qparams(w, s.bits, s.group_size, s.zero_point)
-        q = quantize_with_qparams(w, scales, zeros, s.bits, s.group_size)
+        if s.method == "awq" and s.rounding == "gptq" and gram is not None and cnt >= s.min_tokens:
+            q = _gptq_codes(w, gram, scales, zeros, s).to(torch.uint8)
+        else:
+            q = quantize_with_qparams(w, scales, zeros, s.bits, s.group_size)
         qt = QuantizedTensor(q, scales, zeros.to(torch.uint8), s.bits, s.group_size)
         dq = dequantize(q, scales, zeros, s.group_size)
         if not torch.isfinite(dq).all():
@@ -544,7 +704,7 @@ def quantize_block(
             rows, sc = out_scale[name]
             row_scale = torch.ones(w.shape[0], device=w.device)
             row_scale[rows] = sc.to(w.device)
-        mse_q = _mse(dq - w, gram, row_scale)
+        mse_q = _mse(dq - w, inp, row_scale)
         lin.weight.copy_(dq.to(lin.weight.dtype))
         quantized[name] = qt
         metrics.append(LayerMetric(name, block_index, mse_rtn[name], mse_q, ratio_of.get(name), clip_ratio))
@@ -587,6 +747,8 @@ def _install_hooks(linears, maps, stats: _Stats, s: BlockSettings) -> list:
                 stats.count[key] = 0
             stats.gram[key].addmm_(x2.T, x2)
             stats.count[key] += x2.shape[0]
+            if stats.keep_below > 0 and stats.keep_below < x2.shape[1]:
+                stats.inputs.setdefault(key, []).append(x2)
 
         return hook
 
@@ -625,11 +787,11 @@ def _install_hooks(linears, maps, stats: _Stats, s: BlockSettings) -> list:
     return handles
 
 
-def _mse(delta: torch.Tensor, gram: torch.Tensor | None, row_scale: torch.Tensor | None) -> float:
-    """Output MSE per token and output of a weight error, from the (per-token) input Gram matrix."""
-    if gram is None:
+def _mse(delta: torch.Tensor, inp: _Inputs | None, row_scale: torch.Tensor | None) -> float:
+    """Output MSE per token and output of a weight error, from the layer's calibration inputs."""
+    if inp is None:
         return 0.0
-    per_row = ((delta @ gram) * delta).sum(-1)
+    per_row = inp.row_errors(delta)
     if row_scale is not None:
         per_row = per_row * row_scale.pow(2)
     return float(per_row.mean())
@@ -674,15 +836,15 @@ def _gram_losses(cands, qlins, orig, stats: _Stats, s: BlockSettings) -> torch.T
     losses = torch.zeros(len(cands), device=cands[0][2].device)
     scales = torch.stack([c[2] for c in cands])  # [C, in]
     for name, _lin in qlins:
-        gram, _ = stats.gram_of(name)
-        if gram is None:
+        inp = stats.inputs_of(name)
+        if inp is None:
             continue
-        w = orig[name].to(gram.device)
+        w = orig[name].to(inp.gram.device)
         step = max(1, (1 << 25) // max(1, w.numel()))
         for c0 in range(0, len(cands), step):
             sc = scales[c0 : c0 + step, None, :].to(w.device)
             delta = _fake_quant(w[None] * sc, s.bits, s.group_size, s.zero_point) / sc - w[None]
-            losses[c0 : c0 + step] += _gram_loss(delta, gram).to(losses.device) / w.shape[0]
+            losses[c0 : c0 + step] += inp.row_errors(delta).sum(-1).to(losses.device) / w.shape[0]
     return losses
 
 

@@ -71,6 +71,12 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
     q.add_argument("--n-grid", type=int, default=20)
     q.add_argument("--no-clip-search", action="store_true")
+    q.add_argument(
+        "--rounding",
+        choices=["nearest", "gptq"],
+        default="nearest",
+        help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
     q.add_argument(
@@ -173,6 +179,7 @@ def _spec_from_args(args):
             scale_search=args.scale_search,
             n_grid=args.n_grid,
             clip_search=not args.no_clip_search,
+            rounding=args.rounding,
             seed=args.seed,
         )
     except ValidationError as exc:

@@ -30,6 +30,13 @@ class ArtifactFormat(str, Enum):
     COMPRESSED_TENSORS = "compressed-tensors"
 
 
+class Rounding(str, Enum):
+    """How codes are rounded once scales and zeros are fixed: to nearest, or with error feedback (GPTQ)."""
+
+    NEAREST = "nearest"
+    GPTQ = "gptq"
+
+
 class ScaleSearch(str, Enum):
     """How the AWQ scale grid is formed: activation mean only, duo (AutoAWQ), or both (llm-compressor)."""
 
@@ -153,6 +160,11 @@ class JobSpec(BaseModel):
     scale_search: ScaleSearch = ScaleSearch.DUO
     n_grid: int = Field(20, ge=2, le=100)
     clip_search: bool = True
+    rounding: Rounding = Field(
+        Rounding.NEAREST,
+        description="nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
+        "with error feedback through the inverse input Gram matrix; same artifact format",
+    )
     seed: int = 0
 
     @field_validator("model")

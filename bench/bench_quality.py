@@ -61,6 +61,7 @@ def run_ours(
     out_dir: Path,
     windows: torch.Tensor,
     n_prefix: int,
+    rounding: str = "nearest",
 ) -> dict:
     """run_quantization end to end, then perplexity of the artifact loaded onto QuantLinear layers."""
     from awqforge.loading import load_quantized
@@ -76,12 +77,13 @@ def run_ours(
         formats=[fmt],
         eval={"enabled": False},
         device="cpu",
+        rounding=rounding,
     )
     cpu0 = time.process_time()
     with common.Timer() as t:
         result = run_quantization(
             spec,
-            out_dir / f"{method}-w{bits}g{group_size}",
+            out_dir / (f"{method}-w{bits}g{group_size}" + ("" if rounding == "nearest" else f"-{rounding}")),
             overwrite=True,
             progress=_progress_printer(f"W{bits} {method}"),
         )
@@ -156,6 +158,10 @@ def run_llmc(
     return common.parse_emitted(proc.stdout)
 
 
+# our rows: rounding -> (results key, label)
+OURS = {"nearest": ("awq", "AWQ (awqforge)"), "gptq": ("awq+gptq", "AWQ + GPTQ rounding (awqforge)")}
+
+
 def _fmt(x, spec: str = ".3f") -> str:
     return "-" if x is None or (isinstance(x, float) and x != x) else format(x, spec)
 
@@ -180,30 +186,36 @@ def print_report(fp: dict, rows: list[dict], meta: dict) -> list[str]:
     targets = []
     for bits in meta["bits"]:
         by = {r["key"]: r for r in rows if r["bits"] == bits}
-        ours, llmc = by.get("awq"), by.get("llmc")
-        if ours and llmc:
-            ok = ours["perplexity"] <= llmc["perplexity"]
-            targets.append(
-                f"W{bits}: ours {ours['perplexity']:.3f} vs llm-compressor {llmc['perplexity']:.3f} ppl "
-                f"-> {'PASS' if ok else 'FAIL'} (ours <= llm-compressor)"
-            )
-            ratio = ours["wall_s"] / llmc["wall_s"]
-            qratio = ours["quantize_s"] / llmc["wall_s"] if ours.get("quantize_s") else float("nan")
-            cratio = (
-                ours["cpu_s"] / llmc["cpu_s"] if ours.get("cpu_s") and llmc.get("cpu_s") else float("nan")
-            )
-            targets.append(
-                f"W{bits}: time ours/llm-compressor = {ratio:.2f} wall (whole run_quantization), "
-                f"{qratio:.2f} (quantize stage), {cratio:.2f} CPU -> {'PASS' if ratio <= 0.5 else 'FAIL'} (<= 0.5)"
-            )
-        if ours and bits == 4:
-            g = ours.get("gap_closed", float("nan"))
-            targets.append(
-                f"W4: ours closes {g * 100:.1f}% of RTN's gap to FP -> {'PASS' if g >= 0.7 else 'MISS'} (aim 70%)"
-            )
+        llmc = by.get("llmc")
+        for key, label in OURS.values():
+            targets += _targets(bits, label, by.get(key), llmc)
     print()
     for line in targets:
         print(line)
+    return targets
+
+
+def _targets(bits: int, label: str, ours: dict | None, llmc: dict | None) -> list[str]:
+    """PASS/FAIL lines of one of our rows: quality and time against llm-compressor, gap closed at W4."""
+    targets = []
+    if ours and llmc:
+        ok = ours["perplexity"] <= llmc["perplexity"]
+        targets.append(
+            f"W{bits} {label}: {ours['perplexity']:.3f} vs llm-compressor {llmc['perplexity']:.3f} ppl "
+            f"-> {'PASS' if ok else 'FAIL'} (ours <= llm-compressor)"
+        )
+        ratio = ours["wall_s"] / llmc["wall_s"]
+        qratio = ours["quantize_s"] / llmc["wall_s"] if ours.get("quantize_s") else float("nan")
+        cratio = ours["cpu_s"] / llmc["cpu_s"] if ours.get("cpu_s") and llmc.get("cpu_s") else float("nan")
+        targets.append(
+            f"W{bits} {label}: time ours/llm-compressor = {ratio:.2f} wall (whole run_quantization), "
+            f"{qratio:.2f} (quantize stage), {cratio:.2f} CPU -> {'PASS' if ratio <= 0.5 else 'FAIL'} (<= 0.5)"
+        )
+    if ours and bits == 4:
+        g = ours.get("gap_closed", float("nan"))
+        targets.append(
+            f"W4 {label}: closes {g * 100:.1f}% of RTN's gap to FP -> {'PASS' if g >= 0.7 else 'MISS'} (aim 70%)"
+        )
     return targets
 
 
@@ -228,6 +240,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--skip-rtn", action="store_true")
+    ap.add_argument(
+        "--rounding",
+        default="both",
+        choices=["nearest", "gptq", "both"],
+        help="our AWQ with codes rounded to nearest, with GPTQ error feedback, or both rows (default)",
+    )
     ap.add_argument(
         "--fp-perplexity", type=float, help="reuse the FP perplexity of an earlier run on the same data"
     )
@@ -329,9 +347,11 @@ def main(argv: list[str] | None = None) -> int:
             rtn = run_ours(ckpt, method="rtn", **kw)
             rows.append({**rtn, "key": "rtn", "label": "RTN (awqforge)", "wall_s": rtn["total_s"]})
             print(f"W{bits} RTN: {rtn['perplexity']:.3f}", flush=True)
-        ours = run_ours(ckpt, method="awq", **kw)
-        rows.append({**ours, "key": "awq", "label": "AWQ (awqforge)", "wall_s": ours["total_s"]})
-        print(f"W{bits} ours: {ours['perplexity']:.3f} in {ours['total_s']:.1f} s", flush=True)
+        for rounding in ["nearest", "gptq"] if args.rounding == "both" else [args.rounding]:
+            ours = run_ours(ckpt, method="awq", rounding=rounding, **kw)
+            key, label = OURS[rounding]
+            rows.append({**ours, "key": key, "label": label, "wall_s": ours["total_s"]})
+            print(f"W{bits} {label}: {ours['perplexity']:.3f} in {ours['total_s']:.1f} s", flush=True)
         if not args.skip_llmc:
             llmc = run_llmc(
                 args.llmc_python,

@@ -234,3 +234,97 @@ def test_two_stage_search_matches_exhaustive_search_closely():
     fast, _ = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, search_fraction=0.25))
     full, _ = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, search_fraction=1.0))
     assert fast <= full * 1.1
+
+
+def _correlated_layer(out_f=48, in_f=128, n=512, seed=0):
+    """A weight and a Gram matrix of correlated, unevenly scaled inputs (as real activations are)."""
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.randn(in_f, in_f, generator=g) / in_f**0.5 + torch.eye(in_f)
+    x = (torch.randn(n, in_f, generator=g) @ mix) * torch.linspace(0.2, 3.0, in_f)
+    return torch.randn(out_f, in_f, generator=g), x.t() @ x, x
+
+
+@pytest.mark.parametrize("zero_point", [True, False])
+def test_least_squares_refit_never_raises_a_groups_error(zero_point):
+    from awqforge.awq import _group_blocks, _refine_qparams, _search_clip
+    from awqforge.quant import dequantize, quantize_with_qparams
+
+    w, gram, _ = _correlated_layer()
+    s = BlockSettings(bits=3, group_size=32, zero_point=zero_point)
+    scales, zeros, _ = _search_clip(w, gram, s)
+    new_s, new_z, changed = _refine_qparams(w, gram, scales, zeros, s)
+    blocks = _group_blocks(gram, 128, 32)
+
+    def group_err(sc, z):
+        d = (dequantize(quantize_with_qparams(w, sc, z, 3, 32), sc, z, 32) - w).reshape(48, 4, 32)
+        return torch.einsum("rng,ngh,rnh->rn", d, blocks, d)
+
+    before, after = group_err(scales, zeros), group_err(new_s, new_z)
+    assert (after <= before * (1 + 1e-5)).all()  # a group only takes new parameters that help it
+    assert 0 < changed <= 1 and after.sum() < before.sum()
+    assert ((new_z >= 0) & (new_z <= 7) & (new_z == new_z.round())).all()  # zeros stay integer codes
+    if not zero_point:
+        assert torch.equal(new_z, zeros)
+
+
+def test_gptq_rounding_lowers_the_output_error_of_fixed_qparams():
+    from awqforge.awq import _gptq_codes
+    from awqforge.quant import compute_qparams, dequantize, quantize_with_qparams
+
+    w, gram, x = _correlated_layer()
+    s = BlockSettings(bits=3, group_size=32)
+    scales, zeros = compute_qparams(w, 3, 32)
+    q_near = quantize_with_qparams(w, scales, zeros, 3, 32)
+    q_gptq = _gptq_codes(w, gram, scales, zeros, s)
+    assert q_gptq.min() >= 0 and q_gptq.max() <= 7 and torch.equal(q_gptq, q_gptq.round())
+    err = {}
+    for name, q in (("nearest", q_near), ("gptq", q_gptq.to(torch.uint8))):
+        err[name] = float((x @ (dequantize(q, scales, zeros, 32) - w).t()).pow(2).mean())
+    assert err["gptq"] < 0.8 * err["nearest"]
+    # a Gram with an all-zero input column (a dead channel) still gives valid codes
+    gram[5, :] = 0
+    gram[:, 5] = 0
+    q_dead = _gptq_codes(w, gram, scales, zeros, s)
+    assert torch.isfinite(q_dead).all() and q_dead.max() <= 7
+
+
+def test_gptq_rounding_in_a_block_beats_nearest():
+    ids = tiny_input_ids(8, 32)
+    w3 = dict(bits=3, group_size=32)
+    mse_near, _ = logits_mse("llama", ids, BlockSettings(**w3))
+    mse_gptq, results = logits_mse("llama", ids, BlockSettings(rounding="gptq", **w3))
+    assert mse_gptq < mse_near
+    for res in results:  # 3-bit codes, and the dequantized weights are what the block computes with
+        assert all(qt.qweight.max() <= 7 for qt in res.quantized.values())
+    with pytest.raises(ValueError, match="rounding"):
+        logits_mse("llama", ids, BlockSettings(rounding="stochastic", **w3))
+
+
+def test_few_tokens_losses_from_the_inputs_equal_the_gram_form(monkeypatch):
+    """With fewer calibration tokens than a linear's input width, its losses come from the kept inputs
+    (||X D^T||^2 / n, cheaper); they must equal the Gram form sum(D G * D)."""
+    import awqforge.awq as awq_mod
+
+    ids = tiny_input_ids(4, 48)  # 192 tokens: fewer than down_proj's 256 inputs, more than 128
+    s = BlockSettings(bits=4, group_size=32)
+    _, fast = logits_mse("llama", ids, s)
+    kept = []
+    real = awq_mod._Stats.inputs_of
+
+    def gram_only(self, name):
+        inp = real(self, name)
+        if inp is not None and inp.x is not None:
+            kept.append(name)
+            assert inp.x.shape[1] == 256 and inp.x.shape[0] == inp.count == 192
+            inp.x = None
+        return inp
+
+    monkeypatch.setattr(awq_mod._Stats, "inputs_of", gram_only)
+    _, slow = logits_mse("llama", ids, s)
+    assert kept and all(n.endswith("down_proj") for n in kept)
+    for a, b in zip(fast, slow, strict=True):
+        for la, lb in zip(a.layers, b.layers, strict=True):
+            assert la.mse_rtn == pytest.approx(lb.mse_rtn, rel=1e-4)
+            assert la.mse_quant == pytest.approx(lb.mse_quant, rel=1e-4)
+        for key, info in a.scales.items():
+            assert info["loss"] == pytest.approx(b.scales[key]["loss"], rel=1e-4)

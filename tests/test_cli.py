@@ -36,6 +36,8 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
         "64",
         "--n-grid",
         "6",
+        "--rounding",
+        "gptq",
         "--format",
         "awq",
         "--format",
@@ -52,7 +54,8 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
     assert f"artifact (compressed-tensors): {out / 'compressed-tensors'}" in proc.stdout
     assert "perplexity: FP" in proc.stdout and "report:" in proc.stdout
     assert "block" in proc.stderr  # the tqdm bar over blocks
-    assert (out / "awq" / "quant_report.json").is_file()
+    report = json.loads((out / "awq" / "quant_report.json").read_text())
+    assert report["settings"]["rounding"] == "gptq"
 
     proc = awqforge(
         "eval",

@@ -18,6 +18,12 @@ def test_defaults_are_the_awq_paper_settings():
     assert spec.calibration.source == "pileval"
     assert spec.calibration.n_samples == 128 and spec.calibration.seq_len == 512
     assert spec.eval.seq_len == 2048 and spec.n_grid == 20
+    assert spec.rounding == "nearest"  # AWQ as published; "gptq" is opt-in
+
+
+def test_rounding():
+    assert JobSpec(model="org/model", rounding="gptq").rounding == "gptq"
+    assert "nearest" in _err(model="a/b", rounding="stochastic")
 
 
 @pytest.mark.parametrize("bits", [1, 5, 16])

@@ -110,7 +110,7 @@ def best_isa() -> str:
     return _best_isa(os.environ.get("AWQFORGE_CPU_ISA"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _best_isa(cap_env: str | None) -> str:
     cap = torch.backends.cpu.get_cpu_capability()
     isa = "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "scalar"

@@ -77,6 +77,8 @@ def test_validation_errors_name_field_and_reason(service, make_key):
         assert "not found" in f["calibration.upload_id"]
         f = _fields(c.post("/v1/jobs", json={**service.job_body(), "method": "gptq", "surprise": 1}))
         assert "awq" in f["method"] and "surprise" in f
+        f = _fields(c.post("/v1/jobs", json=service.job_body(rounding="stochastic")))
+        assert "nearest" in f["rounding"] and "gptq" in f["rounding"]
         f = _fields(c.post("/v1/jobs", json=service.job_body(publish={"repo_id": "noslash"})))
         assert "owner/name" in f["publish.repo_id"]
 
