@@ -102,7 +102,7 @@ def bench_cpu(shapes, batches, rounds: int, budget_s: float) -> None:
     )
     header = (
         f"{'N x K':>12} {'M':>4} | {'ours f32':>9} {'ours bf16':>9} {'F.linear':>9} {'int4 op':>9} | "
-        f"{'vs fp32':>7} {'vs int4':>7} | {'ours GB/s':>9} {'%bw':>5}"
+        f"{'vs fp32':>7} {'vs int4':>7} | {'ours GB/s':>9} {'%bw':>5} {'int4 GB/s':>9}"
     )
     print("times in ms; 'vs fp32' = F.linear fp32 / ours fp32, 'vs int4' = torch int4 op / ours bf16")
     print(header)
@@ -125,7 +125,8 @@ def cpu_rows(n: int, k: int, batches, llc: int, read_bw: float, rounds: int, bud
     s, z = qt.scales.float(), qt.zeros.float()
     # torch's int4 op dequantizes (q - 8) * scale + zero: zero = (8 - z) * s in our convention
     t4_sz = torch.stack([s.t(), ((8 - z) * s).t()], -1).to(torch.bfloat16).contiguous()
-    t4_w = [(t4.clone(), t4_sz.clone()) for _ in range(n_copies(t4.nbytes + t4_sz.nbytes, llc))]
+    t4_bytes = t4.nbytes + t4_sz.nbytes
+    t4_w = [(t4.clone(), t4_sz.clone()) for _ in range(n_copies(t4_bytes, llc))]
 
     def ours_call(x):
         return lambda i: cpu.w4_linear_cpu(x, *ours_w[i % len(ours_w)], n, GROUP)
@@ -147,7 +148,8 @@ def cpu_rows(n: int, k: int, batches, llc: int, read_bw: float, rounds: int, bud
         yield (
             f"{f'{n}x{k}':>12} {m:>4} | {t['ours'] * 1e3:9.3f} {t['ours_bf16'] * 1e3:9.3f} "
             f"{t['fp32'] * 1e3:9.3f} {t['int4'] * 1e3:9.3f} | {t['fp32'] / t['ours']:6.2f}x "
-            f"{t['int4'] / t['ours_bf16']:6.2f}x | {gbs:9.1f} {100 * gbs / read_bw:4.0f}%"
+            f"{t['int4'] / t['ours_bf16']:6.2f}x | {gbs:9.1f} {100 * gbs / read_bw:4.0f}% "
+            f"{t4_bytes / t['int4'] / 1e9:9.1f}"
         )
 
 
