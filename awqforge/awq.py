@@ -466,7 +466,7 @@ def _is_qk(name: str) -> bool:
 class _Stats:
     """What the FP pass collects: Gram matrices per distinct linear input, mapping statistics, calls."""
 
-    def __init__(self):
+    def __init__(self, keep_below: int = 0):
         self.key: dict[str, str] = {}  # linear name -> name of the linear whose input Gram it shares
         self.gram: dict[str, torch.Tensor] = {}
         self.count: dict[str, int] = {}
@@ -475,7 +475,8 @@ class _Stats:
         self.calls: dict[str, list[tuple[tuple, dict]]] = {}  # inspected module -> per-chunk (args, kwargs)
         self.fp_out: dict[str, list[torch.Tensor]] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}  # the inputs themselves, where kept (see keep_below)
-        self.keep_below = 0  # keep a linear's inputs when the block sees fewer tokens than its input width
+        self.keep_below = keep_below  # keep a linear's inputs when the block sees fewer tokens than its width
+        self._resolved: dict[str, _Inputs] = {}  # per shared input, built once after the FP pass
         self._seen: list[tuple[torch.Tensor, str]] = []
 
     def new_chunk(self):
@@ -489,14 +490,15 @@ class _Stats:
 
     def inputs_of(self, name: str) -> _Inputs | None:
         """What the losses of one linear need: its Gram matrix, and its inputs when they were kept."""
+        key = self.key.get(name)
+        if key in self._resolved:
+            return self._resolved[key]
         gram, count = self.gram_of(name)
         if gram is None:
             return None
-        key = self.key[name]
         x = self.inputs.get(key)
-        if isinstance(x, list):
-            x = self.inputs[key] = torch.cat(x)
-        return _Inputs(gram, x, count)
+        self._resolved[key] = _Inputs(gram, torch.cat(x) if x else None, count)
+        return self._resolved[key]
 
 
 class _Inputs:
@@ -589,8 +591,7 @@ def quantize_block(
     kwargs_dev = _to_device(layer_kwargs, device)
 
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
-    stats = _Stats()
-    stats.keep_below = n * seq  # tokens this block sees
+    stats = _Stats(keep_below=n * seq)  # n * seq: the tokens this block sees
     handles = _install_hooks(linears, maps, stats, s)
     outputs = []
     try:

@@ -18,7 +18,6 @@ warns once and uses the pure-torch reference instead.
 
 from __future__ import annotations
 
-import functools
 import os
 import threading
 from pathlib import Path
@@ -107,13 +106,9 @@ def best_isa() -> str:
     torch.backends.cpu.get_cpu_capability() gives scalar / AVX2 / AVX-512.
     AWQFORGE_CPU_ISA=scalar|avx2|avx512 caps it (the C++ side also refuses anything the CPU lacks).
     """
-    return _best_isa(os.environ.get("AWQFORGE_CPU_ISA"))
-
-
-@functools.cache
-def _best_isa(cap_env: str | None) -> str:
     cap = torch.backends.cpu.get_cpu_capability()
     isa = "avx512" if cap.startswith("AVX512") else "avx2" if cap.startswith("AVX2") else "scalar"
+    cap_env = os.environ.get("AWQFORGE_CPU_ISA")
     if cap_env in ISAS and ISAS[cap_env] < ISAS[isa]:
         isa = cap_env
     return isa
