@@ -26,8 +26,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from awqforge.limits import SUPPORTED_GROUP_SIZES
 from awqforge.quant import effective_group_size
-from awqforge.spec import SUPPORTED_GROUP_SIZES
 
 
 class UnsupportedArchitecture(ValueError):
