@@ -66,7 +66,8 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="leave matching modules in full precision (repeatable)",
+        help="leave matching modules in full precision (repeatable): a glob over full module names or their "
+        "tails, e.g. mlp.down_proj, model.layers.0.*, model.layers.*.mlp.down_proj",
     )
     q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
     q.add_argument("--n-grid", type=int, default=20)

@@ -117,7 +117,7 @@ def run_quantization(
     from transformers import AutoTokenizer
 
     from awqforge import report as reporting
-    from awqforge.arch import check_group_size, get_adapter
+    from awqforge.arch import check_group_size, check_module_patterns, get_adapter
     from awqforge.awq import BlockSettings
     from awqforge.calibration import load_calibration, read_text
     from awqforge.evaluate import eval_windows
@@ -141,6 +141,7 @@ def run_quantization(
         adapter = get_adapter(resolved.config)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
         try:
+            check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
         except ValueError as exc:
             raise InputError(str(exc)) from exc

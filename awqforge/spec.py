@@ -13,6 +13,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from awqforge.limits import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from awqforge.patterns import validate_pattern
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -71,7 +72,10 @@ class QuantSettings(BaseModel):
     zero_point: bool = Field(True, description="Asymmetric with a zero point (True) or symmetric (False)")
     modules_to_not_convert: list[str] = Field(
         default_factory=list,
-        description="Extra module name patterns (fnmatch or substring) left in full precision; lm_head and MoE routers always are",
+        max_length=256,
+        description="Module name patterns left in full precision (globs over full module names or their tails: "
+        "'mlp.down_proj', 'model.layers.0.*', 'model.layers.*.mlp.down_proj'); a pattern that matches no module "
+        "fails the job before any work; lm_head and MoE routers always stay in full precision",
     )
 
     @field_validator("bits")
@@ -80,6 +84,11 @@ class QuantSettings(BaseModel):
         if v not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {v}")
         return v
+
+    @field_validator("modules_to_not_convert")
+    @classmethod
+    def _patterns(cls, v: list[str]) -> list[str]:
+        return [validate_pattern(p) for p in v]
 
     @field_validator("group_size")
     @classmethod

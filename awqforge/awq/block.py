@@ -88,7 +88,7 @@ def quantize_block(
     where = f"block {block_index}" + (f" ({block_prefix})" if block_prefix else "")
     block.eval()
     adapter.prepare_block(block)
-    linears = adapter.quantizable_linears(block, s.skip_patterns)
+    linears = adapter.quantizable_linears(block, s.skip_patterns, block_prefix)
     for name, lin in linears.items():
         if lin.in_features % effective_group_size(lin.in_features, s.group_size):
             raise ValueError(
