@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import delete
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.main import api_router
@@ -66,8 +67,11 @@ class BodySizeLimit:
     streamed body passes it (nothing beyond the limit is read). Uploads have MAX_UPLOAD_BYTES (plus the
     multipart envelope), every other route MAX_REQUEST_BYTES."""
 
-    class TooLarge(Exception):
-        pass
+    class TooLarge(StarletteHTTPException):
+        """Raised from receive(); an HTTPException so that FastAPI's body parsing passes it on as it is."""
+
+        def __init__(self, limit: int) -> None:
+            super().__init__(413, f"request body over the limit of {limit} bytes")
 
     def __init__(self, app: ASGIApp) -> None:
         self.app = app
@@ -96,7 +100,7 @@ class BodySizeLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
-                    raise BodySizeLimit.TooLarge
+                    raise BodySizeLimit.TooLarge(limit)
             return message
 
         async def watch_send(message: Message) -> None:
