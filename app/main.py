@@ -170,6 +170,7 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     @app.exception_handler(sa_exc.DBAPIError)
     async def _database(_req: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
         if _database_down(exc):
+            log.warning("database unavailable: %s", str(exc.orig or exc).splitlines()[0][:300])
             return database_unavailable()
         if isinstance(exc, sa_exc.DataError):  # a value no column can hold (checked at the edge; a last net)
             log.warning("refused a value the database cannot store: %s", type(exc.orig).__name__)
