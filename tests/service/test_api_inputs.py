@@ -209,3 +209,56 @@ def test_openapi_documents_limits_and_errors(service):
 
     engine = JobSpec.model_json_schema()
     assert engine["properties"]["model"]["maxLength"] == job["model"]["maxLength"]
+
+
+def test_worker_refuses_paths_outside_the_roots(service, make_key, db_session):
+    """A spec that reached the database without the API's checks (an old row, a direct insert) is refused
+    by the worker through the same resolver, with a message that shows nothing of its disk."""
+    from app.core.db import session_scope
+    from app.models import ApiKey, Job
+    from app.services.jobs import send_job
+    from tests.service.conftest import wait_for_status
+
+    key = make_key()
+    tenant_id = db_session.get(ApiKey, key.split("_")[1]).tenant_id
+    base = {
+        "model": str(service.model_dir),
+        "quant": {"bits": 4, "group_size": 32},
+        "calibration": {"source": f"file:{service.calib_file}", "n_samples": 4, "seq_len": 32},
+        "eval": {"seq_len": 32, "max_seqs": 2},
+        "n_grid": 4,
+        "device": "cpu",
+    }
+    specs = [
+        {**base, "eval": {"text": "file:/etc/passwd", "seq_len": 32}},
+        {**base, "calibration": {"source": "file:/etc/hostname", "n_samples": 4, "seq_len": 32}},
+        {**base, "model": f"{service.home}/../../../usr"},
+    ]
+    ids = []
+    with session_scope() as s:
+        for spec in specs:
+            job = Job(
+                tenant_id=tenant_id,
+                model=spec["model"],
+                method="awq",
+                bits=4,
+                group_size=32,
+                spec=spec,
+                queue="cpu",
+                status="queued",
+                progress=0.0,
+                attempts=0,
+                cancel_requested=False,
+            )
+            s.add(job)
+            s.flush()
+            ids.append(job.id)
+    with session_scope() as s:
+        for job_id in ids:
+            send_job(s.get(Job, job_id))
+    with service.client(key) as c:
+        for job_id in ids:
+            job = wait_for_status(c, job_id, ("failed", "succeeded"), timeout=120)
+            assert job["status"] == "failed" and "not allowed" in job["error"], job
+            for leak in ("/etc", "/usr", "passwd", "hostname"):
+                assert leak not in job["error"], job["error"]
