@@ -11,7 +11,10 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy import delete
+from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.main import api_router
 from app.api.routes import dashboard, health
@@ -48,7 +51,93 @@ async def _reaper_loop() -> None:
 
 def _field_of(loc: tuple) -> str:
     parts = [str(p) for p in loc if p not in ("body", "query", "path", "header")]
-    return ".".join(parts) or "body"
+    return ".".join(parts)[:200] or "body"
+
+
+MAX_REASON_CHARS = 300  # an error never echoes a huge input back
+
+
+def _reason(msg: object) -> str:
+    text = str(msg).removeprefix("Value error, ")
+    return text if len(text) <= MAX_REASON_CHARS else text[:MAX_REASON_CHARS] + "..."
+
+
+class BodySizeLimit:
+    """413 for a request body over its limit: at once when Content-Length says so, else as soon as the
+    streamed body passes it (nothing beyond the limit is read). Uploads have MAX_UPLOAD_BYTES (plus the
+    multipart envelope), every other route MAX_REQUEST_BYTES."""
+
+    class TooLarge(StarletteHTTPException):
+        """Raised from receive(); an HTTPException so that FastAPI's body parsing passes it on as it is."""
+
+        def __init__(self, limit: int) -> None:
+            super().__init__(413, f"request body over the limit of {limit} bytes")
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    @staticmethod
+    def limit_for(path: str) -> int:
+        if path.rstrip("/") == f"{settings.API_V1_STR}/calibration-sets":
+            return settings.MAX_UPLOAD_BYTES + 64 * 1024
+        return settings.MAX_REQUEST_BYTES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope["path"])
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and (not length.isdigit() or int(length) > limit):
+            await self._refuse(send, limit)
+            return
+        received = 0
+        started = False
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodySizeLimit.TooLarge(limit)
+            return message
+
+        async def watch_send(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, limited_receive, watch_send)
+        except BodySizeLimit.TooLarge:
+            if not started:
+                await self._refuse(send, limit)
+
+    @staticmethod
+    async def _refuse(send: Send, limit: int) -> None:
+        await JSONResponse({"detail": f"request body over the limit of {limit} bytes"}, status_code=413)(
+            {"type": "http"}, _no_receive, send
+        )
+
+
+async def _no_receive() -> Message:
+    return {"type": "http.disconnect"}
+
+
+def _database_down(exc: BaseException) -> bool:
+    """Errors that mean the database cannot be reached (not that a statement was wrong)."""
+    if isinstance(exc, (sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)):
+        return True
+    return isinstance(exc, sa_exc.DBAPIError) and bool(exc.connection_invalidated)
+
+
+def database_unavailable() -> JSONResponse:
+    return JSONResponse(
+        {"detail": "the database is unavailable; retry later"},
+        status_code=503,
+        headers={"Retry-After": str(settings.DB_RETRY_AFTER_S)},
+    )
 
 
 def create_app(*, run_reaper: bool = True) -> FastAPI:
@@ -70,14 +159,23 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_req: Request, exc: RequestValidationError) -> JSONResponse:
+        # field and reason only: pydantic's "input" (which may be megabytes, or not even valid Unicode)
+        # is never sent back
         detail = [
-            {
-                "field": _field_of(tuple(e.get("loc", ()))),
-                "reason": str(e.get("msg", "")).removeprefix("Value error, "),
-            }
+            {"field": _field_of(tuple(e.get("loc", ()))), "reason": _reason(e.get("msg", ""))}
             for e in exc.errors()
         ]
         return JSONResponse({"detail": detail}, status_code=422)
+
+    @app.exception_handler(sa_exc.DBAPIError)
+    async def _database(_req: Request, exc: sa_exc.DBAPIError) -> JSONResponse:
+        if _database_down(exc):
+            log.warning("database unavailable: %s", str(exc.orig or exc).splitlines()[0][:300])
+            return database_unavailable()
+        if isinstance(exc, sa_exc.DataError):  # a value no column can hold (checked at the edge; a last net)
+            log.warning("refused a value the database cannot store: %s", type(exc.orig).__name__)
+            return JSONResponse({"detail": "a value in the request cannot be stored"}, status_code=422)
+        raise exc
 
     @app.exception_handler(SpecError)
     async def _spec(_req: Request, exc: SpecError) -> JSONResponse:
@@ -87,6 +185,7 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     async def _service(_req: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
+    app.add_middleware(BodySizeLimit)
     app.include_router(api_router, prefix=settings.API_V1_STR)
     app.include_router(health.router)
     app.include_router(dashboard.router)

@@ -3,48 +3,37 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from awqforge import spec  # pure pydantic: no torch
+
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+# Ids this API hands out (job_..., cal_..., art_...): path parameters and upload ids are checked against it.
+ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+UploadId = Annotated[str, Field(max_length=64, pattern=ID_PATTERN)]
+
+
+def _default(model: type[BaseModel], name: str):
+    """The engine's default for one of its fields (the API's flat body keeps it, declared once)."""
+    return model.model_fields[name].default
 
 
 class CalibrationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str | None = Field(
-        None,
-        description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id",
-        examples=["pileval"],
+    source: spec.CalibrationSource | None = Field(
+        None, description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id"
     )
-    upload_id: str | None = Field(None, description="id returned by POST /v1/calibration-sets")
-    n_samples: int = Field(128, description="calibration sequences")
-    seq_len: int = Field(512, description="tokens per calibration sequence")
+    upload_id: UploadId | None = Field(None, description="id returned by POST /v1/calibration-sets")
+    n_samples: spec.NSamples = _default(spec.CalibrationSpec, "n_samples")
+    seq_len: spec.CalibrationSeqLen = _default(spec.CalibrationSpec, "seq_len")
 
 
-class EvalIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    text: str | None = Field(
-        None, description="hf:<dataset>[:<split>[:<column>]] or None for the built-in text"
-    )
-    seq_len: int = 2048
-    max_seqs: int | None = None
-
-
-class PublishIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    repo_id: str = Field(..., examples=["my-org/SmolLM2-135M-Instruct-AWQ"])
-    private: bool = True
-    token: str | None = Field(
-        None,
-        description="Hub token: encrypted at rest, used once, never returned",
-        json_schema_extra={"writeOnly": True},
-    )
-
+# The evaluation and publish settings are the engine's own models.
+EvalIn = spec.EvalSpec
+PublishIn = spec.PublishSpec
 
 JOB_EXAMPLE = {
     "model": "HuggingFaceTB/SmolLM2-135M-Instruct",
@@ -59,33 +48,38 @@ JOB_EXAMPLE = {
 
 
 class JobCreate(BaseModel):
-    """A quantization job. Checked against awqforge.spec.JobSpec before anything is queued."""
+    """A quantization job: the engine's JobSpec, flatter (quant settings at the top, uploads by id).
+
+    Every field's type and limits come from awqforge.spec; the whole body is checked against JobSpec
+    before anything is queued."""
 
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
-    model: str = Field(..., description="Hugging Face model id (org/name) or an allowed local path")
-    revision: str | None = None
+    model: spec.ModelRef
+    revision: spec.Revision | None = None
     method: Literal["awq", "rtn"] = "awq"
-    bits: int = Field(4, description="2 | 3 | 4 | 8 (format awq is 4-bit only)")
-    group_size: int = Field(128, description="32 | 64 | 128 | -1")
-    zero_point: bool = True
-    modules_to_not_convert: list[str] = Field(default_factory=list)
+    bits: spec.Bits = _default(spec.QuantSettings, "bits")
+    group_size: spec.GroupSize = _default(spec.QuantSettings, "group_size")
+    zero_point: bool = _default(spec.QuantSettings, "zero_point")
+    modules_to_not_convert: spec.ModulePatterns = Field(default_factory=list)
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
-    formats: list[Literal["awq", "compressed-tensors"]] = Field(default_factory=lambda: ["awq"])
+    formats: list[Literal["awq", "compressed-tensors"]] = Field(
+        default_factory=lambda: ["awq"], min_length=1, max_length=2
+    )
     eval: EvalIn = Field(default_factory=EvalIn)
     publish: PublishIn | None = None
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cpu routes the job to the cpu queue")
-    # Advanced AWQ search settings (defaults are the engine's).
+    # Advanced AWQ search settings (None: the engine's defaults).
     scale_search: Literal["activation", "duo", "both"] | None = None
-    n_grid: int | None = None
+    n_grid: spec.NGrid | None = None
     clip_search: bool | None = None
-    rounding: Literal["nearest", "gptq"] | None = None
-    seed: int | None = None
+    rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
+    seed: spec.Seed | None = None
 
 
 class FieldError(BaseModel):
-    field: str
-    reason: str
+    field: str = Field(..., description="the field (dotted path), header or query parameter at fault")
+    reason: str = Field(..., description="why it was refused (the value shown at most 80 characters)")
 
 
 class ErrorResponse(BaseModel):

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -106,11 +106,13 @@ def run_quantization(
     log: Callable[[str], None] | None = None,
     overwrite: bool = False,
     shard_size: int | str | None = None,
+    allowed_roots: Sequence[str | Path] | None = None,
 ) -> QuantResult:
     """Quantize `spec.model` into `out_dir/<format>/` for every format in `spec.formats` (see module docstring).
 
     `shard_size` (bytes or "500MB"): the bound on one safetensors file (default 5 GB, as the Hub's tools);
     the writers spool tensors to disk as they come, so it does not bound memory.
+    `allowed_roots`: the folders every local path the spec names must lie in (None: anywhere, the CLI).
     Raises InputError (bad request), HubUnavailable, UnsupportedArchitecture, NumericalError, JobCancelled;
     on any error nothing is left in out_dir that was not there before.
     """
@@ -122,7 +124,7 @@ def run_quantization(
     from awqforge.calibration import load_calibration, read_text
     from awqforge.evaluate import eval_windows
     from awqforge.formats import DEFAULT_SHARD_SIZE, ArtifactWriter, ModelCardInfo
-    from awqforge.resolve import resolve_model
+    from awqforge.resolve import resolve_model, resolve_spec_paths
     from awqforge.streaming import StreamingModel, pick_device
 
     job = _Job(progress, cancel, log)
@@ -137,7 +139,8 @@ def run_quantization(
     try:
         # -- resolve: everything that can fail cheaply fails here, before any heavy work
         job.stage("resolve", f"resolving {spec.model}")
-        resolved = resolve_model(spec.model, spec.revision)
+        spec = resolve_spec_paths(spec, allowed_roots)
+        resolved = resolve_model(spec.model, spec.revision, allowed_roots=allowed_roots)
         adapter = get_adapter(resolved.config)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
         try:

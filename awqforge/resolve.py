@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,19 +35,84 @@ class ResolvedModel:
         return sum(f.stat().st_size for f in self.weight_files)
 
 
+# -- local paths: the one place a path named in a job (model, file: sources, uploads) becomes a real path --
+
+# The engine's own public texts (calibration and evaluation samples): always readable.
+BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data"
+
+
 def is_local_reference(model: str) -> bool:
-    return model.startswith(("/", "./", "../", "~")) or Path(model).expanduser().is_dir()
+    """A local path is written as one (absolute, ./, ../, ~); anything else is a hub id, never looked up on disk."""
+    return model.startswith(("/", "./", "../", "~"))
 
 
-def resolve_model(model: str, revision: str | None = None) -> ResolvedModel:
-    """Local folder or hub id -> ResolvedModel; safetensors only. Raises InputError / HubUnavailable."""
+class PathNotAllowed(InputError):
+    """A path outside the allowed roots. The message shows neither the path nor whether it exists."""
+
+
+def resolve_local_path(
+    raw: str | Path, roots: Sequence[str | Path] | None, *, what: str = "path", base: Path | None = None
+) -> Path:
+    """The real path (`~`, `..` and symlinks resolved) of a path a job names, which must lie under one of
+    `roots` (None: any path, for the CLI on its own machine). A relative path is taken from `base` (default:
+    the working directory). Raises PathNotAllowed, whose message reveals nothing of the server's disk."""
+    text = str(raw)
+    if "\x00" in text:
+        raise InputError(f"{what}: a path must not contain NUL bytes")
+    try:
+        path = Path(text).expanduser()
+        path = ((base / path) if base is not None and not path.is_absolute() else path).resolve()
+    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long
+        raise InputError(f"{what}: not a usable path ({type(exc).__name__})") from None
+    if roots is None:
+        return path
+    for root in roots:
+        try:
+            if path.is_relative_to(Path(root).expanduser().resolve()):
+                return path
+        except (OSError, RuntimeError):
+            continue
+    raise PathNotAllowed(
+        f"{what}: local paths are not allowed here outside the server's allowed folders "
+        "(ALLOWED_LOCAL_ROOTS); use a hub id, or an upload for calibration data"
+    )
+
+
+def resolve_text_source(source: str | None, roots: Sequence[str | Path] | None, *, what: str) -> str | None:
+    """A text source (calibration or evaluation): `file:<path>` resolved through resolve_local_path,
+    anything else (pileval, self, hf:..., None) as it is."""
+    if source is None or not source.startswith("file:"):
+        return source
+    return f"file:{resolve_local_path(source[5:], roots, what=what)}"
+
+
+def resolve_spec_paths(spec, roots: Sequence[str | Path] | None):
+    """A JobSpec whose every path-like field (model, calibration and evaluation `file:` sources) is resolved
+    and checked against `roots` (see resolve_local_path); hub ids are left as they are."""
+    model = spec.model
     if is_local_reference(model):
-        path = Path(model).expanduser().resolve()
+        model = str(resolve_local_path(model, roots, what="model"))
+    calibration = spec.calibration.model_copy(
+        update={"source": resolve_text_source(spec.calibration.source, roots, what="calibration.source")}
+    )
+    evaluation = spec.eval.model_copy(
+        update={"text": resolve_text_source(spec.eval.text, roots, what="eval.text")}
+    )
+    return spec.model_copy(update={"model": model, "calibration": calibration, "eval": evaluation})
+
+
+def resolve_model(
+    model: str, revision: str | None = None, *, allowed_roots: Sequence[str | Path] | None = None
+) -> ResolvedModel:
+    """Local folder or hub id -> ResolvedModel; safetensors only. Raises InputError / HubUnavailable.
+    A local folder must lie under `allowed_roots` (None: anywhere)."""
+    if is_local_reference(model):
+        path = resolve_local_path(model, allowed_roots, what="model")
         if not path.exists():
-            raise InputError(f"model path {path} does not exist")
+            raise InputError(f"model path {model} does not exist")
         if not path.is_dir():
             raise InputError(
-                f"model path {path} is not a folder: give the checkpoint folder (with config.json)"
+                f"model path {model} is not a folder: give the checkpoint folder (with config.json)"
             )
         rev = revision
     else:

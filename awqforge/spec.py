@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from awqforge.limits import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
 from awqforge.patterns import validate_pattern
+
+MAX_PATH_CHARS = 500  # a model path or hub id (the jobs table's column is as wide)
+MAX_PATH_PART_CHARS = 255  # one path component (NAME_MAX)
+MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the generators a job seeds
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -45,19 +49,178 @@ class ScaleSearch(str, Enum):
     BOTH = "both"
 
 
+def shown(value: object, limit: int = 80) -> str:
+    """repr() of a value for an error message, cut so that a huge input is never echoed back whole."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+
+
+def clean_text(value: str) -> str:
+    """Refuse what no database column, file name or log line can hold: NUL bytes and lone surrogates."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL bytes")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"is not valid Unicode (lone surrogate at character {exc.start})") from None
+    return value
+
+
+def is_local_path(value: str) -> bool:
+    """A local path is written as one (absolute, ./, ../ or ~); anything else is a hub id."""
+    return value.startswith(("/", "./", "../", "~"))
+
+
 def validate_model_ref(value: str) -> str:
     """A model reference is a hub id ("org/name") or a local path (absolute, ./ or ~)."""
-    v = value.strip()
+    v = clean_text(value).strip()
     if not v:
         raise ValueError("model must not be empty")
-    if v.startswith(("/", "./", "../", "~")):
+    if is_local_path(v):
+        if any(len(part) > MAX_PATH_PART_CHARS for part in v.split("/")):
+            raise ValueError(f"a path component is longer than {MAX_PATH_PART_CHARS} characters")
         return v
     if "\\" in v or ".." in v or v.endswith((".", "-")) or not _HUB_ID.match(v):
         raise ValueError(
-            f"{value!r} is not a valid Hugging Face model id: use 'org/name' "
+            f"{shown(value)} is not a valid Hugging Face model id: use 'org/name' "
             "(letters, digits, '.', '_' and '-') or a local path"
         )
     return v
+
+
+def validate_repo_id(value: str) -> str:
+    """A repo to publish to: exactly 'owner/name' in the hub's characters (never a path)."""
+    v = clean_text(value)
+    if "/" not in v or v.count("/") != 1:
+        raise ValueError("publish.repo_id must be 'owner/name'")
+    if ".." in v or v.endswith((".", "-")) or not _HUB_ID.match(v):
+        raise ValueError(
+            f"{shown(value)} is not a valid repo id: use 'owner/name' (letters, digits, '.', '_' and '-'; "
+            "each part starting with a letter or digit)"
+        )
+    return v
+
+
+def _one_of(name: str, allowed: tuple[int, ...]):
+    def check(v: int) -> int:
+        if v not in allowed:
+            raise ValueError(f"{name} must be one of {list(allowed)}, got {v}")
+        return v
+
+    return check
+
+
+def _calibration_source(v: str) -> str:
+    if not _CALIB_SOURCE.match(clean_text(v)):
+        raise ValueError(
+            f"calibration source {shown(v)} is not understood: use pileval, self, "
+            "hf:<dataset>[:<split>[:<column>]], file:<path> or upload:<id>"
+        )
+    return v
+
+
+def _eval_text(v: str) -> str:
+    if not clean_text(v).startswith(("file:", "hf:")) or not _CALIB_SOURCE.match(v):
+        raise ValueError(
+            f"evaluation text {shown(v)} is not understood: use file:<path> or hf:<dataset>[:<split>[:<column>]]"
+        )
+    return v
+
+
+# Each field and its limits, declared once (bits and group_size: the enum in OpenAPI, the check in the
+# validator, so that the message names the allowed values): the engine's models below and the API's request body
+# (app/schemas.py) are both built from these.
+Text = Annotated[str, AfterValidator(clean_text)]
+ModelRef = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=MAX_PATH_CHARS,
+        description="Hugging Face model id (org/name) or an allowed local checkpoint path",
+        examples=["HuggingFaceTB/SmolLM2-135M-Instruct"],
+    ),
+    AfterValidator(validate_model_ref),
+]
+Revision = Annotated[
+    str,
+    Field(min_length=1, max_length=200, description="Hub revision (branch, tag or commit)"),
+    AfterValidator(clean_text),
+]
+Bits = Annotated[
+    int,
+    Field(
+        description="Weight bit width: 2 | 3 | 4 | 8 (format awq is 4-bit only)",
+        json_schema_extra={"enum": list(SUPPORTED_BITS)},
+        examples=[4],
+    ),
+    AfterValidator(_one_of("bits", SUPPORTED_BITS)),
+]
+GroupSize = Annotated[
+    int,
+    Field(
+        description="Input channels per quantization group: 32 | 64 | 128, or -1 = one group per output channel",
+        json_schema_extra={"enum": list(SUPPORTED_GROUP_SIZES)},
+    ),
+    AfterValidator(_one_of("group_size", SUPPORTED_GROUP_SIZES)),
+]
+ModulePatterns = Annotated[
+    list[
+        Annotated[
+            str, Field(min_length=1, max_length=200), AfterValidator(clean_text), AfterValidator(validate_pattern)
+        ]
+    ],
+    Field(
+        max_length=256,
+        description="Module name patterns left in full precision (globs over full module names or their tails: "
+        "'mlp.down_proj', 'model.layers.0.*', 'model.layers.*.mlp.down_proj'); a pattern that matches no module "
+        "fails the job before any work; lm_head and MoE routers always stay in full precision",
+    ),
+]
+CalibrationSource = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1000,
+        description="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path> | upload:<id>",
+        examples=["pileval"],
+    ),
+    AfterValidator(_calibration_source),
+]
+NSamples = Annotated[int, Field(ge=1, le=4096, description="calibration sequences")]
+CalibrationSeqLen = Annotated[int, Field(ge=16, le=8192, description="tokens per calibration sequence")]
+EvalText = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1000,
+        description="Evaluation text source: file:<path>, hf:<dataset>[:<split>[:<column>]], "
+        "or None for the built-in text",
+    ),
+    AfterValidator(_eval_text),
+]
+EvalSeqLen = Annotated[int, Field(ge=16, le=32768, description="tokens per evaluation window")]
+MaxSeqs = Annotated[int, Field(ge=1, le=1_000_000, description="at most this many evaluation windows")]
+RepoId = Annotated[
+    str,
+    Field(min_length=3, max_length=193, examples=["my-org/SmolLM2-135M-Instruct-AWQ"]),
+    AfterValidator(validate_repo_id),
+]
+HubToken = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=1000,
+        description="Hub token: encrypted at rest, used once, never returned",
+        json_schema_extra={"writeOnly": True},
+    ),
+    AfterValidator(clean_text),
+]
+NGrid = Annotated[int, Field(ge=2, le=100, description="points of the AWQ scale grid")]
+Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed (calibration sampling, torch)")]
+RoundingDescription = (
+    "nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
+    "with error feedback through the inverse input Gram matrix; same artifact format"
+)
 
 
 class QuantSettings(BaseModel):
@@ -65,86 +228,35 @@ class QuantSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    bits: int = Field(4, description="Weight bit width", examples=[4])
-    group_size: int = Field(
-        128, description="Input channels per quantization group; -1 = one group per output channel"
-    )
+    bits: Bits = 4
+    group_size: GroupSize = 128
     zero_point: bool = Field(True, description="Asymmetric with a zero point (True) or symmetric (False)")
-    modules_to_not_convert: list[str] = Field(
-        default_factory=list,
-        max_length=256,
-        description="Module name patterns left in full precision (globs over full module names or their tails: "
-        "'mlp.down_proj', 'model.layers.0.*', 'model.layers.*.mlp.down_proj'); a pattern that matches no module "
-        "fails the job before any work; lm_head and MoE routers always stay in full precision",
-    )
-
-    @field_validator("bits")
-    @classmethod
-    def _bits(cls, v: int) -> int:
-        if v not in SUPPORTED_BITS:
-            raise ValueError(f"bits must be one of {list(SUPPORTED_BITS)}, got {v}")
-        return v
-
-    @field_validator("modules_to_not_convert")
-    @classmethod
-    def _patterns(cls, v: list[str]) -> list[str]:
-        return [validate_pattern(p) for p in v]
-
-    @field_validator("group_size")
-    @classmethod
-    def _group(cls, v: int) -> int:
-        if v not in SUPPORTED_GROUP_SIZES:
-            raise ValueError(f"group_size must be one of {list(SUPPORTED_GROUP_SIZES)}, got {v}")
-        return v
+    modules_to_not_convert: ModulePatterns = Field(default_factory=list)
 
 
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    source: str = Field(
-        "pileval",
-        description="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path> | upload:<id>",
-        examples=["pileval"],
-    )
-    n_samples: int = Field(128, ge=1, le=4096)
-    seq_len: int = Field(512, ge=16, le=8192)
-
-    @field_validator("source")
-    @classmethod
-    def _source(cls, v: str) -> str:
-        if not _CALIB_SOURCE.match(v):
-            raise ValueError(
-                f"calibration source {v!r} is not understood: use pileval, self, "
-                "hf:<dataset>[:<split>[:<column>]], file:<path> or upload:<id>"
-            )
-        return v
+    source: CalibrationSource = "pileval"
+    n_samples: NSamples = 128
+    seq_len: CalibrationSeqLen = 512
 
 
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     enabled: bool = True
-    text: str | None = Field(
-        None,
-        description="Evaluation text source: file:<path>, hf:<dataset>[:<split>[:<column>]], or None for the built-in text",
-    )
-    seq_len: int = Field(2048, ge=16, le=32768)
-    max_seqs: int | None = Field(None, ge=1)
+    text: EvalText | None = None
+    seq_len: EvalSeqLen = 2048
+    max_seqs: MaxSeqs | None = None
 
 
 class PublishSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    repo_id: str
+    repo_id: RepoId
     private: bool = True
-    token: str | None = Field(None, description="Hub token; used once, never stored or returned")
-
-    @field_validator("repo_id")
-    @classmethod
-    def _repo(cls, v: str) -> str:
-        if "/" not in v:
-            raise ValueError("publish.repo_id must be 'owner/name'")
-        return validate_model_ref(v)
+    token: HubToken | None = None
 
 
 class JobSpec(BaseModel):
@@ -152,33 +264,20 @@ class JobSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(
-        ...,
-        description="Hugging Face model id or local checkpoint path",
-        examples=["HuggingFaceTB/SmolLM2-135M-Instruct"],
-    )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    model: ModelRef
+    revision: Revision | None = None
     method: Method = Method.AWQ
     quant: QuantSettings = Field(default_factory=QuantSettings)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
-    formats: list[ArtifactFormat] = Field(default_factory=lambda: [ArtifactFormat.AWQ])
+    formats: list[ArtifactFormat] = Field(default_factory=lambda: [ArtifactFormat.AWQ], max_length=2)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     publish: PublishSpec | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     scale_search: ScaleSearch = ScaleSearch.DUO
-    n_grid: int = Field(20, ge=2, le=100)
+    n_grid: NGrid = 20
     clip_search: bool = True
-    rounding: Rounding = Field(
-        Rounding.NEAREST,
-        description="nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
-        "with error feedback through the inverse input Gram matrix; same artifact format",
-    )
-    seed: int = 0
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: str) -> str:
-        return validate_model_ref(v)
+    rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
+    seed: Seed = 0
 
     @field_validator("formats")
     @classmethod

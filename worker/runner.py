@@ -32,6 +32,7 @@ from app.models import (
     utcnow,
 )
 from app.services.events import add_event
+from app.services.uploads import allowed_roots
 
 log = logging.getLogger("awqforge.worker")
 
@@ -336,7 +337,12 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         from awqforge.pipeline import run_quantization  # imports torch: only ever in the worker child
 
         result = run_quantization(
-            spec, out_dir, progress=reporter.progress, cancel=reporter.cancel, log=reporter.log
+            spec,
+            out_dir,
+            progress=reporter.progress,
+            cancel=reporter.cancel,
+            log=reporter.log,
+            allowed_roots=allowed_roots(job.tenant_id),
         )
 
         publish_s = None

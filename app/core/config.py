@@ -55,6 +55,9 @@ class Settings(BaseSettings):
 
     TENANT_MAX_QUEUED_JOBS: int = Field(4, ge=1, le=10_000)
     MAX_UPLOAD_BYTES: int = Field(64 * 1024 * 1024, ge=1024, le=4 * 1024**3)
+    # Any other request body (a job is a few hundred bytes); larger ones get 413 before they are read.
+    MAX_REQUEST_BYTES: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2)
+    DB_RETRY_AFTER_S: int = Field(5, ge=1, le=3600)  # Retry-After of the 503 while the database is down
     IDEMPOTENCY_TTL_HOURS: int = Field(24, ge=24, le=24 * 90)
 
     # Celery / job execution

@@ -31,6 +31,7 @@ from app.models import (
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
 from app.services.routing import queue_for
+from awqforge.spec import is_local_path
 
 log = logging.getLogger("awqforge.jobs")
 
@@ -59,25 +60,22 @@ class ServiceError(Exception):
         self.detail = detail
 
 
-def _is_local_path(value: str) -> bool:
-    return value.startswith(("/", "./", "../", "~"))
-
-
-def _bundled_data_dir() -> Path:
-    import awqforge  # the package root only: no torch
-
-    return Path(awqforge.__file__).resolve().parent / "data"
-
-
 def _check_local(field: str, raw: str) -> FieldError | None:
-    """Local paths must lie under ALLOWED_LOCAL_ROOTS (or be the engine's bundled public texts)."""
-    path = Path(raw).expanduser().resolve()
-    roots = [Path(r).expanduser().resolve() for r in settings.ALLOWED_LOCAL_ROOTS] + [_bundled_data_dir()]
-    if not any(path.is_relative_to(r) for r in roots):
+    """Local paths must lie under the allowed roots (the engine's one resolver decides)."""
+    from app.services.uploads import allowed_roots
+    from awqforge.errors import InputError
+    from awqforge.resolve import PathNotAllowed, resolve_local_path
+
+    try:
+        resolve_local_path(raw, allowed_roots(), what=field)
+    except PathNotAllowed:
         return FieldError(
             field=field,
-            reason="local paths are not allowed here: use a hub id (or upload_id for calibration data)",
+            reason="local paths are not allowed here (outside the server's allowed folders): use a hub id "
+            "(or upload_id for calibration data)",
         )
+    except InputError as exc:
+        return FieldError(field=field, reason=str(exc).removeprefix(f"{field}: "))
     return None
 
 
@@ -107,7 +105,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
             )
     elif source.startswith("file:") and (e := _check_local("calibration.source", source[5:])):
         errors.append(e)
-    if _is_local_path(body.model) and (e := _check_local("model", body.model)):
+    if is_local_path(body.model) and (e := _check_local("model", body.model)):
         errors.append(e)
     if (
         body.eval.text

@@ -29,7 +29,17 @@ def healthz() -> Health:
     return Health(status="ok")
 
 
-@router.get("/readyz", response_model=Health, responses={503: {"model": Health}})
+@router.get(
+    "/readyz",
+    response_model=Health,
+    responses={
+        503: {
+            "model": Health,
+            "description": "The database or the broker is unreachable",
+            "headers": {"Retry-After": {"schema": {"type": "integer"}, "description": "seconds"}},
+        }
+    },
+)
 def readyz() -> JSONResponse:
     checks: dict[str, str] = {}
     for name, check in (("database", check_database), ("broker", check_broker)):
@@ -42,4 +52,5 @@ def readyz() -> JSONResponse:
     return JSONResponse(
         Health(status="ok" if ok else "unavailable", checks=checks).model_dump(),
         status_code=200 if ok else 503,
+        headers=None if ok else {"Retry-After": str(settings.DB_RETRY_AFTER_S)},
     )

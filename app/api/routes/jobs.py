@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
@@ -17,8 +18,10 @@ from app.api.deps import CurrentTenant, SessionDep
 from app.core.db import session_scope
 from app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
 from app.schemas import (
+    ID_PATTERN,
     ArtifactsPublic,
     ErrorResponse,
+    FieldError,
     JobCreate,
     JobLayersPublic,
     JobPublic,
@@ -26,9 +29,23 @@ from app.schemas import (
     LayerMetricPublic,
 )
 from app.services import jobs as job_service
-from app.services.jobs import ServiceError
+from app.services.jobs import ServiceError, SpecError
+from awqforge.errors import InputError
+from awqforge.resolve import resolve_local_path
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
+
+JobId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="a job id (job_...)")]
+MAX_EVENT_ID = 2**63 - 1  # the events table's bigint key
+EventId = Annotated[
+    str | None,
+    Header(
+        alias="Last-Event-ID",
+        max_length=19,
+        pattern=r"^[0-9]+$",
+        description="resume after this event id (sent back by EventSource on reconnect)",
+    ),
+]
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
 
@@ -89,7 +106,14 @@ def create_job(
     response: Response,
     body: Annotated[JobCreate, Body(openapi_examples=JOB_EXAMPLES)],
     idempotency_key: Annotated[
-        str | None, Header(alias="Idempotency-Key", description="same key + same body = same job (24 h)")
+        str | None,
+        Header(
+            alias="Idempotency-Key",
+            min_length=1,
+            max_length=200,
+            pattern=r"^[\x21-\x7e]+$",
+            description="same key + same body = same job (24 h); printable ASCII, at most 200 characters",
+        ),
     ] = None,
 ) -> JobPublic:
     created = job_service.create_job(session, body=body, tenant=tenant, idempotency_key=idempotency_key)
@@ -104,8 +128,8 @@ def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
     status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
-    model: str | None = None,
-    cursor: str | None = None,
+    model: Annotated[str | None, Query(max_length=500, pattern=r"^[^\x00]+$")] = None,
+    cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
 ) -> JobsPublic:
     rows, next_cursor = job_service.list_jobs(
@@ -124,7 +148,7 @@ def list_jobs(
     responses=_ERRORS,
     summary="Status, progress, metrics and artifacts",
 )
-def read_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def read_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     return job_service.job_public(_get(session, job_id, tenant))
 
 
@@ -135,7 +159,7 @@ def read_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPubl
     responses={**_ERRORS, 409: {"model": ErrorResponse}},
     summary="Cancel: a queued job never starts; a running one stops at the next block",
 )
-def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPublic:
+def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobPublic:
     return job_service.job_public(job_service.cancel_job(session, job=_get(session, job_id, tenant)))
 
 
@@ -146,7 +170,7 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPu
     responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
     summary="Queue a failed or cancelled job again",
 )
-def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: str, response: Response) -> JobPublic:
+def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId, response: Response) -> JobPublic:
     job = job_service.retry_job(session, job=_get(session, job_id, tenant), tenant=tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_service.job_public(job)
@@ -158,7 +182,7 @@ def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: str, response:
     responses=_ERRORS,
     summary="Per-layer quantization metrics",
 )
-def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobLayersPublic:
+def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobLayersPublic:
     job = _get(session, job_id, tenant)
     rows = session.scalars(
         select(LayerMetric).where(LayerMetric.job_id == job.id).order_by(LayerMetric.block, LayerMetric.name)
@@ -173,7 +197,7 @@ def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobL
     responses=_ERRORS,
     summary="The job's log lines as text",
 )
-def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: str) -> str:
+def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> str:
     job = _get(session, job_id, tenant)
     rows = session.scalars(select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id))
     lines = []
@@ -218,14 +242,16 @@ def follow_events(
     session: SessionDep,
     tenant: CurrentTenant,
     request: Request,
-    job_id: str,
-    last_event_id: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
+    job_id: JobId,
+    last_event_id: EventId = None,
+    last_event_id_query: Annotated[
+        str | None, Query(alias="last_event_id", max_length=19, pattern=r"^[0-9]+$")
+    ] = None,
 ) -> StreamingResponse:
+    start = int(last_event_id or last_event_id_query or 0)
+    if start > MAX_EVENT_ID:
+        raise SpecError([FieldError(field="Last-Event-ID", reason=f"at most {MAX_EVENT_ID}")])
     jid = _get(session, job_id, tenant).id  # the stream below opens its own sessions
-    try:
-        start = int(last_event_id or request.query_params.get("last_event_id") or 0)
-    except ValueError:
-        start = 0
 
     async def stream():
         after = start
@@ -262,7 +288,7 @@ def follow_events(
     responses=_ERRORS,
     summary="Artifacts and their files",
 )
-def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: str) -> ArtifactsPublic:
+def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> ArtifactsPublic:
     job = _get(session, job_id, tenant)
     data = [job_service.artifact_public(job, a, with_files=True) for a in job.artifacts]
     return ArtifactsPublic(data=data, count=len(data))
@@ -275,7 +301,11 @@ def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: str) -> A
     summary="Download one artifact file",
 )
 def download_artifact_file(
-    session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str, file_path: str
+    session: SessionDep,
+    tenant: CurrentTenant,
+    job_id: JobId,
+    artifact_id: Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN)],
+    file_path: Annotated[str, PathParam(max_length=1000)],
 ) -> FileResponse:
     job = _get(session, job_id, tenant)
     artifact = session.get(Artifact, artifact_id)
@@ -285,9 +315,10 @@ def download_artifact_file(
     if root.is_file():
         target = root if file_path == root.name else None
     else:
-        target = (root / file_path).resolve()
-        # resolve() follows links and "..": whatever it names must stay inside the artifact folder
-        if not target.is_relative_to(root):
+        # the one resolver: links and ".." followed, whatever it names must stay inside the artifact folder
+        try:
+            target = resolve_local_path(file_path, [root], what="file", base=root)
+        except InputError:
             target = None
     if target is None or not target.is_file():
         raise ServiceError(404, "file not found")

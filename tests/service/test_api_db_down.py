@@ -1,0 +1,175 @@
+"""The database down gives 503 with Retry-After on every route, and the API recovers when it returns.
+
+The shared Postgres is never stopped: a TCP proxy in front of it (this test's own) is cut and restored, and a
+separate uvicorn process reaches the database only through that proxy."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from urllib.parse import urlparse
+
+import pytest
+
+from tests.service.conftest import free_port
+
+pytestmark = pytest.mark.services
+
+
+class TcpProxy:
+    """127.0.0.1:<port> -> target, one pair of pump threads per connection; cut() drops the listener and
+    every open connection (as a database host going away would), restore() listens again."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_port()
+        self._conns: list[socket.socket] = []
+        self._lock = threading.Lock()
+        self._listener: socket.socket | None = None
+
+    def restore(self) -> None:
+        ls = socket.socket()
+        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        ls.bind(("127.0.0.1", self.port))
+        ls.listen(64)
+        self._listener = ls
+        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
+
+    def cut(self) -> None:
+        ls, self._listener = self._listener, None
+        if ls is not None:
+            try:
+                ls.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept() (close alone does not)
+            except OSError:
+                pass
+            ls.close()
+        with self._lock:
+            conns, self._conns = self._conns, []
+        for c in conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            c.close()
+
+    def _accept(self, ls: socket.socket) -> None:
+        while True:
+            try:
+                client, _ = ls.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.target, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                client.close()
+                continue
+            with self._lock:
+                self._conns += [client, upstream]
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while data := src.recv(65536):
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+
+
+@pytest.fixture
+def api_behind_proxy(service):
+    db_url = os.environ["DATABASE_URL"]  # this run's database (set by the package's service_env fixture)
+    pg = urlparse(db_url)
+    proxy = TcpProxy((pg.hostname or "127.0.0.1", pg.port or 5432))
+    proxy.restore()
+    url = db_url.replace(pg.netloc, f"{pg.username + '@' if pg.username else ''}127.0.0.1:{proxy.port}")
+    port = free_port()
+    env = {**os.environ, "DATABASE_URL": url, "DB_RETRY_AFTER_S": "7"}
+    log = service.home / f"api-proxy-{port}.log"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "app.main:app", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        import httpx
+
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError("uvicorn did not start:\n" + log.read_text(errors="replace")[-3000:])
+            time.sleep(0.2)
+        yield f"http://127.0.0.1:{port}", proxy
+    finally:
+        proxy.cut()
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_database_down_is_503_with_retry_after_everywhere(service, make_key, api_behind_proxy):
+    import httpx
+
+    url, proxy = api_behind_proxy
+    key = make_key()
+    headers = {"Authorization": f"Bearer {key}"}
+    with httpx.Client(base_url=url, headers=headers, timeout=30) as c:
+        job = c.post("/v1/jobs", json=service.job_body(model="someorg/dbdown"))
+        assert job.status_code == 202, job.text
+        job_id = job.json()["id"]
+        assert c.post(f"/v1/jobs/{job_id}/cancel").status_code == 202
+        assert c.get("/readyz").status_code == 200
+
+        proxy.cut()
+        requests = [
+            ("GET", "/v1/jobs", {}),
+            ("POST", "/v1/jobs", {"json": service.job_body(model="someorg/dbdown2")}),
+            ("GET", f"/v1/jobs/{job_id}", {}),
+            ("GET", f"/v1/jobs/{job_id}/logs", {}),
+            ("GET", f"/v1/jobs/{job_id}/layers", {}),
+            ("GET", f"/v1/jobs/{job_id}/events", {}),
+            ("GET", f"/v1/jobs/{job_id}/artifacts", {}),
+            ("GET", f"/v1/jobs/{job_id}/artifacts/art_x/files/config.json", {}),
+            ("POST", f"/v1/jobs/{job_id}/cancel", {}),
+            ("POST", f"/v1/jobs/{job_id}/retry", {}),
+            ("POST", "/v1/calibration-sets", {"files": {"file": ("a.txt", b"some text\n")}}),
+            ("GET", "/dashboard", {}),
+        ]
+        for method, path, kw in requests:
+            r = c.request(method, path, **kw)
+            assert r.status_code == 503, (method, path, r.status_code, r.text)
+            assert r.headers["Retry-After"] == "7", (method, path)
+            assert "database" in r.json()["detail"], (method, path)
+        ready = c.get("/readyz")
+        assert ready.status_code == 503 and ready.headers["Retry-After"] == "7"
+        assert ready.json()["checks"]["database"].startswith("unreachable")
+        assert c.get("/healthz").status_code == 200  # the process itself is alive
+
+        proxy.restore()
+        deadline = time.monotonic() + 30
+        while (r := c.get(f"/v1/jobs/{job_id}")).status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert r.status_code == 200 and r.json()["status"] == "cancelled", r.text
+        assert c.get("/readyz").status_code == 200
