@@ -64,16 +64,18 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             return "missing", None
         if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return f"already {job.status}", None
+        claimable = or_(
+            Job.status == JobStatus.QUEUED.value,
+            (Job.status == JobStatus.RUNNING.value)
+            & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
+        )
         res = s.execute(
             update(Job)
             .where(
                 Job.id == job_id,
-                or_(
-                    Job.status == JobStatus.QUEUED.value,
-                    (Job.status == JobStatus.RUNNING.value)
-                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-                ),
+                claimable,
                 Job.cancel_requested.is_(False),
+                Job.attempts < settings.MAX_ATTEMPTS,
             )
             .values(
                 status=JobStatus.RUNNING.value,
@@ -94,13 +96,14 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             if job.cancel_requested and job.status == JobStatus.QUEUED.value:
                 _finish(s, job, JobStatus.CANCELLED, message="cancelled before it started")
                 return "cancelled", None
+            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
+                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            ):
+                # Redelivered after its worker died MAX_ATTEMPTS times: `attempts` stays the count of runs.
+                _finish(s, job, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts (worker lost)")
+                return "gave up", None
             return f"not claimable ({job.status})", None
         s.refresh(job)
-        if job.attempts > settings.MAX_ATTEMPTS:
-            _finish(
-                s, job, JobStatus.FAILED, error=f"gave up after {job.attempts - 1} attempts (worker lost)"
-            )
-            return "gave up", None
         # A re-run starts from a clean slate: previous attempt's rows and files go.
         s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
         s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -37,6 +38,18 @@ def make_engine(url: str, **kwargs) -> Engine:
 @lru_cache(maxsize=1)
 def get_engine() -> Engine:
     return make_engine(settings.database_url)
+
+
+def _forget_parent_connections() -> None:
+    """In a forked child: never reuse the parent's pooled connections (their server-side state, such as
+    psycopg's prepared statements, belongs to another process). close=False leaves the parent's
+    sockets alone; the child opens its own on first use."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+# A Celery prefork child (and any other fork) gets a fresh pool, whatever the parent touched.
+os.register_at_fork(after_in_child=_forget_parent_connections)
 
 
 @lru_cache(maxsize=1)
