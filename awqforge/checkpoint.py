@@ -92,7 +92,9 @@ class BlockCheckpoints:
             if json.loads(path.read_text()) == manifest:
                 meta = _read_metadata(self.folder / INPUTS_NAME)
                 next_block = int(meta["next_block"])
-                if 0 < next_block <= n_blocks and all(self._block_path(i).is_file() for i in range(next_block)):
+                if 0 < next_block <= n_blocks and all(
+                    self._block_path(i).is_file() for i in range(next_block)
+                ):
                     return next_block
         except (OSError, ValueError, KeyError):
             pass

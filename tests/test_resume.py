@@ -7,7 +7,6 @@ import hashlib
 from pathlib import Path
 
 import pytest
-import torch
 
 from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
 from awqforge.pipeline import ProgressEvent, run_quantization
@@ -52,60 +51,59 @@ def crash_after(n_blocks_done: int):
     return progress
 
 
-def test_resume_after_crash_gives_identical_artifacts(tiny_checkpoint, tmp_path):
-    model = tiny_checkpoint("llama", num_hidden_layers=5)
+@pytest.fixture(scope="module")
+def run_ref(tiny_checkpoint, tmp_path_factory):
+    """(model, spec, digests by format of an uninterrupted run without checkpoints)."""
+    model = tiny_checkpoint("llama", num_hidden_layers=4)
     spec = spec_for(model)
-    reference = run_quantization(spec, tmp_path / "ref")
-
-    work = tmp_path / "work"
-    with pytest.raises(WorkerLost):
-        run_quantization(spec, tmp_path / "out", checkpoint_dir=work, progress=crash_after(3))
-    assert not (tmp_path / "out").exists(), "an interrupted run leaves no partial artifact"
-    assert sorted(p.name for p in work.glob("block-*")) == [f"block-0000{i}.safetensors" for i in range(3)]
-
-    logs: list[str] = []
-    events: list[ProgressEvent] = []
-    resumed = run_quantization(spec, tmp_path / "out", checkpoint_dir=work, log=logs.append, progress=events.append)
-    assert any("resuming at block 3/5" in m for m in logs), logs
-    # Only blocks 3 and 4 were quantized again: the first block reported by the resumed run is 4 (3 done + 1).
-    assert min(e.block for e in events if e.stage == "quantize" and e.block) == 4
-    for fmt in ("awq", "compressed-tensors"):
-        assert digests(resumed.artifacts[fmt]) == digests(reference.artifacts[fmt]), fmt
-    # The layer metrics and the scale mappings of the replayed blocks are kept for the report.
-    assert [(m.block, m.name, m.mse_quant) for m in resumed.layers] == [
-        (m.block, m.name, m.mse_quant) for m in reference.layers
-    ]
-    assert resumed.metrics["n_layers_quantized"] == reference.metrics["n_layers_quantized"]
+    result = run_quantization(spec, tmp_path_factory.mktemp("ref") / "out")
+    return model, spec, {fmt: digests(path) for fmt, path in result.artifacts.items()}, result
 
 
-def test_checkpoints_of_another_spec_are_ignored(tiny_checkpoint, tmp_path):
-    model = tiny_checkpoint("llama", num_hidden_layers=3)
-    work = tmp_path / "work"
-    with pytest.raises(WorkerLost):
-        run_quantization(spec_for(model), tmp_path / "a", checkpoint_dir=work, progress=crash_after(2))
-    other = spec_for(model, quant={"bits": 4, "group_size": 64})
-    logs: list[str] = []
-    result = run_quantization(other, tmp_path / "b", checkpoint_dir=work, log=logs.append)
-    assert not any("resuming" in m for m in logs)
-    reference = run_quantization(other, tmp_path / "ref")
-    assert digests(result.artifacts["awq"]) == digests(reference.artifacts["awq"])
-
-
-def test_torn_checkpoint_write_resumes_from_the_last_whole_block(tiny_checkpoint, tmp_path):
-    """A crash between a block's file and the inputs that follow it: that block is quantized again."""
-    model = tiny_checkpoint("llama", num_hidden_layers=3)
-    spec = spec_for(model, formats=["awq"])
+def test_resume_after_crash_gives_identical_artifacts(run_ref, tmp_path):
+    _model, spec, reference, ref_result = run_ref
     work = tmp_path / "work"
     with pytest.raises(WorkerLost):
         run_quantization(spec, tmp_path / "out", checkpoint_dir=work, progress=crash_after(2))
-    # Roll the inputs back to "next block 1" while block 1's file stays, as if the kill fell in between.
-    from awqforge.checkpoint import BlockCheckpoints, spec_fingerprint
+    assert not (tmp_path / "out").exists(), "an interrupted run leaves no partial artifact"
+    assert sorted(p.name for p in work.glob("block-*")) == [f"block-0000{i}.safetensors" for i in range(2)]
 
-    ck = BlockCheckpoints(work, spec_fingerprint(spec))
-    ck.save_inputs(1, torch.zeros(1))  # a torn state must not be trusted past the inputs' own marker
+    logs: list[str] = []
+    events: list[ProgressEvent] = []
+    resumed = run_quantization(
+        spec, tmp_path / "out", checkpoint_dir=work, log=logs.append, progress=events.append
+    )
+    assert any("resuming at block 2/4" in m for m in logs), logs
+    # Only blocks 2 and 3 were quantized again: the first block the resumed run reports is 3 (2 done + 1).
+    assert min(e.block for e in events if e.stage == "quantize" and e.block) == 3
+    assert {fmt: digests(p) for fmt, p in resumed.artifacts.items()} == reference
+    # The layer metrics and the scale mappings of the replayed blocks are kept for the report.
+    assert [(m.block, m.name, m.mse_quant) for m in resumed.layers] == [
+        (m.block, m.name, m.mse_quant) for m in ref_result.layers
+    ]
+    assert resumed.metrics["n_layers_quantized"] == ref_result.metrics["n_layers_quantized"]
+
+
+def test_checkpoints_of_another_spec_are_ignored(run_ref, tmp_path):
+    model, spec, reference, _ = run_ref
+    work = tmp_path / "work"
+    other = spec_for(model, quant={"bits": 4, "group_size": 64})
+    with pytest.raises(WorkerLost):
+        run_quantization(other, tmp_path / "a", checkpoint_dir=work, progress=crash_after(2))
+    logs: list[str] = []
+    result = run_quantization(spec, tmp_path / "b", checkpoint_dir=work, log=logs.append)
+    assert not any("resuming" in m for m in logs)
+    assert {fmt: digests(p) for fmt, p in result.artifacts.items()} == reference
+
+
+def test_torn_checkpoint_is_not_trusted(run_ref, tmp_path):
+    """A block file missing below the inputs' resume marker (a torn or tampered folder): start over."""
+    _model, spec, reference, _ = run_ref
+    work = tmp_path / "work"
+    with pytest.raises(WorkerLost):
+        run_quantization(spec, tmp_path / "out", checkpoint_dir=work, progress=crash_after(2))
     (work / "block-00000.safetensors").unlink()
     logs: list[str] = []
     result = run_quantization(spec, tmp_path / "out", checkpoint_dir=work, log=logs.append)
     assert not any("resuming" in m for m in logs), "block 0 missing: start over"
-    reference = run_quantization(spec, tmp_path / "ref")
-    assert digests(result.artifacts["awq"]) == digests(reference.artifacts["awq"])
+    assert {fmt: digests(p) for fmt, p in result.artifacts.items()} == reference

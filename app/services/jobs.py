@@ -212,12 +212,12 @@ def reconcile_queued(session: Session) -> list[str]:
     data). Returns the ids sent; stops at the first broker failure (the next pass tries again)."""
     now = utcnow()
     rows = session.execute(
-        select(Job.id, Job.queue, Job.dispatched_at, Job.dispatches).where(
+        select(Job.id, Job.dispatched_at, Job.dispatches).where(
             Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
         )
     ).all()
     sent: list[str] = []
-    for job_id, queue, dispatched_at, dispatches in rows:
+    for job_id, dispatched_at, dispatches in rows:
         if dispatched_at is not None and not _redispatch_due(dispatched_at, dispatches or 0, now):
             continue
         # Compare-and-set on dispatched_at: two reconcilers (two API processes) never both send.
