@@ -21,7 +21,7 @@ from app.api.routes import dashboard, health
 from app.core.config import settings
 from app.core.db import session_scope
 from app.models import IdempotencyKey, utcnow
-from app.services.jobs import ServiceError, SpecError, reap_stale_jobs
+from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
 
 log = logging.getLogger("awqforge.api")
 
@@ -32,12 +32,17 @@ Everything a tenant creates is invisible (404) to other tenants."""
 
 
 def _reap_once() -> None:
-    """Periodic housekeeping: requeue jobs whose worker died; drop expired idempotency keys."""
+    """Periodic housekeeping: requeue jobs whose worker died; send queued jobs that have no message in
+    flight (the reconciler: Postgres says what must run, the broker only carries it); drop expired
+    idempotency keys."""
     with session_scope() as s:
         requeued = reap_stale_jobs(s)
+        sent = reconcile_queued(s)
         s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
     if requeued:
         log.warning("requeued jobs whose worker died: %s", ", ".join(requeued))
+    if sent:
+        log.warning("reconciler sent queued jobs without a message in flight: %s", ", ".join(sent))
 
 
 async def _reaper_loop() -> None:

@@ -125,6 +125,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the job's Celery message was last sent (None: not sent yet, e.g. the broker was down) and
+    # how many times; the reconciler resends a queued job whose message is overdue (jobs.reconcile_queued).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     metrics: Mapped[JobMetrics | None] = relationship(cascade="all, delete-orphan", uselist=False)
     artifacts: Mapped[list[Artifact]] = relationship(cascade="all, delete-orphan", order_by="Artifact.id")

@@ -107,12 +107,15 @@ def run_quantization(
     overwrite: bool = False,
     shard_size: int | str | None = None,
     allowed_roots: Sequence[str | Path] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> QuantResult:
     """Quantize `spec.model` into `out_dir/<format>/` for every format in `spec.formats` (see module docstring).
 
     `shard_size` (bytes or "500MB"): the bound on one safetensors file (default 5 GB, as the Hub's tools);
     the writers spool tensors to disk as they come, so it does not bound memory.
     `allowed_roots`: the folders every local path the spec names must lie in (None: anywhere, the CLI).
+    `checkpoint_dir`: store each finished block there and resume from what an earlier, interrupted run
+    of the same spec stored (awqforge/checkpoint.py); the caller removes it once the result is safe.
     Raises InputError (bad request), HubUnavailable, UnsupportedArchitecture, NumericalError, JobCancelled;
     on any error nothing is left in out_dir that was not there before.
     """
@@ -187,15 +190,36 @@ def run_quantization(
         # -- quantize: one block at a time
         job.stage("quantize", f"quantizing {stream.n_blocks} blocks ({spec.method.value})")
         layers, mappings, skipped = [], {}, []
+        checkpoints, first = None, 0
+        if checkpoint_dir is not None:
+            from awqforge.checkpoint import BlockCheckpoints, RecordingWriters, spec_fingerprint
+
+            checkpoints = BlockCheckpoints(checkpoint_dir, spec_fingerprint(spec))
+            first = checkpoints.start(stream.n_blocks)
+            for i in range(first):  # the stored blocks feed the writers exactly as when they were made
+                block_layers, block_mappings, block_skipped = checkpoints.replay_block(i, writers)
+                layers.extend(block_layers)
+                mappings.update(block_mappings)
+                skipped.extend(block_skipped)
+            if first:
+                inputs = checkpoints.load_inputs(inputs.device).to(inputs.dtype)
+                job.log(f"resuming at block {first}/{stream.n_blocks} from {checkpoint_dir}")
         started = time.perf_counter()
-        for i in range(stream.n_blocks):
+        for i in range(first, stream.n_blocks):
             job.check_cancel()
+            sink = RecordingWriters(writers) if checkpoints else writers
+            new_mappings, n_skipped = dict(mappings), len(skipped)
             inputs, block_layers = _quantize_one_block(
-                stream, i, inputs, layer_kwargs[i], settings, adapter, writers, mappings, skipped
+                stream, i, inputs, layer_kwargs[i], settings, adapter, sink, new_mappings, skipped
             )
+            if checkpoints:
+                added = {k: v for k, v in new_mappings.items() if k not in mappings}
+                checkpoints.save_block(i, sink, block_layers, added, skipped[n_skipped:])
+                checkpoints.save_inputs(i + 1, inputs)
+            mappings = new_mappings
             layers.extend(block_layers)
             done = i + 1
-            eta = (time.perf_counter() - started) / done * (stream.n_blocks - done)
+            eta = (time.perf_counter() - started) / (done - first) * (stream.n_blocks - done)
             job.report(
                 done / stream.n_blocks,
                 f"block {done}/{stream.n_blocks}",

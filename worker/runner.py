@@ -20,7 +20,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from app.core.config import settings
-from app.core.db import session_scope
+from app.core.db import in_session_retrying, session_scope
 from app.core.security import decrypt_secret
 from app.models import (
     Artifact,
@@ -65,16 +65,18 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             return "missing", None
         if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return f"already {job.status}", None
+        claimable = or_(
+            Job.status == JobStatus.QUEUED.value,
+            (Job.status == JobStatus.RUNNING.value)
+            & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
+        )
         res = s.execute(
             update(Job)
             .where(
                 Job.id == job_id,
-                or_(
-                    Job.status == JobStatus.QUEUED.value,
-                    (Job.status == JobStatus.RUNNING.value)
-                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-                ),
+                claimable,
                 Job.cancel_requested.is_(False),
+                Job.attempts < settings.MAX_ATTEMPTS,
             )
             .values(
                 status=JobStatus.RUNNING.value,
@@ -95,13 +97,17 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             if job.cancel_requested and job.status == JobStatus.QUEUED.value:
                 _finish(s, job, JobStatus.CANCELLED, message="cancelled before it started")
                 return "cancelled", None
+            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
+                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            ):
+                # Redelivered after its worker died MAX_ATTEMPTS times: `attempts` stays the count of runs.
+                _finish(
+                    s, job, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts (worker lost)"
+                )
+                shutil.rmtree(job_work_dir(job), ignore_errors=True)
+                return "gave up", None
             return f"not claimable ({job.status})", None
         s.refresh(job)
-        if job.attempts > settings.MAX_ATTEMPTS:
-            _finish(
-                s, job, JobStatus.FAILED, error=f"gave up after {job.attempts - 1} attempts (worker lost)"
-            )
-            return "gave up", None
         # A re-run starts from a clean slate: previous attempt's rows and files go.
         s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
         s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()
@@ -116,6 +122,24 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         )
         s.expunge(job)
         return "claimed", job
+
+
+def _requeue_for_shutdown(s, job_id: str) -> None:
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+        .values(
+            status=JobStatus.QUEUED.value,
+            worker=None,
+            stage=None,
+            progress=0.0,
+            eta_s=None,
+            dispatched_at=None,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    add_event(s, job_id=job_id, kind="status", message="worker shut down mid-job: requeued", progress=0.0)
 
 
 def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message: str | None = None) -> None:
@@ -176,13 +200,15 @@ class _JobReporter:
                 log.exception("heartbeat failed for %s", self.job_id)
 
     def beat(self) -> None:
-        with session_scope() as s:
-            s.execute(
+        _db(
+            lambda s: s.execute(
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
                 .values(heartbeat_at=utcnow())
                 .execution_options(synchronize_session=False)
-            )
+            ),
+            "heartbeat",
+        )
 
     # engine callbacks
     def progress(self, event: Any) -> None:
@@ -207,7 +233,8 @@ class _JobReporter:
         message = get("message")
         if message is None and block is not None and n_blocks:
             message = f"block {block}/{n_blocks}"
-        with session_scope() as s:
+
+        def write(s) -> None:
             s.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
@@ -229,23 +256,37 @@ class _JobReporter:
                 message=self.scrub(str(message)) if message is not None else None,
             )
 
+        _db(write, "progress")
+
     def set_stage(self, stage: str, frac: float = 0.0, message: str | None = None) -> None:
         self.progress({"stage": stage, "progress": frac, "message": message})
 
     def log(self, *args: Any, **_kw: Any) -> None:
         message = self.scrub(" ".join(str(a) for a in args))
         log.info("[%s] %s", self.job_id, message)
-        with session_scope() as s:
-            add_event(s, job_id=self.job_id, kind="log", stage=self.stage, message=message[:4000])
+        _db(
+            lambda s: add_event(s, job_id=self.job_id, kind="log", stage=self.stage, message=message[:4000]),
+            "log",
+        )
 
     def cancel(self) -> bool:
         """Polled by the engine between blocks; reads the flag from the database at most 4 times a second."""
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 0.25:
             self._last_cancel_check = now
-            with session_scope() as s:
-                self._cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            self._cancelled = bool(
+                _db(
+                    lambda s: s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)),
+                    "cancel check",
+                )
+            )
         return self._cancelled
+
+
+def _db(work, what: str):
+    """A worker's database access during a job: a database restart is waited out (up to the time after
+    which the reaper would call the job lost anyway), not turned into a failed job."""
+    return in_session_retrying(work, retry_for_s=settings.HEARTBEAT_STALE_S, what=what)
 
 
 def _resolve_spec(job: Job, token: str | None):
@@ -312,6 +353,11 @@ def job_output_dir(job: Job) -> Path:
     return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / job.id
 
 
+def job_work_dir(job: Job) -> Path:
+    """Block checkpoints of the job's runs: kept while it may run again, removed once it is final."""
+    return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / f".{job.id}.work"
+
+
 def run_job(job_id: str, *, worker_name: str | None = None) -> str:
     """Run one job to a terminal state. Safe to call again for the same id (redelivery)."""
     worker_name = worker_name or f"{socket.gethostname()}"
@@ -325,6 +371,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         job_id, worker_name, [token] if token else [], publishes=bool(job.spec.get("publish"))
     )
     out_dir = job_output_dir(job)
+    work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
     try:
@@ -343,6 +390,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             cancel=reporter.cancel,
             log=reporter.log,
             allowed_roots=allowed_roots(job.tenant_id),
+            checkpoint_dir=work_dir,  # a run lost mid-way resumes at its last finished block
         )
 
         publish_s = None
@@ -364,7 +412,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 reporter.set_stage("publish", (i + 1) / len(artifacts))
             publish_s = time.monotonic() - tp
 
-        with session_scope() as s:
+        def record_success(s) -> None:
             s.add(
                 JobMetrics(
                     job_id=job_id,
@@ -400,6 +448,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             row = s.get(Job, job_id)
             row.stage = "publish" if spec.publish is not None else "package"
             _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
+
+        _db(record_success, "recording the result")
+        shutil.rmtree(work_dir, ignore_errors=True)
         log.info("job %s succeeded", job_id)
         return "succeeded"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
@@ -407,27 +458,36 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
         )
         shutil.rmtree(out_dir, ignore_errors=True)
-        with session_scope() as s:
+        if not isinstance(exc, Exception) and not cancelled:
+            # The worker is going away (SystemExit, KeyboardInterrupt), not the job failing: queue it again
+            # with its checkpoints kept; the reconciler sends it and the next worker resumes it.
+            _db(lambda s: _requeue_for_shutdown(s, job_id), "requeue")
+            raise
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+        name = (
+            "time limit exceeded"
+            if type(exc).__name__ == "SoftTimeLimitExceeded"
+            else f"{type(exc).__name__}: {exc}"
+        )
+        error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
+        trace = reporter.scrub(traceback.format_exc())[-4000:]
+
+        def record_failure(s) -> None:
             row = s.get(Job, job_id)
             if cancelled:
                 _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
             else:
-                name = (
-                    "time limit exceeded"
-                    if type(exc).__name__ == "SoftTimeLimitExceeded"
-                    else f"{type(exc).__name__}: {exc}"
-                )
-                error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
                 add_event(
                     s,
                     job_id=job_id,
                     kind="log",
                     stage=reporter.stage,
-                    message=reporter.scrub(traceback.format_exc())[-4000:],
+                    message=trace,
                 )
                 _finish(s, row, JobStatus.FAILED, error=error)
-        if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt/SystemExit: the status is recorded, let the process go
+
+        _db(record_failure, "recording the failure")
         log.warning("job %s %s", job_id, "cancelled" if cancelled else "failed")
         return "cancelled" if cancelled else "failed"
     finally:

@@ -70,6 +70,9 @@ class Settings(BaseSettings):
     HEARTBEAT_STALE_S: float = Field(120.0, gt=0)
     REAPER_INTERVAL_S: float = Field(30.0, gt=0)
     MAX_ATTEMPTS: int = Field(3, ge=1)
+    # A queued job whose message was sent this long ago and that has not started is sent again
+    # (doubling each time, up to 16x): the message may have been consumed without a claim, or lost.
+    REDISPATCH_AFTER_S: float = Field(600.0, gt=0)
 
     @field_validator("ALLOWED_LOCAL_ROOTS", mode="before")
     @classmethod

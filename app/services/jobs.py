@@ -178,18 +178,66 @@ def send_job(job: Job) -> None:
     celery_app.send_task(TASK_RUN_JOB, args=[job.id], queue=settings.queue_name(job.queue))
 
 
-def _dispatch(session: Session, job: Job) -> None:
-    """Send the task after the commit; a broker failure leaves the job failed (retryable), not lost."""
+def _dispatch(session: Session, job: Job) -> bool:
+    """Send the task after the commit that recorded `dispatched_at`. Postgres is the source of truth:
+    if the broker is unreachable the job stays queued with `dispatched_at` cleared, and the
+    reconciler (reconcile_queued, in the reaper loop) sends it once the broker is back."""
     try:
         send_job(job)
+        return True
     except Exception as exc:
-        log.error("broker unreachable while queueing %s: %s", job.id, type(exc).__name__)
-        job.status = JobStatus.FAILED.value
-        job.error = "could not queue the job: the broker is unreachable; retry later"
-        job.finished_at = utcnow()
-        add_event(session, job_id=job.id, kind="status", message=job.error)
+        log.warning("broker unreachable while queueing %s (%s); the reconciler sends it later", job.id, exc)
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+            .values(dispatched_at=None)
+            .execution_options(synchronize_session=False)
+        )
         session.commit()
-        raise ServiceError(503, job.error) from exc
+        return False
+
+
+def _redispatch_due(dispatched_at: datetime, dispatches: int, now: datetime) -> bool:
+    # Doubling wait: a message may legitimately sit behind long jobs; each resend is harmless
+    # (the worker's claim is idempotent) but need not pile up.
+    wait = settings.REDISPATCH_AFTER_S * 2 ** min(max(dispatches - 1, 0), 4)
+    return dispatched_at < now - timedelta(seconds=wait)
+
+
+def reconcile_queued(session: Session) -> list[str]:
+    """Send every queued job that has no message in flight: never sent (broker down at submit or at
+    requeue), or sent long ago without starting (consumed but never claimed, or lost with the broker's
+    data). Returns the ids sent; stops at the first broker failure (the next pass tries again)."""
+    now = utcnow()
+    rows = session.execute(
+        select(Job.id, Job.dispatched_at, Job.dispatches).where(
+            Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
+        )
+    ).all()
+    sent: list[str] = []
+    for job_id, dispatched_at, dispatches in rows:
+        if dispatched_at is not None and not _redispatch_due(dispatched_at, dispatches or 0, now):
+            continue
+        # Compare-and-set on dispatched_at: two reconcilers (two API processes) never both send.
+        res = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED.value,
+                Job.dispatched_at.is_(None) if dispatched_at is None else Job.dispatched_at == dispatched_at,
+            )
+            .values(dispatched_at=now, dispatches=Job.dispatches + 1)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if res.rowcount != 1:
+            continue
+        job = session.get(Job, job_id)
+        if not _dispatch(session, job):
+            break
+        sent.append(job_id)
+        log.info("reconciler sent %s (%s)", job_id, "first send" if dispatched_at is None else "resend")
+    return sent
 
 
 @dataclass
@@ -246,6 +294,8 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         progress=0.0,
         attempts=0,
         cancel_requested=False,
+        dispatched_at=utcnow(),
+        dispatches=1,
     )
     session.add(job)
     session.flush()
@@ -348,6 +398,8 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
     job.attempts = 0
     job.worker = None
     job.started_at = job.finished_at = job.heartbeat_at = None
+    job.dispatched_at = utcnow()
+    job.dispatches = (job.dispatches or 0) + 1
     add_event(session, job_id=job.id, kind="status", message=f"retried; queued on {job.queue}", progress=0.0)
     session.commit()
     session.expire(job, ["metrics", "artifacts"])
@@ -387,6 +439,18 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
                 if new_status == JobStatus.FAILED
                 else None,
                 finished_at=utcnow() if give_up else None,
+                # A requeued job starts over in the listing (it resumes from its checkpoints).
+                **(
+                    {}
+                    if give_up
+                    else {
+                        "stage": None,
+                        "progress": 0.0,
+                        "eta_s": None,
+                        "dispatched_at": utcnow(),
+                        "dispatches": Job.dispatches + 1,
+                    }
+                ),
             )
             .execution_options(synchronize_session=False)
         )
@@ -399,12 +463,8 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
             message="worker lost (heartbeat stale): " + ("requeued" if not give_up else new_status.value),
         )
         session.commit()
-        if not give_up:
-            try:
-                send_job(job)
-                requeued.append(job.id)
-            except Exception:
-                log.exception("could not requeue %s", job.id)
+        if not give_up and _dispatch(session, job):
+            requeued.append(job.id)
     session.commit()
     return requeued
 
