@@ -7,6 +7,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from awqforge.spec import SourceSpec
+
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -64,7 +66,10 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     model: str = Field(..., description="Hugging Face model id (org/name) or an allowed local path")
-    revision: str | None = None
+    revision: str | None = Field(
+        None, description="branch, tag or commit; resolved to a commit sha (default main)"
+    )
+    source: SourceSpec = Field(default_factory=SourceSpec, description="hub access for the source model")
     method: Literal["awq", "rtn"] = "awq"
     bits: int = Field(4, description="2 | 3 | 4 | 8 (format awq is 4-bit only)")
     group_size: int = Field(128, description="32 | 64 | 128 | -1")
@@ -122,6 +127,8 @@ class ArtifactPublic(BaseModel):
     format: str
     size_bytes: int
     published_to: str | None = None
+    commit_url: str | None = Field(None, description="the hub commit that published this artifact")
+    hub_revision: str | None = Field(None, description="that commit's sha (or the local hub's revision)")
     files: list[ArtifactFile] = Field(default_factory=list)
 
 
@@ -150,12 +157,13 @@ class JobPublic(BaseModel):
     error: str | None = None
     model: str
     revision: str | None = None
+    source_sha: str | None = Field(None, description="the commit sha the source revision resolved to")
     method: str
     bits: int
     group_size: int
     queue: str
     attempts: int
-    spec: dict = Field(..., description="The validated job spec (publish token removed)")
+    spec: dict = Field(..., description="The validated job spec (tokens removed)")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -124,18 +124,49 @@ class EvalSpec(BaseModel):
     max_seqs: int | None = Field(None, ge=1)
 
 
+# Hub tokens: long enough for any Hugging Face token, short enough to refuse a pasted file.
+MAX_TOKEN_CHARS = 512
+
+
+def hub_namespace(repo_id: str) -> str:
+    """The `owner` of an `owner/name` repo id."""
+    return repo_id.split("/", 1)[0]
+
+
+class SourceSpec(BaseModel):
+    """How the source model is read from the hub."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOKEN_CHARS,
+        description="Hub read token for private or gated source models; encrypted at rest, deleted when the "
+        "job ends, never returned",
+        json_schema_extra={"writeOnly": True},
+    )
+
+
 class PublishSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     repo_id: str
     private: bool = True
-    token: str | None = Field(None, description="Hub token; used once, never stored or returned")
+    token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOKEN_CHARS,
+        description="Hub write token; encrypted at rest, deleted when the job ends, never returned",
+        json_schema_extra={"writeOnly": True},
+    )
 
     @field_validator("repo_id")
     @classmethod
     def _repo(cls, v: str) -> str:
-        if "/" not in v:
-            raise ValueError("publish.repo_id must be 'owner/name'")
+        v = v.strip()
+        if "/" not in v or v.startswith(("/", "./", "../", "~")):
+            raise ValueError("publish.repo_id must be a hub repo id 'owner/name', not a path")
         return validate_model_ref(v)
 
 
@@ -149,7 +180,10 @@ class JobSpec(BaseModel):
         description="Hugging Face model id or local checkpoint path",
         examples=["HuggingFaceTB/SmolLM2-135M-Instruct"],
     )
-    revision: str | None = Field(None, description="Hub revision (branch, tag or commit)")
+    revision: str | None = Field(
+        None, max_length=200, description="Hub revision (branch, tag or commit); default main"
+    )
+    source: SourceSpec = Field(default_factory=SourceSpec)
     method: Method = Method.AWQ
     quant: QuantSettings = Field(default_factory=QuantSettings)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)

@@ -10,6 +10,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -27,6 +28,7 @@ from app.schemas import (
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError
+from awqforge.spec import MAX_TOKEN_CHARS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -149,6 +151,34 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobPu
 def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: str, response: Response) -> JobPublic:
     job = job_service.retry_job(session, job=_get(session, job_id, tenant), tenant=tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_service.job_public(job)
+
+
+class PublishAgainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOKEN_CHARS,
+        description="Hub write token for this publish: encrypted at rest, deleted when it ends, never returned",
+        json_schema_extra={"writeOnly": True},
+    )
+
+
+@router.post(
+    "/{job_id}/publish",
+    status_code=202,
+    response_model=JobPublic,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+    summary="Publish a finished job's artifacts again (after a failed publish); no new commit if unchanged",
+)
+def publish_job(
+    session: SessionDep, tenant: CurrentTenant, job_id: str, body: PublishAgainIn | None = None
+) -> JobPublic:
+    job = job_service.publish_again(
+        session, job=_get(session, job_id, tenant), tenant=tenant, token=body.token if body else None
+    )
     return job_service.job_public(job)
 
 
