@@ -107,7 +107,11 @@ class HubServer:
         files = (
             folder
             if isinstance(folder, dict)
-            else {p.relative_to(folder).as_posix(): p.read_bytes() for p in Path(folder).rglob("*") if p.is_file()}
+            else {
+                p.relative_to(folder).as_posix(): p.read_bytes()
+                for p in Path(folder).rglob("*")
+                if p.is_file()
+            }
         )
         repo = self.repos.setdefault(repo_id, Repo(repo_id, private=private, gated=gated))
         return repo.commit(files, ref=ref)
@@ -332,6 +336,8 @@ class HubServer:
                     elif item["key"] != "header":
                         return self._error(400, None, f"unsupported commit operation {item['key']}")
                 sha = repo.commit(files, ref=rev)
-                self._send(200, {"success": True, "commitOid": sha, "commitUrl": f"{hub.url}/{repo_id}/commit/{sha}"})
+                self._send(
+                    200, {"success": True, "commitOid": sha, "commitUrl": f"{hub.url}/{repo_id}/commit/{sha}"}
+                )
 
         return Handler
