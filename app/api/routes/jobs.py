@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tarfile
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -298,19 +299,82 @@ def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: str) -> A
     return ArtifactsPublic(data=data, count=len(data))
 
 
-@router.get(
-    "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
-    response_class=FileResponse,
-    responses=_ERRORS,
-    summary="Download one artifact file",
-)
-def download_artifact_file(
-    session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str, file_path: str
-) -> FileResponse:
+def _artifact(session, tenant, job_id: str, artifact_id: str) -> Artifact:
     job = _get(session, job_id, tenant)
     artifact = session.get(Artifact, artifact_id)
     if artifact is None or artifact.job_id != job.id:
         raise ServiceError(404, "artifact not found")
+    return artifact
+
+
+def _etag(path: Path) -> str:
+    st = path.stat()
+    return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+
+
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}.tar",
+    response_class=StreamingResponse,
+    responses={**_ERRORS, 200: {"content": {"application/x-tar": {}}}},
+    summary="The whole artifact as a tar stream (built while it is sent, never on disk)",
+)
+def download_artifact_tar(
+    session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str
+) -> StreamingResponse:
+    artifact = _artifact(session, tenant, job_id, artifact_id)
+    root = Path(artifact.path).resolve()
+    files = [
+        (name, root / name if root.is_dir() else root) for name, _ in job_service.artifact_files(artifact)
+    ]
+    if not files:
+        raise ServiceError(404, "artifact files are gone")
+    prefix = f"{artifact.format}" if root.is_dir() else ""
+    entries = []
+    for name, path in files:
+        info = tarfile.TarInfo(f"{prefix}/{name}" if prefix else name)
+        st = path.stat()
+        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
+        entries.append((info.tobuf(format=tarfile.PAX_FORMAT), path, st.st_size))
+    length = sum(len(h) + -(-n // 512) * 512 for h, _, n in entries) + 1024
+
+    def stream():
+        for header, path, size in entries:
+            yield header
+            with open(path, "rb") as f:
+                sent = 0
+                while sent < size and (chunk := f.read(min(1 << 20, size - sent))):
+                    sent += len(chunk)
+                    yield chunk
+            if sent != size:
+                raise OSError(f"{path.name} changed while it was sent")
+            yield b"\0" * (-size % 512)
+        yield b"\0" * 1024
+
+    return StreamingResponse(
+        stream(),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{job_id}-{artifact.format}.tar"',
+        },
+    )
+
+
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
+    response_class=FileResponse,
+    responses={**_ERRORS, 206: {"description": "the requested Range"}, 304: {"description": "ETag matched"}},
+    summary="Download one artifact file (Range, ETag and If-None-Match supported)",
+)
+def download_artifact_file(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    job_id: str,
+    artifact_id: str,
+    file_path: str,
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+) -> Response:
+    artifact = _artifact(session, tenant, job_id, artifact_id)
     root = Path(artifact.path).resolve()
     if root.is_file():
         target = root if file_path == root.name else None
@@ -321,4 +385,10 @@ def download_artifact_file(
             target = None
     if target is None or not target.is_file():
         raise ServiceError(404, "file not found")
-    return FileResponse(target, filename=target.name)
+    etag = _etag(target)
+    if if_none_match and (
+        if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
+    ):
+        return Response(status_code=304, headers={"ETag": etag})
+    # FileResponse answers Range (206) and If-Range itself; the ETag is ours so 304 and If-Range agree.
+    return FileResponse(target, filename=target.name, headers={"ETag": etag})
