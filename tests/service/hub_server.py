@@ -31,6 +31,9 @@ from urllib.parse import unquote, urlparse
 import yaml
 
 
+GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
+
+
 def git_blob_sha(data: bytes) -> str:
     return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
 
@@ -296,7 +299,8 @@ class HubServer:
                         return self._error(409, None, "You already created this model repo")
                     # 2.x sends "visibility" ("private"/"public"), older clients "private": accept both
                     private = body.get("visibility", "private" if body.get("private") else "public")
-                    hub.repos[repo_id] = Repo(repo_id, private=private == "private")
+                    repo = hub.repos[repo_id] = Repo(repo_id, private=private == "private")
+                    repo.commit({".gitattributes": GITATTRIBUTES})  # as the Hub: a new repo has one commit
                     return self._send(200, {"url": f"{hub.url}/{repo_id}", "name": repo_id})
                 m = re.fullmatch(r"/api/models/([^/]+/[^/]+)/(preupload|commit)/(.+)", path)
                 if not m:
