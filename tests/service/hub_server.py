@@ -30,7 +30,6 @@ from urllib.parse import unquote, urlparse
 
 import yaml
 
-
 GITATTRIBUTES = b"*.safetensors filter=lfs diff=lfs merge=lfs -text\n"
 
 

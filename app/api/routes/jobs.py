@@ -59,11 +59,12 @@ JOB_EXAMPLES = {
         },
     },
     "publish": {
-        "summary": "Quantize and publish to the hub (token used once, never stored in clear or returned)",
+        "summary": "A gated model, published to the hub (tokens encrypted, deleted when the job ends, never returned)",
         "value": {
             "model": "meta-llama/Llama-3.2-1B-Instruct",
             "bits": 4,
             "group_size": 128,
+            "source": {"token": "hf_read..."},
             "publish": {"repo_id": "my-org/Llama-3.2-1B-Instruct-AWQ", "private": True, "token": "hf_..."},
         },
     },
