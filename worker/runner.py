@@ -421,12 +421,15 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
     reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True)
     reporter.stage = "publish"
     publish = job.spec["publish"]
+    reporter.start()  # a long upload keeps its heartbeat, so the reaper leaves it alone
     try:
         publish_s = publish_artifacts(
             job_id, repo_id=publish["repo_id"], private=publish.get("private", True), tokens=tokens
         )
     except Exception as exc:
         return _publish_failed(job_id, reporter, exc)
+    finally:
+        reporter.stop()
     with session_scope() as s:
         row = s.get(Job, job_id)
         metrics = s.get(JobMetrics, job_id)
