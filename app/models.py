@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -76,6 +77,10 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Hub namespaces (the `owner` of `owner/name`) this tenant may publish to; NULL = its own name only.
+    hub_namespaces: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # Whether jobs without their own token may use the service's HF_TOKEN (read and write).
+    allow_service_token: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -108,8 +113,11 @@ class Job(Base):
     group_size: Mapped[int] = mapped_column(Integer)
     # The JobSpec as JSON, without the publish token.
     spec: Mapped[dict] = mapped_column(JSON)
-    # Fernet-encrypted publish token (app/core/security.py); wiped when the job succeeds.
+    # Fernet-encrypted tokens (app/core/security.py), deleted when the job reaches a terminal state.
     publish_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The commit sha `revision` resolved to on the hub (None for a local model).
+    source_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
     queue: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -192,6 +200,8 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)  # folder (or file) under ARTIFACT_DIR
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     published_to: Mapped[str | None] = mapped_column(Text, nullable=True)
+    commit_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    hub_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the publish commit
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -56,7 +56,10 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     model: spec.ModelRef
-    revision: spec.Revision | None = None
+    revision: spec.Revision | None = Field(
+        None, description="branch, tag or commit; resolved to a commit sha (default main)"
+    )
+    source: spec.SourceSpec = Field(default_factory=spec.SourceSpec, description="hub access for the source model")
     method: Literal["awq", "rtn"] = "awq"
     bits: spec.Bits = _default(spec.QuantSettings, "bits")
     group_size: spec.GroupSize = _default(spec.QuantSettings, "group_size")
@@ -116,6 +119,8 @@ class ArtifactPublic(BaseModel):
     format: str
     size_bytes: int
     published_to: str | None = None
+    commit_url: str | None = Field(None, description="the hub commit that published this artifact")
+    hub_revision: str | None = Field(None, description="that commit's sha (or the local hub's revision)")
     files: list[ArtifactFile] = Field(default_factory=list)
 
 
@@ -144,12 +149,13 @@ class JobPublic(BaseModel):
     error: str | None = None
     model: str
     revision: str | None = None
+    source_sha: str | None = Field(None, description="the commit sha the source revision resolved to")
     method: str
     bits: int
     group_size: int
     queue: str
     attempts: int
-    spec: dict = Field(..., description="The validated job spec (publish token removed)")
+    spec: dict = Field(..., description="The validated job spec (tokens removed)")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -56,17 +56,9 @@ def _resolve_dir(path: str | Path, revision: str | None) -> Path:
         return p
     if p.exists() or str(path).startswith(("/", ".", "~")):
         raise InputError(f"{path} is not a checkpoint folder")
-    from huggingface_hub import snapshot_download
+    from awqforge.resolve import download_from_hub
 
-    from awqforge.errors import HubUnavailable
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(str(path), revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, auth: one message for the user
-        raise HubUnavailable(
-            f"{path} is not a local folder and could not be fetched from the Hub: {exc}"
-        ) from exc
+    return download_from_hub(str(path), revision)[0]  # the one hub download path
 
 
 def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:

@@ -50,6 +50,7 @@ class QuantResult:
     metrics: dict
     layers: list = field(default_factory=list)  # awq.LayerMetric
     report_path: Path | None = None  # the first format's quant_report.json
+    source_revision: str | None = None  # the commit sha a hub model's revision resolved to
 
 
 class _Job:
@@ -143,7 +144,9 @@ def run_quantization(
         # -- resolve: everything that can fail cheaply fails here, before any heavy work
         job.stage("resolve", f"resolving {spec.model}")
         spec = resolve_spec_paths(spec, allowed_roots)
-        resolved = resolve_model(spec.model, spec.revision, allowed_roots=allowed_roots)
+        resolved = resolve_model(
+            spec.model, spec.revision, token=spec.source.token, allowed_roots=allowed_roots
+        )
         adapter = get_adapter(resolved.config)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
         try:
@@ -276,6 +279,7 @@ def run_quantization(
         card = ModelCardInfo.from_spec(
             spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
         )
+        card.base_model_revision = resolved.revision or spec.revision  # the commit sha for a hub model
         for w in writers:
             reporting.write_report(w.staging_dir, report)
             w.finalize(card)
@@ -288,6 +292,7 @@ def run_quantization(
             metrics=metrics,
             layers=layers,
             report_path=final_dirs[writers[0].fmt] / reporting.REPORT_NAME,
+            source_revision=resolved.revision,
         )
     except BaseException:
         for w in writers:

@@ -18,6 +18,7 @@ from awqforge.patterns import validate_pattern
 MAX_PATH_CHARS = 500  # a model path or hub id (the jobs table's column is as wide)
 MAX_PATH_PART_CHARS = 255  # one path component (NAME_MAX)
 MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the generators a job seeds
+MAX_TOKEN_CHARS = 512  # hub tokens: long enough for any Hugging Face token, short enough to refuse a pasted file
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -209,8 +210,8 @@ HubToken = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=1000,
-        description="Hub token: encrypted at rest, used once, never returned",
+        max_length=MAX_TOKEN_CHARS,
+        description="Hub token: encrypted at rest, deleted when the job ends, never logged or returned",
         json_schema_extra={"writeOnly": True},
     ),
     AfterValidator(clean_text),
@@ -251,6 +252,23 @@ class EvalSpec(BaseModel):
     max_seqs: MaxSeqs | None = None
 
 
+def hub_namespace(repo_id: str) -> str:
+    """The `owner` of an `owner/name` repo id."""
+    return repo_id.split("/", 1)[0]
+
+
+class SourceSpec(BaseModel):
+    """How the source model is read from the hub."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: HubToken | None = Field(
+        None,
+        description="Hub read token for private or gated source models; encrypted at rest, deleted when the "
+        "job ends, never returned",
+    )
+
+
 class PublishSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -266,6 +284,7 @@ class JobSpec(BaseModel):
 
     model: ModelRef
     revision: Revision | None = None
+    source: SourceSpec = Field(default_factory=SourceSpec)
     method: Method = Method.AWQ
     quant: QuantSettings = Field(default_factory=QuantSettings)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)

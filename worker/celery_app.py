@@ -12,6 +12,7 @@ from kombu import Exchange, Queue
 from app.core.config import GPU_QUEUES, settings
 
 TASK_RUN_JOB = "awqforge.run_job"
+TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a finished job's artifacts again
 
 
 def _transport_options() -> dict:

@@ -8,11 +8,13 @@ awqforge.pipeline.run_quantization; publish runs here afterwards.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from app.models import (
     JobMetrics,
     JobStatus,
     LayerMetric,
+    Tenant,
     utcnow,
 )
 from app.services.events import add_event
@@ -151,7 +154,9 @@ def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message
     job.eta_s = None
     if status == JobStatus.SUCCEEDED:
         job.progress = 1.0
-        job.publish_token_enc = None  # used once; nothing left to retry with it
+    # Tokens live only while the job runs: a retry or another publish takes them anew.
+    job.publish_token_enc = None
+    job.source_token_enc = None
     add_event(
         s,
         job_id=job.id,
@@ -289,7 +294,7 @@ def _db(work, what: str):
     return in_session_retrying(work, retry_for_s=settings.HEARTBEAT_STALE_S, what=what)
 
 
-def _resolve_spec(job: Job, token: str | None):
+def _resolve_spec(job: Job, tokens: _Tokens):
     from awqforge.spec import JobSpec
 
     data = dict(job.spec)
@@ -304,8 +309,9 @@ def _resolve_spec(job: Job, token: str | None):
             if cal is None:
                 raise ValueError(f"calibration set {source[7:]} not found")
             data["calibration"] = {**data["calibration"], "source": f"file:{cal.path}"}
-    if token and data.get("publish"):
-        data["publish"] = {**data["publish"], "token": token}
+    data["source"] = {**data.get("source", {}), "token": tokens.source}
+    if tokens.publish and data.get("publish"):
+        data["publish"] = {**data["publish"], "token": tokens.publish}
     return JobSpec.model_validate(data)
 
 
@@ -358,6 +364,128 @@ def job_work_dir(job: Job) -> Path:
     return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / f".{job.id}.work"
 
 
+@dataclass
+class _Tokens:
+    source: str | None
+    publish: str | None
+    tenant: str
+
+    @property
+    def secrets(self) -> list[str]:
+        return [t for t in (self.source, self.publish, settings.HF_TOKEN) if t]
+
+
+def _tokens(job: Job) -> _Tokens:
+    """The job's own tokens; else the service's HF_TOKEN, only for a tenant an admin allowed to use it."""
+    with session_scope() as s:
+        tenant = s.get(Tenant, job.tenant_id)
+        service = settings.HF_TOKEN if tenant is not None and tenant.allow_service_token else None
+        name = tenant.name if tenant is not None else f"tenant-{job.tenant_id}"
+    source = decrypt_secret(job.source_token_enc) if job.source_token_enc else None
+    publish = decrypt_secret(job.publish_token_enc) if job.publish_token_enc else None
+    return _Tokens(source=source or service, publish=publish or service, tenant=name)
+
+
+def _forbid_implicit_hub_token() -> None:
+    """The hub client must never pick up HF_TOKEN or a login file on its own: every request carries the
+    token this job may use, or none."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
+
+
+def publish_artifacts(job_id: str, *, repo_id: str, private: bool, tokens: _Tokens) -> float:
+    """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
+    Returns the seconds it took. Raises worker.hub.PublishRefused or the hub's error."""
+    from worker.hub import hub_for
+
+    t0 = time.monotonic()
+    with session_scope() as s:
+        arts = [
+            (a.format, Path(a.path)) for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+        ]
+    arts = [(fmt, p) for fmt, p in arts if fmt != "report"]
+    folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
+    published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
+    remote = published.commit_url is not None
+    with session_scope() as s:
+        for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format != "report")):
+            sub = "" if len(arts) == 1 else a.format
+            if remote:
+                a.published_to = published.location + (f"/tree/{published.revision}/{sub}" if sub else "")
+            else:
+                a.published_to = str(Path(published.location) / sub) if sub else published.location
+            a.commit_url = published.commit_url
+            a.hub_revision = published.revision
+        add_event(
+            s,
+            job_id=job_id,
+            kind="log",
+            stage="publish",
+            message=f"published to {repo_id} at {published.revision}"
+            + ("" if published.committed else " (files unchanged: no new commit)"),
+        )
+    return time.monotonic() - t0
+
+
+def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
+    """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
+    from worker.hub import PublishRefused
+
+    reason = str(exc) if isinstance(exc, PublishRefused) else f"{type(exc).__name__}: {exc}"
+    error = reporter.scrub(f"publish failed: {reason}")[:2000]
+    with session_scope() as s:
+        row = s.get(Job, job_id)
+        row.stage = "publish"
+        _finish(
+            s,
+            row,
+            JobStatus.FAILED,
+            error=error + " (artifacts kept; POST /v1/jobs/{id}/publish tries again)".replace("{id}", job_id),
+        )
+    log.warning("job %s: %s", job_id, error)
+    return "failed"
+
+
+def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
+    """Publish again the artifacts of a job queued by POST /v1/jobs/{id}/publish."""
+    worker_name = worker_name or socket.gethostname()
+    now = utcnow()
+    with session_scope() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.stage == "publish")
+            .values(status=JobStatus.RUNNING.value, worker=worker_name, heartbeat_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            return "not claimable"
+        job = s.get(Job, job_id)
+        s.expunge(job)
+    _forbid_implicit_hub_token()
+    tokens = _tokens(job)
+    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True)
+    reporter.stage = "publish"
+    publish = job.spec["publish"]
+    reporter.start()  # a long upload keeps its heartbeat, so the reaper leaves it alone
+    try:
+        publish_s = publish_artifacts(
+            job_id, repo_id=publish["repo_id"], private=publish.get("private", True), tokens=tokens
+        )
+    except Exception as exc:
+        return _publish_failed(job_id, reporter, exc)
+    finally:
+        reporter.stop()
+    with session_scope() as s:
+        row = s.get(Job, job_id)
+        metrics = s.get(JobMetrics, job_id)
+        if metrics is not None:
+            metrics.publish_s = publish_s
+        _finish(s, row, JobStatus.SUCCEEDED, message="published")
+    return "succeeded"
+
+
 def run_job(job_id: str, *, worker_name: str | None = None) -> str:
     """Run one job to a terminal state. Safe to call again for the same id (redelivery)."""
     worker_name = worker_name or f"{socket.gethostname()}"
@@ -366,16 +494,15 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         log.info("job %s not run: %s", job_id, outcome)
         return outcome
 
-    token = decrypt_secret(job.publish_token_enc) if job.publish_token_enc else None
-    reporter = _JobReporter(
-        job_id, worker_name, [token] if token else [], publishes=bool(job.spec.get("publish"))
-    )
+    _forbid_implicit_hub_token()
+    tokens = _tokens(job)
+    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")))
     out_dir = job_output_dir(job)
     work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
     try:
-        spec = _resolve_spec(job, token)
+        spec = _resolve_spec(job, tokens)
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with session_scope() as s:
@@ -393,30 +520,14 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             checkpoint_dir=work_dir,  # a run lost mid-way resumes at its last finished block
         )
 
-        publish_s = None
-        published: dict[str, str] = {}
-        if spec.publish is not None:
-            from worker.hub import hub_for
-
-            if reporter.cancel():
-                raise JobCancelledByUser()
-            reporter.set_stage("publish", 0.0, f"publishing to {spec.publish.repo_id}")
-            tp = time.monotonic()
-            hub = hub_for(token)
-            artifacts = dict(result.artifacts)
-            for i, (fmt, path) in enumerate(artifacts.items()):
-                sub = None if len(artifacts) == 1 else str(getattr(fmt, "value", fmt))
-                published[str(getattr(fmt, "value", fmt))] = hub.publish(
-                    Path(path), spec.publish.repo_id, private=spec.publish.private, path_in_repo=sub
-                )
-                reporter.set_stage("publish", (i + 1) / len(artifacts))
-            publish_s = time.monotonic() - tp
-
-        def record_success(s) -> None:
+        def record_result(s) -> None:
+            # idempotent: a run that recorded its result and was then lost records it again on resume
+            for table in (JobMetrics, LayerMetric, Artifact):
+                s.query(table).filter(table.job_id == job_id).delete()
             s.add(
                 JobMetrics(
                     job_id=job_id,
-                    **_metric_columns(dict(result.metrics or {}), publish_s, time.monotonic() - t0),
+                    **_metric_columns(dict(result.metrics or {}), None, time.monotonic() - t0),
                 )
             )
             s.add_all(_layer_row(job_id, m) for m in (result.layers or []))
@@ -428,7 +539,6 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                         format=fmt_name,
                         path=str(Path(path).resolve()),
                         size_bytes=_dir_size(Path(path)),
-                        published_to=published.get(fmt_name),
                     )
                 )
             report = getattr(result, "report_path", None)
@@ -445,6 +555,34 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                         size_bytes=_dir_size(Path(report)),
                     )
                 )
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(source_sha=getattr(result, "source_revision", None))
+                .execution_options(synchronize_session=False)
+            )
+
+        _db(record_result, "recording the result")
+        if spec.publish is not None:
+            if reporter.cancel():
+                raise JobCancelledByUser()
+            reporter.set_stage("publish", 0.0, f"publishing to {spec.publish.repo_id}")
+            try:
+                publish_s = publish_artifacts(
+                    job_id, repo_id=spec.publish.repo_id, private=spec.publish.private, tokens=tokens
+                )
+            except Exception as exc:
+                shutil.rmtree(work_dir, ignore_errors=True)  # the artifacts are kept: no block is rerun
+                return _publish_failed(job_id, reporter, exc)
+            reporter.set_stage("publish", 1.0)
+
+            def record_publish(s) -> None:
+                metrics = s.get(JobMetrics, job_id)
+                metrics.publish_s, metrics.total_s = publish_s, time.monotonic() - t0
+
+            _db(record_publish, "recording the publish")
+
+        def record_success(s) -> None:
             row = s.get(Job, job_id)
             row.stage = "publish" if spec.publish is not None else "package"
             _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
@@ -474,6 +612,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         trace = reporter.scrub(traceback.format_exc())[-4000:]
 
         def record_failure(s) -> None:
+            s.query(Artifact).filter(Artifact.job_id == job_id).delete()  # their files just went
             row = s.get(Job, job_id)
             if cancelled:
                 _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")

@@ -45,7 +45,11 @@ class Settings(BaseSettings):
     # auto: the Hugging Face Hub when the job has a token or HF_ENDPOINT/HF_TOKEN is set, else HUB_DIR.
     PUBLISH_BACKEND: Literal["auto", "local", "huggingface"] = "auto"
     HF_ENDPOINT: str | None = None
-    HF_TOKEN: str | None = None
+    HF_TOKEN: str | None = (
+        None  # used only for tenants allowed to (`awqforge tenants update --allow-service-token`)
+    )
+    PUBLISH_ATTEMPTS: int = 5  # tries per hub request on 429/5xx
+    PUBLISH_BACKOFF_S: float = 1.0  # first wait when no Retry-After is given; doubles per try (cap 60 s)
     ARTIFACT_DIR: Path | None = None
     UPLOAD_DIR: Path | None = None
     # Local model paths and file: sources in job bodies must lie under one of these folders.

@@ -117,6 +117,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     data: dict = {
         "model": body.model,
         "revision": body.revision,
+        "source": body.source.model_dump(),
         "method": body.method,
         "quant": {
             "bits": body.bits,
@@ -144,6 +145,39 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     if errors:
         raise SpecError(errors)
     return spec
+
+
+def spec_without_tokens(spec) -> dict:
+    """The spec as stored and returned: tokens live only encrypted in their own columns."""
+    stored = spec.model_dump(mode="json")
+    stored["source"]["token"] = None
+    if stored.get("publish"):
+        stored["publish"]["token"] = None
+    return stored
+
+
+def check_publish_namespace(spec, tenant: Tenant) -> None:
+    """A tenant publishes only into the hub namespaces an admin gave it (by default: its own name)."""
+    from awqforge.spec import hub_namespace
+
+    if spec.publish is None:
+        return
+    allowed = tenant_namespaces(tenant)
+    if hub_namespace(spec.publish.repo_id) not in allowed:
+        raise SpecError(
+            [
+                FieldError(
+                    field="publish.repo_id",
+                    reason=f"namespace {hub_namespace(spec.publish.repo_id)!r} is not one this tenant may "
+                    f"publish to ({', '.join(allowed) or 'none'}); an admin adds namespaces with "
+                    "`awqforge tenants update --namespace`",
+                )
+            ]
+        )
+
+
+def tenant_namespaces(tenant: Tenant) -> list[str]:
+    return list(tenant.hub_namespaces) if tenant.hub_namespaces is not None else [tenant.name]
 
 
 def request_hash(body: JobCreate) -> str:
@@ -274,12 +308,12 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         if existing is not None:
             return Created(existing, True)
     spec = spec_from_request(session, body=body, tenant_id=tenant.id)
+    check_publish_namespace(spec, tenant)
     _check_limit(session, tenant)
 
     token = spec.publish.token if spec.publish else None
-    stored = spec.model_dump(mode="json")
-    if stored.get("publish"):
-        stored["publish"]["token"] = None
+    source_token = spec.source.token
+    stored = spec_without_tokens(spec)
     job = Job(
         tenant_id=tenant.id,
         model=spec.model,
@@ -289,6 +323,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         group_size=spec.quant.group_size,
         spec=stored,
         publish_token_enc=encrypt_secret(token) if token else None,
+        source_token_enc=encrypt_secret(source_token) if source_token else None,
         queue=queue_for(spec.model, spec.revision, spec.device),
         status=JobStatus.QUEUED.value,
         progress=0.0,
@@ -407,6 +442,39 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
     return job
 
 
+def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
+    """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
+    the hub makes no new commit when its files already match)."""
+    from worker.celery_app import TASK_PUBLISH_JOB, celery_app
+
+    if not job.spec.get("publish"):
+        raise ServiceError(409, "this job has no publish settings")
+    failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == "publish"
+    if not (failed_at_publish or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
+        raise ServiceError(
+            409,
+            f"only a succeeded job, or one that failed at publishing, can publish; this one is {job.status}",
+        )
+    _check_limit(session, tenant)
+    job.status = JobStatus.QUEUED.value
+    job.stage = "publish"
+    job.error = None
+    job.finished_at = None
+    job.publish_token_enc = encrypt_secret(token) if token else None
+    add_event(session, job_id=job.id, kind="status", stage="publish", message="publish queued")
+    session.commit()
+    try:
+        celery_app.send_task(TASK_PUBLISH_JOB, args=[job.id], queue=settings.queue_name(job.queue))
+    except Exception as exc:
+        job.status = JobStatus.FAILED.value
+        job.error = "could not queue the publish: the broker is unreachable; retry later"
+        job.finished_at = utcnow()
+        job.publish_token_enc = None
+        session.commit()
+        raise ServiceError(503, job.error) from exc
+    return job
+
+
 def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]:
     """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS.
 
@@ -491,6 +559,8 @@ def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> Artifa
         format=artifact.format,
         size_bytes=artifact.size_bytes,
         published_to=artifact.published_to,
+        commit_url=artifact.commit_url,
+        hub_revision=artifact.hub_revision,
         files=files,
     )
 
@@ -505,6 +575,7 @@ def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
         error=job.error,
         model=job.model,
         revision=job.revision,
+        source_sha=job.source_sha,
         method=job.method,
         bits=job.bits,
         group_size=job.group_size,

@@ -19,7 +19,7 @@ def checkpoint_bytes(model: str, revision: str | None = None) -> int | None:
     try:
         from huggingface_hub import HfApi
 
-        info = HfApi(endpoint=settings.HF_ENDPOINT).model_info(
+        info = HfApi(endpoint=settings.HF_ENDPOINT, token=False).model_info(  # never the service token
             model, revision=revision, files_metadata=True, timeout=5
         )
         sizes = [s.size for s in (info.siblings or []) if s.rfilename.endswith(".safetensors") and s.size]

@@ -77,48 +77,21 @@ def test_settings_refuse_unsafe_values(env, message, monkeypatch):
         Settings(_env_file=None)
 
 
-def test_publish_backends(tmp_path, monkeypatch):
+def test_publish_backend_selection(tmp_path, monkeypatch):
+    """Which backend publishes; what each does is in test_hub_contract.py (against a Hub server)."""
     from app.core.config import settings
     from worker import hub
 
-    calls = []
-
-    class FakeApi:
-        endpoint = "https://hub.example"
-
-        def __init__(self, endpoint=None, token=None):
-            calls.append(("init", endpoint, token))
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw["private"]))
-
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw["repo_id"], kw["path_in_repo"]))
-            return type("Info", (), {"commit_url": "https://hub.example/acme/m/commit/1"})()
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    folder = tmp_path / "awq"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-
     monkeypatch.setattr(settings, "PUBLISH_BACKEND", "auto")
-    remote = hub.hub_for("hf_token")
-    assert isinstance(remote, hub.HuggingFaceHub)
-    assert remote.publish(folder, "acme/m", private=True, path_in_repo="awq").endswith("/commit/1")
-    assert calls == [
-        ("init", None, "hf_token"),
-        ("create_repo", "acme/m", True),
-        ("upload_folder", "acme/m", "awq"),
-    ]
-
+    monkeypatch.setattr(settings, "HF_ENDPOINT", None)
+    monkeypatch.setattr(settings, "HF_TOKEN", None)
     monkeypatch.setattr(settings, "HUB_DIR", tmp_path / "hub")
-    local = hub.hub_for(None)
-    assert isinstance(local, hub.LocalHub)
-    assert (tmp_path / "hub" / "acme" / "m" / "config.json").exists() is False
-    local.publish(folder, "acme/m", private=True)
-    local.publish(folder, "acme/m", private=True)  # re-publishing replaces
-    assert (tmp_path / "hub" / "acme" / "m" / "config.json").exists()
-    with pytest.raises(ValueError):
-        local.publish(folder, "../../etc", private=True)
+    assert isinstance(hub.hub_for("hf_token"), hub.HuggingFaceHub)  # a job token: the Hub
+    assert isinstance(hub.hub_for(None), hub.LocalHub)  # nothing configured: the local folder
+    monkeypatch.setattr(settings, "HF_TOKEN", "hf_service")
+    # The service is set up for the Hub: a tenant without a token goes there too (anonymously, refused),
+    # never silently to the local folder.
+    remote = hub.hub_for(None)
+    assert isinstance(remote, hub.HuggingFaceHub) and remote.api.token is False
+    monkeypatch.setattr(settings, "PUBLISH_BACKEND", "local")
+    assert isinstance(hub.hub_for("hf_token"), hub.LocalHub)
