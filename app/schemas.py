@@ -154,6 +154,7 @@ class JobPublic(BaseModel):
     bits: int
     group_size: int
     queue: str
+    waiting_reason: str | None = Field(None, description="why a queued job cannot start now (no live worker)")
     attempts: int
     spec: dict = Field(..., description="The validated job spec (publish token removed)")
     created_at: datetime

@@ -30,7 +30,7 @@ from app.models import (
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
-from app.services.routing import queue_for
+from app.services.routing import RoutingError, route, waiting_reason
 
 log = logging.getLogger("awqforge.jobs")
 
@@ -228,6 +228,10 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         if existing is not None:
             return Created(existing, True)
     spec = spec_from_request(session, body=body, tenant_id=tenant.id)
+    try:
+        chosen = route(spec)
+    except RoutingError as exc:
+        raise SpecError([FieldError(field="model", reason=str(exc))]) from exc
     _check_limit(session, tenant)
 
     token = spec.publish.token if spec.publish else None
@@ -243,7 +247,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         group_size=spec.quant.group_size,
         spec=stored,
         publish_token_enc=encrypt_secret(token) if token else None,
-        queue=queue_for(spec.model, spec.revision, spec.device),
+        queue=chosen.queue,
         status=JobStatus.QUEUED.value,
         progress=0.0,
         attempts=0,
@@ -451,6 +455,7 @@ def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
         bits=job.bits,
         group_size=job.group_size,
         queue=job.queue,
+        waiting_reason=waiting_reason(job.queue) if job.status == JobStatus.QUEUED.value else None,
         attempts=job.attempts,
         spec=job.spec,
         created_at=job.created_at,
