@@ -115,6 +115,9 @@ class ArtifactFile(BaseModel):
     path: str
     size_bytes: int
     url: str
+    download_url: str | None = Field(
+        None, description="presigned object-store URL (ARTIFACT_STORE=s3): download without the API"
+    )
 
 
 class ArtifactPublic(BaseModel):

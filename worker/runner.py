@@ -32,6 +32,7 @@ from app.models import (
     utcnow,
 )
 from app.services.events import add_event
+from app.services.storage import artifact_store
 
 log = logging.getLogger("awqforge.worker")
 
@@ -366,13 +367,14 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 )
             )
             s.add_all(_layer_row(job_id, m) for m in (result.layers or []))
+            store = artifact_store()
             for fmt, path in dict(result.artifacts).items():
                 fmt_name = str(getattr(fmt, "value", fmt))
                 s.add(
                     Artifact(
                         job_id=job_id,
                         format=fmt_name,
-                        path=str(Path(path).resolve()),
+                        path=store.put_dir(Path(path), key=f"tenant-{job.tenant_id}/{job_id}/{fmt_name}"),
                         size_bytes=_dir_size(Path(path)),
                         published_to=published.get(fmt_name),
                     )
@@ -387,13 +389,15 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     Artifact(
                         job_id=job_id,
                         format="report",
-                        path=str(Path(report).resolve()),
+                        path=store.put_dir(Path(report), key=f"tenant-{job.tenant_id}/{job_id}/report"),
                         size_bytes=_dir_size(Path(report)),
                     )
                 )
             row = s.get(Job, job_id)
             row.stage = "publish" if spec.publish is not None else "package"
             _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
+        if store.remote:  # the object store holds them now; this machine's copy was scratch
+            shutil.rmtree(out_dir, ignore_errors=True)
         log.info("job %s succeeded", job_id)
         return "succeeded"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status

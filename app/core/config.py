@@ -76,7 +76,20 @@ class Settings(BaseSettings):
     PUBLISH_BACKEND: Literal["auto", "local", "huggingface"] = "auto"
     HF_ENDPOINT: str | None = None
     HF_TOKEN: str | None = None
-    ARTIFACT_DIR: Path | None = None
+    ARTIFACT_DIR: Path | None = None  # where workers write artifacts (kept there by the local store)
+    # Artifact store (app/services/storage.py): the local folder, or S3-compatible object storage that
+    # workers on any machine upload to and the API of any machine reads (streams or presigns) from.
+    ARTIFACT_STORE: Literal["local", "s3"] = "local"
+    S3_ENDPOINT_URL: str | None = None  # e.g. http://minio:9000; None: AWS
+    S3_BUCKET: str | None = None
+    S3_PREFIX: str = "awqforge"  # keys: <prefix>/tenant-<id>/<job id>/<format>/<file>
+    S3_REGION: str = "us-east-1"
+    S3_ACCESS_KEY_ID: str | None = None
+    S3_SECRET_ACCESS_KEY: str | None = None
+    S3_ADDRESSING_STYLE: Literal["auto", "path", "virtual"] = "path"
+    S3_MULTIPART_THRESHOLD: int = Field(64 * 1024**2, ge=5 * 1024**2)
+    S3_MULTIPART_CHUNKSIZE: int = Field(64 * 1024**2, ge=5 * 1024**2)
+    S3_PRESIGN_EXPIRES_S: int = Field(3600, ge=60, le=7 * 24 * 3600)
     UPLOAD_DIR: Path | None = None
     # Local model paths and file: sources in job bodies must lie under one of these folders.
     # Uploads are the supported way to bring your own calibration data.
@@ -128,6 +141,8 @@ class Settings(BaseSettings):
             raise ValueError("JOB_HARD_TIME_LIMIT_S must be above JOB_SOFT_TIME_LIMIT_S")
         if self.HEARTBEAT_STALE_S < 3 * self.HEARTBEAT_INTERVAL_S:
             raise ValueError("HEARTBEAT_STALE_S must be at least 3 x HEARTBEAT_INTERVAL_S")
+        if self.ARTIFACT_STORE == "s3" and not self.S3_BUCKET:
+            raise ValueError("ARTIFACT_STORE=s3 needs S3_BUCKET (and S3_ENDPOINT_URL for a non-AWS store)")
         classes = self.queue_classes  # parses QUEUE_CLASSES, raising on a bad entry
         if self.DEFAULT_QUEUE not in classes:
             raise ValueError(

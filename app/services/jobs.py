@@ -31,6 +31,7 @@ from app.models import (
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
 from app.services.routing import RoutingError, route, waiting_reason
+from app.services.storage import store_for
 
 log = logging.getLogger("awqforge.jobs")
 
@@ -419,19 +420,23 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
 
 
 def artifact_files(artifact: Artifact) -> list[tuple[str, int]]:
-    root = Path(artifact.path)
-    if root.is_file():
-        return [(root.name, root.stat().st_size)]
-    if not root.is_dir():
-        return []
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return [(f.path, f.size_bytes) for f in store_for(artifact.path).list_files(artifact.path)]
 
 
 def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> ArtifactPublic:
     files = []
     if with_files:
         base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
-        files = [ArtifactFile(path=p, size_bytes=n, url=base + p) for p, n in artifact_files(artifact)]
+        store = store_for(artifact.path)
+        files = [
+            ArtifactFile(
+                path=p,
+                size_bytes=n,
+                url=base + p,
+                download_url=store.presigned_url(artifact.path, p) if store.remote else None,
+            )
+            for p, n in artifact_files(artifact)
+        ]
     return ArtifactPublic(
         id=artifact.id,
         format=artifact.format,

@@ -27,6 +27,7 @@ from app.schemas import (
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError
+from app.services.storage import S3_SCHEME, object_store_download
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -275,12 +276,19 @@ def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: str) -> A
     summary="Download one artifact file",
 )
 def download_artifact_file(
-    session: SessionDep, tenant: CurrentTenant, job_id: str, artifact_id: str, file_path: str
-) -> FileResponse:
+    session: SessionDep,
+    tenant: CurrentTenant,
+    job_id: str,
+    artifact_id: str,
+    file_path: str,
+    redirect: Annotated[bool, Query(description="object store: 307 to a presigned URL")] = False,
+) -> Response:
     job = _get(session, job_id, tenant)
     artifact = session.get(Artifact, artifact_id)
     if artifact is None or artifact.job_id != job.id:
         raise ServiceError(404, "artifact not found")
+    if artifact.path.startswith(S3_SCHEME):
+        return object_store_download(artifact.path, file_path, redirect=redirect)
     root = Path(artifact.path).resolve()
     if root.is_file():
         target = root if file_path == root.name else None
