@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from app.core.config import GPU_QUEUES, settings
+from app.core.config import settings
 
 
 def _wait_for_database(timeout_s: float = 60) -> None:
@@ -247,7 +247,7 @@ def worker_command(argv: list[str]) -> int:
     p.add_argument(
         "--queues",
         default=None,
-        help=f"comma-separated queue classes from {', '.join(GPU_QUEUES)} (default: detected with nvidia-smi)",
+        help="comma-separated queue classes from QUEUE_CLASSES (default: detected with nvidia-smi)",
     )
     p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for this worker")
     p.add_argument("--name", default=None, help="node name (unique per host; default from --gpu or the pid)")
@@ -259,9 +259,9 @@ def worker_command(argv: list[str]) -> int:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     queues = [q.strip() for q in args.queues.split(",")] if args.queues else detect_queues()
-    bad = [q for q in queues if q not in GPU_QUEUES]
+    bad = [q for q in queues if q not in settings.queue_classes]
     if bad:
-        print(f"unknown queue(s) {bad}; choose from {list(GPU_QUEUES)}", file=sys.stderr)
+        print(f"unknown queue(s) {bad}; choose from {list(settings.queue_classes)}", file=sys.stderr)
         return 2
     _wait_for_database()  # migrations are the API's prestart step, not every worker's
     from worker.celery_app import celery_app

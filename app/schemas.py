@@ -112,6 +112,9 @@ class ArtifactFile(BaseModel):
     path: str
     size_bytes: int
     url: str
+    download_url: str | None = Field(
+        None, description="presigned object-store URL (ARTIFACT_STORE=s3): download without the API"
+    )
 
 
 class ArtifactPublic(BaseModel):
@@ -154,6 +157,7 @@ class JobPublic(BaseModel):
     bits: int
     group_size: int
     queue: str
+    waiting_reason: str | None = Field(None, description="why a queued job cannot start now (no live worker)")
     attempts: int
     spec: dict = Field(..., description="The validated job spec (tokens removed)")
     created_at: datetime

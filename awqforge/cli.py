@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 PLUGIN_GROUP = "awqforge.commands"
-BUILTIN = ("quantize", "eval", "smollm")
+BUILTIN = ("quantize", "eval", "smollm", "plan")
 
 
 class _UsageError(Exception):
@@ -35,9 +35,8 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    q = sub.add_parser("quantize", help="quantize a model into one or more artifact formats")
+    q = argparse.ArgumentParser(add_help=False)  # the job's settings: quantize and plan
     q.add_argument("model", help="local checkpoint folder or Hugging Face model id")
-    q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument(
@@ -87,10 +86,22 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     q.add_argument("--eval-seq-len", type=int, default=2048)
     q.add_argument("--eval-max-seqs", type=int)
+    job_args = q
+    q = sub.add_parser(
+        "quantize", parents=[job_args], help="quantize a model into one or more artifact formats"
+    )
+    q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
     q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
     q.add_argument(
         "--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default: one block, 256MB..2GB)"
     )
+
+    pl = sub.add_parser(
+        "plan",
+        parents=[job_args],
+        help="peak memory and time estimate of a job, from the model's config.json (no weights read)",
+    )
+    pl.add_argument("--json", action="store_true", help="print the plans as JSON")
 
     e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
     e.add_argument("model", help="artifact folder, checkpoint folder or hub id")
@@ -127,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
             return _quantize(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "smollm":
             from awqforge.smollm import ensure_smollm2_checkpoint
 
@@ -233,6 +246,26 @@ def _quantize(args) -> int:
     print(f"report: {result.report_path}")
     for line in summary_lines(result.metrics, result.layers):
         print(f"  {line}")
+    return 0
+
+
+def _plan(args) -> int:
+    from awqforge.plan import JobSettings, describe, plan, read_config
+    from awqforge.resolve import is_local_reference
+
+    spec = _spec_from_args(args)
+    if is_local_reference(spec.model):
+        config = read_config(spec.model)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        config = read_config(Path(hf_hub_download(spec.model, "config.json", revision=spec.revision)).parent)
+    devices = ["cpu", "cuda"] if spec.device == "auto" else [spec.device]
+    plans = {d: plan(config, JobSettings.from_spec(spec), device=d) for d in devices}
+    if args.json:
+        print(json.dumps({d: p.to_dict() for d, p in plans.items()}, indent=1))
+    else:
+        print("\n\n".join(describe(p) for p in plans.values()))
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from app.core.config import GPU_QUEUES, settings
+from app.core.config import settings
 
 TASK_RUN_JOB = "awqforge.run_job"
 TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a finished job's artifacts again
@@ -54,7 +54,8 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         # One direct exchange and routing key per queue: a job goes to exactly one GPU class.
         task_queues=[
-            Queue(n, Exchange(n, type="direct"), routing_key=n) for n in map(settings.queue_name, GPU_QUEUES)
+            Queue(n, Exchange(n, type="direct"), routing_key=n)
+            for n in map(settings.queue_name, settings.queue_classes)
         ],
         task_default_queue=settings.queue_name(settings.DEFAULT_QUEUE),
         task_create_missing_queues=False,

@@ -35,6 +35,7 @@ from app.models import (
     utcnow,
 )
 from app.services.events import add_event
+from app.services.storage import artifact_store
 from app.services.uploads import allowed_roots
 
 log = logging.getLogger("awqforge.worker")
@@ -395,16 +396,23 @@ def _forbid_implicit_hub_token() -> None:
     constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
 
 
-def publish_artifacts(job_id: str, *, repo_id: str, private: bool, tokens: _Tokens) -> float:
+def publish_artifacts(
+    job_id: str, *, repo_id: str, private: bool, tokens: _Tokens, local: dict[str, Path] | None = None
+) -> float:
     """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
-    Returns the seconds it took. Raises worker.hub.PublishRefused or the hub's error."""
+    `local`: the artifacts' folders on this machine by format (the run that just made them), else the
+    recorded paths. Returns the seconds it took. Raises worker.hub.PublishRefused or the hub's error."""
     from worker.hub import hub_for
 
     t0 = time.monotonic()
-    with session_scope() as s:
-        arts = [
-            (a.format, Path(a.path)) for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
-        ]
+    if local is not None:
+        arts = list(local.items())
+    else:
+        with session_scope() as s:
+            arts = [
+                (a.format, Path(a.path))
+                for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+            ]
     arts = [(fmt, p) for fmt, p in arts if fmt != "report"]
     folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
     published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
@@ -520,6 +528,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             checkpoint_dir=work_dir,  # a run lost mid-way resumes at its last finished block
         )
 
+        store = artifact_store()
+
         def record_result(s) -> None:
             # idempotent: a run that recorded its result and was then lost records it again on resume
             for table in (JobMetrics, LayerMetric, Artifact):
@@ -537,7 +547,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     Artifact(
                         job_id=job_id,
                         format=fmt_name,
-                        path=str(Path(path).resolve()),
+                        path=store.put_dir(Path(path), key=f"tenant-{job.tenant_id}/{job_id}/{fmt_name}"),
                         size_bytes=_dir_size(Path(path)),
                     )
                 )
@@ -551,7 +561,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     Artifact(
                         job_id=job_id,
                         format="report",
-                        path=str(Path(report).resolve()),
+                        path=store.put_dir(Path(report), key=f"tenant-{job.tenant_id}/{job_id}/report"),
                         size_bytes=_dir_size(Path(report)),
                     )
                 )
@@ -569,7 +579,11 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             reporter.set_stage("publish", 0.0, f"publishing to {spec.publish.repo_id}")
             try:
                 publish_s = publish_artifacts(
-                    job_id, repo_id=spec.publish.repo_id, private=spec.publish.private, tokens=tokens
+                    job_id,
+                    repo_id=spec.publish.repo_id,
+                    private=spec.publish.private,
+                    tokens=tokens,
+                    local={str(getattr(f, "value", f)): Path(p) for f, p in dict(result.artifacts).items()},
                 )
             except Exception as exc:
                 shutil.rmtree(work_dir, ignore_errors=True)  # the artifacts are kept: no block is rerun
@@ -589,6 +603,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         _db(record_success, "recording the result")
         shutil.rmtree(work_dir, ignore_errors=True)
+        if store.remote:  # the object store holds them now; this machine's copy was scratch
+            shutil.rmtree(out_dir, ignore_errors=True)
         log.info("job %s succeeded", job_id)
         return "succeeded"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status

@@ -1,6 +1,6 @@
 from fastapi import APIRouter
 
-from app.api.routes import calibration, jobs
+from app.api.routes import calibration, jobs, plan
 from app.schemas import ErrorResponse
 
 # Every /v1 route may answer these (request too large, a field or parameter refused, database down);
@@ -21,3 +21,4 @@ COMMON_RESPONSES = {
 api_router = APIRouter(responses=COMMON_RESPONSES)
 api_router.include_router(jobs.router)
 api_router.include_router(calibration.router)
+api_router.include_router(plan.router)

@@ -30,7 +30,8 @@ from app.models import (
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
-from app.services.routing import queue_for
+from app.services.routing import RoutingError, route, waiting_reason
+from app.services.storage import store_for
 from awqforge.spec import is_local_path
 
 log = logging.getLogger("awqforge.jobs")
@@ -309,6 +310,10 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
             return Created(existing, True)
     spec = spec_from_request(session, body=body, tenant_id=tenant.id)
     check_publish_namespace(spec, tenant)
+    try:
+        chosen = route(spec)
+    except RoutingError as exc:
+        raise SpecError([FieldError(field="model", reason=str(exc))]) from exc
     _check_limit(session, tenant)
 
     token = spec.publish.token if spec.publish else None
@@ -324,7 +329,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         spec=stored,
         publish_token_enc=encrypt_secret(token) if token else None,
         source_token_enc=encrypt_secret(source_token) if source_token else None,
-        queue=queue_for(spec.model, spec.revision, spec.device),
+        queue=chosen.queue,
         status=JobStatus.QUEUED.value,
         progress=0.0,
         attempts=0,
@@ -541,19 +546,23 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
 
 
 def artifact_files(artifact: Artifact) -> list[tuple[str, int]]:
-    root = Path(artifact.path)
-    if root.is_file():
-        return [(root.name, root.stat().st_size)]
-    if not root.is_dir():
-        return []
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return [(f.path, f.size_bytes) for f in store_for(artifact.path).list_files(artifact.path)]
 
 
 def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> ArtifactPublic:
     files = []
     if with_files:
         base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
-        files = [ArtifactFile(path=p, size_bytes=n, url=base + p) for p, n in artifact_files(artifact)]
+        store = store_for(artifact.path)
+        files = [
+            ArtifactFile(
+                path=p,
+                size_bytes=n,
+                url=base + p,
+                download_url=store.presigned_url(artifact.path, p) if store.remote else None,
+            )
+            for p, n in artifact_files(artifact)
+        ]
     return ArtifactPublic(
         id=artifact.id,
         format=artifact.format,
@@ -580,6 +589,7 @@ def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
         bits=job.bits,
         group_size=job.group_size,
         queue=job.queue,
+        waiting_reason=waiting_reason(job.queue) if job.status == JobStatus.QUEUED.value else None,
         attempts=job.attempts,
         spec=job.spec,
         created_at=job.created_at,

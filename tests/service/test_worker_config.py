@@ -1,4 +1,4 @@
-"""Worker settings that matter for long GPU jobs, and queue routing by model size."""
+"""Worker settings that matter for long GPU jobs (routing by need: test_routing.py)."""
 
 from __future__ import annotations
 
@@ -30,22 +30,6 @@ def test_celery_settings_for_long_jobs():
         settings.queue_name(q) for q in ("cpu", "gpu-24g", "gpu-80g")
     }
     assert all(q.exchange.name == q.name == q.routing_key for q in conf.task_queues)
-
-
-def test_queue_routing_by_checkpoint_size(tmp_path, monkeypatch):
-    from app.core.config import settings
-    from app.services.routing import queue_for
-
-    small, big = tmp_path / "small", tmp_path / "big"
-    for folder, size in ((small, 1 << 30), (big, settings.GPU_24G_MAX_MODEL_BYTES + 1)):
-        folder.mkdir()
-        with open(folder / "model.safetensors", "wb") as f:  # sparse: no real disk used
-            f.truncate(size)
-    assert queue_for(str(small), None, "auto") == "gpu-24g"
-    assert queue_for(str(big), None, "cuda") == "gpu-80g"
-    assert queue_for(str(big), None, "cpu") == "cpu"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert queue_for("someorg/unreachable-model", None, "auto") == settings.DEFAULT_QUEUE
 
 
 @pytest.mark.parametrize(

@@ -32,6 +32,7 @@ from app.schemas import (
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError, SpecError
+from app.services.storage import S3_SCHEME, object_store_download
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
 from awqforge.spec import MAX_TOKEN_CHARS
@@ -401,8 +402,11 @@ def download_artifact_file(
     artifact_id: ArtifactId,
     file_path: Annotated[str, PathParam(max_length=1000)],
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+    redirect: Annotated[bool, Query(description="object store: 307 to a presigned URL")] = False,
 ) -> Response:
     artifact = _artifact(session, tenant, job_id, artifact_id)
+    if artifact.path.startswith(S3_SCHEME):
+        return object_store_download(artifact.path, file_path, redirect=redirect)
     root = Path(artifact.path).resolve()
     if root.is_file():
         target = root if file_path == root.name else None
