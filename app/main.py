@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import delete
 from starlette.concurrency import run_in_threadpool
 
@@ -90,6 +91,7 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     app.include_router(api_router, prefix=settings.API_V1_STR)
     app.include_router(health.router)
     app.include_router(dashboard.router)
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
     return app
 
 
