@@ -15,7 +15,7 @@ from sqlalchemy import delete
 from starlette.concurrency import run_in_threadpool
 
 from app.api.main import api_router
-from app.api.routes import dashboard, health
+from app.api.routes import dashboard, health, metrics
 from app.core.config import settings
 from app.core.db import session_scope
 from app.models import IdempotencyKey, utcnow
@@ -90,6 +90,7 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
 
     app.include_router(api_router, prefix=settings.API_V1_STR)
     app.include_router(health.router)
+    app.include_router(metrics.prometheus_router)
     app.include_router(dashboard.router)
     app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
     return app
