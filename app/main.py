@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import delete
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
@@ -17,7 +18,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.main import api_router
-from app.api.routes import dashboard, health
+from app.api.routes import dashboard, health, metrics
 from app.core.config import settings
 from app.core.db import session_scope
 from app.models import IdempotencyKey, utcnow
@@ -193,7 +194,9 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     app.add_middleware(BodySizeLimit)
     app.include_router(api_router, prefix=settings.API_V1_STR)
     app.include_router(health.router)
+    app.include_router(metrics.prometheus_router)
     app.include_router(dashboard.router)
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
     return app
 
 

@@ -193,3 +193,55 @@ class CalibrationSetPublic(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class DurationStats(BaseModel):
+    n: int
+    median_s: float | None = None
+    p95_s: float | None = None
+
+
+class PerplexityChange(BaseModel):
+    n: int
+    pct: list[float] = Field(default_factory=list, description="FP -> quantized change per job, % (sorted)")
+    median_pct: float | None = None
+    p95_pct: float | None = None
+
+
+class MetricsSummary(BaseModel):
+    since: datetime
+    jobs_by_status: dict[str, int]
+    queue_depth: dict[str, dict[str, int]] = Field(
+        description="per queue: this tenant's queued and running jobs"
+    )
+    stage_durations: dict[str, DurationStats]
+    duration_by_size_class: dict[str, DurationStats] = Field(
+        description="total job time by FP checkpoint size: <1GiB, 1-4GiB, 4-16GiB, 16-64GiB, >64GiB"
+    )
+    perplexity_change: PerplexityChange
+    bytes_saved: int
+    gpu_hours: float
+    cpu_hours: float
+
+
+class JobLayerDetail(BaseModel):
+    block: int
+    name: str
+    mse_rtn: float | None = None
+    mse_quant: float | None = None
+    scale_exponent: float | None = Field(None, description="AWQ grid exponent chosen for the layer's input")
+    clip_ratio: float | None = None
+
+
+class JobMetricsDetail(BaseModel):
+    job_id: str
+    status: JobStatusName
+    stage_timings_s: dict[str, float]
+    total_s: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    fp_perplexity: float | None = None
+    quant_perplexity: float | None = None
+    size_before_bytes: int | None = None
+    size_after_bytes: int | None = None
+    layers: list[JobLayerDetail]

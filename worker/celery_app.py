@@ -60,7 +60,9 @@ def make_celery() -> Celery:
         task_default_queue=settings.queue_name(settings.DEFAULT_QUEUE),
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events on (Flower, `celery events`); the filesystem broker has no fanout for them.
+        worker_send_task_events=not settings.broker_is_filesystem,
+        task_send_sent_event=not settings.broker_is_filesystem,
         # The filesystem broker (embedded mode) has no use for broadcast control messages.
         worker_enable_remote_control=not settings.broker_is_filesystem,
     )

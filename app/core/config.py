@@ -126,6 +126,13 @@ class Settings(BaseSettings):
     # (doubling each time, up to 16x): the message may have been consumed without a claim, or lost.
     REDISPATCH_AFTER_S: float = Field(600.0, gt=0)
 
+    # Dashboard sign-in: an API key is exchanged for a session cookie that lasts this long.
+    DASHBOARD_SESSION_HOURS: float = Field(8.0, gt=0, le=24 * 30)
+    # Behind a TLS-terminating proxy: believe its X-Forwarded-Proto (marks the cookie Secure).
+    TRUST_FORWARDED_PROTO: bool = False
+    # Celery workers serve their own Prometheus metrics on this port (0: off; one port per worker).
+    WORKER_METRICS_PORT: int = Field(0, ge=0, le=65535)
+
     @field_validator("ALLOWED_LOCAL_ROOTS", mode="before")
     @classmethod
     def _split_roots(cls, v: object) -> object:
