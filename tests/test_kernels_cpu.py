@@ -1,7 +1,8 @@
 """The C++ CPU kernel against the pure-torch reference, every ISA path, and its build cache.
 
-Tolerances (max abs error / max |reference|): fp32 activations 2e-5 (fp32 accumulation in another
-order); bf16/fp16 activations 1e-2 (the output is rounded to 8/11 bits, as the reference's is).
+Tolerances (max abs error / max |reference|): fp32 activations 2e-4 (the SIMD tile paths round x
+to int16 per group, step max|x|/32767; the scalar and panel paths stay within 2e-5); bf16/fp16
+activations 1e-2 (the output is rounded to 8/11 bits, as the reference's is).
 The first test session compiles the extension (~40 s, once per machine); later ones load it.
 """
 
@@ -22,7 +23,7 @@ from awqforge.quant import quantize_tensor
 # (N, K, group_size): odd N, K a multiple of the group, per-channel (-1) with odd K/2
 SHAPES = [(33, 64, 32), (96, 256, 64), (40, 384, 128), (17, 70, -1), (64, 128, -1)]
 BATCHES = [1, 3, 17, 64]
-TOL = {torch.float32: 2e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
+TOL = {torch.float32: 2e-4, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 
 
 def available_isas() -> list[str]:

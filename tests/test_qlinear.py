@@ -58,7 +58,7 @@ def test_forward_matches_reference(bits, dtype, group_size):
     y = layer(x)
     ref = layer.reference_forward(x)
     assert y.shape == (3, 7, 72) and y.dtype == dtype
-    assert rel_err(y, ref) < (2e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(y, ref) < (2e-4 if dtype == torch.float32 else 1e-2)  # int16-rounded x on SIMD paths
     # and the quantization itself is sane: close to the FP layer at 8 bits
     if bits == 8:
         assert rel_err(y, linear(x)) < 0.05
