@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 PLUGIN_GROUP = "awqforge.commands"
-BUILTIN = ("quantize", "eval", "smollm", "plan")
+BUILTIN = ("quantize", "eval", "smollm", "plan", "doctor", "kernels")
 
 
 class _UsageError(Exception):
@@ -115,6 +115,7 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "smollm", help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder"
     )
     s.add_argument("--cache-dir", type=Path)
+    _add_kernel_commands(sub)
 
     for name in sorted(plugins):
         sub.add_parser(name, help=f"service command ({plugins[name].value})", add_help=False)
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(ensure_smollm2_checkpoint(args.cache_dir))
             return 0
+        if args.command in ("doctor", "kernels"):
+            return _kernel_command(args)
     except _UsageError as exc:
         parser.exit(2, f"awqforge {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
@@ -288,3 +291,44 @@ def _eval(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------- doctor, kernels build
+
+
+def _add_kernel_commands(sub) -> None:
+    sub.add_parser("doctor", help="print which kernel path each device (CPU ISA, CUDA devices) will use and why")
+    k = sub.add_parser("kernels", help="build the C++ CPU kernel into the kernel cache (once, at install)")
+    k_sub = k.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
+    b = k_sub.add_parser("build", help="compile the CPU kernel for this torch (no-op when it is cached)")
+    b.add_argument(
+        "--optional",
+        action="store_true",
+        help="exit 0 when it cannot be built (install scripts): jobs then use the reference path",
+    )
+    b.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    k_sub.add_parser("path", help="print the kernel cache folder for this torch and kernel source")
+
+
+def _kernel_command(args) -> int:
+    from awqforge.kernels import cpu
+    from awqforge.kernels.doctor import report_lines
+
+    if args.command == "doctor":
+        print("\n".join(report_lines()))
+        return 0
+    if args.kernels_command == "path":
+        print(cpu.build_dir())
+        return 0
+    try:
+        binary = cpu.build(verbose=args.verbose)
+    except cpu.KernelBuildError as exc:
+        level = "warning" if args.optional else "error"
+        print(
+            f"awqforge kernels build: {level}: {exc}\n"
+            "without it, QuantLinear runs on the CPU through the pure-torch reference (slow)",
+            file=sys.stderr,
+        )
+        return 0 if args.optional else 1
+    print(f"CPU kernel ready: {binary}")
+    return 0

@@ -13,3 +13,6 @@ if ! command -v chromium >/dev/null 2>&1; then
     if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
     $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium
 fi
+# The C++ CPU kernel, built once here into the kernel cache ($AWQFORGE_HOME/kernels), never inside a job.
+# --optional: without a compiler this warns (jobs then use the pure-torch reference) instead of failing.
+"$PY" -m awqforge kernels build --optional
