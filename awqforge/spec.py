@@ -17,7 +17,9 @@ SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_CALIB_SOURCE = re.compile(r"^(pileval|self|hf:[^\s:]+(:[^\s:]+(:[^\s:]+)?)?|file:.+|upload:[A-Za-z0-9_-]+)$")
+_CALIB_SOURCE = re.compile(
+    r"^(pileval|self|hf:[^\s:@]+(@[^\s:@]+)?(:[^\s:]*){0,3}|file:.+|upload:[A-Za-z0-9_-]+)$"
+)
 
 
 class Method(str, Enum):
@@ -90,16 +92,29 @@ class QuantSettings(BaseModel):
         return v
 
 
+class Packing(str, Enum):
+    """How calibration texts become sequences (see awqforge.calibration)."""
+
+    CONCAT = "concat"
+    PER_SAMPLE = "per_sample"
+
+
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: str = Field(
         "pileval",
-        description="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path> | upload:<id>",
+        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        "| upload:<id>; jsonl/parquet rows with `messages` are rendered with the model's chat template",
         examples=["pileval"],
     )
     n_samples: int = Field(128, ge=1, le=4096)
     seq_len: int = Field(512, ge=16, le=8192)
+    packing: Packing = Field(
+        Packing.CONCAT,
+        description="concat (AutoAWQ: texts concatenated and cut into seq_len blocks) or per_sample "
+        "(llm-compressor: each text its own sequence, truncated at seq_len, padded, with an attention mask)",
+    )
 
     @field_validator("source")
     @classmethod
@@ -107,7 +122,7 @@ class CalibrationSpec(BaseModel):
         if not _CALIB_SOURCE.match(v):
             raise ValueError(
                 f"calibration source {v!r} is not understood: use pileval, self, "
-                "hf:<dataset>[:<split>[:<column>]], file:<path> or upload:<id>"
+                "hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]], file:<path> or upload:<id>"
             )
         return v
 
@@ -121,7 +136,12 @@ class EvalSpec(BaseModel):
         description="Evaluation text source: file:<path>, hf:<dataset>[:<split>[:<column>]], or None for the built-in text",
     )
     seq_len: int = Field(2048, ge=16, le=32768)
-    max_seqs: int | None = Field(None, ge=1)
+    max_seqs: int | None = Field(
+        16,
+        ge=1,
+        description="At most this many windows of seq_len tokens are scored (default 16: 32,768 tokens at "
+        "seq_len 2048, FP and quantized); null scores the whole text",
+    )
 
 
 class PublishSpec(BaseModel):
@@ -160,6 +180,13 @@ class JobSpec(BaseModel):
     scale_search: ScaleSearch = ScaleSearch.DUO
     n_grid: int = Field(20, ge=2, le=100)
     clip_search: bool = True
+    refine_steps: int = Field(
+        2,
+        ge=0,
+        le=10,
+        description="least-squares refits of each group's scale and zero for its output error after the clip "
+        "search; 0 gives AWQ as published",
+    )
     rounding: Rounding = Field(
         Rounding.NEAREST,
         description="nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
