@@ -24,11 +24,15 @@ class CalibrationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: spec.CalibrationSource | None = Field(
-        None, description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id"
+        None,
+        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]]; or give upload_id",
     )
     upload_id: UploadId | None = Field(None, description="id returned by POST /v1/calibration-sets")
     n_samples: spec.NSamples = _default(spec.CalibrationSpec, "n_samples")
     seq_len: spec.CalibrationSeqLen = _default(spec.CalibrationSpec, "seq_len")
+    packing: spec.Packing = Field(
+        _default(spec.CalibrationSpec, "packing"), description=spec.CalibrationSpec.model_fields["packing"].description
+    )
 
 
 # The evaluation and publish settings are the engine's own models.
@@ -76,6 +80,7 @@ class JobCreate(BaseModel):
     scale_search: Literal["activation", "duo", "both"] | None = None
     n_grid: spec.NGrid | None = None
     clip_search: bool | None = None
+    refine_steps: spec.RefineSteps | None = None
     rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
     seed: spec.Seed | None = None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -48,10 +49,18 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "--calib",
         default="pileval",
         metavar="SOURCE",
-        help="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path>",
+        help="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        "(rows with `messages` are rendered with the model's chat template)",
     )
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument(
+        "--packing",
+        choices=["concat", "per_sample"],
+        default="concat",
+        help="concat: texts concatenated, cut into seq-len blocks (AutoAWQ); per_sample: each text its own "
+        "sequence, truncated at seq-len (llm-compressor)",
+    )
     q.add_argument(
         "--format",
         dest="formats",
@@ -72,6 +81,12 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument("--n-grid", type=int, default=20)
     q.add_argument("--no-clip-search", action="store_true")
     q.add_argument(
+        "--refine-steps",
+        type=int,
+        default=2,
+        help="least-squares refits of each group's scale/zero after the clip search (0: AWQ as published)",
+    )
+    q.add_argument(
         "--rounding",
         choices=["nearest", "gptq"],
         default="nearest",
@@ -85,7 +100,10 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "(default: the bundled English text)",
     )
     q.add_argument("--eval-seq-len", type=int, default=2048)
-    q.add_argument("--eval-max-seqs", type=int)
+    q.add_argument(
+        "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
+    )
+    q.add_argument("--eval-all", action="store_true", help="score the whole evaluation text (no window bound)")
     job_args = q
     q = sub.add_parser(
         "quantize", parents=[job_args], help="quantize a model into one or more artifact formats"
@@ -132,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from awqforge.errors import engine_errors
+    from awqforge.errors import describe, engine_errors
 
     try:
         if args.command == "quantize":
@@ -154,7 +172,15 @@ def main(argv: list[str] | None = None) -> int:
         print("interrupted; partial output removed", file=sys.stderr)
         return 130
     except engine_errors() as exc:
-        print(f"awqforge {args.command}: error: {exc}", file=sys.stderr)
+        print(f"awqforge {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # never a traceback for the user; AWQFORGE_DEBUG=1 shows it
+        if os.environ.get("AWQFORGE_DEBUG"):
+            raise
+        print(
+            f"awqforge {args.command}: error: {describe(exc)} (set AWQFORGE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 2
 
@@ -184,18 +210,25 @@ def _spec_from_args(args):
                 "zero_point": not args.symmetric,
                 "modules_to_not_convert": args.modules_to_not_convert,
             },
-            calibration={"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len},
+            calibration={
+                "source": args.calib,
+                "n_samples": args.n_samples,
+                "seq_len": args.seq_len,
+                "packing": args.packing,
+            },
             formats=args.formats or ["awq"],
             eval={
                 "enabled": not args.no_eval,
                 "text": eval_text,
                 "seq_len": args.eval_seq_len,
-                "max_seqs": args.eval_max_seqs,
+                **({"max_seqs": None} if args.eval_all else {}),
+                **({"max_seqs": args.eval_max_seqs} if args.eval_max_seqs is not None else {}),
             },
             device=args.device,
             scale_search=args.scale_search,
             n_grid=args.n_grid,
             clip_search=not args.no_clip_search,
+            refine_steps=args.refine_steps,
             rounding=args.rounding,
             seed=args.seed,
         )
@@ -205,20 +238,28 @@ def _spec_from_args(args):
 
 
 class _ProgressPrinter:
-    """Stage messages on stderr, and a tqdm bar with ETA over the blocks."""
+    """Stage messages on stderr, and a tqdm bar with ETA over the quantized blocks and the evaluation steps."""
 
     def __init__(self) -> None:
         self.bar = None
+        self.stage = None
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        if event.stage == "quantize" and event.n_blocks:
-            if self.bar is None:
-                self.bar = tqdm(total=event.n_blocks, desc="quantize", unit="block", file=sys.stderr)
-            self.bar.update(event.block - self.bar.n)
-        elif self.bar is not None and event.stage != "quantize":
+        done, total = (
+            (event.block, event.n_blocks)
+            if event.stage == "quantize"
+            else (getattr(event, "step", None), getattr(event, "n_steps", None))
+        )
+        if self.bar is not None and event.stage != self.stage:
             self.close()
+        if total:
+            if self.bar is None:
+                unit = "block" if event.stage == "quantize" else "step"
+                self.bar = tqdm(total=total, desc=event.stage, unit=unit, file=sys.stderr)
+                self.stage = event.stage
+            self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:

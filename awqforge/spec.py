@@ -22,7 +22,9 @@ MAX_TOKEN_CHARS = 512  # hub tokens: long enough for any Hugging Face token, sho
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_CALIB_SOURCE = re.compile(r"^(pileval|self|hf:[^\s:]+(:[^\s:]+(:[^\s:]+)?)?|file:.+|upload:[A-Za-z0-9_-]+)$")
+_CALIB_SOURCE = re.compile(
+    r"^(pileval|self|hf:[^\s:@]+(@[^\s:@]+)?(:[^\s:]*){0,3}|file:.+|upload:[A-Za-z0-9_-]+)$"
+)
 
 
 class Method(str, Enum):
@@ -115,7 +117,7 @@ def _calibration_source(v: str) -> str:
     if not _CALIB_SOURCE.match(clean_text(v)):
         raise ValueError(
             f"calibration source {shown(v)} is not understood: use pileval, self, "
-            "hf:<dataset>[:<split>[:<column>]], file:<path> or upload:<id>"
+            "hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]], file:<path> or upload:<id>"
         )
     return v
 
@@ -182,7 +184,8 @@ CalibrationSource = Annotated[
     Field(
         min_length=1,
         max_length=1000,
-        description="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path> | upload:<id>",
+        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        "| upload:<id>; jsonl/parquet rows with `messages` are rendered with the model's chat template",
         examples=["pileval"],
     ),
     AfterValidator(_calibration_source),
@@ -218,6 +221,15 @@ HubToken = Annotated[
 ]
 NGrid = Annotated[int, Field(ge=2, le=100, description="points of the AWQ scale grid")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed (calibration sampling, torch)")]
+RefineSteps = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=10,
+        description="least-squares refits of each group's scale and zero for its output error after the clip "
+        "search; 0 gives AWQ as published",
+    ),
+]
 RoundingDescription = (
     "nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
     "with error feedback through the inverse input Gram matrix; same artifact format"
@@ -235,12 +247,24 @@ class QuantSettings(BaseModel):
     modules_to_not_convert: ModulePatterns = Field(default_factory=list)
 
 
+class Packing(str, Enum):
+    """How calibration texts become sequences (see awqforge.calibration)."""
+
+    CONCAT = "concat"
+    PER_SAMPLE = "per_sample"
+
+
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: CalibrationSource = "pileval"
     n_samples: NSamples = 128
     seq_len: CalibrationSeqLen = 512
+    packing: Packing = Field(
+        Packing.CONCAT,
+        description="concat (AutoAWQ: texts concatenated and cut into seq_len blocks) or per_sample "
+        "(llm-compressor: each text its own sequence, truncated at seq_len, padded, with an attention mask)",
+    )
 
 
 class EvalSpec(BaseModel):
@@ -249,7 +273,11 @@ class EvalSpec(BaseModel):
     enabled: bool = True
     text: EvalText | None = None
     seq_len: EvalSeqLen = 2048
-    max_seqs: MaxSeqs | None = None
+    max_seqs: MaxSeqs | None = Field(
+        16,
+        description="At most this many windows of seq_len tokens are scored (default 16: 32,768 tokens at "
+        "seq_len 2048, FP and quantized); null scores the whole text",
+    )
 
 
 def hub_namespace(repo_id: str) -> str:
@@ -295,6 +323,7 @@ class JobSpec(BaseModel):
     scale_search: ScaleSearch = ScaleSearch.DUO
     n_grid: NGrid = 20
     clip_search: bool = True
+    refine_steps: RefineSteps = 2
     rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
     seed: Seed = 0
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import ctypes
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
 from pathlib import Path
 from typing import Any
@@ -371,11 +371,16 @@ class StreamingModel:
         return capture_layer_inputs(self.model, self.layers, input_ids, attention_mask, device=self.device)
 
     @torch.no_grad()
-    def forward_blocks(self, input_ids: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-        """The last block's output for input_ids [n, seq], with one block in memory at a time."""
+    def forward_blocks(
+        self, input_ids: torch.Tensor, batch_size: int = 1, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor:
+        """The last block's output for input_ids [n, seq], with one block in memory at a time;
+        progress(blocks done, n_blocks) after each block."""
         captured = self.capture(input_ids)
         hidden = captured.inputs
         for i in range(self.n_blocks):
+            if progress is not None and i:
+                progress(i, self.n_blocks)
             block = self.load_block(i)
             outs = []
             for start in range(0, len(hidden), batch_size):
@@ -383,6 +388,8 @@ class StreamingModel:
                 outs.append(out[0] if isinstance(out, tuple) else out)
             hidden = torch.cat(outs)
             self.free_block(i)
+        if progress is not None:
+            progress(self.n_blocks, self.n_blocks)
         return hidden
 
     @torch.no_grad()
