@@ -7,6 +7,7 @@ awqforge.pipeline.run_quantization; publish runs here afterwards.
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import socket
@@ -393,7 +394,12 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         publish_s = None
         published: dict[str, str] = {}
-        if spec.publish is not None:
+        # An earlier attempt that published and was lost before recording it: one hub commit per job.
+        published_marker = work_dir / "published.json"
+        if spec.publish is not None and published_marker.is_file():
+            published = json.loads(published_marker.read_text())
+            reporter.log(f"already published to {spec.publish.repo_id} by an earlier attempt")
+        elif spec.publish is not None:
             from worker.hub import hub_for
 
             if reporter.cancel():
@@ -409,6 +415,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 )
                 reporter.set_stage("publish", (i + 1) / len(artifacts))
             publish_s = time.monotonic() - tp
+            tmp = published_marker.with_suffix(".tmp")
+            tmp.write_text(json.dumps(published))
+            tmp.replace(published_marker)
 
         def record_success(s) -> None:
             s.add(
