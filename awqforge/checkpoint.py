@@ -61,8 +61,20 @@ class RecordingWriters:
         for w in self.writers:
             w.add_quantized(name, qt, bias)
         j = len(self.ops)
-        self.ops.append({"op": "quantized", "name": name, "bits": qt.bits, "group_size": qt.group_size})
-        self.tensors.update({f"{j}.qweight": qt.qweight, f"{j}.scales": qt.scales, f"{j}.zeros": qt.zeros})
+        q = qt.qweight
+        nibbles = qt.bits <= 4 and q.dtype == torch.uint8 and q.shape[-1] % 2 == 0
+        if nibbles:  # two codes per byte: the checkpoint costs half a byte per weight, as the artifact does
+            q = q[..., 0::2] | (q[..., 1::2] << 4)
+        self.ops.append(
+            {
+                "op": "quantized",
+                "name": name,
+                "bits": qt.bits,
+                "group_size": qt.group_size,
+                "nibbles": nibbles,
+            }
+        )
+        self.tensors.update({f"{j}.qweight": q, f"{j}.scales": qt.scales, f"{j}.zeros": qt.zeros})
         if bias is not None:
             self.tensors[f"{j}.bias"] = bias
 
@@ -145,8 +157,11 @@ class BlockCheckpoints:
         tensors = load_file(str(path))
         for j, op in enumerate(json.loads(meta["ops"])):
             if op["op"] == "quantized":
+                q = tensors[f"{j}.qweight"]
+                if op["nibbles"]:
+                    q = torch.stack((q & 0xF, q >> 4), dim=-1).reshape(*q.shape[:-1], -1)
                 qt = QuantizedTensor(
-                    qweight=tensors[f"{j}.qweight"],
+                    qweight=q,
                     scales=tensors[f"{j}.scales"],
                     zeros=tensors[f"{j}.zeros"],
                     bits=op["bits"],

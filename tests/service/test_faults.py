@@ -473,8 +473,8 @@ def test_postgres_cut_mid_job(stack, tiny_models):
 
 
 def test_hub_failure_at_publish_then_retry(stack, tiny_models):
-    """The hub folder cannot be written: the job fails naming the publish step, keeps no artifact; a retry after
-    the hub is repaired publishes exactly once."""
+    """The hub folder cannot be written: the job fails naming the publish step and keeps its artifacts; a
+    publish retry after the hub is repaired publishes exactly once."""
     blocker = stack.home / "hub" / "faults"
     blocker.parent.mkdir(parents=True, exist_ok=True)
     blocker.write_text("not a folder")  # the repo's owner folder cannot be created
@@ -484,9 +484,11 @@ def test_hub_failure_at_publish_then_retry(stack, tiny_models):
         job_id = c.post("/v1/jobs", json=b).json()["id"]
         job = wait_terminal(stack, c, job_id)
         assert job["status"] == "failed" and job["error"].startswith("publish failed"), job
-        assert job["artifacts"] == []
+        assert [a["format"] for a in job["artifacts"] if a["format"] != "report"] == ["awq"]
+        assert all(a["published_to"] is None for a in job["artifacts"])
         blocker.unlink()
-        assert c.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+        r = c.post(f"/v1/jobs/{job_id}/publish")
+        assert r.status_code == 202, r.text
         job = wait_terminal(stack, c, job_id)
         assert job["status"] == "succeeded", job
         assert [a["published_to"] for a in job["artifacts"] if a["format"] == "awq"] == [

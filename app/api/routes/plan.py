@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from pydantic import BaseModel, Field
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, Field, ValidationError
 
 from app.api.deps import CurrentTenant, SessionDep
 from app.core.config import settings
 from app.schemas import CalibrationIn, ErrorResponse, EvalIn, JobCreate
 from app.services.jobs import spec_from_request
 from app.services.routing import RoutingError, live_queues, route, waiting_reason
+from awqforge import spec as job_spec
 
 router = APIRouter(prefix="/plan", tags=["plan"])
 
@@ -55,31 +57,34 @@ def _plan(session, tenant, body: JobCreate) -> PlanPublic:
 def plan_query(
     session: SessionDep,
     tenant: CurrentTenant,
-    model: Annotated[str, Query(description="hub id or allowed local path")],
-    bits: int = 4,
-    group_size: int = 128,
+    model: Annotated[job_spec.ModelRef, Query()],
+    bits: Annotated[job_spec.Bits, Query()] = 4,
+    group_size: Annotated[job_spec.GroupSize, Query()] = 128,
     method: Literal["awq", "rtn"] = "awq",
-    n_samples: int = 128,
-    seq_len: int = 512,
-    eval_seq_len: int = 2048,
+    n_samples: Annotated[job_spec.NSamples, Query()] = 128,
+    seq_len: Annotated[job_spec.CalibrationSeqLen, Query()] = 512,
+    eval_seq_len: Annotated[job_spec.EvalSeqLen, Query()] = 2048,
     evaluate: bool = True,
     device: Literal["auto", "cpu", "cuda"] = "auto",
     rounding: Literal["nearest", "gptq"] | None = None,
-    revision: str | None = None,
+    revision: Annotated[job_spec.Revision | None, Query()] = None,
 ) -> PlanPublic:
     fmt = ["awq"] if bits == 4 else ["compressed-tensors"]
-    body = JobCreate(
-        model=model,
-        revision=revision,
-        method=method,
-        bits=bits,
-        group_size=group_size,
-        calibration=CalibrationIn(n_samples=n_samples, seq_len=seq_len),
-        formats=fmt,
-        eval=EvalIn(enabled=evaluate, seq_len=eval_seq_len),
-        device=device,
-        rounding=rounding,
-    )
+    try:
+        body = JobCreate(
+            model=model,
+            revision=revision,
+            method=method,
+            bits=bits,
+            group_size=group_size,
+            calibration=CalibrationIn(n_samples=n_samples, seq_len=seq_len),
+            formats=fmt,
+            eval=EvalIn(enabled=evaluate, seq_len=eval_seq_len),
+            device=device,
+            rounding=rounding,
+        )
+    except ValidationError as exc:  # the query's values, checked as a job body would be: a 422
+        raise RequestValidationError(exc.errors()) from None
     return _plan(session, tenant, body)
 
 
