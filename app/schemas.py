@@ -81,6 +81,9 @@ class JobCreate(BaseModel):
     clip_search: bool | None = None
     rounding: Literal["nearest", "gptq"] | None = None
     seed: int | None = None
+    mappings: list[dict] | None = Field(
+        None, description="AWQ mappings for a model the engine does not know (see JobSpec.mappings)"
+    )
 
 
 class FieldError(BaseModel):

@@ -138,7 +138,7 @@ def run_quantization(
         # -- resolve: everything that can fail cheaply fails here, before any heavy work
         job.stage("resolve", f"resolving {spec.model}")
         resolved = resolve_model(spec.model, spec.revision)
-        adapter = get_adapter(resolved.config)
+        adapter = get_adapter(resolved.config, mappings=spec.mappings)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
         try:
             check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
