@@ -117,7 +117,9 @@ class MappingSpecIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     prev: str = Field(..., description="the norm, linear or activation whose output channels take 1/s")
-    linears: list[str] = Field(..., min_length=1, max_length=64, description="the linears reading that output")
+    linears: list[str] = Field(
+        ..., min_length=1, max_length=64, description="the linears reading that output"
+    )
     inspect: str | None = Field(
         None, description="the module whose output measures the loss (default: the linears' own outputs)"
     )
