@@ -17,14 +17,7 @@ from awqforge.arch import (
 )
 from awqforge.awq import fold_scales
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread; OpenMP workers spinning on a shared machine cost far more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_tiny_family_has_an_adapter():

@@ -22,13 +22,7 @@ from awqforge.spec import JobSpec
 FORMATS = ("awq", "compressed-tensors")
 IDS = torch.tensor([[1, 5, 9, 23, 7, 4, 11, 3, 40, 17, 300, 8, 77, 12, 250, 6]])
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantize(ckpt, out):
