@@ -83,6 +83,9 @@ class JobCreate(BaseModel):
     refine_steps: spec.RefineSteps | None = None
     rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
     seed: spec.Seed | None = None
+    mappings: list[spec.MappingSpecIn] | None = Field(
+        None, max_length=64, description=spec.JobSpec.model_fields["mappings"].description
+    )
 
 
 class FieldError(BaseModel):

@@ -388,6 +388,37 @@ _NEOX = (
     MappingSpec("mlp.act", ("mlp.dense_4h_to_h",), "mlp.dense_4h_to_h"),
 )
 
+# DeepSeek-V2/V3: multi-head latent attention. The block input feeds the low-rank q and kv down-projections
+# (or q_proj without a q LoRA rank); each latent has its own norm, which feeds the up-projection. kv_b's output
+# interleaves k_nope and v per head, so no v -> o scale (as AutoAWQ's DeepSeek support). The router
+# (mlp.gate, a TopkRouter) absorbs the scales and stays unquantized; the first_k_dense_replace layers are dense.
+_DEEPSEEK = (
+    MappingSpec(
+        "input_layernorm",
+        ("self_attn.q_a_proj", "self_attn.q_proj", "self_attn.kv_a_proj_with_mqa"),
+        "self_attn",
+    ),
+    MappingSpec("self_attn.q_a_layernorm", ("self_attn.q_b_proj",), "self_attn.q_b_proj"),
+    MappingSpec("self_attn.kv_a_layernorm", ("self_attn.kv_b_proj",), "self_attn.kv_b_proj"),
+    MappingSpec(
+        "post_attention_layernorm",
+        (
+            "mlp.experts.*.gate_proj",
+            "mlp.experts.*.up_proj",
+            "mlp.shared_experts.gate_proj",
+            "mlp.shared_experts.up_proj",
+        ),
+        "mlp",
+        absorb=("mlp.gate",),
+    ),
+    MappingSpec("mlp.experts.*.up_proj", ("mlp.experts.*.down_proj",), "mlp.experts.*.down_proj"),
+    MappingSpec(
+        "mlp.shared_experts.up_proj", ("mlp.shared_experts.down_proj",), "mlp.shared_experts.down_proj"
+    ),
+    _MLP,
+    _UPDOWN,
+)
+
 _REGISTRY: dict[str, ArchAdapter] = {
     "llama": ArchAdapter("llama", "model.layers", _LLAMA),
     "mistral": ArchAdapter("mistral", "model.layers", _LLAMA),
@@ -418,15 +449,21 @@ _REGISTRY: dict[str, ArchAdapter] = {
         _moe_specs("gate_proj", "up_proj", "down_proj", shared=False),
         experts=ExpertLayout(),
     ),
+    "deepseek_v2": ArchAdapter("deepseek_v2", "model.layers", _DEEPSEEK, experts=ExpertLayout()),
+    "deepseek_v3": ArchAdapter("deepseek_v3", "model.layers", _DEEPSEEK, experts=ExpertLayout()),
 }
 
 SUPPORTED_FAMILIES = tuple(_REGISTRY)
 
 
-def get_adapter(config) -> ArchAdapter:
-    """The adapter for a transformers config (or model), refusing unknown families up front."""
+def get_adapter(config, mappings=None) -> ArchAdapter:
+    """The adapter for a transformers config (or model): the registry's, else the structural fallback
+    (awqforge.structure); `mappings` (JobSpec.mappings) replace either's specs. Refuses up front, naming what
+    it could not map."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    if mappings:
+        return _user_adapter(config, mappings)
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):
         # post-LN OPT (opt-350m): the layer norms sit after attention / MLP and feed nothing we scale
         reason = "post-LN OPT (do_layer_norm_before=False): this norm does not feed these linears"
@@ -436,14 +473,98 @@ def get_adapter(config) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
+    return structural_adapter(config)
+
+
+def _refuse(config, why: str) -> UnsupportedArchitecture:
+    model_type = getattr(config, "model_type", None)
     archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
     hint = ""
     if model_type == "gemma3":
         hint = " For Gemma 3, quantize the text model (Gemma3ForCausalLM, model_type 'gemma3_text')."
-    raise UnsupportedArchitecture(
-        f"model type {model_type!r} (architectures: {archs}) is not supported by AWQForge. "
-        f"Supported model types: {', '.join(SUPPORTED_FAMILIES)}.{hint}"
+    return UnsupportedArchitecture(
+        f"model type {model_type!r} (architectures: {archs}) is not in the registry and {why}. "
+        f"Registry model types: {', '.join(SUPPORTED_FAMILIES)}; others need Llama-, Qwen- or Gemma-shaped "
+        f"decoder blocks, or mappings given with the job (JobSpec.mappings / --mappings).{hint}"
     )
+
+
+def _skeleton(config) -> nn.Module:
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # transformers has no causal LM for this config
+        raise _refuse(config, f"transformers builds no causal LM from its config ({exc})") from exc
+
+
+_STRUCTURAL: dict[str, ArchAdapter] = {}
+
+
+def structural_adapter(config) -> ArchAdapter:
+    """An adapter read from the model's own decoder blocks (see awqforge.structure); cached per config."""
+    from awqforge.structure import StructureError, find_layers, is_norm, norm_plus_one, structural_specs
+
+    key = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
+    if key in _STRUCTURAL:
+        return _STRUCTURAL[key]
+    model = _skeleton(config)
+    try:
+        layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
+        base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=ExpertLayout())
+        specs = structural_specs(model, layers_attr, base.prepare_block)
+    except StructureError as exc:
+        raise _refuse(config, f"the structural fallback could not map its decoder block: {exc}") from exc
+    block = base.get_layers(model)[0]
+    plus_one = any(norm_plus_one(m) for m in block.modules() if is_norm(m))
+    adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
+    _STRUCTURAL[key] = adapter
+    return adapter
+
+
+def _user_adapter(config, mappings) -> ArchAdapter:
+    """The registry's or the structural adapter with the job's mappings as its specs; each must resolve."""
+    from awqforge.structure import StructureError, find_layers, is_norm, norm_plus_one
+
+    specs = tuple(
+        MappingSpec(
+            m["prev"] if isinstance(m, dict) else m.prev,
+            tuple(m["linears"] if isinstance(m, dict) else m.linears),
+            m.get("inspect") if isinstance(m, dict) else m.inspect,
+            absorb=tuple(m.get("absorb", ()) if isinstance(m, dict) else m.absorb),
+            prev_rows=m.get("prev_rows") if isinstance(m, dict) else m.prev_rows,
+        )
+        for m in mappings
+    )
+    model = _skeleton(config)
+    base = _REGISTRY.get(getattr(config, "model_type", None))
+    if base is None:
+        try:
+            layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
+        except StructureError as exc:
+            raise _refuse(config, str(exc)) from exc
+        base = ArchAdapter(f"{config.model_type} (user mappings)", layers_attr, (), experts=ExpertLayout())
+        block = base.get_layers(model)[0]
+        base = dataclasses.replace(
+            base, norm_plus_one=any(norm_plus_one(m) for m in block.modules() if is_norm(m))
+        )
+    adapter = dataclasses.replace(base, family=f"{base.family.split(' ')[0]} (user mappings)", specs=specs)
+    resolved = set()
+    for block in adapter.get_layers(model):
+        modules = dict(adapter.prepare_block(block).named_modules())
+        for sp in specs:
+            for _prev, binds in _match(sp.prev, modules):
+                if any(_match(_bind(p, binds), modules) for p in sp.linears):
+                    resolved.add(sp)
+    missing = [f"{sp.prev} -> {', '.join(sp.linears)}" for sp in specs if sp not in resolved]
+    if missing:
+        raise UnsupportedArchitecture(
+            f"mappings match no block of this model: {'; '.join(missing)}. Names are relative to a decoder "
+            f"block ({adapter.layers_attr}.N), '*' matches one name part; block 0 has: "
+            f"{', '.join(n for n, _ in adapter.get_layers(model)[0].named_modules() if n)[:600]}"
+        )
+    return adapter
 
 
 def check_group_size(

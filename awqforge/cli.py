@@ -92,6 +92,12 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         default="nearest",
         help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
     )
+    q.add_argument(
+        "--mappings",
+        metavar="JSON",
+        help="AWQ mappings for a model the engine does not know, as a JSON list (or @file.json) of "
+        '{"prev": ..., "linears": [...], "inspect": ...}; names relative to a decoder block',
+    )
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
     q.add_argument(
@@ -191,6 +197,19 @@ def _model_ref(model: str) -> str:
     return str(p.absolute()) if p.exists() else model
 
 
+def _mappings_arg(value: str | None):
+    """--mappings: inline JSON or @path to a JSON file; bad JSON is a usage error, not a traceback."""
+    import json
+
+    if not value:
+        return None
+    try:
+        text = Path(value[1:]).expanduser().read_text() if value.startswith("@") else value
+        return json.loads(text)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise _UsageError(f"--mappings: {exc}") from exc
+
+
 def _spec_from_args(args):
     from pydantic import ValidationError
 
@@ -231,6 +250,7 @@ def _spec_from_args(args):
             refine_steps=args.refine_steps,
             rounding=args.rounding,
             seed=args.seed,
+            mappings=_mappings_arg(args.mappings),
         )
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())

@@ -151,7 +151,7 @@ def run_quantization(
         resolved = resolve_model(
             spec.model, spec.revision, token=spec.source.token, allowed_roots=allowed_roots
         )
-        adapter = get_adapter(resolved.config)
+        adapter = get_adapter(resolved.config, mappings=spec.mappings)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
         try:
             check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)

@@ -254,6 +254,52 @@ class Packing(str, Enum):
     PER_SAMPLE = "per_sample"
 
 
+# A block-relative module name; `*` stands for one name part (an expert index) and binds across the mapping.
+_BLOCK_NAME = re.compile(r"^(?:[A-Za-z0-9_]+|\*)(?:\.(?:[A-Za-z0-9_]+|\*)){0,15}$")
+
+
+def _block_name(v: str) -> str:
+    if not _BLOCK_NAME.match(v):
+        raise ValueError(
+            f"{v!r} is not a block-relative module name (dotted parts of letters, digits and '_', or '*' for one "
+            "part), e.g. 'input_layernorm' or 'mlp.experts.*.up_proj'"
+        )
+    return v
+
+
+BlockName = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+class MappingSpecIn(BaseModel):
+    """One AWQ mapping given with the job: the op whose output is scaled, the linears that read it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prev: BlockName = Field(..., description="the norm, linear or activation whose output channels take 1/s")
+    linears: list[BlockName] = Field(
+        ..., min_length=1, max_length=64, description="the linears reading that output"
+    )
+    inspect: BlockName | None = Field(
+        None, description="the module whose output measures the loss (default: the linears' own outputs)"
+    )
+    absorb: list[BlockName] = Field(
+        default_factory=list, max_length=8, description="unquantized readers of the same input (MoE routers)"
+    )
+    prev_rows: Literal["v", "up"] | None = Field(
+        None, description="for a fused prev linear: its v rows (fused qkv) or its up half (fused gate_up)"
+    )
+
+    @field_validator("prev", "inspect")
+    @classmethod
+    def _name(cls, v: str | None) -> str | None:
+        return None if v is None else _block_name(v)
+
+    @field_validator("linears", "absorb")
+    @classmethod
+    def _names(cls, v: list[str]) -> list[str]:
+        return [_block_name(n) for n in v]
+
+
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -325,6 +371,12 @@ class JobSpec(BaseModel):
     clip_search: bool = True
     refine_steps: RefineSteps = 2
     rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
+    mappings: list[MappingSpecIn] | None = Field(
+        None,
+        max_length=64,
+        description="AWQ mappings for a model the engine does not know (names relative to a decoder block); "
+        "they replace the registry's or the structural fallback's",
+    )
     seed: Seed = 0
 
     @field_validator("formats")

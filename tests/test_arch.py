@@ -17,14 +17,7 @@ from awqforge.arch import (
 )
 from awqforge.awq import fold_scales
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread; OpenMP workers spinning on a shared machine cost far more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_every_tiny_family_has_an_adapter():
@@ -99,7 +92,7 @@ def test_neox_activation_fold_creates_scaled_activation_with_autoawq_name():
 def test_moe_experts_are_unfused_into_named_linears(family):
     model = build_tiny_model(family)
     adapter = get_adapter(model.config)
-    block = adapter.prepare_block(adapter.get_layers(model)[0])
+    block = adapter.prepare_block(adapter.get_layers(model)[-1])  # DeepSeek: layer 0 is dense
     assert isinstance(block.mlp.experts, UnfusedExperts)
     names = set(adapter.quantizable_linears(block))
     lay = adapter.experts
@@ -110,6 +103,8 @@ def test_moe_experts_are_unfused_into_named_linears(family):
     if family == "qwen2_moe":
         assert "mlp.shared_expert_gate" in norm_map.absorb_names
         assert "mlp.shared_expert.up_proj" in norm_map.linear_names
+    if family == "deepseek_v3":
+        assert "mlp.shared_experts.up_proj" in norm_map.linear_names
 
 
 def test_checkpoint_names_for_mixtral_experts():

@@ -10,14 +10,7 @@ from awqforge.arch import get_adapter
 from awqforge.awq import BlockSettings, NumericalError, capture_layer_inputs, quantize_block
 from awqforge.quant import fake_quantize
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: one intra-op thread; OpenMP workers spinning on a shared machine cost far more."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantize_model(model, ids, settings):

@@ -22,13 +22,7 @@ from awqforge.spec import JobSpec
 FORMATS = ("awq", "compressed-tensors")
 IDS = torch.tensor([[1, 5, 9, 23, 7, 4, 11, 3, 40, 17, 300, 8, 77, 12, 250, 6]])
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def quantize(ckpt, out):
@@ -103,7 +97,9 @@ def test_pipeline_artifacts_load_for_every_family(family, tiny_checkpoint, tmp_p
         adapter = get_adapter(model.config)
         qlinears = [n for n, m in model.named_modules() if isinstance(m, awqforge.QuantLinear)]
         assert len(qlinears) == result.metrics["n_layers_quantized"], fmt
-        block = adapter.get_layers(model)[0]
+        block = adapter.get_layers(model)[
+            -1
+        ]  # the last: an MoE layer also where the first is dense (DeepSeek)
         if family in MOE_FAMILIES:
             experts = block.mlp.experts
             assert isinstance(experts, UnfusedExperts), fmt

@@ -18,6 +18,7 @@ from awqforge.pipeline import ProgressEvent, run_quantization
 from awqforge.spec import JobSpec
 
 NAME = "model.layers.3.mlp.down_proj"
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.mark.parametrize(
@@ -118,7 +119,6 @@ def test_full_name_patterns_end_to_end_and_third_party_load(tiny_checkpoint, tmp
     from transformers import AutoModelForCausalLM, CompressedTensorsConfig
 
     ckpt = tiny_checkpoint("llama")
-    torch.set_num_threads(1)
     result = run_quantization(
         _spec(ckpt, ["model.layers.0.*", "model.layers.*.mlp.down_proj"]), tmp_path / "o"
     )

@@ -25,8 +25,23 @@ FAMILIES = [
     "mixtral",
     "qwen2_moe",
     "qwen3_moe",
+    "deepseek_v2",
+    "deepseek_v3",
 ]
-MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe"]
+MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
+# model types outside the registry that the structural fallback (awqforge.structure) claims: Llama-shaped,
+# parallel (cohere), post-norm (olmo2), fused gate_up (glm), LayerNorm + ungated GELU MLP (starcoder2)
+FALLBACK_FAMILIES = [
+    "internlm3",
+    "cohere",
+    "glm",
+    "olmo2",
+    "granite",
+    "helium",
+    "smollm3",
+    "ernie4_5",
+    "starcoder2",
+]
 
 _COMMON = dict(
     hidden_size=128,
@@ -88,6 +103,23 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             moe_intermediate_size=128,
             shared_expert_intermediate_size=256,
             decoder_sparse_step=1,
+        )
+    elif family in ("deepseek_v2", "deepseek_v3"):
+        kw.update(  # MLA (one kv head per head) with a q LoRA rank; layer 0 dense, layer 1 MoE, shared expert
+            num_key_value_heads=4,
+            head_dim=16,  # the rotary part (qk_rope_head_dim), as DeepSeek configs set it
+            n_routed_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=128,
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            q_lora_rank=64,
+            kv_lora_rank=64,
+            qk_rope_head_dim=16,
+            qk_nope_head_dim=32,
+            v_head_dim=32,
+            n_group=1,
+            topk_group=1,
         )
     elif family == "qwen3_moe":
         kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)

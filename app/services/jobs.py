@@ -137,7 +137,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
         "publish": body.publish.model_dump() if body.publish else None,
         "device": body.device,
     }
-    for name in ("scale_search", "n_grid", "clip_search", "refine_steps", "rounding", "seed"):
+    for name in ("scale_search", "n_grid", "clip_search", "refine_steps", "rounding", "seed", "mappings"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
     try:

@@ -29,6 +29,7 @@ Statistics and losses are float32 whatever the block dtype.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any
 
 import torch
@@ -112,6 +113,14 @@ def quantize_block(
     coarse, rest = chunks(n, seq, s)
     kwargs_dev = to_device(layer_kwargs, device)
 
+    timings: dict[str, float] = {}
+    clock = [time.perf_counter()]
+
+    def lap(stage: str) -> None:
+        now = time.perf_counter()
+        timings[stage] = timings.get(stage, 0.0) + now - clock[0]
+        clock[0] = now
+
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
     stats = Stats(keep_below=n * seq)  # n * seq: the tokens this block sees
     handles = install_hooks(linears, maps, stats, s)
@@ -131,6 +140,7 @@ def quantize_block(
             f"{where}: the FP block output has NaN/inf values (check the inputs and weights)"
         )
 
+    lap("fp_pass")
     # plain RTN error of every linear, before anything changes
     orig = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
     mse_rtn = {}
@@ -140,6 +150,7 @@ def quantize_block(
             raise NumericalError(f"{where}, layer {name}: the calibration inputs have NaN/inf values")
         mse_rtn[name] = mse(fake_quant(w, s.bits, s.group_size, s.zero_point) - w, inp, None)
 
+    lap("rtn_error")
     # 2-3. scale search and folding, mapping by mapping
     in_scale: dict[str, torch.Tensor] = {}
     out_scale: dict[str, tuple[slice, torch.Tensor]] = {}
@@ -160,8 +171,10 @@ def quantize_block(
         if m.linear_loss or not s.module_loss:
             losses = gram_losses(cands, qlins, orig, stats, s)
             best = int(torch.argmin(losses))
+            lap("scale_search_linear")
         else:
             losses, best = module_losses(cands, qlins, m, stats, s, len(coarse), where)
+            lap("scale_search_module")
         if not math.isfinite(float(losses[best])):
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
         mode, ratio, best_s = cands[best]
@@ -191,6 +204,7 @@ def quantize_block(
             else None,
         }
 
+    lap("fold")
     # 4. clip search and quantization
     quantized: dict[str, QuantizedTensor] = {}
     metrics: list[LayerMetric] = []
@@ -209,13 +223,18 @@ def quantize_block(
             and cnt >= s.min_tokens
             and not is_qk(name)
         ):
+            lap("quantize")
             scales, zeros, clip_ratio = search_clip(w, gram, s)
+            lap("clip_search")
             if s.refine_steps:
                 scales, zeros, _ = refine_qparams(w, gram, scales, zeros, s)
+                lap("refit")
         else:
             scales, zeros = compute_qparams(w, s.bits, s.group_size, s.zero_point)
         if s.method == "awq" and s.rounding == "gptq" and gram is not None and cnt >= s.min_tokens:
+            lap("quantize")
             q = gptq_codes(w, gram, scales, zeros, s).to(torch.uint8)
+            lap("gptq_rounding")
         else:
             q = quantize_with_qparams(w, scales, zeros, s.bits, s.group_size)
         qt = QuantizedTensor(q, scales, zeros.to(torch.uint8), s.bits, s.group_size)
@@ -231,6 +250,12 @@ def quantize_block(
         lin.weight.copy_(dq.to(lin.weight.dtype))
         quantized[name] = qt
         metrics.append(LayerMetric(name, block_index, mse_rtn[name], mse_q, ratio_of.get(name), clip_ratio))
+    lap("quantize")
     return BlockResult(
-        outputs=outputs, quantized=quantized, layers=metrics, scales=scales_info, skipped=skipped
+        outputs=outputs,
+        quantized=quantized,
+        layers=metrics,
+        scales=scales_info,
+        skipped=skipped,
+        timings=timings,
     )

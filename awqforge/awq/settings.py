@@ -70,3 +70,4 @@ class BlockResult:
     layers: list[LayerMetric]
     scales: dict[str, dict]  # by mapping name: prev, linears, mode, ratio, scales, loss, loss_identity
     skipped: list[str] = field(default_factory=list)  # "mapping: reason"
+    timings: dict[str, float] = field(default_factory=dict)  # seconds per stage (bench/bench_speed.py)

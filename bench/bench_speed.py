@@ -1,0 +1,170 @@
+"""Where our AWQ's time goes per block, and our wall time against llm-compressor's on the same blocks.
+
+    python bench/bench_speed.py                            # SmolLM2-135M cut to its first 4 blocks, W4 g64
+    python bench/bench_speed.py --layers 30 --llmc-python /work/venvs/llmc/bin/python   # the whole model
+    python bench/bench_speed.py --model CKPT_DIR --layers 0 --skip-llmc                  # another model, all blocks
+
+The checkpoint is cut to its first --layers decoder blocks (0: all), written once under --work-dir. Both sides
+get the same calibration tokens (--n-samples x --seq-len of the bundled text, bench/common.py) and run on
+--threads threads. Ours: the engine's own capture and `quantize_block`, block after block, with the stage
+times each block reports (fp_pass: the FP forward with the statistics hooks; rtn_error: the RTN baseline of
+the metrics; scale_search_module / scale_search_linear: the grid search over scales scored on the inspected
+module (attention, MLP) or exactly from the Gram matrix (v->o, up->down); fold; clip_search; refit;
+quantize: codes, dequantized weight and metrics), then packing into the AWQ gemm layout. llm-compressor:
+bench/llmc_awq.py in its own virtualenv, its `oneshot` call timed. The machine may be shared: compare the
+ratio, which is measured in one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_LLMC_PYTHON = os.environ.get("AWQFORGE_LLMC_PYTHON", "/work/venvs/llmc/bin/python")
+
+
+def cut_checkpoint(src: Path, dest: Path, layers: int) -> Path:
+    """src with only its first `layers` decoder blocks (config and tensors), tokenizer files copied."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    if (dest / "config.json").exists():
+        return dest
+    dest.mkdir(parents=True, exist_ok=True)
+    config = json.loads((src / "config.json").read_text())
+    keep = layers or config["num_hidden_layers"]
+    config["num_hidden_layers"] = keep
+    tensors = {}
+    for f in sorted(src.glob("*.safetensors")):
+        with safe_open(str(f), "pt") as h:
+            for k in h.keys():
+                parts = k.split(".")
+                if "layers" in parts and int(parts[parts.index("layers") + 1]) >= keep:
+                    continue
+                tensors[k] = h.get_tensor(k)
+    save_file(tensors, str(dest / "model.safetensors"), metadata={"format": "pt"})
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    for f in src.iterdir():
+        if f.suffix in (".json", ".jinja", ".txt", ".model") and f.name not in ("config.json",):
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int) -> dict:
+    from awqforge.arch import get_adapter
+    from awqforge.awq import BlockSettings, quantize_block
+    from awqforge.packing import pack_awq_gemm
+    from awqforge.resolve import resolve_model
+    from awqforge.streaming import StreamingModel
+
+    resolved = resolve_model(str(ckpt), None)
+    adapter = get_adapter(resolved.config)
+    times: dict[str, float] = defaultdict(float)
+    with common.Timer() as total:
+        t0 = time.perf_counter()
+        stream = StreamingModel.from_resolved(resolved, adapter, device=torch.device("cpu"))
+        stream.load_non_block()
+        captured = stream.capture(calib)
+        stream.unload_non_block()
+        times["capture"] += time.perf_counter() - t0
+        x = captured.inputs
+        settings = BlockSettings(bits=bits, group_size=group_size)
+        per_block = []
+        for i in range(stream.n_blocks):
+            t0 = time.perf_counter()
+            block = stream.load_block(i)
+            times["load_block"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            res = quantize_block(
+                block,
+                x,
+                captured.layer_kwargs[i],
+                settings=settings,
+                adapter=adapter,
+                block_index=i,
+                block_prefix=stream.block_prefix(i),
+            )
+            per_block.append(time.perf_counter() - t0)
+            for k, v in res.timings.items():
+                times[k] += v
+            t0 = time.perf_counter()
+            for qt in res.quantized.values():
+                pack_awq_gemm(qt)
+            times["packing"] += time.perf_counter() - t0
+            x = res.outputs
+            stream.free_block(i)
+    return {"total_s": total.s, "stages": dict(times), "per_block_s": per_block}
+
+
+def llmc(
+    python: str, ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, threads: int, work: Path
+) -> dict:
+    data = work / "speed-data.pt"
+    torch.save({"calib": calib, "eval": calib[:1]}, data)
+    cmd = [python, str(REPO / "bench" / "llmc_awq.py"), "--model", str(ckpt), "--data", str(data)]
+    cmd += ["--bits", str(bits), "--group-size", str(group_size), "--threads", str(threads), "--skip-eval"]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"llm-compressor failed:\n{proc.stderr[-3000:]}")
+    return common.parse_emitted(proc.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="HF checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
+    ap.add_argument("--layers", type=int, default=4, help="first N decoder blocks (0: all)")
+    ap.add_argument("--bits", type=int, default=4)
+    ap.add_argument("--group-size", type=int, default=64)
+    ap.add_argument("--n-samples", type=int, default=32)
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON)
+    ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "awqforge-bench" / "speed"))
+    args = ap.parse_args()
+    common.set_threads(args.threads)
+    if args.model:
+        src = Path(args.model)
+    else:
+        from awqforge.smollm import ensure_smollm2_checkpoint
+
+        src = ensure_smollm2_checkpoint()
+    work = Path(args.work_dir)
+    ckpt = cut_checkpoint(src, work / f"{src.name}-{args.layers or 'all'}-layers", args.layers)
+    from transformers import AutoTokenizer
+
+    from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
+
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    ids = tok(BUNDLED_CALIBRATION_TEXT.read_text(), add_special_tokens=False)["input_ids"]
+    calib = common.calibration_samples(ids, args.n_samples, args.seq_len)
+    print(
+        f"{ckpt.name}: {args.n_samples} x {args.seq_len} tokens, W{args.bits} g{args.group_size}, {args.threads} thread(s)"
+    )
+    mine = ours(ckpt, calib, args.bits, args.group_size)
+    print(
+        f"\nours: {mine['total_s']:.1f} s ({', '.join(f'{t:.1f}' for t in mine['per_block_s'])} s per block)"
+    )
+    for stage, t in sorted(mine["stages"].items(), key=lambda kv: -kv[1]):
+        print(f"  {stage:<22} {t:8.2f} s  {100 * t / mine['total_s']:5.1f} %")
+    if not args.skip_llmc:
+        peer = llmc(args.llmc_python, ckpt, calib, args.bits, args.group_size, args.threads, work)
+        print(f"\nllm-compressor {peer.get('version')}: oneshot {peer['oneshot_s']:.1f} s")
+        print(f"ours / llm-compressor wall time: {mine['total_s'] / peer['oneshot_s']:.2f}x (same run)")
+
+
+if __name__ == "__main__":
+    main()
