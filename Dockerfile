@@ -15,6 +15,14 @@ WORKDIR /build
 COPY pyproject.toml scripts/requirements.py ./
 RUN python requirements.py
 
+# ---- the source, copied last into each image ---------------------------------------------------
+FROM scratch AS source
+COPY pyproject.toml README.md alembic.ini /src/
+COPY migrations /src/migrations
+COPY awqforge /src/awqforge
+COPY app /src/app
+COPY worker /src/worker
+
 # ---- API: slim, no torch -----------------------------------------------------------------------
 FROM ${PYTHON_IMAGE} AS api
 ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 \
@@ -24,11 +32,7 @@ COPY --from=requirements /build/requirements-api.txt /tmp/
 # flower: the queue dashboard service in docker-compose.yml runs from this image
 RUN pip install -r /tmp/requirements-api.txt "flower==2.0.1"
 WORKDIR /srv/awqforge
-COPY pyproject.toml README.md alembic.ini ./
-COPY migrations ./migrations
-COPY awqforge ./awqforge
-COPY app ./app
-COPY worker ./worker
+COPY --from=source /src ./
 RUN pip install --no-deps . \
     && useradd --create-home --uid 1000 awqforge \
     && mkdir -p /data && chown awqforge /data
@@ -61,11 +65,7 @@ COPY --from=requirements /build/requirements-worker.txt /tmp/
 RUN pip install -r /tmp/requirements-worker.txt \
     && if [ "$WITH_TRITON" = "1" ]; then pip install "triton>=3.0"; fi
 WORKDIR /srv/awqforge
-COPY pyproject.toml README.md alembic.ini ./
-COPY migrations ./migrations
-COPY awqforge ./awqforge
-COPY app ./app
-COPY worker ./worker
+COPY --from=source /src ./
 RUN pip install --no-deps . \
     && awqforge kernels build \
     && useradd --create-home --uid 1000 awqforge \

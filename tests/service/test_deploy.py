@@ -107,16 +107,16 @@ def test_dockerfile_lints_clean_and_is_layered():
     assert out.returncode == 0, out.stdout + out.stderr
     text = (ROOT / "Dockerfile").read_text()
     stages = _stages(text)
-    assert {"requirements", "api", "worker"} <= set(stages)
+    assert {"requirements", "source", "api", "worker"} <= set(stages)
     for name in ("api", "worker"):
         body = "\n".join(stages[name])
         # dependencies first, then the source: a source change does not reinstall them
-        assert body.index("pip install -r") < body.index("COPY awqforge"), name
+        assert body.index("pip install -r") < body.index("COPY --from=source"), name
         assert "USER 1000" in body and "HEALTHCHECK" in body, name
     assert "torch" not in "\n".join(ln for ln in stages["api"] if not ln.lstrip().startswith("#"))
     worker = "\n".join(stages["worker"])
     # the compiler comes before the torch index argument (changing the index keeps that layer)
-    assert worker.index("g++") < worker.index("ARG TORCH_INDEX") < worker.index("COPY awqforge")
+    assert worker.index("g++") < worker.index("ARG TORCH_INDEX") < worker.index("COPY --from=source")
     assert "awqforge kernels build" in worker
     for base in re.findall(r"ARG (?:PYTHON_IMAGE|WORKER_BASE)=(\S+)", text):
         assert re.search(r":\d+\.\d+", base), f"base image {base} is not pinned to a version"
