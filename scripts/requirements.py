@@ -6,6 +6,7 @@ requirements-worker.txt: everything but torch (installed first from the chosen i
 
 import re
 import sys
+
 import tomllib
 
 ENGINE_ONLY = {"torch", "transformers", "triton", "ninja", "gguf", "safetensors", "zstandard"}
