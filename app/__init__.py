@@ -15,7 +15,9 @@ Decisions worth knowing:
 - Publish tokens: validated with the job, then stored only Fernet-encrypted (key derived from SECRET_KEY, or a
   generated AWQFORGE_HOME/secret.key) in jobs.publish_token_enc; the Celery message carries only the job id.
   The worker decrypts it, scrubs it from logs and errors, and wipes it when the job succeeds. Never returned.
-- Queue routing at submit time: device=cpu -> cpu; else the safetensors size (local folder, or the hub's file
-  metadata) <= GPU_24G_MAX_MODEL_BYTES -> gpu-24g, larger -> gpu-80g; unknown size -> DEFAULT_QUEUE (gpu-80g).
+- Queue routing at submit time (services/routing.py): the memory plan from config.json (awqforge/plan.py)
+  picks the smallest QUEUE_CLASSES class that fits, preferring GPU classes and classes with a live worker
+  (Celery inspect, cached); none fits -> 422; no config -> DEFAULT_QUEUE.
+- Artifacts (services/storage.py): the local folder, or an S3-compatible store that workers upload to.
 - Per-tenant limit: unfinished jobs (queued + running) per tenant, TENANT_MAX_QUEUED_JOBS or the tenant's own.
 """

@@ -70,6 +70,7 @@ class ModelShape:
     expert_intermediate: int = 0
     shared_intermediate: int = 0
     checkpoint_bytes: int = 2
+    checkpoint_dtype: str = "bfloat16"
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> ModelShape:
@@ -108,6 +109,7 @@ class ModelShape:
             else 0,
             shared_intermediate=int(get("shared_expert_intermediate_size", default=0) or 0),
             checkpoint_bytes=_DTYPE_BYTES.get(dtype, 2),
+            checkpoint_dtype=dtype if dtype in _DTYPE_BYTES else "bfloat16",
         )
 
     def block_linears(self) -> list[Linear]:
@@ -301,7 +303,7 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
     secs = _time(shape, s, device, linears, widths, tokens)
     return MemoryPlan(
         device=device,
-        compute_dtype="float32" if e == 4 else {2: "bfloat16"}.get(e, "float16"),
+        compute_dtype="float32" if e == 4 else shape.checkpoint_dtype,
         peak_bytes=int(peak),
         peak_stage="quantize" if quantize_peak >= eval_peak else "evaluate",
         quantize_peak_bytes=int(quantize_peak),

@@ -16,3 +16,9 @@ fi
 # The C++ CPU kernel, built once here into the kernel cache ($AWQFORGE_HOME/kernels), never inside a job.
 # --optional: without a compiler this warns (jobs then use the pure-torch reference) instead of failing.
 "$PY" -m awqforge kernels build --optional
+# Debian's docker-compose validates docker-compose.yml in the tests (tests/service/test_deploy.py).
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    (apt-get install -y -q docker-compose >/dev/null 2>&1 \
+        || { apt-get update -q >/dev/null && apt-get install -y -q docker-compose >/dev/null; }) \
+        || echo "install.sh: could not install docker-compose (needed by tests/service/test_deploy.py)" >&2
+fi

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import warnings
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -63,6 +62,13 @@ class Settings(BaseSettings):
 
     AWQFORGE_HOME: Path = Field(default_factory=_default_home)
     DATABASE_URL: str | None = None
+    # Or the parts (docker-compose): the URL is built with each part percent-encoded, so a password
+    # with '@', ':', '/' or '%' works. DATABASE_URL wins when both are set.
+    POSTGRES_SERVER: str | None = None
+    POSTGRES_PORT: int = 5432
+    POSTGRES_USER: str = "postgres"
+    POSTGRES_PASSWORD: str | None = None
+    POSTGRES_DB: str = "awqforge"
     # REDIS_URL and BROKER_URL are synonyms; BROKER_URL wins when both are set.
     REDIS_URL: str | None = None
     BROKER_URL: str | None = None
@@ -170,11 +176,21 @@ class Settings(BaseSettings):
         if self.SECRET_KEY is not None and (
             self.SECRET_KEY.lower() in _UNSAFE_SECRETS or len(self.SECRET_KEY) < 32
         ):
-            msg = "SECRET_KEY is a default or shorter than 32 characters"
-            if self.ENVIRONMENT == "local":
-                warnings.warn(msg, stacklevel=1)
-            else:
-                raise ValueError(msg)
+            # refused everywhere: a short key would otherwise pass here and fail later, at start
+            raise ValueError(
+                f"SECRET_KEY is a default or shorter than 32 characters ({len(self.SECRET_KEY)}); "
+                "generate one with: python -c 'import secrets; print(secrets.token_urlsafe(48))'"
+            )
+        if not self.DATABASE_URL and self.POSTGRES_SERVER:
+            from urllib.parse import quote
+
+            auth = quote(self.POSTGRES_USER, safe="")
+            if self.POSTGRES_PASSWORD:
+                auth += ":" + quote(self.POSTGRES_PASSWORD, safe="")
+            self.DATABASE_URL = (
+                f"postgresql+psycopg://{auth}@{self.POSTGRES_SERVER}:{self.POSTGRES_PORT}/"
+                f"{quote(self.POSTGRES_DB, safe='')}"
+            )
         if self.ENVIRONMENT != "local":
             if self.SECRET_KEY is None:
                 raise ValueError("SECRET_KEY must be set when ENVIRONMENT is not 'local'")

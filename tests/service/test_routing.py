@@ -130,3 +130,34 @@ def test_queue_classes_setting_is_checked():
             Settings(QUEUE_CLASSES=bad)
     with pytest.raises(ValueError, match="DEFAULT_QUEUE"):
         Settings(QUEUE_CLASSES="cpu=8GiB", DEFAULT_QUEUE="gpu-80g")
+
+
+def test_plan_command(tmp_path):
+    """`awqforge plan MODEL ...` prints the same plan, from config.json alone."""
+    (tmp_path / "config.json").write_text(json.dumps(LLAMA_70B))
+    out = subprocess.run(
+        [sys.executable, "-m", "awqforge", "plan", str(tmp_path), "--device", "cuda", "--json", "--no-eval"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    p = json.loads(out.stdout)["cuda"]
+    from awqforge.plan import JobSettings, plan
+
+    assert p["peak_bytes"] == plan(LLAMA_70B, JobSettings(eval_enabled=False), device="cuda").peak_bytes
+    assert p["peak_stage"] == "quantize" and p["compute_dtype"] == "bfloat16"
+    text = subprocess.run(
+        [sys.executable, "-m", "awqforge", "plan", str(tmp_path), "--n-samples", "64"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    ).stdout
+    assert "device cpu (float32)" in text and "device cuda (bfloat16)" in text and "time estimate" in text
+    missing = subprocess.run(
+        [sys.executable, "-m", "awqforge", "plan", str(tmp_path / "nope")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert missing.returncode == 1 and "config.json" in missing.stderr

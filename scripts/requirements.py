@@ -1,0 +1,29 @@
+"""Write the image requirement files from pyproject.toml (used by the Dockerfile, before the source is copied).
+
+requirements-api.txt: what the API process needs (no torch, transformers, triton or kernel toolchain).
+requirements-worker.txt: everything but torch (installed first from the chosen index) and triton.
+"""
+
+import re
+import sys
+
+import tomllib
+
+ENGINE_ONLY = {"torch", "transformers", "triton", "ninja", "gguf", "safetensors", "zstandard"}
+
+
+def name(req: str) -> str:
+    return re.split(r"[<>=!~\[ ;]", req, maxsplit=1)[0].lower()
+
+
+def main(path: str = "pyproject.toml") -> None:
+    with open(path, "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    with open("requirements-api.txt", "w") as f:
+        f.write("\n".join(d for d in deps if name(d) not in ENGINE_ONLY) + "\n")
+    with open("requirements-worker.txt", "w") as f:
+        f.write("\n".join(d for d in deps if name(d) not in {"torch", "triton"}) + "\n")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
