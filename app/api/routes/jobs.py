@@ -48,6 +48,11 @@ EventId = Annotated[
 ]
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+# Routes whose success is not JSON still answer errors in JSON: say so (FastAPI would document the route's type).
+_JSON_ERRORS = {
+    code: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for code in (400, 401, 404, 413, 422, 503)
+}
 
 JOB_EXAMPLES = {
     "awq-w4-g64": {
@@ -194,7 +199,7 @@ def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Jo
 @router.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses=_ERRORS,
+    responses=_JSON_ERRORS,
     summary="The job's log lines as text",
 )
 def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> str:
@@ -297,7 +302,7 @@ def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: JobId) ->
 @router.get(
     "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
     response_class=FileResponse,
-    responses=_ERRORS,
+    responses=_JSON_ERRORS,
     summary="Download one artifact file",
 )
 def download_artifact_file(
