@@ -257,6 +257,7 @@ def follow_events(
     if start > MAX_EVENT_ID:
         raise SpecError([FieldError(field="Last-Event-ID", reason=f"at most {MAX_EVENT_ID}")])
     jid = _get(session, job_id, tenant).id  # the stream below opens its own sessions
+    session.close()  # and this one's connection goes back to the pool now, not when the stream ends
 
     async def stream():
         after = start
