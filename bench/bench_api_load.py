@@ -41,6 +41,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) of a process and its children so far: a cost per request that does not
+    depend on how busy the shared machine is, unlike latency."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+
+
 def _pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -282,12 +289,18 @@ def main() -> int:
                 for _ in range(50):  # warm the pool and the code paths
                     await client.get(f"/v1/jobs/{job_ids[0]}")
 
+                def cpu_per_request(c0: float, rec: Recorder) -> str:
+                    n = sum(len(v) for v in rec.lat.values())
+                    return f"server CPU {(_cpu_s(proc.pid) - c0) / max(n, 1) * 1e3:.2f} ms per request"
+
                 base_rec = Recorder()
+                c0 = _cpu_s(proc.pid)
                 await baseline_reads(client, job_ids, args.baseline_seconds, base_rec)
                 baseline = _pct(base_rec.lat["status (1 in flight)"], 50)
                 print(
                     f"\nbaseline: status read, 1 in flight: p50 {baseline * 1e3:.1f} ms, "
-                    f"p99 {_pct(base_rec.lat['status (1 in flight)'], 99) * 1e3:.1f} ms"
+                    f"p99 {_pct(base_rec.lat['status (1 in flight)'], 99) * 1e3:.1f} ms, "
+                    f"{cpu_per_request(c0, base_rec)}"
                 )
 
                 rec = Recorder()
@@ -300,8 +313,12 @@ def main() -> int:
                     print("  " + row)
 
                 reads = Recorder()
+                c0 = _cpu_s(proc.pid)
                 await concurrent_reads(client, job_ids, args.inflight, args.duration_reads, reads)
-                print(f"\nstatus reads, {args.inflight} in flight for {args.duration_reads:.0f} s:")
+                print(
+                    f"\nstatus reads, {args.inflight} in flight for {args.duration_reads:.0f} s, "
+                    f"{cpu_per_request(c0, reads)}:"
+                )
                 for row in reads.table(baseline):
                     print("  " + row)
 

@@ -277,7 +277,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
 
 def get_job(session: Session, *, job_id: str, tenant_id: int) -> Job:
     # metrics and artifacts with the row: a status read is one round trip, not three
-    job = session.get(Job, job_id, options=[joinedload(Job.metrics), selectinload(Job.artifacts)])
+    job = session.get(Job, job_id, options=[joinedload(Job.metrics), joinedload(Job.artifacts)])
     if job is None or job.tenant_id != tenant_id:
         raise ServiceError(404, "job not found")
     return job
