@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parents[1]
+GRACE_S = 30.0
 
 
 def _free_port() -> int:
@@ -142,14 +143,20 @@ async def steady_mix(client, job_ids: list[str], rate: float, seconds: float, mi
                     _timed(rec, "list", client.get("/v1/jobs", params={"limit": 20}), t_sched)
                 )
             )
-    await asyncio.gather(*tasks)
+    # Bounded: what has not been answered GRACE_S after the last scheduled start counts as an error.
+    done, pending = await asyncio.wait(tasks, timeout=max(t0 + seconds + GRACE_S - time.perf_counter(), 0.1))
+    for t in pending:
+        t.cancel()
+    if pending:
+        rec.add("not answered in time", GRACE_S, f"{len(pending)} requests still open")
+        rec.errors["not answered in time"] = ["open"] * len(pending)
     return time.perf_counter() - t0, n
 
 
 async def concurrent_reads(client, job_ids: list[str], inflight: int, seconds: float, rec: Recorder) -> None:
     end = time.perf_counter() + seconds
 
-    async def loop(w: int) -> None:
+    async def loop(w: int) -> None:  # each stops at `end`, so this phase is bounded too
         i = w
         while time.perf_counter() < end:
             t = time.perf_counter()
