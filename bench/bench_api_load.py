@@ -310,30 +310,25 @@ def main() -> int:
                     f"{cpu_per_request(c0, base_rec)}"
                 )
 
-                rec = Recorder()
+                def show(title: str, rec: Recorder, c0: float) -> None:
+                    print(f"\n{title}, {cpu_per_request(c0, rec)}:")
+                    for row in rec.table(baseline):
+                        print("  " + row)
+
+                rec, c0 = Recorder(), _cpu_s(proc.pid)
                 elapsed, n = await steady_mix(client, job_ids, args.rate, args.duration, mix, rec)
-                print(
-                    f"\nsteady mix: {n} requests in {elapsed:.1f} s ({n / elapsed:.0f}/s, target {args.rate:.0f}/s), "
-                    f"mix submit:status:list = {args.mix}"
+                show(
+                    f"steady mix: {n} requests in {elapsed:.1f} s ({n / elapsed:.0f}/s, target {args.rate:.0f}/s), "
+                    f"submit:status:list = {args.mix}",
+                    rec,
+                    c0,
                 )
-                for row in rec.table(baseline):
-                    print("  " + row)
-
-                reads = Recorder()
-                c0 = _cpu_s(proc.pid)
+                reads, c0 = Recorder(), _cpu_s(proc.pid)
                 await concurrent_reads(client, job_ids, args.inflight, args.duration_reads, reads)
-                print(
-                    f"\nstatus reads, {args.inflight} in flight for {args.duration_reads:.0f} s, "
-                    f"{cpu_per_request(c0, reads)}:"
-                )
-                for row in reads.table(baseline):
-                    print("  " + row)
-
-                burst = Recorder()
+                show(f"status reads, {args.inflight} in flight for {args.duration_reads:.0f} s", reads, c0)
+                burst, c0 = Recorder(), _cpu_s(proc.pid)
                 ids, codes, idem_key = await idempotent_burst(client, args.concurrent, burst)
-                print(f"\n{args.concurrent} concurrent submissions with one Idempotency-Key:")
-                for row in burst.table(baseline):
-                    print("  " + row)
+                show(f"{args.concurrent} concurrent submissions with one Idempotency-Key", burst, c0)
             with psycopg.connect(admin.rpartition("/")[0] + f"/{db}") as conn:
                 n_jobs = conn.execute(
                     "SELECT count(DISTINCT job_id) FROM idempotency_keys WHERE key = %s", (idem_key,)
