@@ -25,6 +25,9 @@ COPY alembic.ini ./
 RUN pip install -e .
 
 RUN useradd --create-home --uid 1000 awqforge && mkdir -p /data && chown awqforge /data
+# The CPU kernel, compiled once into the image (not into the /data volume, which would hide it).
+ENV AWQFORGE_EXTENSIONS_DIR=/opt/awqforge/kernels
+RUN awqforge kernels build --optional && chmod -R a+rX /opt/awqforge
 USER awqforge
 VOLUME ["/data"]
 EXPOSE 8000

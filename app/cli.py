@@ -1,4 +1,4 @@
-"""`awqforge serve | keys | worker`: entry points the engine CLI dispatches to (argv without the command)."""
+"""`awqforge serve | keys | tenants | worker`: entry points the engine CLI dispatches to (argv without the command)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import os
 import sys
 import time
 
-from app.core.config import GPU_QUEUES, settings
+from app.core.config import settings
 
 
 def _wait_for_database(timeout_s: float = 60) -> None:
@@ -168,6 +168,77 @@ def keys_command(argv: list[str]) -> int:
     return 0
 
 
+def tenants_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="awqforge tenants",
+        description=(
+            "Manage tenants: the hub namespaces each may publish to (default: its own name) and whether its "
+            "jobs may use the service's HF_TOKEN (default: no)."
+        ),
+    )
+    sub = p.add_subparsers(dest="action", required=True)
+    for action in ("create", "update"):
+        a = sub.add_parser(action, help=f"{action} a tenant")
+        a.add_argument("name")
+        a.add_argument(
+            "--namespace",
+            action="append",
+            default=None,
+            help="a hub namespace (the owner in owner/name) the tenant may publish to; repeat for more; "
+            "replaces the list",
+        )
+        a.add_argument("--no-namespaces", action="store_true", help="the tenant may publish nowhere")
+        a.add_argument(
+            "--allow-service-token",
+            dest="service_token",
+            action="store_true",
+            default=None,
+            help="jobs without their own token may use the service's HF_TOKEN",
+        )
+        a.add_argument("--deny-service-token", dest="service_token", action="store_false")
+        a.add_argument("--max-queued", type=int, default=None, help="per-tenant limit on unfinished jobs")
+    sub.add_parser("list", help="list tenants, their namespaces and service-token flag")
+    args = p.parse_args(argv)
+
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import Tenant
+    from app.services.jobs import tenant_namespaces
+    from app.services.keys import upsert_tenant
+
+    _wait_and_migrate(timeout_s=10)
+    if args.action == "list":
+        with session_scope() as s:
+            for t in s.scalars(select(Tenant).order_by(Tenant.name)):
+                print(
+                    f"{t.name}\tnamespaces={','.join(tenant_namespaces(t)) or '-'}"
+                    f"\tservice_token={'yes' if t.allow_service_token else 'no'}"
+                    f"\tmax_queued={t.max_queued_jobs or settings.TENANT_MAX_QUEUED_JOBS}"
+                )
+        return 0
+    namespaces = [] if args.no_namespaces else args.namespace
+    try:
+        with session_scope() as s:
+            t = upsert_tenant(
+                s,
+                name=args.name,
+                create=args.action == "create",
+                namespaces=namespaces,
+                allow_service_token=args.service_token,
+                max_queued=args.max_queued,
+            )
+            line = (
+                f"{t.name}: namespaces={','.join(tenant_namespaces(t)) or '-'} "
+                f"service_token={'yes' if t.allow_service_token else 'no'}"
+            )
+    except ValueError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    print(line)
+    return 0
+
+
 def worker_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="awqforge worker",
@@ -176,7 +247,7 @@ def worker_command(argv: list[str]) -> int:
     p.add_argument(
         "--queues",
         default=None,
-        help=f"comma-separated queue classes from {', '.join(GPU_QUEUES)} (default: detected with nvidia-smi)",
+        help="comma-separated queue classes from QUEUE_CLASSES (default: detected with nvidia-smi)",
     )
     p.add_argument("--gpu", default=None, help="CUDA_VISIBLE_DEVICES for this worker")
     p.add_argument("--name", default=None, help="node name (unique per host; default from --gpu or the pid)")
@@ -188,9 +259,9 @@ def worker_command(argv: list[str]) -> int:
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
     queues = [q.strip() for q in args.queues.split(",")] if args.queues else detect_queues()
-    bad = [q for q in queues if q not in GPU_QUEUES]
+    bad = [q for q in queues if q not in settings.queue_classes]
     if bad:
-        print(f"unknown queue(s) {bad}; choose from {list(GPU_QUEUES)}", file=sys.stderr)
+        print(f"unknown queue(s) {bad}; choose from {list(settings.queue_classes)}", file=sys.stderr)
         return 2
     _wait_for_database()  # migrations are the API's prestart step, not every worker's
     from worker.celery_app import celery_app
@@ -201,7 +272,12 @@ def worker_command(argv: list[str]) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve_command, "keys": keys_command, "worker": worker_command}
+COMMANDS = {
+    "serve": serve_command,
+    "keys": keys_command,
+    "tenants": tenants_command,
+    "worker": worker_command,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

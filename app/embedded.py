@@ -12,7 +12,7 @@ import time
 
 import uvicorn
 
-from app.core.config import GPU_QUEUES, settings
+from app.core.config import settings
 
 
 def detect_queues() -> list[str]:
@@ -29,11 +29,15 @@ def detect_queues() -> list[str]:
             mib = min(int(x) for x in out) if out else 0
         except (subprocess.SubprocessError, ValueError, OSError):
             mib = 0
-        if mib >= 70_000:
-            return ["gpu-80g", "gpu-24g"]
-        if mib >= 20_000:
-            return ["gpu-24g"]
-    return ["cpu"]
+        # every configured GPU class whose memory this card has (a 24 GiB card shows about 24,500 MiB)
+        gpu = [
+            name
+            for name, size in settings.queue_classes.items()
+            if not name.startswith("cpu") and mib and size <= mib * 1024**2 * 1.05
+        ]
+        if gpu:
+            return sorted(gpu, key=lambda n: -settings.queue_classes[n])
+    return [n for n in settings.queue_classes if n.startswith("cpu")] or ["cpu"]
 
 
 def worker_argv(queues: list[str], *, name: str = "awqforge", loglevel: str = "INFO") -> list[str]:
@@ -67,7 +71,7 @@ def start_worker_process(
         "celery",
         "-A",
         "worker.celery_app",
-        *worker_argv(list(queues or GPU_QUEUES), name=name),
+        *worker_argv(list(queues or settings.queue_classes), name=name),
     ]
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child
     return subprocess.Popen(

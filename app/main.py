@@ -11,6 +11,7 @@ import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from sqlalchemy import delete
 from sqlalchemy import exc as sa_exc
 from starlette.concurrency import run_in_threadpool
@@ -18,11 +19,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from app.api.main import api_router
-from app.api.routes import dashboard, health
+from app.api.routes import dashboard, health, metrics
 from app.core.config import settings
 from app.core.db import session_scope
 from app.models import IdempotencyKey, utcnow
-from app.services.jobs import ServiceError, SpecError, reap_stale_jobs
+from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
 
 log = logging.getLogger("awqforge.api")
 
@@ -33,12 +34,17 @@ Everything a tenant creates is invisible (404) to other tenants."""
 
 
 def _reap_once() -> None:
-    """Periodic housekeeping: requeue jobs whose worker died; drop expired idempotency keys."""
+    """Periodic housekeeping: requeue jobs whose worker died; send queued jobs that have no message in
+    flight (the reconciler: Postgres says what must run, the broker only carries it); drop expired
+    idempotency keys."""
     with session_scope() as s:
         requeued = reap_stale_jobs(s)
+        sent = reconcile_queued(s)
         s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
     if requeued:
         log.warning("requeued jobs whose worker died: %s", ", ".join(requeued))
+    if sent:
+        log.warning("reconciler sent queued jobs without a message in flight: %s", ", ".join(sent))
 
 
 async def _reaper_loop() -> None:
@@ -216,7 +222,9 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     app.add_middleware(BodySizeLimit)
     app.include_router(api_router, prefix=settings.API_V1_STR)
     app.include_router(health.router)
+    app.include_router(metrics.prometheus_router)
     app.include_router(dashboard.router)
+    app.mount("/dashboard/static", StaticFiles(directory=dashboard.STATIC_DIR), name="dashboard-static")
     return app
 
 

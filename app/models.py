@@ -19,6 +19,7 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -76,6 +77,10 @@ class Tenant(Base):
     id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
     max_queued_jobs: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # Hub namespaces (the `owner` of `owner/name`) this tenant may publish to; NULL = its own name only.
+    hub_namespaces: Mapped[list | None] = mapped_column(JSON, nullable=True)
+    # Whether jobs without their own token may use the service's HF_TOKEN (read and write).
+    allow_service_token: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -108,8 +113,11 @@ class Job(Base):
     group_size: Mapped[int] = mapped_column(Integer)
     # The JobSpec as JSON, without the publish token.
     spec: Mapped[dict] = mapped_column(JSON)
-    # Fernet-encrypted publish token (app/core/security.py); wiped when the job succeeds.
+    # Fernet-encrypted tokens (app/core/security.py), deleted when the job reaches a terminal state.
     publish_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    source_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # The commit sha `revision` resolved to on the hub (None for a local model).
+    source_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
     queue: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default=JobStatus.QUEUED.value)
     stage: Mapped[str | None] = mapped_column(String(32), nullable=True)
@@ -125,6 +133,10 @@ class Job(Base):
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
     heartbeat_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    # When the job's Celery message was last sent (None: not sent yet, e.g. the broker was down) and
+    # how many times; the reconciler resends a queued job whose message is overdue (jobs.reconcile_queued).
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime, nullable=True)
+    dispatches: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
     metrics: Mapped[JobMetrics | None] = relationship(cascade="all, delete-orphan", uselist=False)
     artifacts: Mapped[list[Artifact]] = relationship(cascade="all, delete-orphan", order_by="Artifact.id")
@@ -188,6 +200,8 @@ class Artifact(Base):
     path: Mapped[str] = mapped_column(Text)  # folder (or file) under ARTIFACT_DIR
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     published_to: Mapped[str | None] = mapped_column(Text, nullable=True)
+    commit_url: Mapped[str | None] = mapped_column(Text, nullable=True)
+    hub_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the publish commit
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 
@@ -214,3 +228,30 @@ class CalibrationSet(Base):
     n_records: Mapped[int] = mapped_column(Integer)
     sha256: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class DashboardSession(Base):
+    """A signed-in dashboard browser: the cookie holds a random token, only its sha256 is stored."""
+
+    __tablename__ = "dashboard_sessions"
+
+    token_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[int] = mapped_column(ForeignKey("tenants.id", ondelete="CASCADE"))
+    api_key_id: Mapped[str] = mapped_column(ForeignKey("api_keys.id", ondelete="CASCADE"))
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime, index=True)
+
+    tenant: Mapped[Tenant] = relationship()
+    api_key: Mapped[ApiKey] = relationship()
+
+
+class WorkerHeartbeat(Base):
+    """One row per Celery worker node, touched every HEARTBEAT_INTERVAL_S (for /metrics)."""
+
+    __tablename__ = "worker_heartbeats"
+
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    queues: Mapped[str] = mapped_column(String(200))  # comma-separated queue classes
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)

@@ -24,11 +24,15 @@ class CalibrationIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: spec.CalibrationSource | None = Field(
-        None, description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id"
+        None,
+        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]]; or give upload_id",
     )
     upload_id: UploadId | None = Field(None, description="id returned by POST /v1/calibration-sets")
     n_samples: spec.NSamples = _default(spec.CalibrationSpec, "n_samples")
     seq_len: spec.CalibrationSeqLen = _default(spec.CalibrationSpec, "seq_len")
+    packing: spec.Packing = Field(
+        _default(spec.CalibrationSpec, "packing"), description=spec.CalibrationSpec.model_fields["packing"].description
+    )
 
 
 # The evaluation and publish settings are the engine's own models.
@@ -56,7 +60,10 @@ class JobCreate(BaseModel):
     model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [JOB_EXAMPLE]})
 
     model: spec.ModelRef
-    revision: spec.Revision | None = None
+    revision: spec.Revision | None = Field(
+        None, description="branch, tag or commit; resolved to a commit sha (default main)"
+    )
+    source: spec.SourceSpec = Field(default_factory=spec.SourceSpec, description="hub access for the source model")
     method: Literal["awq", "rtn"] = "awq"
     bits: spec.Bits = _default(spec.QuantSettings, "bits")
     group_size: spec.GroupSize = _default(spec.QuantSettings, "group_size")
@@ -73,6 +80,7 @@ class JobCreate(BaseModel):
     scale_search: Literal["activation", "duo", "both"] | None = None
     n_grid: spec.NGrid | None = None
     clip_search: bool | None = None
+    refine_steps: spec.RefineSteps | None = None
     rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
     seed: spec.Seed | None = None
 
@@ -109,6 +117,9 @@ class ArtifactFile(BaseModel):
     path: str
     size_bytes: int
     url: str
+    download_url: str | None = Field(
+        None, description="presigned object-store URL (ARTIFACT_STORE=s3): download without the API"
+    )
 
 
 class ArtifactPublic(BaseModel):
@@ -116,6 +127,8 @@ class ArtifactPublic(BaseModel):
     format: str
     size_bytes: int
     published_to: str | None = None
+    commit_url: str | None = Field(None, description="the hub commit that published this artifact")
+    hub_revision: str | None = Field(None, description="that commit's sha (or the local hub's revision)")
     files: list[ArtifactFile] = Field(default_factory=list)
 
 
@@ -144,12 +157,14 @@ class JobPublic(BaseModel):
     error: str | None = None
     model: str
     revision: str | None = None
+    source_sha: str | None = Field(None, description="the commit sha the source revision resolved to")
     method: str
     bits: int
     group_size: int
     queue: str
+    waiting_reason: str | None = Field(None, description="why a queued job cannot start now (no live worker)")
     attempts: int
-    spec: dict = Field(..., description="The validated job spec (publish token removed)")
+    spec: dict = Field(..., description="The validated job spec (tokens removed)")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None
@@ -183,3 +198,55 @@ class CalibrationSetPublic(BaseModel):
 class Health(BaseModel):
     status: str
     checks: dict[str, str] = Field(default_factory=dict)
+
+
+class DurationStats(BaseModel):
+    n: int
+    median_s: float | None = None
+    p95_s: float | None = None
+
+
+class PerplexityChange(BaseModel):
+    n: int
+    pct: list[float] = Field(default_factory=list, description="FP -> quantized change per job, % (sorted)")
+    median_pct: float | None = None
+    p95_pct: float | None = None
+
+
+class MetricsSummary(BaseModel):
+    since: datetime
+    jobs_by_status: dict[str, int]
+    queue_depth: dict[str, dict[str, int]] = Field(
+        description="per queue: this tenant's queued and running jobs"
+    )
+    stage_durations: dict[str, DurationStats]
+    duration_by_size_class: dict[str, DurationStats] = Field(
+        description="total job time by FP checkpoint size: <1GiB, 1-4GiB, 4-16GiB, 16-64GiB, >64GiB"
+    )
+    perplexity_change: PerplexityChange
+    bytes_saved: int
+    gpu_hours: float
+    cpu_hours: float
+
+
+class JobLayerDetail(BaseModel):
+    block: int
+    name: str
+    mse_rtn: float | None = None
+    mse_quant: float | None = None
+    scale_exponent: float | None = Field(None, description="AWQ grid exponent chosen for the layer's input")
+    clip_ratio: float | None = None
+
+
+class JobMetricsDetail(BaseModel):
+    job_id: str
+    status: JobStatusName
+    stage_timings_s: dict[str, float]
+    total_s: float | None = None
+    peak_rss_bytes: int | None = None
+    peak_gpu_bytes: int | None = None
+    fp_perplexity: float | None = None
+    quant_perplexity: float | None = None
+    size_before_bytes: int | None = None
+    size_after_bytes: int | None = None
+    layers: list[JobLayerDetail]

@@ -26,8 +26,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from awqforge.limits import SUPPORTED_GROUP_SIZES
+from awqforge.patterns import matches_any, unmatched_patterns
 from awqforge.quant import effective_group_size
-from awqforge.spec import SUPPORTED_GROUP_SIZES
 
 
 class UnsupportedArchitecture(ValueError):
@@ -251,15 +252,18 @@ class ArchAdapter:
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
     def quantizable_linears(
-        self, block: nn.Module, skip_patterns: Iterable[str] = ()
+        self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
     ) -> dict[str, nn.Linear]:
-        """The block's linears that get quantized, by name relative to the block."""
+        """The block's linears that get quantized, by name relative to the block; `skip_patterns` are
+        matched against full module names (`prefix`: the block's own, e.g. "model.layers.3")."""
         self.prepare_block(block)
         skip = tuple(skip_patterns)
         return {
             n: m
             for n, m in block.named_modules()
-            if isinstance(m, nn.Linear) and not self.never_quantize(n) and not matches_any(n, skip)
+            if isinstance(m, nn.Linear)
+            and not self.never_quantize(n)
+            and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
         }
 
     def checkpoint_name(self, module_name: str) -> str:
@@ -268,11 +272,6 @@ class ArchAdapter:
         for src, dst in self.checkpoint_renames:
             name = name.replace(src, dst)
         return name[1:]
-
-
-def matches_any(name: str, patterns: Iterable[str]) -> bool:
-    """fnmatch or plain substring, as `QuantSettings.modules_to_not_convert` documents."""
-    return any(fnmatch.fnmatchcase(name, p) or (p and p in name) for p in patterns)
 
 
 def _match(pattern: str, modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, ...]]]:
@@ -469,28 +468,48 @@ def check_group_size(
     )
 
 
+def check_module_patterns(model_or_config, adapter: ArchAdapter, patterns: Iterable[str]) -> None:
+    """Raise ValueError naming the `modules_to_not_convert` patterns that match no module of the model."""
+    patterns = list(patterns)
+    if not patterns:
+        return
+    model = _meta_model(model_or_config)
+    names = [n for n, _ in model.named_modules() if n]
+    for i, block in enumerate(adapter.get_layers(model)):
+        names += [f"{adapter.layers_attr}.{i}.{n}" for n, _ in _block_linear_widths(block, adapter)]
+    missing = unmatched_patterns(patterns, names)
+    if missing:
+        examples = sorted({_generic_name(n) for n in names if n.startswith(f"{adapter.layers_attr}.0.")})
+        raise ValueError(
+            f"modules_to_not_convert: {', '.join(repr(p) for p in missing)} "
+            f"match{'es' if len(missing) == 1 else ''} no module of this model. Patterns are globs over full "
+            "module names, or their tails: e.g. 'mlp.down_proj', 'model.layers.0.*', "
+            f"'{_generic_name(examples[-1]) if examples else 'lm_head'}'. This model's block 0 has: "
+            f"{', '.join(examples[:12])}{', ...' if len(examples) > 12 else ''}"
+        )
+
+
+def _meta_model(model_or_config) -> nn.Module:
+    if isinstance(model_or_config, nn.Module):
+        return model_or_config
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(model_or_config)
+
+
 def _generic_name(name: str) -> str:
     return re.sub(r"\.\d+\.", ".*.", f".{name}.")[1:-1]
 
 
 def _linear_widths(model_or_config, adapter: ArchAdapter, skip: tuple[str, ...]) -> dict[str, int]:
-    if isinstance(model_or_config, nn.Module):
-        model = model_or_config
-    else:
-        from transformers import AutoModelForCausalLM
-
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(model_or_config)
+    model = _meta_model(model_or_config)
     widths = {}
     for i, block in enumerate(adapter.get_layers(model)):
         prefix = f"{adapter.layers_attr}.{i}"
         for name, width in _block_linear_widths(block, adapter):
             full = f"{prefix}.{name}"
-            if (
-                not adapter.never_quantize(name)
-                and not matches_any(name, skip)
-                and not matches_any(full, skip)
-            ):
+            if not adapter.never_quantize(name) and not matches_any(full, skip):
                 widths[full] = width
     return widths
 

@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
 PLUGIN_GROUP = "awqforge.commands"
-BUILTIN = ("quantize", "eval", "smollm")
+BUILTIN = ("quantize", "eval", "smollm", "plan", "doctor", "kernels")
 
 
 class _UsageError(Exception):
@@ -35,9 +36,8 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    q = sub.add_parser("quantize", help="quantize a model into one or more artifact formats")
+    q = argparse.ArgumentParser(add_help=False)  # the job's settings: quantize and plan
     q.add_argument("model", help="local checkpoint folder or Hugging Face model id")
-    q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
     q.add_argument("--bits", type=int, default=4)
     q.add_argument(
@@ -49,10 +49,18 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "--calib",
         default="pileval",
         metavar="SOURCE",
-        help="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path>",
+        help="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        "(rows with `messages` are rendered with the model's chat template)",
     )
     q.add_argument("--n-samples", type=int, default=128)
     q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument(
+        "--packing",
+        choices=["concat", "per_sample"],
+        default="concat",
+        help="concat: texts concatenated, cut into seq-len blocks (AutoAWQ); per_sample: each text its own "
+        "sequence, truncated at seq-len (llm-compressor)",
+    )
     q.add_argument(
         "--format",
         dest="formats",
@@ -66,11 +74,18 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="leave matching modules in full precision (repeatable)",
+        help="leave matching modules in full precision (repeatable): a glob over full module names or their "
+        "tails, e.g. mlp.down_proj, model.layers.0.*, model.layers.*.mlp.down_proj",
     )
     q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
     q.add_argument("--n-grid", type=int, default=20)
     q.add_argument("--no-clip-search", action="store_true")
+    q.add_argument(
+        "--refine-steps",
+        type=int,
+        default=2,
+        help="least-squares refits of each group's scale/zero after the clip search (0: AWQ as published)",
+    )
     q.add_argument(
         "--rounding",
         choices=["nearest", "gptq"],
@@ -85,11 +100,26 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "(default: the bundled English text)",
     )
     q.add_argument("--eval-seq-len", type=int, default=2048)
-    q.add_argument("--eval-max-seqs", type=int)
+    q.add_argument(
+        "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
+    )
+    q.add_argument("--eval-all", action="store_true", help="score the whole evaluation text (no window bound)")
+    job_args = q
+    q = sub.add_parser(
+        "quantize", parents=[job_args], help="quantize a model into one or more artifact formats"
+    )
+    q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
     q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
     q.add_argument(
         "--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default: one block, 256MB..2GB)"
     )
+
+    pl = sub.add_parser(
+        "plan",
+        parents=[job_args],
+        help="peak memory and time estimate of a job, from the model's config.json (no weights read)",
+    )
+    pl.add_argument("--json", action="store_true", help="print the plans as JSON")
 
     e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
     e.add_argument("model", help="artifact folder, checkpoint folder or hub id")
@@ -103,6 +133,7 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "smollm", help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder"
     )
     s.add_argument("--cache-dir", type=Path)
+    _add_kernel_commands(sub)
 
     for name in sorted(plugins):
         sub.add_parser(name, help=f"service command ({plugins[name].value})", add_help=False)
@@ -119,25 +150,37 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return 2
-    from awqforge.errors import engine_errors
+    from awqforge.errors import describe, engine_errors
 
     try:
         if args.command == "quantize":
             return _quantize(args)
         if args.command == "eval":
             return _eval(args)
+        if args.command == "plan":
+            return _plan(args)
         if args.command == "smollm":
             from awqforge.smollm import ensure_smollm2_checkpoint
 
             print(ensure_smollm2_checkpoint(args.cache_dir))
             return 0
+        if args.command in ("doctor", "kernels"):
+            return _kernel_command(args)
     except _UsageError as exc:
         parser.exit(2, f"awqforge {args.command}: error: {exc}\n")
     except KeyboardInterrupt:
         print("interrupted; partial output removed", file=sys.stderr)
         return 130
     except engine_errors() as exc:
-        print(f"awqforge {args.command}: error: {exc}", file=sys.stderr)
+        print(f"awqforge {args.command}: error: {describe(exc)}", file=sys.stderr)
+        return 1
+    except Exception as exc:  # never a traceback for the user; AWQFORGE_DEBUG=1 shows it
+        if os.environ.get("AWQFORGE_DEBUG"):
+            raise
+        print(
+            f"awqforge {args.command}: error: {describe(exc)} (set AWQFORGE_DEBUG=1 for the traceback)",
+            file=sys.stderr,
+        )
         return 1
     return 2
 
@@ -167,18 +210,25 @@ def _spec_from_args(args):
                 "zero_point": not args.symmetric,
                 "modules_to_not_convert": args.modules_to_not_convert,
             },
-            calibration={"source": args.calib, "n_samples": args.n_samples, "seq_len": args.seq_len},
+            calibration={
+                "source": args.calib,
+                "n_samples": args.n_samples,
+                "seq_len": args.seq_len,
+                "packing": args.packing,
+            },
             formats=args.formats or ["awq"],
             eval={
                 "enabled": not args.no_eval,
                 "text": eval_text,
                 "seq_len": args.eval_seq_len,
-                "max_seqs": args.eval_max_seqs,
+                **({"max_seqs": None} if args.eval_all else {}),
+                **({"max_seqs": args.eval_max_seqs} if args.eval_max_seqs is not None else {}),
             },
             device=args.device,
             scale_search=args.scale_search,
             n_grid=args.n_grid,
             clip_search=not args.no_clip_search,
+            refine_steps=args.refine_steps,
             rounding=args.rounding,
             seed=args.seed,
         )
@@ -188,20 +238,28 @@ def _spec_from_args(args):
 
 
 class _ProgressPrinter:
-    """Stage messages on stderr, and a tqdm bar with ETA over the blocks."""
+    """Stage messages on stderr, and a tqdm bar with ETA over the quantized blocks and the evaluation steps."""
 
     def __init__(self) -> None:
         self.bar = None
+        self.stage = None
 
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        if event.stage == "quantize" and event.n_blocks:
-            if self.bar is None:
-                self.bar = tqdm(total=event.n_blocks, desc="quantize", unit="block", file=sys.stderr)
-            self.bar.update(event.block - self.bar.n)
-        elif self.bar is not None and event.stage != "quantize":
+        done, total = (
+            (event.block, event.n_blocks)
+            if event.stage == "quantize"
+            else (getattr(event, "step", None), getattr(event, "n_steps", None))
+        )
+        if self.bar is not None and event.stage != self.stage:
             self.close()
+        if total:
+            if self.bar is None:
+                unit = "block" if event.stage == "quantize" else "step"
+                self.bar = tqdm(total=total, desc=event.stage, unit=unit, file=sys.stderr)
+                self.stage = event.stage
+            self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
         if self.bar is not None:
@@ -235,6 +293,26 @@ def _quantize(args) -> int:
     return 0
 
 
+def _plan(args) -> int:
+    from awqforge.plan import JobSettings, describe, plan, read_config
+    from awqforge.resolve import is_local_reference
+
+    spec = _spec_from_args(args)
+    if is_local_reference(spec.model):
+        config = read_config(spec.model)
+    else:
+        from huggingface_hub import hf_hub_download
+
+        config = read_config(Path(hf_hub_download(spec.model, "config.json", revision=spec.revision)).parent)
+    devices = ["cpu", "cuda"] if spec.device == "auto" else [spec.device]
+    plans = {d: plan(config, JobSettings.from_spec(spec), device=d) for d in devices}
+    if args.json:
+        print(json.dumps({d: p.to_dict() for d, p in plans.items()}, indent=1))
+    else:
+        print("\n\n".join(describe(p) for p in plans.values()))
+    return 0
+
+
 def _eval(args) -> int:
     from awqforge.calibration import read_text
     from awqforge.evaluate import evaluate_path
@@ -254,3 +332,44 @@ def _eval(args) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+# ---------------------------------------------------------------------- doctor, kernels build
+
+
+def _add_kernel_commands(sub) -> None:
+    sub.add_parser("doctor", help="print which kernel path each device (CPU ISA, CUDA devices) will use and why")
+    k = sub.add_parser("kernels", help="build the C++ CPU kernel into the kernel cache (once, at install)")
+    k_sub = k.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
+    b = k_sub.add_parser("build", help="compile the CPU kernel for this torch (no-op when it is cached)")
+    b.add_argument(
+        "--optional",
+        action="store_true",
+        help="exit 0 when it cannot be built (install scripts): jobs then use the reference path",
+    )
+    b.add_argument("--verbose", action="store_true", help="show the compiler's output")
+    k_sub.add_parser("path", help="print the kernel cache folder for this torch and kernel source")
+
+
+def _kernel_command(args) -> int:
+    from awqforge.kernels import cpu
+    from awqforge.kernels.doctor import report_lines
+
+    if args.command == "doctor":
+        print("\n".join(report_lines()))
+        return 0
+    if args.kernels_command == "path":
+        print(cpu.build_dir())
+        return 0
+    try:
+        binary = cpu.build(verbose=args.verbose)
+    except cpu.KernelBuildError as exc:
+        level = "warning" if args.optional else "error"
+        print(
+            f"awqforge kernels build: {level}: {exc}\n"
+            "without it, QuantLinear runs on the CPU through the pure-torch reference (slow)",
+            file=sys.stderr,
+        )
+        return 0 if args.optional else 1
+    print(f"CPU kernel ready: {binary}")
+    return 0

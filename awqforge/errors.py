@@ -53,6 +53,26 @@ def engine_errors() -> tuple[type[Exception], ...]:
     return (AWQForgeError, NumericalError, UnsupportedArchitecture)
 
 
+def describe(exc: BaseException) -> str:
+    """One readable line for any failure: the message of an engine error; for anything else (a bug, or a
+    library failing in a way we did not foresee) its type and message, marked as unexpected."""
+    if isinstance(exc, engine_errors()):
+        return str(exc) or type(exc).__name__
+    if isinstance(exc, (MemoryError, *torch_oom_errors())):
+        return f"out of memory ({type(exc).__name__}): use a smaller calibration set or another device"
+    text = " ".join(str(exc).split())[:1000]
+    return f"unexpected {type(exc).__name__}" + (f": {text}" if text else "")
+
+
+def torch_oom_errors() -> tuple[type[Exception], ...]:
+    try:
+        import torch
+
+        return (torch.cuda.OutOfMemoryError,)
+    except (ImportError, AttributeError):  # pragma: no cover
+        return ()
+
+
 __all__ = [
     "AWQForgeError",
     "InputError",
@@ -61,4 +81,5 @@ __all__ = [
     "NumericalError",
     "UnsupportedArchitecture",
     "engine_errors",
+    "describe",
 ]

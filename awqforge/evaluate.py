@@ -4,12 +4,14 @@ Each window is the tokenizer's usual prefix (BOS for tokenizers that add one, no
 the next `seq_len - len(prefix)` tokens of the text; the loss is the mean negative log-likelihood of every
 predicted token over all windows. One scoring function serves an in-memory model (`perplexity`: the quantized
 one from `load_quantized`) and a checkpoint streamed block by block from its shards (`streamed_perplexity`:
-the FP model, whatever its size), so the numbers are comparable.
+the FP model, whatever its size), so the numbers are comparable. Both take `progress(done, total)`, called
+after each forward step (a block of the streamed model, a window of the in-memory one), for bars and ETAs.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -41,6 +43,7 @@ def perplexity(
     max_seqs: int | None = None,
     *,
     batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """{'perplexity', 'n_tokens' (predicted tokens), 'n_windows', 'seq_len'} of an in-memory `model` on `text`."""
     windows = eval_windows(tokenizer, text, seq_len, max_seqs)
@@ -49,18 +52,25 @@ def perplexity(
     def logits(start: int, stop: int) -> torch.Tensor:
         return model(input_ids=windows[start:stop].to(device), use_cache=False).logits
 
-    return _score(logits, windows, _prefix_len(tokenizer), batch_size)
+    return _score(logits, windows, _prefix_len(tokenizer), batch_size, progress)
 
 
 @torch.no_grad()
 def streamed_perplexity(
-    stream, tokenizer, text: str, seq_len: int = 2048, max_seqs: int | None = None, *, batch_size: int = 1
+    stream,
+    tokenizer,
+    text: str,
+    seq_len: int = 2048,
+    max_seqs: int | None = None,
+    *,
+    batch_size: int = 1,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """perplexity() of a checkpoint run block by block from its shards (a fresh `StreamingModel`): the FP model
-    is scored without ever being in memory whole."""
+    is scored without ever being in memory whole. Progress counts the blocks (the head's share is small)."""
     windows = eval_windows(tokenizer, text, seq_len, max_seqs)
     stream.load_non_block(with_output_embedding=True)
-    last_hidden = stream.forward_blocks(windows, batch_size=batch_size)
+    last_hidden = stream.forward_blocks(windows, batch_size=batch_size, progress=progress)
 
     def logits(start: int, stop: int) -> torch.Tensor:
         return stream.head_logits(windows[start:stop], last_hidden[start:stop])
@@ -72,7 +82,7 @@ def _prefix_len(tokenizer) -> int:
     return len(tokenizer("", add_special_tokens=True)["input_ids"])
 
 
-def _score(logits_of, windows: torch.Tensor, n_prefix: int, batch_size: int) -> dict:
+def _score(logits_of, windows: torch.Tensor, n_prefix: int, batch_size: int, progress=None) -> dict:
     """Mean NLL of every token after the prefix, from logits_of(start, stop) over batches of windows."""
     first = max(n_prefix, 1)
     total_nll, count = 0.0, 0
@@ -86,6 +96,8 @@ def _score(logits_of, windows: torch.Tensor, n_prefix: int, batch_size: int) -> 
         )
         total_nll += nll.item()
         count += target.numel()
+        if progress is not None:
+            progress(start + len(batch), len(windows))
     return {
         "perplexity": math.exp(total_nll / count),
         "n_tokens": count,

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from awqforge.errors import InputError
+from awqforge.streaming import ShardReader
 
 log = logging.getLogger(__name__)
 
@@ -55,17 +56,9 @@ def _resolve_dir(path: str | Path, revision: str | None) -> Path:
         return p
     if p.exists() or str(path).startswith(("/", ".", "~")):
         raise InputError(f"{path} is not a checkpoint folder")
-    from huggingface_hub import snapshot_download
+    from awqforge.resolve import download_from_hub
 
-    from awqforge.errors import HubUnavailable
-
-    patterns = ["*.json", "*.safetensors", "*.jinja", "*.txt", "*.model", "*.tiktoken"]
-    try:
-        return Path(snapshot_download(str(path), revision=revision, allow_patterns=patterns))
-    except Exception as exc:  # offline, unknown repo, auth: one message for the user
-        raise HubUnavailable(
-            f"{path} is not a local folder and could not be fetched from the Hub: {exc}"
-        ) from exc
+    return download_from_hub(str(path), revision)[0]  # the one hub download path
 
 
 def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
@@ -77,22 +70,6 @@ def _weight_files(root: Path) -> tuple[list[Path], dict[str, str] | None]:
     if any(root.glob("*.bin")) or any(root.glob("*.pt")):
         raise InputError(f"{root} holds pickle weights (.bin/.pt): only safetensors checkpoints are loaded")
     raise InputError(f"no {_SINGLE} or {_INDEX} in {root}")
-
-
-class _Tensors:
-    """name -> tensor over every shard, opened lazily."""
-
-    def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
-        self._handles = {f: safe_open(str(f), framework="pt", device="cpu") for f in files}
-        self.where = {name: f for f, h in self._handles.items() for name in h.keys()}
-
-    def names(self) -> list[str]:
-        return list(self.where)
-
-    def get(self, name: str) -> torch.Tensor:
-        return self._handles[self.where[name]].get_tensor(name)
 
 
 @contextlib.contextmanager
@@ -182,7 +159,7 @@ def _transformers_renamer(model: nn.Module):
 
 
 def _wrap_scaled_activations(
-    model: nn.Module, modules: _Names, candidates: list[str], tensors: _Tensors, dtype: torch.dtype
+    model: nn.Module, modules: _Names, candidates: list[str], tensors: ShardReader, dtype: torch.dtype
 ) -> set[str]:
     """Wrap each activation module `<act>` with a `<act>.scales` tensor in arch.ScaledActivation; returns the
     checkpoint names consumed."""
@@ -260,7 +237,7 @@ def load_quantized(
             adapter.prepare_block(block)
 
     files, _ = _weight_files(root)
-    tensors = _Tensors(files)
+    tensors = ShardReader(files)
     names = tensors.names()
     layers = fmt.quantized_layers(names)
     modules = _Names(model, adapter, (n for n, _ in model.named_modules()), tensor_names=False)

@@ -11,7 +11,9 @@ the FP model is evaluated block by block from its shards too. The exceptions: ca
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import math
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -41,7 +43,9 @@ class ProgressEvent:
     message: str
     block: int | None = None  # blocks done so far (quantize stage)
     n_blocks: int | None = None
-    eta_s: float | None = None  # remaining time of the quantize stage
+    eta_s: float | None = None  # remaining time of the quantize (or evaluate) stage
+    step: int | None = None  # evaluate stage: forward steps done (FP blocks, then quantized windows)
+    n_steps: int | None = None
 
 
 @dataclass
@@ -50,6 +54,7 @@ class QuantResult:
     metrics: dict
     layers: list = field(default_factory=list)  # awq.LayerMetric
     report_path: Path | None = None  # the first format's quant_report.json
+    source_revision: str | None = None  # the commit sha a hub model's revision resolved to
 
 
 class _Job:
@@ -107,21 +112,24 @@ def run_quantization(
     overwrite: bool = False,
     shard_size: int | str | None = None,
     allowed_roots: Sequence[str | Path] | None = None,
+    checkpoint_dir: str | Path | None = None,
 ) -> QuantResult:
     """Quantize `spec.model` into `out_dir/<format>/` for every format in `spec.formats` (see module docstring).
 
     `shard_size` (bytes or "500MB"): the bound on one safetensors file (default 5 GB, as the Hub's tools);
     the writers spool tensors to disk as they come, so it does not bound memory.
     `allowed_roots`: the folders every local path the spec names must lie in (None: anywhere, the CLI).
+    `checkpoint_dir`: store each finished block there and resume from what an earlier, interrupted run
+    of the same spec stored (awqforge/checkpoint.py); the caller removes it once the result is safe.
     Raises InputError (bad request), HubUnavailable, UnsupportedArchitecture, NumericalError, JobCancelled;
     on any error nothing is left in out_dir that was not there before.
     """
     from transformers import AutoTokenizer
 
     from awqforge import report as reporting
-    from awqforge.arch import check_group_size, get_adapter
+    from awqforge.arch import check_group_size, check_module_patterns, get_adapter
     from awqforge.awq import BlockSettings
-    from awqforge.calibration import load_calibration, read_text
+    from awqforge.calibration import build_calibration, read_text
     from awqforge.evaluate import eval_windows
     from awqforge.formats import DEFAULT_SHARD_SIZE, ArtifactWriter, ModelCardInfo
     from awqforge.resolve import resolve_model, resolve_spec_paths
@@ -140,14 +148,17 @@ def run_quantization(
         # -- resolve: everything that can fail cheaply fails here, before any heavy work
         job.stage("resolve", f"resolving {spec.model}")
         spec = resolve_spec_paths(spec, allowed_roots)
-        resolved = resolve_model(spec.model, spec.revision, allowed_roots=allowed_roots)
+        resolved = resolve_model(
+            spec.model, spec.revision, token=spec.source.token, allowed_roots=allowed_roots
+        )
         adapter = get_adapter(resolved.config)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
         try:
+            check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        settings = BlockSettings.from_spec(spec)
+        settings = dataclasses.replace(BlockSettings.from_spec(spec), refine_steps=spec.refine_steps)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
         eval_text = None
         if spec.eval.enabled:  # a missing or too short evaluation text fails now, not after the quantization
@@ -172,29 +183,63 @@ def run_quantization(
             f"computing in {_dt(stream.dtype)} on {device}"
         )
 
-        # -- calibrate: token blocks, then every layer's inputs captured once
+        # -- calibrate: token blocks, then every layer's inputs captured once (RTN reads no calibration data)
         cal = spec.calibration
-        job.stage("calibrate", f"calibration: {cal.source}, {cal.n_samples} x {cal.seq_len} tokens")
-        tokens = load_calibration(
-            cal, tokenizer, resolved.path, device=device, dtype=stream.dtype, seed=spec.seed
-        )
-        stream.load_non_block()
-        captured = stream.capture(tokens)
-        stream.unload_non_block()
-        inputs, layer_kwargs = captured.inputs, captured.layer_kwargs
+        rtn = getattr(spec.method, "value", spec.method) == "rtn"
+        calibration_info = None
+        inputs = layer_kwargs = captured = None
+        if not rtn:
+            job.stage(
+                "calibrate",
+                f"calibration: {cal.source}, {cal.n_samples} x {cal.seq_len} tokens ({cal.packing.value})",
+            )
+            calib = build_calibration(
+                cal, tokenizer, resolved.path, device=device, dtype=stream.dtype, seed=spec.seed
+            )
+            calibration_info = calib.summary()
+            if calib.warning:
+                job.log(f"warning: {calib.warning}")
+            stream.load_non_block()
+            captured = stream.capture(calib.input_ids, calib.attention_mask)
+            stream.unload_non_block()
+            inputs, layer_kwargs = captured.inputs, captured.layer_kwargs
 
         # -- quantize: one block at a time
         job.stage("quantize", f"quantizing {stream.n_blocks} blocks ({spec.method.value})")
         layers, mappings, skipped = [], {}, []
+        checkpoints, first = None, 0
+        if checkpoint_dir is not None and not rtn:  # RTN reruns faster than it would resume
+            from awqforge.checkpoint import BlockCheckpoints, RecordingWriters, spec_fingerprint
+
+            checkpoints = BlockCheckpoints(checkpoint_dir, spec_fingerprint(spec))
+            first = checkpoints.start(stream.n_blocks)
+            for i in range(first):  # the stored blocks feed the writers exactly as when they were made
+                block_layers, block_mappings, block_skipped = checkpoints.replay_block(i, writers)
+                layers.extend(block_layers)
+                mappings.update(block_mappings)
+                skipped.extend(block_skipped)
+            if first:
+                inputs = checkpoints.load_inputs(inputs.device).to(inputs.dtype)
+                job.log(f"resuming at block {first}/{stream.n_blocks} from {checkpoint_dir}")
         started = time.perf_counter()
-        for i in range(stream.n_blocks):
+        for i in range(first, stream.n_blocks):
             job.check_cancel()
-            inputs, block_layers = _quantize_one_block(
-                stream, i, inputs, layer_kwargs[i], settings, adapter, writers, mappings, skipped
-            )
+            sink = RecordingWriters(writers) if checkpoints else writers
+            new_mappings, n_skipped = dict(mappings), len(skipped)
+            if rtn:
+                block_layers = _rtn_one_block(stream, i, settings, adapter, sink)
+            else:
+                inputs, block_layers = _quantize_one_block(
+                    stream, i, inputs, layer_kwargs[i], settings, adapter, sink, new_mappings, skipped
+                )
+            if checkpoints:
+                added = {k: v for k, v in new_mappings.items() if k not in mappings}
+                checkpoints.save_block(i, sink, block_layers, added, skipped[n_skipped:])
+                checkpoints.save_inputs(i + 1, inputs)
+            mappings = new_mappings
             layers.extend(block_layers)
             done = i + 1
-            eta = (time.perf_counter() - started) / done * (stream.n_blocks - done)
+            eta = (time.perf_counter() - started) / (done - first) * (stream.n_blocks - done)
             job.report(
                 done / stream.n_blocks,
                 f"block {done}/{stream.n_blocks}",
@@ -213,6 +258,10 @@ def run_quantization(
         # -- evaluate
         eval_info = None
         metrics: dict = {"fp_perplexity": None, "quant_perplexity": None}
+        if calibration_info is not None:
+            metrics["calibration_samples"] = calibration_info["samples"]
+            metrics["calibration_tokens"] = calibration_info["tokens"]
+            metrics["calibration_shortfall"] = calibration_info["shortfall"]
         if spec.eval.enabled:
             job.stage("evaluate", "evaluating perplexity (FP and quantized)")
             eval_info = _evaluate(
@@ -220,6 +269,7 @@ def run_quantization(
             )
             metrics["fp_perplexity"] = eval_info["fp"]["perplexity"]
             metrics["quant_perplexity"] = (eval_info.get("quantized") or {}).get("perplexity")
+            metrics["eval_tokens"] = eval_info["cost"]["tokens"]
 
         # -- package
         job.stage("package", "writing report, model card and manifest")
@@ -247,10 +297,12 @@ def run_quantization(
             skipped=skipped,
             artifacts=final_dirs,
             eval_info=eval_info,
+            calibration=calibration_info,
         )
         card = ModelCardInfo.from_spec(
             spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
         )
+        card.base_model_revision = resolved.revision or spec.revision  # the commit sha for a hub model
         for w in writers:
             reporting.write_report(w.staging_dir, report)
             w.finalize(card)
@@ -263,6 +315,7 @@ def run_quantization(
             metrics=metrics,
             layers=layers,
             report_path=final_dirs[writers[0].fmt] / reporting.REPORT_NAME,
+            source_revision=resolved.revision,
         )
     except BaseException:
         for w in writers:
@@ -301,10 +354,36 @@ def _quantize_one_block(stream, i, inputs, layer_kwargs, settings, adapter, writ
     return outputs, layer_metrics
 
 
+def _rtn_one_block(stream, i, settings, adapter, writers) -> list:
+    """Round-to-nearest for block i from its weights alone (no calibration data): codes as quantize_block's rtn
+    method computes them; no output error is measured (the metrics are NaN, null in the report)."""
+    from awqforge.awq import LayerMetric
+    from awqforge.quant import quantize_tensor
+
+    prefix = stream.block_prefix(i)
+    block = stream.load_block(i)
+    exclude, metrics = set(), []
+    for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns).items():
+        qt = quantize_tensor(linear.weight.detach().float(), settings.bits, settings.group_size, settings.zero_point)
+        bias = None if linear.bias is None else linear.bias.detach().to(stream.checkpoint_dtype)
+        name = adapter.checkpoint_name(f"{prefix}.{rel}")
+        for w in writers:
+            w.add_quantized(name, qt, bias)
+        exclude.update({f"{rel}.weight", f"{rel}.bias"})
+        metrics.append(LayerMetric(rel, i, math.nan, math.nan, None, None))
+    for name, tensor in stream.block_tensors_for_checkpoint(i, exclude).items():
+        for w in writers:
+            w.add_tensor(name, tensor)
+    del block
+    stream.free_block(i)
+    return metrics
+
+
 def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dtype, job: _Job) -> dict:
     """FP perplexity (the source checkpoint streamed block by block) and quantized perplexity (load_quantized
-    on the first format's staging folder, i.e. our QuantLinear kernels)."""
-    from awqforge.evaluate import perplexity, streamed_perplexity
+    on the first format's staging folder, i.e. our QuantLinear kernels). Progress (with ETA) counts the FP
+    blocks, then the quantized windows; the cost (time, tokens) is in the result."""
+    from awqforge.evaluate import eval_windows, perplexity, streamed_perplexity
     from awqforge.loading import load_quantized
     from awqforge.streaming import StreamingModel
 
@@ -312,18 +391,47 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
     info: dict = {
         "text": ev.text or "built-in English text (awqforge/data/eval_en.txt)",
         "format": writer.fmt,
+        "max_seqs": ev.max_seqs,
     }
     fp_stream = StreamingModel.from_resolved(resolved, adapter, device=device, dtype=dtype)
-    info["fp"] = streamed_perplexity(fp_stream, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs)
+    n_windows = len(eval_windows(tokenizer, text, ev.seq_len, ev.max_seqs))
+    n_steps = fp_stream.n_blocks + n_windows
+    started = time.perf_counter()
+
+    def step(done: int) -> None:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done * (n_steps - done) if done else None
+        job.report(done / n_steps, f"evaluate {done}/{n_steps}", step=done, n_steps=n_steps, eta_s=eta)
+
+    info["fp"] = streamed_perplexity(
+        fp_stream, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs, progress=lambda d, _t: step(d)
+    )
+    fp_s = time.perf_counter() - started
     del fp_stream
-    job.report(0.5, f"FP perplexity {info['fp']['perplexity']:.3f}")
+    job.log(f"FP perplexity {info['fp']['perplexity']:.3f}")
     job.check_cancel()
     # The artifact must load through our own loader: a failure here fails the job rather than shipping an
     # artifact nobody has run.
     qmodel = load_quantized(writer.staging_dir, device=device, dtype=dtype)
-    info["quantized"] = perplexity(qmodel, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs)
+    n_fp_steps = n_steps - n_windows
+    info["quantized"] = perplexity(
+        qmodel,
+        tokenizer,
+        text,
+        seq_len=ev.seq_len,
+        max_seqs=ev.max_seqs,
+        progress=lambda d, _t: step(n_fp_steps + d),
+    )
     del qmodel
-    job.report(1.0, f"quantized perplexity {info['quantized']['perplexity']:.3f}")
+    total_s = time.perf_counter() - started
+    info["cost"] = {
+        "wall_s": round(total_s, 3),
+        "fp_s": round(fp_s, 3),
+        "quantized_s": round(total_s - fp_s, 3),
+        "windows": n_windows,
+        "tokens": n_windows * info["fp"]["seq_len"] * 2,  # each window runs through both models
+    }
+    job.log(f"quantized perplexity {info['quantized']['perplexity']:.3f}")
     return info
 
 

@@ -73,8 +73,12 @@ def build_report(
     skipped: list[str],
     artifacts: dict[str, Path],
     eval_info: dict | None,
+    calibration: dict | None = None,
 ) -> dict:
-    """The report as a JSON-ready dict. The job spec is included without the publish token."""
+    """The report as a JSON-ready dict. The job spec is included without the publish token. `method` says in
+    words what ran (the model card's labels); `calibration` the real sample and token counts (None: RTN)."""
+    from awqforge.formats.card import describe_method
+
     settings = spec.model_dump(mode="json")
     if settings.get("publish"):
         settings["publish"].pop("token", None)
@@ -82,6 +86,8 @@ def build_report(
         {
             "awqforge_version": _version(),
             "settings": settings,
+            "method": describe_method(spec),
+            "calibration": calibration,
             "source": {
                 "path": str(resolved_path),
                 "revision": revision,

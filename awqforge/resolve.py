@@ -102,10 +102,17 @@ def resolve_spec_paths(spec, roots: Sequence[str | Path] | None):
 
 
 def resolve_model(
-    model: str, revision: str | None = None, *, allowed_roots: Sequence[str | Path] | None = None
+    model: str,
+    revision: str | None = None,
+    token: str | None = None,
+    *,
+    allowed_roots: Sequence[str | Path] | None = None,
 ) -> ResolvedModel:
     """Local folder or hub id -> ResolvedModel; safetensors only. Raises InputError / HubUnavailable.
-    A local folder must lie under `allowed_roots` (None: anywhere)."""
+
+    A local folder must lie under `allowed_roots` (None: anywhere). For a hub id, `revision` (default main)
+    is resolved to its commit sha, which becomes `.revision`; `token` reads private and gated repos (None:
+    the client's own, from HF_TOKEN or a login)."""
     if is_local_reference(model):
         path = resolve_local_path(model, allowed_roots, what="model")
         if not path.exists():
@@ -116,7 +123,7 @@ def resolve_model(
             )
         rev = revision
     else:
-        path, rev = _download_from_hub(model, revision)
+        path, rev = download_from_hub(model, revision, token)
     weight_files = safetensors_files(path, source=model)
     return ResolvedModel(path=path, revision=rev, config=load_config(path), weight_files=weight_files)
 
@@ -179,7 +186,41 @@ def _weight_patterns(files: list[str]) -> list[str]:
     return [f for f in top if f.endswith(".safetensors")]
 
 
-def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | None]:
+def _hub_error(repo_id: str, revision: str | None, token: str | None, exc: Exception) -> InputError:
+    """A hub refusal as a reason the user can act on: 401, 403 and 404 told apart."""
+    from huggingface_hub import errors as hf_errors
+
+    status = getattr(getattr(exc, "response", None), "status_code", None)
+    if isinstance(exc, hf_errors.GatedRepoError):
+        if not token:
+            return InputError(
+                f"{repo_id} is gated (401 without a token): accept its terms on the Hub, then give "
+                "source.token (a read token of the account that accepted them)"
+            )
+        return InputError(
+            f"{repo_id} is gated and this token has no access ({status}): accept the repo's terms with the "
+            "token's account, or use a token that has"
+        )
+    if isinstance(exc, hf_errors.RevisionNotFoundError):
+        return InputError(f"revision {revision!r} not found in {repo_id} (404): give a branch, tag or commit")
+    if isinstance(exc, hf_errors.RepositoryNotFoundError):
+        if token:
+            return InputError(f"model {repo_id!r} not found on the Hub (404), or this token cannot read it")
+        return InputError(
+            f"model {repo_id!r} not found on the Hub (404), or private: give source.token to read it"
+        )
+    if status == 401:
+        return InputError(f"the Hub refused the token for {repo_id} (401): it is invalid or expired")
+    if status == 403:
+        return InputError(f"the token may not read {repo_id} (403): use a token with read access")
+    return InputError(f"the Hub refused {repo_id}: {exc}")
+
+
+def download_from_hub(
+    repo_id: str, revision: str | None, token: str | None = None
+) -> tuple[Path, str | None]:
+    """The one hub download path: resolve the revision to a commit sha, check what the repo holds, then
+    fetch only config, tokenizer, generation files and safetensors weights at that sha."""
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub import errors as hf_errors
 
@@ -198,19 +239,22 @@ def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | 
                 f"(HF_HOME={os.environ.get('HF_HOME', '~/.cache/huggingface')}). Download it where the Hub is "
                 "reachable, or pass a local checkpoint folder."
             ) from exc
-        return Path(folder), revision
+        return Path(folder), Path(folder).name  # the cache's snapshot folder is named by the commit sha
 
     if _hub_offline():
         return from_cache("HF_HUB_OFFLINE is set")
+    api = HfApi(token=token)
     try:
-        files = HfApi().list_repo_files(repo_id, revision=revision)
-    except hf_errors.GatedRepoError as exc:
-        raise InputError(f"{repo_id} is gated: accept its terms on the Hub and set HF_TOKEN ({exc})") from exc
-    except hf_errors.RepositoryNotFoundError as exc:
-        raise InputError(f"model {repo_id!r} not found on the Hub (or private: set HF_TOKEN)") from exc
-    except hf_errors.RevisionNotFoundError as exc:
-        raise InputError(f"revision {revision!r} not found in {repo_id}") from exc
+        info = api.model_info(repo_id, revision=revision or "main")
+    except (
+        hf_errors.RepositoryNotFoundError,
+        hf_errors.RevisionNotFoundError,
+        hf_errors.GatedRepoError,
+    ) as exc:
+        raise _hub_error(repo_id, revision, token, exc) from exc
     except hf_errors.HfHubHTTPError as exc:
+        if getattr(exc.response, "status_code", None) in (401, 403):
+            raise _hub_error(repo_id, revision, token, exc) from exc
         return from_cache(f"the Hub answered with an error ({exc})")
     except (OSError, ConnectionError) as exc:
         return from_cache(f"the Hub is unreachable ({type(exc).__name__})")
@@ -218,12 +262,38 @@ def _download_from_hub(repo_id: str, revision: str | None) -> tuple[Path, str | 
         if "connect" in type(exc).__name__.lower() or "timeout" in type(exc).__name__.lower():
             return from_cache(f"the Hub is unreachable ({type(exc).__name__})")
         raise
+    sha = info.sha
+    files = [s.rfilename for s in (info.siblings or [])]
+    if info.gated and not token:
+        raise InputError(
+            f"{repo_id} is gated: accept its terms on the Hub, then give source.token (a read token of the "
+            "account that accepted them)"
+        )
+    code = [f for f in files if f.endswith(".py")]
+    if code:
+        raise InputError(
+            f"{repo_id} ships model code ({', '.join(code[:3])}); AWQForge never runs remote code "
+            "(trust_remote_code): use a model whose architecture transformers supports natively"
+        )
     weights = _weight_patterns(files)
     if not weights:
         pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES)]
         what = f"only PyTorch pickle weights ({', '.join(pickles[:3])})" if pickles else "no weights"
         raise InputError(
-            f"{repo_id} has {what}; AWQForge loads safetensors only (pickles can run arbitrary code)."
+            f"{repo_id} has {what}; AWQForge loads safetensors only (pickles can run arbitrary code): use a "
+            "revision or repo that ships .safetensors"
         )
-    folder = snapshot_download(repo_id, revision=revision, allow_patterns=METADATA_PATTERNS + weights)
-    return Path(folder), revision
+    try:
+        meta = Path(snapshot_download(repo_id, revision=sha, allow_patterns=METADATA_PATTERNS, token=token))
+        config = json.loads((meta / "config.json").read_text()) if (meta / "config.json").is_file() else {}
+        if config.get("auto_map"):
+            raise InputError(
+                f"{repo_id} needs remote code (config.json has auto_map: {', '.join(config['auto_map'])}); "
+                "AWQForge never runs trust_remote_code"
+            )
+        folder = snapshot_download(
+            repo_id, revision=sha, allow_patterns=METADATA_PATTERNS + weights, token=token
+        )
+    except (hf_errors.RepositoryNotFoundError, hf_errors.GatedRepoError) as exc:
+        raise _hub_error(repo_id, revision, token, exc) from exc
+    return Path(folder), sha

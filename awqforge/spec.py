@@ -12,15 +12,19 @@ from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-SUPPORTED_BITS = (2, 3, 4, 8)
-SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)
+from awqforge.limits import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from awqforge.patterns import validate_pattern
+
 MAX_PATH_CHARS = 500  # a model path or hub id (the jobs table's column is as wide)
 MAX_PATH_PART_CHARS = 255  # one path component (NAME_MAX)
 MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the generators a job seeds
+MAX_TOKEN_CHARS = 512  # hub tokens: long enough for any Hugging Face token, short enough to refuse a pasted file
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
-_CALIB_SOURCE = re.compile(r"^(pileval|self|hf:[^\s:]+(:[^\s:]+(:[^\s:]+)?)?|file:.+|upload:[A-Za-z0-9_-]+)$")
+_CALIB_SOURCE = re.compile(
+    r"^(pileval|self|hf:[^\s:@]+(@[^\s:@]+)?(:[^\s:]*){0,3}|file:.+|upload:[A-Za-z0-9_-]+)$"
+)
 
 
 class Method(str, Enum):
@@ -113,7 +117,7 @@ def _calibration_source(v: str) -> str:
     if not _CALIB_SOURCE.match(clean_text(v)):
         raise ValueError(
             f"calibration source {shown(v)} is not understood: use pileval, self, "
-            "hf:<dataset>[:<split>[:<column>]], file:<path> or upload:<id>"
+            "hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]], file:<path> or upload:<id>"
         )
     return v
 
@@ -163,11 +167,16 @@ GroupSize = Annotated[
     AfterValidator(_one_of("group_size", SUPPORTED_GROUP_SIZES)),
 ]
 ModulePatterns = Annotated[
-    list[Annotated[str, Field(min_length=1, max_length=200), AfterValidator(clean_text)]],
+    list[
+        Annotated[
+            str, Field(min_length=1, max_length=200), AfterValidator(clean_text), AfterValidator(validate_pattern)
+        ]
+    ],
     Field(
         max_length=256,
-        description="Extra module name patterns (fnmatch or substring) left in full precision; "
-        "lm_head and MoE routers always are",
+        description="Module name patterns left in full precision (globs over full module names or their tails: "
+        "'mlp.down_proj', 'model.layers.0.*', 'model.layers.*.mlp.down_proj'); a pattern that matches no module "
+        "fails the job before any work; lm_head and MoE routers always stay in full precision",
     ),
 ]
 CalibrationSource = Annotated[
@@ -175,7 +184,8 @@ CalibrationSource = Annotated[
     Field(
         min_length=1,
         max_length=1000,
-        description="pileval | self | hf:<dataset>[:<split>[:<column>]] | file:<path> | upload:<id>",
+        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        "| upload:<id>; jsonl/parquet rows with `messages` are rendered with the model's chat template",
         examples=["pileval"],
     ),
     AfterValidator(_calibration_source),
@@ -203,14 +213,23 @@ HubToken = Annotated[
     str,
     Field(
         min_length=1,
-        max_length=1000,
-        description="Hub token: encrypted at rest, used once, never returned",
+        max_length=MAX_TOKEN_CHARS,
+        description="Hub token: encrypted at rest, deleted when the job ends, never logged or returned",
         json_schema_extra={"writeOnly": True},
     ),
     AfterValidator(clean_text),
 ]
 NGrid = Annotated[int, Field(ge=2, le=100, description="points of the AWQ scale grid")]
 Seed = Annotated[int, Field(ge=0, le=MAX_SEED, description="random seed (calibration sampling, torch)")]
+RefineSteps = Annotated[
+    int,
+    Field(
+        ge=0,
+        le=10,
+        description="least-squares refits of each group's scale and zero for its output error after the clip "
+        "search; 0 gives AWQ as published",
+    ),
+]
 RoundingDescription = (
     "nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
     "with error feedback through the inverse input Gram matrix; same artifact format"
@@ -228,12 +247,24 @@ class QuantSettings(BaseModel):
     modules_to_not_convert: ModulePatterns = Field(default_factory=list)
 
 
+class Packing(str, Enum):
+    """How calibration texts become sequences (see awqforge.calibration)."""
+
+    CONCAT = "concat"
+    PER_SAMPLE = "per_sample"
+
+
 class CalibrationSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     source: CalibrationSource = "pileval"
     n_samples: NSamples = 128
     seq_len: CalibrationSeqLen = 512
+    packing: Packing = Field(
+        Packing.CONCAT,
+        description="concat (AutoAWQ: texts concatenated and cut into seq_len blocks) or per_sample "
+        "(llm-compressor: each text its own sequence, truncated at seq_len, padded, with an attention mask)",
+    )
 
 
 class EvalSpec(BaseModel):
@@ -242,7 +273,28 @@ class EvalSpec(BaseModel):
     enabled: bool = True
     text: EvalText | None = None
     seq_len: EvalSeqLen = 2048
-    max_seqs: MaxSeqs | None = None
+    max_seqs: MaxSeqs | None = Field(
+        16,
+        description="At most this many windows of seq_len tokens are scored (default 16: 32,768 tokens at "
+        "seq_len 2048, FP and quantized); null scores the whole text",
+    )
+
+
+def hub_namespace(repo_id: str) -> str:
+    """The `owner` of an `owner/name` repo id."""
+    return repo_id.split("/", 1)[0]
+
+
+class SourceSpec(BaseModel):
+    """How the source model is read from the hub."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    token: HubToken | None = Field(
+        None,
+        description="Hub read token for private or gated source models; encrypted at rest, deleted when the "
+        "job ends, never returned",
+    )
 
 
 class PublishSpec(BaseModel):
@@ -260,6 +312,7 @@ class JobSpec(BaseModel):
 
     model: ModelRef
     revision: Revision | None = None
+    source: SourceSpec = Field(default_factory=SourceSpec)
     method: Method = Method.AWQ
     quant: QuantSettings = Field(default_factory=QuantSettings)
     calibration: CalibrationSpec = Field(default_factory=CalibrationSpec)
@@ -270,6 +323,7 @@ class JobSpec(BaseModel):
     scale_search: ScaleSearch = ScaleSearch.DUO
     n_grid: NGrid = 20
     clip_search: bool = True
+    refine_steps: RefineSteps = 2
     rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
     seed: Seed = 0
 

@@ -16,15 +16,15 @@ from __future__ import annotations
 import ctypes
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from copy import deepcopy
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from awqforge.awq.capture import CapturedInputs, capture_layer_inputs
 from awqforge.errors import AWQForgeError, InputError
 
 _ITEM_BYTES = {
@@ -72,7 +72,7 @@ def pick_device(device: str | torch.device) -> torch.device:
 
 def compute_dtype(checkpoint_dtype: torch.dtype, device: torch.device) -> torch.dtype:
     """The dtype blocks run in: the checkpoint's on GPU; float32 on CPU, where bf16/fp16 matmuls are slow
-    and imprecise. Statistics and losses are float32 in any case (awq.py)."""
+    and imprecise. Statistics and losses are float32 in any case (awqforge.awq)."""
     if device.type == "cpu" or checkpoint_dtype not in (torch.float16, torch.bfloat16):
         return torch.float32
     return checkpoint_dtype
@@ -112,6 +112,10 @@ class ShardReader:
         if not counts:
             raise InputError("the checkpoint has no floating-point tensors")
         return SAFETENSORS_DTYPES[max(counts, key=counts.get)]
+
+    def get(self, name: str) -> torch.Tensor:
+        """One CPU tensor as stored."""
+        return next(self.read([name]))[1]
 
     def read(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
         """(name, CPU tensor as stored) for each name, grouped by shard file."""
@@ -174,42 +178,6 @@ def _checkpoint_to_module(
 # -- the streamed model -------------------------------------------------------------------------------
 
 
-# Cache plumbing the layers are called with; capture runs without a cache, and each block is re-run many times.
-_CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "use_cache", "cache_position")
-
-
-class _StopForward(Exception):
-    pass
-
-
-class _Recorder(nn.Module):
-    """Stands in for decoder layer `index` during capture: records what it is called with, passes through.
-
-    Two passes: one sample through every recorder for the kwargs (a batch of one, so masks and rotary tables
-    broadcast over any chunk of samples that quantize_block runs), then all samples up to layer 0 only.
-    """
-
-    def __init__(self, index: int, captured: CapturedInputs, stop: bool, record_inputs: bool) -> None:
-        super().__init__()
-        self.index, self.captured, self.stop, self.record_inputs = index, captured, stop, record_inputs
-
-    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
-            raise AWQForgeError(
-                f"decoder layer {self.index} is called with positional arguments besides hidden_states; "
-                "this model's calling convention is not supported"
-            )
-        if self.record_inputs:
-            self.captured.inputs = hidden_states
-        else:
-            for key in _CACHE_KWARGS:
-                kwargs.pop(key, None)
-            self.captured.layer_kwargs.append(kwargs)
-        if self.stop:
-            raise _StopForward
-        return hidden_states
-
-
 class _Inject(nn.Module):
     """A decoder layer stand-in that passes its input through, or returns a fixed output."""
 
@@ -219,14 +187,6 @@ class _Inject(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         return hidden_states if self.output is None else self.output.to(hidden_states.device)
-
-
-@dataclass
-class CapturedInputs:
-    """Block 0's input hidden states and each decoder layer's own kwargs (masks, rotary tables...)."""
-
-    inputs: torch.Tensor | None = None
-    layer_kwargs: list[dict[str, Any]] | None = None
 
 
 class StreamingModel:
@@ -406,36 +366,21 @@ class StreamingModel:
 
     # -- capture ------------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def capture(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> CapturedInputs:
-        """Run the model up to the blocks once, with every decoder layer replaced by a recorder.
-
-        Layer kwargs are recorded per layer because they differ between layers in some families (Gemma2/3
-        alternate sliding-window and full attention masks, Gemma3 local and global rotary tables).
-        """
-        captured = CapturedInputs(layer_kwargs=[])
-        originals = list(self.layers)
-        try:
-            for i in range(self.n_blocks):
-                self.layers[i] = _Recorder(i, captured, stop=i == self.n_blocks - 1, record_inputs=False)
-            self._run_until_stop(input_ids[:1], None if attention_mask is None else attention_mask[:1])
-            self.layers[0] = _Recorder(0, captured, stop=True, record_inputs=True)
-            self._run_until_stop(input_ids, attention_mask)
-        finally:
-            for i, layer in enumerate(originals):
-                self.layers[i] = layer
-        if captured.inputs is None or len(captured.layer_kwargs) != self.n_blocks:
-            raise AWQForgeError(
-                "capturing the decoder layers' inputs failed: the model did not call every layer"
-            )
-        return captured
+        """Block 0's inputs and every decoder layer's kwargs (see `awqforge.awq.capture`)."""
+        return capture_layer_inputs(self.model, self.layers, input_ids, attention_mask, device=self.device)
 
     @torch.no_grad()
-    def forward_blocks(self, input_ids: torch.Tensor, batch_size: int = 1) -> torch.Tensor:
-        """The last block's output for input_ids [n, seq], with one block in memory at a time."""
+    def forward_blocks(
+        self, input_ids: torch.Tensor, batch_size: int = 1, progress: Callable[[int, int], None] | None = None
+    ) -> torch.Tensor:
+        """The last block's output for input_ids [n, seq], with one block in memory at a time;
+        progress(blocks done, n_blocks) after each block."""
         captured = self.capture(input_ids)
         hidden = captured.inputs
         for i in range(self.n_blocks):
+            if progress is not None and i:
+                progress(i, self.n_blocks)
             block = self.load_block(i)
             outs = []
             for start in range(0, len(hidden), batch_size):
@@ -443,6 +388,8 @@ class StreamingModel:
                 outs.append(out[0] if isinstance(out, tuple) else out)
             hidden = torch.cat(outs)
             self.free_block(i)
+        if progress is not None:
+            progress(self.n_blocks, self.n_blocks)
         return hidden
 
     @torch.no_grad()
@@ -457,16 +404,6 @@ class StreamingModel:
         finally:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
-
-    def _run_until_stop(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        kwargs: dict[str, Any] = {"use_cache": False}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask.to(self.device)
-        try:
-            self.model(input_ids=input_ids.to(self.device), **kwargs)
-        except _StopForward:
-            return
-        raise AWQForgeError("capture ran past the last decoder layer")
 
 
 def checkpoint_dtype(path: Path) -> torch.dtype:

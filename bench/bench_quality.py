@@ -1,5 +1,8 @@
 """Quality and speed: FP, RTN, our AWQ and llm-compressor's AWQModifier on SmolLM2-135M-Instruct, same data.
 
+llm-compressor gives two rows: AWQModifier + QuantizationModifier (round to nearest, the peer of our default)
+and AWQModifier + GPTQModifier (the stronger peer of our rounding=gptq; --llmc-recipes picks).
+
     python bench/bench_quality.py                      # W4 g64 and W3 g64, llm-compressor from /work/venvs/llmc
     python bench/bench_quality.py --bits 4 --skip-llmc
 
@@ -131,8 +134,10 @@ def run_llmc(
     threads: int,
     duo_scaling: str,
     log_path: Path,
+    gptq: bool = False,
 ) -> dict:
-    """bench/llmc_awq.py in llm-compressor's virtualenv; its chatter goes to log_path."""
+    """bench/llmc_awq.py in llm-compressor's virtualenv; its chatter goes to log_path. gptq: AWQModifier then
+    GPTQModifier, llm-compressor's stronger recipe (the peer of our rounding=gptq)."""
     cmd = [
         python,
         str(REPO / "bench" / "llmc_awq.py"),
@@ -148,7 +153,7 @@ def run_llmc(
         str(threads),
         "--duo-scaling",
         duo_scaling,
-    ]
+    ] + (["--gptq"] if gptq else [])
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with log_path.open("w") as log:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=env, check=False)
@@ -173,12 +178,12 @@ def print_report(fp: dict, rows: list[dict], meta: dict) -> list[str]:
         f"evaluation {fp['n_windows']} x {meta['eval_seq_len']} tokens, {meta['threads']} threads"
     )
     print(f"FP perplexity (float32): {fp['perplexity']:.3f}\n")
-    head = f"{'bits':>4}  {'method':<30} {'ppl':>9} {'+ppl vs FP':>10} {'RTN gap closed':>15} {'wall s':>8} {'CPU s':>8} {'quantize s':>10}"
+    head = f"{'bits':>4}  {'method':<48} {'ppl':>9} {'+ppl vs FP':>10} {'RTN gap closed':>15} {'wall s':>8} {'CPU s':>8} {'quantize s':>10}"
     print(head)
     print("-" * len(head))
     for r in rows:
         print(
-            f"{r['bits']:>4}  {r['label']:<30} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
+            f"{r['bits']:>4}  {r['label']:<48} {r['perplexity']:>9.3f} {r['perplexity'] - fp['perplexity']:>10.3f} "
             f"{_fmt(r.get('gap_closed', float('nan')) * 100, '.1f') + '%':>15} {_fmt(r.get('wall_s'), '.1f'):>8} "
             f"{_fmt(r.get('cpu_s'), '.1f'):>8} "
             f"{_fmt(r.get('quantize_s'), '.1f'):>10}"
@@ -186,9 +191,11 @@ def print_report(fp: dict, rows: list[dict], meta: dict) -> list[str]:
     targets = []
     for bits in meta["bits"]:
         by = {r["key"]: r for r in rows if r["bits"] == bits}
-        llmc = by.get("llmc")
+        # each of our rows against its peer: nearest rounding vs AWQ + round to nearest, our GPTQ rounding vs
+        # AWQModifier + GPTQModifier (when that row ran)
+        peers = {"awq": by.get("llmc"), "awq+gptq": by.get("llmc+gptq") or by.get("llmc")}
         for key, label in OURS.values():
-            targets += _targets(bits, label, by.get(key), llmc)
+            targets += _targets(bits, label, by.get(key), peers[key])
     print()
     for line in targets:
         print(line)
@@ -239,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
         help="llm-compressor's duo_scaling (its default is true, like ours)",
     )
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument(
+        "--llmc-recipes",
+        default="both",
+        choices=["awq", "awq+gptq", "both"],
+        help="llm-compressor rows: AWQModifier + round to nearest, AWQModifier + GPTQModifier, or both (default)",
+    )
     ap.add_argument("--skip-rtn", action="store_true")
     ap.add_argument(
         "--rounding",
@@ -352,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             key, label = OURS[rounding]
             rows.append({**ours, "key": key, "label": label, "wall_s": ours["total_s"]})
             print(f"W{bits} {label}: {ours['perplexity']:.3f} in {ours['total_s']:.1f} s", flush=True)
-        if not args.skip_llmc:
+        recipes = {"awq": [False], "awq+gptq": [True], "both": [False, True]}[args.llmc_recipes]
+        for gptq in [] if args.skip_llmc else recipes:
             llmc = run_llmc(
                 args.llmc_python,
                 ckpt,
@@ -361,19 +375,21 @@ def main(argv: list[str] | None = None) -> int:
                 group_size=args.group_size,
                 threads=threads,
                 duo_scaling=args.llmc_duo_scaling,
-                log_path=work / f"llmc-w{bits}.log",
+                log_path=work / f"llmc-w{bits}{'-gptq' if gptq else ''}.log",
+                gptq=gptq,
             )
+            label = f"AWQ (llm-compressor {llmc['version']})"
             rows.append(
                 {
                     **llmc,
-                    "key": "llmc",
-                    "label": f"AWQ (llm-compressor {llmc['version']})",
+                    "key": "llmc+gptq" if gptq else "llmc",
+                    "label": f"AWQ + GPTQModifier (llm-compressor {llmc['version']})" if gptq else label,
                     "wall_s": llmc["oneshot_s"],
                     "cpu_s": llmc.get("oneshot_cpu_s"),
                 }
             )
             print(
-                f"W{bits} llm-compressor: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True
+                f"W{bits} {rows[-1]['label']}: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True
             )
         if rtn:
             for r in rows:

@@ -5,7 +5,11 @@ Runs with llm-compressor's own virtualenv (it pins its own transformers), never 
     /work/venvs/llmc/bin/python bench/llmc_awq.py --model CKPT_DIR --data data.pt --bits 4 --group-size 64
 
 `data.pt` holds {"calib": LongTensor [n, seq], "eval": LongTensor [w, seq_len]} written by bench_quality.py, so
-both sides see the same tokens; perplexity comes from bench/common.py, the function our side uses too.
+both sides see the same tokens; perplexity comes from bench/common.py, the function our side uses too. With
+"calib_rows" (a list of token lists of any length, written by bench_calibration.py) each row is one sample,
+llm-compressor's own way with a text dataset, run in batches of one (no padding).
+`--gptq`: AWQModifier followed by GPTQModifier (llm-compressor's strongest weight-only recipe) instead of
+QuantizationModifier (round to nearest), the peer of our `rounding=gptq`.
 Only the `oneshot` call is timed (model loading and evaluation are not).
 """
 
@@ -29,9 +33,9 @@ def _no_pin_memory_without_cuda() -> None:
         torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
 
 
-def _recipe(bits: int, group_size: int, symmetric: bool, duo_scaling, n_grid: int) -> list:
+def _recipe(bits: int, group_size: int, symmetric: bool, duo_scaling, n_grid: int, gptq: bool = False) -> list:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
-    from llmcompressor.modifiers.quantization import QuantizationModifier
+    from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
 
     # The presets (W4A16_ASYM, W3A16) fix group 128 and W3A16 is symmetric: build the scheme by hand.
@@ -46,9 +50,10 @@ def _recipe(bits: int, group_size: int, symmetric: bool, duo_scaling, n_grid: in
             dynamic=False,
         ),
     )
+    rounding = GPTQModifier if gptq else QuantizationModifier
     return [
         AWQModifier(duo_scaling=duo_scaling, n_grid=n_grid),
-        QuantizationModifier(config_groups={"group_0": scheme}, ignore=["lm_head"]),
+        rounding(config_groups={"group_0": scheme}, ignore=["lm_head"]),
     ]
 
 
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-eval", action="store_true")
+    ap.add_argument("--gptq", action="store_true", help="AWQModifier then GPTQModifier (not round to nearest)")
     args = ap.parse_args(argv)
 
     threads = common.set_threads(args.threads)
@@ -93,17 +99,23 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     data = torch.load(args.data)
-    calib: torch.Tensor = data["calib"]
-    n, seq = calib.shape
-    dataset = Dataset.from_dict(
-        {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
-    )
+    rows = data.get("calib_rows")
+    if rows is not None:  # one sample per text, of its own length: batches of one, as llm-compressor does
+        n, seq = len(rows), max(len(r) for r in rows)
+        dataset = Dataset.from_dict({"input_ids": rows, "attention_mask": [[1] * len(r) for r in rows]})
+        args.batch_size = 1
+    else:
+        calib: torch.Tensor = data["calib"]
+        n, seq = calib.shape
+        dataset = Dataset.from_dict(
+            {"input_ids": calib.tolist(), "attention_mask": torch.ones_like(calib).tolist()}
+        )
 
     dtype = getattr(torch, args.dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     duo = {"true": True, "false": False, "both": "both"}[args.duo_scaling]
-    recipe = _recipe(args.bits, args.group_size, args.symmetric, duo, args.n_grid)
+    recipe = _recipe(args.bits, args.group_size, args.symmetric, duo, args.n_grid, args.gptq)
 
     cpu0 = time.process_time()
     with common.Timer() as t:
@@ -128,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         "symmetric": args.symmetric,
         "duo_scaling": args.duo_scaling,
         "n_grid": args.n_grid,
+        "gptq": args.gptq,
+        "per_sample": rows is not None,
+        "calib_tokens": sum(len(r) for r in rows) if rows is not None else n * seq,
         "dtype": args.dtype,
         "threads": threads,
         "calib_shape": [n, seq],

@@ -7,7 +7,7 @@ import torch
 from tiny_models import FAMILIES, build_tiny_model, tiny_input_ids
 
 from awqforge.arch import get_adapter
-from awqforge.awq import BlockSettings, NumericalError, capture_block_inputs, quantize_block
+from awqforge.awq import BlockSettings, NumericalError, capture_layer_inputs, quantize_block
 from awqforge.quant import fake_quantize
 
 
@@ -21,27 +21,29 @@ def _one_thread():
 
 
 def quantize_model(model, ids, settings):
-    """Capture every block's FP inputs, then quantize the blocks in order; returns the BlockResults."""
+    """Capture block 0's inputs and every layer's kwargs (the pipeline's capture), then quantize the blocks
+    in order, each on the previous block's FP output; returns the BlockResults."""
     adapter = get_adapter(model.config)
-    captured = capture_block_inputs(model, ids)
-    # the light capture (blocks bypassed) gives the same block-0 inputs and every block's kwargs
-    light = capture_block_inputs(model, ids, run_layers=False)
-    torch.testing.assert_close(light[0][0], captured[0][0])
-    assert [kw.keys() for _, kw in light] == [kw.keys() for _, kw in captured]
-    results = []
-    for i, block in enumerate(adapter.get_layers(model)):
+    layers = adapter.get_layers(model)
+    with torch.no_grad():
+        ref_hidden = model(ids, output_hidden_states=True).hidden_states  # [i]: block i's FP input
+    captured = capture_layer_inputs(model, layers, ids)
+    torch.testing.assert_close(captured.inputs, ref_hidden[0])
+    x, results = captured.inputs, []
+    for i, block in enumerate(layers):
         res = quantize_block(
             block,
-            captured[i][0],
-            light[i][1],  # as a streaming pipeline would: only the kwargs of the light capture
+            x,
+            captured.layer_kwargs[i],
             settings=settings,
             adapter=adapter,
             block_index=i,
             block_prefix=f"{adapter.layers_attr}.{i}",
         )
-        if i + 1 < len(captured):
+        if i + 1 < len(layers):
             # the FP block output is the next block's FP input
-            torch.testing.assert_close(res.outputs, captured[i + 1][0], rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(res.outputs, ref_hidden[i + 1], rtol=1e-4, atol=1e-5)
+        x = res.outputs
         results.append(res)
     return results
 
@@ -128,13 +130,13 @@ def test_half_precision_blocks(dtype):
     for method in ("rtn", "awq"):
         model = build_tiny_model("llama", dtype=dtype)
         adapter = get_adapter(model.config)
-        captured = capture_block_inputs(model, ids)
-        x = captured[0][0]
+        captured = capture_layer_inputs(model, adapter.get_layers(model), ids)
+        x = captured.inputs
         for i, block in enumerate(adapter.get_layers(model)):
             res = quantize_block(
                 block,
                 x,
-                captured[i][1],
+                captured.layer_kwargs[i],
                 settings=BlockSettings(method=method, bits=3, group_size=32),
                 adapter=adapter,
                 block_index=i,
@@ -185,14 +187,14 @@ def test_skip_patterns_leave_layers_in_full_precision():
 def test_nan_input_names_block_and_layer():
     model = build_tiny_model("llama")
     adapter = get_adapter(model.config)
-    captured = capture_block_inputs(model, tiny_input_ids(2, 16))
-    x = captured[0][0].clone()
+    captured = capture_layer_inputs(model, adapter.get_layers(model), tiny_input_ids(2, 16))
+    x = captured.inputs.clone()
     x[0, 3, 5] = float("nan")
     with pytest.raises(NumericalError, match=r"block 0 \(model.layers.0\)"):
         quantize_block(
             model.model.layers[0],
             x,
-            captured[0][1],
+            captured.layer_kwargs[0],
             settings=BlockSettings(),
             adapter=adapter,
             block_index=0,
@@ -203,30 +205,32 @@ def test_nan_input_names_block_and_layer():
 def test_nan_weight_names_the_layer():
     model = build_tiny_model("llama")
     adapter = get_adapter(model.config)
-    captured = capture_block_inputs(model, tiny_input_ids(2, 16))
+    ids = tiny_input_ids(2, 16)
+    captured = capture_layer_inputs(model, adapter.get_layers(model), ids)
+    with torch.no_grad():
+        x1 = model(ids, output_hidden_states=True).hidden_states[1]
     block = model.model.layers[1]
     with torch.no_grad():
         block.mlp.down_proj.weight[0, 0] = float("inf")
     with pytest.raises(NumericalError, match="block 1"):
         quantize_block(
-            block, captured[1][0], captured[1][1], settings=BlockSettings(), adapter=adapter, block_index=1
+            block, x1, captured.layer_kwargs[1], settings=BlockSettings(), adapter=adapter, block_index=1
         )
 
 
-def test_capture_without_running_layers_gives_per_layer_kwargs():
+def test_capture_gives_block0_inputs_and_per_layer_kwargs():
     model = build_tiny_model("gemma2")
     ids = tiny_input_ids(3, 32)
-    full = capture_block_inputs(model, ids, batch_size=2)
-    light = capture_block_inputs(model, ids, run_layers=False)
-    assert len(full) == len(light) == 2
-    assert full[0][0].shape == (3, 32, 128)
-    torch.testing.assert_close(light[0][0], full[0][0])
-    assert light[1][0] is None
-    masks = [kw["attention_mask"] for _, kw in full]
+    captured = capture_layer_inputs(model, model.model.layers, ids)
+    with torch.no_grad():
+        ref = model(ids, output_hidden_states=True).hidden_states[0]
+    assert captured.inputs.shape == (3, 32, 128)
+    torch.testing.assert_close(captured.inputs, ref)
+    assert len(captured.layer_kwargs) == 2
+    masks = [kw["attention_mask"] for kw in captured.layer_kwargs]
+    assert masks[0].shape[0] == 1  # a batch of one: broadcasts over any chunk of samples
     assert not torch.equal(masks[0], masks[1])  # sliding-window layer vs full-attention layer
-    for (_, a), (_, b) in zip(full, light, strict=True):
-        assert a.keys() == b.keys()
-        torch.testing.assert_close(a["attention_mask"], b["attention_mask"])
+    assert all("past_key_values" not in kw and "use_cache" not in kw for kw in captured.layer_kwargs)
 
 
 def test_two_stage_search_matches_exhaustive_search_closely():
@@ -246,14 +250,14 @@ def _correlated_layer(out_f=48, in_f=128, n=512, seed=0):
 
 @pytest.mark.parametrize("zero_point", [True, False])
 def test_least_squares_refit_never_raises_a_groups_error(zero_point):
-    from awqforge.awq import _group_blocks, _refine_qparams, _search_clip
+    from awqforge.awq.qparams import group_blocks, refine_qparams, search_clip
     from awqforge.quant import dequantize, quantize_with_qparams
 
     w, gram, _ = _correlated_layer()
     s = BlockSettings(bits=3, group_size=32, zero_point=zero_point)
-    scales, zeros, _ = _search_clip(w, gram, s)
-    new_s, new_z, changed = _refine_qparams(w, gram, scales, zeros, s)
-    blocks = _group_blocks(gram, 128, 32)
+    scales, zeros, _ = search_clip(w, gram, s)
+    new_s, new_z, changed = refine_qparams(w, gram, scales, zeros, s)
+    blocks = group_blocks(gram, 128, 32)
 
     def group_err(sc, z):
         d = (dequantize(quantize_with_qparams(w, sc, z, 3, 32), sc, z, 32) - w).reshape(48, 4, 32)
@@ -268,14 +272,14 @@ def test_least_squares_refit_never_raises_a_groups_error(zero_point):
 
 
 def test_gptq_rounding_lowers_the_output_error_of_fixed_qparams():
-    from awqforge.awq import _gptq_codes
+    from awqforge.awq.gptq import gptq_codes
     from awqforge.quant import compute_qparams, dequantize, quantize_with_qparams
 
     w, gram, x = _correlated_layer()
     s = BlockSettings(bits=3, group_size=32)
     scales, zeros = compute_qparams(w, 3, 32)
     q_near = quantize_with_qparams(w, scales, zeros, 3, 32)
-    q_gptq = _gptq_codes(w, gram, scales, zeros, s)
+    q_gptq = gptq_codes(w, gram, scales, zeros, s)
     assert q_gptq.min() >= 0 and q_gptq.max() <= 7 and torch.equal(q_gptq, q_gptq.round())
     err = {}
     for name, q in (("nearest", q_near), ("gptq", q_gptq.to(torch.uint8))):
@@ -284,7 +288,7 @@ def test_gptq_rounding_lowers_the_output_error_of_fixed_qparams():
     # a Gram with an all-zero input column (a dead channel) still gives valid codes
     gram[5, :] = 0
     gram[:, 5] = 0
-    q_dead = _gptq_codes(w, gram, scales, zeros, s)
+    q_dead = gptq_codes(w, gram, scales, zeros, s)
     assert torch.isfinite(q_dead).all() and q_dead.max() <= 7
 
 
@@ -303,13 +307,13 @@ def test_gptq_rounding_in_a_block_beats_nearest():
 def test_few_tokens_losses_from_the_inputs_equal_the_gram_form(monkeypatch):
     """With fewer calibration tokens than a linear's input width, its losses come from the kept inputs
     (||X D^T||^2 / n, cheaper); they must equal the Gram form sum(D G * D)."""
-    import awqforge.awq as awq_mod
+    from awqforge.awq.search import Stats
 
     ids = tiny_input_ids(4, 48)  # 192 tokens: fewer than down_proj's 256 inputs, more than 128
     s = BlockSettings(bits=4, group_size=32)
     _, fast = logits_mse("llama", ids, s)
     kept = []
-    real = awq_mod._Stats.inputs_of
+    real = Stats.inputs_of
 
     def gram_only(self, name):
         inp = real(self, name)
@@ -319,7 +323,7 @@ def test_few_tokens_losses_from_the_inputs_equal_the_gram_form(monkeypatch):
             inp.x = None
         return inp
 
-    monkeypatch.setattr(awq_mod._Stats, "inputs_of", gram_only)
+    monkeypatch.setattr(Stats, "inputs_of", gram_only)
     _, slow = logits_mse("llama", ids, s)
     assert kept and all(n.endswith("down_proj") for n in kept)
     for a, b in zip(fast, slow, strict=True):

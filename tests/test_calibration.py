@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pyarrow as pa
@@ -12,10 +13,15 @@ import torch
 from awqforge.calibration import (
     BUNDLED_CALIBRATION_TEXT,
     BUNDLED_EVAL_TEXT,
+    MIN_CALIBRATION_TOKENS,
+    HubDatasetSource,
     _in_split,
+    build_calibration,
+    dataset_files,
     generate_self_samples,
     iter_source_texts,
     load_calibration,
+    parse_hf_source,
     read_text,
     token_blocks,
 )
@@ -57,14 +63,144 @@ def test_file_sources_read_documents(doc_files, kind, tiny_tokenizer):
     assert torch.equal(blocks.flatten(), expected_ids(tiny_tokenizer, DOCS, 32))
 
 
-def test_too_little_text_says_found_and_needed(doc_files, tiny_tokenizer):
-    found = len(expected_ids(tiny_tokenizer, DOCS, 10**6))
+@pytest.mark.parametrize("packing", ["concat", "per_sample"])
+def test_too_little_text_below_the_floor_is_refused_with_the_floor(doc_files, tiny_tokenizer, packing):
+    special = packing == "per_sample"  # each text a document: with the tokenizer's BOS, if it adds one
+    found = sum(len(tiny_tokenizer(d, add_special_tokens=special)["input_ids"]) for d in DOCS)
     with pytest.raises(InputError) as info:
         load_calibration(
-            CalibrationSpec(source=f"file:{doc_files['txt']}", n_samples=128, seq_len=512), tiny_tokenizer
+            CalibrationSpec(source=f"file:{doc_files['txt']}", n_samples=128, seq_len=512, packing=packing),
+            tiny_tokenizer,
         )
     msg = str(info.value)
-    assert f"{found} tokens found" in msg and "65536 needed" in msg
+    assert f"{found} tokens found" in msg and f"at least {MIN_CALIBRATION_TOKENS} needed" in msg
+    assert "n_samples x seq_len = 65536" in msg
+
+
+def paragraphs(n: int) -> list[str]:
+    """The first n paragraphs of the bundled calibration text that are at least 200 characters long."""
+    docs = [p.strip() for p in BUNDLED_CALIBRATION_TEXT.read_text().split("\n\n") if len(p.strip()) >= 200]
+    return docs[:n]
+
+
+@pytest.fixture
+def short_jsonl(tmp_path):
+    """32 paragraphs as a jsonl of `text` lines, as a new user would bring (the issue's case)."""
+    path = tmp_path / "short.jsonl"
+    path.write_text("".join(json.dumps({"text": d}) + "\n" for d in paragraphs(32)))
+    return path
+
+
+def test_short_source_is_used_as_far_as_it_goes_concat(short_jsonl, tiny_tokenizer):
+    total = sum(len(tiny_tokenizer(d, add_special_tokens=False)["input_ids"]) for d in paragraphs(32))
+    assert MIN_CALIBRATION_TOKENS <= total < 32 * 512  # the premise: less than asked, more than the floor
+    cal = build_calibration(
+        CalibrationSpec(source=f"file:{short_jsonl}", n_samples=32, seq_len=512), tiny_tokenizer
+    )
+    assert cal.input_ids.shape == (total // 512, 512) and cal.attention_mask is None
+    summary = cal.summary()
+    assert summary["samples"] == total // 512 and summary["tokens"] == (total // 512) * 512
+    assert summary["requested_samples"] == 32 and summary["requested_tokens"] == 32 * 512
+    assert summary["shortfall"] and f"{total} tokens" in cal.warning and "16384 asked" in cal.warning
+    # enough text: no warning, exactly what was asked
+    full = build_calibration(
+        CalibrationSpec(source=f"file:{short_jsonl}", n_samples=4, seq_len=128), tiny_tokenizer
+    )
+    assert full.input_ids.shape == (4, 128) and full.warning is None and not full.summary()["shortfall"]
+
+
+def test_per_sample_packing_one_text_per_sequence(short_jsonl, tiny_tokenizer):
+    docs = paragraphs(32)
+    cal = build_calibration(
+        CalibrationSpec(source=f"file:{short_jsonl}", n_samples=32, seq_len=96, packing="per_sample"),
+        tiny_tokenizer,
+    )
+    rows = [tiny_tokenizer(d)["input_ids"][:96] for d in docs]
+    assert cal.packing == "per_sample" and cal.warning is None
+    assert cal.input_ids.shape == (32, max(len(r) for r in rows))
+    lengths = cal.attention_mask.sum(1) if cal.attention_mask is not None else torch.full((32,), 96)
+    assert lengths.tolist() == sorted(lengths.tolist(), reverse=True)  # longest first: row 0 has no padding
+    assert sorted(lengths.tolist()) == sorted(len(r) for r in rows)
+    assert cal.n_tokens == sum(len(r) for r in rows)
+    for row, n in zip(cal.input_ids, lengths.tolist(), strict=True):
+        assert tuple(row[:n].tolist()) in {tuple(r) for r in rows}  # each row is one text, truncated
+        assert (row[n:] == tiny_tokenizer.pad_token_id).all()
+
+    # seq_len longer than every text: rows keep their own length, padding is masked and counted
+    long = build_calibration(
+        CalibrationSpec(source=f"file:{short_jsonl}", n_samples=32, seq_len=4096, packing="per_sample"),
+        tiny_tokenizer,
+    )
+    full_rows = [tiny_tokenizer(d)["input_ids"] for d in docs]
+    assert long.input_ids.shape == (32, max(len(r) for r in full_rows))
+    assert long.attention_mask is not None and long.attention_mask[0].all()
+    assert long.summary()["pad_tokens"] == int((long.attention_mask == 0).sum()) > 0
+    assert int(long.attention_mask.sum()) == long.n_tokens == sum(len(r) for r in full_rows)
+
+    # fewer texts than samples: all of them, with a warning
+    more = build_calibration(
+        CalibrationSpec(source=f"file:{short_jsonl}", n_samples=40, seq_len=512, packing="per_sample"),
+        tiny_tokenizer,
+    )
+    assert more.n_samples == 32 and "32 texts" in more.warning and more.summary()["requested_samples"] == 40
+
+
+CHATS = [
+    [{"role": "user", "content": "What is free software?"}, {"role": "assistant", "content": DOCS[0]}],
+    [{"role": "user", "content": "And copying?"}, {"role": "assistant", "content": DOCS[1]}],
+]
+TEMPLATE = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}</s>{% endfor %}"
+
+
+@pytest.mark.parametrize("kind", ["jsonl", "parquet"])
+def test_chat_rows_are_rendered_with_the_chat_template(tmp_path, tiny_tokenizer, kind):
+    path = tmp_path / f"chats.{kind}"
+    if kind == "jsonl":
+        path.write_text("".join(json.dumps({"messages": c}) + "\n" for c in CHATS))
+    else:
+        pq.write_table(pa.table({"messages": CHATS}), path)
+    tokenizer = copy.deepcopy(tiny_tokenizer)
+    spec = CalibrationSpec(source=f"file:{path}", n_samples=2, seq_len=16)
+    with pytest.raises(InputError, match="no chat template"):
+        build_calibration(spec, tokenizer)
+    tokenizer.chat_template = TEMPLATE
+    rendered = [tokenizer.apply_chat_template(c, tokenize=False) for c in CHATS]
+    assert rendered[0].startswith("<|user|>What is free software?</s><|assistant|>")
+    cal = build_calibration(spec, tokenizer)
+    assert torch.equal(cal.input_ids.flatten(), expected_ids(tokenizer, rendered, 32))
+    per = build_calibration(spec.model_copy(update={"packing": "per_sample"}), tokenizer)
+    firsts = [tokenizer(r, add_special_tokens=False)["input_ids"][:16] for r in rendered]
+    assert sorted(map(tuple, per.input_ids.tolist())) == sorted(map(tuple, firsts))  # one chat per row
+
+
+def test_hf_source_syntax_revision_and_config():
+    assert parse_hf_source("hf:org/name") == HubDatasetSource("org/name")
+    assert parse_hf_source("hf:org/name@v1.0:test:content:en") == HubDatasetSource(
+        "org/name", "v1.0", "test", "content", "en"
+    )
+    assert parse_hf_source("hf:org/name@refs/convert/parquet::messages") == HubDatasetSource(
+        "org/name", "refs/convert/parquet", "train", "messages"
+    )
+    assert parse_hf_source("hf:wikitext:::wikitext-2-raw-v1").config == "wikitext-2-raw-v1"
+    for bad in ("hf:", "hf:org/name@", "hf:a:b:c:d:e"):
+        with pytest.raises(InputError):
+            parse_hf_source(bad)
+    files = [
+        "README.md",
+        "wikitext-2-raw-v1/train-00000-of-00001.parquet",
+        "wikitext-2-raw-v1/test-00000-of-00001.parquet",
+        "wikitext-103-raw-v1/train-00000-of-00002.parquet",
+        "wikitext-103-raw-v1/train-00001-of-00002.parquet",
+    ]
+    assert dataset_files(files, "train", "wikitext-2-raw-v1") == [files[1]]
+    assert dataset_files(files, "train", "wikitext-103-raw-v1") == files[3:]
+    assert len(dataset_files(files, "train")) == 3 and dataset_files(files, "test", "nope") == []
+    # the spec accepts the same syntax (and refuses what cannot be parsed) before any work
+    for ok in ("hf:org/name@v1.0:test:content:en", "hf:wikitext:::wikitext-2-raw-v1", "hf:org/n@main"):
+        assert CalibrationSpec(source=ok).source == ok
+    for bad in ("hf:org/name@", "hf:a:b:c:d:e", "hf:a b"):
+        with pytest.raises(ValueError, match="not understood"):
+            CalibrationSpec(source=bad)
 
 
 def test_bad_files(tmp_path, tiny_tokenizer):
@@ -72,7 +208,7 @@ def test_bad_files(tmp_path, tiny_tokenizer):
         list(iter_source_texts(f"file:{tmp_path / 'missing.txt'}"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "x"}\n')
-    with pytest.raises(InputError, match="no 'text' field"):
+    with pytest.raises(InputError, match="no 'text' or 'messages' field"):
         list(iter_source_texts(f"file:{bad}"))
     other = tmp_path / "x.csv"
     other.write_text("a,b\n")
@@ -89,6 +225,8 @@ def test_hub_sources_offline_are_clear(monkeypatch):
         list(iter_source_texts("pileval"))
     with pytest.raises(HubUnavailable, match="hf:someone/corpus"):
         list(iter_source_texts("hf:someone/corpus:train:text"))
+    with pytest.raises(HubUnavailable, match="hf:someone/corpus"):
+        list(iter_source_texts("hf:someone/corpus@v2:train:text:en"))
 
 
 def test_resolve_hub_id_offline_and_missing_paths(monkeypatch, tmp_path):

@@ -15,6 +15,11 @@ from awqforge.qlinear import QuantLinear
 from awqforge.quant import QuantizedTensor, quantize_tensor
 
 
+@pytest.fixture(autouse=True, scope="module")
+def built_kernel():
+    cpu.load_extension(allow_build=True)  # scripts/install.sh builds it; compiled here otherwise
+
+
 def rel_err(y, ref):
     return ((y.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
@@ -58,7 +63,7 @@ def test_forward_matches_reference(bits, dtype, group_size):
     y = layer(x)
     ref = layer.reference_forward(x)
     assert y.shape == (3, 7, 72) and y.dtype == dtype
-    assert rel_err(y, ref) < (2e-5 if dtype == torch.float32 else 1e-2)
+    assert rel_err(y, ref) < (2e-4 if dtype == torch.float32 else 1e-2)  # int16-rounded x on SIMD paths
     # and the quantization itself is sane: close to the FP layer at 8 bits
     if bits == 8:
         assert rel_err(y, linear(x)) < 0.05
@@ -89,7 +94,7 @@ def test_kernels_can_be_switched_off(monkeypatch):
 
 
 def test_failed_cpu_build_falls_back_with_warning(monkeypatch):
-    def broken(verbose=False):
+    def broken(allow_build=None, verbose=False):
         raise cpu.KernelBuildError("building the AWQForge CPU kernel in /nowhere failed: no compiler")
 
     monkeypatch.setattr(cpu, "load_extension", broken)

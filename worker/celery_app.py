@@ -9,9 +9,10 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from app.core.config import GPU_QUEUES, settings
+from app.core.config import settings
 
 TASK_RUN_JOB = "awqforge.run_job"
+TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a finished job's artifacts again
 
 
 def _transport_options() -> dict:
@@ -53,12 +54,15 @@ def make_celery() -> Celery:
         broker_connection_retry_on_startup=True,
         # One direct exchange and routing key per queue: a job goes to exactly one GPU class.
         task_queues=[
-            Queue(n, Exchange(n, type="direct"), routing_key=n) for n in map(settings.queue_name, GPU_QUEUES)
+            Queue(n, Exchange(n, type="direct"), routing_key=n)
+            for n in map(settings.queue_name, settings.queue_classes)
         ],
         task_default_queue=settings.queue_name(settings.DEFAULT_QUEUE),
         task_create_missing_queues=False,
         worker_hijack_root_logger=False,
-        worker_send_task_events=False,
+        # Task events on (Flower, `celery events`); the filesystem broker has no fanout for them.
+        worker_send_task_events=not settings.broker_is_filesystem,
+        task_send_sent_event=not settings.broker_is_filesystem,
         # The filesystem broker (embedded mode) has no use for broadcast control messages.
         worker_enable_remote_control=not settings.broker_is_filesystem,
     )

@@ -8,11 +8,13 @@ awqforge.pipeline.run_quantization; publish runs here afterwards.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import socket
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -20,7 +22,7 @@ from typing import Any
 from sqlalchemy import or_, select, update
 
 from app.core.config import settings
-from app.core.db import session_scope
+from app.core.db import in_session_retrying, session_scope
 from app.core.security import decrypt_secret
 from app.models import (
     Artifact,
@@ -29,9 +31,11 @@ from app.models import (
     JobMetrics,
     JobStatus,
     LayerMetric,
+    Tenant,
     utcnow,
 )
 from app.services.events import add_event
+from app.services.storage import artifact_store
 from app.services.uploads import allowed_roots
 
 log = logging.getLogger("awqforge.worker")
@@ -65,16 +69,18 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             return "missing", None
         if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return f"already {job.status}", None
+        claimable = or_(
+            Job.status == JobStatus.QUEUED.value,
+            (Job.status == JobStatus.RUNNING.value)
+            & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
+        )
         res = s.execute(
             update(Job)
             .where(
                 Job.id == job_id,
-                or_(
-                    Job.status == JobStatus.QUEUED.value,
-                    (Job.status == JobStatus.RUNNING.value)
-                    & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-                ),
+                claimable,
                 Job.cancel_requested.is_(False),
+                Job.attempts < settings.MAX_ATTEMPTS,
             )
             .values(
                 status=JobStatus.RUNNING.value,
@@ -95,13 +101,17 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             if job.cancel_requested and job.status == JobStatus.QUEUED.value:
                 _finish(s, job, JobStatus.CANCELLED, message="cancelled before it started")
                 return "cancelled", None
+            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
+                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            ):
+                # Redelivered after its worker died MAX_ATTEMPTS times: `attempts` stays the count of runs.
+                _finish(
+                    s, job, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts (worker lost)"
+                )
+                shutil.rmtree(job_work_dir(job), ignore_errors=True)
+                return "gave up", None
             return f"not claimable ({job.status})", None
         s.refresh(job)
-        if job.attempts > settings.MAX_ATTEMPTS:
-            _finish(
-                s, job, JobStatus.FAILED, error=f"gave up after {job.attempts - 1} attempts (worker lost)"
-            )
-            return "gave up", None
         # A re-run starts from a clean slate: previous attempt's rows and files go.
         s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
         s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()
@@ -118,6 +128,24 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         return "claimed", job
 
 
+def _requeue_for_shutdown(s, job_id: str) -> None:
+    s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
+        .values(
+            status=JobStatus.QUEUED.value,
+            worker=None,
+            stage=None,
+            progress=0.0,
+            eta_s=None,
+            dispatched_at=None,
+            updated_at=utcnow(),
+        )
+        .execution_options(synchronize_session=False)
+    )
+    add_event(s, job_id=job_id, kind="status", message="worker shut down mid-job: requeued", progress=0.0)
+
+
 def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message: str | None = None) -> None:
     now = utcnow()
     job.status = status.value
@@ -127,7 +155,9 @@ def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message
     job.eta_s = None
     if status == JobStatus.SUCCEEDED:
         job.progress = 1.0
-        job.publish_token_enc = None  # used once; nothing left to retry with it
+    # Tokens live only while the job runs: a retry or another publish takes them anew.
+    job.publish_token_enc = None
+    job.source_token_enc = None
     add_event(
         s,
         job_id=job.id,
@@ -176,13 +206,15 @@ class _JobReporter:
                 log.exception("heartbeat failed for %s", self.job_id)
 
     def beat(self) -> None:
-        with session_scope() as s:
-            s.execute(
+        _db(
+            lambda s: s.execute(
                 update(Job)
                 .where(Job.id == self.job_id, Job.status == JobStatus.RUNNING.value)
                 .values(heartbeat_at=utcnow())
                 .execution_options(synchronize_session=False)
-            )
+            ),
+            "heartbeat",
+        )
 
     # engine callbacks
     def progress(self, event: Any) -> None:
@@ -207,7 +239,8 @@ class _JobReporter:
         message = get("message")
         if message is None and block is not None and n_blocks:
             message = f"block {block}/{n_blocks}"
-        with session_scope() as s:
+
+        def write(s) -> None:
             s.execute(
                 update(Job)
                 .where(Job.id == self.job_id)
@@ -229,26 +262,40 @@ class _JobReporter:
                 message=self.scrub(str(message)) if message is not None else None,
             )
 
+        _db(write, "progress")
+
     def set_stage(self, stage: str, frac: float = 0.0, message: str | None = None) -> None:
         self.progress({"stage": stage, "progress": frac, "message": message})
 
     def log(self, *args: Any, **_kw: Any) -> None:
         message = self.scrub(" ".join(str(a) for a in args))
         log.info("[%s] %s", self.job_id, message)
-        with session_scope() as s:
-            add_event(s, job_id=self.job_id, kind="log", stage=self.stage, message=message[:4000])
+        _db(
+            lambda s: add_event(s, job_id=self.job_id, kind="log", stage=self.stage, message=message[:4000]),
+            "log",
+        )
 
     def cancel(self) -> bool:
         """Polled by the engine between blocks; reads the flag from the database at most 4 times a second."""
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 0.25:
             self._last_cancel_check = now
-            with session_scope() as s:
-                self._cancelled = bool(s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)))
+            self._cancelled = bool(
+                _db(
+                    lambda s: s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)),
+                    "cancel check",
+                )
+            )
         return self._cancelled
 
 
-def _resolve_spec(job: Job, token: str | None):
+def _db(work, what: str):
+    """A worker's database access during a job: a database restart is waited out (up to the time after
+    which the reaper would call the job lost anyway), not turned into a failed job."""
+    return in_session_retrying(work, retry_for_s=settings.HEARTBEAT_STALE_S, what=what)
+
+
+def _resolve_spec(job: Job, tokens: _Tokens):
     from awqforge.spec import JobSpec
 
     data = dict(job.spec)
@@ -263,8 +310,9 @@ def _resolve_spec(job: Job, token: str | None):
             if cal is None:
                 raise ValueError(f"calibration set {source[7:]} not found")
             data["calibration"] = {**data["calibration"], "source": f"file:{cal.path}"}
-    if token and data.get("publish"):
-        data["publish"] = {**data["publish"], "token": token}
+    data["source"] = {**data.get("source", {}), "token": tokens.source}
+    if tokens.publish and data.get("publish"):
+        data["publish"] = {**data["publish"], "token": tokens.publish}
     return JobSpec.model_validate(data)
 
 
@@ -312,6 +360,140 @@ def job_output_dir(job: Job) -> Path:
     return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / job.id
 
 
+def job_work_dir(job: Job) -> Path:
+    """Block checkpoints of the job's runs: kept while it may run again, removed once it is final."""
+    return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / f".{job.id}.work"
+
+
+@dataclass
+class _Tokens:
+    source: str | None
+    publish: str | None
+    tenant: str
+
+    @property
+    def secrets(self) -> list[str]:
+        return [t for t in (self.source, self.publish, settings.HF_TOKEN) if t]
+
+
+def _tokens(job: Job) -> _Tokens:
+    """The job's own tokens; else the service's HF_TOKEN, only for a tenant an admin allowed to use it."""
+    with session_scope() as s:
+        tenant = s.get(Tenant, job.tenant_id)
+        service = settings.HF_TOKEN if tenant is not None and tenant.allow_service_token else None
+        name = tenant.name if tenant is not None else f"tenant-{job.tenant_id}"
+    source = decrypt_secret(job.source_token_enc) if job.source_token_enc else None
+    publish = decrypt_secret(job.publish_token_enc) if job.publish_token_enc else None
+    return _Tokens(source=source or service, publish=publish or service, tenant=name)
+
+
+def _forbid_implicit_hub_token() -> None:
+    """The hub client must never pick up HF_TOKEN or a login file on its own: every request carries the
+    token this job may use, or none."""
+    from huggingface_hub import constants
+
+    os.environ["HF_HUB_DISABLE_IMPLICIT_TOKEN"] = "1"
+    constants.HF_HUB_DISABLE_IMPLICIT_TOKEN = True
+
+
+def publish_artifacts(
+    job_id: str, *, repo_id: str, private: bool, tokens: _Tokens, local: dict[str, Path] | None = None
+) -> float:
+    """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
+    `local`: the artifacts' folders on this machine by format (the run that just made them), else the
+    recorded paths. Returns the seconds it took. Raises worker.hub.PublishRefused or the hub's error."""
+    from worker.hub import hub_for
+
+    t0 = time.monotonic()
+    if local is not None:
+        arts = list(local.items())
+    else:
+        with session_scope() as s:
+            arts = [
+                (a.format, Path(a.path))
+                for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+            ]
+    arts = [(fmt, p) for fmt, p in arts if fmt != "report"]
+    folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
+    published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
+    remote = published.commit_url is not None
+    with session_scope() as s:
+        for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format != "report")):
+            sub = "" if len(arts) == 1 else a.format
+            if remote:
+                a.published_to = published.location + (f"/tree/{published.revision}/{sub}" if sub else "")
+            else:
+                a.published_to = str(Path(published.location) / sub) if sub else published.location
+            a.commit_url = published.commit_url
+            a.hub_revision = published.revision
+        add_event(
+            s,
+            job_id=job_id,
+            kind="log",
+            stage="publish",
+            message=f"published to {repo_id} at {published.revision}"
+            + ("" if published.committed else " (files unchanged: no new commit)"),
+        )
+    return time.monotonic() - t0
+
+
+def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
+    """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
+    from worker.hub import PublishRefused
+
+    reason = str(exc) if isinstance(exc, PublishRefused) else f"{type(exc).__name__}: {exc}"
+    error = reporter.scrub(f"publish failed: {reason}")[:2000]
+    with session_scope() as s:
+        row = s.get(Job, job_id)
+        row.stage = "publish"
+        _finish(
+            s,
+            row,
+            JobStatus.FAILED,
+            error=error + " (artifacts kept; POST /v1/jobs/{id}/publish tries again)".replace("{id}", job_id),
+        )
+    log.warning("job %s: %s", job_id, error)
+    return "failed"
+
+
+def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
+    """Publish again the artifacts of a job queued by POST /v1/jobs/{id}/publish."""
+    worker_name = worker_name or socket.gethostname()
+    now = utcnow()
+    with session_scope() as s:
+        res = s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.stage == "publish")
+            .values(status=JobStatus.RUNNING.value, worker=worker_name, heartbeat_at=now, updated_at=now)
+            .execution_options(synchronize_session=False)
+        )
+        if res.rowcount != 1:
+            return "not claimable"
+        job = s.get(Job, job_id)
+        s.expunge(job)
+    _forbid_implicit_hub_token()
+    tokens = _tokens(job)
+    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True)
+    reporter.stage = "publish"
+    publish = job.spec["publish"]
+    reporter.start()  # a long upload keeps its heartbeat, so the reaper leaves it alone
+    try:
+        publish_s = publish_artifacts(
+            job_id, repo_id=publish["repo_id"], private=publish.get("private", True), tokens=tokens
+        )
+    except Exception as exc:
+        return _publish_failed(job_id, reporter, exc)
+    finally:
+        reporter.stop()
+    with session_scope() as s:
+        row = s.get(Job, job_id)
+        metrics = s.get(JobMetrics, job_id)
+        if metrics is not None:
+            metrics.publish_s = publish_s
+        _finish(s, row, JobStatus.SUCCEEDED, message="published")
+    return "succeeded"
+
+
 def run_job(job_id: str, *, worker_name: str | None = None) -> str:
     """Run one job to a terminal state. Safe to call again for the same id (redelivery)."""
     worker_name = worker_name or f"{socket.gethostname()}"
@@ -320,15 +502,15 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         log.info("job %s not run: %s", job_id, outcome)
         return outcome
 
-    token = decrypt_secret(job.publish_token_enc) if job.publish_token_enc else None
-    reporter = _JobReporter(
-        job_id, worker_name, [token] if token else [], publishes=bool(job.spec.get("publish"))
-    )
+    _forbid_implicit_hub_token()
+    tokens = _tokens(job)
+    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")))
     out_dir = job_output_dir(job)
+    work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
     try:
-        spec = _resolve_spec(job, token)
+        spec = _resolve_spec(job, tokens)
         shutil.rmtree(out_dir, ignore_errors=True)
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         with session_scope() as s:
@@ -343,32 +525,19 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             cancel=reporter.cancel,
             log=reporter.log,
             allowed_roots=allowed_roots(job.tenant_id),
+            checkpoint_dir=work_dir,  # a run lost mid-way resumes at its last finished block
         )
 
-        publish_s = None
-        published: dict[str, str] = {}
-        if spec.publish is not None:
-            from worker.hub import hub_for
+        store = artifact_store()
 
-            if reporter.cancel():
-                raise JobCancelledByUser()
-            reporter.set_stage("publish", 0.0, f"publishing to {spec.publish.repo_id}")
-            tp = time.monotonic()
-            hub = hub_for(token)
-            artifacts = dict(result.artifacts)
-            for i, (fmt, path) in enumerate(artifacts.items()):
-                sub = None if len(artifacts) == 1 else str(getattr(fmt, "value", fmt))
-                published[str(getattr(fmt, "value", fmt))] = hub.publish(
-                    Path(path), spec.publish.repo_id, private=spec.publish.private, path_in_repo=sub
-                )
-                reporter.set_stage("publish", (i + 1) / len(artifacts))
-            publish_s = time.monotonic() - tp
-
-        with session_scope() as s:
+        def record_result(s) -> None:
+            # idempotent: a run that recorded its result and was then lost records it again on resume
+            for table in (JobMetrics, LayerMetric, Artifact):
+                s.query(table).filter(table.job_id == job_id).delete()
             s.add(
                 JobMetrics(
                     job_id=job_id,
-                    **_metric_columns(dict(result.metrics or {}), publish_s, time.monotonic() - t0),
+                    **_metric_columns(dict(result.metrics or {}), None, time.monotonic() - t0),
                 )
             )
             s.add_all(_layer_row(job_id, m) for m in (result.layers or []))
@@ -378,9 +547,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     Artifact(
                         job_id=job_id,
                         format=fmt_name,
-                        path=str(Path(path).resolve()),
+                        path=store.put_dir(Path(path), key=f"tenant-{job.tenant_id}/{job_id}/{fmt_name}"),
                         size_bytes=_dir_size(Path(path)),
-                        published_to=published.get(fmt_name),
                     )
                 )
             report = getattr(result, "report_path", None)
@@ -393,13 +561,50 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     Artifact(
                         job_id=job_id,
                         format="report",
-                        path=str(Path(report).resolve()),
+                        path=store.put_dir(Path(report), key=f"tenant-{job.tenant_id}/{job_id}/report"),
                         size_bytes=_dir_size(Path(report)),
                     )
                 )
+            s.execute(
+                update(Job)
+                .where(Job.id == job_id)
+                .values(source_sha=getattr(result, "source_revision", None))
+                .execution_options(synchronize_session=False)
+            )
+
+        _db(record_result, "recording the result")
+        if spec.publish is not None:
+            if reporter.cancel():
+                raise JobCancelledByUser()
+            reporter.set_stage("publish", 0.0, f"publishing to {spec.publish.repo_id}")
+            try:
+                publish_s = publish_artifacts(
+                    job_id,
+                    repo_id=spec.publish.repo_id,
+                    private=spec.publish.private,
+                    tokens=tokens,
+                    local={str(getattr(f, "value", f)): Path(p) for f, p in dict(result.artifacts).items()},
+                )
+            except Exception as exc:
+                shutil.rmtree(work_dir, ignore_errors=True)  # the artifacts are kept: no block is rerun
+                return _publish_failed(job_id, reporter, exc)
+            reporter.set_stage("publish", 1.0)
+
+            def record_publish(s) -> None:
+                metrics = s.get(JobMetrics, job_id)
+                metrics.publish_s, metrics.total_s = publish_s, time.monotonic() - t0
+
+            _db(record_publish, "recording the publish")
+
+        def record_success(s) -> None:
             row = s.get(Job, job_id)
             row.stage = "publish" if spec.publish is not None else "package"
             _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
+
+        _db(record_success, "recording the result")
+        shutil.rmtree(work_dir, ignore_errors=True)
+        if store.remote:  # the object store holds them now; this machine's copy was scratch
+            shutil.rmtree(out_dir, ignore_errors=True)
         log.info("job %s succeeded", job_id)
         return "succeeded"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
@@ -407,27 +612,37 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
         )
         shutil.rmtree(out_dir, ignore_errors=True)
-        with session_scope() as s:
+        if not isinstance(exc, Exception) and not cancelled:
+            # The worker is going away (SystemExit, KeyboardInterrupt), not the job failing: queue it again
+            # with its checkpoints kept; the reconciler sends it and the next worker resumes it.
+            _db(lambda s: _requeue_for_shutdown(s, job_id), "requeue")
+            raise
+        shutil.rmtree(work_dir, ignore_errors=True)
+
+        name = (
+            "time limit exceeded"
+            if type(exc).__name__ == "SoftTimeLimitExceeded"
+            else f"{type(exc).__name__}: {exc}"
+        )
+        error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
+        trace = reporter.scrub(traceback.format_exc())[-4000:]
+
+        def record_failure(s) -> None:
+            s.query(Artifact).filter(Artifact.job_id == job_id).delete()  # their files just went
             row = s.get(Job, job_id)
             if cancelled:
                 _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
             else:
-                name = (
-                    "time limit exceeded"
-                    if type(exc).__name__ == "SoftTimeLimitExceeded"
-                    else f"{type(exc).__name__}: {exc}"
-                )
-                error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
                 add_event(
                     s,
                     job_id=job_id,
                     kind="log",
                     stage=reporter.stage,
-                    message=reporter.scrub(traceback.format_exc())[-4000:],
+                    message=trace,
                 )
                 _finish(s, row, JobStatus.FAILED, error=error)
-        if not isinstance(exc, Exception):
-            raise  # KeyboardInterrupt/SystemExit: the status is recorded, let the process go
+
+        _db(record_failure, "recording the failure")
         log.warning("job %s %s", job_id, "cancelled" if cancelled else "failed")
         return "cancelled" if cancelled else "failed"
     finally:

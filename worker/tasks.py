@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
-from worker.celery_app import TASK_RUN_JOB, celery_app
+from worker import monitoring
+from worker.celery_app import TASK_PUBLISH_JOB, TASK_RUN_JOB, celery_app
 
 
 @celery_app.task(name=TASK_RUN_JOB, bind=True)
 def run_job_task(self, job_id: str) -> str:
     from worker.runner import run_job  # torch is imported here, in the forked child
 
-    return run_job(job_id, worker_name=self.request.hostname or "worker")
+    outcome = run_job(job_id, worker_name=self.request.hostname or "worker")
+    monitoring.record_job(job_id)
+    return outcome
+
+
+@celery_app.task(name=TASK_PUBLISH_JOB, bind=True)
+def publish_job_task(self, job_id: str) -> str:
+    from worker.runner import run_publish
+
+    return run_publish(job_id, worker_name=self.request.hostname or "worker")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import Iterator
 from datetime import timedelta
 from typing import Annotated
@@ -12,10 +13,11 @@ from sqlalchemy.orm import Session, joinedload
 
 from app.core.db import get_db
 from app.core.security import key_matches, parse_key_id
-from app.models import ApiKey, Tenant, utcnow
+from app.models import ApiKey, DashboardSession, Tenant, utcnow
+from app.services.sessions import CSRF_HEADER, SESSION_COOKIE, find_session
 
 bearer = HTTPBearer(auto_error=False, description="API key from `awqforge keys create --tenant NAME`")
-DASHBOARD_COOKIE = "awqforge_key"
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 
 
 def _session() -> Iterator[Session]:
@@ -40,9 +42,21 @@ def tenant_for_key(session: Session, key: str | None) -> Tenant | None:
 
 
 def get_current_tenant(
-    session: SessionDep, creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)]
+    request: Request,
+    session: SessionDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer)],
 ) -> Tenant:
-    tenant = tenant_for_key(session, creds.credentials if creds else None)
+    if creds is not None:
+        tenant = tenant_for_key(session, creds.credentials)
+    else:
+        # The dashboard's browser calls the same API with its session cookie; a cookie alone
+        # must not be able to change anything (CSRF), so unsafe methods also need the session's token.
+        row = find_session(session, request.cookies.get(SESSION_COOKIE))
+        tenant = row.tenant if row is not None else None
+        if row is not None and request.method not in _SAFE_METHODS:
+            sent = request.headers.get(CSRF_HEADER, "")
+            if not hmac.compare_digest(sent.encode(), row.csrf_token.encode()):
+                raise HTTPException(status_code=403, detail=f"missing or wrong {CSRF_HEADER} header")
     if tenant is None:
         raise HTTPException(
             status_code=status.HTTP_401_UNAUTHORIZED,
@@ -55,10 +69,8 @@ def get_current_tenant(
 CurrentTenant = Annotated[Tenant, Depends(get_current_tenant)]
 
 
-def get_dashboard_tenant(request: Request, session: SessionDep) -> Tenant | None:
-    header = request.headers.get("authorization", "")
-    key = header[7:] if header.lower().startswith("bearer ") else request.cookies.get(DASHBOARD_COOKIE)
-    return tenant_for_key(session, key)
+def get_dashboard_session(request: Request, session: SessionDep) -> DashboardSession | None:
+    return find_session(session, request.cookies.get(SESSION_COOKIE))
 
 
-DashboardTenant = Annotated[Tenant | None, Depends(get_dashboard_tenant)]
+DashboardSessionDep = Annotated[DashboardSession | None, Depends(get_dashboard_session)]

@@ -1,6 +1,6 @@
 from fastapi import APIRouter
 
-from app.api.routes import calibration, jobs
+from app.api.routes import calibration, jobs, metrics, plan
 from app.schemas import ErrorResponse
 
 # Every /v1 route may answer these (body unparsable, request too large, a field or parameter refused, database down);
@@ -25,3 +25,5 @@ COMMON_RESPONSES = {
 api_router = APIRouter(responses=COMMON_RESPONSES)
 api_router.include_router(jobs.router)
 api_router.include_router(calibration.router)
+api_router.include_router(plan.router)
+api_router.include_router(metrics.router)

@@ -16,12 +16,42 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-GPU_QUEUES = ("cpu", "gpu-24g", "gpu-80g")
+GPU_QUEUES = ("cpu", "gpu-24g", "gpu-80g")  # the default queue classes (QUEUE_CLASSES)
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1024,
+    "kib": 1024,
+    "m": 1024**2,
+    "mib": 1024**2,
+    "g": 1024**3,
+    "gib": 1024**3,
+    "gb": 10**9,
+    "t": 1024**4,
+    "tib": 1024**4,
+    "tb": 10**12,
+    "mb": 10**6,
+    "kb": 10**3,
+}
 _UNSAFE_SECRETS = {"changethis", "secret", "changeme", "password", ""}
 
 
 def _default_home() -> Path:
     return Path(os.environ.get("AWQFORGE_HOME", "~/.awqforge")).expanduser()
+
+
+def parse_size(text: str, *, what: str = "size") -> int:
+    """'24GiB', '80 GB', '512MiB' or a plain byte count -> bytes."""
+    t = text.strip().lower().replace(" ", "")
+    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = t[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in _SIZE_UNITS or value <= 0:
+        raise ValueError(f"{what}: {text!r} is not a size like 24GiB, 80GB or 512MiB")
+    return int(value * _SIZE_UNITS[unit])
 
 
 class Settings(BaseSettings):
@@ -45,8 +75,25 @@ class Settings(BaseSettings):
     # auto: the Hugging Face Hub when the job has a token or HF_ENDPOINT/HF_TOKEN is set, else HUB_DIR.
     PUBLISH_BACKEND: Literal["auto", "local", "huggingface"] = "auto"
     HF_ENDPOINT: str | None = None
-    HF_TOKEN: str | None = None
-    ARTIFACT_DIR: Path | None = None
+    HF_TOKEN: str | None = (
+        None  # used only for tenants allowed to (`awqforge tenants update --allow-service-token`)
+    )
+    PUBLISH_ATTEMPTS: int = 5  # tries per hub request on 429/5xx
+    PUBLISH_BACKOFF_S: float = 1.0  # first wait when no Retry-After is given; doubles per try (cap 60 s)
+    ARTIFACT_DIR: Path | None = None  # where workers write artifacts (kept there by the local store)
+    # Artifact store (app/services/storage.py): the local folder, or S3-compatible object storage that
+    # workers on any machine upload to and the API of any machine reads (streams or presigns) from.
+    ARTIFACT_STORE: Literal["local", "s3"] = "local"
+    S3_ENDPOINT_URL: str | None = None  # e.g. http://minio:9000; None: AWS
+    S3_BUCKET: str | None = None
+    S3_PREFIX: str = "awqforge"  # keys: <prefix>/tenant-<id>/<job id>/<format>/<file>
+    S3_REGION: str = "us-east-1"
+    S3_ACCESS_KEY_ID: str | None = None
+    S3_SECRET_ACCESS_KEY: str | None = None
+    S3_ADDRESSING_STYLE: Literal["auto", "path", "virtual"] = "path"
+    S3_MULTIPART_THRESHOLD: int = Field(64 * 1024**2, ge=5 * 1024**2)
+    S3_MULTIPART_CHUNKSIZE: int = Field(64 * 1024**2, ge=5 * 1024**2)
+    S3_PRESIGN_EXPIRES_S: int = Field(3600, ge=60, le=7 * 24 * 3600)
     UPLOAD_DIR: Path | None = None
     # Local model paths and file: sources in job bodies must lie under one of these folders.
     # Uploads are the supported way to bring your own calibration data.
@@ -65,14 +112,29 @@ class Settings(BaseSettings):
 
     # Celery / job execution
     CELERY_QUEUE_PREFIX: str = ""
-    DEFAULT_QUEUE: Literal["cpu", "gpu-24g", "gpu-80g"] = "gpu-80g"
-    GPU_24G_MAX_MODEL_BYTES: int = 16 * 1024**3  # fp16 checkpoint bytes that still fit a 24 GB card
+    # Queue classes and the memory a worker of each class has for one job (GPU memory; RAM for cpu*
+    # classes). A job goes to the smallest class its memory plan fits (awqforge/plan.py).
+    QUEUE_CLASSES: str = "cpu=64GiB,gpu-24g=24GiB,gpu-80g=80GiB"
+    QUEUE_MEMORY_HEADROOM: float = Field(0.9, gt=0, le=1)  # fraction of a class's memory a plan may use
+    DEFAULT_QUEUE: str = "gpu-80g"  # when the model's config cannot be read (hub unreachable)
+    LIVE_WORKERS_TIMEOUT_S: float = Field(1.0, gt=0, le=30)  # Celery inspect reply wait
+    LIVE_WORKERS_CACHE_S: float = Field(15.0, ge=0)  # how long the live queues answer is reused
     JOB_SOFT_TIME_LIMIT_S: int = Field(6 * 3600, ge=60)
     JOB_HARD_TIME_LIMIT_S: int = Field(6 * 3600 + 600, ge=60)
     HEARTBEAT_INTERVAL_S: float = Field(10.0, gt=0)
     HEARTBEAT_STALE_S: float = Field(120.0, gt=0)
     REAPER_INTERVAL_S: float = Field(30.0, gt=0)
     MAX_ATTEMPTS: int = Field(3, ge=1)
+    # A queued job whose message was sent this long ago and that has not started is sent again
+    # (doubling each time, up to 16x): the message may have been consumed without a claim, or lost.
+    REDISPATCH_AFTER_S: float = Field(600.0, gt=0)
+
+    # Dashboard sign-in: an API key is exchanged for a session cookie that lasts this long.
+    DASHBOARD_SESSION_HOURS: float = Field(8.0, gt=0, le=24 * 30)
+    # Behind a TLS-terminating proxy: believe its X-Forwarded-Proto (marks the cookie Secure).
+    TRUST_FORWARDED_PROTO: bool = False
+    # Celery workers serve their own Prometheus metrics on this port (0: off; one port per worker).
+    WORKER_METRICS_PORT: int = Field(0, ge=0, le=65535)
 
     @field_validator("ALLOWED_LOCAL_ROOTS", mode="before")
     @classmethod
@@ -99,6 +161,13 @@ class Settings(BaseSettings):
             raise ValueError("JOB_HARD_TIME_LIMIT_S must be above JOB_SOFT_TIME_LIMIT_S")
         if self.HEARTBEAT_STALE_S < 3 * self.HEARTBEAT_INTERVAL_S:
             raise ValueError("HEARTBEAT_STALE_S must be at least 3 x HEARTBEAT_INTERVAL_S")
+        if self.ARTIFACT_STORE == "s3" and not self.S3_BUCKET:
+            raise ValueError("ARTIFACT_STORE=s3 needs S3_BUCKET (and S3_ENDPOINT_URL for a non-AWS store)")
+        classes = self.queue_classes  # parses QUEUE_CLASSES, raising on a bad entry
+        if self.DEFAULT_QUEUE not in classes:
+            raise ValueError(
+                f"DEFAULT_QUEUE {self.DEFAULT_QUEUE!r} is not one of QUEUE_CLASSES ({', '.join(classes)})"
+            )
         if self.CELERY_QUEUE_PREFIX and not all(c.isalnum() or c in "-_." for c in self.CELERY_QUEUE_PREFIX):
             raise ValueError("CELERY_QUEUE_PREFIX may hold only letters, digits, '-', '_' and '.'")
         if self.SECRET_KEY is not None and (
@@ -142,6 +211,20 @@ class Settings(BaseSettings):
     @property
     def broker_dir(self) -> Path:
         return self.AWQFORGE_HOME / "broker"
+
+    @property
+    def queue_classes(self) -> dict[str, int]:
+        """QUEUE_CLASSES as {name: memory bytes}, smallest first; `cpu*` names are CPU workers."""
+        out: dict[str, int] = {}
+        for entry in filter(None, (e.strip() for e in self.QUEUE_CLASSES.split(","))):
+            name, sep, size = entry.partition("=")
+            name = name.strip()
+            if not sep or not name or not all(c.isalnum() or c in "-_." for c in name):
+                raise ValueError(f"QUEUE_CLASSES entry {entry!r} is not name=memory (e.g. gpu-24g=24GiB)")
+            out[name] = parse_size(size, what=f"QUEUE_CLASSES {name}")
+        if not out:
+            raise ValueError("QUEUE_CLASSES names no queue class")
+        return dict(sorted(out.items(), key=lambda kv: kv[1]))
 
     def queue_name(self, queue_class: str) -> str:
         return f"{self.CELERY_QUEUE_PREFIX}{queue_class}"

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import logging
+import os
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
+from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from app.core.config import settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+log = logging.getLogger("awqforge.db")
+T = TypeVar("T")
 
 
 def make_engine(url: str, **kwargs) -> Engine:
@@ -39,6 +46,18 @@ def get_engine() -> Engine:
     return make_engine(settings.database_url)
 
 
+def _forget_parent_connections() -> None:
+    """In a forked child: never reuse the parent's pooled connections (their server-side state, such as
+    psycopg's prepared statements, belongs to another process). close=False leaves the parent's
+    sockets alone; the child opens its own on first use."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose(close=False)
+
+
+# A Celery prefork child (and any other fork) gets a fresh pool, whatever the parent touched.
+os.register_at_fork(after_in_child=_forget_parent_connections)
+
+
 @lru_cache(maxsize=1)
 def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
@@ -59,6 +78,33 @@ def session_scope() -> Iterator[Session]:
         except BaseException:
             session.rollback()
             raise
+
+
+def is_connection_error(exc: BaseException) -> bool:
+    """The database is unreachable (restart, failover, network), as opposed to a bad statement."""
+    return isinstance(exc, (OperationalError, InterfaceError)) or (
+        isinstance(exc, DBAPIError) and exc.connection_invalidated
+    )
+
+
+def in_session_retrying(work: Callable[[Session], T], *, retry_for_s: float, what: str = "write") -> T:
+    """session_scope() around work(session), run again while the database is unreachable, for up to
+    retry_for_s seconds (then the last error is raised). `work` must be safe to repeat: each try is its
+    own transaction, rolled back when it fails."""
+    deadline = time.monotonic() + retry_for_s
+    delay = 0.2
+    while True:
+        try:
+            with session_scope() as s:
+                return work(s)
+        except Exception as exc:
+            if not is_connection_error(exc) or time.monotonic() + delay > deadline:
+                raise
+            log.warning(
+                "database unreachable during %s (%s); retrying in %.1f s", what, type(exc).__name__, delay
+            )
+            time.sleep(delay)
+            delay = min(delay * 2, 2.0)
 
 
 def alembic_config(url: str | None = None):

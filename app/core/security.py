@@ -1,4 +1,4 @@
-"""API keys (stored as sha256 hashes, found by their public id) and encryption of publish tokens."""
+"""API keys (stored as sha256 hashes, found by their public id) and encryption of per-job hub tokens."""
 
 from __future__ import annotations
 

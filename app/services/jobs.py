@@ -8,7 +8,6 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
@@ -30,7 +29,8 @@ from app.models import (
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
-from app.services.routing import queue_for
+from app.services.routing import RoutingError, route, waiting_reason
+from app.services.storage import store_for
 from awqforge.spec import is_local_path
 
 log = logging.getLogger("awqforge.jobs")
@@ -117,6 +117,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     data: dict = {
         "model": body.model,
         "revision": body.revision,
+        "source": body.source.model_dump(),
         "method": body.method,
         "quant": {
             "bits": body.bits,
@@ -124,13 +125,18 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
             "zero_point": body.zero_point,
             "modules_to_not_convert": body.modules_to_not_convert,
         },
-        "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len},
+        "calibration": {
+            "source": source,
+            "n_samples": cal.n_samples,
+            "seq_len": cal.seq_len,
+            "packing": cal.packing,
+        },
         "formats": body.formats,
         "eval": body.eval.model_dump(),
         "publish": body.publish.model_dump() if body.publish else None,
         "device": body.device,
     }
-    for name in ("scale_search", "n_grid", "clip_search", "rounding", "seed"):
+    for name in ("scale_search", "n_grid", "clip_search", "refine_steps", "rounding", "seed"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
     try:
@@ -144,6 +150,39 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     if errors:
         raise SpecError(errors)
     return spec
+
+
+def spec_without_tokens(spec) -> dict:
+    """The spec as stored and returned: tokens live only encrypted in their own columns."""
+    stored = spec.model_dump(mode="json")
+    stored["source"]["token"] = None
+    if stored.get("publish"):
+        stored["publish"]["token"] = None
+    return stored
+
+
+def check_publish_namespace(spec, tenant: Tenant) -> None:
+    """A tenant publishes only into the hub namespaces an admin gave it (by default: its own name)."""
+    from awqforge.spec import hub_namespace
+
+    if spec.publish is None:
+        return
+    allowed = tenant_namespaces(tenant)
+    if hub_namespace(spec.publish.repo_id) not in allowed:
+        raise SpecError(
+            [
+                FieldError(
+                    field="publish.repo_id",
+                    reason=f"namespace {hub_namespace(spec.publish.repo_id)!r} is not one this tenant may "
+                    f"publish to ({', '.join(allowed) or 'none'}); an admin adds namespaces with "
+                    "`awqforge tenants update --namespace`",
+                )
+            ]
+        )
+
+
+def tenant_namespaces(tenant: Tenant) -> list[str]:
+    return list(tenant.hub_namespaces) if tenant.hub_namespaces is not None else [tenant.name]
 
 
 def request_hash(body: JobCreate) -> str:
@@ -178,18 +217,66 @@ def send_job(job: Job) -> None:
     celery_app.send_task(TASK_RUN_JOB, args=[job.id], queue=settings.queue_name(job.queue))
 
 
-def _dispatch(session: Session, job: Job) -> None:
-    """Send the task after the commit; a broker failure leaves the job failed (retryable), not lost."""
+def _dispatch(session: Session, job: Job) -> bool:
+    """Send the task after the commit that recorded `dispatched_at`. Postgres is the source of truth:
+    if the broker is unreachable the job stays queued with `dispatched_at` cleared, and the
+    reconciler (reconcile_queued, in the reaper loop) sends it once the broker is back."""
     try:
         send_job(job)
+        return True
     except Exception as exc:
-        log.error("broker unreachable while queueing %s: %s", job.id, type(exc).__name__)
-        job.status = JobStatus.FAILED.value
-        job.error = "could not queue the job: the broker is unreachable; retry later"
-        job.finished_at = utcnow()
-        add_event(session, job_id=job.id, kind="status", message=job.error)
+        log.warning("broker unreachable while queueing %s (%s); the reconciler sends it later", job.id, exc)
+        session.execute(
+            update(Job)
+            .where(Job.id == job.id, Job.status == JobStatus.QUEUED.value)
+            .values(dispatched_at=None)
+            .execution_options(synchronize_session=False)
+        )
         session.commit()
-        raise ServiceError(503, job.error) from exc
+        return False
+
+
+def _redispatch_due(dispatched_at: datetime, dispatches: int, now: datetime) -> bool:
+    # Doubling wait: a message may legitimately sit behind long jobs; each resend is harmless
+    # (the worker's claim is idempotent) but need not pile up.
+    wait = settings.REDISPATCH_AFTER_S * 2 ** min(max(dispatches - 1, 0), 4)
+    return dispatched_at < now - timedelta(seconds=wait)
+
+
+def reconcile_queued(session: Session) -> list[str]:
+    """Send every queued job that has no message in flight: never sent (broker down at submit or at
+    requeue), or sent long ago without starting (consumed but never claimed, or lost with the broker's
+    data). Returns the ids sent; stops at the first broker failure (the next pass tries again)."""
+    now = utcnow()
+    rows = session.execute(
+        select(Job.id, Job.dispatched_at, Job.dispatches).where(
+            Job.status == JobStatus.QUEUED.value, Job.cancel_requested.is_(False)
+        )
+    ).all()
+    sent: list[str] = []
+    for job_id, dispatched_at, dispatches in rows:
+        if dispatched_at is not None and not _redispatch_due(dispatched_at, dispatches or 0, now):
+            continue
+        # Compare-and-set on dispatched_at: two reconcilers (two API processes) never both send.
+        res = session.execute(
+            update(Job)
+            .where(
+                Job.id == job_id,
+                Job.status == JobStatus.QUEUED.value,
+                Job.dispatched_at.is_(None) if dispatched_at is None else Job.dispatched_at == dispatched_at,
+            )
+            .values(dispatched_at=now, dispatches=Job.dispatches + 1)
+            .execution_options(synchronize_session=False)
+        )
+        session.commit()
+        if res.rowcount != 1:
+            continue
+        job = session.get(Job, job_id)
+        if not _dispatch(session, job):
+            break
+        sent.append(job_id)
+        log.info("reconciler sent %s (%s)", job_id, "first send" if dispatched_at is None else "resend")
+    return sent
 
 
 @dataclass
@@ -226,12 +313,16 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         if existing is not None:
             return Created(existing, True)
     spec = spec_from_request(session, body=body, tenant_id=tenant.id)
+    check_publish_namespace(spec, tenant)
+    try:
+        chosen = route(spec)
+    except RoutingError as exc:
+        raise SpecError([FieldError(field="model", reason=str(exc))]) from exc
     _check_limit(session, tenant)
 
     token = spec.publish.token if spec.publish else None
-    stored = spec.model_dump(mode="json")
-    if stored.get("publish"):
-        stored["publish"]["token"] = None
+    source_token = spec.source.token
+    stored = spec_without_tokens(spec)
     job = Job(
         tenant_id=tenant.id,
         model=spec.model,
@@ -241,11 +332,14 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         group_size=spec.quant.group_size,
         spec=stored,
         publish_token_enc=encrypt_secret(token) if token else None,
-        queue=queue_for(spec.model, spec.revision, spec.device),
+        source_token_enc=encrypt_secret(source_token) if source_token else None,
+        queue=chosen.queue,
         status=JobStatus.QUEUED.value,
         progress=0.0,
         attempts=0,
         cancel_requested=False,
+        dispatched_at=utcnow(),
+        dispatches=1,
     )
     session.add(job)
     session.flush()
@@ -350,10 +444,45 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
     job.attempts = 0
     job.worker = None
     job.started_at = job.finished_at = job.heartbeat_at = None
+    job.dispatched_at = utcnow()
+    job.dispatches = (job.dispatches or 0) + 1
     add_event(session, job_id=job.id, kind="status", message=f"retried; queued on {job.queue}", progress=0.0)
     session.commit()
     session.expire(job, ["metrics", "artifacts"])
     _dispatch(session, job)
+    return job
+
+
+def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
+    """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
+    the hub makes no new commit when its files already match)."""
+    from worker.celery_app import TASK_PUBLISH_JOB, celery_app
+
+    if not job.spec.get("publish"):
+        raise ServiceError(409, "this job has no publish settings")
+    failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == "publish"
+    if not (failed_at_publish or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
+        raise ServiceError(
+            409,
+            f"only a succeeded job, or one that failed at publishing, can publish; this one is {job.status}",
+        )
+    _check_limit(session, tenant)
+    job.status = JobStatus.QUEUED.value
+    job.stage = "publish"
+    job.error = None
+    job.finished_at = None
+    job.publish_token_enc = encrypt_secret(token) if token else None
+    add_event(session, job_id=job.id, kind="status", stage="publish", message="publish queued")
+    session.commit()
+    try:
+        celery_app.send_task(TASK_PUBLISH_JOB, args=[job.id], queue=settings.queue_name(job.queue))
+    except Exception as exc:
+        job.status = JobStatus.FAILED.value
+        job.error = "could not queue the publish: the broker is unreachable; retry later"
+        job.finished_at = utcnow()
+        job.publish_token_enc = None
+        session.commit()
+        raise ServiceError(503, job.error) from exc
     return job
 
 
@@ -389,6 +518,18 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
                 if new_status == JobStatus.FAILED
                 else None,
                 finished_at=utcnow() if give_up else None,
+                # A requeued job starts over in the listing (it resumes from its checkpoints).
+                **(
+                    {}
+                    if give_up
+                    else {
+                        "stage": None,
+                        "progress": 0.0,
+                        "eta_s": None,
+                        "dispatched_at": utcnow(),
+                        "dispatches": Job.dispatches + 1,
+                    }
+                ),
             )
             .execution_options(synchronize_session=False)
         )
@@ -401,12 +542,8 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
             message="worker lost (heartbeat stale): " + ("requeued" if not give_up else new_status.value),
         )
         session.commit()
-        if not give_up:
-            try:
-                send_job(job)
-                requeued.append(job.id)
-            except Exception:
-                log.exception("could not requeue %s", job.id)
+        if not give_up and _dispatch(session, job):
+            requeued.append(job.id)
     session.commit()
     return requeued
 
@@ -415,24 +552,30 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
 
 
 def artifact_files(artifact: Artifact) -> list[tuple[str, int]]:
-    root = Path(artifact.path)
-    if root.is_file():
-        return [(root.name, root.stat().st_size)]
-    if not root.is_dir():
-        return []
-    return sorted((p.relative_to(root).as_posix(), p.stat().st_size) for p in root.rglob("*") if p.is_file())
+    return [(f.path, f.size_bytes) for f in store_for(artifact.path).list_files(artifact.path)]
 
 
 def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> ArtifactPublic:
     files = []
     if with_files:
         base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
-        files = [ArtifactFile(path=p, size_bytes=n, url=base + p) for p, n in artifact_files(artifact)]
+        store = store_for(artifact.path)
+        files = [
+            ArtifactFile(
+                path=p,
+                size_bytes=n,
+                url=base + p,
+                download_url=store.presigned_url(artifact.path, p) if store.remote else None,
+            )
+            for p, n in artifact_files(artifact)
+        ]
     return ArtifactPublic(
         id=artifact.id,
         format=artifact.format,
         size_bytes=artifact.size_bytes,
         published_to=artifact.published_to,
+        commit_url=artifact.commit_url,
+        hub_revision=artifact.hub_revision,
         files=files,
     )
 
@@ -447,10 +590,12 @@ def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
         error=job.error,
         model=job.model,
         revision=job.revision,
+        source_sha=job.source_sha,
         method=job.method,
         bits=job.bits,
         group_size=job.group_size,
         queue=job.queue,
+        waiting_reason=waiting_reason(job.queue) if job.status == JobStatus.QUEUED.value else None,
         attempts=job.attempts,
         spec=job.spec,
         created_at=job.created_at,

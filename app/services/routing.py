@@ -1,40 +1,186 @@
-"""Choosing a worker queue (GPU memory class) from the model's size, at submit time."""
+"""Choosing a worker queue class from the job's memory plan and the workers that are alive, at submit time.
+
+The plan (awqforge/plan.py, pure Python: no torch here) comes from the model's config.json and the job's
+settings. A job goes to the smallest class whose memory (QUEUE_CLASSES, times QUEUE_MEMORY_HEADROOM) holds
+its peak; with device=auto GPU classes come first, but a class no live worker consumes is passed over for
+one that has a worker (a deployment without GPU workers runs everything on `cpu`). No class large enough:
+the job is refused (RoutingError -> 422). Live queues come from Celery's inspect (cached briefly); when
+they cannot be known (embedded filesystem broker, broker down) the configured classes decide alone.
+"""
 
 from __future__ import annotations
 
+import json
 import logging
+import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from app.core.config import settings
+from awqforge.plan import GIB, JobSettings, PlanError, plan
 
 log = logging.getLogger("awqforge.routing")
 
 
-def checkpoint_bytes(model: str, revision: str | None = None) -> int | None:
-    """Bytes of the model's safetensors weights: from disk for a local path, else from the hub's metadata."""
-    if model.startswith(("/", "./", "../", "~")):
-        path = Path(model).expanduser()
-        files = list(path.glob("*.safetensors")) if path.is_dir() else []
-        return sum(f.stat().st_size for f in files) or None
-    try:
-        from huggingface_hub import HfApi
+class RoutingError(Exception):
+    """No configured queue class can hold the job."""
 
-        info = HfApi(endpoint=settings.HF_ENDPOINT).model_info(
-            model, revision=revision, files_metadata=True, timeout=5
+    def __init__(self, reason: str, plans: dict[str, dict] | None = None):
+        super().__init__(reason)
+        self.plans = plans
+
+
+@dataclass
+class Route:
+    queue: str
+    plan: dict | None  # the plan on the chosen class's device; None when the config could not be read
+    reason: str
+    plans: dict[str, dict] | None = None  # per class, when the config was read
+
+
+def is_cpu_class(name: str) -> bool:
+    return name.startswith("cpu")
+
+
+def model_config(model: str, revision: str | None = None, token: str | None = None) -> dict | None:
+    """config.json of a local checkpoint (already checked against ALLOWED_LOCAL_ROOTS) or from the hub."""
+    if model.startswith(("/", "./", "../", "~")):
+        try:
+            return json.loads((Path(model).expanduser() / "config.json").read_text())
+        except (OSError, ValueError):
+            return None
+    try:
+        from huggingface_hub import hf_hub_download
+
+        path = hf_hub_download(
+            model,
+            "config.json",
+            revision=revision,
+            endpoint=settings.HF_ENDPOINT,
+            etag_timeout=5,
+            token=token or False,  # the job's own read token, never the service's
         )
-        sizes = [s.size for s in (info.siblings or []) if s.rfilename.endswith(".safetensors") and s.size]
-        return sum(sizes) or None
-    except Exception as exc:  # hub unreachable or private: fall back to the default queue
-        log.info("no size for %s (%s); using the default queue", model, type(exc).__name__)
+        return json.loads(Path(path).read_text())
+    except Exception as exc:  # hub unreachable, gated or private: the default queue decides
+        log.info("no config for %s (%s); using the default queue", model, type(exc).__name__)
         return None
 
 
-def queue_for(model: str, revision: str | None, device: str) -> str:
-    """cpu when the job asks for the CPU; gpu-24g when the fp16 weights fit in a 24 GB card
-    next to activations; gpu-80g otherwise; DEFAULT_QUEUE when the size cannot be known."""
-    if device == "cpu":
-        return "cpu"
-    size = checkpoint_bytes(model, revision)
-    if size is None:
-        return settings.DEFAULT_QUEUE
-    return "gpu-24g" if size <= settings.GPU_24G_MAX_MODEL_BYTES else "gpu-80g"
+# -- live workers ---------------------------------------------------------------------------------
+
+_live_lock = threading.Lock()
+_live_cache: tuple[float, set[str] | None] | None = None
+
+
+def live_queues(*, refresh: bool = False) -> set[str] | None:
+    """Queue classes some live worker consumes (Celery inspect), or None when this cannot be known."""
+    global _live_cache
+    with _live_lock:
+        now = time.monotonic()
+        if not refresh and _live_cache is not None and now - _live_cache[0] < settings.LIVE_WORKERS_CACHE_S:
+            return _live_cache[1]
+        result = _inspect_live_queues()
+        _live_cache = (now, result)
+        return result
+
+
+def _inspect_live_queues() -> set[str] | None:
+    if settings.broker_is_filesystem:  # no remote control on the embedded broker
+        return None
+    from worker.celery_app import celery_app
+
+    try:
+        replies = celery_app.control.inspect(timeout=settings.LIVE_WORKERS_TIMEOUT_S).active_queues()
+    except Exception as exc:
+        log.warning("could not ask the workers which queues they consume: %s", type(exc).__name__)
+        return None
+    prefix = settings.CELERY_QUEUE_PREFIX
+    live = set()
+    for queues in (replies or {}).values():
+        for q in queues or []:
+            name = q.get("name", "")
+            if name.startswith(prefix):
+                live.add(name[len(prefix) :])
+    return live & set(settings.queue_classes)
+
+
+def waiting_reason(queue: str) -> str | None:
+    """Why a queued job on `queue` cannot start now, when no live worker consumes that queue."""
+    live = live_queues()
+    if live is None or queue in live:
+        return None
+    if not live:
+        return f"no worker is alive; start one with `awqforge worker --queues {queue}`"
+    return (
+        f"no live worker consumes queue {queue!r} (live: {', '.join(sorted(live))}); "
+        f"start one with `awqforge worker --queues {queue}`"
+    )
+
+
+# -- the choice -----------------------------------------------------------------------------------
+
+
+def plans_by_class(config: dict, job: JobSettings) -> dict[str, dict]:
+    return {
+        name: plan(config, job, device="cpu" if is_cpu_class(name) else "cuda").to_dict()
+        for name in settings.queue_classes
+    }
+
+
+def route(spec) -> Route:
+    """The queue class for a JobSpec; RoutingError when no class it may use is large enough."""
+    classes = settings.queue_classes
+    allowed = [c for c in classes if spec.device == "auto" or (spec.device == "cpu") == is_cpu_class(c)]
+    if not allowed:
+        kind = "CPU" if spec.device == "cpu" else "GPU"
+        raise RoutingError(
+            f"device={spec.device!r} but no {kind} queue class is configured (QUEUE_CLASSES: {', '.join(classes)})"
+        )
+    live = live_queues()
+    config = model_config(spec.model, spec.revision, spec.source.token)
+    plans = None
+    if config is not None:
+        try:
+            plans = plans_by_class(config, JobSettings.from_spec(spec))
+        except (PlanError, ValueError, TypeError, ZeroDivisionError) as exc:
+            log.info("no plan for %s: %s", spec.model, exc)
+    if plans is None:
+        if settings.DEFAULT_QUEUE in allowed and (live is None or settings.DEFAULT_QUEUE in live):
+            queue = settings.DEFAULT_QUEUE
+        else:
+            alive = [c for c in allowed if live and c in live]
+            queue = (
+                alive[-1]
+                if alive
+                else (settings.DEFAULT_QUEUE if settings.DEFAULT_QUEUE in allowed else allowed[-1])
+            )
+        return Route(queue, None, "model config unavailable: default queue")
+
+    def fits(c: str) -> bool:
+        return plans[c]["peak_bytes"] <= classes[c] * settings.QUEUE_MEMORY_HEADROOM
+
+    fitting = [c for c in allowed if fits(c)]
+    if not fitting:
+        largest = max(allowed, key=lambda c: classes[c])
+        p = plans[largest]
+        raise RoutingError(
+            f"the job needs {p['peak_bytes'] / GIB:.1f} GiB at its peak ({p['peak_stage']} stage) on "
+            f"{p['device']}; the largest queue class it may use, {largest}, has "
+            f"{classes[largest] * settings.QUEUE_MEMORY_HEADROOM / GIB:.1f} GiB usable. Lower "
+            "calibration.n_samples / seq_len or eval.seq_len, or add a larger queue class (QUEUE_CLASSES)",
+            plans,
+        )
+    # GPU classes before CPU ones, each smallest first (classes are ordered by memory)
+    fitting.sort(key=lambda c: (is_cpu_class(c), classes[c]))
+    queue = fitting[0]
+    reason = "smallest class that fits"
+    if live is not None:
+        alive = [c for c in fitting if c in live]
+        if alive:
+            if alive[0] != queue:
+                reason = f"smallest class that fits with a live worker ({queue} has none)"
+            queue = alive[0]
+        else:
+            reason = "smallest class that fits; no live worker consumes it yet"
+    return Route(queue, plans[queue], reason, plans)

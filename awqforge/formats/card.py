@@ -38,10 +38,16 @@ class ModelCardInfo:
         metrics = dict(metrics or {})
         cal = spec.calibration
         ev = spec.eval
+        # The real counts when the source had less text than asked for (pipeline metrics), else the request.
+        samples = metrics.pop("calibration_samples", cal.n_samples)
+        tokens = metrics.pop("calibration_tokens", None)
+        metrics.pop("calibration_shortfall", None)
+        calibration = f"{cal.source}, {cal.packing.value} packing, {samples} samples of up to {cal.seq_len} tokens"
+        calibration += f" ({tokens} tokens)" if tokens is not None else ""
         return cls(
             base_model=spec.model,
             method=spec.method.value,
-            calibration=f"{cal.source}, {cal.n_samples} samples x {cal.seq_len} tokens",
+            calibration=None if spec.method.value == "rtn" else calibration,
             fp_perplexity=metrics.pop("fp_perplexity", None),
             quant_perplexity=metrics.pop("quant_perplexity", None),
             eval_description=(
@@ -52,16 +58,47 @@ class ModelCardInfo:
             ),
             repo_id=repo_id or (spec.publish.repo_id if spec.publish else None),
             base_model_revision=spec.revision,
-            extra_settings={
-                "scale_search": spec.scale_search.value,
-                "n_grid": spec.n_grid,
-                "clip_search": spec.clip_search,
-                "seed": spec.seed,
-            }
-            if spec.method.value == "awq"
-            else {"seed": spec.seed},
+            extra_settings={**describe_method(spec), "seed": spec.seed},
             metrics=metrics,
         )
+
+
+_SCALE_SEARCH = {
+    "duo": "duo: s = mean|x|^a / mean|w|^(1-a), a on {n} grid points, plus s = 1 (AutoAWQ)",
+    "activation": "activation: s = mean|x|^a, a on {n} grid points (the AWQ paper)",
+    "both": "both: the activation and duo grids, {n} points each (llm-compressor)",
+}
+
+
+def describe_method(spec: JobSpec) -> dict[str, str]:
+    """What ran, step by step, in words: the same labels in the model card and quant_report.json."""
+    if spec.method.value == "rtn":
+        return {
+            "method": "RTN: round-to-nearest from the weights alone; no calibration data read",
+            "scale_search": "none",
+            "clip_search": "none",
+            "refine_steps": "none",
+            "rounding": "round to nearest",
+        }
+    k = spec.refine_steps
+    return {
+        "method": "AWQ: per-channel scales searched on calibration activations and folded into the previous op",
+        "scale_search": _SCALE_SEARCH[spec.scale_search.value].format(n=spec.n_grid),
+        "clip_search": "per-group clip ratio 1, 0.95, ..., 0.55 minimising the group's output error (AutoAWQ); "
+        "not for q/k projections"
+        if spec.clip_search
+        else "off",
+        "refine_steps": (
+            f"{k} refit{'s' if k > 1 else ''} of each group's scale and zero for its output error (an AWQForge "
+            "addition, not in published AWQ; refine_steps=0 turns it off)"
+            if spec.clip_search and k
+            else "off (AWQ as published)"
+        ),
+        "rounding": "round to nearest (AWQ as published)"
+        if spec.rounding.value == "nearest"
+        else "GPTQ error feedback through the inverse input Gram matrix, after the AWQ scale and clip search "
+        "(an AWQForge addition)",
+    }
 
 
 _FRONT_MATTER = re.compile(r"\A---\s*\n(.*?)\n---\s*(\n|\Z)", re.S)
@@ -136,8 +173,8 @@ def render_card(
     name = info.repo_id or "path/to/this/folder"
     scheme = "symmetric" if not zero_point else "asymmetric (zero point)"
     groups = "one group per output channel" if group_size == -1 else f"{group_size} input channels per group"
-    method_text = {
-        "awq": "AWQ (activation-aware weight quantization: per-channel scales searched on calibration activations, then round-to-nearest)",
+    method_text = info.extra_settings.get("method") or {
+        "awq": "AWQ (activation-aware weight quantization: per-channel scales searched on calibration activations)",
         "rtn": "round-to-nearest (no calibration)",
     }.get(info.method, info.method)
     base = info.base_model + (f" (revision `{info.base_model_revision}`)" if info.base_model_revision else "")
@@ -162,6 +199,8 @@ def render_card(
         f"| calibration set | {info.calibration or 'none'} |",
     ]
     for key, value in info.extra_settings.items():
+        if key == "method":
+            continue
         lines.append(f"| {key} | {value} |")
     lines.append(f"| left in full precision | {', '.join(f'`{m}`' for m in unquantized) or 'nothing'} |")
     if fmt == "awq" and not zero_point:

@@ -1,24 +1,32 @@
-"""The C++ W4 CPU kernel: JIT build (cached) and its Python wrapper.
+"""The C++ W4 CPU kernel: its build (once, at install), its cache, and its Python wrapper.
 
-Build: compiled on first use with torch.utils.cpp_extension.load (needs a C++ compiler and ninja,
-both pulled in by `pip install awqforge` except the compiler itself), then cached. The cache folder
-is, in order: $AWQFORGE_EXTENSIONS_DIR, $TORCH_EXTENSIONS_DIR/awqforge, or
-~/.cache/awqforge/torch_extensions; below it one folder per torch version (torch2.13.0_cpu/...), so
-a torch upgrade rebuilds instead of loading a stale binary. A first build takes ~40-70 s (measured
-on 2 busy cores); later processes load the cached .so in a few seconds (ninja only recompiles when
-the source or flags change). The build has AVX2+FMA code (function-level target attributes) and a portable
-scalar path, plus an AVX-512 variant of the same kernels, in one binary; which one runs is decided
-at call time (`best_isa()`: torch.backends.cpu.get_cpu_capability(), capped by $AWQFORGE_CPU_ISA,
-and re-checked in C++ with __builtin_cpu_supports). On a non-x86 build the SIMD code is compiled
-out (#if) and only the scalar path exists.
+Built once, never inside a job: `awqforge kernels build` (run by scripts/install.sh and the
+Dockerfile) compiles csrc/w4_cpu.cpp with torch.utils.cpp_extension (a C++ compiler with OpenMP,
+ninja) into the kernel cache. At run time `load_extension()` only loads a binary that is already
+there; when there is none it raises `KernelNotBuilt` (QuantLinear then warns once and uses the
+pure-torch reference) unless JIT builds are allowed explicitly (AWQFORGE_KERNELS_JIT=1, or
+`load_extension(allow_build=True)`, which tests and benchmarks use).
 
-A failed build raises `KernelBuildError` carrying the compiler's output; QuantLinear catches it,
-warns once and uses the pure-torch reference instead.
+Cache: `cache_root()` is, in order, $AWQFORGE_EXTENSIONS_DIR, $AWQFORGE_HOME/kernels, or
+~/.awqforge/kernels (AWQFORGE_HOME's default), so it survives restarts and lives on the data volume
+in the Docker image. Below it one folder per key, `build_dir()`:
+torch<version>-<machine>/awqforge_w4_cpu-<source hash>, so a torch upgrade or a changed source
+finds no binary (and `kernels build` makes a new one) instead of loading a stale one. The CPU
+features are not part of the key on purpose: the binary holds the AVX2, AVX-512 (+VNNI) and scalar
+paths (function-level target attributes, no -march), and which one runs is decided at call time
+(`best_isa()`: torch.backends.cpu.get_cpu_capability(), capped by $AWQFORGE_CPU_ISA, re-checked in
+C++ with __builtin_cpu_supports), so one build serves every x86-64 CPU. A build takes ~40-120 s on
+2 busy cores; a later process loads the binary in well under a second. On a non-x86 build the SIMD
+code is compiled out (#if) and only the scalar path exists.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import os
+import platform
+import shutil
 import threading
 from pathlib import Path
 from types import ModuleType
@@ -29,6 +37,8 @@ from awqforge.packing import CPU_BLOCK_N
 
 _SOURCE = Path(__file__).parent / "csrc" / "w4_cpu.cpp"
 _EXT_NAME = "awqforge_w4_cpu"
+_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
+_LDFLAGS = ["-fopenmp"]
 
 # From this many rows on, decode panels of PANEL_N channels and let the BLAS sgemm multiply them.
 PANEL_MIN_M = int(os.environ.get("AWQFORGE_CPU_PANEL_MIN_M", "48"))
@@ -46,47 +56,119 @@ class KernelBuildError(RuntimeError):
     """The C++ extension could not be compiled or loaded; the message says why."""
 
 
+class KernelNotBuilt(KernelBuildError):
+    """No built kernel for this torch/source in the cache, and JIT builds are not allowed."""
+
+
+def cache_root() -> Path:
+    """The kernel cache folder (see the module docstring)."""
+    if os.environ.get("AWQFORGE_EXTENSIONS_DIR"):
+        return Path(os.environ["AWQFORGE_EXTENSIONS_DIR"]).expanduser()
+    return Path(os.environ.get("AWQFORGE_HOME", "~/.awqforge")).expanduser() / "kernels"
+
+
+def source_hash() -> str:
+    h = hashlib.sha256(_SOURCE.read_bytes())
+    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
+    return h.hexdigest()[:12]
+
+
 def build_dir() -> Path:
-    root = os.environ.get("AWQFORGE_EXTENSIONS_DIR")
-    if root:
-        base = Path(root)
-    elif os.environ.get("TORCH_EXTENSIONS_DIR"):
-        base = Path(os.environ["TORCH_EXTENSIONS_DIR"]) / "awqforge"
-    else:
-        base = Path.home() / ".cache" / "awqforge" / "torch_extensions"
+    """Where the binary for this torch version, machine and kernel source lives."""
     torch_tag = torch.__version__.replace("+", "_")
-    return base / f"torch{torch_tag}" / _EXT_NAME
+    return cache_root() / f"torch{torch_tag}-{platform.machine()}" / f"{_EXT_NAME}-{source_hash()}"
 
 
-def load_extension(verbose: bool = False) -> ModuleType:
-    """Compile (first time) or load the cached extension; raises KernelBuildError on failure."""
+def built_binary() -> Path | None:
+    """The cached extension binary, if `awqforge kernels build` made one for this key."""
+    directory = build_dir()
+    if not directory.is_dir():
+        return None
+    return next(iter(sorted(directory.glob(f"{_EXT_NAME}*.so"))), None)
+
+
+def jit_allowed() -> bool:
+    return os.environ.get("AWQFORGE_KERNELS_JIT", "0") == "1"
+
+
+def compiler() -> str | None:
+    """Path of the C++ compiler cpp_extension would call ($CXX or c++), None when there is none."""
+    return shutil.which(os.environ.get("CXX") or "c++")
+
+
+def _import_binary(path: Path) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(_EXT_NAME, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _compile(directory: Path, verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    cxx = compiler()
+    if cxx is None:
+        raise KernelBuildError(
+            f"no C++ compiler found (looked for {os.environ.get('CXX') or 'c++'} on PATH); install one "
+            "(Debian/Ubuntu: apt-get install g++) and run `awqforge kernels build`"
+        )
+    directory.mkdir(parents=True, exist_ok=True)
+    return cpp_extension.load(
+        name=_EXT_NAME,
+        sources=[str(_SOURCE)],
+        build_directory=str(directory),
+        extra_cflags=list(_CFLAGS),  # cpp_extension appends to the lists it gets
+        extra_ldflags=list(_LDFLAGS),
+        verbose=verbose,
+    )
+
+
+def load_extension(allow_build: bool | None = None, verbose: bool = False) -> ModuleType:
+    """Load the built kernel; raises KernelNotBuilt / KernelBuildError.
+
+    allow_build: compile it when it is not in the cache (default: only with AWQFORGE_KERNELS_JIT=1).
+    """
     global _module, _error
     if _module is not None:
         return _module
-    if _error is not None:
+    allow = jit_allowed() if allow_build is None else allow_build
+    if _error is not None and not (allow and isinstance(_error, KernelNotBuilt)):
         raise _error
     with _lock:
         if _module is not None:
             return _module
-        from torch.utils import cpp_extension
-
         directory = build_dir()
-        directory.mkdir(parents=True, exist_ok=True)
+        binary = built_binary()
         try:
-            _module = cpp_extension.load(
-                name=_EXT_NAME,
-                sources=[str(_SOURCE)],
-                build_directory=str(directory),
-                extra_cflags=["-O3", "-fopenmp", "-ffp-contract=fast"],
-                extra_ldflags=["-fopenmp"],
-                verbose=verbose,
-            )
-        except Exception as exc:  # compiler missing, compile error, ninja missing, ...
+            if binary is not None:
+                _module = _import_binary(binary)
+            elif allow:
+                _module = _compile(directory, verbose)
+            else:
+                _error = KernelNotBuilt(
+                    f"the AWQForge CPU kernel is not built for torch {torch.__version__} in {directory}; "
+                    "run `awqforge kernels build` once (scripts/install.sh does), or set "
+                    "AWQFORGE_KERNELS_JIT=1 to let a process compile it"
+                )
+                raise _error
+        except KernelBuildError as exc:  # not built, no compiler: already says what to do
+            _error = exc
+            raise
+        except Exception as exc:  # compiler missing, compile error, ninja missing, bad binary ...
             _error = KernelBuildError(
                 f"building the AWQForge CPU kernel in {directory} failed: {type(exc).__name__}: {exc}"
             )
             raise _error from exc
     return _module
+
+
+def build(verbose: bool = False) -> Path:
+    """Compile the kernel into the cache (no-op when it is there); returns the binary's path."""
+    load_extension(allow_build=True, verbose=verbose)
+    binary = built_binary()
+    if binary is None:
+        raise KernelBuildError(f"the build finished but no binary is in {build_dir()}")
+    return binary
 
 
 def is_available() -> bool:

@@ -147,6 +147,7 @@ class Service:
     deep_model_dir: Path
     calib_file: Path
     worker_log: Path
+    worker_metrics_url: str = ""
     keys: dict = field(default_factory=dict)
 
     def client(self, key: str | None):
@@ -251,8 +252,11 @@ def service(tiny_models):
         from app.main import create_app
 
         worker_log = HOME / "worker.log"
+        metrics_port = free_port()  # the worker serves its own Prometheus metrics (test_metrics.py)
         worker = start_worker_process(
-            name=f"test-{RUN_ID}", log_path=worker_log, env={"OMP_NUM_THREADS": "1"}
+            name=f"test-{RUN_ID}",
+            log_path=worker_log,
+            env={"OMP_NUM_THREADS": "1", "WORKER_METRICS_PORT": str(metrics_port)},
         )
         server = ServerThread(create_app(run_reaper=False), port=free_port()).start()
         deadline = time.monotonic() + 60
@@ -269,6 +273,7 @@ def service(tiny_models):
             deep_model_dir=deep_dir,
             calib_file=calib,
             worker_log=worker_log,
+            worker_metrics_url=f"http://127.0.0.1:{metrics_port}/metrics",
         )
     finally:
         if server is not None:

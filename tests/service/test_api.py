@@ -220,14 +220,3 @@ def test_calibration_upload_validation(service, make_key):
             c.post("/v1/calibration-sets", files={"file": ("../../evil.txt", b"hi")}).json()["filename"]
             == "evil.txt"
         )
-
-
-def test_dashboard(service, make_key):
-    key = make_key(tenant="dash-tenant")
-    with service.client(key) as c:
-        r = c.get("/dashboard")
-        assert r.status_code == 200 and "dash-tenant" in r.text
-    with service.client(None) as c:
-        assert "API key" in c.get("/dashboard").text
-        r = c.post("/dashboard/login", data={"key": key}, follow_redirects=False)
-        assert r.status_code == 303 and "awqforge_key" in r.headers["set-cookie"]

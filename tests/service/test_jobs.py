@@ -37,7 +37,7 @@ def _sse(client, job_id: str, last_event_id: int | None = None) -> list[tuple[in
 def test_job_end_to_end(service, make_key, db_session):
     from app.models import Artifact, JobMetrics, LayerMetric
 
-    key, other = make_key(), make_key()
+    key, other = make_key("acme"), make_key()  # tenant "acme" publishes to its own namespace
     body = service.job_body(
         formats=["awq", "compressed-tensors"],
         publish={"repo_id": "acme/tiny-llama-awq", "private": True, "token": "hf_SECRET_never_shown"},

@@ -1,4 +1,4 @@
-"""Worker settings that matter for long GPU jobs, and queue routing by model size."""
+"""Worker settings that matter for long GPU jobs (routing by need: test_routing.py)."""
 
 from __future__ import annotations
 
@@ -32,22 +32,6 @@ def test_celery_settings_for_long_jobs():
     assert all(q.exchange.name == q.name == q.routing_key for q in conf.task_queues)
 
 
-def test_queue_routing_by_checkpoint_size(tmp_path, monkeypatch):
-    from app.core.config import settings
-    from app.services.routing import queue_for
-
-    small, big = tmp_path / "small", tmp_path / "big"
-    for folder, size in ((small, 1 << 30), (big, settings.GPU_24G_MAX_MODEL_BYTES + 1)):
-        folder.mkdir()
-        with open(folder / "model.safetensors", "wb") as f:  # sparse: no real disk used
-            f.truncate(size)
-    assert queue_for(str(small), None, "auto") == "gpu-24g"
-    assert queue_for(str(big), None, "cuda") == "gpu-80g"
-    assert queue_for(str(big), None, "cpu") == "cpu"
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert queue_for("someorg/unreachable-model", None, "auto") == settings.DEFAULT_QUEUE
-
-
 @pytest.mark.parametrize(
     "env, message",
     [
@@ -77,48 +61,21 @@ def test_settings_refuse_unsafe_values(env, message, monkeypatch):
         Settings(_env_file=None)
 
 
-def test_publish_backends(tmp_path, monkeypatch):
+def test_publish_backend_selection(tmp_path, monkeypatch):
+    """Which backend publishes; what each does is in test_hub_contract.py (against a Hub server)."""
     from app.core.config import settings
     from worker import hub
 
-    calls = []
-
-    class FakeApi:
-        endpoint = "https://hub.example"
-
-        def __init__(self, endpoint=None, token=None):
-            calls.append(("init", endpoint, token))
-
-        def create_repo(self, repo_id, **kw):
-            calls.append(("create_repo", repo_id, kw["private"]))
-
-        def upload_folder(self, **kw):
-            calls.append(("upload_folder", kw["repo_id"], kw["path_in_repo"]))
-            return type("Info", (), {"commit_url": "https://hub.example/acme/m/commit/1"})()
-
-    import huggingface_hub
-
-    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
-    folder = tmp_path / "awq"
-    folder.mkdir()
-    (folder / "config.json").write_text("{}")
-
     monkeypatch.setattr(settings, "PUBLISH_BACKEND", "auto")
-    remote = hub.hub_for("hf_token")
-    assert isinstance(remote, hub.HuggingFaceHub)
-    assert remote.publish(folder, "acme/m", private=True, path_in_repo="awq").endswith("/commit/1")
-    assert calls == [
-        ("init", None, "hf_token"),
-        ("create_repo", "acme/m", True),
-        ("upload_folder", "acme/m", "awq"),
-    ]
-
+    monkeypatch.setattr(settings, "HF_ENDPOINT", None)
+    monkeypatch.setattr(settings, "HF_TOKEN", None)
     monkeypatch.setattr(settings, "HUB_DIR", tmp_path / "hub")
-    local = hub.hub_for(None)
-    assert isinstance(local, hub.LocalHub)
-    assert (tmp_path / "hub" / "acme" / "m" / "config.json").exists() is False
-    local.publish(folder, "acme/m", private=True)
-    local.publish(folder, "acme/m", private=True)  # re-publishing replaces
-    assert (tmp_path / "hub" / "acme" / "m" / "config.json").exists()
-    with pytest.raises(ValueError):
-        local.publish(folder, "../../etc", private=True)
+    assert isinstance(hub.hub_for("hf_token"), hub.HuggingFaceHub)  # a job token: the Hub
+    assert isinstance(hub.hub_for(None), hub.LocalHub)  # nothing configured: the local folder
+    monkeypatch.setattr(settings, "HF_TOKEN", "hf_service")
+    # The service is set up for the Hub: a tenant without a token goes there too (anonymously, refused),
+    # never silently to the local folder.
+    remote = hub.hub_for(None)
+    assert isinstance(remote, hub.HuggingFaceHub) and remote.api.token is False
+    monkeypatch.setattr(settings, "PUBLISH_BACKEND", "local")
+    assert isinstance(hub.hub_for("hf_token"), hub.LocalHub)

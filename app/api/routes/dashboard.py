@@ -1,88 +1,104 @@
-"""/dashboard: a server-rendered page of the tenant's jobs and their metrics (no build step)."""
+"""/dashboard: sign in with an API key (exchanged for a session cookie), then static pages whose script
+calls the /v1 API with that cookie. No build step: HTML templates, one script, a vendored chart library."""
 
 from __future__ import annotations
 
 from html import escape
+from pathlib import Path
+from string import Template
 from typing import Annotated
+from urllib.parse import urlsplit
 
-from fastapi import APIRouter, Form
-from fastapi.responses import HTMLResponse, RedirectResponse
-from sqlalchemy import select
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from app.api.deps import DASHBOARD_COOKIE, DashboardTenant, SessionDep, tenant_for_key
-from app.models import Job
+from app.api.deps import DashboardSessionDep, SessionDep, tenant_for_key
+from app.core.config import settings
+from app.services.sessions import SESSION_COOKIE, create_session, delete_session
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False)
 
-_STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;color:#222}table{border-collapse:collapse;width:100%}
-th,td{border-bottom:1px solid #ddd;padding:.35rem .5rem;text-align:left;font-size:.9rem}th{background:#f4f4f4}
-.succeeded{color:#1a7f37}.failed{color:#cf222e}.running{color:#0969da}.cancelled{color:#777}
-progress{width:7rem}code{font-size:.85rem}"""
+TEMPLATES = Path(__file__).resolve().parents[2] / "templates"
+STATIC_DIR = Path(__file__).resolve().parents[2] / "static"
+_NO_STORE = {"Cache-Control": "no-store", "X-Frame-Options": "DENY", "Referrer-Policy": "same-origin"}
 
 
-def _page(title: str, body: str) -> HTMLResponse:
-    return HTMLResponse(
-        f"<!doctype html><html><head><meta charset='utf-8'><title>{escape(title)}</title>"
-        f"<style>{_STYLE}</style></head><body>{body}</body></html>"
+def _render(name: str, status_code: int = 200, **values: str) -> HTMLResponse:
+    html = Template((TEMPLATES / name).read_text()).substitute(
+        project=escape(settings.PROJECT_NAME), api=settings.API_V1_STR, **values
     )
+    return HTMLResponse(html, status_code=status_code, headers=_NO_STORE)
 
 
-def _fmt(v: float | None, spec: str = ".2f") -> str:
-    return "" if v is None else format(v, spec)
+def _is_https(request: Request) -> bool:
+    """uvicorn already applies X-Forwarded-Proto from FORWARDED_ALLOW_IPS; the setting trusts any proxy."""
+    if request.url.scheme == "https":
+        return True
+    proto = request.headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    return settings.TRUST_FORWARDED_PROTO and proto == "https"
 
 
-def _mib(v: int | None) -> str:
-    return "" if v is None else f"{v / 2**20:.1f}"
+def _same_origin(request: Request) -> bool:
+    """Form posts must come from our own pages: browsers send Origin (or at least Referer) on POST."""
+    sent = request.headers.get("origin") or request.headers.get("referer")
+    if not sent:
+        return True  # not a browser (curl, tests); a cross-site browser post always carries Origin
+    src = urlsplit(sent)
+    host = request.headers.get("x-forwarded-host") if settings.TRUST_FORWARDED_PROTO else None
+    return src.netloc == (host or request.headers.get("host", ""))
+
+
+def _sign_in(error: str = "", status_code: int = 200) -> HTMLResponse:
+    block = f"<p class='error' role='alert'>{escape(error)}</p>" if error else ""
+    return _render("signin.html", status_code=status_code, error=block)
 
 
 @router.get("/dashboard", response_class=HTMLResponse)
-def dashboard(session: SessionDep, tenant: DashboardTenant, refresh: int = 5) -> HTMLResponse:
+def dashboard(row: DashboardSessionDep) -> HTMLResponse:
+    if row is None:
+        return _sign_in()
+    return _render("jobs.html", tenant=escape(row.tenant.name), csrf=escape(row.csrf_token))
+
+
+@router.get("/dashboard/jobs/{job_id}", response_class=HTMLResponse)
+def dashboard_job(row: DashboardSessionDep, job_id: str) -> Response:
+    if row is None:
+        return RedirectResponse("/dashboard", status_code=303)
+    return _render(
+        "job.html", tenant=escape(row.tenant.name), csrf=escape(row.csrf_token), job_id=escape(job_id)
+    )
+
+
+@router.post("/dashboard/login", response_class=HTMLResponse)
+def dashboard_login(request: Request, session: SessionDep, key: Annotated[str, Form()] = "") -> Response:
+    if not _same_origin(request):
+        return _sign_in("Sign-in must come from this site's own page.", status_code=403)
+    key = key.strip()
+    tenant = tenant_for_key(session, key) if key else None
     if tenant is None:
-        return _page(
-            "AWQForge: sign in",
-            "<h1>AWQForge</h1><form method='post' action='/dashboard/login'>"
-            "<label>API key <input type='password' name='key' size='60' autocomplete='off'></label> "
-            "<button>Open dashboard</button></form>",
-        )
-    jobs = list(
-        session.scalars(
-            select(Job).where(Job.tenant_id == tenant.id).order_by(Job.created_at.desc()).limit(200)
-        )
-    )
-    rows = []
-    for j in jobs:
-        m = j.metrics
-        rows.append(
-            "<tr>"
-            f"<td><code>{escape(j.id)}</code></td><td>{escape(j.model)}</td>"
-            f"<td>{escape(j.method)} W{j.bits} g{j.group_size}</td>"
-            f"<td class='{escape(j.status)}'>{escape(j.status)}</td><td>{escape(j.stage or '')}</td>"
-            f"<td><progress max='1' value='{j.progress:.3f}'></progress> {j.progress * 100:.0f}%</td>"
-            f"<td>{_fmt(m.fp_perplexity if m else None)}</td><td>{_fmt(m.quant_perplexity if m else None)}</td>"
-            f"<td>{_mib(m.size_before_bytes if m else None)}</td><td>{_mib(m.size_after_bytes if m else None)}</td>"
-            f"<td>{_fmt(m.total_s if m else None, '.1f')}</td><td>{_mib(m.peak_rss_bytes if m else None)}</td>"
-            f"<td>{escape((j.error or '')[:160])}</td></tr>"
-        )
-    head = (
-        "<tr><th>job</th><th>model</th><th>quant</th><th>status</th><th>stage</th><th>progress</th>"
-        "<th>FP ppl</th><th>quant ppl</th><th>size before MiB</th><th>size after MiB</th><th>total s</th>"
-        "<th>peak RSS MiB</th><th>error</th></tr>"
-    )
-    meta = (
-        f"<meta http-equiv='refresh' content='{max(refresh, 2)}'>"
-        if any(j.status in ("queued", "running") for j in jobs)
-        else ""
-    )
-    return _page(
-        "AWQForge jobs",
-        f"{meta}<h1>AWQForge jobs: {escape(tenant.name)}</h1><table>{head}{''.join(rows)}</table>"
-        "<p>API: <a href='/docs'>/docs</a></p>",
-    )
-
-
-@router.post("/dashboard/login")
-def dashboard_login(session: SessionDep, key: Annotated[str, Form()]) -> RedirectResponse:
+        msg = "Enter an API key." if not key else "That API key is unknown or revoked."
+        return _sign_in(msg, status_code=401)
+    new = create_session(session, key=key, tenant_id=tenant.id)
     resp = RedirectResponse("/dashboard", status_code=303)
-    if tenant_for_key(session, key) is not None:
-        resp.set_cookie(DASHBOARD_COOKIE, key, httponly=True, samesite="strict", max_age=8 * 3600)
+    resp.set_cookie(
+        SESSION_COOKIE,
+        new.token,
+        max_age=int(settings.DASHBOARD_SESSION_HOURS * 3600),
+        path="/",
+        httponly=True,
+        samesite="lax",  # lax: a link from elsewhere opens the dashboard signed in; posts still need the token
+        secure=_is_https(request),
+    )
+    return resp
+
+
+@router.post("/dashboard/logout")
+def dashboard_logout(
+    request: Request, session: SessionDep, row: DashboardSessionDep, csrf: Annotated[str, Form()] = ""
+) -> Response:
+    if row is not None and (csrf != row.csrf_token or not _same_origin(request)):
+        return HTMLResponse("sign-out must come from the dashboard page", status_code=403)
+    delete_session(session, request.cookies.get(SESSION_COOKIE))
+    resp = RedirectResponse("/dashboard", status_code=303)
+    resp.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="lax", secure=_is_https(request))
     return resp

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import tarfile
 import time
 from pathlib import Path
 from typing import Annotated, Literal
@@ -11,6 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -30,12 +32,15 @@ from app.schemas import (
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError, SpecError
+from app.services.storage import S3_SCHEME, object_store_download
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
+from awqforge.spec import MAX_TOKEN_CHARS
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="a job id (job_...)")]
+ArtifactId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="an artifact id (art_...)")]
 MAX_EVENT_ID = 2**63 - 1  # the events table's bigint key
 EventId = Annotated[
     str | None,
@@ -78,11 +83,12 @@ JOB_EXAMPLES = {
         },
     },
     "publish": {
-        "summary": "Quantize and publish to the hub (token used once, never stored in clear or returned)",
+        "summary": "A gated model, published to the hub (tokens encrypted, deleted when the job ends, never returned)",
         "value": {
             "model": "meta-llama/Llama-3.2-1B-Instruct",
             "bits": 4,
             "group_size": 128,
+            "source": {"token": "hf_read..."},
             "publish": {"repo_id": "my-org/Llama-3.2-1B-Instruct-AWQ", "private": True, "token": "hf_..."},
         },
     },
@@ -178,6 +184,34 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Job
 def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId, response: Response) -> JobPublic:
     job = job_service.retry_job(session, job=_get(session, job_id, tenant), tenant=tenant)
     response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_service.job_public(job)
+
+
+class PublishAgainIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: str | None = Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOKEN_CHARS,
+        description="Hub write token for this publish: encrypted at rest, deleted when it ends, never returned",
+        json_schema_extra={"writeOnly": True},
+    )
+
+
+@router.post(
+    "/{job_id}/publish",
+    status_code=202,
+    response_model=JobPublic,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
+    summary="Publish a finished job's artifacts again (after a failed publish); no new commit if unchanged",
+)
+def publish_job(
+    session: SessionDep, tenant: CurrentTenant, job_id: str, body: PublishAgainIn | None = None
+) -> JobPublic:
+    job = job_service.publish_again(
+        session, job=_get(session, job_id, tenant), tenant=tenant, token=body.token if body else None
+    )
     return job_service.job_public(job)
 
 
@@ -300,23 +334,89 @@ def list_artifacts(session: SessionDep, tenant: CurrentTenant, job_id: JobId) ->
     return ArtifactsPublic(data=data, count=len(data))
 
 
+def _artifact(session, tenant, job_id: str, artifact_id: str) -> Artifact:
+    job = _get(session, job_id, tenant)
+    artifact = session.get(Artifact, artifact_id)
+    if artifact is None or artifact.job_id != job.id:
+        raise ServiceError(404, "artifact not found")
+    return artifact
+
+
+def _etag(path: Path) -> str:
+    st = path.stat()
+    return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
+
+
+@router.get(
+    "/{job_id}/artifacts/{artifact_id}.tar",
+    response_class=StreamingResponse,
+    responses={**_ERRORS, 200: {"content": {"application/x-tar": {}}}},
+    summary="The whole artifact as a tar stream (built while it is sent, never on disk)",
+)
+def download_artifact_tar(
+    session: SessionDep, tenant: CurrentTenant, job_id: JobId, artifact_id: ArtifactId
+) -> StreamingResponse:
+    artifact = _artifact(session, tenant, job_id, artifact_id)
+    root = Path(artifact.path).resolve()
+    files = [
+        (name, root / name if root.is_dir() else root) for name, _ in job_service.artifact_files(artifact)
+    ]
+    if not files:
+        raise ServiceError(404, "artifact files are gone")
+    prefix = f"{artifact.format}" if root.is_dir() else ""
+    entries = []
+    for name, path in files:
+        info = tarfile.TarInfo(f"{prefix}/{name}" if prefix else name)
+        st = path.stat()
+        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
+        entries.append((info.tobuf(format=tarfile.PAX_FORMAT), path, st.st_size))
+    length = sum(len(h) + -(-n // 512) * 512 for h, _, n in entries) + 1024
+
+    def stream():
+        for header, path, size in entries:
+            yield header
+            with open(path, "rb") as f:
+                sent = 0
+                while sent < size and (chunk := f.read(min(1 << 20, size - sent))):
+                    sent += len(chunk)
+                    yield chunk
+            if sent != size:
+                raise OSError(f"{path.name} changed while it was sent")
+            yield b"\0" * (-size % 512)
+        yield b"\0" * 1024
+
+    return StreamingResponse(
+        stream(),
+        media_type="application/x-tar",
+        headers={
+            "Content-Length": str(length),
+            "Content-Disposition": f'attachment; filename="{job_id}-{artifact.format}.tar"',
+        },
+    )
+
+
 @router.get(
     "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
     response_class=FileResponse,
-    responses=_JSON_ERRORS,
-    summary="Download one artifact file",
+    responses={
+        **_JSON_ERRORS,
+        206: {"description": "the requested Range"},
+        304: {"description": "ETag matched"},
+    },
+    summary="Download one artifact file (Range, ETag and If-None-Match supported)",
 )
 def download_artifact_file(
     session: SessionDep,
     tenant: CurrentTenant,
     job_id: JobId,
-    artifact_id: Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN)],
+    artifact_id: ArtifactId,
     file_path: Annotated[str, PathParam(max_length=1000)],
-) -> FileResponse:
-    job = _get(session, job_id, tenant)
-    artifact = session.get(Artifact, artifact_id)
-    if artifact is None or artifact.job_id != job.id:
-        raise ServiceError(404, "artifact not found")
+    if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
+    redirect: Annotated[bool, Query(description="object store: 307 to a presigned URL")] = False,
+) -> Response:
+    artifact = _artifact(session, tenant, job_id, artifact_id)
+    if artifact.path.startswith(S3_SCHEME):
+        return object_store_download(artifact.path, file_path, redirect=redirect)
     root = Path(artifact.path).resolve()
     if root.is_file():
         target = root if file_path == root.name else None
@@ -328,4 +428,10 @@ def download_artifact_file(
             target = None
     if target is None or not target.is_file():
         raise ServiceError(404, "file not found")
-    return FileResponse(target, filename=target.name)
+    etag = _etag(target)
+    if if_none_match and (
+        if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
+    ):
+        return Response(status_code=304, headers={"ETag": etag})
+    # FileResponse answers Range (206) and If-Range itself; the ETag is ours so 304 and If-Range agree.
+    return FileResponse(target, filename=target.name, headers={"ETag": etag})

@@ -31,6 +31,7 @@
 #include <torch/extension.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <utility>
@@ -59,6 +60,8 @@ struct Problem {
   const float* bias;    // [N] or nullptr
   int64_t M, N, K, g, G, NB;
   int64_t prefetch = 0;  // bytes ahead in the weight stream to prefetch (0: leave it to the hardware)
+  const int16_t* xq = nullptr;  // [M, K]: x quantized to int16 per (row, group) (integer tile paths)
+  const float* xa = nullptr;    // [M, G]: that group's step / 16 (x ~ xq * 16 * xa)
 };
 
 // Bit position of code kk (k = 8c + kk) in its word.
@@ -230,6 +233,85 @@ AWQF_AVX2 void decode_block_avx2(const Problem& p, int64_t b, float* wt, int64_t
   }
 }
 
+// Integer tile path (the default at small M): x is quantized per (row, group) to int16 (step
+// max|x|/32767: finer than bf16), and vpmaddwd multiplies a register of eight channels' code pairs
+// (q[k], q[k+1]) in the two 16-bit halves of each 32-bit lane, which one shift and one AND extract
+// from the packed word, with the broadcast pair (xq[k], xq[k+1]) and sums each pair into int32:
+// 16 products per vpmaddwd. Per 64 weights: 3 shifts + 4 ANDs + 4 vpmaddwd + 4 adds = 15 uops,
+// against 32 for the fp32 decode (shift, AND, OR, FMA per 8). Codes are 0..15, so a group of up to
+// 4096 inputs sums within int32. Per group: y += s' * xa * acc + (o' + s') * X, since
+// s q x - z s X = (s'/16) q x + (o' + s') X with s' = 16 s and o' = -(z + 16) s.
+template <int I>
+AWQF_AVX2 AWQF_INLINE __m256i pair_codes8(__m256i w) {
+  const __m256i mask = _mm256_set1_epi32(0x000F000F);
+  if constexpr (I == 0) return _mm256_and_si256(w, mask);
+  else return _mm256_and_si256(_mm256_srli_epi32(w, 4 * I), mask);
+}
+
+template <int MT, int NS, int... I>
+AWQF_AVX2 AWQF_INLINE void octet_int_avx2(std::integer_sequence<int, I...>, __m256i w, const int16_t* xk, int64_t K,
+                                           int v, __m256i (&acc)[MT][NS]) {
+  const __m256i t[4] = {pair_codes8<I>(w)...};
+  for (int m = 0; m < MT; ++m) {
+    const int32_t* xp = reinterpret_cast<const int32_t*>(xk + m * K);
+    __m256i s0 = _mm256_madd_epi16(t[0], _mm256_set1_epi32(xp[0]));
+    __m256i s1 = _mm256_madd_epi16(t[1], _mm256_set1_epi32(xp[1]));
+    s0 = _mm256_add_epi32(s0, _mm256_madd_epi16(t[2], _mm256_set1_epi32(xp[2])));
+    s1 = _mm256_add_epi32(s1, _mm256_madd_epi16(t[3], _mm256_set1_epi32(xp[3])));
+    acc[m][v] = _mm256_add_epi32(acc[m][v], _mm256_add_epi32(s0, s1));
+  }
+}
+
+template <int MT, int NS>
+AWQF_AVX2 void tile_int_avx2(const Problem& p, int64_t b, int64_t m0) {
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
+  const float* pb = p.prm + b * p.G * 2 * kBlockN;
+  const int64_t n0 = b * kBlockN;
+  const int64_t nvalid = std::min<int64_t>(kBlockN, p.N - n0);
+  alignas(32) float out[MT][kBlockN];
+  for (int m = 0; m < MT; ++m)
+    for (int j = 0; j < kBlockN; ++j) out[m][j] = 0.f;
+
+  for (int64_t gi = 0; gi < p.G; ++gi) {
+    const float* s = pb + gi * 2 * kBlockN;
+    const float* o = s + kBlockN;
+    const int64_t c0 = gi * p.g / 8, c1 = (gi + 1) * p.g / 8;
+    for (int v0 = 0; v0 < kBlockN / 8; v0 += NS) {
+      __m256i acc[MT][NS];
+      for (int m = 0; m < MT; ++m)
+        for (int v = 0; v < NS; ++v) acc[m][v] = _mm256_setzero_si256();
+      for (int64_t c = c0; c < c1; ++c) {
+        const uint32_t* q = qb + c * kBlockN + v0 * 8;
+        if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch, _MM_HINT_T0);
+        const int16_t* xk = p.xq + m0 * p.K + 8 * c;
+#pragma GCC unroll 4
+        for (int v = 0; v < NS; ++v) {
+          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 8));
+          octet_int_avx2<MT, NS>(std::make_integer_sequence<int, 4>{}, w, xk, p.K, v, acc);
+        }
+      }
+      for (int v = 0; v < NS; ++v) {
+        const int j = (v0 + v) * 8;
+        const __m256 sv = _mm256_loadu_ps(s + j);
+        const __m256 osv = _mm256_add_ps(_mm256_loadu_ps(o + j), sv);
+        for (int m = 0; m < MT; ++m) {
+          const __m256 xa = _mm256_set1_ps(p.xa[(m0 + m) * p.G + gi]);
+          const __m256 xs = _mm256_set1_ps(p.xsum[(m0 + m) * p.G + gi]);
+          __m256 r = _mm256_load_ps(&out[m][j]);
+          r = _mm256_fmadd_ps(_mm256_mul_ps(sv, xa), _mm256_cvtepi32_ps(acc[m][v]), r);
+          r = _mm256_fmadd_ps(osv, xs, r);
+          _mm256_store_ps(&out[m][j], r);
+        }
+      }
+    }
+  }
+  for (int m = 0; m < MT; ++m) {
+    if (p.bias)
+      for (int j = 0; j < nvalid; ++j) out[m][j] += p.bias[n0 + j];
+    std::memcpy(p.y + (m0 + m) * p.N + n0, out[m], nvalid * sizeof(float));
+  }
+}
+
 // ---------------------------------------------------------------------------------- AVX-512
 // 16 channels per register (two per block) and 32 registers.
 #define AWQF_AVX512 __attribute__((target("avx512f,avx2,fma")))
@@ -351,6 +433,76 @@ AWQF_AVX512 void decode_block_avx512(const Problem& p, int64_t b, float* wt, int
     }
   }
 }
+
+// Integer tile path on AVX-512 (see the AVX2 one): 16 channels per register, two per block; with
+// AVX512-VNNI vpdpwssd fuses multiply, pair-sum and accumulate (per 128 weights: 3 shifts, 8 ANDs,
+// 8 vpdpwssd).
+#define AWQF_AVX512BW __attribute__((target("avx512f,avx512bw,avx2,fma")))
+#define AWQF_AVX512VNNI __attribute__((target("avx512f,avx512bw,avx512vnni,avx2,fma")))
+
+// The body of both AVX-512 integer tiles; DOT(acc, a, b) accumulates the pair-products a * b.
+#define AWQF_TILE_INT_AVX512_BODY(DOT) \
+  do { \
+  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN; \
+  const float* pb = p.prm + b * p.G * 2 * kBlockN; \
+  const __m512i mask = _mm512_set1_epi32(0x000F000F); \
+  __m512 out[MT][2]; \
+  for (int m = 0; m < MT; ++m) out[m][0] = out[m][1] = _mm512_setzero_ps(); \
+  for (int64_t gi = 0; gi < p.G; ++gi) { \
+    /* two accumulators per (row, vector): pairs i = 0, 2 and i = 1, 3 */ \
+    __m512i acc[MT][2][2]; \
+    for (int m = 0; m < MT; ++m) \
+      for (int v = 0; v < 2; ++v) acc[m][v][0] = acc[m][v][1] = _mm512_setzero_si512(); \
+    for (int64_t c = gi * p.g / 8; c < (gi + 1) * p.g / 8; ++c) { \
+      const uint32_t* q = qb + c * kBlockN; \
+      if (p.prefetch) { \
+        _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch, _MM_HINT_T0); \
+        _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch + 64, _MM_HINT_T0); \
+      } \
+      const __m512i w[2] = {_mm512_loadu_si512(q), _mm512_loadu_si512(q + 16)}; \
+_Pragma("GCC unroll 4") \
+      for (int i = 0; i < 4; ++i) { \
+        const __m512i t0 = _mm512_and_si512(_mm512_srli_epi32(w[0], 4 * i), mask); \
+        const __m512i t1 = _mm512_and_si512(_mm512_srli_epi32(w[1], 4 * i), mask); \
+        for (int m = 0; m < MT; ++m) { \
+          const __m512i xv = _mm512_set1_epi32(reinterpret_cast<const int32_t*>(p.xq + (m0 + m) * p.K + 8 * c)[i]); \
+          acc[m][0][i & 1] = DOT(acc[m][0][i & 1], t0, xv); \
+          acc[m][1][i & 1] = DOT(acc[m][1][i & 1], t1, xv); \
+        } \
+      } \
+    } \
+    const float* s = pb + gi * 2 * kBlockN; \
+    for (int v = 0; v < 2; ++v) { \
+      const __m512 sv = _mm512_loadu_ps(s + v * 16); \
+      const __m512 osv = _mm512_add_ps(_mm512_loadu_ps(s + kBlockN + v * 16), sv); \
+      for (int m = 0; m < MT; ++m) { \
+        const __m512 a = _mm512_cvtepi32_ps(_mm512_add_epi32(acc[m][v][0], acc[m][v][1])); \
+        const __m512 xa = _mm512_set1_ps(p.xa[(m0 + m) * p.G + gi]); \
+        out[m][v] = _mm512_fmadd_ps(_mm512_mul_ps(sv, xa), a, out[m][v]); \
+        out[m][v] = _mm512_fmadd_ps(osv, _mm512_set1_ps(p.xsum[(m0 + m) * p.G + gi]), out[m][v]); \
+      } \
+    } \
+  } \
+  store_tile<MT>(p, b, m0, out); \
+  } while (0)
+
+AWQF_AVX512BW AWQF_INLINE __m512i dot_madd(__m512i acc, __m512i a, __m512i b) {
+  return _mm512_add_epi32(acc, _mm512_madd_epi16(a, b));
+}
+
+AWQF_AVX512VNNI AWQF_INLINE __m512i dot_vnni(__m512i acc, __m512i a, __m512i b) {
+  return _mm512_dpwssd_epi32(acc, a, b);
+}
+
+template <int MT>
+AWQF_AVX512BW void tile_int_avx512(const Problem& p, int64_t b, int64_t m0) {
+  AWQF_TILE_INT_AVX512_BODY(dot_madd);
+}
+
+template <int MT>
+AWQF_AVX512VNNI void tile_int_avx512_vnni(const Problem& p, int64_t b, int64_t m0) {
+  AWQF_TILE_INT_AVX512_BODY(dot_vnni);
+}
 #endif  // AWQF_HAVE_X86
 
 enum Isa : int64_t { kScalar = 0, kAvx2 = 1, kAvx512 = 2 };
@@ -367,7 +519,16 @@ bool cpu_has_avx2() {
 bool cpu_has_avx512() {
 #if AWQF_HAVE_X86 && (defined(__GNUC__) || defined(__clang__))
   __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f");
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+#else
+  return false;
+#endif
+}
+
+bool cpu_has_avx512vnni() {
+#if AWQF_HAVE_X86 && (defined(__GNUC__) || defined(__clang__))
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vnni");
 #else
   return false;
 #endif
@@ -375,20 +536,29 @@ bool cpu_has_avx512() {
 
 void run_tiles(const Problem& p, Isa isa, int nthreads) {
   // Rows in tiles of 4 (then 2, 1); blocks of 32 channels spread over the threads.
+#if AWQF_HAVE_X86
+  const bool vnni = isa == kAvx512 && cpu_has_avx512vnni();
+#endif
 #pragma omp parallel for schedule(static) num_threads(nthreads)
   for (int64_t b = 0; b < p.NB; ++b) {
     int64_t m = 0;
 #if AWQF_HAVE_X86
     if (isa == kAvx512) {
-      for (; m + 4 <= p.M; m += 4) tile_avx512<4, 1>(p, b, m);
-      for (; m + 2 <= p.M; m += 2) tile_avx512<2, 2>(p, b, m);
-      for (; m < p.M; ++m) tile_avx512<1, 4>(p, b, m);
+      if (vnni) {
+        for (; m + 4 <= p.M; m += 4) tile_int_avx512_vnni<4>(p, b, m);
+        for (; m + 2 <= p.M; m += 2) tile_int_avx512_vnni<2>(p, b, m);
+        for (; m < p.M; ++m) tile_int_avx512_vnni<1>(p, b, m);
+      } else {
+        for (; m + 4 <= p.M; m += 4) tile_int_avx512<4>(p, b, m);
+        for (; m + 2 <= p.M; m += 2) tile_int_avx512<2>(p, b, m);
+        for (; m < p.M; ++m) tile_int_avx512<1>(p, b, m);
+      }
       continue;
     }
     if (isa == kAvx2) {
-      for (; m + 4 <= p.M; m += 4) tile_avx2<4, 1>(p, b, m);
-      for (; m + 2 <= p.M; m += 2) tile_avx2<2, 2>(p, b, m);
-      for (; m < p.M; ++m) tile_avx2<1, 4>(p, b, m);
+      for (; m + 4 <= p.M; m += 4) tile_int_avx2<4, 1>(p, b, m);
+      for (; m + 2 <= p.M; m += 2) tile_int_avx2<2, 2>(p, b, m);
+      for (; m < p.M; ++m) tile_int_avx2<1, 4>(p, b, m);
       continue;
     }
 #endif
@@ -437,21 +607,29 @@ void run_panels(const Problem& p, const torch::Tensor& x, torch::Tensor& y, Isa 
   }
 }
 
-// Rows of x [M, K] -> fp32 copy (when xf is given) and per-group sums.
+// Rows of x [M, K] -> fp32 copy (when xf is given), per-group sums and, when xq is given, the rows
+// quantized to int16 per group (xq = round(x / step), step = max|x| / 32767; xa = step / 16).
 // Serial: for the small M this kernel is for, a few extra parallel torch ops cost more in
 // fork/join than the work they do.
 template <typename T>
-void prepare_rows(const T* x, int64_t M, int64_t K, int64_t g, float* xf, float* xsum) {
+void prepare_rows(const T* x, int64_t M, int64_t K, int64_t g, float* xf, float* xsum, int16_t* xq, float* xa) {
   const int64_t G = K / g;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t gi = 0; gi < G; ++gi) {
-      float s = 0.f;
+      float s = 0.f, amax = 0.f;
       for (int64_t k = gi * g; k < (gi + 1) * g; ++k) {
         const float v = static_cast<float>(x[m * K + k]);
         if (xf) xf[m * K + k] = v;
         s += v;
+        amax = std::max(amax, std::abs(v));
       }
       xsum[m * G + gi] = s;
+      if (!xq) continue;
+      const float step = amax / 32767.f;
+      const float inv = amax > 0.f ? 32767.f / amax : 0.f;
+      for (int64_t k = gi * g; k < (gi + 1) * g; ++k)
+        xq[m * K + k] = static_cast<int16_t>(std::nearbyint(static_cast<float>(x[m * K + k]) * inv));
+      xa[m * G + gi] = step / 16.f;
     }
 }
 
@@ -500,9 +678,16 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
   auto xf = own_xf ? torch::empty({M, Kp}, f32) : xin;
   auto xsum = torch::empty({M, G}, f32);
   float* xf_w = own_xf ? xf.data_ptr<float>() : nullptr;
-  if (xt == torch::kFloat32) prepare_rows(xin.data_ptr<float>(), M, Kp, g, xf_w, xsum.data_ptr<float>());
-  else if (xt == torch::kBFloat16) prepare_rows(xin.data_ptr<c10::BFloat16>(), M, Kp, g, xf_w, xsum.data_ptr<float>());
-  else prepare_rows(xin.data_ptr<c10::Half>(), M, Kp, g, xf_w, xsum.data_ptr<float>());
+  // the integer tile paths read x as int16 (K even: g is a multiple of 8)
+  const bool int_tiles = !panels && use != kScalar;
+  auto xq = torch::empty({int_tiles ? M : 0, Kp}, x.options().dtype(torch::kInt16));
+  auto xa = torch::empty({int_tiles ? M : 0, G}, f32);
+  int16_t* xq_w = int_tiles ? xq.data_ptr<int16_t>() : nullptr;
+  float* xa_w = int_tiles ? xa.data_ptr<float>() : nullptr;
+  float* xs_w = xsum.data_ptr<float>();
+  if (xt == torch::kFloat32) prepare_rows(xin.data_ptr<float>(), M, Kp, g, xf_w, xs_w, xq_w, xa_w);
+  else if (xt == torch::kBFloat16) prepare_rows(xin.data_ptr<c10::BFloat16>(), M, Kp, g, xf_w, xs_w, xq_w, xa_w);
+  else prepare_rows(xin.data_ptr<c10::Half>(), M, Kp, g, xf_w, xs_w, xq_w, xa_w);
 
   auto qc = qdata.contiguous();
   auto pc = params.contiguous();
@@ -512,7 +697,7 @@ torch::Tensor w4_linear(const torch::Tensor& x, const torch::Tensor& qdata, cons
             pc.data_ptr<float>(),
             y.data_ptr<float>(),
             bias_ptr,
-            M, N, Kp, g, G, NB, prefetch};
+            M, N, Kp, g, G, NB, prefetch, xq_w, xa_w};
   const int nthreads = std::max(1, at::get_num_threads());
   if (panels) {
     const int64_t panel_blocks = std::max<int64_t>(1, panel_n / kBlockN);
@@ -530,6 +715,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qdata"), py::arg("params"), py::arg("N"), py::arg("group_size"), py::arg("isa"),
         py::arg("panel_min_m"), py::arg("panel_n"), py::arg("prefetch"), py::arg("bias") = py::none());
   m.def("cpu_has_avx2", &cpu_has_avx2, "AVX2+FMA available on this CPU");
-  m.def("cpu_has_avx512", &cpu_has_avx512, "AVX-512F available on this CPU");
+  m.def("cpu_has_avx512", &cpu_has_avx512, "AVX-512F and AVX-512BW available on this CPU");
+  m.def("cpu_has_avx512vnni", &cpu_has_avx512vnni, "AVX512-VNNI available on this CPU");
   m.def("compiled_with_simd", &compiled_with_simd, "the AVX2/AVX-512 paths were compiled into this build");
 }

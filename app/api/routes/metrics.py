@@ -1,0 +1,180 @@
+"""GET /metrics (Prometheus), GET /v1/metrics/summary and GET /v1/jobs/{id}/metrics (per tenant)."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Response
+from sqlalchemy import func, select
+
+from app.api.deps import CurrentTenant, SessionDep
+from app.core.config import GPU_QUEUES
+from app.metrics import STAGES, render_metrics
+from app.models import Job, JobMetrics, LayerMetric, utcnow
+from app.schemas import (
+    DurationStats,
+    ErrorResponse,
+    JobLayerDetail,
+    JobMetricsDetail,
+    MetricsSummary,
+    PerplexityChange,
+)
+from app.services import jobs as job_service
+from app.services.jobs import ServiceError
+
+prometheus_router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"])
+
+_ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
+_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+# FP checkpoint bytes -> size class (fp16: 1 GiB is about 0.5B parameters).
+SIZE_CLASSES = ((2**30, "<1GiB"), (4 * 2**30, "1-4GiB"), (16 * 2**30, "4-16GiB"), (64 * 2**30, "16-64GiB"))
+
+
+@prometheus_router.get("/metrics", include_in_schema=False)
+def prometheus_metrics() -> Response:
+    body, content_type = render_metrics()
+    return Response(body, media_type=content_type)
+
+
+def parse_since(since: str | None) -> datetime:
+    """'7d', '24h', '30m', '2w' or an ISO 8601 time (UTC when no offset); default: 7 days ago."""
+    if not since:
+        return utcnow() - timedelta(days=7)
+    m = _RELATIVE.match(since.strip())
+    if m:
+        return utcnow() - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
+    try:
+        t = datetime.fromisoformat(since.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise ServiceError(422, "since: give an ISO 8601 time or a duration such as 24h, 7d, 2w") from None
+    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
+
+
+def _quantile(sorted_vals: list[float], q: float) -> float | None:
+    """Linear interpolation between closest ranks (numpy's default)."""
+    if not sorted_vals:
+        return None
+    pos = (len(sorted_vals) - 1) * q
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def _stats(vals: list[float]) -> DurationStats:
+    v = sorted(vals)
+    return DurationStats(n=len(v), median_s=_quantile(v, 0.5), p95_s=_quantile(v, 0.95))
+
+
+def size_class(size_bytes: int | None) -> str:
+    if size_bytes is None:
+        return "unknown"
+    return next((name for bound, name in SIZE_CLASSES if size_bytes < bound), ">64GiB")
+
+
+@router.get(
+    "/metrics/summary",
+    response_model=MetricsSummary,
+    responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
+    summary="This tenant's jobs since a time: counts, queue, durations, quality change, bytes saved, GPU-hours",
+)
+def metrics_summary(
+    session: SessionDep,
+    tenant: CurrentTenant,
+    since: Annotated[
+        str | None, Query(description="ISO 8601 time or 30m / 24h / 7d / 2w (default 7d)")
+    ] = None,
+) -> MetricsSummary:
+    t0 = parse_since(since)
+    mine = (Job.tenant_id == tenant.id, Job.created_at >= t0)
+    by_status = dict(
+        session.execute(select(Job.status, func.count()).where(*mine).group_by(Job.status)).all()
+    )
+    depth = {q: {"queued": 0, "running": 0} for q in GPU_QUEUES}
+    for st, q, n in session.execute(
+        select(Job.status, Job.queue, func.count())
+        .where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+        .group_by(Job.status, Job.queue)
+    ):
+        depth.setdefault(q, {"queued": 0, "running": 0})[st] = n
+
+    rows = session.execute(
+        select(Job.queue, JobMetrics).join(JobMetrics).where(*mine, Job.status == "succeeded")
+    )
+    stage_vals: dict[str, list[float]] = {s: [] for s in STAGES}
+    by_class: dict[str, list[float]] = {}
+    ppl: list[float] = []
+    saved = 0
+    gpu_s = cpu_s = 0.0
+    for queue, m in rows:
+        for s in STAGES:
+            v = getattr(m, f"{s}_s")
+            if v is not None:
+                stage_vals[s].append(v)
+        if m.total_s is not None:
+            by_class.setdefault(size_class(m.size_before_bytes), []).append(m.total_s)
+            if queue == "cpu":
+                cpu_s += m.total_s
+            else:
+                gpu_s += m.total_s
+        if m.fp_perplexity and m.quant_perplexity is not None:
+            ppl.append(100.0 * (m.quant_perplexity - m.fp_perplexity) / m.fp_perplexity)
+        if m.size_before_bytes is not None and m.size_after_bytes is not None:
+            saved += max(0, m.size_before_bytes - m.size_after_bytes)
+    ppl.sort()
+    return MetricsSummary(
+        since=t0,
+        jobs_by_status={
+            s: by_status.get(s, 0) for s in ("queued", "running", "succeeded", "failed", "cancelled")
+        },
+        queue_depth=depth,
+        stage_durations={s: _stats(v) for s, v in stage_vals.items()},
+        duration_by_size_class={k: _stats(v) for k, v in sorted(by_class.items())},
+        perplexity_change=PerplexityChange(
+            n=len(ppl), pct=ppl, median_pct=_quantile(ppl, 0.5), p95_pct=_quantile(ppl, 0.95)
+        ),
+        bytes_saved=saved,
+        gpu_hours=gpu_s / 3600,
+        cpu_hours=cpu_s / 3600,
+    )
+
+
+@router.get(
+    "/jobs/{job_id}/metrics",
+    response_model=JobMetricsDetail,
+    responses=_ERRORS,
+    tags=["jobs"],
+    summary="Stage timings, peak memory, perplexity and per-layer error, scale exponents and clip ratios",
+)
+def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobMetricsDetail:
+    job = job_service.get_job(session, job_id=job_id, tenant_id=tenant.id)
+    m = job.metrics
+    layers = session.scalars(
+        select(LayerMetric).where(LayerMetric.job_id == job.id).order_by(LayerMetric.block, LayerMetric.id)
+    )
+    return JobMetricsDetail(
+        job_id=job.id,
+        status=job.status,
+        stage_timings_s={s: v for s in STAGES if m is not None and (v := getattr(m, f"{s}_s")) is not None},
+        total_s=m.total_s if m else None,
+        peak_rss_bytes=m.peak_rss_bytes if m else None,
+        peak_gpu_bytes=m.peak_gpu_bytes if m else None,
+        fp_perplexity=m.fp_perplexity if m else None,
+        quant_perplexity=m.quant_perplexity if m else None,
+        size_before_bytes=m.size_before_bytes if m else None,
+        size_after_bytes=m.size_after_bytes if m else None,
+        layers=[
+            JobLayerDetail(
+                block=r.block,
+                name=r.name,
+                mse_rtn=r.mse_rtn,
+                mse_quant=r.mse_quant,
+                scale_exponent=r.scale_ratio,
+                clip_ratio=r.clip_ratio,
+            )
+            for r in layers
+        ],
+    )

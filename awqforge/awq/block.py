@@ -1,0 +1,236 @@
+"""AWQ on one decoder block: scale search, folding, clip search, quantization.
+
+One generic algorithm over the mappings an `ArchAdapter` resolves (see awqforge.arch):
+
+1. Run the FP block once over the captured inputs, in chunks. Its output is the next block's input
+   (as in AWQ, every block sees FP inputs). Hooks collect, per distinct linear input, the Gram matrix
+   X^T X (float32) and, per mapping, the mean |x| per channel and the inspected module's FP calls.
+2. Per mapping, search the scale exponent a on a grid of `n_grid` points: duo scaling
+   s = x_mean^a / w_mean^(1-a) (AutoAWQ), activation scaling s = x_mean^a, or both grids
+   (llm-compressor), plus s = 1. The loss is the MSE of the inspected module's output with the
+   mapping's linears set to Q(W*s)/s against its FP output.
+   - When the inspected module is the linear itself (v->o, up->down, OPT fc1/fc2, ...), the loss is
+     exact from the Gram matrix: ||X dW^T||^2 = sum((dW G) * dW), vectorised over all candidates,
+     without running anything on the tokens (the same number llm-compressor gets by rerunning the layer).
+   - When it is a module (attention with its kwargs, the MLP, the whole MoE block with its router), the
+     module is rerun: all candidates on the first `search_fraction` of the samples, then the best
+     `search_topk` on the rest, so the pick is the full-data best unless the subsample ranks it below
+     the top k. `search_fraction=1` gives the exhaustive search.
+3. Fold the best scales into the previous op (norm incl. LayerNorm bias and Gemma's 1+w, linear rows
+   incl. bias, or a `ScaledActivation`) and into the linears' input columns; routers that read the same
+   input absorb them too (they stay unquantized).
+4. Per linear, search the clipping ratio per group (not for q/k projections, as AutoAWQ): shrink the
+   group's max/min by 1, 0.95, ..., minimise that group's output error, exact from the diagonal block
+   of the (scaled) input Gram matrix over all calibration tokens. Quantize with the final qparams.
+
+Statistics and losses are float32 whatever the block dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+
+from awqforge.arch import ArchAdapter
+from awqforge.awq.folding import device_of, fold_scales
+from awqforge.awq.gptq import gptq_codes
+from awqforge.awq.qparams import fake_quant, refine_qparams, search_clip
+from awqforge.awq.search import (
+    Stats,
+    candidates,
+    chunks,
+    gram_losses,
+    install_hooks,
+    main_output,
+    module_losses,
+    mse,
+    to_device,
+    w_mean,
+)
+from awqforge.awq.settings import BlockResult, BlockSettings, LayerMetric, NumericalError
+from awqforge.quant import (
+    QuantizedTensor,
+    compute_qparams,
+    dequantize,
+    effective_group_size,
+    quantize_with_qparams,
+)
+
+
+def is_qk(name: str) -> bool:
+    """q/k projections get no clip search: their error goes through q k^T, not a linear output."""
+    last = name.rsplit(".", 1)[-1]
+    return last in ("q_proj", "k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "query", "key")
+
+
+@torch.no_grad()
+def quantize_block(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    layer_kwargs: dict[str, Any],
+    *,
+    settings: BlockSettings,
+    adapter: ArchAdapter,
+    block_index: int = 0,
+    block_prefix: str = "",
+) -> BlockResult:
+    """Quantize one decoder block in place (see the module docstring); returns its FP output and codes."""
+    s = settings
+    if s.method not in ("awq", "rtn"):
+        raise ValueError(f"method must be 'awq' or 'rtn', got {s.method!r}")
+    if s.rounding not in ("nearest", "gptq"):
+        raise ValueError(f"rounding must be 'nearest' or 'gptq', got {s.rounding!r}")
+    if s.scale_search not in ("duo", "activation", "both"):
+        raise ValueError(f"scale_search must be duo, activation or both, got {s.scale_search!r}")
+    where = f"block {block_index}" + (f" ({block_prefix})" if block_prefix else "")
+    block.eval()
+    adapter.prepare_block(block)
+    linears = adapter.quantizable_linears(block, s.skip_patterns, block_prefix)
+    for name, lin in linears.items():
+        if lin.in_features % effective_group_size(lin.in_features, s.group_size):
+            raise ValueError(
+                f"{where}: group size {s.group_size} does not divide {name}'s input width {lin.in_features}"
+            )
+    all_maps = adapter.mappings(block) if s.method == "awq" else []
+    skipped = [f"{m.name}: {m.skip_reason}" for m in all_maps if m.skip_reason]
+    maps = [m for m in all_maps if m.skip_reason is None]
+    quantized_ids = {id(m) for m in linears.values()}
+    maps_q = []
+    for m in maps:
+        if any(id(lin) in quantized_ids for lin in m.linears):
+            maps_q.append(m)
+        else:
+            skipped.append(f"{m.name}: none of its linears is quantized")
+    maps = maps_q
+
+    device = device_of(block)
+    dtype = next(block.parameters()).dtype
+    n, seq = inputs.shape[0], inputs.shape[1]
+    coarse, rest = chunks(n, seq, s)
+    kwargs_dev = to_device(layer_kwargs, device)
+
+    # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
+    stats = Stats(keep_below=n * seq)  # n * seq: the tokens this block sees
+    handles = install_hooks(linears, maps, stats, s)
+    outputs = []
+    try:
+        for sl in coarse + rest:
+            stats.new_chunk()
+            x = inputs[sl].to(device=device, dtype=dtype)
+            outputs.append(main_output(block(x, **kwargs_dev)).to(inputs.device))
+    finally:
+        for h in handles:
+            h.remove()
+        stats.new_chunk()
+    outputs = torch.cat(outputs)
+    if not torch.isfinite(outputs).all():
+        raise NumericalError(
+            f"{where}: the FP block output has NaN/inf values (check the inputs and weights)"
+        )
+
+    # plain RTN error of every linear, before anything changes
+    orig = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
+    mse_rtn = {}
+    for name, w in orig.items():
+        inp = stats.inputs_of(name)
+        if inp is not None and not torch.isfinite(inp.gram).all():
+            raise NumericalError(f"{where}, layer {name}: the calibration inputs have NaN/inf values")
+        mse_rtn[name] = mse(fake_quant(w, s.bits, s.group_size, s.zero_point) - w, inp, None)
+
+    # 2-3. scale search and folding, mapping by mapping
+    in_scale: dict[str, torch.Tensor] = {}
+    out_scale: dict[str, tuple[slice, torch.Tensor]] = {}
+    ratio_of: dict[str, float] = {}
+    scales_info: dict[str, dict] = {}
+    names_of = {id(m): n for n, m in linears.items()}
+    for idx, m in enumerate(maps):
+        cnt = stats.abs_count.get(idx, 0)
+        if cnt < s.min_tokens:
+            skipped.append(
+                f"{m.name}: only {cnt} calibration tokens reach it (fewer than min_tokens={s.min_tokens})"
+            )
+            continue
+        x_mean = stats.abs_sum[idx] / cnt
+        qlins = [(names_of[id(lin)], lin) for lin in m.linears if id(lin) in quantized_ids]
+        w_avg = w_mean([orig[n] for n, _ in qlins], s.group_size).to(x_mean.device)
+        cands = candidates(x_mean, w_avg, s)
+        if m.linear_loss or not s.module_loss:
+            losses = gram_losses(cands, qlins, orig, stats, s)
+            best = int(torch.argmin(losses))
+        else:
+            losses, best = module_losses(cands, qlins, m, stats, s, len(coarse), where)
+        if not math.isfinite(float(losses[best])):
+            raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
+        mode, ratio, best_s = cands[best]
+        if not torch.isfinite(best_s).all():
+            raise NumericalError(f"{where}, mapping {m.name}: non-finite scales")
+        fold_scales(block, m, best_s)
+        for n_, _ in qlins:
+            in_scale[n_] = in_scale.get(n_, torch.ones_like(best_s)) * best_s
+            ratio_of[n_] = ratio
+        prev_name = m.prev_name
+        if isinstance(m.prev, nn.Linear) and prev_name in linears:
+            rows = m.prev_rows or slice(None)
+            out_scale[prev_name] = (rows, best_s)
+        identity = next(
+            (i for i, c in enumerate(cands) if c[0] in ("identity",) or (c[0] == "activation" and c[1] == 0)),
+            None,
+        )
+        scales_info[m.name] = {
+            "prev": prev_name,
+            "linears": list(m.linear_names),
+            "mode": mode,
+            "ratio": ratio,
+            "scales": best_s.detach().cpu(),
+            "loss": float(losses[best]),
+            "loss_identity": float(losses[identity])
+            if identity is not None and torch.isfinite(losses[identity])
+            else None,
+        }
+
+    # 4. clip search and quantization
+    quantized: dict[str, QuantizedTensor] = {}
+    metrics: list[LayerMetric] = []
+    for name, lin in linears.items():
+        w = lin.weight.detach().float()
+        inp = stats.inputs_of(name)
+        s_in = in_scale.get(name)
+        if inp is not None and s_in is not None:
+            inp = inp.scaled(1.0 / s_in)
+        gram, cnt = (inp.gram, inp.count) if inp is not None else (None, 0)
+        clip_ratio = None
+        if (
+            s.method == "awq"
+            and s.clip_search
+            and gram is not None
+            and cnt >= s.min_tokens
+            and not is_qk(name)
+        ):
+            scales, zeros, clip_ratio = search_clip(w, gram, s)
+            if s.refine_steps:
+                scales, zeros, _ = refine_qparams(w, gram, scales, zeros, s)
+        else:
+            scales, zeros = compute_qparams(w, s.bits, s.group_size, s.zero_point)
+        if s.method == "awq" and s.rounding == "gptq" and gram is not None and cnt >= s.min_tokens:
+            q = gptq_codes(w, gram, scales, zeros, s).to(torch.uint8)
+        else:
+            q = quantize_with_qparams(w, scales, zeros, s.bits, s.group_size)
+        qt = QuantizedTensor(q, scales, zeros.to(torch.uint8), s.bits, s.group_size)
+        dq = dequantize(q, scales, zeros, s.group_size)
+        if not torch.isfinite(dq).all():
+            raise NumericalError(f"{where}, layer {name}: quantized weight has NaN/inf values")
+        row_scale = None
+        if name in out_scale:
+            rows, sc = out_scale[name]
+            row_scale = torch.ones(w.shape[0], device=w.device)
+            row_scale[rows] = sc.to(w.device)
+        mse_q = mse(dq - w, inp, row_scale)
+        lin.weight.copy_(dq.to(lin.weight.dtype))
+        quantized[name] = qt
+        metrics.append(LayerMetric(name, block_index, mse_rtn[name], mse_q, ratio_of.get(name), clip_ratio))
+    return BlockResult(
+        outputs=outputs, quantized=quantized, layers=metrics, scales=scales_info, skipped=skipped
+    )

@@ -1,0 +1,379 @@
+"""Memory and time plan of a job, from the model's config.json and the job's settings alone.
+
+Pure Python (no torch): the API computes it at submit time to pick the smallest queue class whose
+memory fits, and `awqforge plan` prints it. It follows what the engine holds while it works:
+
+- quantize (one block at a time, awq.quantize_block): the block's weights in the compute dtype, an
+  fp32 copy of every quantized linear (the search's reference), the calibration hidden states going in
+  and coming out ([n, seq, hidden] each), the inspected modules' inputs and outputs (module losses),
+  per distinct linear input its fp32 Gram matrix (accumulated, and divided by the token count) and, when
+  the block sees fewer tokens than the input is wide, the inputs themselves (list and concatenation),
+  the codes of the block; on top of that the largest of the transients: the forward pass of a chunk
+  (MLP intermediate), the scale search's fake-quantized candidates, the final quantize and its error,
+  and with rounding=gptq the float64 Cholesky factors of the widest input's Gram matrix.
+- evaluate: the quantized model loaded whole (packed codes, scales, the embedding and lm_head in the
+  compute dtype) and a window's logits.
+
+The compute dtype is float32 on CPU and the checkpoint's dtype on GPU (streaming.compute_dtype).
+Figures against measured peaks: bench/bench_plan.py.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from awqforge.errors import InputError
+
+GIB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+# Sustained rates of the search's mixed work (matmuls and elementwise passes); rough, per device kind.
+DEVICE_FLOPS = {"cpu": 1.0e11, "cuda": 4.0e13}
+# Elementwise passes of one fake-quantization (scale, divide, round, add, clamp, subtract, multiply, ...)
+_FQ_PASSES = 4  # fp32 temporaries alive at once in a fake-quantize-and-compare
+_CHUNK_TOKENS = 16384  # awq.BlockSettings.chunk_tokens
+_GRAM_LOSS_ELEMS = 1 << 25  # awq._gram_losses: candidates x weight elements per batch
+_CLIP_RATIOS = 10  # awq: clip_grid 20 x max_shrink 0.5
+_EVAL_WINDOWS_DEFAULT = 40  # the built-in evaluation text at seq_len 2048 is about this many windows
+
+
+class PlanError(InputError):
+    """The config does not say enough to plan (missing sizes)."""
+
+
+@dataclass(frozen=True)
+class Linear:
+    name: str
+    out_features: int
+    in_features: int
+    input_key: str  # linears reading the same tensor share one Gram matrix
+    tokens_share: float = 1.0  # fraction of the block's tokens it sees (MoE experts: top_k / n_experts)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The sizes the plan needs, read from a transformers config.json (text config for multimodal ones)."""
+
+    model_type: str
+    hidden: int
+    intermediate: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+    n_experts: int = 0
+    experts_per_token: int = 0
+    expert_intermediate: int = 0
+    shared_intermediate: int = 0
+    checkpoint_bytes: int = 2
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> ModelShape:
+        cfg = dict(config.get("text_config") or {}) or config
+        outer = config
+
+        def get(*names, default=None):
+            for n in names:
+                for c in (cfg, outer):
+                    if c.get(n) is not None:
+                        return c[n]
+            return default
+
+        hidden = get("hidden_size", "n_embd", "d_model")
+        n_layers = get("num_hidden_layers", "n_layer", "num_layers")
+        n_heads = get("num_attention_heads", "n_head")
+        if not (hidden and n_layers and n_heads):
+            raise PlanError("config.json has no hidden_size / num_hidden_layers / num_attention_heads")
+        n_experts = int(get("num_local_experts", "num_experts", "n_routed_experts", default=0) or 0)
+        intermediate = get("intermediate_size", "ffn_dim", "n_inner", default=None) or 4 * hidden
+        dtype = str(get("torch_dtype", "dtype", default="bfloat16")).removeprefix("torch.")
+        return cls(
+            model_type=str(get("model_type", default="unknown")),
+            hidden=int(hidden),
+            intermediate=int(intermediate),
+            n_layers=int(n_layers),
+            n_heads=int(n_heads),
+            n_kv_heads=int(get("num_key_value_heads", default=n_heads) or n_heads),
+            head_dim=int(get("head_dim", default=0) or hidden // n_heads),
+            vocab=int(get("vocab_size", default=32000)),
+            tied=bool(get("tie_word_embeddings", default=False)),
+            n_experts=n_experts,
+            experts_per_token=int(get("num_experts_per_tok", "top_k", default=2) or 2) if n_experts else 0,
+            expert_intermediate=int(get("moe_intermediate_size", default=intermediate) or intermediate)
+            if n_experts
+            else 0,
+            shared_intermediate=int(get("shared_expert_intermediate_size", default=0) or 0),
+            checkpoint_bytes=_DTYPE_BYTES.get(dtype, 2),
+        )
+
+    def block_linears(self) -> list[Linear]:
+        h, a, kv = self.hidden, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        out = [
+            Linear("self_attn.q_proj", a, h, "attn_in"),
+            Linear("self_attn.k_proj", kv, h, "attn_in"),
+            Linear("self_attn.v_proj", kv, h, "attn_in"),
+            Linear("self_attn.o_proj", h, a, "o_in"),
+        ]
+        if self.n_experts:
+            share = min(1.0, self.experts_per_token / self.n_experts)
+            for e in range(self.n_experts):
+                i = self.expert_intermediate
+                out += [
+                    Linear(f"mlp.experts.{e}.gate_proj", i, h, f"expert{e}_in", share),
+                    Linear(f"mlp.experts.{e}.up_proj", i, h, f"expert{e}_in", share),
+                    Linear(f"mlp.experts.{e}.down_proj", h, i, f"expert{e}_down", share),
+                ]
+            if self.shared_intermediate:
+                i = self.shared_intermediate
+                out += [
+                    Linear("mlp.shared_expert.gate_proj", i, h, "shared_in"),
+                    Linear("mlp.shared_expert.up_proj", i, h, "shared_in"),
+                    Linear("mlp.shared_expert.down_proj", h, i, "shared_down"),
+                ]
+        else:
+            i = self.intermediate
+            out += [
+                Linear("mlp.gate_proj", i, h, "mlp_in"),
+                Linear("mlp.up_proj", i, h, "mlp_in"),
+                Linear("mlp.down_proj", h, i, "down_in"),
+            ]
+        return out
+
+    @property
+    def block_linear_params(self) -> int:
+        return sum(lin.out_features * lin.in_features for lin in self.block_linears())
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def total_params(self) -> int:
+        return self.n_layers * (self.block_linear_params + 2 * self.hidden) + self.embedding_params
+
+
+@dataclass
+class JobSettings:
+    """The job fields the plan reads (a JobSpec gives them all: JobSettings.from_spec)."""
+
+    bits: int = 4
+    group_size: int = 128
+    n_samples: int = 128
+    seq_len: int = 512
+    method: str = "awq"
+    rounding: str = "nearest"
+    scale_search: str = "duo"
+    n_grid: int = 20
+    clip_search: bool = True
+    eval_enabled: bool = True
+    eval_seq_len: int = 2048
+    eval_max_seqs: int | None = None
+
+    @classmethod
+    def from_spec(cls, spec) -> JobSettings:
+        def v(x):
+            return getattr(x, "value", x)
+
+        return cls(
+            bits=spec.quant.bits,
+            group_size=spec.quant.group_size,
+            n_samples=spec.calibration.n_samples,
+            seq_len=spec.calibration.seq_len,
+            method=v(spec.method),
+            rounding=v(spec.rounding),
+            scale_search=v(spec.scale_search),
+            n_grid=spec.n_grid,
+            clip_search=spec.clip_search,
+            eval_enabled=spec.eval.enabled,
+            eval_seq_len=spec.eval.seq_len,
+            eval_max_seqs=spec.eval.max_seqs,
+        )
+
+
+@dataclass
+class MemoryPlan:
+    device: str  # "cpu" | "cuda"
+    compute_dtype: str
+    peak_bytes: int
+    peak_stage: str  # quantize | evaluate
+    quantize_peak_bytes: int
+    evaluate_peak_bytes: int
+    components: dict[str, int] = field(default_factory=dict)  # quantize stage, persistent + largest transient
+    transient: str = ""  # which transient sets the quantize peak
+    est_seconds: float = 0.0
+    est_seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    n_blocks: int = 0
+    params: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["peak_gib"] = round(self.peak_bytes / GIB, 2)
+        return d
+
+
+def _n_candidates(s: JobSettings) -> int:
+    modes = 2 if s.scale_search == "both" else 1
+    return s.n_grid * modes + (0 if s.scale_search in ("activation", "both") else 1)
+
+
+def _group(in_f: int, group_size: int) -> int:
+    return in_f if group_size == -1 or group_size >= in_f else group_size
+
+
+def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda") -> MemoryPlan:
+    """Peak memory (bytes) and a time estimate of a job on one device kind ("cpu" or "cuda")."""
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
+    shape = ModelShape.from_config(config)
+    s = settings
+    e = 4 if device == "cpu" else min(shape.checkpoint_bytes, 4)
+    h = shape.hidden
+    n, seq = s.n_samples, s.seq_len
+    tokens = n * seq
+    linears = shape.block_linears()
+    p_lin = sum(lin.out_features * lin.in_features for lin in linears)
+    widths: dict[str, tuple[int, float]] = {}
+    for lin in linears:
+        widths.setdefault(lin.input_key, (lin.in_features, lin.tokens_share))
+    awq = s.method == "awq"
+
+    comp: dict[str, int] = {
+        "block_weights": p_lin * e + 2 * h * e,
+        "fp32_reference_weights": p_lin * 4,
+        "calibration_activations": 2 * tokens * h * e,  # this block's inputs and its outputs
+        "block_codes": p_lin
+        + 2
+        * 4
+        * sum(
+            lin.out_features * (lin.in_features // _group(lin.in_features, s.group_size)) for lin in linears
+        ),
+    }
+    # Gram matrices (accumulated and normalised) for every distinct input; inputs kept when narrow in tokens
+    comp["gram_matrices"] = 2 * 4 * sum(w * w for w, _ in widths.values())
+    kept = 0
+    for w, share in widths.values():
+        t = int(tokens * share)
+        if t < w:
+            kept += 2 * 4 * t * w
+    comp["kept_inputs"] = kept
+    # module losses: the attention and MLP modules' inputs and FP outputs, kept for the whole search
+    comp["module_loss_records"] = 4 * tokens * h * e if awq else 0
+
+    # transients (the largest one counts)
+    chunk = min(tokens, max(1, _CHUNK_TOKENS // seq) * seq)
+    inter = shape.expert_intermediate * shape.experts_per_token if shape.n_experts else shape.intermediate
+    chunk_samples = max(1, chunk // seq)
+    forward = 3 * chunk * inter * e + chunk_samples * shape.n_heads * seq * seq * e + 4 * chunk * h * e
+    if e != 4:  # hooks cast each linear input to fp32
+        forward += 4 * chunk * max(w for w, _ in widths.values())
+    transients = {"forward": forward}
+    biggest = max(linears, key=lambda lin: lin.out_features * lin.in_features)
+    n_big = biggest.out_features * biggest.in_features
+    if awq:
+        # scale search: candidates fake-quantized in batches of about 2**25 elements (or one weight)
+        step = max(1, _GRAM_LOSS_ELEMS // n_big)
+        transients["scale_search"] = _FQ_PASSES * 4 * step * n_big
+    # final quantize of the widest linear: dequantized weight, error, codes, the error's product with X
+    transients["quantize"] = 3 * 4 * n_big + n_big
+    if awq and s.rounding == "gptq":
+        w_in = max(lin.in_features for lin in linears)
+        transients["gptq"] = 3 * 8 * w_in * w_in + 4 * 4 * n_big
+    which = max(transients, key=transients.get)
+    comp[f"transient_{which}"] = transients[which]
+    quantize_peak = sum(comp.values())
+
+    # evaluate: the quantized model whole, plus one window's logits (fp32, a few copies)
+    eval_peak = 0
+    if s.eval_enabled:
+        q_bytes = shape.n_layers * (p_lin * s.bits / 8 + 2 * 2 * p_lin / _group(shape.hidden, s.group_size))
+        eval_peak = int(
+            q_bytes
+            + shape.embedding_params * e
+            + shape.n_layers * 2 * h * e
+            + 3 * s.eval_seq_len * shape.vocab * 4
+        )
+    peak = max(quantize_peak, eval_peak)
+
+    secs = _time(shape, s, device, linears, widths, tokens)
+    return MemoryPlan(
+        device=device,
+        compute_dtype="float32" if e == 4 else {2: "bfloat16"}.get(e, "float16"),
+        peak_bytes=int(peak),
+        peak_stage="quantize" if quantize_peak >= eval_peak else "evaluate",
+        quantize_peak_bytes=int(quantize_peak),
+        evaluate_peak_bytes=int(eval_peak),
+        components={k: int(v) for k, v in comp.items()},
+        transient=which,
+        est_seconds=round(sum(secs.values()), 1),
+        est_seconds_by_stage={k: round(v, 1) for k, v in secs.items()},
+        n_blocks=shape.n_layers,
+        params=shape.total_params,
+    )
+
+
+def _time(shape: ModelShape, s: JobSettings, device: str, linears, widths, tokens: int) -> dict[str, float]:
+    """FLOP count per stage over a device rate: an order-of-magnitude estimate, not a promise."""
+    rate = DEVICE_FLOPS[device]
+    p_lin = sum(lin.out_features * lin.in_features for lin in linears)
+    fwd = 2 * tokens * p_lin + 4 * s.n_samples * s.seq_len**2 * shape.hidden
+    block = fwd + sum(2 * tokens * share * w * w for w, share in widths.values())  # Gram matrices
+    if s.method == "awq":
+        c = _n_candidates(s)
+        block += c * 0.25 * fwd + 3 * 0.75 * fwd  # module losses: coarse quarter, top-3 on the rest
+        for lin in linears:
+            nw = lin.out_features * lin.in_features
+            t = min(tokens * lin.tokens_share, lin.in_features)
+            g = _group(lin.in_features, s.group_size)
+            block += c * (20 * nw + 2 * nw * t) / 2  # about half the linears are scored on their outputs
+            if s.clip_search:
+                block += _CLIP_RATIOS * (2 * nw * g + 20 * nw) + 8 * nw * g
+            if s.rounding == "gptq":
+                block += lin.in_features**3 + 2 * nw * lin.in_features
+    out = {
+        "calibrate": 2 * tokens * shape.embedding_params / 2 / rate,
+        "quantize": shape.n_layers * block / rate,
+    }
+    if s.eval_enabled:
+        windows = s.eval_max_seqs or _EVAL_WINDOWS_DEFAULT
+        out["evaluate"] = 2 * 2 * windows * s.eval_seq_len * shape.total_params / rate
+    return out
+
+
+def read_config(model_dir: str | Path) -> dict[str, Any]:
+    """config.json of a local checkpoint folder."""
+    path = Path(model_dir).expanduser() / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise PlanError(f"{path} not found: a checkpoint folder has a config.json") from exc
+    except json.JSONDecodeError as exc:
+        raise PlanError(f"{path} is not valid JSON: {exc}") from exc
+
+
+def fits(plan_: MemoryPlan, capacity_bytes: int) -> bool:
+    return plan_.peak_bytes <= capacity_bytes
+
+
+def format_bytes(n: float) -> str:
+    return f"{n / GIB:.2f} GiB" if n >= GIB / 10 else f"{n / 1024**2:.1f} MiB"
+
+
+def describe(p: MemoryPlan) -> str:
+    """Human-readable plan: peak, components, time."""
+    lines = [
+        f"device {p.device} ({p.compute_dtype}), {p.n_blocks} blocks, {p.params / 1e9:.2f} B parameters",
+        f"peak {format_bytes(p.peak_bytes)} ({p.peak_stage}); quantize {format_bytes(p.quantize_peak_bytes)}, "
+        f"evaluate {format_bytes(p.evaluate_peak_bytes)}",
+    ]
+    for k, v in sorted(p.components.items(), key=lambda kv: -kv[1]):
+        lines.append(f"  {k:28s} {format_bytes(v)}")
+    est = ", ".join(f"{k} {v:.0f} s" for k, v in p.est_seconds_by_stage.items())
+    lines.append(f"time estimate {p.est_seconds:.0f} s ({est})")
+    return "\n".join(lines)
+
+
+__all__ = ["JobSettings", "MemoryPlan", "ModelShape", "PlanError", "describe", "plan", "read_config"]

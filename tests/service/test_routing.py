@@ -1,0 +1,132 @@
+"""Routing by need: the memory plan from config.json, the smallest queue class that fits, refusals, /v1/plan."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytestmark = pytest.mark.services
+
+# Llama-2-7B and Llama-3-70B as their config.json says (no weights are needed to plan)
+LLAMA_7B = dict(
+    model_type="llama",
+    architectures=["LlamaForCausalLM"],
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    vocab_size=32000,
+    torch_dtype="float16",
+)
+LLAMA_70B = {
+    **LLAMA_7B,
+    "hidden_size": 8192,
+    "intermediate_size": 28672,
+    "num_hidden_layers": 80,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 8,
+    "vocab_size": 128256,
+    "torch_dtype": "bfloat16",
+}
+
+
+@pytest.fixture(scope="module")
+def config_models(service):
+    """Checkpoint folders that hold only a config.json (under ALLOWED_LOCAL_ROOTS)."""
+    out = {}
+    for name, cfg in (("llama-7b", LLAMA_7B), ("llama-70b", LLAMA_70B)):
+        d = service.home / "models" / f"config-only-{name}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "config.json").write_text(json.dumps(cfg))
+        out[name] = str(d)
+    return out
+
+
+def test_plan_is_pure_and_ordered():
+    """The plan module imports no torch, and its peak grows with what the job holds."""
+    code = "import sys, awqforge.plan, app.services.routing; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    assert out.stdout.strip() == "False"
+
+    from awqforge.plan import GIB, JobSettings, plan
+
+    small = plan(LLAMA_7B, JobSettings(n_samples=128, seq_len=512), device="cuda")
+    more = plan(LLAMA_7B, JobSettings(n_samples=512, seq_len=2048), device="cuda")
+    gptq = plan(LLAMA_7B, JobSettings(n_samples=128, seq_len=512, rounding="gptq"), device="cuda")
+    cpu = plan(LLAMA_7B, JobSettings(n_samples=128, seq_len=512), device="cpu")
+    assert small.peak_bytes < more.peak_bytes and small.quantize_peak_bytes < gptq.quantize_peak_bytes
+    assert cpu.compute_dtype == "float32" and cpu.quantize_peak_bytes > small.quantize_peak_bytes
+    # a 7B job fits a 24 GiB card, a 70B one does not (its quantized weights alone are ~35 GiB)
+    assert small.peak_bytes < 0.9 * 24 * GIB
+    big = plan(LLAMA_70B, JobSettings(n_samples=128, seq_len=512), device="cuda")
+    assert 24 * GIB < big.peak_bytes < 0.9 * 80 * GIB and big.peak_stage == "evaluate"
+    assert big.est_seconds > small.est_seconds > 0
+
+
+def test_plan_endpoint_and_routing_by_need(service, make_key, config_models):
+    from app.core.config import settings
+
+    with service.client(make_key()) as c:
+        r = c.get("/v1/plan", params={"model": config_models["llama-7b"], "n_samples": 128, "seq_len": 512})
+        assert r.status_code == 200, r.text
+        p = r.json()
+        assert p["fits"] and p["queue"] == "gpu-24g", p
+        assert p["plan"]["device"] == "cuda" and p["plan"]["peak_bytes"] < settings.queue_classes["gpu-24g"]
+        assert set(p["plans"]) == set(settings.queue_classes)
+        assert set(p["live_queues"]) == set(settings.queue_classes)  # the test worker reads every queue
+
+        body = {"model": config_models["llama-70b"], "calibration": {"n_samples": 128, "seq_len": 512}}
+        r = c.post("/v1/plan", json=body)
+        assert r.status_code == 200 and r.json()["queue"] == "gpu-80g", r.text
+        r = c.post("/v1/plan", json={**body, "device": "cpu"})
+        assert r.json()["queue"] == "cpu" and r.json()["plan"]["compute_dtype"] == "float32"
+
+        # nothing is large enough: the plan says why, and a submit is refused with that reason
+        huge = {**body, "calibration": {"n_samples": 4096, "seq_len": 8192}}
+        r = c.post("/v1/plan", json=huge)
+        assert r.status_code == 200 and not r.json()["fits"] and r.json()["queue"] is None
+        assert "GiB" in r.json()["reason"]
+        r = c.post("/v1/jobs", json=huge)
+        assert r.status_code == 422, r.text
+        assert "needs" in r.text and "gpu-80g" in r.text
+        # bad settings are the spec's 422, as for a submit
+        r = c.get("/v1/plan", params={"model": config_models["llama-7b"], "bits": 5})
+        assert r.status_code == 422 and "bits" in r.text
+        r = c.get("/v1/plan", params={"model": "/etc"})
+        assert r.status_code == 422
+    with service.client(None) as c:
+        assert c.get("/v1/plan", params={"model": config_models["llama-7b"]}).status_code == 401
+
+
+def test_cpu_only_deployment_routes_everything_to_cpu(service, monkeypatch, config_models):
+    """Configured with one cpu class (as docker-compose's default), every job goes there."""
+    from app.core.config import settings
+    from app.services.routing import RoutingError, route
+    from awqforge.spec import JobSpec
+
+    monkeypatch.setattr(settings, "QUEUE_CLASSES", "cpu=16GiB")
+    monkeypatch.setattr(settings, "DEFAULT_QUEUE", "cpu")
+    r = route(JobSpec(model=config_models["llama-7b"], calibration={"n_samples": 64, "seq_len": 256}))
+    assert r.queue == "cpu" and r.plan["device"] == "cpu"
+    assert route(JobSpec(model="someorg/unreachable-model")).queue == "cpu"  # no config: the default
+    with pytest.raises(RoutingError, match="no GPU queue class"):
+        route(JobSpec(model=config_models["llama-7b"], device="cuda"))
+    with pytest.raises(RoutingError, match="needs"):  # 70B: ~35 GiB of codes alone for evaluation
+        route(JobSpec(model=config_models["llama-70b"], device="cpu"))
+
+
+def test_queue_classes_setting_is_checked():
+    from app.core.config import Settings
+
+    s = Settings(QUEUE_CLASSES="gpu-80g=80GiB, cpu=512GiB ,gpu-24g=24GB")
+    assert list(s.queue_classes) == ["gpu-24g", "gpu-80g", "cpu"]  # smallest first
+    assert s.queue_classes["gpu-24g"] == 24 * 10**9
+    for bad in ("cpu", "cpu=lots", "c pu=1GiB", ""):
+        with pytest.raises(ValueError, match="QUEUE_CLASSES"):
+            Settings(QUEUE_CLASSES=bad)
+    with pytest.raises(ValueError, match="DEFAULT_QUEUE"):
+        Settings(QUEUE_CLASSES="cpu=8GiB", DEFAULT_QUEUE="gpu-80g")

@@ -1,0 +1,162 @@
+"""modules_to_not_convert: one pattern language over full module names, everywhere it is used."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from pydantic import ValidationError
+from tiny_models import build_tiny_model, tiny_config, tiny_input_ids
+
+from awqforge.arch import check_group_size, check_module_patterns, get_adapter
+from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block
+from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
+from awqforge.errors import InputError
+from awqforge.patterns import pattern_matches, unmatched_patterns
+from awqforge.pipeline import ProgressEvent, run_quantization
+from awqforge.spec import JobSpec
+
+NAME = "model.layers.3.mlp.down_proj"
+
+
+@pytest.mark.parametrize(
+    "pattern, hit",
+    [
+        (NAME, True),  # the full name
+        ("model.layers.*.mlp.down_proj", True),  # the form our group-size error suggests
+        ("model.layers.3.*", True),
+        ("model.layers.3", True),  # a containing module
+        ("mlp.down_proj", True),  # block-relative, as before
+        ("down_proj", True),
+        ("*down_proj", True),
+        ("model.layers.4.*", False),
+        ("model.layers.*.mlp.up_proj", False),
+        ("own_proj", False),  # no substring matches: a tail starts at a dot
+        ("layers.3.mlp", True),
+    ],
+)
+def test_pattern_language(pattern, hit):
+    assert pattern_matches(NAME, pattern) is hit
+
+
+def test_spec_refuses_malformed_patterns():
+    base = dict(model="org/name")
+    for bad in ["", "mlp..down_proj", ".mlp", "mlp down", "a/b"]:
+        with pytest.raises(ValidationError, match="module pattern"):
+            JobSpec(**base, quant={"modules_to_not_convert": [bad]})
+    spec = JobSpec(**base, quant={"modules_to_not_convert": ["model.layers.*.mlp.down_proj", "lm_head"]})
+    assert spec.quant.modules_to_not_convert == ["model.layers.*.mlp.down_proj", "lm_head"]
+
+
+def test_group_size_check_takes_full_and_relative_patterns():
+    config = tiny_config("llama", intermediate_size=96)
+    adapter = get_adapter(config)
+    for ok in (["model.layers.*.mlp.down_proj"], ["mlp.down_proj"], ["model.layers.0.*", "model.layers.1"]):
+        check_group_size(config, adapter, 64, skip_patterns=ok)
+    with pytest.raises(ValueError, match=r"model\.layers\.\*\.mlp\.down_proj"):
+        check_group_size(config, adapter, 64, skip_patterns=["model.layers.0.*"])  # block 1 still counts
+
+
+def test_unmatched_pattern_is_named_with_the_model_s_names():
+    config = tiny_config("qwen3_moe")
+    adapter = get_adapter(config)
+    check_module_patterns(config, adapter, ["mlp.experts.*.down_proj", "model.layers.1.*", "lm_head"])
+    with pytest.raises(ValueError) as err:
+        check_module_patterns(config, adapter, ["mlp.down_proj", "model.layers.7.*", "self_attn"])
+    msg = str(err.value)
+    assert "'mlp.down_proj', 'model.layers.7.*'" in msg and "'self_attn'" not in msg
+    assert "mlp.experts.*.down_proj" in msg  # what the model does have
+    assert unmatched_patterns(["a", "b.c"], ["x.b.c"]) == ["a"]
+
+
+def test_quantizer_skips_by_full_name():
+    model = build_tiny_model("llama")
+    adapter = get_adapter(model.config)
+    layers = adapter.get_layers(model)
+    ids = tiny_input_ids(4, 16)
+    captured = capture_layer_inputs(model, layers, ids)
+    skip = ("model.layers.0.*", "model.layers.*.mlp.down_proj")
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    x, quantized = captured.inputs, {}
+    for i, block in enumerate(layers):
+        prefix = f"{adapter.layers_attr}.{i}"
+        res = quantize_block(
+            block,
+            x,
+            captured.layer_kwargs[i],
+            settings=BlockSettings(bits=4, group_size=32, skip_patterns=skip),
+            adapter=adapter,
+            block_index=i,
+            block_prefix=prefix,
+        )
+        quantized.update({f"{prefix}.{n}": qt for n, qt in res.quantized.items()})
+        x = res.outputs
+    assert quantized and not any(n.startswith("model.layers.0.") or "down_proj" in n for n in quantized)
+    assert "model.layers.1.mlp.up_proj" in quantized
+    params = dict(model.named_parameters())
+    for n, p in before.items():
+        if n.startswith("model.layers.0.") or n.endswith("down_proj.weight"):
+            torch.testing.assert_close(params[n], p)  # left alone (block 0 entirely: no folding either)
+
+
+def _spec(ckpt, patterns):
+    return JobSpec(
+        model=str(ckpt),
+        quant={"bits": 4, "group_size": 32, "modules_to_not_convert": patterns},
+        calibration={"source": f"file:{BUNDLED_CALIBRATION_TEXT}", "n_samples": 4, "seq_len": 32},
+        formats=["awq", "compressed-tensors"],
+        eval={"enabled": False},
+        device="cpu",
+        n_grid=4,
+    )
+
+
+def test_full_name_patterns_end_to_end_and_third_party_load(tiny_checkpoint, tmp_path):
+    """The issue's case: full names pass the check, the quantizer honours them, the artifact's config lists
+    the full-precision modules by full name, and transformers' own loaders load both artifacts."""
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    ckpt = tiny_checkpoint("llama")
+    torch.set_num_threads(1)
+    result = run_quantization(
+        _spec(ckpt, ["model.layers.0.*", "model.layers.*.mlp.down_proj"]), tmp_path / "o"
+    )
+    assert result.metrics["n_layers_quantized"] == 6  # block 1: q, k, v, o, gate, up
+    cfg = json.loads((result.artifacts["awq"] / "config.json").read_text())["quantization_config"]
+    kept = set(cfg["modules_to_not_convert"])
+    assert {
+        "model.layers.0.self_attn.q_proj",
+        "model.layers.0.mlp.down_proj",
+        "model.layers.1.mlp.down_proj",
+    } <= kept
+    assert not any(n.startswith("model.layers.1.self_attn") for n in kept)
+    ct = json.loads((result.artifacts["compressed-tensors"] / "config.json").read_text())[
+        "quantization_config"
+    ]
+    assert set(ct["ignore"]) == kept
+    ref = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = tiny_input_ids(1, 16)
+    model = AutoModelForCausalLM.from_pretrained(  # dequantize=True: see test_formats.ASYM_UPSTREAM
+        result.artifacts["compressed-tensors"],
+        dtype=torch.float32,
+        quantization_config=CompressedTensorsConfig(dequantize=True),
+    )
+    with torch.no_grad():
+        got, want = model(ids).logits, ref(ids).logits
+    torch.testing.assert_close(  # block 0 is untouched and dense in the artifact
+        model.model.layers[0].self_attn.q_proj.weight, ref.model.layers[0].self_attn.q_proj.weight
+    )
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.9
+
+
+def test_pattern_matching_nothing_fails_before_any_work(tiny_checkpoint, tmp_path):
+    stages = []
+    with pytest.raises(InputError, match=r"'model\.layers\.9\.\*' matches no module"):
+        run_quantization(
+            _spec(tiny_checkpoint("llama"), ["model.layers.9.*"]),
+            tmp_path / "o",
+            progress=lambda e: stages.append(e.stage) if isinstance(e, ProgressEvent) else None,
+        )
+    assert "calibrate" not in stages and "quantize" not in stages
+    assert not (tmp_path / "o").exists()
