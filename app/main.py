@@ -7,6 +7,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 
+import anyio.to_thread
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -127,6 +128,29 @@ class BodySizeLimit:
         )
 
 
+class DatabaseAdmission:
+    """At most DB_POOL_SIZE requests at once past this point; the others wait here, in the event loop.
+
+    A sync route takes several trips through the thread pool (session, key lookup, handler, cleanup) and holds
+    its pooled connection between them. Without a bound, requests that hold connections wait for threads
+    while every thread waits for a connection: under load the pool's 30 s timeout is what ends the wait.
+    With fewer requests admitted than there are connections (and threads), no request ever waits for one.
+    Event streams are not counted: they give their connection back after the first check."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+        self._slots: asyncio.Semaphore | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] in ("/healthz",) or scope["path"].endswith("/events"):
+            await self.app(scope, receive, send)
+            return
+        if self._slots is None:  # created in the running loop
+            self._slots = asyncio.Semaphore(settings.DB_POOL_SIZE)
+        async with self._slots:
+            await self.app(scope, receive, send)
+
+
 async def _no_receive() -> Message:
     return {"type": "http.disconnect"}
 
@@ -150,6 +174,9 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     @contextlib.asynccontextmanager
     async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
         settings.ensure_dirs()
+        # more threads than admitted requests, so that an admitted request always finds one
+        limiter = anyio.to_thread.current_default_thread_limiter()
+        limiter.total_tokens = max(limiter.total_tokens, settings.DB_POOL_SIZE + 20)
         task = asyncio.create_task(_reaper_loop()) if run_reaper else None
         yield
         if task:
@@ -191,6 +218,7 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     async def _service(_req: Request, exc: ServiceError) -> JSONResponse:
         return JSONResponse({"detail": exc.detail}, status_code=exc.status_code)
 
+    app.add_middleware(DatabaseAdmission)
     app.add_middleware(BodySizeLimit)
     app.include_router(api_router, prefix=settings.API_V1_STR)
     app.include_router(health.router)

@@ -9,7 +9,7 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload
 
 from app.core.db import get_db
 from app.core.security import key_matches, parse_key_id
@@ -31,7 +31,7 @@ def tenant_for_key(session: Session, key: str | None) -> Tenant | None:
     key_id = parse_key_id(key or "")
     if key_id is None:
         return None
-    row = session.get(ApiKey, key_id)
+    row = session.get(ApiKey, key_id, options=[joinedload(ApiKey.tenant)])  # one round trip
     if row is None or row.revoked_at is not None or not key_matches(key or "", row.key_hash):
         return None
     now = utcnow()

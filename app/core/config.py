@@ -111,6 +111,9 @@ class Settings(BaseSettings):
     # Any other request body (a job is a few hundred bytes); larger ones get 413 before they are read.
     MAX_REQUEST_BYTES: int = Field(1024 * 1024, ge=1024, le=64 * 1024**2)
     DB_RETRY_AFTER_S: int = Field(5, ge=1, le=3600)  # Retry-After of the 503 while the database is down
+    # Connections per process; the API also admits at most this many requests at once to its database
+    # routes (more wait in the event loop, holding neither a thread nor a connection).
+    DB_POOL_SIZE: int = Field(20, ge=1, le=500)
     IDEMPOTENCY_TTL_HOURS: int = Field(24, ge=24, le=24 * 90)
 
     # Celery / job execution

@@ -37,7 +37,7 @@ def make_engine(url: str, **kwargs) -> Engine:
 
         return engine
     if "poolclass" not in kwargs:
-        kwargs.update(pool_pre_ping=True, pool_size=5, max_overflow=10)
+        kwargs.update(pool_pre_ping=True, pool_size=settings.DB_POOL_SIZE, max_overflow=10)
     return create_engine(url, **kwargs)
 
 

@@ -8,12 +8,11 @@ import json
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from pathlib import Path
 
 from pydantic import ValidationError
 from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, joinedload, selectinload
 
 from app.core.config import settings
 from app.core.security import encrypt_secret
@@ -371,7 +370,8 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
 
 
 def get_job(session: Session, *, job_id: str, tenant_id: int) -> Job:
-    job = session.get(Job, job_id)
+    # metrics and artifacts with the row: a status read is one round trip, not three
+    job = session.get(Job, job_id, options=[joinedload(Job.metrics), joinedload(Job.artifacts)])
     if job is None or job.tenant_id != tenant_id:
         raise ServiceError(404, "job not found")
     return job
@@ -400,6 +400,7 @@ def list_jobs(
     if cursor:
         created, cid = decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < cid)))
+    q = q.options(joinedload(Job.metrics), selectinload(Job.artifacts))
     rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
     next_cursor = encode_cursor(rows[limit - 1]) if len(rows) > limit else None
     return rows[:limit], next_cursor

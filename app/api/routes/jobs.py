@@ -53,6 +53,11 @@ EventId = Annotated[
 ]
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
+# Routes whose success is not JSON still answer errors in JSON: say so (FastAPI would document the route's type).
+_JSON_ERRORS = {
+    code: {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+    for code in (400, 401, 404, 413, 422, 503)
+}
 
 JOB_EXAMPLES = {
     "awq-w4-g64": {
@@ -228,7 +233,7 @@ def read_layers(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Jo
 @router.get(
     "/{job_id}/logs",
     response_class=PlainTextResponse,
-    responses=_ERRORS,
+    responses=_JSON_ERRORS,
     summary="The job's log lines as text",
 )
 def read_logs(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> str:
@@ -286,6 +291,7 @@ def follow_events(
     if start > MAX_EVENT_ID:
         raise SpecError([FieldError(field="Last-Event-ID", reason=f"at most {MAX_EVENT_ID}")])
     jid = _get(session, job_id, tenant).id  # the stream below opens its own sessions
+    session.close()  # and this one's connection goes back to the pool now, not when the stream ends
 
     async def stream():
         after = start
@@ -392,7 +398,11 @@ def download_artifact_tar(
 @router.get(
     "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
     response_class=FileResponse,
-    responses={**_ERRORS, 206: {"description": "the requested Range"}, 304: {"description": "ETag matched"}},
+    responses={
+        **_JSON_ERRORS,
+        206: {"description": "the requested Range"},
+        304: {"description": "ETag matched"},
+    },
     summary="Download one artifact file (Range, ETag and If-None-Match supported)",
 )
 def download_artifact_file(
