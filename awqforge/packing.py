@@ -268,7 +268,11 @@ def pack_cpu_w4(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
 
 
 def unpack_cpu_w4(
-    qdata: torch.Tensor, params: torch.Tensor, shape: tuple[int, int], group_size: int, scale_dtype: torch.dtype
+    qdata: torch.Tensor,
+    params: torch.Tensor,
+    shape: tuple[int, int],
+    group_size: int,
+    scale_dtype: torch.dtype,
 ) -> QuantizedTensor:
     """The inverse of `pack_cpu_w4` for a weight of `shape` (out, in) whose scales were `scale_dtype`.
 

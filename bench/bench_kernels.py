@@ -12,7 +12,8 @@ By default the CPU part runs once per configuration in a child process: each ISA
 that the baselines run their AVX2 code too, as on an AVX2-only CPU) x (one thread, all threads).
 It prints `lscpu`'s model name and SIMD flags first.
 
-GPU (when CUDA is available): ours (Triton W4A16, fp16) vs torch fp16 matmul; TFLOP/s and GB/s.
+GPU (when CUDA is available): ours (Triton W4A16, fp16) vs torch fp16 matmul; TFLOP/s and GB/s
+(scripts/gpu-check.sh runs it at M = 1, 16, 256 and writes the rows to its JSON summary).
 
     python bench/bench_kernels.py            # 11008x4096 and 4096x11008, M = 1, 4, 16, 64, 256
     python bench/bench_kernels.py --quick    # 11008x4096, M = 1, 16, 256
@@ -162,18 +163,26 @@ def cpu_rows(n: int, k: int, batches, llc: int, read_bw: float, rounds: int, bud
         )
 
 
-def bench_gpu(shapes, batches, rounds: int) -> None:
+def bench_gpu(shapes, batches, rounds: int) -> list[dict]:
+    """Print the GPU table; returns its rows as dicts (scripts/gpu_check.py writes them to JSON)."""
     dev = torch.device("cuda")
     print(f"\nGPU: {torch.cuda.get_device_name(dev)}; ours = Triton W4A16 (AWQ gemm layout), fp16")
     header = (
         f"{'N x K':>12} {'M':>4} | {'ours ms':>8} {'fp16 ms':>8} {'speedup':>7} | "
-        f"{'ours TFLOP/s':>12} {'ours GB/s':>9} {'fp16 GB/s':>9}"
+        f"{'ours TFLOP/s':>12} {'fp16 TFLOP/s':>12} {'ours GB/s':>9} {'fp16 GB/s':>9}"
     )
     print(header)
     print("-" * len(header))
+    rows = []
     for n, k in shapes:
-        for line in gpu_rows(n, k, batches, rounds):
-            print(line, flush=True)
+        for r in gpu_rows(n, k, batches, rounds):
+            rows.append(r)
+            print(
+                f"{f'{n}x{k}':>12} {r['m']:>4} | {r['ours_ms']:8.4f} {r['fp16_ms']:8.4f} {r['speedup']:6.2f}x | "
+                f"{r['ours_tflops']:12.2f} {r['fp16_tflops']:12.2f} {r['ours_gbs']:9.0f} {r['fp16_gbs']:9.0f}",
+                flush=True,
+            )
+    return rows
 
 
 def gpu_rows(n: int, k: int, batches, rounds: int):
@@ -195,7 +204,7 @@ def gpu_rows(n: int, k: int, batches, rounds: int):
         return call
 
     def fp16_call(x):
-        return lambda i: F.linear(x, fp16_w[i % len(fp16_w)])
+        return lambda i: torch.matmul(x, fp16_w[i % len(fp16_w)].t())
 
     for m in batches:
         x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -212,11 +221,18 @@ def gpu_rows(n: int, k: int, batches, rounds: int):
                 torch.cuda.synchronize()
                 best[name] = min(best[name], start.elapsed_time(end) / 1e3 / 50)
         flops = 2 * m * n * k
-        yield (
-            f"{f'{n}x{k}':>12} {m:>4} | {best['ours'] * 1e3:8.4f} {best['fp16'] * 1e3:8.4f} "
-            f"{best['fp16'] / best['ours']:6.2f}x | {flops / best['ours'] / 1e12:12.2f} "
-            f"{w_bytes / best['ours'] / 1e9:9.0f} {n * k * 2 / best['fp16'] / 1e9:9.0f}"
-        )
+        yield {
+            "shape": f"{n}x{k}",
+            "m": m,
+            "config": triton_w4a16.pick_config(m).name,
+            "ours_ms": best["ours"] * 1e3,
+            "fp16_ms": best["fp16"] * 1e3,
+            "speedup": best["fp16"] / best["ours"],
+            "ours_tflops": flops / best["ours"] / 1e12,
+            "fp16_tflops": flops / best["fp16"] / 1e12,
+            "ours_gbs": w_bytes / best["ours"] / 1e9,
+            "fp16_gbs": n * k * 2 / best["fp16"] / 1e9,
+        }
 
 
 def lscpu_summary() -> str:
@@ -273,7 +289,9 @@ def main() -> None:
         for isa, threads in cpu_configs(args.isa, args.threads):
             print(f"\n== AWQFORGE_CPU_ISA={isa}, {threads} thread(s)", flush=True)
             cmd = [sys.executable, __file__, "--child", "--isa", isa, "--threads", str(threads)]
-            cmd += ["--rounds", str(args.rounds), "--budget", str(args.budget)] + (["--quick"] if args.quick else [])
+            cmd += ["--rounds", str(args.rounds), "--budget", str(args.budget)] + (
+                ["--quick"] if args.quick else []
+            )
             subprocess.run(cmd, env=child_env(isa), check=True)
     if not args.no_gpu and torch.cuda.is_available():
         bench_gpu(shapes, [1, 16, 256] if args.quick else BATCHES, args.rounds)

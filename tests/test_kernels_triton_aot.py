@@ -63,7 +63,9 @@ def compile_config(args: tuple[str, int, str]) -> dict:
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     src = ASTSource(fn=tw._w4a16_kernel, signature=signature, constexprs=constexprs)
     kernel = triton.compile(
-        src, target=GPUTarget("cuda", arch, 32), options={"num_warps": cfg.num_warps, "num_stages": tw.NUM_STAGES}
+        src,
+        target=GPUTarget("cuda", arch, 32),
+        options={"num_warps": cfg.num_warps, "num_stages": tw.NUM_STAGES},
     )
     ptx = kernel.asm["ptx"]
     target = re.search(r"^\.target\s+(sm_\w+)", ptx, re.M).group(1)

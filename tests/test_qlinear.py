@@ -180,7 +180,9 @@ def test_cpu_layer_holds_its_weights_once():
     )
     held = {name: t for name, t in layer.named_buffers()}
     assert set(held) == {"qdata", "params"}
-    assert torch.equal(held["qdata"], cpu_layout["qdata"]) and torch.equal(held["params"], cpu_layout["params"])
+    assert torch.equal(held["qdata"], cpu_layout["qdata"]) and torch.equal(
+        held["params"], cpu_layout["params"]
+    )
     sd = layer.state_dict()
     assert set(sd) == {"qweight", "qzeros", "scales"}
     awq = packing.pack_awq_gemm(qt)

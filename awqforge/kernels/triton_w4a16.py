@@ -37,7 +37,6 @@ import triton
 import triton.language as tl
 
 
-
 @dataclass(frozen=True)
 class LaunchConfig:
     name: str
