@@ -36,6 +36,16 @@ def junit_counts(xml_text: str) -> dict[str, int]:
     return {k: sum(int(s.get(k, 0)) for s in suites) for k in keys}
 
 
+def run_pytest(paths: list[str], cwd: Path, timeout: int) -> tuple[subprocess.CompletedProcess, dict | None]:
+    """Run pytest on `paths`; its process and the totals of its junit report (None if it wrote none)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        xml = Path(tmp) / "junit.xml"
+        cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--junitxml={xml}", *paths]
+        print("+", " ".join(cmd), flush=True)
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        return proc, junit_counts(xml.read_text()) if xml.is_file() else None
+
+
 def check_targets(rows: list[dict]) -> list[dict]:
     """One entry per (shape, M) with a target: the measured speed-up and whether it is met."""
     out = []
@@ -118,27 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     errors: dict[str, str] = {}
     tests = bench = quantize = None
     if not args.skip_tests:
-        with tempfile.TemporaryDirectory() as tmp:
-            xml = Path(tmp) / "junit.xml"
-            try:
-                proc = _run(
-                    [
-                        sys.executable,
-                        "-m",
-                        "pytest",
-                        "-q",
-                        "-p",
-                        "no:cacheprovider",
-                        f"--junitxml={xml}",
-                        *CUDA_TESTS,
-                    ],
-                    timeout=180,
-                )
-                tests = junit_counts(xml.read_text()) if xml.is_file() else None
-                if proc.returncode != 0:
-                    errors["tests"] = proc.stdout[-3000:]
-            except subprocess.TimeoutExpired:
-                errors["tests"] = "timed out after 180 s"
+        try:
+            proc, tests = run_pytest(CUDA_TESTS, ROOT, timeout=180)
+            if proc.returncode != 0:
+                errors["tests"] = proc.stdout[-3000:]
+        except subprocess.TimeoutExpired:
+            errors["tests"] = "timed out after 180 s"
     try:
         sys.path.insert(0, str(ROOT / "bench"))
         import bench_kernels

@@ -25,23 +25,8 @@ def test_junit_counts_of_a_real_pytest_run(tmp_path):
         "@pytest.mark.skip(reason='x')\n"
         "def test_skipped(): pass\n"
     )
-    xml = tmp_path / "junit.xml"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            f"--junitxml={xml}",
-            "test_sample.py",
-        ],
-        cwd=tmp_path,
-        capture_output=True,
-        timeout=60,
-    )
-    assert gpu_check.junit_counts(xml.read_text()) == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1}
+    _, counts = gpu_check.run_pytest(["test_sample.py"], tmp_path, timeout=60)
+    assert counts == {"tests": 3, "failures": 1, "errors": 0, "skipped": 1}
 
 
 def row(shape, m, speedup):
