@@ -265,3 +265,31 @@ def pack_cpu_w4(qt: QuantizedTensor) -> dict[str, torch.Tensor]:
     params = torch.stack([s16, off], dim=-1)  # [Np, G, 2]
     params = params.view(n_blocks, CPU_BLOCK_N, n_groups, 2).permute(0, 2, 3, 1).contiguous()
     return {"qdata": qdata, "params": params}
+
+
+def unpack_cpu_w4(
+    qdata: torch.Tensor,
+    params: torch.Tensor,
+    shape: tuple[int, int],
+    group_size: int,
+    scale_dtype: torch.dtype,
+) -> QuantizedTensor:
+    """The inverse of `pack_cpu_w4` for a weight of `shape` (out, in) whose scales were `scale_dtype`.
+
+    s = s'/16 exactly; z = -o'/s - 16 up to an ulp of fp32, so it is rounded back to the integer.
+    """
+    out_f, in_f = shape
+    n_blocks, k8_8, _ = qdata.shape
+    words = _from_int32(qdata.transpose(1, 2).reshape(n_blocks * CPU_BLOCK_N, k8_8))
+    shifts = torch.tensor([0, 16, 4, 20, 8, 24, 12, 28], dtype=torch.int64)
+    q = ((words.unsqueeze(-1) >> shifts) & 0xF).reshape(n_blocks * CPU_BLOCK_N, k8_8 * 8)
+    p = params.permute(0, 3, 1, 2).reshape(n_blocks * CPU_BLOCK_N, params.shape[1], 2)[:out_f]
+    s = p[..., 0] / 16.0
+    z = torch.round(-p[..., 1] / s.masked_fill(s == 0, 1.0) - 16.0).clamp(0, 15)
+    return QuantizedTensor(
+        q[:out_f, :in_f].to(torch.uint8).contiguous(),
+        s.to(scale_dtype).contiguous(),
+        z.to(torch.uint8).contiguous(),
+        4,
+        group_size,
+    )

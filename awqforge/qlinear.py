@@ -7,9 +7,15 @@ Buffers (what state_dict holds):
 - any other case ("dense"): qweight int32 [out, ceil(in*bits/32)] (compressed-tensors' bit order,
   unsigned codes), qzeros uint8 [out, in/g], scales [out, in/g] (+ bias).
 
+One copy of the weights: a 4-bit layer on the CPU holds them only in the C++ kernel's layout
+(`packing.pack_cpu_w4`: non-persistent buffers `qdata`, `params`; the buffers above are None), packed
+when the weights arrive (load_quantized, load_state_dict, .to("cpu")), never at the first forward.
+Its state_dict still holds the checkpoint tensors above, rebuilt from that layout on demand, and
+moving it to another device turns it back into them first.
+
 forward(x) dispatches on x's device:
-- CPU, 4-bit: the C++ kernel (awqforge.kernels.cpu) on a kernel layout derived from the buffers on
-  first use and cached (rebuilt if the buffers change); fp32/bf16/fp16 x, computed in fp32.
+- CPU, 4-bit: the C++ kernel (awqforge.kernels.cpu) on that layout; fp32/bf16/fp16 x, computed in
+  fp32.
 - CUDA, 4-bit AWQ layout, fp16/bf16 x, group size divisible by 16: the Triton W4A16 kernel.
 - everything else (2/3/8 bits, fp32 on CUDA, a CPU kernel that failed to build, AWQFORGE_KERNELS=0):
   `reference_forward`, a pure-torch dequantize + matmul.
@@ -80,7 +86,10 @@ class QuantLinear(nn.Module):
             self.register_buffer("bias", torch.zeros(out_features, dtype=dtype, device=device))
         else:
             self.bias = None
-        self._cpu_cache: tuple[tuple, dict[str, torch.Tensor]] | None = None
+        self.register_buffer("qdata", None, persistent=False)  # the CPU layout (see module docstring)
+        self.register_buffer("params", None, persistent=False)
+        if self._cpu_resident():
+            self._store(self.quantized_tensor())
 
     # ------------------------------------------------------------------ construction
 
@@ -116,24 +125,69 @@ class QuantLinear(nn.Module):
                 f"QuantizedTensor {qt.shape} bits={qt.bits} group={qt.group_size} does not fit "
                 f"QuantLinear({self.in_features}, {self.out_features}, bits={self.bits}, group={self.group_size})"
             )
-        dev = self.qweight.device
+        self._store(qt)
+
+    def _device(self) -> torch.device:
+        return (self.qweight if self.qdata is None else self.qdata).device
+
+    def _cpu_resident(self) -> bool:
+        return self.bits == 4 and self._device().type == "cpu"
+
+    def _checkpoint_tensors(self, qt: QuantizedTensor) -> dict[str, torch.Tensor]:
+        """qweight / qzeros / scales as this layer's state_dict holds them."""
         if self.layout == "awq_gemm":
             t = packing.pack_awq_gemm(qt)
-            self.qweight.copy_(t["qweight"].to(dev))
-            self.qzeros.copy_(t["qzeros"].to(dev))
-            self.scales.copy_(qt.scales.t().to(device=dev, dtype=self.dtype))  # not via fp16
-        else:
-            self.qweight.copy_(packing.pack_dense(qt.qweight, self.bits).to(dev))
-            self.qzeros.copy_(qt.zeros.to(device=dev, dtype=torch.uint8))
-            self.scales.copy_(qt.scales.to(device=dev, dtype=self.dtype))
-        self._cpu_cache = None
+            scales = qt.scales.t().to(self.dtype).contiguous()  # not via pack_awq_gemm's fp16
+            return {"qweight": t["qweight"], "qzeros": t["qzeros"], "scales": scales}
+        return {
+            "qweight": packing.pack_dense(qt.qweight, self.bits),
+            "qzeros": qt.zeros.to(torch.uint8),
+            "scales": qt.scales.to(self.dtype),
+        }
+
+    @torch.no_grad()
+    def _store(self, qt: QuantizedTensor) -> None:
+        """Hold `qt` once: in the CPU kernel layout on the CPU (4-bit), else in the checkpoint tensors."""
+        dev = self._device()
+        if self._cpu_resident():
+            # scales rounded to the layer dtype first: the same values the checkpoint tensors hold
+            qt = QuantizedTensor(qt.qweight, qt.scales.to(self.dtype), qt.zeros, qt.bits, qt.group_size)
+            t = packing.pack_cpu_w4(qt)
+            self.qdata, self.params = t["qdata"], t["params"]
+            self.qweight = self.qzeros = self.scales = None
+            return
+        for name, t in self._checkpoint_tensors(qt).items():
+            setattr(self, name, t.to(dev).contiguous())
+        self.qdata = self.params = None
 
     def quantized_tensor(self) -> QuantizedTensor:
         """The codes, scales (in the layer dtype) and zeros this layer holds."""
+        if self.qdata is not None:
+            shape = (self.out_features, self.in_features)
+            return packing.unpack_cpu_w4(self.qdata, self.params, shape, self.group_size, self.dtype)
         if self.layout == "awq_gemm":
             return packing.unpack_awq_gemm(self.qweight, self.qzeros, self.scales, self.group_size)
         q = packing.unpack_dense(self.qweight, self.bits, self.in_features)
         return QuantizedTensor(q, self.scales, self.qzeros, self.bits, self.group_size)
+
+    def _to_checkpoint_buffers(self) -> None:
+        if self.qdata is not None:
+            qt = self.quantized_tensor()
+            for name, t in self._checkpoint_tensors(qt).items():
+                setattr(self, name, t)
+            self.qdata = self.params = None
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.qdata is not None:  # rebuilt from the one copy this layer holds
+            for name, t in self._checkpoint_tensors(self.quantized_tensor()).items():
+                destination[prefix + name] = t
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self._to_checkpoint_buffers()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if self._cpu_resident():
+            self._store(self.quantized_tensor())
 
     # ------------------------------------------------------------------ forward
 
@@ -166,14 +220,9 @@ class QuantLinear(nn.Module):
         except cpu.KernelBuildError as exc:
             _warn_once("cpu-build", f"{exc}; QuantLinear uses the (slow) pure-torch reference on CPU")
             return None
-        layout = self._cpu_layout()
-        return cpu.w4_linear_cpu(x, layout["qdata"], layout["params"], self.out_features, g, self.bias)
-
-    def _cpu_layout(self) -> dict[str, torch.Tensor]:
-        key = tuple((t.data_ptr(), t._version) for t in (self.qweight, self.qzeros, self.scales))
-        if self._cpu_cache is None or self._cpu_cache[0] != key:
-            self._cpu_cache = (key, packing.pack_cpu_w4(self.quantized_tensor()))
-        return self._cpu_cache[1]
+        if self.qdata is None:  # a 4-bit layer on the CPU always holds this layout (_store)
+            return None
+        return cpu.w4_linear_cpu(x, self.qdata, self.params, self.out_features, g, self.bias)
 
     def _forward_cuda(self, x: torch.Tensor) -> torch.Tensor | None:
         g = effective_group_size(self.in_features, self.group_size)
@@ -183,10 +232,14 @@ class QuantLinear(nn.Module):
 
         return w4a16_linear(x, self.qweight, self.qzeros, self.scales, self.group_size, self.bias)
 
-    def _apply(self, fn, recurse=True):  # .to()/.cuda(): the CPU layout cache belongs to the old tensors
-        self._cpu_cache = None
+    def _apply(self, fn, recurse=True):
+        # .to()/.cuda()/.half() act on the checkpoint tensors (the CPU layout's fp32 params must not be
+        # cast); a 4-bit layer that is (still) on the CPU then packs them into the CPU layout again
+        self._to_checkpoint_buffers()
         out = super()._apply(fn, recurse)
         self.dtype = self.scales.dtype  # .half()/.to(dtype) converted the float buffers
+        if self._cpu_resident():
+            self._store(self.quantized_tensor())
         return out
 
     def extra_repr(self) -> str:

@@ -7,16 +7,26 @@ through enough weight copies to exceed twice the last-level cache, so each call 
 from DRAM, as in a real model. Timings alternate between implementations (round-robin) and keep the
 best round, which makes them comparable on a shared machine.
 
-GPU (when CUDA is available): ours (Triton W4A16, fp16) vs torch fp16 matmul; TFLOP/s and GB/s.
+By default the CPU part runs once per configuration in a child process: each ISA this CPU has
+(AVX-512, then AVX2 with AWQFORGE_CPU_ISA=avx2 and torch/oneDNN/MKL capped to AVX2 as well, so
+that the baselines run their AVX2 code too, as on an AVX2-only CPU) x (one thread, all threads).
+It prints `lscpu`'s model name and SIMD flags first.
 
-    python bench/bench_kernels.py            # full: 3 shapes x M = 1, 4, 16, 64, 256
-    python bench/bench_kernels.py --quick    # 4096x4096, M = 1, 16, 256
+GPU (when CUDA is available): ours (Triton W4A16, fp16) vs torch fp16 matmul; TFLOP/s and GB/s
+(scripts/gpu-check.sh runs it at M = 1, 16, 256 and writes the rows to its JSON summary).
+
+    python bench/bench_kernels.py            # 11008x4096 and 4096x11008, M = 1, 4, 16, 64, 256
+    python bench/bench_kernels.py --quick    # 11008x4096, M = 1, 16, 256
+    python bench/bench_kernels.py --isa avx2 --threads 1   # one configuration
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,7 +37,7 @@ import torch.nn.functional as F
 from awqforge import packing
 from awqforge.quant import QuantizedTensor
 
-SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # N x K
+SHAPES = [(11008, 4096), (4096, 11008)]  # N x K: a Llama-7B MLP up/gate and down projection
 BATCHES = [1, 4, 16, 64, 256]
 GROUP = 128
 
@@ -54,7 +64,7 @@ def random_qt(n: int, k: int, group: int) -> QuantizedTensor:
     return QuantizedTensor(q, s, z, 4, group)
 
 
-def memory_bandwidth_gbs(size_bytes: int = 1 << 30) -> dict[str, float]:
+def memory_bandwidth_gbs(size_bytes: int = 1 << 29) -> dict[str, float]:
     """Read (sum) and copy bandwidth of a large fp32 tensor, with torch's threads."""
     a = torch.ones(size_bytes // 4)
     b = torch.empty_like(a)
@@ -93,7 +103,7 @@ def time_round_robin(
 def bench_cpu(shapes, batches, rounds: int, budget_s: float) -> None:
     from awqforge.kernels import cpu
 
-    cpu.load_extension()
+    cpu.load_extension(allow_build=True)
     llc = llc_bytes()
     bw = memory_bandwidth_gbs()
     print(
@@ -153,18 +163,26 @@ def cpu_rows(n: int, k: int, batches, llc: int, read_bw: float, rounds: int, bud
         )
 
 
-def bench_gpu(shapes, batches, rounds: int) -> None:
+def bench_gpu(shapes, batches, rounds: int) -> list[dict]:
+    """Print the GPU table; returns its rows as dicts (scripts/gpu_check.py writes them to JSON)."""
     dev = torch.device("cuda")
     print(f"\nGPU: {torch.cuda.get_device_name(dev)}; ours = Triton W4A16 (AWQ gemm layout), fp16")
     header = (
         f"{'N x K':>12} {'M':>4} | {'ours ms':>8} {'fp16 ms':>8} {'speedup':>7} | "
-        f"{'ours TFLOP/s':>12} {'ours GB/s':>9} {'fp16 GB/s':>9}"
+        f"{'ours TFLOP/s':>12} {'fp16 TFLOP/s':>12} {'ours GB/s':>9} {'fp16 GB/s':>9}"
     )
     print(header)
     print("-" * len(header))
+    rows = []
     for n, k in shapes:
-        for line in gpu_rows(n, k, batches, rounds):
-            print(line, flush=True)
+        for r in gpu_rows(n, k, batches, rounds):
+            rows.append(r)
+            print(
+                f"{f'{n}x{k}':>12} {r['m']:>4} | {r['ours_ms']:8.4f} {r['fp16_ms']:8.4f} {r['speedup']:6.2f}x | "
+                f"{r['ours_tflops']:12.2f} {r['fp16_tflops']:12.2f} {r['ours_gbs']:9.0f} {r['fp16_gbs']:9.0f}",
+                flush=True,
+            )
+    return rows
 
 
 def gpu_rows(n: int, k: int, batches, rounds: int):
@@ -186,7 +204,7 @@ def gpu_rows(n: int, k: int, batches, rounds: int):
         return call
 
     def fp16_call(x):
-        return lambda i: F.linear(x, fp16_w[i % len(fp16_w)])
+        return lambda i: torch.matmul(x, fp16_w[i % len(fp16_w)].t())
 
     for m in batches:
         x = torch.randn(m, k, device=dev, dtype=torch.float16)
@@ -203,11 +221,50 @@ def gpu_rows(n: int, k: int, batches, rounds: int):
                 torch.cuda.synchronize()
                 best[name] = min(best[name], start.elapsed_time(end) / 1e3 / 50)
         flops = 2 * m * n * k
-        yield (
-            f"{f'{n}x{k}':>12} {m:>4} | {best['ours'] * 1e3:8.4f} {best['fp16'] * 1e3:8.4f} "
-            f"{best['fp16'] / best['ours']:6.2f}x | {flops / best['ours'] / 1e12:12.2f} "
-            f"{w_bytes / best['ours'] / 1e9:9.0f} {n * k * 2 / best['fp16'] / 1e9:9.0f}"
-        )
+        yield {
+            "shape": f"{n}x{k}",
+            "m": m,
+            "config": triton_w4a16.pick_config(m).name,
+            "ours_ms": best["ours"] * 1e3,
+            "fp16_ms": best["fp16"] * 1e3,
+            "speedup": best["fp16"] / best["ours"],
+            "ours_tflops": flops / best["ours"] / 1e12,
+            "fp16_tflops": flops / best["fp16"] / 1e12,
+            "ours_gbs": w_bytes / best["ours"] / 1e9,
+            "fp16_gbs": n * k * 2 / best["fp16"] / 1e9,
+        }
+
+
+def lscpu_summary() -> str:
+    """lscpu's model name and the SIMD flags that matter here."""
+    try:
+        text = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+    except (OSError, subprocess.SubprocessError):
+        return "lscpu unavailable"
+    model, flags = "?", []
+    for line in text.splitlines():
+        if line.startswith("Model name:"):
+            model = line.split(":", 1)[1].strip()
+        elif line.startswith("Flags:"):
+            wanted = ("avx", "fma", "f16c", "amx")
+            flags = [f for f in line.split(":", 1)[1].split() if f.startswith(wanted)]
+    return f"{model}; flags: {' '.join(flags)}; {os.cpu_count()} logical CPUs"
+
+
+def cpu_configs(isas: list[str] | None, threads: list[int] | None) -> list[tuple[str, int]]:
+    from awqforge.kernels import cpu
+
+    best = cpu.best_isa()
+    isas = isas or [isa for isa in ("avx512", "avx2") if cpu.ISAS[isa] <= cpu.ISAS[best]] or ["scalar"]
+    threads = threads or sorted({1, torch.get_num_threads()})
+    return [(isa, t) for isa in isas for t in threads]
+
+
+def child_env(isa: str) -> dict[str, str]:
+    env = {**os.environ, "AWQFORGE_CPU_ISA": isa}
+    if isa == "avx2":  # the baselines as an AVX2-only CPU runs them
+        env.update(ATEN_CPU_CAPABILITY="avx2", ONEDNN_MAX_CPU_ISA="AVX2", MKL_ENABLE_INSTRUCTIONS="AVX2")
+    return env
 
 
 def main() -> None:
@@ -215,18 +272,29 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="one shape, M = 1, 16, 256")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--budget", type=float, default=0.15, help="seconds per timed batch of calls")
-    ap.add_argument("--threads", type=int, default=None, help="torch/OpenMP threads (default: torch's)")
+    ap.add_argument("--isa", action="append", choices=["avx512", "avx2", "scalar"], help="repeatable")
+    ap.add_argument("--threads", type=int, action="append", help="repeatable (default: 1 and all)")
+    ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--no-cpu", action="store_true")
     ap.add_argument("--no-gpu", action="store_true")
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     shapes = SHAPES[:1] if args.quick else SHAPES
     batches = [1, 16, 256] if args.quick else BATCHES
-    if not args.no_cpu:
+    if args.child:
+        torch.set_num_threads(args.threads[0])
         bench_cpu(shapes, batches, args.rounds, args.budget)
+        return
+    if not args.no_cpu:
+        print(f"CPU: {lscpu_summary()}; torch {torch.__version__}", flush=True)
+        for isa, threads in cpu_configs(args.isa, args.threads):
+            print(f"\n== AWQFORGE_CPU_ISA={isa}, {threads} thread(s)", flush=True)
+            cmd = [sys.executable, __file__, "--child", "--isa", isa, "--threads", str(threads)]
+            cmd += ["--rounds", str(args.rounds), "--budget", str(args.budget)] + (
+                ["--quick"] if args.quick else []
+            )
+            subprocess.run(cmd, env=child_env(isa), check=True)
     if not args.no_gpu and torch.cuda.is_available():
-        bench_gpu(shapes, batches, args.rounds)
+        bench_gpu(shapes, [1, 16, 256] if args.quick else BATCHES, args.rounds)
 
 
 if __name__ == "__main__":

@@ -79,7 +79,9 @@ def test_shape_errors_are_explained(ext):
 
 
 def run_py(code: str, env: dict, timeout: int = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env
+    )
 
 
 def run_cli(args: list[str], env: dict, timeout: int = 120) -> subprocess.CompletedProcess:

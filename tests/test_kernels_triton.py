@@ -47,7 +47,7 @@ def rel_err(y, ref):
 def test_matches_reference(n, k, group_size, dtype):
     t, qt = awq_case(n, k, group_size)
     bias = torch.randn(n)
-    for m in (1, 3, 17, 40):  # 40 > SMALL_M: the large-M launch
+    for m in (1, 3, 8, 40):  # gemv, gemv, decode, mid launch configurations
         x = torch.randn(m, k).to(dtype)
         ref = reference_linear(x.float(), qt, bias)
         y = triton_w4a16.w4a16_linear(
@@ -55,6 +55,28 @@ def test_matches_reference(n, k, group_size, dtype):
         )
         assert y.dtype == dtype and y.shape == (m, n)
         assert rel_err(y, ref) < TOL[dtype], (m, rel_err(y, ref))
+
+
+def test_every_launch_configuration_is_exercised():
+    ms = {1: "gemv", 4: "gemv", 5: "decode", 16: "decode", 17: "mid", 127: "mid", 128: "prefill"}
+    assert {m: triton_w4a16.pick_config(m).name for m in ms} == ms
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_prefill_launch(dtype):
+    t, qt = awq_case(136, 128, 64, seed=2)  # N not a multiple of BLOCK_N
+    x = torch.randn(130, 128).to(dtype)
+    y = triton_w4a16.w4a16_linear(x.to(DEVICE), t["qweight"], t["qzeros"], t["scales"], 64)
+    assert rel_err(y, reference_linear(x.float(), qt)) < TOL[dtype]
+
+
+def test_device_mismatch_is_refused():
+    t, _ = awq_case(16, 64, 32)
+    other = "meta"
+    with pytest.raises(ValueError, match="one device"):
+        triton_w4a16.w4a16_linear(
+            torch.randn(1, 64, device=other).half(), t["qweight"], t["qzeros"], t["scales"], 32
+        )
 
 
 @pytest.mark.parametrize("split_k", [2, 3])

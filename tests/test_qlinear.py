@@ -167,3 +167,44 @@ def test_smollm2_greedy_tokens_kernel_equals_reference(one_thread):
     kernel_tokens = greedy(True)
     assert kernel_tokens == greedy(False)
     assert len(set(kernel_tokens)) > 1  # not a degenerate repetition
+
+
+def test_cpu_layer_holds_its_weights_once():
+    """On the CPU a 4-bit layer keeps only the kernel layout; state_dict still gives the checkpoint tensors."""
+    torch.manual_seed(3)
+    qt = quantize_tensor(torch.randn(64, 256), 4, 128)
+    layer = QuantLinear.from_quantized(qt, dtype=torch.bfloat16)
+    assert layer.qweight is None and layer.qzeros is None and layer.scales is None
+    cpu_layout = packing.pack_cpu_w4(
+        QuantizedTensor(qt.qweight, qt.scales.to(torch.bfloat16), qt.zeros, 4, 128)
+    )
+    held = {name: t for name, t in layer.named_buffers()}
+    assert set(held) == {"qdata", "params"}
+    assert torch.equal(held["qdata"], cpu_layout["qdata"]) and torch.equal(
+        held["params"], cpu_layout["params"]
+    )
+    sd = layer.state_dict()
+    assert set(sd) == {"qweight", "qzeros", "scales"}
+    awq = packing.pack_awq_gemm(qt)
+    assert torch.equal(sd["qweight"], awq["qweight"]) and torch.equal(sd["qzeros"], awq["qzeros"])
+    assert torch.equal(sd["scales"], qt.scales.t().to(torch.bfloat16))
+    # a fresh layer loads them straight into the CPU layout, and computes the same
+    fresh = QuantLinear(256, 64, group_size=128, dtype=torch.bfloat16)
+    assert fresh.qweight is None
+    fresh.load_state_dict(sd)
+    assert fresh.qweight is None and torch.equal(fresh.qdata, layer.qdata)
+    x = torch.randn(3, 256).bfloat16()
+    torch.testing.assert_close(fresh(x), layer(x))
+    # a dtype change goes through the checkpoint tensors and comes back to the CPU layout
+    half = QuantLinear.from_quantized(qt, dtype=torch.float32).half()
+    assert half.dtype == torch.float16 and half.qweight is None and half.params.dtype == torch.float32
+    assert torch.equal(half.state_dict()["scales"], qt.scales.t().half())
+
+
+def test_dense_4bit_layer_is_cpu_resident_too():
+    qt = quantize_tensor(torch.randn(36, 96), 4, 32)  # out % 8 != 0: the dense checkpoint layout
+    layer = QuantLinear.from_quantized(qt, dtype=torch.float32)
+    assert layer.layout == "dense" and layer.qweight is None
+    assert torch.equal(layer.state_dict()["qweight"], packing.pack_dense(qt.qweight, 4))
+    back = layer.quantized_tensor()
+    assert torch.equal(back.qweight, qt.qweight) and torch.equal(back.zeros, qt.zeros)

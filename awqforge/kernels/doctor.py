@@ -39,7 +39,9 @@ def cpu_report() -> dict[str, str]:
             info["path"] = "C++ kernel, compiled by the first process that needs it (AWQFORGE_KERNELS_JIT=1)"
         else:
             hint = "install a C++ compiler, then " if cpu.compiler() is None else ""
-            info["path"] = f"reference (pure torch, slow): the kernel is not built; {hint}run `awqforge kernels build`"
+            info["path"] = (
+                f"reference (pure torch, slow): the kernel is not built; {hint}run `awqforge kernels build`"
+            )
         return info
     try:
         ext = cpu.load_extension(allow_build=False)
@@ -70,13 +72,19 @@ def cuda_reports() -> list[dict[str, str]]:
     out = []
     for i in range(torch.cuda.device_count()):
         major, minor = torch.cuda.get_device_capability(i)
-        entry = {"device": f"cuda:{i}", "name": torch.cuda.get_device_name(i), "capability": f"sm_{major}{minor}"}
+        entry = {
+            "device": f"cuda:{i}",
+            "name": torch.cuda.get_device_name(i),
+            "capability": f"sm_{major}{minor}",
+        }
         if os.environ.get("AWQFORGE_KERNELS", "1") == "0":
             entry["path"] = "reference (AWQFORGE_KERNELS=0)"
         elif triton_version is None:
             entry["path"] = "reference: triton is not installed"
         elif major >= 8:
-            entry["path"] = f"Triton W4A16 (triton {triton_version}), fp16/bf16 activations, group size % 16 == 0"
+            entry["path"] = (
+                f"Triton W4A16 (triton {triton_version}), fp16/bf16 activations, group size % 16 == 0"
+            )
         elif major == 7:
             entry["path"] = f"Triton W4A16 (triton {triton_version}) for fp16 activations; bf16 needs sm_80"
         else:

@@ -7,11 +7,19 @@ AWQ_REVERSE_ORDER[n % 8] of word n // 8. A tile loads each word once per column 
 that column's nibble offset, then dequantizes (q - z) * s in the activation dtype and feeds tl.dot
 with fp32 accumulation.
 
-Two launch shapes of one kernel:
-- small M (<= SMALL_M): BLOCK_M = 16 and split-K: the K range is cut into SPLIT_K slices, each
-  program reduces one slice and atomically adds into an fp32 output, so that a decode step (M = 1)
-  still spreads the weight read over every SM;
-- large M: a classic tiled GEMM (grouped program order for L2 reuse), no split.
+Launch configurations (`LAUNCH_CONFIGS`, picked by M in `pick_config`); every one of them is
+compiled ahead of time for sm_80 and sm_90 with fp16 and bf16 by tests/test_kernels_triton_aot.py,
+which fails on any register spill (ptxas -v):
+- gemv, M <= 4: no tensor cores: a [BLOCK_M, BLOCK_K, BLOCK_N] broadcast product reduced over K
+  (CUDA-core FMAs), so a decode step does not pad its one row to a 16-row MMA; split-K: the K range
+  is cut into slices, each program reduces one and atomically adds into an fp32 output, so that
+  M = 1 still spreads the weight read over every SM;
+- decode, 5 <= M <= 16: tl.dot on 16 x 64 tiles, split-K as above;
+- mid, 17 <= M < 128: tl.dot on 32 x 128 tiles, no split;
+- prefill, M >= 128: 64 x 128 tiles with 8 warps (4 warps need 255 registers and spill on sm_80),
+  grouped program order for L2 reuse.
+The table is reasoned, not measured (no GPU was available when it was written); split-K aims at two
+programs per SM. scripts/gpu-check.sh measures it against torch's fp16 matmul on a real GPU.
 
 Tested on CPU tensors under TRITON_INTERPRET=1 (tests/test_kernels_triton.py); tolerance vs the
 fp32 reference: the weight is rounded to the activation dtype before the dot, so ~1e-2 relative
@@ -20,13 +28,38 @@ fp32 reference: the weight is rounded to the activation dtype before the dot, so
 
 from __future__ import annotations
 
+import contextlib
 import os
+from dataclasses import dataclass
 
 import torch
 import triton
 import triton.language as tl
 
-SMALL_M = 32
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    name: str
+    max_m: int  # used for M <= max_m (the first that fits)
+    block_m: int
+    block_n: int
+    block_k: int  # at most; smaller when the group size needs it (_block_k)
+    num_warps: int
+    use_dot: bool
+    split_k: bool  # split K over programs, fp32 atomic accumulation
+
+
+LAUNCH_CONFIGS = (
+    LaunchConfig("gemv", 4, 4, 64, 32, 4, use_dot=False, split_k=True),
+    LaunchConfig("decode", 16, 16, 64, 64, 4, use_dot=True, split_k=True),
+    LaunchConfig("mid", 127, 32, 128, 64, 4, use_dot=True, split_k=False),
+    LaunchConfig("prefill", 1 << 62, 64, 128, 64, 8, use_dot=True, split_k=False),
+)
+NUM_STAGES = 3
+
+
+def pick_config(m: int) -> LaunchConfig:
+    return next(c for c in LAUNCH_CONFIGS if m <= c.max_m)
 
 
 @triton.jit
@@ -42,11 +75,13 @@ def _w4a16_kernel(
     group_size,
     stride_xm,
     stride_ym,
+    SPLIT_K,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    SPLIT_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    ATOMIC: tl.constexpr,
     DOT_F32: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -93,17 +128,19 @@ def _w4a16_kernel(
         q = (qw >> shifts[None, :]) & 0xF
         z = (qz >> shifts) & 0xF
         w = ((q - z[None, :]).to(tl.float32) * s[None, :].to(tl.float32)).to(x.dtype)
-        if DOT_F32:
+        if not USE_DOT:  # CUDA-core FMAs over [BLOCK_M, BLOCK_K, BLOCK_N]
+            acc += tl.sum(x.to(tl.float32)[:, :, None] * w.to(tl.float32)[None, :, :], axis=1)
+        elif DOT_F32:
             acc = tl.dot(x.to(tl.float32), w.to(tl.float32), acc)
         else:
             acc = tl.dot(x, w, acc)
 
     y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if SPLIT_K == 1:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
-    else:
+    if ATOMIC:
         tl.atomic_add(y_ptrs, acc, mask=mask)
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 def _interpreting() -> bool:
@@ -112,9 +149,9 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def _block_k(group_size: int) -> int:
+def _block_k(group_size: int, most: int = 64) -> int:
     for bk in (64, 32, 16):
-        if group_size % bk == 0:
+        if bk <= most and group_size % bk == 0:
             return bk
     raise ValueError(f"the Triton kernel needs a group size divisible by 16, got {group_size}")
 
@@ -142,46 +179,59 @@ def w4a16_linear(
             f"AWQ tensors disagree: qweight {tuple(qweight.shape)}, qzeros {tuple(qzeros.shape)}, "
             f"scales {tuple(scales.shape)}, group size {group_size}"
         )
+    if x.device != qweight.device or qzeros.device != qweight.device or scales.device != qweight.device:
+        raise ValueError(
+            f"x ({x.device}) and the weight tensors ({qweight.device}, {qzeros.device}, {scales.device}) "
+            "must be on one device"
+        )
+    if scales.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"scales must be a float tensor, got {scales.dtype}")
+    # the kernel indexes the weight tensors as dense row-major arrays
+    qweight, qzeros, scales = qweight.contiguous(), qzeros.contiguous(), scales.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     M = x2.shape[0]
-    block_k = _block_k(g)
-    if M <= SMALL_M:
-        block_m, block_n = 16, 64
-        if split_k is None:
-            n_tiles = triton.cdiv(N, block_n)
-            sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
-            split_k = max(1, min(K // (block_k * 4), triton.cdiv(2 * sms, n_tiles)))
-    else:
-        block_m, block_n = (64, 128) if M >= 128 else (32, 128)
-        split_k = split_k or 1
+    cfg = pick_config(M)
+    block_k = _block_k(g, cfg.block_k)
+    n_tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if not cfg.split_k:
+        split_k = 1
+    elif split_k is None:
+        sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 4
+        split_k = max(1, min(K // (block_k * 4), triton.cdiv(2 * sms, n_tiles)))
     y = (
         torch.zeros(M, N, device=x.device, dtype=torch.float32)
-        if split_k > 1
+        if cfg.split_k
         else torch.empty(M, N, device=x.device, dtype=x.dtype)
     )
-    grid = (triton.cdiv(M, block_m) * triton.cdiv(N, block_n), split_k)
-    _w4a16_kernel[grid](
-        x2,
-        qweight,
-        qzeros,
-        scales,
-        y,
-        M,
-        N,
-        K,
-        g,
-        x2.stride(0),
-        y.stride(0),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        SPLIT_K=split_k,
-        GROUP_M=8,
-        DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
-    )
+    grid = (n_tiles, split_k)
+    # launch on x's device (cuda:N), whichever device is current
+    with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
+        _w4a16_kernel[grid](
+            x2,
+            qweight,
+            qzeros,
+            scales,
+            y,
+            M,
+            N,
+            K,
+            g,
+            x2.stride(0),
+            y.stride(0),
+            split_k,
+            BLOCK_M=cfg.block_m,
+            BLOCK_N=cfg.block_n,
+            BLOCK_K=block_k,
+            GROUP_M=8,
+            USE_DOT=cfg.use_dot,
+            ATOMIC=cfg.split_k,
+            DOT_F32=_interpreting() and x.dtype == torch.bfloat16,
+            num_warps=cfg.num_warps,
+            num_stages=NUM_STAGES,
+        )
     y = y.to(x.dtype)
     if bias is not None:
         y = y + bias.to(y.dtype)

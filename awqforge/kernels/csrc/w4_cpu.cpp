@@ -5,19 +5,17 @@
 //          q[., 8c+2i] in bits 4i..4i+3, q[., 8c+2i+1] in bits 16+4i..19+4i (i = 0..3).
 //   params fp32   [NB, G, 2, 32]: per group s' = 16 s and o' = -(z + 16) s.
 //
-// Decoding ("mantissa trick"): shifting a word so that a code lands in bits 19..22 and OR-ing in
-// the bits of 1.0f gives the float 1 + q/16 exactly, with one shift and one bitwise op (AVX-512:
-// one vpternlogd) and no int->float conversion. Then per group
-//   sum_k (1 + q/16) x = X + (1/16) sum_k q x,  X = sum_k x,
-// so y = sum_groups s * sum q x - z s X = sum_groups s' * acc + o' * X.
+// Small M ("tile" path, integer): x is rounded to int16 per (row, group) (step max|x|/32767, finer
+// than bf16) and each packed word gives, with one shift and one AND, the code pairs (q[k], q[k+1])
+// of its channels in the two 16-bit halves of a 32-bit lane; vpmaddwd (AVX2) / vpdpwssd (AVX512-VNNI)
+// multiplies them by the broadcast pair (xq[k], xq[k+1]) and sums into int32. Per group, with
+// s' = 16 s and o' = -(z + 16) s: y += (s'/16) * step * acc + (o' + s') * X, X = sum_k x. Each
+// decoded register serves MT rows; the whole FP weight never exists. The scalar path does the same
+// in fp32 from the float decoding below.
 //
-// Small M ("tile" path): for a tile of MT rows and one group of one block, accumulate acc in fp32
-// registers, then y += s' * acc + o' * X. Each decoded weight vector serves MT rows; the whole FP
-// weight never exists. Activations are fp32 in registers (bf16/fp16 are converted once per call).
-// Paths:
-//   avx512      fp32 FMA, 16 channels per register: 3 uops per 16 weights (shift, ternlog, FMA);
-//   avx2        the same with 8 channels per register;
-//   scalar      portable C++.
+// Decoding to floats ("mantissa trick", panel and scalar paths): shifting a word so that a code lands
+// in bits 19..22 and OR-ing in the bits of 1.0f gives the float 1 + q/16 exactly, with no int->float
+// conversion; then W = (1 + q/16) s' + o'.
 //
 // Large M ("panel" path): each thread decodes a panel of its output channels, W^T [K, Nc] fp32
 // (a few MB, lives in cache), and lets the BLAS sgemm that F.linear uses multiply it; then decodes
@@ -138,19 +136,6 @@ AWQF_AVX2 AWQF_INLINE __m256 decode8(__m256i w) {
   return _mm256_castsi256_ps(_mm256_or_si256(t, _mm256_set1_epi32(0x3F800000)));
 }
 
-template <int KK, int MT, int NS>
-AWQF_AVX2 AWQF_INLINE void step_avx2(__m256i w, const float* xk, int64_t K, int v, __m256 (&acc)[MT][NS][2]) {
-  const __m256 d = decode8<KK>(w);
-  for (int m = 0; m < MT; ++m)
-    acc[m][v][KK & 1] = _mm256_fmadd_ps(d, _mm256_broadcast_ss(xk + m * K + KK), acc[m][v][KK & 1]);
-}
-
-template <int MT, int NS, int... KK>
-AWQF_AVX2 AWQF_INLINE void octet_avx2(std::integer_sequence<int, KK...>, __m256i w, const float* xk, int64_t K,
-                                       int v, __m256 (&acc)[MT][NS][2]) {
-  (step_avx2<KK, MT, NS>(w, xk, K, v, acc), ...);
-}
-
 template <int KK>
 AWQF_AVX2 AWQF_INLINE void store_decoded8(__m256i w, float* wt, int64_t ldw, __m256 s, __m256 o) {
   _mm256_storeu_ps(wt + KK * ldw, _mm256_fmadd_ps(decode8<KK>(w), s, o));
@@ -160,57 +145,6 @@ template <int... KK>
 AWQF_AVX2 AWQF_INLINE void decode_octet_avx2(std::integer_sequence<int, KK...>, __m256i w, float* wt, int64_t ldw,
                                               __m256 s, __m256 o) {
   (store_decoded8<KK>(w, wt, ldw, s, o), ...);
-}
-
-// MT rows x 32 channels of block b; NS = how many 8-channel vectors are in flight at once
-// (MT * NS * 2 independent accumulators hide the FMA latency).
-template <int MT, int NS>
-AWQF_AVX2 void tile_avx2(const Problem& p, int64_t b, int64_t m0) {
-  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
-  const float* pb = p.prm + b * p.G * 2 * kBlockN;
-  const int64_t n0 = b * kBlockN;
-  const int64_t nvalid = std::min<int64_t>(kBlockN, p.N - n0);
-  alignas(32) float out[MT][kBlockN];
-  for (int m = 0; m < MT; ++m)
-    for (int j = 0; j < kBlockN; ++j) out[m][j] = 0.f;
-
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    const float* s = pb + gi * 2 * kBlockN;
-    const float* o = s + kBlockN;
-    const int64_t c0 = gi * p.g / 8, c1 = (gi + 1) * p.g / 8;
-    for (int v0 = 0; v0 < kBlockN / 8; v0 += NS) {
-      __m256 acc[MT][NS][2];
-      for (int m = 0; m < MT; ++m)
-        for (int v = 0; v < NS; ++v) acc[m][v][0] = acc[m][v][1] = _mm256_setzero_ps();
-      for (int64_t c = c0; c < c1; ++c) {
-        const uint32_t* q = qb + c * kBlockN + v0 * 8;
-        if (p.prefetch) _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch, _MM_HINT_T0);
-        const float* xk = p.x + m0 * p.K + 8 * c;
-#pragma GCC unroll 4
-        for (int v = 0; v < NS; ++v) {
-          const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + v * 8));
-          octet_avx2<MT, NS>(std::make_integer_sequence<int, 8>{}, w, xk, p.K, v, acc);
-        }
-      }
-      for (int v = 0; v < NS; ++v) {
-        const int j = (v0 + v) * 8;
-        const __m256 sv = _mm256_loadu_ps(s + j);
-        const __m256 ov = _mm256_loadu_ps(o + j);
-        for (int m = 0; m < MT; ++m) {
-          const __m256 xs = _mm256_set1_ps(p.xsum[(m0 + m) * p.G + gi]);
-          __m256 r = _mm256_load_ps(&out[m][j]);
-          r = _mm256_fmadd_ps(sv, _mm256_add_ps(acc[m][v][0], acc[m][v][1]), r);
-          r = _mm256_fmadd_ps(ov, xs, r);
-          _mm256_store_ps(&out[m][j], r);
-        }
-      }
-    }
-  }
-  for (int m = 0; m < MT; ++m) {
-    if (p.bias)
-      for (int j = 0; j < nvalid; ++j) out[m][j] += p.bias[n0 + j];
-    std::memcpy(p.y + (m0 + m) * p.N + n0, out[m], nvalid * sizeof(float));
-  }
 }
 
 AWQF_AVX2 void decode_block_avx2(const Problem& p, int64_t b, float* wt, int64_t ldw, int64_t col0) {
@@ -327,23 +261,6 @@ AWQF_AVX512 AWQF_INLINE __m512 decode16(__m512i w) {
       _mm512_ternarylogic_epi32(t, _mm512_set1_epi32(0x00780000), _mm512_set1_epi32(0x3F800000), kTernAndOr));
 }
 
-// Epilogue of one group: out[m][v] += s' * sum(acc) + o' * X.
-template <int MT, int A>
-AWQF_AVX512 AWQF_INLINE void group_epilogue(const Problem& p, const float* s, int64_t m0,
-                                                                     int64_t gi, __m512 (&acc)[MT][2][A],
-                                                                     __m512 (&out)[MT][2]) {
-  for (int v = 0; v < 2; ++v) {
-    const __m512 sv = _mm512_loadu_ps(s + v * 16);
-    const __m512 ov = _mm512_loadu_ps(s + kBlockN + v * 16);
-    for (int m = 0; m < MT; ++m) {
-      __m512 a = acc[m][v][0];
-      for (int u = 1; u < A; ++u) a = _mm512_add_ps(a, acc[m][v][u]);
-      out[m][v] = _mm512_fmadd_ps(sv, a, out[m][v]);
-      out[m][v] = _mm512_fmadd_ps(ov, _mm512_set1_ps(p.xsum[(m0 + m) * p.G + gi]), out[m][v]);
-    }
-  }
-}
-
 template <int MT>
 AWQF_AVX512 AWQF_INLINE void store_tile(const Problem& p, int64_t b, int64_t m0,
                                                                  __m512 (&out)[MT][2]) {
@@ -358,51 +275,6 @@ AWQF_AVX512 AWQF_INLINE void store_tile(const Problem& p, int64_t b, int64_t m0,
     _mm512_mask_storeu_ps(yr, k0, _mm512_add_ps(out[m][0], b0));
     _mm512_mask_storeu_ps(yr + 16, k1, _mm512_add_ps(out[m][1], b1));
   }
-}
-
-template <int KK, int MT, int A>
-AWQF_AVX512 AWQF_INLINE void step_avx512(__m512i w0, __m512i w1, const float* xk, int64_t K, __m512 (&acc)[MT][2][A]) {
-  const __m512 d0 = decode16<KK>(w0);
-  const __m512 d1 = decode16<KK>(w1);
-  constexpr int u = KK % A;
-  for (int m = 0; m < MT; ++m) {
-    const __m512 xv = _mm512_set1_ps(xk[m * K + KK]);
-    acc[m][0][u] = _mm512_fmadd_ps(d0, xv, acc[m][0][u]);
-    acc[m][1][u] = _mm512_fmadd_ps(d1, xv, acc[m][1][u]);
-  }
-}
-
-template <int MT, int A, int... KK>
-AWQF_AVX512 AWQF_INLINE void octet_avx512(std::integer_sequence<int, KK...>, __m512i w0, __m512i w1, const float* xk,
-                                           int64_t K, __m512 (&acc)[MT][2][A]) {
-  (step_avx512<KK, MT, A>(w0, w1, xk, K, acc), ...);
-}
-
-// fp32 FMA path. A: accumulators per (row, vector), alternating over k.
-template <int MT, int A>
-AWQF_AVX512 void tile_avx512(const Problem& p, int64_t b, int64_t m0) {
-  const uint32_t* qb = p.qd + b * (p.K / 8) * kBlockN;
-  const float* pb = p.prm + b * p.G * 2 * kBlockN;
-  __m512 out[MT][2];
-  for (int m = 0; m < MT; ++m) out[m][0] = out[m][1] = _mm512_setzero_ps();
-  for (int64_t gi = 0; gi < p.G; ++gi) {
-    __m512 acc[MT][2][A];
-    for (int m = 0; m < MT; ++m)
-      for (int v = 0; v < 2; ++v)
-        for (int u = 0; u < A; ++u) acc[m][v][u] = _mm512_setzero_ps();
-    for (int64_t c = gi * p.g / 8; c < (gi + 1) * p.g / 8; ++c) {
-      const uint32_t* q = qb + c * kBlockN;
-      if (p.prefetch) {
-        _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch, _MM_HINT_T0);
-        _mm_prefetch(reinterpret_cast<const char*>(q) + p.prefetch + 64, _MM_HINT_T0);
-      }
-      const __m512i w0 = _mm512_loadu_si512(q);
-      const __m512i w1 = _mm512_loadu_si512(q + 16);
-      octet_avx512<MT, A>(std::make_integer_sequence<int, 8>{}, w0, w1, p.x + m0 * p.K + 8 * c, p.K, acc);
-    }
-    group_epilogue<MT, A>(p, pb + gi * 2 * kBlockN, m0, gi, acc, out);
-  }
-  store_tile<MT>(p, b, m0, out);
 }
 
 template <int KK>
