@@ -148,3 +148,16 @@ def test_job_mappings_that_match_nothing_or_are_malformed_are_refused():
     ]:
         with pytest.raises(ValidationError):
             JobSpec(model="org/name", mappings=[bad])
+
+
+def test_cli_mappings_argument(tmp_path):
+    from awqforge import cli
+
+    maps = '[{"prev": "input_layernorm", "linears": ["self_attn.q_proj"]}]'
+    assert cli._mappings_arg(maps)[0]["prev"] == "input_layernorm"
+    (tmp_path / "m.json").write_text(maps)
+    assert cli._mappings_arg(f"@{tmp_path / 'm.json'}") == cli._mappings_arg(maps)
+    with pytest.raises(cli._UsageError, match="--mappings"):
+        cli._mappings_arg("[{not json")
+    with pytest.raises(cli._UsageError, match="--mappings"):
+        cli._mappings_arg(f"@{tmp_path / 'missing.json'}")

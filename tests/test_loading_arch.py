@@ -97,9 +97,8 @@ def test_pipeline_artifacts_load_for_every_family(family, tiny_checkpoint, tmp_p
         adapter = get_adapter(model.config)
         qlinears = [n for n, m in model.named_modules() if isinstance(m, awqforge.QuantLinear)]
         assert len(qlinears) == result.metrics["n_layers_quantized"], fmt
-        block = adapter.get_layers(model)[
-            -1
-        ]  # the last: an MoE layer also where the first is dense (DeepSeek)
+        # DeepSeek's first layer is dense: experts are looked at in the last one
+        block = adapter.get_layers(model)[-1 if family in MOE_FAMILIES else 0]
         if family in MOE_FAMILIES:
             experts = block.mlp.experts
             assert isinstance(experts, UnfusedExperts), fmt
