@@ -128,6 +128,17 @@ class EvalSpec(BaseModel):
 MAX_TOKEN_CHARS = 512
 
 
+def hub_token_field(purpose: str):
+    """A per-job hub token: its limits, and what the service does with it."""
+    return Field(
+        None,
+        min_length=1,
+        max_length=MAX_TOKEN_CHARS,
+        description=f"{purpose}; encrypted at rest, deleted when the job ends, never returned",
+        json_schema_extra={"writeOnly": True},
+    )
+
+
 def hub_namespace(repo_id: str) -> str:
     """The `owner` of an `owner/name` repo id."""
     return repo_id.split("/", 1)[0]
@@ -138,14 +149,7 @@ class SourceSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    token: str | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_TOKEN_CHARS,
-        description="Hub read token for private or gated source models; encrypted at rest, deleted when the "
-        "job ends, never returned",
-        json_schema_extra={"writeOnly": True},
-    )
+    token: str | None = hub_token_field("Hub read token for private or gated source models")
 
 
 class PublishSpec(BaseModel):
@@ -153,13 +157,7 @@ class PublishSpec(BaseModel):
 
     repo_id: str
     private: bool = True
-    token: str | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_TOKEN_CHARS,
-        description="Hub write token; encrypted at rest, deleted when the job ends, never returned",
-        json_schema_extra={"writeOnly": True},
-    )
+    token: str | None = hub_token_field("Hub write token")
 
     @field_validator("repo_id")
     @classmethod

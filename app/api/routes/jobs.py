@@ -11,7 +11,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -29,7 +29,7 @@ from app.schemas import (
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError
-from awqforge.spec import MAX_TOKEN_CHARS
+from awqforge.spec import hub_token_field
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -159,13 +159,7 @@ def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: str, response:
 class PublishAgainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    token: str | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_TOKEN_CHARS,
-        description="Hub write token for this publish: encrypted at rest, deleted when it ends, never returned",
-        json_schema_extra={"writeOnly": True},
-    )
+    token: str | None = hub_token_field("Hub write token for this publish")
 
 
 @router.post(
