@@ -189,9 +189,12 @@ class HuggingFaceHub:
             except hf_errors.HfHubHTTPError as exc:
                 status = _status(exc)
                 if status in (401, 403):
-                    raise PublishRefused(
-                        f"the hub refused {what} ({status}): the token cannot write there"
-                    ) from exc
+                    why = (
+                        "the token cannot write there"
+                        if self.api.token
+                        else "no token: give publish.token (this tenant may not use the service's)"
+                    )
+                    raise PublishRefused(f"the hub refused {what} ({status}): {why}") from exc
                 if not (status == 429 or (status or 0) >= 500) or attempt == self.attempts:
                     raise
                 wait = _retry_after(exc)

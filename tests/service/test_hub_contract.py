@@ -175,7 +175,7 @@ def test_publish_never_flips_visibility_and_needs_rights(hub, tmp_path):
 
     with pytest.raises(PublishRefused, match=r"refused .* \(403\)"):  # bob may not write into acme
         HuggingFaceHub("hf_bob", hub.url).publish(folders, "acme/pub", private=False, tenant="t")
-    with pytest.raises(PublishRefused, match=r"\(401\)"):  # no token at all
+    with pytest.raises(PublishRefused, match=r"\(401\): no token: give publish.token"):
         HuggingFaceHub(None, hub.url).publish(folders, "bob/x", private=True, tenant="t")
     assert _commits(hub, "acme/pub") == 1 and "bob/x" not in hub.repos
 
