@@ -231,3 +231,14 @@ def test_local_hub_repo_belongs_to_its_first_publisher(tmp_path):
     for evil in ("../../etc", "a/../../x", ".repos/x", "onlyname"):
         with pytest.raises(ValueError):
             hub.publish(mine, evil, private=True, tenant="team-a")
+
+
+def test_resolve_retries_5xx_and_429_then_succeeds(hub):
+    from awqforge.resolve import download_from_hub
+
+    sha = hub.add_repo("acme/flaky", _checkpoint(model__safetensors=b"w" * 64))
+    hub.fail("GET", r"^/api/models/acme/flaky/revision/main$", 503)
+    hub.fail("GET", r"^/api/models/acme/flaky/revision/main$", 429, **{"Retry-After": "1"})
+    folder, got = download_from_hub("acme/flaky", None)
+    assert got == sha and (folder / "model.safetensors").read_bytes() == b"w" * 64
+    assert hub.count("GET", r"/revision/main$", 503) == 1 and hub.count("GET", r"/revision/main$", 429) == 1
