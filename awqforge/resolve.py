@@ -8,8 +8,10 @@ the safetensors weights. Pickled weights (.bin/.pt) are never loaded, and remote
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Sequence
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,6 +188,34 @@ def _weight_patterns(files: list[str]) -> list[str]:
     return [f for f in top if f.endswith(".safetensors")]
 
 
+log = logging.getLogger("awqforge.resolve")
+
+
+def hub_call_with_backoff(
+    fn, *, what: str, attempts: int = 4, backoff_s: float = 1.0, max_wait_s: float = 60
+):
+    """Call `fn` (a huggingface_hub request); on 429 or 5xx wait (Retry-After when the hub gives one, else
+    backoff_s doubling) and try again, `attempts` times in all. Other errors go straight to the caller."""
+    from huggingface_hub import errors as hf_errors
+
+    for attempt in range(1, attempts + 1):
+        try:
+            return fn()
+        except hf_errors.HfHubHTTPError as exc:
+            resp = getattr(exc, "response", None)
+            status = getattr(resp, "status_code", None) or 0
+            if not (status == 429 or status >= 500) or attempt == attempts:
+                raise
+            try:
+                wait = float(resp.headers.get("Retry-After"))
+            except (TypeError, ValueError):
+                wait = backoff_s * 2 ** (attempt - 1)
+            wait = min(wait, max_wait_s)
+            log.warning("the hub answered %s to %s; retrying in %.1f s", status, what, wait)
+            time.sleep(wait)
+    raise AssertionError("unreachable")
+
+
 def _hub_error(repo_id: str, revision: str | None, token: str | None, exc: Exception) -> InputError:
     """A hub refusal as a reason the user can act on: 401, 403 and 404 told apart."""
     from huggingface_hub import errors as hf_errors
@@ -245,7 +275,9 @@ def download_from_hub(
         return from_cache("HF_HUB_OFFLINE is set")
     api = HfApi(token=token)
     try:
-        info = api.model_info(repo_id, revision=revision or "main")
+        info = hub_call_with_backoff(
+            lambda: api.model_info(repo_id, revision=revision or "main"), what=f"model info of {repo_id}"
+        )
     except (
         hf_errors.RepositoryNotFoundError,
         hf_errors.RevisionNotFoundError,

@@ -14,7 +14,6 @@ import json
 import logging
 import os
 import shutil
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -154,15 +153,6 @@ class LocalHub:
         return Published(location=str(dest), revision=revision)
 
 
-def _retry_after(exc: Exception) -> float | None:
-    resp = getattr(exc, "response", None)
-    value = resp.headers.get("Retry-After") if resp is not None else None
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
-
-
 def _status(exc: Exception) -> int | None:
     resp = getattr(exc, "response", None)
     return getattr(resp, "status_code", None)
@@ -183,22 +173,22 @@ class HuggingFaceHub:
     def _with_retries(self, what: str, fn):
         from huggingface_hub import errors as hf_errors
 
-        for attempt in range(1, self.attempts + 1):
-            try:
-                return fn()
-            except hf_errors.HfHubHTTPError as exc:
-                status = _status(exc)
-                if status in (401, 403):
-                    raise PublishRefused(
-                        f"the hub refused {what} ({status}): the token cannot write there"
-                    ) from exc
-                if not (status == 429 or (status or 0) >= 500) or attempt == self.attempts:
-                    raise
-                wait = _retry_after(exc)
-                wait = min(wait if wait is not None else settings.PUBLISH_BACKOFF_S * 2 ** (attempt - 1), 60)
-                log.warning("hub answered %s to %s; retrying in %.1f s", status, what, wait)
-                time.sleep(wait)
-        raise AssertionError("unreachable")
+        from awqforge.resolve import hub_call_with_backoff
+
+        try:
+            return hub_call_with_backoff(
+                fn, what=what, attempts=self.attempts, backoff_s=settings.PUBLISH_BACKOFF_S
+            )
+        except hf_errors.HfHubHTTPError as exc:
+            status = _status(exc)
+            if status in (401, 403):
+                why = (
+                    "the token cannot write there"
+                    if self.api.token
+                    else "no token: give publish.token (this tenant may not use the service's)"
+                )
+                raise PublishRefused(f"the hub refused {what} ({status}): {why}") from exc
+            raise
 
     def publish(self, folders: dict[str, Path], repo_id: str, *, private: bool, tenant: str) -> Published:
         from huggingface_hub import CommitOperationAdd

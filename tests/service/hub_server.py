@@ -207,14 +207,21 @@ class HubServer:
                     return self._resolve(m.group(1), m.group(2), m.group(3), head)
                 self._error(404, None, f"no route {path}", head)
 
-            def _model_info(self, repo_id: str, rev: str):
-                repo = self._readable(repo_id)
+            def _at(self, repo_id: str, rev: str, head=False) -> tuple[Repo, str, dict[str, bytes]] | None:
+                """The repo and its files at `rev` if this request may see them; else the error is sent."""
+                repo = self._readable(repo_id, head)
                 if repo is None:
-                    return
+                    return None
                 found = repo.files_at(rev)
                 if found is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
-                sha, files = found
+                    self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
+                    return None
+                return repo, *found
+
+            def _model_info(self, repo_id: str, rev: str):
+                if (at := self._at(repo_id, rev)) is None:
+                    return
+                repo, sha, files = at
                 self._send(
                     200,
                     {
@@ -232,34 +239,26 @@ class HubServer:
 
             def _tree(self, repo_id: str, rev: str, prefix: str):
                 """list_repo_tree (snapshot_download lists the files at the commit with it)."""
-                repo = self._readable(repo_id)
-                if repo is None:
+                if (at := self._at(repo_id, rev)) is None:
                     return
-                found = repo.files_at(rev)
-                if found is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}")
                 entries = [
                     {"type": "file", "path": p, "size": len(data), "oid": git_blob_sha(data)}
-                    for p, data in sorted(found[1].items())
+                    for p, data in sorted(at[2].items())
                     if p.startswith(prefix)
                 ]
                 data = json.dumps(entries).encode()
                 self._send(200, data, {"Content-Type": "application/json"})
 
             def _resolve(self, repo_id: str, rev: str, filename: str, head: bool):
-                repo = self._readable(repo_id, head)
-                if repo is None:
+                if (at := self._at(repo_id, rev, head)) is None:
                     return
+                repo, sha, files = at
                 user = hub._user(self.headers)
                 if repo.gated and not hub._owns(user, repo_id):
                     if user is None:
                         return self._error(401, "GatedRepo", "Access to this gated repo is restricted", head)
                     if user not in hub.gated_access.get(repo_id, set()):
                         return self._error(403, "GatedRepo", "You have not been granted access", head)
-                found = repo.files_at(rev)
-                if found is None:
-                    return self._error(404, "RevisionNotFound", f"Invalid rev id: {rev}", head)
-                sha, files = found
                 if filename not in files:
                     return self._error(404, "EntryNotFound", f"{filename} not found", head)
                 data = files[filename]

@@ -175,7 +175,7 @@ def test_publish_never_flips_visibility_and_needs_rights(hub, tmp_path):
 
     with pytest.raises(PublishRefused, match=r"refused .* \(403\)"):  # bob may not write into acme
         HuggingFaceHub("hf_bob", hub.url).publish(folders, "acme/pub", private=False, tenant="t")
-    with pytest.raises(PublishRefused, match=r"\(401\)"):  # no token at all
+    with pytest.raises(PublishRefused, match=r"\(401\): no token: give publish.token"):
         HuggingFaceHub(None, hub.url).publish(folders, "bob/x", private=True, tenant="t")
     assert _commits(hub, "acme/pub") == 1 and "bob/x" not in hub.repos
 
@@ -231,3 +231,14 @@ def test_local_hub_repo_belongs_to_its_first_publisher(tmp_path):
     for evil in ("../../etc", "a/../../x", ".repos/x", "onlyname"):
         with pytest.raises(ValueError):
             hub.publish(mine, evil, private=True, tenant="team-a")
+
+
+def test_resolve_retries_5xx_and_429_then_succeeds(hub):
+    from awqforge.resolve import download_from_hub
+
+    sha = hub.add_repo("acme/flaky", _checkpoint(model__safetensors=b"w" * 64))
+    hub.fail("GET", r"^/api/models/acme/flaky/revision/main$", 503)
+    hub.fail("GET", r"^/api/models/acme/flaky/revision/main$", 429, **{"Retry-After": "1"})
+    folder, got = download_from_hub("acme/flaky", None)
+    assert got == sha and (folder / "model.safetensors").read_bytes() == b"w" * 64
+    assert hub.count("GET", r"/revision/main$", 503) == 1 and hub.count("GET", r"/revision/main$", 429) == 1

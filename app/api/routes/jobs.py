@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
@@ -35,7 +35,7 @@ from app.services.jobs import ServiceError, SpecError
 from app.services.storage import S3_SCHEME, object_store_download
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
-from awqforge.spec import MAX_TOKEN_CHARS
+from awqforge.spec import HubToken
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
@@ -190,13 +190,7 @@ def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId, respons
 class PublishAgainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    token: str | None = Field(
-        None,
-        min_length=1,
-        max_length=MAX_TOKEN_CHARS,
-        description="Hub write token for this publish: encrypted at rest, deleted when it ends, never returned",
-        json_schema_extra={"writeOnly": True},
-    )
+    token: HubToken | None = None  # the job's own was deleted when it ended
 
 
 @router.post(
