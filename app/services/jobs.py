@@ -126,13 +126,14 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
             "zero_point": body.zero_point,
             "modules_to_not_convert": body.modules_to_not_convert,
         },
-        "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len},
+        "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len}
+        | ({"packing": cal.packing} if cal.packing else {}),
         "formats": body.formats,
-        "eval": body.eval.model_dump(),
+        "eval": body.eval.model_dump(exclude_unset=True),  # unset: JobSpec's defaults (a bounded evaluation)
         "publish": body.publish.model_dump() if body.publish else None,
         "device": body.device,
     }
-    for name in ("scale_search", "n_grid", "clip_search", "rounding", "seed"):
+    for name in ("scale_search", "n_grid", "clip_search", "rounding", "refine_steps", "seed"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
     try:
