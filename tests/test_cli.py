@@ -134,3 +134,12 @@ def test_help(argv, capsys):
         cli.main(argv)
     assert info.value.code == 0
     assert "awqforge" in capsys.readouterr().out
+
+
+def test_describe_gives_one_readable_line():
+    from awqforge.errors import InputError, NumericalError, describe
+
+    assert describe(InputError("group size 64 does not divide 100")) == "group size 64 does not divide 100"
+    assert describe(NumericalError("block 3: NaN")) == "block 3: NaN"
+    assert describe(ValueError("bad\n  thing")) == "unexpected ValueError: bad thing"
+    assert describe(MemoryError()).startswith("out of memory")

@@ -406,11 +406,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             if cancelled:
                 _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
             else:
-                name = (
-                    "time limit exceeded"
-                    if type(exc).__name__ == "SoftTimeLimitExceeded"
-                    else f"{type(exc).__name__}: {exc}"
-                )
+                from awqforge.errors import describe  # one readable line: the engine's message, or the unexpected type
+
+                name = "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else describe(exc)
                 error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
                 add_event(
                     s,
