@@ -22,7 +22,8 @@ class CalibrationIn(BaseModel):
     n_samples: int = Field(128, description="calibration sequences")
     seq_len: int = Field(512, description="tokens per calibration sequence")
     packing: Literal["concat", "per_sample"] | None = Field(
-        None, description="concat (default: texts concatenated into seq_len blocks) or per_sample (one text each)"
+        None,
+        description="concat (default: texts concatenated into seq_len blocks) or per_sample (one text each)",
     )
 
 
@@ -85,7 +86,9 @@ class JobCreate(BaseModel):
     n_grid: int | None = None
     clip_search: bool | None = None
     rounding: Literal["nearest", "gptq"] | None = None
-    refine_steps: int | None = Field(None, description="least-squares refits after the clip search; 0: AWQ as published")
+    refine_steps: int | None = Field(
+        None, description="least-squares refits after the clip search; 0: AWQ as published"
+    )
     seed: int | None = None
 
 

@@ -224,7 +224,9 @@ def per_sample_blocks(
             f"calibration source {source!r} has fewer texts than asked for: {len(rows)} texts "
             f"({found} tokens), {n_samples} asked; using {len(rows)} samples"
         )
-    return CalibrationSet(ids, None if bool(mask.all()) else mask, "per_sample", found, n_samples, needed, warning)
+    return CalibrationSet(
+        ids, None if bool(mask.all()) else mask, "per_sample", found, n_samples, needed, warning
+    )
 
 
 class _RenderedChat(str):
@@ -335,7 +337,9 @@ def _row_text(value, where: str, render_chat: Callable[[list], str] | None) -> s
     """A row's text column, or its chat (a list of messages) rendered through the chat template."""
     if isinstance(value, list):
         if render_chat is None:
-            raise InputError(f"{where} is a chat (a list of messages) but the model's tokenizer has no chat template")
+            raise InputError(
+                f"{where} is a chat (a list of messages) but the model's tokenizer has no chat template"
+            )
         if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
             raise InputError(f"{where}: a chat must be a list of {{'role', 'content'}} messages")
         return render_chat(value)

@@ -103,7 +103,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument(
         "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
     )
-    q.add_argument("--eval-all", action="store_true", help="score the whole evaluation text (no window bound)")
+    q.add_argument(
+        "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"
+    )
     q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
     q.add_argument(
         "--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default: one block, 256MB..2GB)"

@@ -331,7 +331,9 @@ def _rtn_one_block(stream, i, settings, adapter, writers) -> list:
     block = stream.load_block(i)
     exclude, metrics = set(), []
     for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns).items():
-        qt = quantize_tensor(linear.weight.detach().float(), settings.bits, settings.group_size, settings.zero_point)
+        qt = quantize_tensor(
+            linear.weight.detach().float(), settings.bits, settings.group_size, settings.zero_point
+        )
         bias = None if linear.bias is None else linear.bias.detach().to(stream.checkpoint_dtype)
         name = adapter.checkpoint_name(f"{prefix}.{rel}")
         for w in writers:

@@ -297,7 +297,9 @@ def test_self_generated_samples(tiny_checkpoint, tiny_tokenizer):
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text"])
-def test_per_sample_padding_leaves_real_tokens_exact_through_the_capture(family, tiny_checkpoint, tiny_tokenizer):
+def test_per_sample_padding_leaves_real_tokens_exact_through_the_capture(
+    family, tiny_checkpoint, tiny_tokenizer
+):
     """The production capture (StreamingModel.capture, kwargs recorded from the first, longest row) and the blocks
     run on a padded per_sample batch give every real token the activations it has in its own unpadded run."""
     from awqforge.arch import get_adapter
@@ -323,4 +325,6 @@ def test_per_sample_padding_leaves_real_tokens_exact_through_the_capture(family,
     for row, mask in zip(cal.input_ids, cal.attention_mask, strict=True):
         n = int(mask.sum())
         alone = block_outputs(row[:n].unsqueeze(0), None)
-        torch.testing.assert_close(padded[cal.input_ids.tolist().index(row.tolist()), :n], alone[0], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            padded[cal.input_ids.tolist().index(row.tolist()), :n], alone[0], rtol=1e-4, atol=1e-5
+        )

@@ -105,7 +105,9 @@ def test_unexpected_failures_are_one_readable_line(tiny_checkpoint, tmp_path):
     broken.mkdir()
     for f in tiny_checkpoint("llama").iterdir():
         (broken / f.name).write_bytes(f.read_bytes()[:200] if f.suffix == ".safetensors" else f.read_bytes())
-    proc = awqforge("quantize", str(broken), "--out", str(tmp_path / "o"), "--device", "cpu", "--method", "rtn")
+    proc = awqforge(
+        "quantize", str(broken), "--out", str(tmp_path / "o"), "--device", "cpu", "--method", "rtn"
+    )
     assert proc.returncode == 1, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr and "awqforge quantize: error: " in proc.stderr
 
