@@ -15,16 +15,12 @@ class CalibrationIn(BaseModel):
 
     source: str | None = Field(
         None,
-        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]]; or give upload_id",
+        description="pileval | self | hf:<dataset>[:<split>[:<column>]]; or give upload_id",
         examples=["pileval"],
     )
     upload_id: str | None = Field(None, description="id returned by POST /v1/calibration-sets")
     n_samples: int = Field(128, description="calibration sequences")
     seq_len: int = Field(512, description="tokens per calibration sequence")
-    packing: Literal["concat", "per_sample"] | None = Field(
-        None,
-        description="concat (default: texts concatenated into seq_len blocks) or per_sample (one text each)",
-    )
 
 
 class EvalIn(BaseModel):
@@ -35,9 +31,7 @@ class EvalIn(BaseModel):
         None, description="hf:<dataset>[:<split>[:<column>]] or None for the built-in text"
     )
     seq_len: int = 2048
-    max_seqs: int | None = Field(
-        None, description="windows scored at most; unset: the engine's bound (16), null: the whole text"
-    )
+    max_seqs: int | None = None
 
 
 class PublishIn(BaseModel):
@@ -86,9 +80,6 @@ class JobCreate(BaseModel):
     n_grid: int | None = None
     clip_search: bool | None = None
     rounding: Literal["nearest", "gptq"] | None = None
-    refine_steps: int | None = Field(
-        None, description="least-squares refits after the clip search; 0: AWQ as published"
-    )
     seed: int | None = None
 
 

@@ -406,11 +406,10 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             if cancelled:
                 _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
             else:
-                # one readable line: the engine's message, or the unexpected exception's type and message
-                from awqforge.errors import describe
-
                 name = (
-                    "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else describe(exc)
+                    "time limit exceeded"
+                    if type(exc).__name__ == "SoftTimeLimitExceeded"
+                    else f"{type(exc).__name__}: {exc}"
                 )
                 error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
                 add_event(

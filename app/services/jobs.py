@@ -126,14 +126,13 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
             "zero_point": body.zero_point,
             "modules_to_not_convert": body.modules_to_not_convert,
         },
-        "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len}
-        | ({"packing": cal.packing} if cal.packing else {}),
+        "calibration": {"source": source, "n_samples": cal.n_samples, "seq_len": cal.seq_len},
         "formats": body.formats,
-        "eval": body.eval.model_dump(exclude_unset=True),  # unset: JobSpec's defaults (a bounded evaluation)
+        "eval": body.eval.model_dump(),
         "publish": body.publish.model_dump() if body.publish else None,
         "device": body.device,
     }
-    for name in ("scale_search", "n_grid", "clip_search", "rounding", "refine_steps", "seed"):
+    for name in ("scale_search", "n_grid", "clip_search", "rounding", "seed"):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
     try:
