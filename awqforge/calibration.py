@@ -26,7 +26,9 @@ Packing (`CalibrationSpec.packing`):
 
 A source with less text than asked for is used as far as it goes, with a warning and the real counts in
 `CalibrationSet.summary()` (the report and the job's metrics); it is refused only when it has fewer than
-`min(MIN_CALIBRATION_TOKENS, n_samples * seq_len)` tokens, and the error says so.
+`calibration_floor()` tokens: MIN_CALIBRATION_TOKENS (2048), or all the job asks for when it asks for fewer
+(n_samples * seq_len; for per_sample, whose rows are texts often shorter than seq_len, a quarter of that), and the
+error says so.
 """
 
 from __future__ import annotations
@@ -134,12 +136,18 @@ def load_calibration(calib, tokenizer, model_dir: str | Path | None = None, **kw
     return build_calibration(calib, tokenizer, model_dir, **kwargs).input_ids
 
 
-def _floor_check(found: int, needed: int, source: str, what: str) -> None:
-    floor = min(MIN_CALIBRATION_TOKENS, needed)
+def calibration_floor(n_samples: int, seq_len: int, packing: str = "concat") -> int:
+    """The fewest tokens a job accepts: MIN_CALIBRATION_TOKENS, or all it asked for when it asked for fewer.
+    per_sample rows are texts, often shorter than seq_len: a quarter of the asked length counts as asked."""
+    asked = n_samples * seq_len if packing == "concat" else max(1, n_samples * seq_len // 4)
+    return min(MIN_CALIBRATION_TOKENS, asked)
+
+
+def _floor_check(found: int, floor: int, source: str, what: str) -> None:
     if found < floor:
         raise InputError(
             f"calibration source {source!r} has too little text: {found} tokens found{what}, at least {floor} "
-            f"needed (the floor is min({MIN_CALIBRATION_TOKENS}, n_samples x seq_len = {needed})). "
+            f"needed (the floor: {MIN_CALIBRATION_TOKENS} tokens, or all the job asks for when it asks for fewer). "
             "Give more text or lower n_samples / seq_len."
         )
 
@@ -161,7 +169,7 @@ def concat_blocks(
     if len(ids) >= needed:
         blocks = torch.tensor(ids[:needed], dtype=torch.long).reshape(n_samples, seq_len)
     else:
-        _floor_check(len(ids), needed, source, "")
+        _floor_check(len(ids), calibration_floor(n_samples, seq_len), source, "")
         n_full = len(ids) // seq_len
         if n_full:
             blocks = torch.tensor(ids[: n_full * seq_len], dtype=torch.long).reshape(n_full, seq_len)
@@ -200,7 +208,7 @@ def per_sample_blocks(
         if len(rows) >= n_samples:
             break
     found = sum(len(r) for r in rows)
-    _floor_check(found, needed, source, f" in {len(rows)} texts")
+    _floor_check(found, calibration_floor(n_samples, seq_len, "per_sample"), source, f" in {len(rows)} texts")
     rows.sort(key=len, reverse=True)
     width = len(rows[0])
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -216,7 +224,9 @@ def per_sample_blocks(
             f"calibration source {source!r} has fewer texts than asked for: {len(rows)} texts "
             f"({found} tokens), {n_samples} asked; using {len(rows)} samples"
         )
-    return CalibrationSet(ids, None if bool(mask.all()) else mask, "per_sample", found, n_samples, needed, warning)
+    return CalibrationSet(
+        ids, None if bool(mask.all()) else mask, "per_sample", found, n_samples, needed, warning
+    )
 
 
 class _RenderedChat(str):
@@ -327,7 +337,9 @@ def _row_text(value, where: str, render_chat: Callable[[list], str] | None) -> s
     """A row's text column, or its chat (a list of messages) rendered through the chat template."""
     if isinstance(value, list):
         if render_chat is None:
-            raise InputError(f"{where} is a chat (a list of messages) but the model's tokenizer has no chat template")
+            raise InputError(
+                f"{where} is a chat (a list of messages) but the model's tokenizer has no chat template"
+            )
         if not all(isinstance(m, dict) and "role" in m and "content" in m for m in value):
             raise InputError(f"{where}: a chat must be a list of {{'role', 'content'}} messages")
         return render_chat(value)

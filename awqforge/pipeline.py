@@ -357,14 +357,17 @@ def _quantize_one_block(stream, i, inputs, layer_kwargs, settings, adapter, writ
 def _rtn_one_block(stream, i, settings, adapter, writers) -> list:
     """Round-to-nearest for block i from its weights alone (no calibration data): codes as quantize_block's rtn
     method computes them; no output error is measured (the metrics are NaN, null in the report)."""
-    from awqforge.awq import LayerMetric
+    from awqforge.awq import LayerMetric, NumericalError
     from awqforge.quant import quantize_tensor
 
     prefix = stream.block_prefix(i)
     block = stream.load_block(i)
     exclude, metrics = set(), []
     for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns).items():
-        qt = quantize_tensor(linear.weight.detach().float(), settings.bits, settings.group_size, settings.zero_point)
+        w = linear.weight.detach().float()
+        if not torch.isfinite(w).all():
+            raise NumericalError(f"block {i} ({prefix}), layer {rel}: the weight has NaN/inf values")
+        qt = quantize_tensor(w, settings.bits, settings.group_size, settings.zero_point)
         bias = None if linear.bias is None else linear.bias.detach().to(stream.checkpoint_dtype)
         name = adapter.checkpoint_name(f"{prefix}.{rel}")
         for w in writers:

@@ -70,7 +70,10 @@ def run_ours(ckpt: Path, data: Path, packing: str, args, out_dir: Path, windows,
     cpu0 = time.process_time()
     with common.Timer() as t:
         result = run_quantization(
-            spec, out_dir / f"awq-{packing}", overwrite=True, log=lambda m: print(f"  [{packing}] {m}", file=sys.stderr)
+            spec,
+            out_dir / f"awq-{packing}",
+            overwrite=True,
+            log=lambda m: print(f"  [{packing}] {m}", file=sys.stderr),
         )
     cpu_s = time.process_time() - cpu0
     report = json.loads(result.report_path.read_text())
@@ -94,7 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-line-tokens", type=int, default=300, help="tokens per jsonl line, at least")
     ap.add_argument("--eval-seq-len", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=20)
-    ap.add_argument("--packings", nargs="+", default=["concat", "per_sample"], choices=["concat", "per_sample"])
+    ap.add_argument(
+        "--packings", nargs="+", default=["concat", "per_sample"], choices=["concat", "per_sample"]
+    )
     ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON)
     ap.add_argument("--skip-llmc", action="store_true")
     ap.add_argument("--threads", type=int, default=0)
@@ -179,7 +184,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"llm-compressor: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True)
         save()
 
-    print(f"\n{ckpt.name}, W4 g{args.group_size}, {meta['lines']} lines / {n_tokens} tokens, FP {fp['perplexity']:.3f}")
+    print(
+        f"\n{ckpt.name}, W4 g{args.group_size}, {meta['lines']} lines / {n_tokens} tokens, FP {fp['perplexity']:.3f}"
+    )
     print(f"{'method':<44} {'ppl':>8} {'samples x len':>14} {'tokens':>7} {'wall s':>8} {'CPU s':>8}")
     for r in results:
         cal = r.get("calibration") or {}

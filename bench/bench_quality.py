@@ -389,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
                 }
             )
             print(
-                f"W{bits} {rows[-1]['label']}: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s", flush=True
+                f"W{bits} {rows[-1]['label']}: {llmc['perplexity']:.3f} in {llmc['oneshot_s']:.1f} s",
+                flush=True,
             )
         if rtn:
             for r in rows:

@@ -33,7 +33,9 @@ def _no_pin_memory_without_cuda() -> None:
         torch.Tensor.pin_memory = lambda self, *args, **kwargs: self
 
 
-def _recipe(bits: int, group_size: int, symmetric: bool, duo_scaling, n_grid: int, gptq: bool = False) -> list:
+def _recipe(
+    bits: int, group_size: int, symmetric: bool, duo_scaling, n_grid: int, gptq: bool = False
+) -> list:
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from llmcompressor.modifiers.quantization import GPTQModifier, QuantizationModifier
     from llmcompressor.modifiers.transform.awq import AWQModifier
@@ -88,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--skip-eval", action="store_true")
-    ap.add_argument("--gptq", action="store_true", help="AWQModifier then GPTQModifier (not round to nearest)")
+    ap.add_argument(
+        "--gptq", action="store_true", help="AWQModifier then GPTQModifier (not round to nearest)"
+    )
     args = ap.parse_args(argv)
 
     threads = common.set_threads(args.threads)

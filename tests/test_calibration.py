@@ -22,6 +22,7 @@ from awqforge.calibration import (
     iter_source_texts,
     load_calibration,
     parse_hf_source,
+    per_sample_blocks,
     read_text,
     token_blocks,
 )
@@ -74,7 +75,14 @@ def test_too_little_text_below_the_floor_is_refused_with_the_floor(doc_files, ti
         )
     msg = str(info.value)
     assert f"{found} tokens found" in msg and f"at least {MIN_CALIBRATION_TOKENS} needed" in msg
-    assert "n_samples x seq_len = 65536" in msg
+    assert "or all the job asks for when it asks for fewer" in msg
+    # a small job needs all it asked for (concat), or a quarter of it (per_sample: texts shorter than seq_len)
+    small = CalibrationSpec(source=f"file:{doc_files['txt']}", n_samples=4, seq_len=16, packing=packing)
+    if packing == "concat":
+        with pytest.raises(InputError, match=f"{found} tokens found, at least 64 needed"):
+            load_calibration(small, tiny_tokenizer)
+    else:
+        assert build_calibration(small, tiny_tokenizer).n_samples == 3  # 3 texts, 16 >= 64 // 4 tokens
 
 
 def paragraphs(n: int) -> list[str]:
@@ -286,3 +294,37 @@ def test_self_generated_samples(tiny_checkpoint, tiny_tokenizer):
     assert len({tuple(r.tolist()) for r in a}) == 3  # sampled, not greedy copies
     with pytest.raises(InputError, match="model folder"):
         load_calibration(spec, tiny_tokenizer)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3_text"])
+def test_per_sample_padding_leaves_real_tokens_exact_through_the_capture(
+    family, tiny_checkpoint, tiny_tokenizer
+):
+    """The production capture (StreamingModel.capture, kwargs recorded from the first, longest row) and the blocks
+    run on a padded per_sample batch give every real token the activations it has in its own unpadded run."""
+    from awqforge.arch import get_adapter
+    from awqforge.streaming import StreamingModel
+
+    resolved = resolve_model(str(tiny_checkpoint(family)))
+    stream = StreamingModel.from_resolved(resolved, get_adapter(resolved.config), device=torch.device("cpu"))
+    cal = per_sample_blocks(DOCS * 2, tiny_tokenizer, 6, 12)
+    assert cal.attention_mask is not None and cal.attention_mask[0].all() and not cal.attention_mask.all()
+
+    def block_outputs(ids, mask):
+        stream.load_non_block()
+        captured = stream.capture(ids, mask)
+        stream.unload_non_block()
+        hidden = captured.inputs
+        for i in range(stream.n_blocks):
+            out = stream.load_block(i)(hidden, **captured.layer_kwargs[i])
+            hidden = out[0] if isinstance(out, tuple) else out
+            stream.free_block(i)
+        return hidden
+
+    padded = block_outputs(cal.input_ids, cal.attention_mask)
+    for row, mask in zip(cal.input_ids, cal.attention_mask, strict=True):
+        n = int(mask.sum())
+        alone = block_outputs(row[:n].unsqueeze(0), None)
+        torch.testing.assert_close(
+            padded[cal.input_ids.tolist().index(row.tolist()), :n], alone[0], rtol=1e-4, atol=1e-5
+        )

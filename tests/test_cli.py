@@ -48,14 +48,21 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
         "64",
         "--eval-max-seqs",
         "2",
+        "--packing",
+        "per_sample",
+        "--refine-steps",
+        "0",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"artifact (awq): {out / 'awq'}" in proc.stdout
     assert f"artifact (compressed-tensors): {out / 'compressed-tensors'}" in proc.stdout
     assert "perplexity: FP" in proc.stdout and "report:" in proc.stdout
     assert "block" in proc.stderr  # the tqdm bar over blocks
+    assert "evaluate" in proc.stderr and "step" in proc.stderr  # and the one over the evaluation
     report = json.loads((out / "awq" / "quant_report.json").read_text())
-    assert report["settings"]["rounding"] == "gptq"
+    assert report["settings"]["rounding"] == "gptq" and report["method"]["rounding"].startswith("GPTQ")
+    assert report["settings"]["refine_steps"] == 0 and report["calibration"]["packing"] == "per_sample"
+    assert report["evaluation"]["cost"]["windows"] == 2
 
     proc = awqforge(
         "eval",
@@ -87,6 +94,22 @@ def test_errors_and_exit_codes(tmp_path):
     assert proc.returncode == 2 and "invalid choice" in proc.stderr
     proc = awqforge("quantize", str(tmp_path / "missing"), "--out", str(tmp_path / "o"), "--device", "cpu")
     assert proc.returncode == 1 and "does not exist" in proc.stderr
+    for flag, value in (("--packing", "random"), ("--refine-steps", "11"), ("--calib", "hf:a:b:c:d:e")):
+        proc = awqforge("quantize", str(tmp_path), "--out", str(tmp_path / "o"), flag, value)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+
+
+def test_unexpected_failures_are_one_readable_line(tiny_checkpoint, tmp_path):
+    """A failure the engine did not foresee (here: a corrupt safetensors file) is one line, not a traceback."""
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_checkpoint("llama").iterdir():
+        (broken / f.name).write_bytes(f.read_bytes()[:200] if f.suffix == ".safetensors" else f.read_bytes())
+    proc = awqforge(
+        "quantize", str(broken), "--out", str(tmp_path / "o"), "--device", "cpu", "--method", "rtn"
+    )
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr and "awqforge quantize: error: " in proc.stderr
 
 
 def test_plugins_are_dispatched_without_importing_the_service(monkeypatch):
@@ -113,3 +136,12 @@ def test_help(argv, capsys):
         cli.main(argv)
     assert info.value.code == 0
     assert "awqforge" in capsys.readouterr().out
+
+
+def test_describe_gives_one_readable_line():
+    from awqforge.errors import InputError, NumericalError, describe
+
+    assert describe(InputError("group size 64 does not divide 100")) == "group size 64 does not divide 100"
+    assert describe(NumericalError("block 3: NaN")) == "block 3: NaN"
+    assert describe(ValueError("bad\n  thing")) == "unexpected ValueError: bad thing"
+    assert describe(MemoryError()).startswith("out of memory")

@@ -133,14 +133,22 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     in the report and the metrics; refine_steps reaches the algorithm (0: AWQ as published); the evaluation
     reports progress steps with an ETA and its cost."""
     ckpt = tiny_checkpoint("llama")
-    docs = [p.strip() for p in BUNDLED_CALIBRATION_TEXT.read_text().split("\n\n") if len(p.strip()) >= 200][:32]
+    docs = [p.strip() for p in BUNDLED_CALIBRATION_TEXT.read_text().split("\n\n") if len(p.strip()) >= 200][
+        :32
+    ]
     data = tmp_path / "short.jsonl"
     data.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
     calibration = {"source": f"file:{data}", "n_samples": 40, "seq_len": 512, "packing": "per_sample"}
     events: list[ProgressEvent] = []
     logs: list[str] = []
     published = run_quantization(
-        tiny_spec(ckpt, calibration=calibration, refine_steps=0, formats=["awq"], eval={"seq_len": 64, "max_seqs": 3}),
+        tiny_spec(
+            ckpt,
+            calibration=calibration,
+            refine_steps=0,
+            formats=["awq"],
+            eval={"seq_len": 64, "max_seqs": 3},
+        ),
         tmp_path / "awq0",
         progress=events.append,
         log=logs.append,

@@ -63,3 +63,15 @@ def test_bad_calibration_source():
 
 def test_unknown_field_refused():
     assert "extra" in _err(model="a/b", bitz=4).lower()
+
+
+def test_calibration_packing_refine_steps_and_eval_bound():
+    spec = JobSpec(model="org/model")
+    assert spec.calibration.packing == "concat"  # AutoAWQ's way; see bench/README.md (bench_calibration)
+    assert spec.refine_steps == 2 and spec.eval.max_seqs == 16  # evaluation bounded by default
+    assert JobSpec(model="a/b", eval={"max_seqs": None}).eval.max_seqs is None  # the whole text, on request
+    assert JobSpec(model="a/b", calibration={"packing": "per_sample"}).calibration.packing == "per_sample"
+    assert JobSpec(model="a/b", refine_steps=0).refine_steps == 0  # AWQ as published
+    assert "concat" in _err(model="a/b", calibration={"packing": "random"})
+    assert "less than or equal to 10" in _err(model="a/b", refine_steps=11)
+    assert "greater than or equal to 0" in _err(model="a/b", refine_steps=-1)

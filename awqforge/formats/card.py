@@ -42,7 +42,9 @@ class ModelCardInfo:
         samples = metrics.pop("calibration_samples", cal.n_samples)
         tokens = metrics.pop("calibration_tokens", None)
         metrics.pop("calibration_shortfall", None)
-        calibration = f"{cal.source}, {cal.packing.value} packing, {samples} samples of up to {cal.seq_len} tokens"
+        calibration = (
+            f"{cal.source}, {cal.packing.value} packing, {samples} samples of up to {cal.seq_len} tokens"
+        )
         calibration += f" ({tokens} tokens)" if tokens is not None else ""
         return cls(
             base_model=spec.model,
