@@ -141,3 +141,21 @@ def test_job_metrics_detail(service, finished_jobs):
     assert all(r["mse_quant"] is not None for r in m["layers"])
     assert any(r["clip_ratio"] is not None for r in m["layers"])
     assert any(r["scale_exponent"] is not None for r in m["layers"])
+
+
+def test_grafana_dashboard_uses_exposed_metrics(service, finished_jobs):
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "awqforge.json").read_text())
+    used = {
+        name
+        for p in dash["panels"]
+        for t in p["targets"]
+        for name in re.findall(r"awqforge_[a-z_]+", t["expr"])
+    }
+    exposed = {k[0] for k in scrape(f"{service.url}/metrics")} | {
+        k[0] for k in scrape(service.worker_metrics_url)
+    }
+    assert used and used <= exposed, used - exposed
