@@ -8,12 +8,13 @@ Exit codes: 0 ok, 1 the job (or a download check) failed, 2 bad arguments or an 
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,20 @@ class Client:
                             kind = None
             except httpx.HTTPError:
                 time.sleep(1)  # the stream was cut: resume after the last event seen
+
+
+def _api_errors(command: Callable[[list[str]], int]) -> Callable[[list[str]], int]:
+    """A command whose API errors end it with the API's message and exit code 2."""
+
+    @functools.wraps(command)
+    def run(argv: list[str]) -> int:
+        try:
+            return command(argv)
+        except ApiError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+
+    return run
 
 
 def _client(args: argparse.Namespace) -> Client:
@@ -159,6 +174,7 @@ def _follow(c: Client, job: dict) -> dict:
     return c.request("GET", f"/v1/jobs/{job['id']}")
 
 
+@_api_errors
 def submit_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="awqforge submit", description="Submit a quantization job to the service."
@@ -229,9 +245,6 @@ def submit_command(argv: list[str]) -> int:
         if not args.wait:
             return 0
         job = _follow(c, job)
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print(f"\nstopped following; the job goes on: awqforge status {job['id']}", file=sys.stderr)
         return 130
@@ -243,6 +256,7 @@ def submit_command(argv: list[str]) -> int:
     return 0
 
 
+@_api_errors
 def jobs_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="awqforge jobs", description="List your jobs, newest first.")
     _common(p)
@@ -253,11 +267,7 @@ def jobs_command(argv: list[str]) -> int:
     params: dict[str, Any] = {"limit": args.limit}
     if args.status:
         params["status"] = args.status
-    try:
-        page = _client(args).request("GET", "/v1/jobs", params=params)
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    page = _client(args).request("GET", "/v1/jobs", params=params)
     if args.json:
         print(json.dumps(page["data"], indent=2))
         return 0
@@ -270,17 +280,14 @@ def jobs_command(argv: list[str]) -> int:
     return 0
 
 
+@_api_errors
 def status_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="awqforge status", description="One job: status, progress, metrics.")
     _common(p)
     p.add_argument("job")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    try:
-        job = _client(args).request("GET", f"/v1/jobs/{args.job}")
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    job = _client(args).request("GET", f"/v1/jobs/{args.job}")
     if args.json:
         print(json.dumps(job, indent=2))
         return 0
@@ -295,16 +302,13 @@ def status_command(argv: list[str]) -> int:
     return 0
 
 
+@_api_errors
 def cancel_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="awqforge cancel", description="Cancel a queued or running job.")
     _common(p)
     p.add_argument("job")
     args = p.parse_args(argv)
-    try:
-        job = _client(args).request("POST", f"/v1/jobs/{args.job}/cancel")
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    job = _client(args).request("POST", f"/v1/jobs/{args.job}/cancel")
     print(
         f"{job['id']}  {job['status']}" + (" (stops at the next block)" if job["status"] == "running" else "")
     )
@@ -343,6 +347,7 @@ def download_file(c: Client, url: str, dest: Path, size: int) -> str:
     return "resumed" if resumed else "downloaded"
 
 
+@_api_errors
 def download_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(
         prog="awqforge download",
@@ -355,35 +360,30 @@ def download_command(argv: list[str]) -> int:
     args = p.parse_args(argv)
     c = _client(args)
     bad: list[str] = []
-    try:
-        arts = c.request("GET", f"/v1/jobs/{args.job}/artifacts")["data"]
-        arts = [a for a in arts if not args.formats or a["format"] in args.formats]
-        if not arts:
-            print("error: the job has no artifacts (yet)", file=sys.stderr)
-            return 1
-        for a in arts:
-            folder = args.dir / a["format"]
-            files = {f["path"]: f for f in a["files"]}
-            manifest: dict[str, dict] = {}
-            if "manifest.json" in files:
-                manifest = c.request("GET", files["manifest.json"]["url"]).get("files", {})
-                if isinstance(manifest, str):
-                    manifest = json.loads(manifest).get("files", {})
-            for path, f in files.items():
-                dest = folder / path
-                how = download_file(c, f["url"], dest, f["size_bytes"])
-                want = manifest.get(path, {}).get("sha256")
-                got = _sha256(dest) if want else None
-                if want and got != want:
-                    bad.append(path)
-                    dest.rename(dest.with_name(dest.name + ".corrupt"))
-                    how += ", sha256 MISMATCH"
-                elif want:
-                    how += ", sha256 ok"
-                print(f"{a['format']}/{path}  {_fmt_bytes(f['size_bytes'])}  {how}")
-    except ApiError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    arts = c.request("GET", f"/v1/jobs/{args.job}/artifacts")["data"]
+    arts = [a for a in arts if not args.formats or a["format"] in args.formats]
+    if not arts:
+        print("error: the job has no artifacts (yet)", file=sys.stderr)
+        return 1
+    for a in arts:
+        folder = args.dir / a["format"]
+        files = {f["path"]: f for f in a["files"]}
+        manifest: dict[str, dict] = {}
+        if "manifest.json" in files:
+            raw = c.request("GET", files["manifest.json"]["url"])
+            manifest = (json.loads(raw) if isinstance(raw, str) else raw).get("files", {})
+        for path, f in files.items():
+            dest = folder / path
+            how = download_file(c, f["url"], dest, f["size_bytes"])
+            want = manifest.get(path, {}).get("sha256")
+            got = _sha256(dest) if want else None
+            if want and got != want:
+                bad.append(path)
+                dest.rename(dest.with_name(dest.name + ".corrupt"))
+                how += ", sha256 MISMATCH"
+            elif want:
+                how += ", sha256 ok"
+            print(f"{a['format']}/{path}  {_fmt_bytes(f['size_bytes'])}  {how}")
     if bad:
         print(f"error: sha256 mismatch for {', '.join(bad)} (kept as *.corrupt; run again)", file=sys.stderr)
         return 1
