@@ -61,9 +61,11 @@ def _quiet_progress_bars() -> None:
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def _follow(client: httpx.Client, job_id: str) -> None:
-    """Print the job's event stream: progress lines, and log lines that say something new."""
-    last = None
+def _follow(client: httpx.Client, job_id: str, quiet_s: float = 20.0) -> None:
+    """Print the job's event stream: progress lines and log lines that say something new; during a long
+    step, a line at least every `quiet_s` seconds (the stream's keep-alives wake us)."""
+    last, stage, progress = None, "-", 0.0
+    last_print = time.monotonic()
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
         event = None
         for line in resp.iter_lines():
@@ -73,14 +75,23 @@ def _follow(client: httpx.Client, job_id: str) -> None:
                 if event == "end":
                     return
                 d = json.loads(line[6:])
+                stage = d.get("stage") or stage
+                progress = d["progress"] if d.get("progress") is not None else progress
                 msg = d.get("message") or ""
-                if not msg or msg == last:
+                if msg and msg != last:
+                    last, last_print = msg, time.monotonic()
+                    if d.get("progress") is not None:
+                        print(f"[{progress * 100:5.1f}%] {stage:<9} {msg}", flush=True)
+                    else:
+                        print(f"{'':8} {'':<9} {msg}", flush=True)
                     continue
-                last = msg
-                if d.get("progress") is not None:
-                    print(f"[{d['progress'] * 100:5.1f}%] {d.get('stage') or '-':<9} {msg}", flush=True)
-                else:
-                    print(f"{'':8} {'':<9} {msg}", flush=True)
+            if time.monotonic() - last_print >= quiet_s:
+                quiet = time.monotonic() - last_print
+                print(
+                    f"[{progress * 100:5.1f}%] {stage:<9} ... still working ({quiet:.0f} s since the last step)",
+                    flush=True,
+                )
+                last_print = time.monotonic()
 
 
 def print_comparison(awq: dict, rtn: dict | None) -> None:
