@@ -105,6 +105,8 @@ def print_comparison(awq: dict, rtn: dict | None) -> None:
     print(f"  FP (unquantized)        {fp:8.3f}")
     if qr:
         print(f"  RTN round-to-nearest    {qr:8.3f}  ({(qr / fp - 1) * 100:+.1f}%)")
+    elif rtn is not None:
+        print(f"  RTN round-to-nearest    (job {rtn['status']}: {(rtn.get('error') or '')[:120]})")
     print(f"  AWQ                     {qa:8.3f}  ({(qa / fp - 1) * 100:+.1f}%)")
     if qr and qr > fp:
         kept = (qr - qa) / (qr - fp) * 100
@@ -213,7 +215,7 @@ def run_demo(
         }
         # The same model rounded to nearest (no search): the baseline that shows what AWQ buys.
         rtn_body = {
-            **{k: body[k] for k in ("model", "bits", "group_size", "eval", "device")},
+            **{k: body[k] for k in ("model", "bits", "group_size", "calibration", "eval", "device")},
             "method": "rtn",
             "formats": ["awq"],
         }
