@@ -67,7 +67,13 @@ def serve_command(argv: list[str]) -> int:
     p.add_argument(
         "--demo", action="store_true", help="run one real SmolLM2 job end to end, print metrics, exit"
     )
-    p.add_argument("--keep-serving", action="store_true", help="with --demo: keep serving after the job")
+    p.add_argument(
+        "--keep-serving",
+        action="store_true",
+        default=None,
+        help="with --demo: keep serving after the job (the default at a terminal)",
+    )
+    p.add_argument("--no-keep-serving", dest="keep_serving", action="store_false", help="with --demo: exit")
     p.add_argument("--demo-samples", type=int, default=None, help="with --demo: calibration sequences")
     p.add_argument(
         "--demo-seq-len", type=int, default=None, help="with --demo: calibration tokens per sequence"

@@ -9,9 +9,14 @@ metrics and where the artifacts are.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import socket
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
@@ -29,9 +34,38 @@ def _free_port(preferred: int) -> int:
             return s.getsockname()[1]
 
 
-def _follow(client: httpx.Client, job_id: str) -> None:
-    """Print the job's event stream: progress lines, and log lines that say something new."""
-    last = None
+@contextlib.contextmanager
+def _ticker(label: str, every: float = 10.0) -> Iterator[None]:
+    """A line every `every` seconds while a quiet step runs, so that no minute passes in silence."""
+    stop = threading.Event()
+    t0 = time.monotonic()
+
+    def tick() -> None:
+        while not stop.wait(every):
+            print(f"  ... {label} ({time.monotonic() - t0:.0f} s)", flush=True)
+
+    th = threading.Thread(target=tick, daemon=True)
+    th.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        th.join()
+    print(f"  {label}: done in {time.monotonic() - t0:.0f} s", flush=True)
+
+
+def _quiet_progress_bars() -> None:
+    """Not a terminal: progress bars would turn into one long line of carriage returns."""
+    if not sys.stdout.isatty():
+        os.environ.setdefault("TQDM_DISABLE", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
+def _follow(client: httpx.Client, job_id: str, quiet_s: float = 20.0) -> None:
+    """Print the job's event stream: progress lines and log lines that say something new; during a long
+    step, a line at least every `quiet_s` seconds (the stream's keep-alives wake us)."""
+    last, stage, progress = None, "-", 0.0
+    last_print = time.monotonic()
     with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
         event = None
         for line in resp.iter_lines():
@@ -41,14 +75,42 @@ def _follow(client: httpx.Client, job_id: str) -> None:
                 if event == "end":
                     return
                 d = json.loads(line[6:])
+                stage = d.get("stage") or stage
+                progress = d["progress"] if d.get("progress") is not None else progress
                 msg = d.get("message") or ""
-                if not msg or msg == last:
+                if msg and msg != last:
+                    last, last_print = msg, time.monotonic()
+                    if d.get("progress") is not None:
+                        print(f"[{progress * 100:5.1f}%] {stage:<9} {msg}", flush=True)
+                    else:
+                        print(f"{'':8} {'':<9} {msg}", flush=True)
                     continue
-                last = msg
-                if d.get("progress") is not None:
-                    print(f"[{d['progress'] * 100:5.1f}%] {d.get('stage') or '-':<9} {msg}", flush=True)
-                else:
-                    print(f"{'':8} {'':<9} {msg}", flush=True)
+            if time.monotonic() - last_print >= quiet_s:
+                quiet = time.monotonic() - last_print
+                print(
+                    f"[{progress * 100:5.1f}%] {stage:<9} ... still working ({quiet:.0f} s since the last step)",
+                    flush=True,
+                )
+                last_print = time.monotonic()
+
+
+def print_comparison(awq: dict, rtn: dict | None) -> None:
+    """FP vs RTN vs AWQ perplexity: what the activation-aware search buys over plain rounding."""
+    ma, mr = awq.get("metrics") or {}, (rtn or {}).get("metrics") or {}
+    fp, qa, qr = ma.get("fp_perplexity"), ma.get("quant_perplexity"), mr.get("quant_perplexity")
+    if not (fp and qa):
+        return
+    quant = f"W{awq['bits']} g{awq['group_size']}"
+    print(f"\nperplexity (lower is better; same text, {quant})")
+    print(f"  FP (unquantized)        {fp:8.3f}")
+    if qr:
+        print(f"  RTN round-to-nearest    {qr:8.3f}  ({(qr / fp - 1) * 100:+.1f}%)")
+    elif rtn is not None:
+        print(f"  RTN round-to-nearest    (job {rtn['status']}: {(rtn.get('error') or '')[:120]})")
+    print(f"  AWQ                     {qa:8.3f}  ({(qa / fp - 1) * 100:+.1f}%)")
+    if qr and qr > fp:
+        kept = (qr - qa) / (qr - fp) * 100
+        print(f"  AWQ removes {kept:.0f}% of the perplexity that plain rounding adds.")
 
 
 def print_summary(job: dict, *, api_url: str) -> None:
@@ -102,7 +164,7 @@ def run_demo(
     host: str = "127.0.0.1",
     port: int = 8000,
     start_worker: bool = True,
-    keep_serving: bool = False,
+    keep_serving: bool | None = None,
     n_samples: int | None = None,
     seq_len: int | None = None,
 ) -> int:
@@ -112,13 +174,15 @@ def run_demo(
     from app.main import create_app
     from app.services.keys import create_api_key
 
+    _quiet_progress_bars()
     has_gpu = detect_queues() != ["cpu"]  # nvidia-smi: no CUDA initialised in this process
     n_samples = n_samples or (64 if has_gpu else 8)
     seq_len = seq_len or (512 if has_gpu else 64)
-    print("Preparing SmolLM2-135M-Instruct (converted once)...", flush=True)
-    from awqforge.smollm import ensure_smollm2_checkpoint
+    print("Preparing SmolLM2-135M-Instruct (converted from GGUF once, then reused)...", flush=True)
+    with _ticker("loading torch and converting SmolLM2"):
+        from awqforge.smollm import ensure_smollm2_checkpoint
 
-    checkpoint = Path(ensure_smollm2_checkpoint()).resolve()
+        checkpoint = Path(ensure_smollm2_checkpoint()).resolve()
     # The demo submits a local checkpoint path: allow its folder for this process's API.
     settings.ALLOWED_LOCAL_ROOTS = [*settings.ALLOWED_LOCAL_ROOTS, checkpoint.parent]
 
@@ -146,6 +210,14 @@ def run_demo(
             "formats": ["awq", "compressed-tensors"],
             "eval": {"seq_len": 512, "max_seqs": 16} if has_gpu else {"seq_len": 256, "max_seqs": 4},
             "publish": {"repo_id": "demo/SmolLM2-135M-Instruct-AWQ", "private": True},
+            # Without a GPU the job goes to the cpu queue; with one, the queue its size fits.
+            "device": "auto" if has_gpu else "cpu",
+        }
+        # The same model rounded to nearest (no search): the baseline that shows what AWQ buys.
+        rtn_body = {
+            **{k: body[k] for k in ("model", "bits", "group_size", "calibration", "eval", "device")},
+            "method": "rtn",
+            "formats": ["awq"],
         }
         headers = {"Authorization": f"Bearer {key.secret}"}
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as client:
@@ -154,15 +226,40 @@ def run_demo(
                 print(f"submit failed: {r.status_code} {r.text}", file=sys.stderr)
                 return 1
             job_id = r.json()["id"]
+            device = "a GPU (CUDA)" if has_gpu else "the CPU"
             print(
-                f"submitted {job_id} (Location: {r.headers['location']}); following its events:", flush=True
+                f"submitted AWQ job {job_id} to queue '{r.json()['queue']}'; the worker runs it on {device}."
+                " Following its events:",
+                flush=True,
             )
             _follow(client, job_id)
             job = client.get(f"/v1/jobs/{job_id}").json()
+            rtn = None
+            if job["status"] == "succeeded":
+                r = client.post("/v1/jobs", json=rtn_body)
+                if r.status_code == 202:
+                    rid = r.json()["id"]
+                    print(
+                        f"\nsubmitted RTN job {rid} (queue '{r.json()['queue']}') for comparison:", flush=True
+                    )
+                    _follow(client, rid)
+                    rtn = client.get(f"/v1/jobs/{rid}").json()
         print_summary(job, api_url=server.url)
+        print_comparison(job, rtn)
+        dashboard = f"{server.url}/dashboard"
+        if keep_serving is None:  # default: keep serving when someone is at the terminal
+            keep_serving = sys.stdin.isatty() and sys.stdout.isatty()
         if keep_serving:
-            print(f"Serving on {server.url} (Ctrl-C to stop). Demo API key: {key.secret}", flush=True)
+            print(f"\nDashboard: {dashboard}  (sign in with API key {key.secret})", flush=True)
+            print("Serving (Ctrl-C to stop).", flush=True)
             server.thread.join()
+        else:
+            port = server.url.rsplit(":", 1)[1]
+            print(
+                f"\nSee it in the dashboard: run `awqforge serve --port {port}` and open {dashboard}\n"
+                f"  sign in with the demo API key {key.secret}",
+                flush=True,
+            )
         return 0 if job["status"] == "succeeded" else 1
     except KeyboardInterrupt:
         return 130

@@ -179,7 +179,7 @@ def test_browser_submit_and_watch_a_job(service, make_key, browser, shots_dir):
     page.screenshot(path=str(shots_dir / "02-jobs-submitted.png"))
     # The list follows the event stream: the row turns succeeded without a page reload.
     done = f"#row-{job_id}:not([data-status=queued]):not([data-status=running])"
-    page.wait_for_selector(done, timeout=120_000)
+    page.wait_for_selector(done, timeout=300_000)
     detail = service.client(key).get(f"/v1/jobs/{job_id}").json()
     assert row.get_attribute("data-status") == "succeeded", detail
     assert "100%" in row.inner_text() and "→" in row.inner_text()

@@ -36,6 +36,16 @@ def finished_jobs(service):
     with session_scope() as s:
         key = create_api_key(s, tenant_name="metrics-a").secret
         other = create_api_key(s, tenant_name="metrics-b").secret
+    import threading
+
+    from worker.celery_app import celery_app
+
+    # Celery task events (what Flower shows), received from the broker like Flower does.
+    events: list[str] = []
+    conn = celery_app.connection()
+    receiver = celery_app.events.Receiver(conn, handlers={"*": lambda e: events.append(e["type"])})
+    listener = threading.Thread(target=lambda: receiver.capture(limit=None, timeout=None), daemon=True)
+    listener.start()
     api = f"{service.url}/metrics"
     before_api, before_worker = scrape(api), scrape(service.worker_metrics_url)
     with service.client(key) as c:
@@ -52,7 +62,12 @@ def finished_jobs(service):
             time.sleep(0.3)
         jobs = [wait_for_status(c, i, ("succeeded", "failed", "cancelled"), timeout=240) for i in ids]
     assert [j["status"] for j in jobs] == ["succeeded", "succeeded"], jobs
+    deadline = time.monotonic() + 10
+    while events.count("task-succeeded") < 2 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    receiver.should_stop = True
     return dict(
+        events=list(events),
         key=key,
         other=other,
         jobs=jobs,
@@ -85,6 +100,14 @@ def test_api_metrics_from_postgres_and_the_broker(service, finished_jobs):
     for j in finished_jobs["jobs"]:
         assert j["id"] not in text and j["model"] not in text
     assert "metrics-a" not in text
+
+
+def test_celery_task_events_for_flower(finished_jobs):
+    ev = finished_jobs["events"]
+    assert (
+        ev.count("task-received") >= 2 and ev.count("task-started") >= 2 and ev.count("task-succeeded") >= 2
+    )
+    assert "worker-heartbeat" in ev  # what Flower uses to show workers online
 
 
 def test_worker_serves_its_own_metrics(service, finished_jobs):
@@ -141,3 +164,21 @@ def test_job_metrics_detail(service, finished_jobs):
     assert all(r["mse_quant"] is not None for r in m["layers"])
     assert any(r["clip_ratio"] is not None for r in m["layers"])
     assert any(r["scale_exponent"] is not None for r in m["layers"])
+
+
+def test_grafana_dashboard_uses_exposed_metrics(service, finished_jobs):
+    import json
+    import re
+    from pathlib import Path
+
+    dash = json.loads((Path(__file__).parents[2] / "deploy" / "grafana" / "awqforge.json").read_text())
+    used = {
+        name
+        for p in dash["panels"]
+        for t in p["targets"]
+        for name in re.findall(r"awqforge_[a-z_]+", t["expr"])
+    }
+    exposed = {k[0] for k in scrape(f"{service.url}/metrics")} | {
+        k[0] for k in scrape(service.worker_metrics_url)
+    }
+    assert used and used <= exposed, used - exposed
