@@ -158,7 +158,7 @@ def run_quantization(
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
         except ValueError as exc:
             raise InputError(str(exc)) from exc
-        settings = dataclasses.replace(BlockSettings.from_spec(spec), refine_steps=spec.refine_steps)
+        settings = BlockSettings.from_spec(spec)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
         eval_text = None
         if spec.eval.enabled:  # a missing or too short evaluation text fails now, not after the quantization

@@ -619,11 +619,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             raise
         shutil.rmtree(work_dir, ignore_errors=True)
 
-        name = (
-            "time limit exceeded"
-            if type(exc).__name__ == "SoftTimeLimitExceeded"
-            else f"{type(exc).__name__}: {exc}"
-        )
+        from awqforge.errors import describe  # one readable line, as the CLI prints it
+
+        name = "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else describe(exc)
         error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
         trace = reporter.scrub(traceback.format_exc())[-4000:]
 

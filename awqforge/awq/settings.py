@@ -46,6 +46,7 @@ class BlockSettings:
             scale_search=getattr(spec.scale_search, "value", spec.scale_search),
             n_grid=spec.n_grid,
             clip_search=spec.clip_search,
+            refine_steps=spec.refine_steps,
             rounding=getattr(spec.rounding, "value", spec.rounding),
             skip_patterns=tuple(spec.quant.modules_to_not_convert),
         )
