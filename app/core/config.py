@@ -84,6 +84,7 @@ class Settings(BaseSettings):
     HF_TOKEN: str | None = (
         None  # used only for tenants allowed to (`awqforge tenants update --allow-service-token`)
     )
+    HUB_METADATA_TIMEOUT_S: float = 5.0  # the config.json look-up that routes a hub model at submit
     PUBLISH_ATTEMPTS: int = 5  # tries per hub request on 429/5xx
     PUBLISH_BACKOFF_S: float = 1.0  # first wait when no Retry-After is given; doubles per try (cap 60 s)
     ARTIFACT_DIR: Path | None = None  # where workers write artifacts (kept there by the local store)

@@ -10,12 +10,15 @@ they cannot be known (embedded filesystem broker, broker down) the configured cl
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 from app.core.config import settings
 from awqforge.plan import GIB, JobSettings, PlanError, plan
@@ -43,28 +46,47 @@ def is_cpu_class(name: str) -> bool:
     return name.startswith("cpu")
 
 
+_config_cache: dict[tuple, tuple[float, dict]] = {}
+_CONFIG_TTL_S = 300.0
+
+
+def _hub_offline() -> bool:
+    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
+
+
 def model_config(model: str, revision: str | None = None, token: str | None = None) -> dict | None:
-    """config.json of a local checkpoint (already checked against ALLOWED_LOCAL_ROOTS) or from the hub."""
+    """config.json of a local checkpoint (already checked against ALLOWED_LOCAL_ROOTS) or from the hub.
+
+    One request with a short timeout and no retries: a submit never waits on an unreachable hub (the
+    default queue decides then). Hub answers are kept a few minutes per model, revision and token."""
     if model.startswith(("/", "./", "../", "~")):
         try:
             return json.loads((Path(model).expanduser() / "config.json").read_text())
         except (OSError, ValueError):
             return None
-    try:
-        from huggingface_hub import hf_hub_download
+    if _hub_offline():
+        return None
+    key = (model, revision, hashlib.sha256((token or "").encode()).hexdigest())
+    hit = _config_cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < _CONFIG_TTL_S:
+        return hit[1]
+    import httpx
+    from huggingface_hub import constants
 
-        path = hf_hub_download(
-            model,
-            "config.json",
-            revision=revision,
-            endpoint=settings.HF_ENDPOINT,
-            etag_timeout=5,
-            token=token or False,  # the job's own read token, never the service's
-        )
-        return json.loads(Path(path).read_text())
-    except Exception as exc:  # hub unreachable, gated or private: the default queue decides
+    endpoint = (settings.HF_ENDPOINT or constants.ENDPOINT).rstrip("/")
+    url = f"{endpoint}/{model}/resolve/{quote(revision or 'main', safe='')}/config.json"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}  # the job's own, never the service's
+    try:
+        r = httpx.get(url, headers=headers, timeout=settings.HUB_METADATA_TIMEOUT_S, follow_redirects=True)
+        config = r.json() if r.status_code == 200 else None
+    except (httpx.HTTPError, ValueError) as exc:
         log.info("no config for %s (%s); using the default queue", model, type(exc).__name__)
         return None
+    if not isinstance(config, dict):
+        log.info("no config for %s (HTTP %s); using the default queue", model, r.status_code)
+        return None
+    _config_cache[key] = (time.monotonic(), config)
+    return config
 
 
 # -- live workers ---------------------------------------------------------------------------------
