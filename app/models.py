@@ -175,6 +175,11 @@ class JobMetrics(Base):
     size_before_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     size_after_bytes: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     n_layers_quantized: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    # what the job really calibrated and evaluated on (a short source is used as far as it goes)
+    calibration_samples: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    calibration_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    calibration_shortfall: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    eval_tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

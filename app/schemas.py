@@ -114,6 +114,12 @@ class MetricsPublic(BaseModel):
     size_before_bytes: int | None = None
     size_after_bytes: int | None = None
     n_layers_quantized: int | None = None
+    calibration_samples: int | None = Field(None, description="calibration sequences actually used")
+    calibration_tokens: int | None = Field(None, description="calibration tokens actually used")
+    calibration_shortfall: int | None = Field(
+        None, description="tokens asked for (n_samples x seq_len) that the source could not fill"
+    )
+    eval_tokens: int | None = Field(None, description="tokens scored by the evaluation")
 
 
 class ArtifactFile(BaseModel):

@@ -261,7 +261,9 @@ def run_quantization(
         if calibration_info is not None:
             metrics["calibration_samples"] = calibration_info["samples"]
             metrics["calibration_tokens"] = calibration_info["tokens"]
-            metrics["calibration_shortfall"] = calibration_info["shortfall"]
+            metrics["calibration_shortfall"] = max(
+                0, calibration_info["requested_tokens"] - calibration_info["tokens"]
+            )
         if spec.eval.enabled:
             job.stage("evaluate", "evaluating perplexity (FP and quantized)")
             eval_info = _evaluate(

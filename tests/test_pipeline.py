@@ -157,7 +157,8 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     cal = report["calibration"]
     assert cal["packing"] == "per_sample" and cal["samples"] == 32 and cal["requested_samples"] == 40
     assert cal["shortfall"] and cal["tokens"] == published.metrics["calibration_tokens"] < 32 * 512
-    assert published.metrics["calibration_samples"] == 32 and published.metrics["calibration_shortfall"]
+    assert published.metrics["calibration_samples"] == 32
+    assert published.metrics["calibration_shortfall"] == cal["requested_tokens"] - cal["tokens"] > 0
     assert any(line.startswith("warning: ") and "32 texts" in line for line in logs)
     assert report["method"]["refine_steps"] == "off (AWQ as published)"
     assert report["settings"]["refine_steps"] == 0

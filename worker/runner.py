@@ -340,6 +340,10 @@ def _metric_columns(metrics: dict, publish_s: float | None, total_s: float) -> d
         "size_before_bytes": metrics.get("size_before_bytes"),
         "size_after_bytes": metrics.get("size_after_bytes"),
         "n_layers_quantized": metrics.get("n_layers_quantized"),
+        **{
+            k: metrics.get(k)
+            for k in ("calibration_samples", "calibration_tokens", "calibration_shortfall", "eval_tokens")
+        },
     }
 
 

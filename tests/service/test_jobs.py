@@ -69,6 +69,9 @@ def test_job_end_to_end(service, make_key, db_session):
             and m["quant_perplexity"] > 0
             and m["size_after_bytes"] < m["size_before_bytes"]
         )
+        # what it really calibrated and evaluated on, beside the other metrics
+        assert m["calibration_samples"] > 0 and m["calibration_tokens"] > 0 and m["eval_tokens"] > 0
+        assert m["calibration_shortfall"] >= 0
         assert {a["format"] for a in job["artifacts"]} >= {"awq", "compressed-tensors"}
         assert "hf_SECRET" not in json.dumps(job) and job["spec"]["publish"]["token"] is None
 
