@@ -94,6 +94,8 @@ def validate_model_ref(value: str) -> str:
 def validate_repo_id(value: str) -> str:
     """A repo to publish to: exactly 'owner/name' in the hub's characters (never a path)."""
     v = clean_text(value)
+    if is_local_path(v.strip()):
+        raise ValueError("publish.repo_id must be a hub repo id 'owner/name', not a path")
     if "/" not in v or v.count("/") != 1:
         raise ValueError("publish.repo_id must be 'owner/name'")
     if ".." in v or v.endswith((".", "-")) or not _HUB_ID.match(v):

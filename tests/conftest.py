@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))  # tests/tiny_models.py
 
 CALIBRATION_TEXT = Path(__file__).parents[1] / "awqforge" / "data" / "calibration_en.txt"
+
+
+# Triton's interpreter must be on before triton is first imported (its own tl.sum & co. are made then), and
+# test modules import transformers, which may import triton: tests/test_kernels_triton.py runs the kernel on
+# CPU tensors through it. (tests/test_kernels_triton_aot.py compiles for real GPUs in processes without it.)
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def train_tiny_tokenizer(vocab_size: int = 512):
