@@ -10,6 +10,7 @@ they cannot be known (embedded filesystem broker, broker down) the configured cl
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -19,6 +20,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
+
+import httpx
 
 from app.core.config import settings
 from awqforge.plan import GIB, JobSettings, PlanError, plan
@@ -70,23 +73,28 @@ def model_config(model: str, revision: str | None = None, token: str | None = No
     hit = _config_cache.get(key)
     if hit is not None and time.monotonic() - hit[0] < _CONFIG_TTL_S:
         return hit[1]
-    import httpx
     from huggingface_hub import constants
 
     endpoint = (settings.HF_ENDPOINT or constants.ENDPOINT).rstrip("/")
     url = f"{endpoint}/{model}/resolve/{quote(revision or 'main', safe='')}/config.json"
     headers = {"Authorization": f"Bearer {token}"} if token else {}  # the job's own, never the service's
+    config = None
     try:
-        r = httpx.get(url, headers=headers, timeout=settings.HUB_METADATA_TIMEOUT_S, follow_redirects=True)
+        r = _hub_client().get(url, headers=headers)
         config = r.json() if r.status_code == 200 else None
     except (httpx.HTTPError, ValueError) as exc:
         log.info("no config for %s (%s); using the default queue", model, type(exc).__name__)
-        return None
     if not isinstance(config, dict):
-        log.info("no config for %s (HTTP %s); using the default queue", model, r.status_code)
-        return None
-    _config_cache[key] = (time.monotonic(), config)
+        config = None
+    # a miss is kept too (an unreachable hub is not asked again on every submit), for less time
+    _config_cache[key] = (time.monotonic() - (0 if config else _CONFIG_TTL_S - 30), config)
     return config
+
+
+@functools.cache
+def _hub_client() -> httpx.Client:
+    """One client for the whole process: its TLS context and connections are made once, not per submit."""
+    return httpx.Client(timeout=settings.HUB_METADATA_TIMEOUT_S, follow_redirects=True)
 
 
 # -- live workers ---------------------------------------------------------------------------------
