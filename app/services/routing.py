@@ -101,18 +101,37 @@ def _hub_client() -> httpx.Client:
 
 _live_lock = threading.Lock()
 _live_cache: tuple[float, set[str] | None] | None = None
+_live_refreshing = False
 
 
 def live_queues(*, refresh: bool = False) -> set[str] | None:
-    """Queue classes some live worker consumes (Celery inspect), or None when this cannot be known."""
-    global _live_cache
+    """Queue classes some live worker consumes (Celery inspect), or None when this cannot be known.
+
+    The first call (or refresh=True) asks the workers and waits for them (LIVE_WORKERS_TIMEOUT_S). After that
+    an answer older than LIVE_WORKERS_CACHE_S is still returned while one background thread asks again, so a
+    request never waits on the broadcast: with no worker alive it lasts the whole timeout."""
+    global _live_cache, _live_refreshing
     with _live_lock:
-        now = time.monotonic()
-        if not refresh and _live_cache is not None and now - _live_cache[0] < settings.LIVE_WORKERS_CACHE_S:
-            return _live_cache[1]
+        cached = _live_cache
+        if cached is not None and not refresh and settings.LIVE_WORKERS_CACHE_S > 0:  # 0: always ask
+            if time.monotonic() - cached[0] >= settings.LIVE_WORKERS_CACHE_S and not _live_refreshing:
+                _live_refreshing = True
+                threading.Thread(target=_refresh_live_queues, name="live-queues", daemon=True).start()
+            return cached[1]
+    result = _inspect_live_queues()
+    with _live_lock:
+        _live_cache = (time.monotonic(), result)
+    return result
+
+
+def _refresh_live_queues() -> None:
+    global _live_cache, _live_refreshing
+    try:
         result = _inspect_live_queues()
-        _live_cache = (now, result)
-        return result
+        with _live_lock:
+            _live_cache = (time.monotonic(), result)
+    finally:
+        _live_refreshing = False
 
 
 def _inspect_live_queues() -> set[str] | None:
