@@ -6,86 +6,17 @@ separate uvicorn process reaches the database only through that proxy."""
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
-import threading
 import time
 from urllib.parse import urlparse
 
 import pytest
 
 from tests.service.conftest import free_port
+from tests.service.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.services
-
-
-class TcpProxy:
-    """127.0.0.1:<port> -> target, one pair of pump threads per connection; cut() drops the listener and
-    every open connection (as a database host going away would), restore() listens again."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._conns: list[socket.socket] = []
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-
-    def restore(self) -> None:
-        ls = socket.socket()
-        ls.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        ls.bind(("127.0.0.1", self.port))
-        ls.listen(64)
-        self._listener = ls
-        threading.Thread(target=self._accept, args=(ls,), daemon=True).start()
-
-    def cut(self) -> None:
-        ls, self._listener = self._listener, None
-        if ls is not None:
-            try:
-                ls.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept() (close alone does not)
-            except OSError:
-                pass
-            ls.close()
-        with self._lock:
-            conns, self._conns = self._conns, []
-        for c in conns:
-            try:
-                c.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            c.close()
-
-    def _accept(self, ls: socket.socket) -> None:
-        while True:
-            try:
-                client, _ = ls.accept()
-            except OSError:
-                return
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                self._conns += [client, upstream]
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
-
-    @staticmethod
-    def _pump(src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
 
 
 @pytest.fixture
@@ -120,7 +51,7 @@ def api_behind_proxy(service):
             time.sleep(0.2)
         yield f"http://127.0.0.1:{port}", proxy
     finally:
-        proxy.cut()
+        proxy.close()
         proc.terminate()
         try:
             proc.wait(timeout=20)

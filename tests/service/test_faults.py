@@ -18,7 +18,6 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -27,82 +26,10 @@ from pathlib import Path
 import pytest
 
 from .conftest import HOME, PG_ADMIN_URL, free_port, services_available
+from .tcp_proxy import TcpProxy
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 RUN = uuid.uuid4().hex[:8]
-
-
-class PgProxy:
-    """A TCP proxy to Postgres that a test can cut (every connection dropped, new ones refused) and restore."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_port()
-        self._up = threading.Event()
-        self._up.set()
-        self._socks: set[socket.socket] = set()
-        self._lock = threading.Lock()
-        self._listener: socket.socket | None = None
-        self._stop = False
-        self._listen()
-        threading.Thread(target=self._accept_loop, daemon=True).start()
-
-    def _listen(self) -> None:
-        s = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        s.bind(("127.0.0.1", self.port))
-        s.listen(64)
-        s.settimeout(0.2)
-        self._listener = s
-
-    def _accept_loop(self) -> None:
-        while not self._stop:
-            try:
-                client, _ = self._listener.accept()
-            except (TimeoutError, OSError):
-                continue
-            if not self._up.is_set():
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self.target, timeout=5)
-            except OSError:
-                client.close()
-                continue
-            upstream.settimeout(None)
-            with self._lock:
-                self._socks.update((client, upstream))
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
-
-    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while data := src.recv(65536):
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.shutdown(socket.SHUT_RDWR)
-                s.close()
-
-    def cut(self) -> None:
-        """The database goes away: open connections break, new ones are refused."""
-        self._up.clear()
-        with self._lock:
-            socks, self._socks = self._socks, set()
-        for s in socks:
-            with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
-            s.close()
-
-    def restore(self) -> None:
-        self._up.set()
-
-    def close(self) -> None:
-        self._stop = True
-        self.cut()
 
 
 class PrivateRedis:
@@ -150,7 +77,7 @@ class Stack:
     api_url: str
     db_url_direct: str
     redis: PrivateRedis
-    proxy: PgProxy
+    proxy: TcpProxy
     key: str = ""
     workers: list[subprocess.Popen] = field(default_factory=list)
     shared: subprocess.Popen | None = None  # the worker most tests share (its pool child imports torch once)
@@ -273,7 +200,7 @@ def stack(tiny_models):
     db = f"awqf_faults_{RUN}"
     with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{db}"')
-    proxy = PgProxy((pg.hostname or "127.0.0.1", pg.port or 5432))
+    proxy = TcpProxy((pg.hostname or "127.0.0.1", pg.port or 5432))
     redis = PrivateRedis(home)
     redis.start()
     user = f"{pg.username}@" if pg.username else ""
