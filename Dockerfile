@@ -73,5 +73,5 @@ RUN pip install --no-deps . \
 USER 1000:1000
 # alive = this container's worker answers a Celery ping (the node name is set by --name in compose)
 HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A worker.celery_app inspect ping -d \"${AWQFORGE_WORKER_NAME:-worker}@$(hostname)\" --timeout 10"]
+    CMD ["sh", "-c", "celery -A awqforge.worker.celery_app inspect ping -d \"${AWQFORGE_WORKER_NAME:-worker}@$(hostname)\" --timeout 10"]
 CMD ["sh", "-c", "exec awqforge worker --name \"${AWQFORGE_WORKER_NAME:-worker}\""]

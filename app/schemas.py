@@ -31,7 +31,8 @@ class CalibrationIn(BaseModel):
     n_samples: spec.NSamples = _default(spec.CalibrationSpec, "n_samples")
     seq_len: spec.CalibrationSeqLen = _default(spec.CalibrationSpec, "seq_len")
     packing: spec.Packing = Field(
-        _default(spec.CalibrationSpec, "packing"), description=spec.CalibrationSpec.model_fields["packing"].description
+        _default(spec.CalibrationSpec, "packing"),
+        description=spec.CalibrationSpec.model_fields["packing"].description,
     )
 
 
@@ -63,7 +64,9 @@ class JobCreate(BaseModel):
     revision: spec.Revision | None = Field(
         None, description="branch, tag or commit; resolved to a commit sha (default main)"
     )
-    source: spec.SourceSpec = Field(default_factory=spec.SourceSpec, description="hub access for the source model")
+    source: spec.SourceSpec = Field(
+        default_factory=spec.SourceSpec, description="hub access for the source model"
+    )
     method: Literal["awq", "rtn"] = "awq"
     bits: spec.Bits = _default(spec.QuantSettings, "bits")
     group_size: spec.GroupSize = _default(spec.QuantSettings, "group_size")

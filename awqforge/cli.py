@@ -109,7 +109,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument(
         "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
     )
-    q.add_argument("--eval-all", action="store_true", help="score the whole evaluation text (no window bound)")
+    q.add_argument(
+        "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"
+    )
     job_args = q
     q = sub.add_parser(
         "quantize", parents=[job_args], help="quantize a model into one or more artifact formats"
@@ -358,7 +360,9 @@ if __name__ == "__main__":
 
 
 def _add_kernel_commands(sub) -> None:
-    sub.add_parser("doctor", help="print which kernel path each device (CPU ISA, CUDA devices) will use and why")
+    sub.add_parser(
+        "doctor", help="print which kernel path each device (CPU ISA, CUDA devices) will use and why"
+    )
     k = sub.add_parser("kernels", help="build the C++ CPU kernel into the kernel cache (once, at install)")
     k_sub = k.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
     b = k_sub.add_parser("build", help="compile the CPU kernel for this torch (no-op when it is cached)")

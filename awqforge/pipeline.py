@@ -11,7 +11,6 @@ the FP model is evaluated block by block from its shards too. The exceptions: ca
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import shutil

@@ -18,7 +18,9 @@ from awqforge.patterns import validate_pattern
 MAX_PATH_CHARS = 500  # a model path or hub id (the jobs table's column is as wide)
 MAX_PATH_PART_CHARS = 255  # one path component (NAME_MAX)
 MAX_SEED = 2**32 - 1  # numpy's seed range, the narrowest of the generators a job seeds
-MAX_TOKEN_CHARS = 512  # hub tokens: long enough for any Hugging Face token, short enough to refuse a pasted file
+MAX_TOKEN_CHARS = (
+    512  # hub tokens: long enough for any Hugging Face token, short enough to refuse a pasted file
+)
 
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
@@ -171,7 +173,10 @@ GroupSize = Annotated[
 ModulePatterns = Annotated[
     list[
         Annotated[
-            str, Field(min_length=1, max_length=200), AfterValidator(clean_text), AfterValidator(validate_pattern)
+            str,
+            Field(min_length=1, max_length=200),
+            AfterValidator(clean_text),
+            AfterValidator(validate_pattern),
         ]
     ],
     Field(

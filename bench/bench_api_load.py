@@ -216,7 +216,14 @@ def _wrk_result(out: str) -> dict:
 
 
 async def wrk_mix(
-    base: str, key: str, job_ids: list[str], rate: float, seconds: float, mix: tuple, home: Path, latency: float
+    base: str,
+    key: str,
+    job_ids: list[str],
+    rate: float,
+    seconds: float,
+    mix: tuple,
+    home: Path,
+    latency: float,
 ) -> dict[str, dict]:
     """Two 5 s pacing passes, then the measured run: each connection's pause is its share of the cycle less the
     route's mean answer time, corrected by how far the previous pass fell short of (or beyond) its rate."""
@@ -271,8 +278,18 @@ async def _wrk_pass(
             f"delay = function() return {max(0.0, 1000.0 * (conns / route_rate - latency[route])):.3f} end\n"
         )
         procs[route] = await asyncio.create_subprocess_exec(
-            "wrk", "-t1", f"-c{conns}", f"-d{seconds:.0f}s", "--latency", "--timeout", "30s", "-s", str(script),
-            base, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            "wrk",
+            "-t1",
+            f"-c{conns}",
+            f"-d{seconds:.0f}s",
+            "--latency",
+            "--timeout",
+            "30s",
+            "-s",
+            str(script),
+            base,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
         )
     results = {}
     for route, p in procs.items():
@@ -333,8 +350,8 @@ def main() -> int:
     proc = None
     try:
         setup = (
-            "from app.core.db import run_migrations, session_scope\n"
-            "from app.services.keys import create_api_key\n"
+            "from awqforge.app.core.db import run_migrations, session_scope\n"
+            "from awqforge.app.services.keys import create_api_key\n"
             "run_migrations()\n"
             "with session_scope() as s: print(create_api_key(s, tenant_name='bench', max_queued=10000).secret)\n"
         )
@@ -352,7 +369,7 @@ def main() -> int:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "app.main:app",
+                "awqforge.app.main:app",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -425,7 +442,9 @@ def main() -> int:
                         f"({n / args.duration:.0f}/s, target {args.rate:.0f}/s), submit:status:list = {args.mix}, "
                         f"server CPU {(_cpu_s(proc.pid) - c0) / max(n, 1) * 1e3:.2f} ms per request:"
                     )
-                    print(f"  {'route':<10} {'requests':>9} {'req/s':>7} {'errors':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}")
+                    print(
+                        f"  {'route':<10} {'requests':>9} {'req/s':>7} {'errors':>7} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8}"
+                    )
                     for route, r in wrk.items():
                         print(
                             f"  {route:<10} {r['requests']:>9} {r['rps']:>7.1f} {r['errors']:>7} "

@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from app.core.config import settings
+from awqforge.app.core.config import settings
 
 TASK_RUN_JOB = "awqforge.run_job"
 TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a finished job's artifacts again
@@ -37,7 +37,7 @@ def _transport_options() -> dict:
 
 
 def make_celery() -> Celery:
-    app = Celery("awqforge", broker=settings.broker_url, include=["worker.tasks"])
+    app = Celery("awqforge", broker=settings.broker_url, include=["awqforge.worker.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from app.core.config import settings
+from awqforge.app.core.config import settings
 
 log = logging.getLogger("awqforge.hub")
 

@@ -21,10 +21,10 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
-from app.core.config import settings
-from app.core.db import in_session_retrying, session_scope
-from app.core.security import decrypt_secret
-from app.models import (
+from awqforge.app.core.config import settings
+from awqforge.app.core.db import in_session_retrying, session_scope
+from awqforge.app.core.security import decrypt_secret
+from awqforge.app.models import (
     Artifact,
     CalibrationSet,
     Job,
@@ -34,9 +34,9 @@ from app.models import (
     Tenant,
     utcnow,
 )
-from app.services.events import add_event
-from app.services.storage import artifact_store
-from app.services.uploads import allowed_roots
+from awqforge.app.services.events import add_event
+from awqforge.app.services.storage import artifact_store
+from awqforge.app.services.uploads import allowed_roots
 
 log = logging.getLogger("awqforge.worker")
 
@@ -405,8 +405,8 @@ def publish_artifacts(
 ) -> float:
     """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
     `local`: the artifacts' folders on this machine by format (the run that just made them), else the
-    recorded paths. Returns the seconds it took. Raises worker.hub.PublishRefused or the hub's error."""
-    from worker.hub import hub_for
+    recorded paths. Returns the seconds it took. Raises awqforge.worker.hub.PublishRefused or the hub's error."""
+    from awqforge.worker.hub import hub_for
 
     t0 = time.monotonic()
     if local is not None:
@@ -414,8 +414,7 @@ def publish_artifacts(
     else:
         with session_scope() as s:
             arts = [
-                (a.format, Path(a.path))
-                for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+                (a.format, Path(a.path)) for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
             ]
     arts = [(fmt, p) for fmt, p in arts if fmt != "report"]
     folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
@@ -443,7 +442,7 @@ def publish_artifacts(
 
 def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
     """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
-    from worker.hub import PublishRefused
+    from awqforge.worker.hub import PublishRefused
 
     reason = str(exc) if isinstance(exc, PublishRefused) else f"{type(exc).__name__}: {exc}"
     error = reporter.scrub(f"publish failed: {reason}")[:2000]

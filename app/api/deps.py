@@ -11,10 +11,10 @@ from fastapi import Depends, HTTPException, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, joinedload
 
-from app.core.db import get_db
-from app.core.security import key_matches, parse_key_id
-from app.models import ApiKey, DashboardSession, Tenant, utcnow
-from app.services.sessions import CSRF_HEADER, SESSION_COOKIE, find_session
+from awqforge.app.core.db import get_db
+from awqforge.app.core.security import key_matches, parse_key_id
+from awqforge.app.models import ApiKey, DashboardSession, Tenant, utcnow
+from awqforge.app.services.sessions import CSRF_HEADER, SESSION_COOKIE, find_session
 
 bearer = HTTPBearer(auto_error=False, description="API key from `awqforge keys create --tenant NAME`")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

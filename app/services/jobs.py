@@ -14,9 +14,9 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
 
-from app.core.config import settings
-from app.core.security import encrypt_secret
-from app.models import (
+from awqforge.app.core.config import settings
+from awqforge.app.core.security import encrypt_secret
+from awqforge.app.models import (
     Artifact,
     CalibrationSet,
     IdempotencyKey,
@@ -27,10 +27,10 @@ from app.models import (
     Tenant,
     utcnow,
 )
-from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
-from app.services.events import add_event
-from app.services.routing import RoutingError, route, waiting_reason
-from app.services.storage import store_for
+from awqforge.app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
+from awqforge.app.services.events import add_event
+from awqforge.app.services.routing import RoutingError, route, waiting_reason
+from awqforge.app.services.storage import store_for
 from awqforge.spec import is_local_path
 
 log = logging.getLogger("awqforge.jobs")
@@ -62,7 +62,7 @@ class ServiceError(Exception):
 
 def _check_local(field: str, raw: str) -> FieldError | None:
     """Local paths must lie under the allowed roots (the engine's one resolver decides)."""
-    from app.services.uploads import allowed_roots
+    from awqforge.app.services.uploads import allowed_roots
     from awqforge.errors import InputError
     from awqforge.resolve import PathNotAllowed, resolve_local_path
 
@@ -212,7 +212,7 @@ def _check_limit(session: Session, tenant: Tenant) -> None:
 
 
 def send_job(job: Job) -> None:
-    from worker.celery_app import TASK_RUN_JOB, celery_app
+    from awqforge.worker.celery_app import TASK_RUN_JOB, celery_app
 
     celery_app.send_task(TASK_RUN_JOB, args=[job.id], queue=settings.queue_name(job.queue))
 
@@ -456,7 +456,7 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
 def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
     """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
     the hub makes no new commit when its files already match)."""
-    from worker.celery_app import TASK_PUBLISH_JOB, celery_app
+    from awqforge.worker.celery_app import TASK_PUBLISH_JOB, celery_app
 
     if not job.spec.get("publish"):
         raise ServiceError(409, "this job has no publish settings")

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from app.core.config import settings
+from awqforge.app.core.config import settings
 from awqforge.plan import GIB, JobSettings, PlanError, plan
 
 log = logging.getLogger("awqforge.routing")
@@ -137,7 +137,7 @@ def _refresh_live_queues() -> None:
 def _inspect_live_queues() -> set[str] | None:
     if settings.broker_is_filesystem:  # no remote control on the embedded broker
         return None
-    from worker.celery_app import celery_app
+    from awqforge.worker.celery_app import celery_app
 
     try:
         replies = celery_app.control.inspect(timeout=settings.LIVE_WORKERS_TIMEOUT_S).active_queues()

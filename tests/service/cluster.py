@@ -112,7 +112,7 @@ class Cluster:
                 "-m",
                 "uvicorn",
                 "--factory",
-                "app.main:create_app",
+                "awqforge.app.main:create_app",
                 "--host",
                 "127.0.0.1",
                 "--port",

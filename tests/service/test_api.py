@@ -28,7 +28,7 @@ def test_health_and_ready(service):
 
 
 def test_readyz_is_503_when_a_dependency_is_down(service, monkeypatch):
-    from app.api.routes import health
+    from awqforge.app.api.routes import health
 
     def down() -> None:
         raise ConnectionError("refused")
@@ -44,7 +44,7 @@ def test_readyz_is_503_when_a_dependency_is_down(service, monkeypatch):
 
 
 def test_auth_required_and_revoked_keys(service, make_key):
-    from app.cli import keys_command
+    from awqforge.app.cli import keys_command
 
     with service.client(None) as c:
         assert c.get("/v1/jobs").status_code == 401
@@ -84,7 +84,7 @@ def test_validation_errors_name_field_and_reason(service, make_key):
 
 
 def test_tenant_isolation(service, make_key, db_session):
-    from app.models import Job
+    from awqforge.app.models import Job
 
     a, b = make_key(), make_key()
     with service.client(a) as ca, service.client(b) as cb:
@@ -118,7 +118,7 @@ def test_tenant_isolation(service, make_key, db_session):
 
 
 def test_idempotency_key(service, make_key, db_session):
-    from app.models import IdempotencyKey
+    from awqforge.app.models import IdempotencyKey
 
     with service.client(make_key()) as c:
         body = service.job_body(model="someorg/idem")
@@ -144,8 +144,8 @@ def test_idempotency_key(service, make_key, db_session):
 
 
 def test_per_tenant_queue_limit(service, make_key, db_session):
-    from app.core.db import session_scope
-    from app.models import ApiKey, Job
+    from awqforge.app.core.db import session_scope
+    from awqforge.app.models import ApiKey, Job
 
     key = make_key(max_queued=2)
     tenant_id = db_session.get(ApiKey, key.split("_")[1]).tenant_id

@@ -18,6 +18,12 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def test_serve_embedded_runs_a_job_end_to_end(tiny_models, tmp_path):
+    run_embedded_job(sys.executable, REPO, tiny_models, tmp_path)
+
+
+def run_embedded_job(python: str, cwd: Path, tiny_models, tmp_path: Path) -> None:
+    """`awqforge keys create`, `awqforge serve` (embedded: SQLite, filesystem broker, a worker child), one
+    tiny job through the API to `succeeded`, its artifact downloaded and published to the local hub."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -30,9 +36,9 @@ def test_serve_embedded_runs_a_job_end_to_end(tiny_models, tmp_path):
         PYTHONUNBUFFERED="1",
     )
     key = subprocess.run(
-        [sys.executable, "-m", "awqforge", "keys", "create", "--tenant", "solo"],
+        [python, "-m", "awqforge", "keys", "create", "--tenant", "solo"],
         env=env,
-        cwd=REPO,
+        cwd=cwd,
         capture_output=True,
         text=True,
         timeout=60,
@@ -42,9 +48,9 @@ def test_serve_embedded_runs_a_job_end_to_end(tiny_models, tmp_path):
     port = free_port()
     log = (tmp_path / "serve.log").open("wb")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "awqforge", "serve", "--port", str(port)],
+        [python, "-m", "awqforge", "serve", "--port", str(port)],
         env=env,
-        cwd=REPO,
+        cwd=cwd,
         stdout=log,
         stderr=subprocess.STDOUT,
     )

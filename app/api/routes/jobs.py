@@ -16,10 +16,10 @@ from pydantic import BaseModel, ConfigDict
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentTenant, SessionDep
-from app.core.db import session_scope
-from app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
-from app.schemas import (
+from awqforge.app.api.deps import CurrentTenant, SessionDep
+from awqforge.app.core.db import session_scope
+from awqforge.app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
+from awqforge.app.schemas import (
     ID_PATTERN,
     ArtifactsPublic,
     ErrorResponse,
@@ -30,9 +30,9 @@ from app.schemas import (
     JobsPublic,
     LayerMetricPublic,
 )
-from app.services import jobs as job_service
-from app.services.jobs import ServiceError, SpecError
-from app.services.storage import S3_SCHEME, object_store_download
+from awqforge.app.services import jobs as job_service
+from awqforge.app.services.jobs import ServiceError, SpecError
+from awqforge.app.services.storage import S3_SCHEME, object_store_download
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
 from awqforge.spec import HubToken
@@ -40,7 +40,9 @@ from awqforge.spec import HubToken
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 
 JobId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="a job id (job_...)")]
-ArtifactId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="an artifact id (art_...)")]
+ArtifactId = Annotated[
+    str, PathParam(max_length=64, pattern=ID_PATTERN, description="an artifact id (art_...)")
+]
 MAX_EVENT_ID = 2**63 - 1  # the events table's bigint key
 EventId = Annotated[
     str | None,

@@ -1,0 +1,132 @@
+"""A non-editable install: the wheel built from the tracked files holds one top-level package, `awqforge`
+(the repository's app/, worker/ and migrations/ become awqforge.app, awqforge.worker, awqforge.migrations),
+and, installed into a fresh virtualenv and run away from the repository, it migrates a Postgres database,
+serves, runs a worker and takes a job end to end."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import uuid
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from .conftest import PG_ADMIN_URL, SERVICE_ENV, services_available
+from .test_embedded import run_embedded_job
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
+    return r
+
+
+@pytest.fixture(scope="module")
+def wheel(tmp_path_factory) -> Path:
+    """The wheel of the tracked files (copied out first, so the build sees no untracked or built files)."""
+    src = tmp_path_factory.mktemp("src")
+    for f in _run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0"):
+        if f and (REPO / f).is_file():
+            (src / f).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / f, src / f)
+    out = tmp_path_factory.mktemp("dist")
+    _run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "-w",
+            str(out),
+            str(src),
+        ]
+    )
+    (whl,) = out.glob("awqforge-*.whl")
+    return whl
+
+
+@pytest.fixture(scope="module")
+def venv(wheel, tmp_path_factory) -> Path:
+    """A fresh virtualenv with the wheel installed (dependencies from the system site, already present)."""
+    env_dir = tmp_path_factory.mktemp("venv")
+    _run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)])
+    py = env_dir / "bin" / "python"
+    _run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--force-reinstall", str(wheel)])
+    return py
+
+
+def test_wheel_has_one_top_level_package_and_every_service_file(wheel):
+    names = zipfile.ZipFile(wheel).namelist()
+    assert {n.split("/")[0] for n in names} == {
+        "awqforge",
+        f"{wheel.name.split('-')[0]}-{wheel.name.split('-')[1]}.dist-info",
+    }
+    tracked = _run(["git", "ls-files", "app", "worker", "migrations"], cwd=REPO).stdout.split()
+    wanted = [
+        "awqforge/" + f
+        for f in tracked
+        if f.endswith((".py", ".mako", ".html", ".js", ".css")) or "/static/" in f or "/templates/" in f
+    ]
+    missing = [f for f in wanted if f not in names]
+    assert not missing, missing
+    top = sorted(n for n in names if n.endswith("top_level.txt"))
+    assert zipfile.ZipFile(wheel).read(top[0]).decode().split() == ["awqforge"]
+    entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    for command in ("serve", "migrate", "keys", "tenants", "worker", "submit", "status", "download"):
+        assert f"{command} = awqforge.app." in entry, entry
+
+
+def test_installed_wheel_adds_only_awqforge(venv, tmp_path):
+    """What the install adds to site-packages (its RECORD) is awqforge/ and its dist-info, and the service
+    modules load from there, not from the repository."""
+    code = (
+        "import importlib.metadata as m, awqforge.app.main, awqforge.worker.celery_app, awqforge.migrations;"
+        "print(awqforge.app.__file__, awqforge.migrations.__file__);"
+        "print(sorted({str(f).split('/')[0] for f in m.distribution('awqforge').files if not str(f).startswith('..')}))"
+    )
+    out = _run([str(venv), "-c", code], cwd=tmp_path).stdout.split("\n")
+    site = str(venv.parents[1])
+    assert all(f.startswith(site) and "/site-packages/awqforge/" in f for f in out[0].split()), out
+    assert out[1] == "['awqforge', 'awqforge-0.1.0.dist-info']", out
+
+
+@pytest.mark.skipif(not services_available(), reason="needs the real Postgres")
+def test_installed_wheel_migrates_postgres(venv, tmp_path):
+    import psycopg
+
+    name = f"awqforge_pkg_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        base = SERVICE_ENV["DATABASE_URL"].rsplit("/", 1)[0]
+        env = {k: v for k, v in os.environ.items() if k not in SERVICE_ENV}
+        env.update(DATABASE_URL=f"{base}/{name}", AWQFORGE_HOME=str(tmp_path / "home"))
+        out = _run([str(venv), "-m", "awqforge", "migrate"], cwd=tmp_path, env=env, timeout=120).stdout
+        assert "database at head" in out
+        heads = sorted(p.name.split("_")[0] for p in (REPO / "migrations" / "versions").glob("0*.py"))
+        with psycopg.connect(PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}") as conn:
+            (version,) = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+            tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname='public'")}
+        assert version.startswith(heads[-1]) and {"jobs", "api_keys", "artifacts"} <= tables, (
+            version,
+            tables,
+        )
+    finally:
+        with psycopg.connect(PG_ADMIN_URL, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_installed_wheel_serves_and_runs_a_job(venv, tiny_models, tmp_path):
+    """keys, serve (migrates SQLite), its worker child (celery -A awqforge.worker.celery_app) and a job, run
+    from a folder outside the repository with the installed package only."""
+    work = tmp_path / "elsewhere"
+    work.mkdir()
+    run_embedded_job(str(venv), work, tiny_models, tmp_path)
