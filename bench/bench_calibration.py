@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON)
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument("--skip-ours", action="store_true", help="only llm-compressor's row, on the same file")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--work-dir", default="/tmp/awqforge-bench-calibration")
     args = ap.parse_args(argv)
@@ -156,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     def save(targets=None) -> None:
         out.write_text(json.dumps({"meta": meta, "fp": fp, "rows": results, "targets": targets}, indent=2))
 
-    for packing in args.packings:
+    for packing in [] if args.skip_ours else args.packings:
         row = run_ours(ckpt, data, packing, args, work, windows, len(prefix))
         results.append({"key": packing, **row})
         print(f"{row['label']}: {row['perplexity']:.3f} in {row['wall_s']:.1f} s", flush=True)

@@ -254,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-rtn", action="store_true")
     ap.add_argument(
+        "--skip-ours",
+        action="store_true",
+        help="only the peer's rows (an earlier run's rows of ours on the same data stay in its results.json)",
+    )
+    ap.add_argument(
         "--rounding",
         default="both",
         choices=["nearest", "gptq", "both"],
@@ -360,7 +365,8 @@ def main(argv: list[str] | None = None) -> int:
             rtn = run_ours(ckpt, method="rtn", **kw)
             rows.append({**rtn, "key": "rtn", "label": "RTN (awqforge)", "wall_s": rtn["total_s"]})
             print(f"W{bits} RTN: {rtn['perplexity']:.3f}", flush=True)
-        for rounding in ["nearest", "gptq"] if args.rounding == "both" else [args.rounding]:
+        ours_roundings = ["nearest", "gptq"] if args.rounding == "both" else [args.rounding]
+        for rounding in [] if args.skip_ours else ours_roundings:
             ours = run_ours(ckpt, method="awq", rounding=rounding, **kw)
             key, label = OURS[rounding]
             rows.append({**ours, "key": key, "label": label, "wall_s": ours["total_s"]})
