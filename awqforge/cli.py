@@ -109,7 +109,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument(
         "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
     )
-    q.add_argument("--eval-all", action="store_true", help="score the whole evaluation text (no window bound)")
+    q.add_argument(
+        "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"
+    )
     job_args = q
     q = sub.add_parser(
         "quantize", parents=[job_args], help="quantize a model into one or more artifact formats"
@@ -257,6 +259,19 @@ def _spec_from_args(args):
         raise _UsageError(problems) from None
 
 
+def _check_module_patterns(spec) -> None:
+    """--modules-to-not-convert patterns that match no tensor of a local checkpoint are a usage error before
+    the model is loaded (from the safetensors headers); for a hub id the engine checks them after download."""
+    from awqforge.resolve import is_local_reference
+    from awqforge.weight_names import local_shapes, unmatched, unmatched_message
+
+    patterns = spec.quant.modules_to_not_convert
+    if patterns and is_local_reference(spec.model):
+        missing = unmatched(patterns, local_shapes(Path(spec.model)))
+        if missing:
+            raise _UsageError(f"--modules-to-not-convert: {unmatched_message(missing)}")
+
+
 class _ProgressPrinter:
     """Stage messages on stderr, and a tqdm bar with ETA over the quantized blocks and the evaluation steps."""
 
@@ -292,6 +307,7 @@ def _quantize(args) -> int:
     from awqforge.report import summary_lines
 
     spec = _spec_from_args(args)
+    _check_module_patterns(spec)
     printer = _ProgressPrinter()
     try:
         options = {"shard_size": args.shard_size} if args.shard_size else {}
@@ -358,7 +374,9 @@ if __name__ == "__main__":
 
 
 def _add_kernel_commands(sub) -> None:
-    sub.add_parser("doctor", help="print which kernel path each device (CPU ISA, CUDA devices) will use and why")
+    sub.add_parser(
+        "doctor", help="print which kernel path each device (CPU ISA, CUDA devices) will use and why"
+    )
     k = sub.add_parser("kernels", help="build the C++ CPU kernel into the kernel cache (once, at install)")
     k_sub = k.add_subparsers(dest="kernels_command", metavar="ACTION", required=True)
     b = k_sub.add_parser("build", help="compile the CPU kernel for this torch (no-op when it is cached)")

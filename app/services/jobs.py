@@ -29,7 +29,7 @@ from app.models import (
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
-from app.services.routing import RoutingError, route, waiting_reason
+from app.services.routing import RoutingError, model_tensor_shapes, route, waiting_reason
 from app.services.storage import store_for
 from awqforge.spec import is_local_path
 
@@ -150,6 +150,20 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     if errors:
         raise SpecError(errors)
     return spec
+
+
+def check_module_patterns(spec) -> None:
+    """modules_to_not_convert patterns that match no module of the checkpoint are refused now (422), from its
+    tensor names (no torch here). When the names cannot be had (hub unreachable, no safetensors), the job is
+    accepted: the engine checks the patterns against the model itself before any work."""
+    from awqforge.weight_names import unmatched, unmatched_message
+
+    patterns = spec.quant.modules_to_not_convert
+    if not patterns:
+        return
+    missing = unmatched(patterns, model_tensor_shapes(spec.model, spec.revision, spec.source.token))
+    if missing:
+        raise SpecError([FieldError(field="modules_to_not_convert", reason=unmatched_message(missing))])
 
 
 def spec_without_tokens(spec) -> dict:
@@ -314,6 +328,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
             return Created(existing, True)
     spec = spec_from_request(session, body=body, tenant_id=tenant.id)
     check_publish_namespace(spec, tenant)
+    check_module_patterns(spec)
     try:
         chosen = route(spec)
     except RoutingError as exc:
