@@ -267,7 +267,11 @@ def _check_module_patterns(spec) -> None:
 
     patterns = spec.quant.modules_to_not_convert
     if patterns and is_local_reference(spec.model):
-        missing = unmatched(patterns, local_shapes(Path(spec.model)))
+        try:
+            model_type = json.loads((Path(spec.model) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return  # the engine says what is wrong with the folder
+        missing = unmatched(patterns, local_shapes(Path(spec.model)), model_type)
         if missing:
             raise _UsageError(f"--modules-to-not-convert: {unmatched_message(missing)}")
 

@@ -9,8 +9,9 @@ Module names come from tensor names (the name minus its last part). Two kinds of
 checkpoint and the modules the engine quantizes: fused 3-D experts (`...experts.gate_up_proj`, [E, ...]),
 which the engine unfuses into `experts.{e}.gate_proj|up_proj|down_proj` (Mixtral `w1|w3|w2`), and Mixtral's
 `block_sparse_moe` (transformers' `mlp`). Both spellings are kept, so a pattern that the engine would accept is
-accepted here; a name this cannot see (a rename it does not know) leaves the final word to the engine's own
-check, which runs before any work.
+accepted here. Other model types may have tensors renamed on load by transformers (`self_attn.g_proj` ->
+`gate_proj`, `backbone.` -> `model.`), which cannot be known without torch: for them, as when the names cannot
+be read at all, the final word is the engine's own check, which runs before any work.
 """
 
 from __future__ import annotations
@@ -28,6 +29,29 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 _FUSED_EXPERTS = ("gate_up_proj", "down_proj")
 _EXPERT_LINEARS = ("gate_proj", "up_proj", "down_proj", "w1", "w3", "w2")
 _ALIASES = ((".block_sparse_moe.", ".mlp."),)  # checkpoint spelling -> module spelling (Mixtral)
+
+# Model types whose checkpoint tensor names are their module names, up to _ALIASES and fused experts: the
+# registry's families (awqforge.arch.SUPPORTED_FAMILIES; tests/test_patterns.py keeps the two equal).
+CHECKED_MODEL_TYPES = frozenset(
+    {
+        "llama",
+        "mistral",
+        "qwen2",
+        "qwen3",
+        "gemma",
+        "gemma2",
+        "gemma3_text",
+        "phi3",
+        "opt",
+        "gpt_neox",
+        "mixtral",
+        "qwen2_moe",
+        "qwen3_moe",
+        "deepseek_v2",
+        "deepseek_v3",
+        "llama4_text",
+    }
+)
 
 Shapes = Mapping[str, Sequence[int] | None]  # tensor name -> shape (None: not known, e.g. from an index)
 
@@ -123,11 +147,14 @@ def module_names(shapes: Shapes) -> set[str] | None:
     return names
 
 
-def unmatched(patterns: Iterable[str], shapes: Shapes | None) -> list[str] | None:
-    """The patterns that match no module of the checkpoint; None when its names could not be known."""
+def unmatched(patterns: Iterable[str], shapes: Shapes | None, model_type: str | None) -> list[str] | None:
+    """The patterns that match no module of the checkpoint; None when its module names could not be known
+    (no shapes, or a model type outside CHECKED_MODEL_TYPES)."""
     patterns = list(patterns)
-    if not patterns or shapes is None:
-        return None if shapes is None else []
+    if shapes is None or model_type not in CHECKED_MODEL_TYPES:
+        return None
+    if not patterns:
+        return []
     names = module_names(shapes)
     return None if names is None else unmatched_patterns(patterns, names)
 

@@ -198,26 +198,30 @@ def test_checkpoint_names_accept_every_pattern_the_engine_accepts(family, tiny_c
     for i, block in enumerate(adapter.get_layers(model)):
         for name in adapter.quantizable_linears(block, prefix=f"model.layers.{i}"):
             patterns += [f"model.layers.{i}.{name}", name, name.rpartition(".")[2]]
-    assert unmatched(patterns, shapes) == []
+    assert unmatched(patterns, shapes, family) == []
     check_module_patterns(model, adapter, patterns)  # the engine agrees
     bogus = ["model.layers.9.*", "mlp.down_projj", "experts.99.up_proj", "feed_forward.experts.0.w9"]
-    assert unmatched(patterns + bogus, shapes) == bogus
+    assert unmatched(patterns + bogus, shapes, family) == bogus
     for b in bogus:
         with pytest.raises(ValueError, match="match"):
             check_module_patterns(model, adapter, [b])
 
 
 def test_names_unknown_are_not_refused():
-    """An index names tensors without shapes: fused experts then need one shard's header for their count."""
-    from awqforge.weight_names import unmatched
+    """An index names tensors without shapes: fused experts then need one shard's header for their count. Model
+    types outside the registry may be renamed on load by transformers: left to the engine's check."""
+    from awqforge.arch import SUPPORTED_FAMILIES
+    from awqforge.weight_names import CHECKED_MODEL_TYPES, unmatched
 
+    assert set(SUPPORTED_FAMILIES) == CHECKED_MODEL_TYPES
     index_only = {"model.layers.0.feed_forward.experts.gate_up_proj": None, "model.embed_tokens.weight": None}
-    assert unmatched(["experts.3.up_proj", "nothing"], index_only) is None
+    assert unmatched(["experts.3.up_proj", "nothing"], index_only, "llama4_text") is None
     with_count = {**index_only, "model.layers.1.feed_forward.experts.gate_up_proj": [4, 8, 16]}
-    assert unmatched(["model.layers.0.feed_forward.experts.3.up_proj", "experts.4.*"], with_count) == [
-        "experts.4.*"
-    ]
-    assert unmatched(["x"], None) is None
+    assert unmatched(
+        ["model.layers.0.feed_forward.experts.3.up_proj", "experts.4.*"], with_count, "llama4_text"
+    ) == ["experts.4.*"]
+    assert unmatched(["x"], None, "llama") is None
+    assert unmatched(["nothing"], with_count, "cohere") is None and unmatched(["x"], with_count, None) is None
 
 
 def test_cli_refuses_a_pattern_that_matches_nothing_before_loading(tiny_checkpoint, tmp_path):

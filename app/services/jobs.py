@@ -29,7 +29,13 @@ from app.models import (
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services.events import add_event
-from app.services.routing import RoutingError, model_tensor_shapes, route, waiting_reason
+from app.services.routing import (
+    RoutingError,
+    model_config,
+    model_tensor_shapes,
+    route,
+    waiting_reason,
+)
 from app.services.storage import store_for
 from awqforge.spec import is_local_path
 
@@ -155,13 +161,16 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
 def check_module_patterns(spec) -> None:
     """modules_to_not_convert patterns that match no module of the checkpoint are refused now (422), from its
     tensor names (no torch here). When the names cannot be had (hub unreachable, no safetensors), the job is
-    accepted: the engine checks the patterns against the model itself before any work."""
+    accepted: the engine checks the patterns against the model itself before any work. So is a model type whose
+    tensors transformers may rename on load (see awqforge.weight_names)."""
     from awqforge.weight_names import unmatched, unmatched_message
 
     patterns = spec.quant.modules_to_not_convert
     if not patterns:
         return
-    missing = unmatched(patterns, model_tensor_shapes(spec.model, spec.revision, spec.source.token))
+    config = model_config(spec.model, spec.revision, spec.source.token) or {}  # cached: routing reads it next
+    shapes = model_tensor_shapes(spec.model, spec.revision, spec.source.token) if config else None
+    missing = unmatched(patterns, shapes, config.get("model_type"))
     if missing:
         raise SpecError([FieldError(field="modules_to_not_convert", reason=unmatched_message(missing))])
 
