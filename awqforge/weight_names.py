@@ -17,6 +17,7 @@ be read at all, the final word is the engine's own check, which runs before any 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -95,7 +96,12 @@ def read_header(source: str | Path | BinaryIO) -> dict[str, dict]:
     """The header of a safetensors file (a path or a binary file object at its start)."""
     if isinstance(source, (str, Path)):
         with open(source, "rb") as f:
-            return read_header(f)
+            header = read_header(f)
+            size, start = os.fstat(f.fileno()).st_size, f.tell()
+        end = max((info["data_offsets"][1] for info in header.values()), default=0)
+        if start + end > size:
+            raise HeaderError(f"the file has {size} bytes but its header needs {start + end} (truncated?)")
+        return header
     n = header_length(source.read(8))
     raw = source.read(n)
     if len(raw) != n:

@@ -165,7 +165,7 @@ def test_pattern_matching_nothing_fails_before_any_work(tiny_checkpoint, tmp_pat
 # -- the same check without torch: a checkpoint's tensor names (awqforge.weight_names; the API's 422) ----------
 
 
-def test_header_reader_agrees_with_safetensors(tiny_checkpoint):
+def test_header_reader_agrees_with_safetensors(tiny_checkpoint, tmp_path):
     from safetensors import safe_open
 
     from awqforge.weight_names import HeaderError, read_header
@@ -181,6 +181,10 @@ def test_header_reader_agrees_with_safetensors(tiny_checkpoint):
         import io
 
         read_header(io.BytesIO(path.read_bytes()[:200]))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(HeaderError, match="truncated"):
+        read_header(cut)
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "deepseek_v3", "llama4_text"])
