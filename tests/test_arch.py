@@ -251,7 +251,8 @@ def test_llama4_multimodal_is_refused_pointing_to_the_text_model():
 
 def test_llama4_run_quantization_beats_rtn_and_names_experts_as_checkpoints_do(tiny_checkpoint, tmp_path):
     """The whole pipeline on a Llama 4 text checkpoint (fused experts on disk): AWQ's layer output error below
-    RTN's at 3 bits, every expert linear quantized under `feed_forward.experts.{e}.*`, the router kept FP."""
+    RTN's at 3 bits, every expert linear quantized under `feed_forward.experts.{e}.*`, the router kept FP, and
+    the artifact loaded by transformers + compressed-tensors."""
     from safetensors import safe_open
 
     from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
@@ -278,3 +279,22 @@ def test_llama4_run_quantization_beats_rtn_and_names_experts_as_checkpoints_do(t
             assert f"model.layers.1.feed_forward.experts.{e}.{lin}.weight_packed" in keys
     assert "model.layers.1.feed_forward.router.weight" in keys
     assert not any(k.endswith(("gate_up_proj", "experts.down_proj")) for k in keys)
+
+    # transformers' own compressed-tensors loader reads the per-expert layout (its SequentialLlama4TextExperts)
+    # and computes what our loader computes; both near the FP model
+    from transformers import AutoModelForCausalLM, CompressedTensorsConfig
+
+    import awqforge
+
+    artifact = result.artifacts["compressed-tensors"]
+    theirs = AutoModelForCausalLM.from_pretrained(  # dequantize=True: see test_formats.ASYM_UPSTREAM
+        artifact, dtype=torch.float32, quantization_config=CompressedTensorsConfig(dequantize=True)
+    ).eval()
+    assert not any(p.dim() == 3 for p in theirs.parameters())  # the experts were not left fused (random)
+    ours = awqforge.load_quantized(artifact)
+    fp = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ids = tiny_input_ids(1, 16)
+    with torch.no_grad():
+        got, want, ref = theirs(ids).logits, ours(ids).logits, fp(ids).logits
+    torch.testing.assert_close(got, want, rtol=1e-3, atol=2e-3 * want.abs().max().item())
+    assert torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0) > 0.9
