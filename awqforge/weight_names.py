@@ -157,7 +157,7 @@ def unmatched(patterns: Iterable[str], shapes: Shapes | None, model_type: str | 
     """The patterns that match no module of the checkpoint; None when its module names could not be known
     (no shapes, or a model type outside CHECKED_MODEL_TYPES)."""
     patterns = list(patterns)
-    if shapes is None or model_type not in CHECKED_MODEL_TYPES:
+    if not shapes or model_type not in CHECKED_MODEL_TYPES:  # no names (or none at all): nothing to say
         return None
     if not patterns:
         return []
