@@ -8,10 +8,12 @@ algorithm (`awqforge.awq`) runs over the result. A spec that cannot apply to a b
 attention, where `v_proj` and `o_proj` shapes differ) comes back as a `Mapping` with a `skip_reason`.
 
 MoE experts: transformers 5.x stores a block's experts as fused 3D parameters
-(`mlp.experts.gate_up_proj` [E, 2*I, H], `mlp.experts.down_proj` [E, H, I]). `ArchAdapter.prepare_block`
-replaces that module by `UnfusedExperts`, a ModuleList of per-expert `nn.Linear`s named as in the
-original checkpoints (`mlp.experts.{e}.gate_proj|up_proj|down_proj`; Mixtral `w1|w3|w2`), which is also
-the layout vLLM and AutoAWQ load quantized experts from. `ArchAdapter.checkpoint_name` maps a module
+(`mlp.experts.gate_up_proj` [E, 2*I, H], `mlp.experts.down_proj` [E, H, I]; Llama 4 stores them [in, out] as
+`torch.bmm` reads them: `feed_forward.experts.gate_up_proj` [E, H, 2*I], `down_proj` [E, I, H], in memory and
+in its checkpoints). `ArchAdapter.prepare_block` replaces that module by `UnfusedExperts`, a ModuleList of
+per-expert `nn.Linear`s named as in the original checkpoints (`mlp.experts.{e}.gate_proj|up_proj|down_proj`;
+Mixtral `w1|w3|w2`), which is also the layout vLLM and AutoAWQ (and llm-compressor, for Llama 4) load
+quantized experts from. `ArchAdapter.checkpoint_name` maps a module
 name to its checkpoint tensor prefix (Mixtral: `.mlp.` -> `.block_sparse_moe.`).
 """
 
@@ -92,11 +94,17 @@ def _summarize(names: list[str]) -> str:
 
 @dataclass(frozen=True)
 class ExpertLayout:
-    """Per-expert linear names after unfusing (as the original checkpoints name them)."""
+    """Per-expert linear names after unfusing (as the original checkpoints name them), and how the fused
+    module lays out and routes: `in_out` = parameters stored [E, in, out] (Llama 4's bmm layout) rather than
+    [E, out, in]; `dense_routing` = the fused forward takes every token for every expert, [E * T, H], already
+    multiplied by its router score (0 for experts not chosen; Llama 4) rather than (hidden, top_k_index,
+    top_k_weights)."""
 
     gate: str = "gate_proj"
     up: str = "up_proj"
     down: str = "down_proj"
+    in_out: bool = False
+    dense_routing: bool = False
 
 
 class ScaledActivation(nn.Module):
@@ -155,9 +163,29 @@ class UnfusedExperts(nn.ModuleList):
         return final
 
 
+class UnfusedDenseExperts(UnfusedExperts):
+    """Drop-in replacement for Llama 4's fused experts: input [E * T, H], expert e's tokens in rows
+    e*T..(e+1)*T, already scaled by the router (zero rows for tokens not routed to e); output [E * T, H].
+
+    Zero rows are not run: an expert has no bias and act(0) = 0, so its output there is 0 (exact), and the
+    calibration statistics of each expert's linears see only the tokens routed to it."""
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+        out = torch.zeros_like(x)
+        for e in range(self.num_experts):
+            rows = torch.nonzero(x[e].ne(0).any(-1)).squeeze(-1)
+            if rows.numel():
+                out[e].index_copy_(0, rows, self[e](x[e, rows]).to(out.dtype))
+        return out.view(-1, hidden_states.shape[-1])
+
+
 def unfuse_experts(experts: nn.Module, layout: ExpertLayout) -> UnfusedExperts:
-    """Per-expert nn.Linear modules from fused [E, 2I, H] / [E, H, I] parameters (gate rows first)."""
+    """Per-expert nn.Linear modules from fused [E, 2I, H] / [E, H, I] parameters (gate rows first), or
+    [E, H, 2I] / [E, I, H] with `layout.in_out` (gate columns first)."""
     gate_up, down = experts.gate_up_proj, experts.down_proj
+    if layout.in_out:  # nn.Linear weights are [out, in]: a transposed view, copied below
+        gate_up, down = gate_up.transpose(1, 2), down.transpose(1, 2)
     n_exp, two_i, hidden = gate_up.shape
     inter = two_i // 2
     modules = []
@@ -175,7 +203,7 @@ def unfuse_experts(experts: nn.Module, layout: ExpertLayout) -> UnfusedExperts:
         for m in lin:
             m.weight.requires_grad_(False)
         modules.append(ExpertMLP(layout, lin[0], lin[1], lin[2], experts.act_fn))
-    return UnfusedExperts(modules, n_exp)
+    return (UnfusedDenseExperts if layout.dense_routing else UnfusedExperts)(modules, n_exp)
 
 
 _NEVER_QUANTIZE = ("lm_head", "*.mlp.gate", "mlp.gate", "*shared_expert_gate", "*.router", "router")
@@ -419,6 +447,40 @@ _DEEPSEEK = (
     _UPDOWN,
 )
 
+# Llama 4 (text): the MLP is `feed_forward`; MoE layers (moe_layers / interleave_moe_layer_step) hold routed
+# experts (fused, [in, out]: unfused with ExpertLayout.in_out), a shared expert and a router (an nn.Linear that
+# absorbs the scales and stays unquantized), the other layers a dense gated MLP. NoPE layers and the weightless
+# QK L2 norm sit after q/k, so they change nothing here.
+_LLAMA4 = (
+    _ATTN,
+    _VO,
+    MappingSpec(
+        "post_attention_layernorm",
+        (
+            "feed_forward.experts.*.gate_proj",
+            "feed_forward.experts.*.up_proj",
+            "feed_forward.shared_expert.gate_proj",
+            "feed_forward.shared_expert.up_proj",
+        ),
+        "feed_forward",
+        absorb=("feed_forward.router",),
+    ),
+    MappingSpec(
+        "feed_forward.experts.*.up_proj",
+        ("feed_forward.experts.*.down_proj",),
+        "feed_forward.experts.*.down_proj",
+    ),
+    MappingSpec(
+        "feed_forward.shared_expert.up_proj",
+        ("feed_forward.shared_expert.down_proj",),
+        "feed_forward.shared_expert.down_proj",
+    ),
+    MappingSpec(
+        "post_attention_layernorm", ("feed_forward.gate_proj", "feed_forward.up_proj"), "feed_forward"
+    ),
+    MappingSpec("feed_forward.up_proj", ("feed_forward.down_proj",), "feed_forward.down_proj"),
+)
+
 _REGISTRY: dict[str, ArchAdapter] = {
     "llama": ArchAdapter("llama", "model.layers", _LLAMA),
     "mistral": ArchAdapter("mistral", "model.layers", _LLAMA),
@@ -451,6 +513,16 @@ _REGISTRY: dict[str, ArchAdapter] = {
     ),
     "deepseek_v2": ArchAdapter("deepseek_v2", "model.layers", _DEEPSEEK, experts=ExpertLayout()),
     "deepseek_v3": ArchAdapter("deepseek_v3", "model.layers", _DEEPSEEK, experts=ExpertLayout()),
+    "llama4_text": ArchAdapter(
+        "llama4_text", "model.layers", _LLAMA4, experts=ExpertLayout(in_out=True, dense_routing=True)
+    ),
+}
+
+# Multimodal configs whose text model is in the registry under its own model_type: the refusal points to it.
+_TEXT_MODEL_OF = {
+    "gemma3": "Gemma3ForCausalLM, model_type 'gemma3_text'",
+    "llama4": "Llama4ForCausalLM, model_type 'llama4_text': a checkpoint whose config.json is the "
+    "text_config with its language_model.* tensors",
 }
 
 SUPPORTED_FAMILIES = tuple(_REGISTRY)
@@ -473,6 +545,8 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
+    if model_type == "llama4":  # transformers maps it to Llama4ForCausalLM over the composite config
+        raise _refuse(config, "is multimodal (a vision tower and a text model)")
     return structural_adapter(config)
 
 
@@ -480,8 +554,8 @@ def _refuse(config, why: str) -> UnsupportedArchitecture:
     model_type = getattr(config, "model_type", None)
     archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
     hint = ""
-    if model_type == "gemma3":
-        hint = " For Gemma 3, quantize the text model (Gemma3ForCausalLM, model_type 'gemma3_text')."
+    if model_type in _TEXT_MODEL_OF:
+        hint = f" Quantize the text model ({_TEXT_MODEL_OF[model_type]})."
     return UnsupportedArchitecture(
         f"model type {model_type!r} (architectures: {archs}) is not in the registry and {why}. "
         f"Registry model types: {', '.join(SUPPORTED_FAMILIES)}; others need Llama-, Qwen- or Gemma-shaped "
@@ -641,9 +715,13 @@ def _block_linear_widths(block: nn.Module, adapter: ArchAdapter) -> Iterable[tup
         if isinstance(mod, nn.Linear):
             yield name, mod.in_features
         elif adapter.experts is not None and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter):
-            n_exp, _, hidden = mod.gate_up_proj.shape
-            inter = mod.down_proj.shape[-1]
             lay = adapter.experts
+            if lay.in_out:  # [E, H, 2I] / [E, I, H]
+                n_exp, hidden, _ = mod.gate_up_proj.shape
+                inter = mod.down_proj.shape[1]
+            else:  # [E, 2I, H] / [E, H, I]
+                n_exp, _, hidden = mod.gate_up_proj.shape
+                inter = mod.down_proj.shape[-1]
             for e in range(n_exp):
                 yield f"{name}.{e}.{lay.gate}", hidden
                 yield f"{name}.{e}.{lay.up}", hidden

@@ -259,6 +259,23 @@ def _spec_from_args(args):
         raise _UsageError(problems) from None
 
 
+def _check_module_patterns(spec) -> None:
+    """--modules-to-not-convert patterns that match no tensor of a local checkpoint are a usage error before
+    the model is loaded (from the safetensors headers); for a hub id the engine checks them after download."""
+    from awqforge.resolve import is_local_reference
+    from awqforge.weight_names import local_shapes, unmatched, unmatched_message
+
+    patterns = spec.quant.modules_to_not_convert
+    if patterns and is_local_reference(spec.model):
+        try:
+            model_type = json.loads((Path(spec.model) / "config.json").read_text()).get("model_type")
+        except (OSError, ValueError, AttributeError):
+            return  # the engine says what is wrong with the folder
+        missing = unmatched(patterns, local_shapes(Path(spec.model)), model_type)
+        if missing:
+            raise _UsageError(f"--modules-to-not-convert: {unmatched_message(missing)}")
+
+
 class _ProgressPrinter:
     """Stage messages on stderr, and a tqdm bar with ETA over the quantized blocks and the evaluation steps."""
 
@@ -294,6 +311,7 @@ def _quantize(args) -> int:
     from awqforge.report import summary_lines
 
     spec = _spec_from_args(args)
+    _check_module_patterns(spec)
     printer = _ProgressPrinter()
     try:
         options = {"shard_size": args.shard_size} if args.shard_size else {}

@@ -26,6 +26,7 @@ from torch import nn
 
 from awqforge.awq.capture import CapturedInputs, capture_layer_inputs
 from awqforge.errors import AWQForgeError, InputError
+from awqforge.weight_names import HeaderError, read_header
 
 _ITEM_BYTES = {
     "F64": 8,
@@ -86,19 +87,19 @@ class ShardReader:
     """
 
     def __init__(self, files: list[Path]) -> None:
-        from safetensors import safe_open
-
         self.files = list(files)
         self.where: dict[str, Path] = {}
         self.dtypes: dict[str, str] = {}
         self.nbytes: dict[str, int] = {}
         for f in self.files:
-            with safe_open(str(f), framework="pt") as handle:
-                for name in handle.keys():
-                    self.where[name] = f
-                    tensor = handle.get_slice(name)
-                    self.dtypes[name] = tensor.get_dtype()
-                    self.nbytes[name] = math.prod(tensor.get_shape()) * _ITEM_BYTES.get(self.dtypes[name], 4)
+            try:
+                header = read_header(f)
+            except (HeaderError, OSError) as exc:
+                raise InputError(f"{f.name}: not a readable safetensors file ({exc})") from None
+            for name, info in header.items():
+                self.where[name] = f
+                self.dtypes[name] = info["dtype"]
+                self.nbytes[name] = math.prod(info["shape"]) * _ITEM_BYTES.get(info["dtype"], 4)
 
     def names(self) -> list[str]:
         return list(self.where)

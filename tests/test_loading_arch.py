@@ -1,5 +1,5 @@
 """load_quantized on what run_quantization writes, for every family arch.py supports: fused MoE experts
-(rebuilt as per-expert QuantLinears under checkpoint names), GPT-NeoX's ScaledActivation (`mlp.act.scales`),
+(rebuilt as per-expert QuantLinears under checkpoint names; Llama 4's re-fused for transformers' own forward), GPT-NeoX's ScaledActivation (`mlp.act.scales`),
 fused qkv / gate_up (Phi-3), OPT, Gemma 3. Logits close to the FP model's, generate() works, both formats."""
 
 from __future__ import annotations
@@ -76,10 +76,36 @@ def dense_copy(artifact: Path, dest: Path) -> Path:
         if name.endswith(".mlp.act.scales"):  # GPT-NeoX: act -> dense_4h_to_h
             w = name.replace(".act.scales", ".dense_4h_to_h.weight")
             dense[w] = dense[w] / s.float()[None, :]
+    if config["model_type"] == "llama4_text":
+        dense = fuse_llama4_experts(dense)
     dest.mkdir(parents=True)
     save_file(dense, str(dest / "model.safetensors"), metadata={"format": "pt"})
     (dest / "config.json").write_text(json.dumps(config))
     return dest
+
+
+def fuse_llama4_experts(dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per-expert `experts.{e}.gate_proj|up_proj|down_proj.weight` ([out, in], as quantized checkpoints of Llama 4
+    name them) -> the fused [E, H, 2I] / [E, I, H] parameters transformers' Llama4TextExperts holds."""
+    import re
+
+    rx = re.compile(r"^(.*\.experts)\.(\d+)\.(gate_proj|up_proj|down_proj)\.weight$")
+    groups: dict[str, dict[int, dict[str, torch.Tensor]]] = {}
+    out = {}
+    for name, t in dense.items():
+        m = rx.match(name)
+        if m is None:
+            out[name] = t
+        else:
+            groups.setdefault(m[1], {}).setdefault(int(m[2]), {})[m[3]] = t
+    for prefix, experts in groups.items():
+        order = sorted(experts)
+        assert order == list(range(len(order)))
+        out[f"{prefix}.gate_up_proj"] = torch.stack(
+            [torch.cat([experts[e]["gate_proj"], experts[e]["up_proj"]]).T for e in order]
+        )
+        out[f"{prefix}.down_proj"] = torch.stack([experts[e]["down_proj"].T for e in order])
+    return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -98,15 +124,17 @@ def test_pipeline_artifacts_load_for_every_family(family, tiny_checkpoint, tmp_p
         qlinears = [n for n, m in model.named_modules() if isinstance(m, awqforge.QuantLinear)]
         assert len(qlinears) == result.metrics["n_layers_quantized"], fmt
         # DeepSeek's first layer is dense: experts are looked at in the last one
-        block = adapter.get_layers(model)[-1 if family in MOE_FAMILIES else 0]
-        if family in MOE_FAMILIES:
-            experts = block.mlp.experts
-            assert isinstance(experts, UnfusedExperts), fmt
+        moe = family in MOE_FAMILIES or family == "llama4_text"
+        block = adapter.get_layers(model)[-1 if moe else 0]
+        if moe:
+            mlp = block.feed_forward if family == "llama4_text" else block.mlp
+            assert isinstance(mlp.experts, UnfusedExperts), fmt
             lay = adapter.experts
-            for expert in experts:  # every expert's three linears are quantized
+            for expert in mlp.experts:  # every expert's three linears are quantized
                 for attr in (lay.gate, lay.up, lay.down):
                     assert isinstance(getattr(expert, attr), awqforge.QuantLinear), (fmt, attr)
-            assert not isinstance(block.mlp.gate, awqforge.QuantLinear)  # the router stays FP
+            router = mlp.router if family == "llama4_text" else mlp.gate
+            assert not isinstance(router, awqforge.QuantLinear)  # the router stays FP
         if family == "gpt_neox":
             act = block.mlp.act
             assert isinstance(act, ScaledActivation), fmt

@@ -160,3 +160,83 @@ def test_pattern_matching_nothing_fails_before_any_work(tiny_checkpoint, tmp_pat
         )
     assert "calibrate" not in stages and "quantize" not in stages
     assert not (tmp_path / "o").exists()
+
+
+# -- the same check without torch: a checkpoint's tensor names (awqforge.weight_names; the API's 422) ----------
+
+
+def test_header_reader_agrees_with_safetensors(tiny_checkpoint, tmp_path):
+    from safetensors import safe_open
+
+    from awqforge.weight_names import HeaderError, read_header
+
+    path = tiny_checkpoint("llama4_text") / "model.safetensors"
+    header = read_header(path)
+    with safe_open(str(path), "pt") as h:
+        assert set(header) == set(h.keys())
+        for name in h.keys():
+            sl = h.get_slice(name)
+            assert header[name]["shape"] == list(sl.get_shape()) and header[name]["dtype"] == sl.get_dtype()
+    with pytest.raises(HeaderError, match="ends inside"):
+        import io
+
+        read_header(io.BytesIO(path.read_bytes()[:200]))
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(path.read_bytes()[:-4])
+    with pytest.raises(HeaderError, match="truncated"):
+        read_header(cut)
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral", "qwen2_moe", "deepseek_v3", "llama4_text"])
+def test_checkpoint_names_accept_every_pattern_the_engine_accepts(family, tiny_checkpoint):
+    """Every quantized linear's full name and block-relative tail, and containing modules, match the names read
+    from the checkpoint's headers (fused experts expanded, Mixtral's block_sparse_moe spelled as the module's
+    mlp); what the engine refuses is refused here too."""
+    from awqforge.weight_names import local_shapes, unmatched
+
+    ckpt = tiny_checkpoint(family)
+    shapes = local_shapes(ckpt)
+    model = build_tiny_model(family)
+    adapter = get_adapter(model.config)
+    patterns = ["lm_head", "model.layers.1", "model.layers.0.*"]
+    for i, block in enumerate(adapter.get_layers(model)):
+        for name in adapter.quantizable_linears(block, prefix=f"model.layers.{i}"):
+            patterns += [f"model.layers.{i}.{name}", name, name.rpartition(".")[2]]
+    assert unmatched(patterns, shapes, family) == []
+    check_module_patterns(model, adapter, patterns)  # the engine agrees
+    bogus = ["model.layers.9.*", "mlp.down_projj", "experts.99.up_proj", "feed_forward.experts.0.w9"]
+    assert unmatched(patterns + bogus, shapes, family) == bogus
+    for b in bogus:
+        with pytest.raises(ValueError, match="match"):
+            check_module_patterns(model, adapter, [b])
+
+
+def test_names_unknown_are_not_refused():
+    """An index names tensors without shapes: fused experts then need one shard's header for their count. Model
+    types outside the registry may be renamed on load by transformers: left to the engine's check."""
+    from awqforge.arch import SUPPORTED_FAMILIES
+    from awqforge.weight_names import CHECKED_MODEL_TYPES, unmatched
+
+    assert set(SUPPORTED_FAMILIES) == CHECKED_MODEL_TYPES
+    index_only = {"model.layers.0.feed_forward.experts.gate_up_proj": None, "model.embed_tokens.weight": None}
+    assert unmatched(["experts.3.up_proj", "nothing"], index_only, "llama4_text") is None
+    with_count = {**index_only, "model.layers.1.feed_forward.experts.gate_up_proj": [4, 8, 16]}
+    assert unmatched(
+        ["model.layers.0.feed_forward.experts.3.up_proj", "experts.4.*"], with_count, "llama4_text"
+    ) == ["experts.4.*"]
+    assert unmatched(["x"], None, "llama") is None
+    assert unmatched(["nothing"], with_count, "cohere") is None and unmatched(["x"], with_count, None) is None
+
+
+def test_cli_refuses_a_pattern_that_matches_nothing_before_loading(tiny_checkpoint, tmp_path):
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-m", "awqforge", "quantize", str(tiny_checkpoint("llama")), "--out", str(tmp_path / "o"),
+         "--device", "cpu", "--modules-to-not-convert", "mlp.down_projj"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--modules-to-not-convert: 'mlp.down_projj' matches no module" in proc.stderr
+    assert not (tmp_path / "o").exists()

@@ -27,6 +27,7 @@ FAMILIES = [
     "qwen3_moe",
     "deepseek_v2",
     "deepseek_v3",
+    "llama4_text",
 ]
 MOE_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3"]
 # model types outside the registry that the structural fallback (awqforge.structure) claims: Llama-shaped,
@@ -120,6 +121,19 @@ def tiny_config(family: str, **overrides) -> transformers.PretrainedConfig:
             v_head_dim=32,
             n_group=1,
             topk_group=1,
+        )
+    elif family == "llama4_text":
+        kw.update(  # layer 0 dense, layer 1 MoE (4 routed experts, top-1, a shared expert); layer 0 is NoPE
+            num_attention_heads=4,
+            intermediate_size=128,  # each expert's and the shared expert's
+            intermediate_size_mlp=256,  # the dense layers'
+            num_local_experts=4,
+            num_experts_per_tok=1,
+            interleave_moe_layer_step=2,
+            no_rope_layers=[0, 1],
+            use_qk_norm=True,
+            attention_chunk_size=16,
+            rope_parameters={"rope_type": "default", "rope_theta": 500000.0},
         )
     elif family == "qwen3_moe":
         kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)

@@ -29,7 +29,13 @@ from awqforge.app.models import (
 )
 from awqforge.app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from awqforge.app.services.events import add_event
-from awqforge.app.services.routing import RoutingError, route, waiting_reason
+from awqforge.app.services.routing import (
+    RoutingError,
+    model_config,
+    model_tensor_shapes,
+    route,
+    waiting_reason,
+)
 from awqforge.app.services.storage import store_for
 from awqforge.spec import is_local_path
 
@@ -150,6 +156,23 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
     if errors:
         raise SpecError(errors)
     return spec
+
+
+def check_module_patterns(spec) -> None:
+    """modules_to_not_convert patterns that match no module of the checkpoint are refused now (422), from its
+    tensor names (no torch here). When the names cannot be had (hub unreachable, no safetensors), the job is
+    accepted: the engine checks the patterns against the model itself before any work. So is a model type whose
+    tensors transformers may rename on load (see awqforge.weight_names)."""
+    from awqforge.weight_names import unmatched, unmatched_message
+
+    patterns = spec.quant.modules_to_not_convert
+    if not patterns:
+        return
+    config = model_config(spec.model, spec.revision, spec.source.token) or {}  # cached: routing reads it next
+    shapes = model_tensor_shapes(spec.model, spec.revision, spec.source.token) if config else None
+    missing = unmatched(patterns, shapes, config.get("model_type"))
+    if missing:
+        raise SpecError([FieldError(field="modules_to_not_convert", reason=unmatched_message(missing))])
 
 
 def spec_without_tokens(spec) -> dict:
@@ -314,6 +337,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
             return Created(existing, True)
     spec = spec_from_request(session, body=body, tenant_id=tenant.id)
     check_publish_namespace(spec, tenant)
+    check_module_patterns(spec)
     try:
         chosen = route(spec)
     except RoutingError as exc:

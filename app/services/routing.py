@@ -91,6 +91,95 @@ def model_config(model: str, revision: str | None = None, token: str | None = No
     return config
 
 
+# -- the checkpoint's tensor names (modules_to_not_convert is checked against them at submit) ----------
+
+_shapes_cache: dict[tuple, tuple[float, dict | None]] = {}
+
+
+def model_tensor_shapes(model: str, revision: str | None = None, token: str | None = None) -> dict | None:
+    """Tensor name -> shape (None where only an index names it) of a local checkpoint (its safetensors
+    headers) or a hub model (its index json, else model.safetensors' header by HTTP Range), or None when
+    they cannot be had. Hub look-ups go through the config's client and are cached as the config is."""
+    from awqforge.weight_names import local_shapes
+
+    if model.startswith(("/", "./", "../", "~")):
+        from awqforge.app.services.uploads import allowed_roots
+        from awqforge.errors import InputError
+        from awqforge.resolve import resolve_local_path
+
+        try:
+            return local_shapes(resolve_local_path(model, allowed_roots(), what="model"))
+        except InputError:
+            return None
+    if _hub_offline():
+        return None
+    key = (model, revision, hashlib.sha256((token or "").encode()).hexdigest())
+    hit = _shapes_cache.get(key)
+    if hit is not None and time.monotonic() - hit[0] < _CONFIG_TTL_S:
+        return hit[1]
+    shapes = None
+    try:
+        shapes = _hub_shapes(model, revision, token)
+    except (httpx.HTTPError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        log.info("no tensor names for %s (%s)", model, type(exc).__name__)
+    _shapes_cache[key] = (time.monotonic() - (0 if shapes else _CONFIG_TTL_S - 30), shapes)
+    return shapes
+
+
+def _hub_shapes(model: str, revision: str | None, token: str | None) -> dict | None:
+    from huggingface_hub import constants
+
+    from awqforge.weight_names import SAFETENSORS_INDEX
+
+    endpoint = (settings.HF_ENDPOINT or constants.ENDPOINT).rstrip("/")
+    base = f"{endpoint}/{model}/resolve/{quote(revision or 'main', safe='')}/"
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    r = _hub_client().get(base + SAFETENSORS_INDEX, headers=headers)
+    if r.status_code == 200:
+        weight_map = r.json()["weight_map"]
+        shapes: dict = dict.fromkeys(weight_map)
+        # fused 3-D experts: one shard's header says how many experts (module_names needs the count)
+        fused = next(
+            (t for t in weight_map if t.endswith((".experts.gate_up_proj", ".experts.down_proj"))), None
+        )
+        if fused is not None:
+            header = _remote_header(base + quote(weight_map[fused]), headers)
+            shapes.update({t: info["shape"] for t, info in header.items() if t in shapes})
+        return shapes
+    if r.status_code != 404:
+        return None
+    header = _remote_header(base + "model.safetensors", headers)
+    return {t: info["shape"] for t, info in header.items()}
+
+
+def _remote_header(url: str, headers: dict) -> dict:
+    """A safetensors file's header over HTTP: its first bytes by Range, then the rest of the header if longer
+    (a server that ignores Range is read only as far as the header)."""
+    from awqforge.weight_names import header_length, parse_header
+
+    first = 64 * 1024
+    status, raw = _read_prefix(url, {**headers, "Range": f"bytes=0-{first - 1}"}, first)
+    n = header_length(raw[:8])
+    if len(raw) < 8 + n:
+        if status == 206:
+            raw = raw[:8] + _read_prefix(url, {**headers, "Range": f"bytes=8-{8 + n - 1}"}, n)[1]
+        else:  # no Range support: the body starts at byte 0
+            raw = _read_prefix(url, headers, 8 + n)[1]
+    return parse_header(raw[8 : 8 + n])
+
+
+def _read_prefix(url: str, headers: dict, limit: int) -> tuple[int, bytes]:
+    with _hub_client().stream("GET", url, headers=headers) as r:
+        if r.status_code not in (200, 206):
+            raise httpx.HTTPStatusError(f"{r.status_code} for {url}", request=r.request, response=r)
+        out = bytearray()
+        for chunk in r.iter_bytes():
+            out += chunk
+            if len(out) >= limit:
+                break
+        return r.status_code, bytes(out[:limit])
+
+
 @functools.cache
 def _hub_client() -> httpx.Client:
     """One client for the whole process: its TLS context and connections are made once, not per submit."""

@@ -262,3 +262,82 @@ def test_worker_refuses_paths_outside_the_roots(service, make_key, db_session):
             assert job["status"] == "failed" and "not allowed" in job["error"], job
             for leak in ("/etc", "/usr", "passwd", "hostname"):
                 assert leak not in job["error"], job["error"]
+
+
+# -- modules_to_not_convert against the checkpoint's tensor names, at submit ---------------------------------
+
+
+def _accepted(c, body) -> dict:
+    r = c.post("/v1/jobs", json=body)
+    assert r.status_code == 202, r.text
+    c.post(f"/v1/jobs/{r.json()['id']}/cancel")
+    return r.json()
+
+
+def test_module_pattern_matching_no_module_is_422_for_a_local_checkpoint(service, make_key):
+    with service.client(make_key()) as c:
+        reasons = _reasons(
+            c.post("/v1/jobs", json=service.job_body(modules_to_not_convert=["mlp.down_projj"]))
+        )
+        assert "'mlp.down_projj' matches no module" in reasons["modules_to_not_convert"], reasons
+        reasons = _reasons(
+            c.post("/v1/jobs", json=service.job_body(modules_to_not_convert=["lm_head", "model.layers.7.*"]))
+        )
+        assert reasons["modules_to_not_convert"].startswith("'model.layers.7.*' matches no module"), reasons
+        for patterns in (
+            ["model.layers.0.mlp.down_proj"],
+            ["mlp.down_proj"],
+            ["model.layers.1.*", "lm_head"],
+        ):
+            job = _accepted(c, service.job_body(modules_to_not_convert=patterns))
+            assert job["spec"]["quant"]["modules_to_not_convert"] == patterns
+
+
+@pytest.fixture
+def hub_models(service, monkeypatch):
+    """The tiny checkpoint on a local Hub server (tests/service/hub_server.py) as one file (its header read by
+    HTTP Range) and as an index with one shard; the API pointed at it."""
+    import uuid
+
+    from awqforge.app.core.config import settings
+
+    from .hub_server import HubServer
+
+    hub = HubServer().start()
+    files = {p.name: p.read_bytes() for p in service.model_dir.iterdir() if p.is_file()}
+    tag = uuid.uuid4().hex[:8]  # the API caches names per model id
+    single, sharded = f"acme/tiny-{tag}", f"acme/tiny-sharded-{tag}"
+    hub.add_repo(single, files)
+    from safetensors import safe_open
+
+    with safe_open(str(service.model_dir / "model.safetensors"), "np") as h:
+        index = {"metadata": {}, "weight_map": dict.fromkeys(h.keys(), "model-00001-of-00001.safetensors")}
+    shard_files = {k: v for k, v in files.items() if k != "model.safetensors"}
+    shard_files["model-00001-of-00001.safetensors"] = files["model.safetensors"]
+    shard_files["model.safetensors.index.json"] = json.dumps(index).encode()
+    hub.add_repo(sharded, shard_files)
+    monkeypatch.setattr(settings, "HF_ENDPOINT", hub.url)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    try:
+        yield hub, single, sharded
+    finally:
+        hub.stop()
+
+
+def test_module_pattern_matching_no_module_is_422_for_a_hub_model(service, make_key, hub_models):
+    hub, single, sharded = hub_models
+    with service.client(make_key()) as c:
+        for repo in (single, sharded):
+            body = service.job_body(model=repo, modules_to_not_convert=["self_attn.qq_proj"])
+            reasons = _reasons(c.post("/v1/jobs", json=body))
+            assert "'self_attn.qq_proj' matches no module" in reasons["modules_to_not_convert"], (
+                repo,
+                reasons,
+            )
+            for patterns in (["model.layers.1.self_attn.q_proj"], ["self_attn.q_proj"]):
+                _accepted(c, service.job_body(model=repo, modules_to_not_convert=patterns))
+        # the single file's header came by Range, never the whole file
+        assert hub.count("GET", rf"^/{single}/resolve/main/model\.safetensors$", 206) >= 1
+        assert hub.count("GET", rf"^/{single}/resolve/main/model\.safetensors$", 200) == 0
+        # names that cannot be had (no such repo here): accepted, the engine checks before any work
+        _accepted(c, service.job_body(model="acme/not-on-this-hub", modules_to_not_convert=["anything"]))
