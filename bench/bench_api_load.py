@@ -46,10 +46,18 @@ def _free_port() -> int:
 
 
 def _cpu_s(pid: int) -> float:
-    """CPU seconds (user + system) of a process and its children so far: a cost per request that does not
-    depend on how busy the shared machine is, unlike latency."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) of a process and its descendants so far, the live ones (uvicorn's worker
+    processes with --workers N) included: a cost per request that does not depend on how busy the shared
+    machine is, unlike latency."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        children = [
+            int(c) for t in Path(f"/proc/{pid}/task").iterdir() for c in (t / "children").read_text().split()
+        ]
+    except OSError:  # exited meanwhile: its time is in its parent's children's fields
+        return 0.0
+    own = sum(int(x) for x in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    return own + sum(_cpu_s(c) for c in children)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -296,6 +304,10 @@ def main() -> int:
     ap.add_argument("--baseline-seconds", type=float, default=5.0)
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     ap.add_argument(
+        "--http", choices=["auto", "h11", "httptools"], default="auto", help="uvicorn's HTTP parser"
+    )
+    ap.add_argument("--loop", choices=["auto", "asyncio", "uvloop"], default="auto", help="uvicorn's event loop")
+    ap.add_argument(
         "--client",
         choices=["python", "wrk"],
         default="python",
@@ -359,6 +371,10 @@ def main() -> int:
                 str(port),
                 "--workers",
                 str(args.workers),
+                "--http",
+                args.http,
+                "--loop",
+                args.loop,
                 "--no-access-log",
                 "--log-level",
                 "warning",
