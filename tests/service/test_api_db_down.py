@@ -17,6 +17,7 @@ from tests.service.conftest import free_port
 from tests.service.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.services
+PING_IDLE_S = 1.0
 
 
 @pytest.fixture
@@ -27,7 +28,7 @@ def api_behind_proxy(service):
     proxy.restore()
     url = db_url.replace(pg.netloc, f"{pg.username + '@' if pg.username else ''}127.0.0.1:{proxy.port}")
     port = free_port()
-    env = {**os.environ, "DATABASE_URL": url, "DB_RETRY_AFTER_S": "7"}
+    env = {**os.environ, "DATABASE_URL": url, "DB_RETRY_AFTER_S": "7", "DB_PING_IDLE_S": str(PING_IDLE_S)}
     log = service.home / f"api-proxy-{port}.log"
     with open(log, "wb") as out:
         proc = subprocess.Popen(
@@ -107,3 +108,22 @@ def test_database_down_is_503_with_retry_after_everywhere(service, make_key, api
             time.sleep(0.5)
         assert r.status_code == 200 and r.json()["id"] == job_id, r.text
         assert c.get("/readyz").status_code == 200
+
+
+def test_connections_broken_while_idle_are_replaced_before_use(service, make_key, api_behind_proxy):
+    """Pooled connections are not pinged while in steady use (DB_PING_IDLE_S), but one that broke while idle
+    (the database restarted, the network cut them) is checked and replaced: no request fails for it."""
+    import httpx
+
+    url, proxy = api_behind_proxy
+    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {make_key()}"}, timeout=30) as c:
+        for _ in range(3):
+            assert c.get("/v1/jobs").status_code == 200  # the pool holds connections now
+        proxy.cut()  # every open connection breaks
+        proxy.restore()  # and the database is back at once
+        time.sleep(PING_IDLE_S + 0.5)  # idle for longer than the bound: checked before use
+        for path in ("/v1/jobs", "/v1/jobs?limit=5", "/v1/metrics/summary"):
+            r = c.get(path)
+            assert r.status_code == 200, (path, r.status_code, r.text)
+        r = c.post("/v1/jobs", json=service.job_body(model="someorg/idle"))
+        assert r.status_code == 202, r.text
