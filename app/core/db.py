@@ -22,7 +22,7 @@ log = logging.getLogger("awqforge.db")
 T = TypeVar("T")
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def make_engine(url: str, *, ping_idle_s: float | None = None, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
@@ -39,7 +39,7 @@ def make_engine(url: str, **kwargs) -> Engine:
     if "poolclass" in kwargs:
         return create_engine(url, **kwargs)
     engine = create_engine(url, pool_size=settings.DB_POOL_SIZE, max_overflow=10, **kwargs)
-    _ping_when_idle(engine, settings.DB_PING_IDLE_S)
+    _ping_when_idle(engine, settings.DB_PING_IDLE_S if ping_idle_s is None else ping_idle_s)
     return engine
 
 
