@@ -450,6 +450,11 @@ def test_disk_full_while_writing_artifacts(stack, tiny_models):
     assert_no_slot_leaked(stack)
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known bug (issue 9): the rerun's quant_report.json (wall_time_s) and manifest.json differ from the "
+    "first run's, so publishing them makes a second hub commit; the weights themselves are identical",
+)
 def test_killed_between_the_hub_commit_and_recording_it(stack, tiny_models):
     """The worker dies after the hub stored its commit and before the database learnt of it (the database
     is cut as the hub answers, so the worker is stuck retrying its write when it is killed). The requeued
@@ -493,7 +498,9 @@ def test_killed_between_the_hub_commit_and_recording_it(stack, tiny_models):
             assert job["status"] == "succeeded", job
             assert job["attempts"] == 2 and succeeded_events(stack, job_id) == 1
             repo = hub.repos["faults/crash-awq"]
-            assert len(repo.commits) == 2, [sha for sha, _ in repo.commits]  # the repo's first, and ours
+            (_, ours), *again = repo.commits[1:]
+            changed = {n for _, files in again for n in set(files) | set(ours) if files.get(n) != ours.get(n)}
+            assert len(repo.commits) == 2, f"a second commit; files that differ: {sorted(changed)}"
             assert hub.count("POST", r"/commit/main$", 200) == 1
             awq = [a for a in job["artifacts"] if a["format"] == "awq"]
             assert len(awq) == 1 and awq[0]["hub_revision"] == repo.commits[-1][0], job["artifacts"]
