@@ -116,6 +116,13 @@ class Settings(BaseSettings):
     # routes (more wait in the event loop, holding neither a thread nor a connection).
     DB_POOL_SIZE: int = Field(20, ge=1, le=500)
     IDEMPOTENCY_TTL_HOURS: int = Field(24, ge=24, le=24 * 90)
+    # A read (GET/HEAD) may use an API key's answer (its tenant) for this long without asking the
+    # database: a key revoked in another process still reads for at most this many seconds; it can
+    # change nothing meanwhile (every other method asks the database). 0: always ask.
+    API_KEY_CACHE_S: float = Field(5.0, ge=0, le=300)
+    # A pooled connection idle for longer than this is checked (a round trip) before it is used again;
+    # one in steady use is not. A connection that died meanwhile fails its request with 503, once.
+    DB_PING_IDLE_S: float = Field(1.0, ge=0, le=3600)
 
     # Celery / job execution
     CELERY_QUEUE_PREFIX: str = ""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from sqlalchemy import Engine, create_engine, event, text
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.exc import DBAPIError, DisconnectionError, InterfaceError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from awqforge.app.core.config import settings
@@ -22,7 +22,7 @@ log = logging.getLogger("awqforge.db")
 T = TypeVar("T")
 
 
-def make_engine(url: str, **kwargs) -> Engine:
+def make_engine(url: str, *, ping_idle_s: float | None = None, **kwargs) -> Engine:
     if url.startswith("sqlite"):
         Path(url.split("///", 1)[1]).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, **kwargs)
@@ -36,9 +36,35 @@ def make_engine(url: str, **kwargs) -> Engine:
             cur.close()
 
         return engine
-    if "poolclass" not in kwargs:
-        kwargs.update(pool_pre_ping=True, pool_size=settings.DB_POOL_SIZE, max_overflow=10)
-    return create_engine(url, **kwargs)
+    if "poolclass" in kwargs:
+        return create_engine(url, **kwargs)
+    engine = create_engine(url, pool_size=settings.DB_POOL_SIZE, max_overflow=10, **kwargs)
+    _ping_when_idle(engine, settings.DB_PING_IDLE_S if ping_idle_s is None else ping_idle_s)
+    return engine
+
+
+def _ping_when_idle(engine: Engine, idle_s: float) -> None:
+    """pool_pre_ping, but only for a connection unused for more than idle_s: a ping is a round trip on
+    every checkout, the largest share of a short request's. A connection that died since its last use
+    (database restarted, network cut) is replaced before use; one checked in less than idle_s ago is used
+    as it is (if it died meanwhile, that request fails as the database being unavailable, and the pool
+    drops its other connections)."""
+
+    @event.listens_for(engine, "checkin")
+    def _checked_in(_dbapi_conn, record) -> None:
+        record.info["checked_in_at"] = time.monotonic()
+
+    @event.listens_for(engine, "checkout")
+    def _checkout(dbapi_conn, record, _proxy) -> None:
+        last = record.info.get("checked_in_at")
+        if last is None or time.monotonic() - last <= idle_s:
+            return  # new, or in steady use
+        try:
+            engine.dialect.do_ping(dbapi_conn)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            if not engine.dialect.is_disconnect(exc, dbapi_conn, None):
+                raise
+            raise DisconnectionError("connection lost while idle") from exc  # the pool takes a new one
 
 
 @lru_cache(maxsize=1)
@@ -63,8 +89,13 @@ def _session_factory() -> sessionmaker[Session]:
     return sessionmaker(bind=get_engine(), expire_on_commit=False)
 
 
+def new_session() -> Session:
+    """A session; it takes a pooled connection at its first statement, not before."""
+    return _session_factory()()
+
+
 def get_db() -> Iterator[Session]:
-    with _session_factory()() as session:
+    with new_session() as session:
         yield session
 
 

@@ -53,6 +53,7 @@ SERVICE_ENV = {
     "TENANT_MAX_QUEUED_JOBS": "20",
     "MAX_UPLOAD_BYTES": str(256 * 1024),
     "PUBLISH_BACKEND": "local",  # tokens still travel (and must stay hidden); uploads go to HUB_DIR
+    "API_KEY_CACHE_S": "1",  # reads use the key cache; a revocation reaches them within 1 s
 }
 _CLEARED = ("BROKER_URL", "SECRET_KEY", "HF_ENDPOINT", "HF_TOKEN", "ENVIRONMENT")
 

@@ -23,6 +23,7 @@ import hashlib
 import json
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -82,6 +83,9 @@ class HubServer:
         self.gated_access: dict[str, set[str]] = {}
         self.faults: list[Fault] = []
         self.requests: list[tuple[str, str, int]] = []  # (method, path, status answered)
+        # Called with the repo id once a commit is stored, before it is answered (a test breaks something
+        # there: the commit is made whatever the client learns of it).
+        self.on_commit: Callable[[str], None] | None = None
         self.lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
@@ -338,6 +342,8 @@ class HubServer:
                     elif item["key"] != "header":
                         return self._error(400, None, f"unsupported commit operation {item['key']}")
                 sha = repo.commit(files, ref=rev)
+                if hub.on_commit is not None:
+                    hub.on_commit(repo_id)
                 self._send(
                     200, {"success": True, "commitOid": sha, "commitUrl": f"{hub.url}/{repo_id}/commit/{sha}"}
                 )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 pytestmark = pytest.mark.services
@@ -45,6 +47,7 @@ def test_readyz_is_503_when_a_dependency_is_down(service, monkeypatch):
 
 def test_auth_required_and_revoked_keys(service, make_key):
     from awqforge.app.cli import keys_command
+    from awqforge.app.core.config import settings
 
     with service.client(None) as c:
         assert c.get("/v1/jobs").status_code == 401
@@ -53,7 +56,38 @@ def test_auth_required_and_revoked_keys(service, make_key):
     key = make_key()
     with service.client(key) as c:
         assert c.get("/v1/jobs").status_code == 200
-        assert keys_command(["revoke", key.split("_")[1]]) == 0
+        assert c.get("/v1/jobs").status_code == 200  # answered from the key cache
+        assert keys_command(["revoke", key.split("_")[1]]) == 0  # the database only, as another process would
+        # A revoked key changes nothing at once: every method but GET/HEAD asks the database.
+        r = c.post("/v1/jobs", json=service.job_body())
+        assert r.status_code == 401 and "revoked" in r.text
+        # A read may be answered from the key cache for at most API_KEY_CACHE_S after the revocation.
+        time.sleep(settings.API_KEY_CACHE_S)
+        assert c.get("/v1/jobs").status_code == 401
+        assert c.get("/v1/jobs").status_code == 401
+
+
+def test_key_cache_answers_only_what_the_database_accepted(service, make_key, db_session):
+    """The cache keeps a key's tenant only after the database accepted that very key: a wrong secret with a
+    cached key's id is refused, and a revoked key is forgotten when it is next checked."""
+    from awqforge.app.api.deps import cached_tenant, tenant_for_key
+    from awqforge.app.models import ApiKey, utcnow
+
+    key = make_key()
+    wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
+    assert cached_tenant(key) is None
+    with service.client(key) as c:
+        assert c.get("/v1/jobs").status_code == 200
+    cached = cached_tenant(key)
+    assert cached is not None and cached.id == tenant_for_key(db_session, key).id
+    assert cached_tenant(wrong) is None
+    with service.client(wrong) as c:
+        assert c.get("/v1/jobs").status_code == 401
+    db_session.get(ApiKey, key.split("_")[1]).revoked_at = utcnow()
+    db_session.commit()
+    assert tenant_for_key(db_session, key) is None
+    assert cached_tenant(key) is None  # the refusal dropped it: no read is answered from it any more
+    with service.client(key) as c:
         assert c.get("/v1/jobs").status_code == 401
 
 

@@ -17,6 +17,7 @@ from tests.service.conftest import free_port
 from tests.service.tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.services
+PING_IDLE_S = 1.0
 
 
 @pytest.fixture
@@ -116,3 +117,36 @@ def test_database_down_is_503_with_retry_after_everywhere(service, make_key, api
             time.sleep(0.5)
         assert r.status_code == 200 and r.json()["id"] == job_id, r.text
         assert c.get("/readyz").status_code == 200
+
+
+@pytest.mark.parametrize("idle_s", [PING_IDLE_S, 3600.0])
+def test_connections_broken_while_idle_are_replaced_before_use(service, idle_s):
+    """Pooled connections are not pinged while in steady use (DB_PING_IDLE_S), but one that broke while idle
+    for longer (the database restarted, the network cut it) is checked and replaced before use. The second
+    case shows what the check is for: a connection used again within the bound is not checked."""
+    from sqlalchemy import exc, text
+
+    from awqforge.app.core.db import make_engine
+
+    db_url = os.environ["DATABASE_URL"]
+    pg = urlparse(db_url)
+    proxy = TcpProxy((pg.hostname or "127.0.0.1", pg.port or 5432))
+    engine = make_engine(
+        db_url.replace(pg.netloc, f"{pg.username + '@' if pg.username else ''}127.0.0.1:{proxy.port}"),
+        ping_idle_s=idle_s,
+    )
+    try:
+        with engine.connect() as conn:
+            first = conn.execute(text("SELECT pg_backend_pid()")).scalar()
+        proxy.cut()  # the pooled connection breaks
+        proxy.restore()  # and the database is back at once
+        time.sleep(PING_IDLE_S + 0.5)
+        if idle_s == PING_IDLE_S:  # idle for longer than the bound: replaced before use
+            with engine.connect() as conn:
+                assert conn.execute(text("SELECT pg_backend_pid()")).scalar() != first
+        else:  # within the bound: used as it is, and its failure says the connection is gone
+            with pytest.raises(exc.OperationalError), engine.connect() as conn:
+                conn.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+        proxy.close()
