@@ -138,6 +138,31 @@ def _no_copies_left(cluster, *workers: str) -> None:
         assert not art.exists() or not any(art.rglob("*.safetensors")), sorted(art.rglob("*"))
 
 
+def _kill_mid_commit(cluster, env, c, job_id: str, held) -> None:
+    """SIGKILL of worker w1 (main process and pool child) while the hub holds its commit; w2 starts on another
+    "machine" and takes the job over once the API's reaper sees the stale heartbeat."""
+    assert held.arrived.wait(300), "the publish never reached the commit"
+    w1 = cluster.workers.pop("w1")
+    os.killpg(w1.pid, signal.SIGKILL)
+    w1.wait()
+    assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+    cluster.start_worker("w2", ["cpu"], env=env)
+
+
+def _assert_only_published_after(events: list, marker: str) -> list[str]:
+    """From the last event whose message is `marker` on: nothing but publishing ran (no engine stage, no whole
+    run), the job was requeued to publish once and published once. Returns those events' messages."""
+    start = max(i for i, (_, _, m) in enumerate(events) if m == marker)
+    after = events[start:]
+    messages = [m or "" for _, _, m in after]
+    assert not [e for e in after if e[1] in ENGINE_STAGES], after
+    assert not any(m.startswith("running on") for m in messages), messages
+    assert messages.count("worker lost (heartbeat stale): requeued to publish") == 1, messages
+    assert any(m.startswith("publishing on w2") and "(attempt 2)" in m for m in messages), messages
+    assert messages[-1] == "published" and messages.count("published") == 1, messages
+    return messages
+
+
 def test_publish_retry_reads_the_artifact_set_from_the_object_store(service, make_key, moto, hub, deployment):
     cluster, _, _ = deployment
     repo_id = f"acme/s3-retry-{uuid.uuid4().hex[:6]}"
@@ -177,12 +202,7 @@ def test_worker_killed_during_publish_retry_publishes_once_without_rerunning(
         try:
             r = c.post(f"/v1/jobs/{job_id}/publish", json={"token": ALICE})
             assert r.status_code == 202, r.text
-            assert held.arrived.wait(180), "the publish retry never reached the commit"
-            w1 = cluster.workers.pop("w1")
-            os.killpg(w1.pid, signal.SIGKILL)  # the whole worker (main process and pool child), mid-commit
-            w1.wait()
-            assert c.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
-            cluster.start_worker("w2", ["cpu"], env=env)  # another machine takes it over after the reaper
+            _kill_mid_commit(cluster, env, c, job_id, held)
         finally:
             held.release.set()  # answered to nobody: the held commit was never applied
         job = wait_for_status(c, job_id, DONE, timeout=240)
@@ -191,20 +211,41 @@ def test_worker_killed_during_publish_retry_publishes_once_without_rerunning(
     assert _artifact_set(job_id) == before  # the same artifact set: ids, locations, files and sha256s
     _assert_one_commit_of_the_artifact(moto, hub, repo_id, before)
 
-    events = _events(job_id)
-    queued = max(i for i, (_, _, m) in enumerate(events) if m == "publish queued")
-    after = events[queued:]
-    messages = [m or "" for _, _, m in after]
-    assert any(m.startswith("publishing on w1") for m in messages), messages
-    assert "worker lost (heartbeat stale): requeued to publish" in messages, messages
-    assert any(m.startswith("publishing on w2") and "(attempt 2)" in m for m in messages), messages
-    # nothing but publishing ran after the retry was queued: no engine stage, no whole run
-    assert not [e for e in after if e[1] in ENGINE_STAGES], after
-    assert not any(m.startswith("running on") for m in messages), messages
-    assert messages[-1] == "published" and messages.count("published") == 1
+    messages = _assert_only_published_after(_events(job_id), "publish queued")
+    assert any(m.startswith("publishing on w1") and "(attempt 1)" in m for m in messages), messages
     _no_copies_left(cluster, "w2")
     # The killed worker's download stays in that job's scratch folder (a publish of the job there replaces it).
     w1_art = cluster.home("w1") / "artifacts"
     assert [
         p for p in w1_art.rglob("*.safetensors") if not p.is_relative_to(w1_art / ".publish" / job_id)
     ] == []
+
+
+def test_worker_killed_during_the_first_publish_publishes_the_recorded_set(
+    service, make_key, moto, hub, deployment
+):
+    """Lost while publishing the run's own result: the artifact set is recorded (the stage says publish in the
+    same commit), so the requeued job publishes it from the store; quantization is not run again."""
+    cluster, env, _ = deployment
+    repo_id = f"acme/s3-first-{uuid.uuid4().hex[:6]}"
+    held = hub.hold("POST", rf"/api/models/{repo_id}/commit/main$")
+    body = service.job_body(eval={"enabled": False}, publish={"repo_id": repo_id, "token": ALICE})
+    with cluster.client(_key(make_key)) as c:
+        try:
+            r = c.post("/v1/jobs", json=body)
+            assert r.status_code == 202, r.text
+            job_id = r.json()["id"]
+            _kill_mid_commit(cluster, env, c, job_id, held)
+            before = _artifact_set(job_id)
+            assert before and all(v[1].startswith("s3://") for v in before.values())
+        finally:
+            held.release.set()
+        job = wait_for_status(c, job_id, DONE, timeout=240)
+        assert job["status"] == "succeeded", job
+        assert job["stage"] == "publish" and job["attempts"] == 2, job  # the run, then one publish run
+        assert "SECRET" not in str(job)
+    assert _artifact_set(job_id) == before
+    _assert_one_commit_of_the_artifact(moto, hub, repo_id, before)
+    events = _events(job_id)
+    assert sum(1 for _, _, m in events if (m or "").startswith("running on")) == 1  # one run, never again
+    _assert_only_published_after(events, "publishing to " + repo_id)
