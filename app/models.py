@@ -65,6 +65,9 @@ class JobStatus(str, enum.Enum):
 
 
 TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# A job at this stage has its artifact set recorded: it only publishes from then on (a publish retry, or a
+# run lost while publishing), whichever task carries it; the artifacts are never made again.
+PUBLISH_STAGE = "publish"
 
 
 class Base(DeclarativeBase):
@@ -204,6 +207,9 @@ class Artifact(Base):
     format: Mapped[str] = mapped_column(String(32))  # awq | compressed-tensors | report
     path: Mapped[str] = mapped_column(Text)  # folder (or file) under ARTIFACT_DIR
     size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # [{"path", "size_bytes", "sha256"}] as the worker wrote them (None for rows older than 0006): what a
+    # publish retry checks its copy against, wherever the store is.
+    files: Mapped[list | None] = mapped_column(JSON, nullable=True)
     published_to: Mapped[str | None] = mapped_column(Text, nullable=True)
     commit_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     hub_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the publish commit

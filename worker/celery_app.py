@@ -12,7 +12,15 @@ from kombu import Exchange, Queue
 from awqforge.app.core.config import settings
 
 TASK_RUN_JOB = "awqforge.run_job"
-TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a finished job's artifacts again
+TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a job's recorded artifacts (again)
+
+
+def task_for(stage: str | None) -> str:
+    """The task that carries a queued job on: one at the publish stage (its artifact set recorded) only
+    publishes; any other runs (or resumes) the whole job."""
+    from awqforge.app.models import PUBLISH_STAGE
+
+    return TASK_PUBLISH_JOB if stage == PUBLISH_STAGE else TASK_RUN_JOB
 
 
 def _transport_options() -> dict:

@@ -14,6 +14,7 @@ import socket
 import threading
 import time
 import traceback
+from contextlib import ExitStack
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from awqforge.app.core.config import settings
 from awqforge.app.core.db import in_session_retrying, session_scope
 from awqforge.app.core.security import decrypt_secret
 from awqforge.app.models import (
+    PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
     Job,
@@ -35,7 +37,7 @@ from awqforge.app.models import (
     utcnow,
 )
 from awqforge.app.services.events import add_event
-from awqforge.app.services.storage import artifact_store
+from awqforge.app.services.storage import artifact_store, file_manifest, store_for
 from awqforge.app.services.uploads import allowed_roots
 
 log = logging.getLogger("awqforge.worker")
@@ -59,7 +61,8 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
     """Atomically move a job to running. Returns (outcome, job); job is None unless claimed.
 
     Claimable: queued, or running with a stale heartbeat, or running on this same worker (a
-    redelivery after this worker's child died). A succeeded/failed/cancelled job is never rerun.
+    redelivery after this worker's child died). A succeeded/failed/cancelled job is never rerun, nor is one
+    at the publish stage (its artifact set is recorded): outcome "publish", the caller publishes it.
     """
     now = utcnow()
     stale = now - timedelta(seconds=settings.HEARTBEAT_STALE_S)
@@ -81,6 +84,7 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
                 claimable,
                 Job.cancel_requested.is_(False),
                 Job.attempts < settings.MAX_ATTEMPTS,
+                or_(Job.stage.is_(None), Job.stage != PUBLISH_STAGE),
             )
             .values(
                 status=JobStatus.RUNNING.value,
@@ -98,6 +102,8 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         )
         if res.rowcount != 1:
             s.refresh(job)
+            if job.stage == PUBLISH_STAGE and job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+                return "publish", None
             if job.cancel_requested and job.status == JobStatus.QUEUED.value:
                 _finish(s, job, JobStatus.CANCELLED, message="cancelled before it started")
                 return "cancelled", None
@@ -128,14 +134,14 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         return "claimed", job
 
 
-def _requeue_for_shutdown(s, job_id: str) -> None:
+def _requeue_for_shutdown(s, job_id: str, *, stage: str | None = None) -> None:
     s.execute(
         update(Job)
         .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
         .values(
             status=JobStatus.QUEUED.value,
             worker=None,
-            stage=None,
+            stage=stage,
             progress=0.0,
             eta_s=None,
             dispatched_at=None,
@@ -404,21 +410,43 @@ def publish_artifacts(
     job_id: str, *, repo_id: str, private: bool, tokens: _Tokens, local: dict[str, Path] | None = None
 ) -> float:
     """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
-    `local`: the artifacts' folders on this machine by format (the run that just made them), else the
-    recorded paths. Returns the seconds it took. Raises awqforge.worker.hub.PublishRefused or the hub's error."""
+    `local`: the artifacts' folders on this machine by format (the run that just made them); else the
+    recorded artifact set is read from its store, wherever that is (an object store: downloaded into a
+    temporary folder, removed afterwards), and checked against its recorded sha256s first.
+    Returns the seconds it took. Raises awqforge.worker.hub.PublishRefused, ArtifactMismatch or the hub's error."""
     from awqforge.worker.hub import hub_for
 
     t0 = time.monotonic()
-    if local is not None:
-        arts = list(local.items())
-    else:
-        with session_scope() as s:
+    with ExitStack() as copies:
+        if local is not None:
+            arts = [(fmt, p) for fmt, p in local.items() if fmt != "report"]
+        else:
+            with session_scope() as s:
+                rows = [
+                    (a.format, a.path, a.files)
+                    for a in s.scalars(
+                        select(Artifact)
+                        .where(Artifact.job_id == job_id, Artifact.format != "report")
+                        .order_by(Artifact.format)
+                    )
+                ]
+            if not rows:
+                raise ValueError("the job has no recorded artifacts to publish")
+            # One folder per job and format: a publish of this job run again on this machine replaces what a
+            # killed one left there.
+            scratch = settings.ARTIFACT_DIR / ".publish" / job_id
+            copies.callback(shutil.rmtree, scratch, ignore_errors=True)
             arts = [
-                (a.format, Path(a.path)) for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))
+                (
+                    fmt,
+                    copies.enter_context(
+                        store_for(path).local_copy(path, files=files, scratch=scratch / fmt)
+                    ),
+                )
+                for fmt, path, files in rows
             ]
-    arts = [(fmt, p) for fmt, p in arts if fmt != "report"]
-    folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
-    published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
+        folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
+        published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
     remote = published.commit_url is not None
     with session_scope() as s:
         for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format != "report")):
@@ -459,21 +487,71 @@ def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
     return "failed"
 
 
-def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
-    """Publish again the artifacts of a job queued by POST /v1/jobs/{id}/publish."""
-    worker_name = worker_name or socket.gethostname()
+def claim_publish(job_id: str, worker_name: str) -> tuple[str, Job | None]:
+    """Atomically move a job at the publish stage to running, as claim_job does for a whole run: queued
+    (by POST /v1/jobs/{id}/publish, or requeued after its worker was lost while publishing), or running with
+    a stale heartbeat or on this same worker (a redelivery). `attempts` counts the publish runs."""
     now = utcnow()
+    stale = now - timedelta(seconds=settings.HEARTBEAT_STALE_S)
+    claimable = (Job.stage == PUBLISH_STAGE) & or_(
+        Job.status == JobStatus.QUEUED.value,
+        (Job.status == JobStatus.RUNNING.value)
+        & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
+    )
     with session_scope() as s:
         res = s.execute(
             update(Job)
-            .where(Job.id == job_id, Job.status == JobStatus.QUEUED.value, Job.stage == "publish")
-            .values(status=JobStatus.RUNNING.value, worker=worker_name, heartbeat_at=now, updated_at=now)
+            .where(
+                Job.id == job_id,
+                claimable,
+                Job.cancel_requested.is_(False),
+                Job.attempts < settings.MAX_ATTEMPTS,
+            )
+            .values(
+                status=JobStatus.RUNNING.value,
+                worker=worker_name,
+                heartbeat_at=now,
+                attempts=Job.attempts + 1,
+                error=None,
+                updated_at=now,
+            )
             .execution_options(synchronize_session=False)
         )
-        if res.rowcount != 1:
-            return "not claimable"
         job = s.get(Job, job_id)
+        if job is None:
+            return "missing", None
+        if res.rowcount != 1:
+            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
+                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            ):
+                _finish(
+                    s,
+                    job,
+                    JobStatus.FAILED,
+                    error=f"publish gave up after {job.attempts} attempts (worker lost; artifacts kept)",
+                )
+                return "gave up", None
+            return f"not claimable ({job.status}, {job.stage})", None
+        s.refresh(job)
+        add_event(
+            s,
+            job_id=job_id,
+            kind="status",
+            stage=PUBLISH_STAGE,
+            message=f"publishing on {worker_name} (attempt {job.attempts})",
+        )
         s.expunge(job)
+        return "claimed", job
+
+
+def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
+    """Publish the recorded artifact set of a job at the publish stage (POST /v1/jobs/{id}/publish, or a run
+    lost while publishing), read from its store; nothing is quantized or packaged again."""
+    worker_name = worker_name or socket.gethostname()
+    outcome, job = claim_publish(job_id, worker_name)
+    if job is None:
+        log.info("job %s not published: %s", job_id, outcome)
+        return outcome
     _forbid_implicit_hub_token()
     tokens = _tokens(job)
     reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True)
@@ -486,8 +564,13 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
         )
     except Exception as exc:
         return _publish_failed(job_id, reporter, exc)
+    except BaseException:  # the worker is going away: publish again on the next one
+        _db(lambda s: _requeue_for_shutdown(s, job_id, stage=PUBLISH_STAGE), "requeue")
+        raise
     finally:
         reporter.stop()
+        # a run lost while publishing left its checkpoints: the artifact set is final, they are not needed
+        shutil.rmtree(job_work_dir(job), ignore_errors=True)
     with session_scope() as s:
         row = s.get(Job, job_id)
         metrics = s.get(JobMetrics, job_id)
@@ -501,6 +584,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
     """Run one job to a terminal state. Safe to call again for the same id (redelivery)."""
     worker_name = worker_name or f"{socket.gethostname()}"
     outcome, job = claim_job(job_id, worker_name)
+    if outcome == "publish":  # its artifact set is recorded: a run message (stale, or resent) only publishes
+        return run_publish(job_id, worker_name=worker_name)
     if job is None:
         log.info("job %s not run: %s", job_id, outcome)
         return outcome
@@ -532,6 +617,21 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         )
 
         store = artifact_store()
+        made = {str(getattr(fmt, "value", fmt)): Path(p) for fmt, p in dict(result.artifacts).items()}
+        report = getattr(result, "report_path", None)
+        inside = report and any(Path(report).resolve().is_relative_to(p.resolve()) for p in made.values())
+        if report and Path(report).exists() and not inside:
+            made["report"] = Path(report)
+        # Files hashed, then stored (uploaded), before the transaction that records them.
+        stored = [
+            dict(
+                format=fmt,
+                files=file_manifest(p),
+                path=store.put_dir(p, key=f"tenant-{job.tenant_id}/{job_id}/{fmt}"),
+                size_bytes=_dir_size(p),
+            )
+            for fmt, p in made.items()
+        ]
 
         def record_result(s) -> None:
             # idempotent: a run that recorded its result and was then lost records it again on resume
@@ -544,42 +644,24 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 )
             )
             s.add_all(_layer_row(job_id, m) for m in (result.layers or []))
-            for fmt, path in dict(result.artifacts).items():
-                fmt_name = str(getattr(fmt, "value", fmt))
-                s.add(
-                    Artifact(
-                        job_id=job_id,
-                        format=fmt_name,
-                        path=store.put_dir(Path(path), key=f"tenant-{job.tenant_id}/{job_id}/{fmt_name}"),
-                        size_bytes=_dir_size(Path(path)),
-                    )
-                )
-            report = getattr(result, "report_path", None)
-            inside = report and any(
-                Path(report).resolve().is_relative_to(Path(p).resolve())
-                for p in dict(result.artifacts).values()
-            )
-            if report and Path(report).exists() and not inside:
-                s.add(
-                    Artifact(
-                        job_id=job_id,
-                        format="report",
-                        path=store.put_dir(Path(report), key=f"tenant-{job.tenant_id}/{job_id}/report"),
-                        size_bytes=_dir_size(Path(report)),
-                    )
-                )
+            s.add_all(Artifact(job_id=job_id, **a) for a in stored)
             s.execute(
                 update(Job)
                 .where(Job.id == job_id)
-                .values(source_sha=getattr(result, "source_revision", None))
+                .values(
+                    source_sha=getattr(result, "source_revision", None),
+                    # With the artifact set, in the same commit: from here on the job only publishes.
+                    **({"stage": PUBLISH_STAGE} if spec.publish is not None else {}),
+                )
                 .execution_options(synchronize_session=False)
             )
 
         _db(record_result, "recording the result")
         if spec.publish is not None:
+            reporter.stage = PUBLISH_STAGE
             if reporter.cancel():
                 raise JobCancelledByUser()
-            reporter.set_stage("publish", 0.0, f"publishing to {spec.publish.repo_id}")
+            reporter.set_stage(PUBLISH_STAGE, 0.0, f"publishing to {spec.publish.repo_id}")
             try:
                 publish_s = publish_artifacts(
                     job_id,
@@ -590,6 +672,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 )
             except Exception as exc:
                 shutil.rmtree(work_dir, ignore_errors=True)  # the artifacts are kept: no block is rerun
+                if store.remote:  # kept in the object store: a publish retry on any machine reads them there
+                    shutil.rmtree(out_dir, ignore_errors=True)
                 return _publish_failed(job_id, reporter, exc)
             reporter.set_stage("publish", 1.0)
 
@@ -614,12 +698,17 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         cancelled = (
             isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
         )
-        shutil.rmtree(out_dir, ignore_errors=True)
+        publishing = reporter.stage == PUBLISH_STAGE  # its artifact set is recorded
         if not isinstance(exc, Exception) and not cancelled:
             # The worker is going away (SystemExit, KeyboardInterrupt), not the job failing: queue it again
-            # with its checkpoints kept; the reconciler sends it and the next worker resumes it.
-            _db(lambda s: _requeue_for_shutdown(s, job_id), "requeue")
+            # with its checkpoints kept; the reconciler sends it and the next worker resumes it. One lost
+            # while publishing is queued to publish its recorded artifact set, which stays where it is stored.
+            if not publishing or artifact_store().remote:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            stage = PUBLISH_STAGE if publishing else None
+            _db(lambda s: _requeue_for_shutdown(s, job_id, stage=stage), "requeue")
             raise
+        shutil.rmtree(out_dir, ignore_errors=True)
         shutil.rmtree(work_dir, ignore_errors=True)
 
         from awqforge.errors import describe  # one readable line, as the CLI prints it

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 from awqforge.app.core.config import settings
 from awqforge.app.core.security import encrypt_secret
 from awqforge.app.models import (
+    PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
     IdempotencyKey,
@@ -235,9 +236,10 @@ def _check_limit(session: Session, tenant: Tenant) -> None:
 
 
 def send_job(job: Job) -> None:
-    from awqforge.worker.celery_app import TASK_RUN_JOB, celery_app
+    """Send the job's task by name: the whole run, or only the publish of its recorded artifact set."""
+    from awqforge.worker.celery_app import celery_app, task_for
 
-    celery_app.send_task(TASK_RUN_JOB, args=[job.id], queue=settings.queue_name(job.queue))
+    celery_app.send_task(task_for(job.stage), args=[job.id], queue=settings.queue_name(job.queue))
 
 
 def _dispatch(session: Session, job: Job) -> bool:
@@ -479,12 +481,11 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
 
 def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
     """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
-    the hub makes no new commit when its files already match)."""
-    from awqforge.worker.celery_app import TASK_PUBLISH_JOB, celery_app
-
+    the hub makes no new commit when its files already match). The job stays at the publish stage until it
+    ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
     if not job.spec.get("publish"):
         raise ServiceError(409, "this job has no publish settings")
-    failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == "publish"
+    failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == PUBLISH_STAGE
     if not (failed_at_publish or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
         raise ServiceError(
             409,
@@ -492,21 +493,17 @@ def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | No
         )
     _check_limit(session, tenant)
     job.status = JobStatus.QUEUED.value
-    job.stage = "publish"
+    job.stage = PUBLISH_STAGE
     job.error = None
     job.finished_at = None
+    job.attempts = 0  # counts the publish runs from here
+    job.worker = None
     job.publish_token_enc = encrypt_secret(token) if token else None
-    add_event(session, job_id=job.id, kind="status", stage="publish", message="publish queued")
+    job.dispatched_at = utcnow()
+    job.dispatches = (job.dispatches or 0) + 1
+    add_event(session, job_id=job.id, kind="status", stage=PUBLISH_STAGE, message="publish queued")
     session.commit()
-    try:
-        celery_app.send_task(TASK_PUBLISH_JOB, args=[job.id], queue=settings.queue_name(job.queue))
-    except Exception as exc:
-        job.status = JobStatus.FAILED.value
-        job.error = "could not queue the publish: the broker is unreachable; retry later"
-        job.finished_at = utcnow()
-        job.publish_token_enc = None
-        session.commit()
-        raise ServiceError(503, job.error) from exc
+    _dispatch(session, job)  # broker down: stays queued, the reconciler sends it (to the publish task)
     return job
 
 
@@ -542,14 +539,17 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
                 if new_status == JobStatus.FAILED
                 else None,
                 finished_at=utcnow() if give_up else None,
-                # A requeued job starts over in the listing (it resumes from its checkpoints).
+                # A requeued job starts over in the listing (it resumes from its checkpoints); one lost while
+                # publishing keeps its stage: its artifact set is recorded, it is sent to publish only.
                 **(
                     {}
                     if give_up
                     else {
-                        "stage": None,
-                        "progress": 0.0,
-                        "eta_s": None,
+                        **(
+                            {}
+                            if job.stage == PUBLISH_STAGE
+                            else {"stage": None, "progress": 0.0, "eta_s": None}
+                        ),
                         "dispatched_at": utcnow(),
                         "dispatches": Job.dispatches + 1,
                     }
@@ -563,7 +563,13 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
             session,
             job_id=job.id,
             kind="status",
-            message="worker lost (heartbeat stale): " + ("requeued" if not give_up else new_status.value),
+            stage=PUBLISH_STAGE if job.stage == PUBLISH_STAGE else None,
+            message="worker lost (heartbeat stale): "
+            + (
+                ("requeued to publish" if job.stage == PUBLISH_STAGE else "requeued")
+                if not give_up
+                else new_status.value
+            ),
         )
         session.commit()
         if not give_up and _dispatch(session, job):

@@ -14,8 +14,10 @@ change of ARTIFACT_STORE stay readable. Torch-free: the API imports this.
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
@@ -31,10 +33,56 @@ class StoredFile:
     size_bytes: int
 
 
+class ArtifactMismatch(Exception):
+    """A stored artifact's files are not the ones its run recorded (missing, extra or different bytes)."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _local_files(root: Path) -> list[tuple[str, Path]]:
+    if root.is_file():
+        return [(root.name, root)]
+    return sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
+
+
+def file_manifest(local: Path) -> list[dict]:
+    """Every file of a finished artifact (a folder, or one file): path, size and sha256, as recorded in
+    artifacts.files."""
+    return [
+        {"path": rel, "size_bytes": p.stat().st_size, "sha256": _sha256(p)}
+        for rel, p in _local_files(Path(local))
+    ]
+
+
+def check_manifest(local: Path, files: list[dict]) -> None:
+    """Raise ArtifactMismatch unless `local` holds exactly the recorded files, byte for byte."""
+    want = {f["path"]: f["sha256"] for f in files}
+    have = {f["path"]: f["sha256"] for f in file_manifest(local)}
+    problems = [f"{p}: missing" for p in sorted(want.keys() - have.keys())]
+    problems += [f"{p}: not recorded" for p in sorted(have.keys() - want.keys())]
+    problems += [f"{p}: sha256 differs" for p in sorted(want.keys() & have.keys()) if want[p] != have[p]]
+    if problems:
+        raise ArtifactMismatch("the stored artifact is not the one recorded: " + "; ".join(problems[:5]))
+
+
 class ArtifactStore:
     """What the worker and the API need from a store."""
 
     remote = False
+
+    def local_copy(
+        self, location: str, *, files: list[dict] | None, scratch: Path
+    ) -> AbstractContextManager[Path]:
+        """The artifact as a folder on this machine, checked against its recorded `files` (when recorded);
+        a remote store downloads it into the folder `scratch` (emptied first: a copy left by a killed run
+        goes), removed on exit."""
+        raise NotImplementedError
 
     def put_dir(self, local: Path, *, key: str) -> str:
         """Store a finished artifact folder (or file); returns its location (kept in artifacts.path)."""
@@ -50,6 +98,13 @@ class ArtifactStore:
 class LocalStore(ArtifactStore):
     def put_dir(self, local: Path, *, key: str) -> str:
         return str(Path(local).resolve())
+
+    @contextmanager
+    def local_copy(self, location: str, *, files: list[dict] | None, scratch: Path) -> Iterator[Path]:
+        root = Path(location)  # already here (one machine, or a shared volume): read in place
+        if files is not None:
+            check_manifest(root, files)
+        yield root
 
     def list_files(self, location: str) -> list[StoredFile]:
         root = Path(location)
@@ -166,6 +221,38 @@ class S3Store(ArtifactStore):
             yield from body.iter_chunks(chunk)
         finally:
             body.close()
+
+    def download(self, location: str, dest: Path, *, paths: list[str] | None = None) -> None:
+        """Download the artifact's files (`paths`, else every object under its prefix) into folder `dest`."""
+        from botocore.exceptions import ClientError
+
+        bucket, _ = self._split(location)
+        for rel in paths if paths is not None else [f.path for f in self.list_files(location)]:
+            bk = self._key(location, rel)
+            if bk is None:
+                raise ArtifactMismatch(f"the stored artifact lists a file that is not a key: {rel!r}")
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.client.download_file(bucket, bk[1], str(target), Config=self.transfer)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+                    raise ArtifactMismatch(
+                        f"the stored artifact is not the one recorded: {rel}: missing"
+                    ) from exc
+                raise
+
+    @contextmanager
+    def local_copy(self, location: str, *, files: list[dict] | None, scratch: Path) -> Iterator[Path]:
+        shutil.rmtree(scratch, ignore_errors=True)
+        scratch.mkdir(parents=True)
+        try:
+            self.download(location, scratch, paths=[f["path"] for f in files] if files is not None else None)
+            if files is not None:
+                check_manifest(scratch, files)
+            yield scratch
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def delete(self, location: str) -> None:
         bucket, base = self._split(location)

@@ -13,7 +13,8 @@ Endpoints (as huggingface_hub 1.x/2.x calls them; read from its hf_api.py, file_
 
 Errors carry X-Error-Code as the Hub's do (RepoNotFound, RevisionNotFound, EntryNotFound, GatedRepo), so
 the client raises the same exception types. Faults are injected with `fail(...)`: a status (5xx, 429 with
-Retry-After) answered to the next N matching requests.
+Retry-After) answered to the next N matching requests; `hold(...)` keeps the next matching request unanswered
+until the test releases it (a client killed meanwhile: its request is never applied).
 """
 
 from __future__ import annotations
@@ -70,6 +71,8 @@ class Fault:
     status: int
     times: int
     headers: dict[str, str]
+    arrived: threading.Event | None = None  # hold(): set when the held request has come in
+    release: threading.Event | None = None  # hold(): set by the test to answer it (with `status`)
 
 
 class HubServer:
@@ -124,6 +127,21 @@ class HubServer:
 
     def fail(self, method: str, path_regex: str, status: int, times: int = 1, **headers: str) -> None:
         self.faults.append(Fault(method, re.compile(path_regex), status, times, headers))
+
+    def hold(self, method: str, path_regex: str, status: int = 503) -> Fault:
+        """The next matching request waits, unanswered and not applied, until `fault.release` is set; then it
+        gets `status` (if its client is still there). `fault.arrived` is set once it has come in."""
+        fault = Fault(
+            method,
+            re.compile(path_regex),
+            status,
+            1,
+            {},
+            arrived=threading.Event(),
+            release=threading.Event(),
+        )
+        self.faults.append(fault)
+        return fault
 
     def count(self, method: str, path_regex: str, status: int | None = None) -> int:
         rx = re.compile(path_regex)
@@ -180,7 +198,13 @@ class HubServer:
                     else:
                         return False
                 self._body()
-                self._send(f.status, {"error": "injected fault"}, f.headers, head=self.command == "HEAD")
+                if f.release is not None:
+                    f.arrived.set()
+                    f.release.wait(600)
+                try:
+                    self._send(f.status, {"error": "injected fault"}, f.headers, head=self.command == "HEAD")
+                except OSError:  # the client is gone (killed while its request was held)
+                    self.close_connection = True
                 return True
 
             def _readable(self, repo_id: str, head=False) -> Repo | None:
