@@ -223,13 +223,13 @@ class _JobReporter:
         )
 
     # engine callbacks
-    def progress(self, event: Any) -> None:
+    def progress(self, event: Any, *, force: bool = False) -> None:
         get = event.get if isinstance(event, dict) else lambda k, d=None: getattr(event, k, d)
         stage = _STAGE_ALIASES.get(str(get("stage") or self.stage), str(get("stage") or self.stage))
         frac = float(get("progress", 0.0) or 0.0)
         block, n_blocks = get("block"), get("n_blocks")
         now = time.monotonic()
-        changed = stage != self.stage or block != self._last_block
+        changed = force or stage != self.stage or block != self._last_block
         if not changed and now - self._last_progress_write < 0.5 and frac < 1.0:
             return  # progress at each block; within a block at most twice a second
         self.stage = stage
@@ -271,7 +271,8 @@ class _JobReporter:
         _db(write, "progress")
 
     def set_stage(self, stage: str, frac: float = 0.0, message: str | None = None) -> None:
-        self.progress({"stage": stage, "progress": frac, "message": message})
+        """A stage's start or end: always recorded (never merged away by the progress throttle)."""
+        self.progress({"stage": stage, "progress": frac, "message": message}, force=True)
 
     def log(self, *args: Any, **_kw: Any) -> None:
         message = self.scrub(" ".join(str(a) for a in args))
