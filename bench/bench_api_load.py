@@ -250,6 +250,35 @@ async def wrk_mix(
     return await _wrk_pass(base, key, job_ids, rate, seconds, mix, home, lost)
 
 
+async def wrk_reads(
+    base: str, key: str, job_ids: list[str], inflight: int, seconds: float, home: Path
+) -> dict:
+    """Status reads with `inflight` requests in flight, closed loop, driven by wrk (one thread, one connection
+    per request in flight): the Python client would itself take most of a core at these rates."""
+    ids = ", ".join(f'"{i}"' for i in job_ids)
+    script = home / "wrk-reads.lua"
+    script.write_text(
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        f"ids = {{{ids}}}\n"
+        "request = function() i = (i or 0) % #ids + 1; return wrk.format('GET', '/v1/jobs/' .. ids[i]) end\n"
+    )
+    p = await asyncio.create_subprocess_exec(
+        "wrk",
+        "-t1",
+        f"-c{inflight}",
+        f"-d{seconds:.0f}s",
+        "--latency",
+        "--timeout",
+        "30s",
+        "-s",
+        str(script),
+        base,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+    return _wrk_result((await p.communicate())[0].decode())
+
+
 def _wrk_conns(route_rate: float) -> int:
     return max(2, math.ceil(route_rate / 25))
 
@@ -484,8 +513,22 @@ def main() -> int:
                         c0,
                     )
                 reads, c0 = Recorder(), _cpu_s(proc.pid)
-                await concurrent_reads(client, job_ids, args.inflight, args.duration_reads, reads)
-                show(f"status reads, {args.inflight} in flight for {args.duration_reads:.0f} s", reads, c0)
+                title = f"status reads, {args.inflight} in flight for {args.duration_reads:.0f} s"
+                if args.client == "wrk":
+                    r = await wrk_reads(base, key, job_ids, args.inflight, args.duration_reads, home)
+                    print(
+                        f"\n{title} (wrk, closed loop), server CPU "
+                        f"{(_cpu_s(proc.pid) - c0) / max(r['requests'], 1) * 1e3:.2f} ms per request:\n"
+                        f"  {r['requests']} requests ({r['rps']:.0f}/s), {r['errors']} errors, p50 {r['p50'] * 1e3:.1f} ms, "
+                        f"p90 {r['p90'] * 1e3:.1f} ms, p99 {r['p99'] * 1e3:.1f} ms "
+                        f"({r['p99'] / baseline:.1f}x the baseline's p50)"
+                    )
+                    reads.lat[f"status ({args.inflight} in flight)"] = [r["p99"]]
+                    if r["errors"]:
+                        reads.errors["status reads (wrk)"].extend(["non-2xx or socket error"] * r["errors"])
+                else:
+                    await concurrent_reads(client, job_ids, args.inflight, args.duration_reads, reads)
+                    show(title, reads, c0)
                 burst, c0 = Recorder(), _cpu_s(proc.pid)
                 ids, codes, idem_key = await idempotent_burst(client, args.concurrent, burst)
                 show(f"{args.concurrent} concurrent submissions with one Idempotency-Key", burst, c0)
