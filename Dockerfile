@@ -5,9 +5,10 @@
 #       --build-arg WORKER_BASE=python:3.11.11-slim-bookworm \
 #       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu --build-arg WITH_TRITON=0 .
 # Dependencies are installed before the source is copied: a source change rebuilds only the last layers.
-# Base images are build arguments (pinned by version) so that an air-gapped build can name local ones.
+# Base images are build arguments (pinned by version) so that an air-gapped build can name local ones
+# (scripts/docker-check.sh: Debian bases made with debootstrap, torch from a loopback wheel folder).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG WORKER_BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
+ARG WORKER_BASE=nvidia/cuda:13.0.0-runtime-ubuntu22.04
 
 # ---- the dependency list, from pyproject.toml alone --------------------------------------------
 FROM ${PYTHON_IMAGE} AS requirements
@@ -57,9 +58,13 @@ RUN apt-get update \
     && if ! python3 -c "import venv, ensurepip" 2>/dev/null; then apt-get install -y --no-install-recommends python3-venv; fi \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
-ARG TORCH_VERSION=2.6.0
-RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
+# torch first, from its own index (CUDA or CPU build); TORCH_FIND_LINKS: an extra wheel folder or URL
+# (an offline build serves a local wheel there, e.g. TORCH_VERSION=2.13.0+cpu); 2.13 is pyproject's floor
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_FIND_LINKS=""
+# hadolint ignore=DL3013
+RUN pip install --index-url "$TORCH_INDEX" ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} "torch==${TORCH_VERSION}"
 ARG WITH_TRITON=1
 COPY --from=requirements /build/requirements-worker.txt /tmp/
 RUN pip install -r /tmp/requirements-worker.txt \
@@ -68,7 +73,7 @@ WORKDIR /srv/awqforge
 COPY --from=source /src ./
 RUN pip install --no-deps . \
     && awqforge kernels build \
-    && useradd --create-home --uid 1000 awqforge \
+    && { getent passwd 1000 >/dev/null || useradd --create-home --uid 1000 awqforge; } \
     && mkdir -p /data && chown awqforge /data && chmod -R a+rX /opt/awqforge
 USER 1000:1000
 # alive = this container's worker answers a Celery ping (the node name is set by --name in compose)
