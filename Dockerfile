@@ -32,11 +32,13 @@ RUN python -m venv /opt/venv
 COPY --from=requirements /build/requirements-api.txt /tmp/
 # flower: the queue dashboard service in docker-compose.yml runs from this image
 RUN pip install -r /tmp/requirements-api.txt "flower==2.0.1"
-WORKDIR /srv/awqforge
-COPY --from=source /src ./
-RUN pip install --no-deps . \
+# installed, then the source removed: a source tree in the working directory would shadow the installed
+# package (its awqforge/ has no app/ or worker/: those are installed as awqforge.app, awqforge.worker)
+COPY --from=source /src /tmp/src
+RUN pip install --no-deps /tmp/src && rm -rf /tmp/src \
     && useradd --create-home --uid 1000 awqforge \
     && mkdir -p /data && chown awqforge /data
+WORKDIR /data
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \
@@ -69,12 +71,14 @@ ARG WITH_TRITON=1
 COPY --from=requirements /build/requirements-worker.txt /tmp/
 RUN pip install -r /tmp/requirements-worker.txt \
     && if [ "$WITH_TRITON" = "1" ]; then pip install "triton>=3.0"; fi
-WORKDIR /srv/awqforge
-COPY --from=source /src ./
-RUN pip install --no-deps . \
+# installed, then the source removed: a source tree in the working directory would shadow the installed
+# package (its awqforge/ has no app/ or worker/: those are installed as awqforge.app, awqforge.worker)
+COPY --from=source /src /tmp/src
+RUN pip install --no-deps /tmp/src && rm -rf /tmp/src \
     && awqforge kernels build \
     && { getent passwd 1000 >/dev/null || useradd --create-home --uid 1000 awqforge; } \
-    && mkdir -p /data && chown awqforge /data && chmod -R a+rX /opt/awqforge
+    && mkdir -p /data && chown 1000:1000 /data && chmod -R a+rX /opt/awqforge
+WORKDIR /data
 USER 1000:1000
 # alive = this container's worker answers a Celery ping (the node name is set by --name in compose)
 HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \

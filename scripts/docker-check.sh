@@ -72,7 +72,9 @@ python_base() {
         --include=python3,python3-venv,python3-dev,python-is-python3,g++,ca-certificates,curl \
         bookworm "$root" http://deb.debian.org/debian >"$WORK/debootstrap.log" 2>&1 ||
         { tail -20 "$WORK/debootstrap.log"; return 1; }
-    cp -rL /etc/ssl/certs/. "$root/etc/ssl/certs/"  # this host's CA certificates (a proxy's CA included)
+    # this host's CA certificates (a proxy's CA included), as plain files: the base's own are links into
+    # /usr/share (absolute: copied through, they would name the host's files)
+    rm -rf "$root/etc/ssl/certs" && cp -rL /etc/ssl/certs "$root/etc/ssl/certs"
     if [ -f /etc/pip.conf ]; then cp /etc/pip.conf "$root/etc/pip.conf"; fi
     rm -rf "$root/var/cache/apt/archives/"*.deb "$root/var/lib/apt/lists/"*
     tar -C "$root" -c . | docker import -c 'ENV LANG=C.UTF-8' -c 'CMD ["python3"]' - "$PY_BASE" >/dev/null
@@ -148,9 +150,10 @@ if [ "$LOCAL_BASES" = 1 ]; then
     say "no registry: local base images"
     timed "local base images" local_bases
     API_ARGS=(--build-arg "PYTHON_IMAGE=$PY_BASE")
-    CPU_ARGS=(--build-arg "WORKER_BASE=$PY_BASE")
+    # (the worker builds name PYTHON_IMAGE too: the requirements stage runs on it)
+    CPU_ARGS=("${API_ARGS[@]}" --build-arg "WORKER_BASE=$PY_BASE")
     # no CUDA runtime in this base: the CUDA torch from PyPI brings its own CUDA libraries (pip packages)
-    CUDA_ARGS=(--build-arg "WORKER_BASE=$PY_BASE" --build-arg "TORCH_INDEX=https://pypi.org/simple")
+    CUDA_ARGS=("${API_ARGS[@]}" --build-arg "WORKER_BASE=$PY_BASE" --build-arg "TORCH_INDEX=https://pypi.org/simple")
     cat >>"$ENV_FILE" <<EOF
 PYTHON_IMAGE=$PY_BASE
 REDIS_IMAGE=awqf-local/redis:bookworm
@@ -176,7 +179,7 @@ EOF
     if [ -n "$WHEEL" ]; then
         TORCH_CPU=$(basename "$WHEEL" | cut -d- -f2)
         mkdir -p "$WORK/wheels" && ln -sf "$WHEEL" "$WORK/wheels/"
-        port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+        port=${WHEEL_PORT:-18765}  # fixed: the URL is a build argument, a new one would bust the layer cache
         python3 -m http.server --bind 127.0.0.1 --directory "$WORK/wheels" "$port" >"$WORK/wheels.log" 2>&1 &
         WHEEL_PID=$!
         CPU_ARGS+=(--build-arg "TORCH_INDEX=https://pypi.org/simple" --build-arg "TORCH_VERSION=$TORCH_CPU"
@@ -267,6 +270,8 @@ tok.train([str(BUNDLED_CALIBRATION_TEXT)], trainers.BpeTrainer(
 PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                         unk_token="<unk>").save_pretrained(dest)
 shutil.copy(BUNDLED_CALIBRATION_TEXT, "/models/calib.txt")
+for f in [dest, *dest.iterdir(), Path("/models/calib.txt")]:
+    f.chmod(0o755 if f.is_dir() else 0o644)  # written as root (the volume is root-owned), read as uid 1000
 print("made", dest)'
 
 say "one job through the API"
