@@ -70,6 +70,8 @@ def test_compose_file_is_valid_and_complete():
     floor = _torch_floor()
     for name in ("worker-cpu", "worker-gpu0"):
         assert svc[name]["build"]["args"]["TORCH_VERSION"] == floor, name
+        # the worker target builds the requirements stage too: it must get the same Python base as the API
+        assert svc[name]["build"]["args"]["PYTHON_IMAGE"] == svc["api"]["build"]["args"]["PYTHON_IMAGE"], name
     assert svc["worker-cpu"]["image"] != gpu["image"] != svc["api"]["image"]
     assert svc["api"]["build"]["target"] == "api"
     # the password travels as a part, never inside a hand-built URL
