@@ -31,6 +31,7 @@ LOCAL_BASES=${LOCAL_BASES:-auto}
 PY_BASE=awqf-local/python:bookworm
 mkdir -p "$WORK"
 say() { printf '\n== %s\n' "$*"; }
+T_START=$(date +%s)
 REPORT="$WORK/report.txt"
 : >"$REPORT"
 note() { echo "$*" | tee -a "$REPORT"; }
@@ -43,6 +44,27 @@ if ! docker info >/dev/null 2>&1; then
     for _ in $(seq 60); do docker info >/dev/null 2>&1 && break; sleep 1; done
     docker info >/dev/null
 fi
+ENV_FILE="$WORK/.env"
+OVERRIDE="$WORK/compose.check.yml"
+WHEEL_PID=
+rm -f "$OVERRIDE"
+compose() { docker-compose -p "$PROJECT" --env-file "$ENV_FILE" -f docker-compose.yml -f "$OVERRIDE" "$@"; }
+cleanup() {
+    local rc=$?
+    set +e
+    if [ -z "${KEEP:-}" ] && [ -f "$OVERRIDE" ]; then
+        compose logs --no-color --tail 80 >"$WORK/compose.log" 2>&1
+        compose down -v --remove-orphans >/dev/null 2>&1
+        docker image prune -f >/dev/null 2>&1
+    fi
+    if [ -n "$WHEEL_PID" ]; then kill "$WHEEL_PID" 2>/dev/null; fi
+    if [ -n "$STARTED_DOCKERD" ] && [ -z "${KEEP:-}" ]; then kill "$STARTED_DOCKERD"; wait "$STARTED_DOCKERD" 2>/dev/null; fi
+    echo
+    echo "total: $(($(date +%s) - T_START)) s" >>"$REPORT"
+    cat "$REPORT"
+    echo "exit $rc (logs: $WORK/compose.log)"
+}
+trap cleanup EXIT
 df -h / | tail -1 | awk '{print "disk: " $4 " free on /"}'
 
 if [ "$LOCAL_BASES" = auto ]; then
@@ -121,8 +143,6 @@ CMD ["/opt/moto/bin/moto_server", "-H", "0.0.0.0", "-p", "9000"]
 EOF
 }
 
-ENV_FILE="$WORK/.env"
-OVERRIDE="$WORK/compose.check.yml"
 cat >"$ENV_FILE" <<EOF
 POSTGRES_PASSWORD=p@ss:w/rd%check
 SECRET_KEY=$(python3 -c 'import secrets; print(secrets.token_urlsafe(48))')
@@ -145,7 +165,6 @@ volumes:
 EOF
 
 API_ARGS=() CPU_ARGS=() CUDA_ARGS=()
-WHEEL_PID=
 if [ "$LOCAL_BASES" = 1 ]; then
     say "no registry: local base images"
     timed "local base images" local_bases
@@ -194,22 +213,6 @@ else
 fi
 CPU_ARGS+=(--build-arg WITH_TRITON=0)
 
-compose() { docker-compose -p "$PROJECT" --env-file "$ENV_FILE" -f docker-compose.yml -f "$OVERRIDE" "$@"; }
-cleanup() {
-    local rc=$?
-    set +e
-    if [ -z "${KEEP:-}" ]; then
-        compose logs --no-color --tail 80 >"$WORK/compose.log" 2>&1
-        compose down -v --remove-orphans >/dev/null 2>&1
-        docker image prune -f >/dev/null 2>&1
-    fi
-    [ -n "$WHEEL_PID" ] && kill "$WHEEL_PID" 2>/dev/null
-    if [ -n "$STARTED_DOCKERD" ] && [ -z "${KEEP:-}" ]; then kill "$STARTED_DOCKERD"; wait "$STARTED_DOCKERD" 2>/dev/null; fi
-    echo
-    cat "$REPORT"
-    echo "exit $rc (logs: $WORK/compose.log)"
-}
-trap cleanup EXIT
 
 compose_up() {
     compose up -d --no-build >"$WORK/up.log" 2>&1 || { cat "$WORK/up.log"; return 1; }
