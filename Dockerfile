@@ -5,9 +5,10 @@
 #       --build-arg WORKER_BASE=python:3.11.11-slim-bookworm \
 #       --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu --build-arg WITH_TRITON=0 .
 # Dependencies are installed before the source is copied: a source change rebuilds only the last layers.
-# Base images are build arguments (pinned by version) so that an air-gapped build can name local ones.
+# Base images are build arguments (pinned by version) so that an air-gapped build can name local ones
+# (scripts/docker-check.sh: Debian bases made with debootstrap, torch from a loopback wheel folder).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
-ARG WORKER_BASE=nvidia/cuda:12.4.1-runtime-ubuntu22.04
+ARG WORKER_BASE=nvidia/cuda:13.0.0-runtime-ubuntu22.04
 
 # ---- the dependency list, from pyproject.toml alone --------------------------------------------
 FROM ${PYTHON_IMAGE} AS requirements
@@ -31,11 +32,13 @@ RUN python -m venv /opt/venv
 COPY --from=requirements /build/requirements-api.txt /tmp/
 # flower: the queue dashboard service in docker-compose.yml runs from this image
 RUN pip install -r /tmp/requirements-api.txt "flower==2.0.1"
-WORKDIR /srv/awqforge
-COPY --from=source /src ./
-RUN pip install --no-deps . \
+# installed, then the source removed: a source tree in the working directory would shadow the installed
+# package (its awqforge/ has no app/ or worker/: those are installed as awqforge.app, awqforge.worker)
+COPY --from=source /src /tmp/src
+RUN pip install --no-deps /tmp/src && rm -rf /tmp/src \
     && useradd --create-home --uid 1000 awqforge \
     && mkdir -p /data && chown awqforge /data
+WORKDIR /data
 USER 1000:1000
 EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=5 \
@@ -57,19 +60,25 @@ RUN apt-get update \
     && if ! python3 -c "import venv, ensurepip" 2>/dev/null; then apt-get install -y --no-install-recommends python3-venv; fi \
     && rm -rf /var/lib/apt/lists/* \
     && python3 -m venv /opt/venv
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu124
-ARG TORCH_VERSION=2.6.0
-RUN pip install --index-url "$TORCH_INDEX" "torch==${TORCH_VERSION}"
+# torch first, from its own index (CUDA or CPU build); TORCH_FIND_LINKS: an extra wheel folder or URL
+# (an offline build serves a local wheel there, e.g. TORCH_VERSION=2.13.0+cpu); 2.13 is pyproject's floor
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cu130
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_FIND_LINKS=""
+# hadolint ignore=DL3013
+RUN pip install --index-url "$TORCH_INDEX" ${TORCH_FIND_LINKS:+--find-links "$TORCH_FIND_LINKS"} "torch==${TORCH_VERSION}"
 ARG WITH_TRITON=1
 COPY --from=requirements /build/requirements-worker.txt /tmp/
 RUN pip install -r /tmp/requirements-worker.txt \
     && if [ "$WITH_TRITON" = "1" ]; then pip install "triton>=3.0"; fi
-WORKDIR /srv/awqforge
-COPY --from=source /src ./
-RUN pip install --no-deps . \
+# installed, then the source removed: a source tree in the working directory would shadow the installed
+# package (its awqforge/ has no app/ or worker/: those are installed as awqforge.app, awqforge.worker)
+COPY --from=source /src /tmp/src
+RUN pip install --no-deps /tmp/src && rm -rf /tmp/src \
     && awqforge kernels build \
-    && useradd --create-home --uid 1000 awqforge \
-    && mkdir -p /data && chown awqforge /data && chmod -R a+rX /opt/awqforge
+    && { getent passwd 1000 >/dev/null || useradd --create-home --uid 1000 awqforge; } \
+    && mkdir -p /data && chown 1000:1000 /data && chmod -R a+rX /opt/awqforge
+WORKDIR /data
 USER 1000:1000
 # alive = this container's worker answers a Celery ping (the node name is set by --name in compose)
 HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \

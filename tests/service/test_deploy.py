@@ -57,14 +57,21 @@ def test_compose_file_is_valid_and_complete():
     for name in ("api", "worker-cpu", "worker-gpu0"):
         assert svc[name]["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
         assert svc[name]["restart"] == "unless-stopped"
-    assert svc["migrate"]["command"] == ["alembic", "upgrade", "head"] and svc["migrate"]["restart"] == "no"
+    assert svc["migrate"]["command"] == ["awqforge", "migrate"] and svc["migrate"]["restart"] == "no"
     for name in ("postgres", "redis", "minio", "api", "flower"):
         assert svc[name]["healthcheck"]["test"], name
     gpu = svc["worker-gpu0"]
     assert gpu["profiles"] == ["gpu"]
     assert gpu["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
-    assert gpu["build"]["args"]["TORCH_INDEX"].endswith("/cu124") and gpu["build"]["target"] == "worker"
+    assert re.search(r"/cu\d+$", gpu["build"]["args"]["TORCH_INDEX"]) and gpu["build"]["target"] == "worker"
     assert svc["worker-cpu"]["build"]["args"]["TORCH_INDEX"].endswith("/cpu")
+    # the images' torch is the one pyproject.toml asks for (the requirement files leave torch out, and the
+    # source is installed with --no-deps: nothing else would notice an older torch)
+    floor = _torch_floor()
+    for name in ("worker-cpu", "worker-gpu0"):
+        assert svc[name]["build"]["args"]["TORCH_VERSION"] == floor, name
+        # the worker target builds the requirements stage too: it must get the same Python base as the API
+        assert svc[name]["build"]["args"]["PYTHON_IMAGE"] == svc["api"]["build"]["args"]["PYTHON_IMAGE"], name
     assert svc["worker-cpu"]["image"] != gpu["image"] != svc["api"]["image"]
     assert svc["api"]["build"]["target"] == "api"
     # the password travels as a part, never inside a hand-built URL
@@ -85,6 +92,14 @@ def test_compose_file_is_valid_and_complete():
         "QUEUE_CLASSES",
     ):
         assert re.search(rf"^{var}=", example, re.M), var
+
+
+def _torch_floor() -> str:
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    (torch,) = [d for d in deps if re.match(r"torch\b", d)]
+    return re.fullmatch(r"torch>=([\d.]+)", torch).group(1) + ".0" * (2 - torch.count("."))
 
 
 def _stages(text: str) -> dict[str, list[str]]:
@@ -118,6 +133,11 @@ def test_dockerfile_lints_clean_and_is_layered():
     # the compiler comes before the torch index argument (changing the index keeps that layer)
     assert worker.index("g++") < worker.index("ARG TORCH_INDEX") < worker.index("COPY --from=source")
     assert "awqforge kernels build" in worker
+    assert re.search(r"^ARG TORCH_VERSION=(\S+)$", text, re.M).group(1) == _torch_floor()
+    # the source is installed, not left in a working directory where it would shadow the installed package
+    for name in ("api", "worker"):
+        body = "\n".join(stages[name])
+        assert "rm -rf /tmp/src" in body and "WORKDIR /srv" not in body, name
     for base in re.findall(r"ARG (?:PYTHON_IMAGE|WORKER_BASE)=(\S+)", text):
         assert re.search(r":\d+\.\d+", base), f"base image {base} is not pinned to a version"
     assert not re.search(r"^\s*(ENV|ARG)\s+\S*(SECRET|PASSWORD|TOKEN)", text, re.M | re.I)
