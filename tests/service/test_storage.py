@@ -4,6 +4,8 @@ written by a worker on one "machine" (its own AWQFORGE_HOME) read through the AP
 from __future__ import annotations
 
 import hashlib
+import io
+import tarfile
 import uuid
 
 import httpx
@@ -97,6 +99,17 @@ def test_worker_on_another_machine_writes_to_s3_and_any_api_serves(service, make
             red = c.get(f["url"], params={"redirect": 1}, follow_redirects=False)
             assert red.status_code == 307 and red.headers["location"].startswith(moto.url)
             assert c.get(f["url"] + ".missing").status_code == 404
+            # the whole artifact as one tar, streamed from the store
+            tar = c.get(f"/v1/jobs/{job['id']}/artifacts/{art['id']}.tar")
+            assert tar.status_code == 200, tar.text
+            assert int(tar.headers["content-length"]) == len(tar.content)
+            with tarfile.open(fileobj=io.BytesIO(tar.content)) as t:
+                members = {m.name: m for m in t.getmembers()}
+                assert set(members) == {f"awq/{p}" for p in files}
+                for p, meta in files.items():
+                    data = t.extractfile(members[f"awq/{p}"]).read()
+                    assert len(data) == meta["size_bytes"]
+                    assert data == c.get(meta["url"]).content, p
             assert "test-secret-never-shown" not in c.get(f"/v1/jobs/{job['id']}/artifacts").text
         with cluster.client(other) as c:  # another tenant sees nothing of it
             assert c.get(f["url"]).status_code == 404

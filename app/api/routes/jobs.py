@@ -7,7 +7,8 @@ import json
 import tarfile
 import time
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Literal, TypeVar
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -34,7 +35,7 @@ from awqforge.app.schemas import (
 )
 from awqforge.app.services import jobs as job_service
 from awqforge.app.services.jobs import ServiceError, SpecError
-from awqforge.app.services.storage import S3_SCHEME, object_store_download
+from awqforge.app.services.storage import S3_SCHEME, object_store_download, store_for
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
 from awqforge.spec import HubToken
@@ -360,6 +361,12 @@ def _artifact(session, tenant, job_id: str, artifact_id: str) -> Artifact:
     return artifact
 
 
+def _read_chunks(path: Path, chunk: int = 1 << 20):
+    with open(path, "rb") as f:
+        while data := f.read(chunk):
+            yield data
+
+
 def _etag(path: Path) -> str:
     st = path.stat()
     return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
@@ -375,31 +382,45 @@ def download_artifact_tar(
     session: SessionDep, tenant: CurrentTenant, job_id: JobId, artifact_id: ArtifactId
 ) -> StreamingResponse:
     artifact = _artifact(session, tenant, job_id, artifact_id)
-    root = Path(artifact.path).resolve()
-    files = [
-        (name, root / name if root.is_dir() else root) for name, _ in job_service.artifact_files(artifact)
-    ]
+    store = store_for(artifact.path)
+    if store.remote:  # the object store: names and sizes from its listing, bytes streamed from it
+        mtime = int(artifact.created_at.timestamp()) if artifact.created_at else 0
+        files = [
+            (f"{artifact.format}/{f.path}", f.size_bytes, mtime, partial(store.stream, artifact.path, f.path))
+            for f in store.list_files(artifact.path)
+        ]
+    else:
+        root = Path(artifact.path).resolve()
+        prefix = f"{artifact.format}/" if root.is_dir() else ""
+        files = []
+        for name, _ in job_service.artifact_files(artifact):
+            path = root / name if root.is_dir() else root
+            st = path.stat()
+            files.append((prefix + name, st.st_size, int(st.st_mtime), partial(_read_chunks, path)))
     if not files:
         raise ServiceError(404, "artifact files are gone")
-    prefix = f"{artifact.format}" if root.is_dir() else ""
     entries = []
-    for name, path in files:
-        info = tarfile.TarInfo(f"{prefix}/{name}" if prefix else name)
-        st = path.stat()
-        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o644
-        entries.append((info.tobuf(format=tarfile.PAX_FORMAT), path, st.st_size))
-    length = sum(len(h) + -(-n // 512) * 512 for h, _, n in entries) + 1024
+    for name, size, mtime, chunks in files:
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, mtime, 0o644
+        entries.append((info.tobuf(format=tarfile.PAX_FORMAT), name, size, chunks))
+    length = sum(len(h) + -(-n // 512) * 512 for h, _, n, _ in entries) + 1024
 
     def stream():
-        for header, path, size in entries:
+        for header, name, size, chunks in entries:
             yield header
-            with open(path, "rb") as f:
-                sent = 0
-                while sent < size and (chunk := f.read(min(1 << 20, size - sent))):
+            sent, source = 0, chunks()
+            try:
+                for chunk in source:
+                    chunk = chunk[: size - sent]
                     sent += len(chunk)
                     yield chunk
+                    if sent >= size:
+                        break
+            finally:
+                source.close()
             if sent != size:
-                raise OSError(f"{path.name} changed while it was sent")
+                raise OSError(f"{PurePosixPath(name).name} changed while it was sent")
             yield b"\0" * (-size % 512)
         yield b"\0" * 1024
 
