@@ -145,14 +145,27 @@ class UnfusedExperts(nn.ModuleList):
 
     Same forward signature and arithmetic as the fused module (hidden [T, H], top_k_index [T, k],
     top_k_weights [T, k]); experts that receive no token are not run.
+
+    `token_keep` (bool [T], set by `quantize_block` during its FP pass over right-padded calibration rows):
+    tokens outside it (padding) are routed to no expert, so the experts' statistics see real tokens only.
+    Only the padding positions' outputs change, and no real token reads them (causal attention).
     """
+
+    token_keep: torch.Tensor | None = None
 
     def __init__(self, experts: Iterable[ExpertMLP], num_experts: int):
         super().__init__(experts)
         self.num_experts = num_experts
 
+    def _keep(self, n_tokens: int) -> torch.Tensor | None:
+        keep = self.token_keep
+        return keep if keep is not None and keep.numel() == n_tokens else None
+
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         final = torch.zeros_like(hidden_states)
+        keep = self._keep(hidden_states.shape[0])
+        if keep is not None:
+            top_k_index = torch.where(keep.to(top_k_index.device)[:, None], top_k_index, -1)
         for expert_idx in torch.unique(top_k_index).tolist():
             if expert_idx < 0 or expert_idx >= self.num_experts:
                 continue
@@ -173,8 +186,10 @@ class UnfusedDenseExperts(UnfusedExperts):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
         out = torch.zeros_like(x)
+        keep = self._keep(x.shape[1])
         for e in range(self.num_experts):
-            rows = torch.nonzero(x[e].ne(0).any(-1)).squeeze(-1)
+            routed = x[e].ne(0).any(-1)
+            rows = torch.nonzero(routed if keep is None else routed & keep.to(routed.device)).squeeze(-1)
             if rows.numel():
                 out[e].index_copy_(0, rows, self[e](x[e, rows]).to(out.dtype))
         return out.view(-1, hidden_states.shape[-1])

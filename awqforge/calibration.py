@@ -21,8 +21,9 @@ Packing (`CalibrationSpec.packing`):
 - `per_sample` (llm-compressor's way): each text is its own sequence (with the tokenizer's BOS), truncated at
   `seq_len`. Sequences are ordered longest first and right-padded to the longest; with causal attention no real
   token sees the padding, so their activations are exact (the attention mask goes to the capture, and the first,
-  longest sample, whose kwargs every block reuses, has no padding). The padding positions do run through the
-  blocks and enter the statistics; their count is reported (`pad_tokens`).
+  longest sample, whose kwargs every block reuses, has no padding). The padding positions run through the
+  blocks but enter no statistic or loss: the capture carries the mask (`CapturedInputs.token_mask`) and
+  `quantize_block` takes only the real tokens; their count is reported (`pad_tokens`).
 
 A source with less text than asked for is used as far as it goes, with a warning and the real counts in
 `CalibrationSet.summary()` (the report and the job's metrics); it is refused only when it has fewer than

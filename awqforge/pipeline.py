@@ -186,7 +186,7 @@ def run_quantization(
         cal = spec.calibration
         rtn = getattr(spec.method, "value", spec.method) == "rtn"
         calibration_info = None
-        inputs = layer_kwargs = captured = None
+        inputs = layer_kwargs = captured = token_mask = None
         if not rtn:
             job.stage(
                 "calibrate",
@@ -201,7 +201,7 @@ def run_quantization(
             stream.load_non_block()
             captured = stream.capture(calib.input_ids, calib.attention_mask)
             stream.unload_non_block()
-            inputs, layer_kwargs = captured.inputs, captured.layer_kwargs
+            inputs, layer_kwargs, token_mask = captured.inputs, captured.layer_kwargs, captured.token_mask
 
         # -- quantize: one block at a time
         job.stage("quantize", f"quantizing {stream.n_blocks} blocks ({spec.method.value})")
@@ -229,7 +229,16 @@ def run_quantization(
                 block_layers = _rtn_one_block(stream, i, settings, adapter, sink)
             else:
                 inputs, block_layers = _quantize_one_block(
-                    stream, i, inputs, layer_kwargs[i], settings, adapter, sink, new_mappings, skipped
+                    stream,
+                    i,
+                    inputs,
+                    layer_kwargs[i],
+                    settings,
+                    adapter,
+                    sink,
+                    new_mappings,
+                    skipped,
+                    token_mask,
                 )
             if checkpoints:
                 added = {k: v for k, v in new_mappings.items() if k not in mappings}
@@ -246,7 +255,7 @@ def run_quantization(
                 n_blocks=stream.n_blocks,
                 eta_s=eta,
             )
-        del inputs, layer_kwargs, captured
+        del inputs, layer_kwargs, captured, token_mask
         job.check_cancel()
         for name, tensor in stream.non_block_checkpoint_tensors():
             for w in writers:
@@ -326,14 +335,24 @@ def run_quantization(
         raise
 
 
-def _quantize_one_block(stream, i, inputs, layer_kwargs, settings, adapter, writers, mappings, skipped):
-    """Load block i, quantize it, feed the writers, free it. Returns (next block's inputs, layer metrics)."""
+def _quantize_one_block(
+    stream, i, inputs, layer_kwargs, settings, adapter, writers, mappings, skipped, token_mask=None
+):
+    """Load block i, quantize it, feed the writers, free it. Returns (next block's inputs, layer metrics).
+    token_mask: the calibration rows' real tokens (per_sample padding), None when all are real."""
     from awqforge.awq import quantize_block
 
     prefix = stream.block_prefix(i)
     block = stream.load_block(i)
     result = quantize_block(
-        block, inputs, layer_kwargs, settings=settings, adapter=adapter, block_index=i, block_prefix=prefix
+        block,
+        inputs,
+        layer_kwargs,
+        settings=settings,
+        adapter=adapter,
+        block_index=i,
+        block_prefix=prefix,
+        token_mask=token_mask,
     )
     exclude = set()
     for rel, qt in result.quantized.items():

@@ -179,6 +179,45 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     assert json.loads(refined.report_path.read_text())["method"]["refine_steps"].startswith("2 refits")
 
 
+def test_per_sample_padding_does_not_reach_the_weights(tiny_checkpoint, tiny_tokenizer, tmp_path):
+    """per_sample rows of different lengths, right-padded: the same job with another pad token (<pad> vs </s>,
+    so other ids and activations in every padding position) writes the same quantized weights, bit for bit."""
+    import copy
+    import shutil
+
+    from safetensors.torch import load_file
+
+    ckpt = tiny_checkpoint("llama")
+    other = tmp_path / "ckpt-eos-pad"
+    shutil.copytree(ckpt, other)
+    tok = copy.deepcopy(tiny_tokenizer)
+    tok.pad_token = "</s>"
+    tok.save_pretrained(other)
+    paragraphs = [
+        p.strip() for p in BUNDLED_CALIBRATION_TEXT.read_text().split("\n\n") if len(p.strip()) >= 300
+    ]
+    data = tmp_path / "texts.jsonl"  # 8 texts of 40 to 320 characters: rows of very different lengths
+    data.write_text(
+        "".join(json.dumps({"text": p[: 40 * (i + 1)]}) + "\n" for i, p in enumerate(paragraphs[:8]))
+    )
+    calibration = {"source": f"file:{data}", "n_samples": 8, "seq_len": 64, "packing": "per_sample"}
+    tensors, reports = [], []
+    for i, folder in enumerate((ckpt, other)):
+        result = run_quantization(
+            tiny_spec(folder, calibration=calibration, formats=["awq"], eval={"enabled": False}),
+            tmp_path / f"o{i}",
+        )
+        tensors.append(load_file(str(result.artifacts["awq"] / "model.safetensors")))
+        reports.append(json.loads(result.report_path.read_text()))
+    assert (
+        reports[0]["calibration"]["pad_tokens"] > 50
+        and reports[0]["calibration"] == reports[1]["calibration"]
+    )
+    assert tensors[0].keys() == tensors[1].keys() and any(k.endswith(".qweight") for k in tensors[0])
+    for name, t in tensors[0].items():
+        assert torch.equal(t, tensors[1][name]), name
+
+
 def test_bf16_checkpoint(tiny_checkpoint, tmp_path):
     ckpt = tiny_checkpoint("qwen3", dtype=torch.bfloat16)
     spec = tiny_spec(ckpt, method="rtn", formats=["awq"], eval={"enabled": False})

@@ -24,6 +24,12 @@ One generic algorithm over the mappings an `ArchAdapter` resolves (see awqforge.
    of the (scaled) input Gram matrix over all calibration tokens. Quantize with the final qparams.
 
 Statistics and losses are float32 whatever the block dtype.
+
+Padding (`per_sample` calibration rows, right-padded): `token_mask` [n, seq] marks the real tokens. The block
+runs on the padded rows (a real token never attends to a later position, so its activations are exact), but
+every statistic and loss above is taken over the real tokens only: the Gram matrices and kept inputs (hence the
+clip search, the refit, GPTQ and the reported MSEs), the per-channel mean |x|, the module-output losses and the
+top-k reweighting; MoE experts are not run on padding positions. Without a mask nothing changes.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from awqforge.arch import ArchAdapter
+from awqforge.arch import ArchAdapter, UnfusedExperts
 from awqforge.awq.folding import device_of, fold_scales
 from awqforge.awq.gptq import gptq_codes
 from awqforge.awq.qparams import fake_quant, refine_qparams, search_clip
@@ -68,6 +74,45 @@ def is_qk(name: str) -> bool:
 
 
 @torch.no_grad()
+def fp_pass(
+    block: nn.Module,
+    inputs: torch.Tensor,
+    kwargs: dict[str, Any],
+    slices: list[slice],
+    linears: dict[str, nn.Linear],
+    maps: list,
+    s: BlockSettings,
+    stats: Stats,
+    token_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Run the FP block over `inputs`, chunk by chunk, with the statistics hooks: fills `stats` (it may
+    already hold other samples' statistics: they add up) and returns the block output [n, seq, hidden].
+    token_mask (bool [n, seq]): only its real tokens enter the statistics, and MoE experts skip the rest."""
+    device = device_of(block)
+    dtype = next(block.parameters()).dtype
+    experts = (
+        [mod for mod in block.modules() if isinstance(mod, UnfusedExperts)] if token_mask is not None else []
+    )
+    handles = install_hooks(linears, maps, stats, s)
+    outputs = []
+    try:
+        for sl in slices:
+            mask = None if token_mask is None else token_mask[sl].reshape(-1).to(device)
+            stats.new_chunk(mask)
+            for mod in experts:
+                mod.token_keep = mask
+            x = inputs[sl].to(device=device, dtype=dtype)
+            outputs.append(main_output(block(x, **kwargs)).to(inputs.device))
+    finally:
+        for h in handles:
+            h.remove()
+        for mod in experts:
+            mod.token_keep = None
+        stats.new_chunk()
+    return torch.cat(outputs)
+
+
+@torch.no_grad()
 def quantize_block(
     block: nn.Module,
     inputs: torch.Tensor,
@@ -77,8 +122,11 @@ def quantize_block(
     adapter: ArchAdapter,
     block_index: int = 0,
     block_prefix: str = "",
+    token_mask: torch.Tensor | None = None,
 ) -> BlockResult:
-    """Quantize one decoder block in place (see the module docstring); returns its FP output and codes."""
+    """Quantize one decoder block in place (see the module docstring); returns its FP output and codes.
+
+    token_mask: bool [n, seq], True on real tokens, for right-padded rows (`CapturedInputs.token_mask`)."""
     s = settings
     if s.method not in ("awq", "rtn"):
         raise ValueError(f"method must be 'awq' or 'rtn', got {s.method!r}")
@@ -107,11 +155,15 @@ def quantize_block(
             skipped.append(f"{m.name}: none of its linears is quantized")
     maps = maps_q
 
-    device = device_of(block)
-    dtype = next(block.parameters()).dtype
     n, seq = inputs.shape[0], inputs.shape[1]
     coarse, rest = chunks(n, seq, s)
-    kwargs_dev = to_device(layer_kwargs, device)
+    kwargs_dev = to_device(layer_kwargs, device_of(block))
+    if token_mask is not None:
+        token_mask = token_mask.to(torch.bool)
+        if tuple(token_mask.shape) != (n, seq):
+            raise ValueError(f"{where}: token mask shape {tuple(token_mask.shape)} != inputs' {(n, seq)}")
+        if bool(token_mask.all()):
+            token_mask = None
 
     timings: dict[str, float] = {}
     clock = [time.perf_counter()]
@@ -122,19 +174,9 @@ def quantize_block(
         clock[0] = now
 
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
-    stats = Stats(keep_below=n * seq)  # n * seq: the tokens this block sees
-    handles = install_hooks(linears, maps, stats, s)
-    outputs = []
-    try:
-        for sl in coarse + rest:
-            stats.new_chunk()
-            x = inputs[sl].to(device=device, dtype=dtype)
-            outputs.append(main_output(block(x, **kwargs_dev)).to(inputs.device))
-    finally:
-        for h in handles:
-            h.remove()
-        stats.new_chunk()
-    outputs = torch.cat(outputs)
+    n_real = n * seq if token_mask is None else int(token_mask.sum())
+    stats = Stats(keep_below=n_real)  # the tokens this block's statistics see
+    outputs = fp_pass(block, inputs, kwargs_dev, coarse + rest, linears, maps, s, stats, token_mask)
     if not torch.isfinite(outputs).all():
         raise NumericalError(
             f"{where}: the FP block output has NaN/inf values (check the inputs and weights)"

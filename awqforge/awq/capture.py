@@ -20,10 +20,15 @@ CACHE_KWARGS = ("past_key_values", "past_key_value", "layer_past", "cache", "use
 
 @dataclass
 class CapturedInputs:
-    """Block 0's input hidden states and each decoder layer's own kwargs (masks, rotary tables...)."""
+    """Block 0's input hidden states and each decoder layer's own kwargs (masks, rotary tables...).
+
+    `token_mask` [n_samples, seq_len] (bool, True on real tokens) travels with the inputs when the calibration
+    rows are right-padded (`per_sample` packing); `quantize_block` leaves the padding positions out of every
+    statistic and loss. None when every position is a real token (`concat`)."""
 
     inputs: torch.Tensor | None = None
     layer_kwargs: list[dict[str, Any]] | None = None
+    token_mask: torch.Tensor | None = None
 
 
 class _StopForward(Exception):
@@ -75,7 +80,7 @@ def capture_layer_inputs(
     if device is None:
         device = next(p for p in model.parameters() if p.device.type != "meta").device
     n_blocks = len(layers)
-    captured = CapturedInputs(layer_kwargs=[])
+    captured = CapturedInputs(layer_kwargs=[], token_mask=padding_mask(input_ids, attention_mask))
     originals = list(layers)
     try:
         for i in range(n_blocks):
@@ -89,6 +94,27 @@ def capture_layer_inputs(
     if captured.inputs is None or len(captured.layer_kwargs) != n_blocks:
         raise AWQForgeError("capturing the decoder layers' inputs failed: the model did not call every layer")
     return captured
+
+
+def padding_mask(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The real-token mask (bool [n, seq]) of right-padded rows, or None when there is no padding.
+
+    The layer kwargs are recorded on the first row, for every row, so the first row must have no padding,
+    and every row's padding must be on the right: a real token then never attends to a padding position
+    (causal attention), its activations are exact, and only the statistics need the mask.
+    """
+    if attention_mask is None:
+        return None
+    mask = attention_mask.to(torch.bool).cpu()
+    if mask.shape != input_ids.shape:
+        raise AWQForgeError(
+            f"attention mask shape {tuple(mask.shape)} != input ids shape {tuple(input_ids.shape)}"
+        )
+    if bool(mask.all()):
+        return None
+    if not bool(mask[0].all()) or not bool((mask.cummin(dim=1).values == mask).all()):
+        raise AWQForgeError("calibration padding must be on the right, with the first (longest) row unpadded")
+    return mask
 
 
 def _run_until_stop(

@@ -8,7 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from awqforge.arch import Mapping
+from awqforge.arch import Mapping, UnfusedExperts
 from awqforge.awq.qparams import fake_quant
 from awqforge.awq.settings import BlockSettings, NumericalError
 from awqforge.quant import effective_group_size
@@ -41,9 +41,22 @@ class Stats:
         self.keep_below = keep_below  # keep a linear's inputs when the block sees fewer tokens than its width
         self._resolved: dict[str, Inputs] = {}  # per shared input, built once after the FP pass
         self._seen: list[tuple[torch.Tensor, str]] = []
+        self.mask: torch.Tensor | None = None  # the current chunk's real-token mask, flat [rows * seq] (bool)
+        self.call_masks: dict[str, list[torch.Tensor | None]] = {}  # per inspected module, per recorded call
 
-    def new_chunk(self):
+    def new_chunk(self, mask: torch.Tensor | None = None):
+        """Start a chunk of samples; `mask` (flat, bool) marks its real tokens (None: all are real)."""
         self._seen = []
+        self.mask = mask
+
+    def real_rows(self, flat: torch.Tensor) -> torch.Tensor:
+        """The rows of a [tokens, features] input that are real tokens of the current chunk.
+
+        A tensor with one row per position of the chunk is masked; any other row count (an expert's gathered
+        tokens, already without the padding: see `UnfusedExperts.token_keep`) is returned as it is."""
+        if self.mask is None or flat.shape[0] != self.mask.numel():
+            return flat
+        return flat[self.mask.to(flat.device)]
 
     def gram_of(self, name: str) -> tuple[torch.Tensor | None, int]:
         key = self.key.get(name)
@@ -133,7 +146,7 @@ def install_hooks(linears, maps, stats: Stats, s: BlockSettings) -> list:
             key = stats.key.setdefault(name, name)
             if key != name:  # shared in an earlier chunk; this chunk saw it first here
                 stats._seen[-1] = (x, key)
-            x2 = x.reshape(-1, x.shape[-1]).float()
+            x2 = stats.real_rows(x.reshape(-1, x.shape[-1])).float()
             if x2.shape[0] == 0:
                 return
             if key not in stats.gram:
@@ -163,13 +176,14 @@ def install_hooks(linears, maps, stats: Stats, s: BlockSettings) -> list:
 
         def pre(_mod, args, kwargs, idxs=idxs, mname=mname, record=record):
             x = first_tensor(args, kwargs)
-            flat = x.reshape(-1, x.shape[-1]).float()
+            flat = stats.real_rows(x.reshape(-1, x.shape[-1])).float()
             a = flat.abs().sum(0)
             for i in idxs:
                 stats.abs_sum[i] = stats.abs_sum[i] + a if i in stats.abs_sum else a
                 stats.abs_count[i] = stats.abs_count.get(i, 0) + flat.shape[0]
             if record:
                 stats.calls.setdefault(mname, []).append((detach(args), detach(kwargs)))
+                stats.call_masks.setdefault(mname, []).append(stats.mask)
 
         handles.append(target.register_forward_pre_hook(pre, with_kwargs=True))
         if record:
@@ -242,10 +256,27 @@ def gram_losses(cands, qlins, orig, stats: Stats, s: BlockSettings) -> torch.Ten
     return losses
 
 
+def squared_error(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
+    """Sum of squared differences and the number of terms, over the real tokens only when `mask` (flat, one
+    entry per position of the chunk) is given and the output has one row per position."""
+    if mask is None or ref.shape[:-1].numel() != mask.numel():
+        return float((out - ref).pow(2).sum()), ref.numel()
+    keep = mask.to(ref.device)
+    d = (out.reshape(mask.numel(), -1)[keep] - ref.reshape(mask.numel(), -1)[keep]).pow(2)
+    return float(d.sum()), d.numel()
+
+
 def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_coarse: int, where: str):
     """Output MSE of the inspected module per candidate: all on the coarse chunks, top-k on the rest."""
     name = m.inspect_name
     calls, fp = stats.calls.get(name, []), stats.fp_out.get(name, [])
+    masks = stats.call_masks.get(name) or [None] * len(calls)
+    # experts skip the padding in the reruns as in the FP pass (their outputs there are not scored)
+    experts = (
+        [mod for mod in m.inspect.modules() if isinstance(mod, UnfusedExperts)]
+        if any(mk is not None for mk in masks)
+        else []
+    )
     saved = [(lin, lin.weight.detach().clone()) for _, lin in qlins]
 
     def score(ci: int, chunk_ids) -> float:
@@ -259,11 +290,18 @@ def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_co
         total, count = 0.0, 0
         for k in chunk_ids:
             args, kwargs = calls[k]
+            for mod in experts:
+                mod.token_keep = masks[k]
             out = main_output(m.inspect(*args, **kwargs)).float()
-            ref = fp[k].float()
-            total += float((out - ref).pow(2).sum())
-            count += ref.numel()
+            err, n = squared_error(out, fp[k].float(), masks[k])
+            total += err
+            count += n
         return total / max(1, count)
+
+    def terms(k: int) -> int:  # the squared-error terms of recorded call k (its real tokens)
+        if masks[k] is None or fp[k].shape[:-1].numel() != masks[k].numel():
+            return fp[k].numel()
+        return int(masks[k].sum()) * (fp[k].numel() // masks[k].numel())
 
     losses = torch.full((len(cands),), math.inf)
     try:
@@ -275,8 +313,8 @@ def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_co
         if not finite.any():
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
         if rest_ids:
-            n_c = sum(fp[k].numel() for k in coarse_ids)
-            n_r = sum(fp[k].numel() for k in rest_ids)
+            n_c = sum(terms(k) for k in coarse_ids)
+            n_r = sum(terms(k) for k in rest_ids)
             order = torch.argsort(torch.where(finite, losses, torch.full_like(losses, math.inf)))
             top = order[: max(1, s.search_topk)].tolist()
             full = torch.full_like(losses, math.inf)
@@ -286,5 +324,7 @@ def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_co
     finally:
         for lin, w0 in saved:
             lin.weight.copy_(w0)
+        for mod in experts:
+            mod.token_keep = None
     best = int(torch.argmin(losses))
     return losses, best
