@@ -92,6 +92,9 @@ class Settings(BaseSettings):
     # workers on any machine upload to and the API of any machine reads (streams or presigns) from.
     ARTIFACT_STORE: Literal["local", "s3"] = "local"
     S3_ENDPOINT_URL: str | None = None  # e.g. http://minio:9000; None: AWS
+    # The store's address as the API's clients reach it, for presigned download URLs (default: S3_ENDPOINT_URL,
+    # which inside compose is a name only the containers resolve).
+    S3_PUBLIC_ENDPOINT_URL: str | None = None
     S3_BUCKET: str | None = None
     S3_PREFIX: str = "awqforge"  # keys: <prefix>/tenant-<id>/<job id>/<format>/<file>
     S3_REGION: str = "us-east-1"

@@ -141,18 +141,25 @@ class S3Store(ArtifactStore):
             raise ValueError("ARTIFACT_STORE=s3 needs S3_BUCKET")
         self.bucket = settings.S3_BUCKET
         self.prefix = settings.S3_PREFIX.strip("/")
-        self.client = boto3.client(
-            "s3",
-            endpoint_url=settings.S3_ENDPOINT_URL,
-            region_name=settings.S3_REGION,
-            aws_access_key_id=settings.S3_ACCESS_KEY_ID,
-            aws_secret_access_key=settings.S3_SECRET_ACCESS_KEY,
-            config=Config(
-                signature_version="s3v4",
-                s3={"addressing_style": settings.S3_ADDRESSING_STYLE},
-                retries={"max_attempts": 5, "mode": "standard"},
-            ),
-        )
+
+        def client(endpoint: str | None):
+            return boto3.client(
+                "s3",
+                endpoint_url=endpoint,
+                region_name=settings.S3_REGION,
+                aws_access_key_id=settings.S3_ACCESS_KEY_ID,
+                aws_secret_access_key=settings.S3_SECRET_ACCESS_KEY,
+                config=Config(
+                    signature_version="s3v4",
+                    s3={"addressing_style": settings.S3_ADDRESSING_STYLE},
+                    retries={"max_attempts": 5, "mode": "standard"},
+                ),
+            )
+
+        self.client = client(settings.S3_ENDPOINT_URL)
+        # The host is part of the signature: URLs for the API's clients are signed for the address they use.
+        public = settings.S3_PUBLIC_ENDPOINT_URL
+        self.presign_client = client(public) if public and public != settings.S3_ENDPOINT_URL else self.client
         self.transfer = TransferConfig(
             multipart_threshold=settings.S3_MULTIPART_THRESHOLD,
             multipart_chunksize=settings.S3_MULTIPART_CHUNKSIZE,
@@ -204,7 +211,7 @@ class S3Store(ArtifactStore):
         bk = self._key(location, file_path)
         if bk is None:
             return None
-        return self.client.generate_presigned_url(
+        return self.presign_client.generate_presigned_url(
             "get_object",
             Params={
                 "Bucket": bk[0],

@@ -59,6 +59,11 @@ def test_s3_store_multipart_listing_presigned_urls(moto, bucket, monkeypatch, tm
     r = httpx.get(url, timeout=30)
     assert r.status_code == 200 and hashlib.sha256(r.content).digest() == hashlib.sha256(big).digest()
     assert b"".join(store.stream(loc, "sub/x.txt")) == b"x"
+    # signed for the address the API's clients use (compose: the containers' name for the store is not it)
+    public = moto.url.replace("127.0.0.1", "localhost")
+    monkeypatch.setattr(settings, "S3_PUBLIC_ENDPOINT_URL", public)
+    url = S3Store().presigned_url(loc, "config.json")
+    assert url.startswith(public + "/") and httpx.get(url, timeout=30).content == b'{"a": 1}'
     # names that try to leave the artifact's prefix are not keys
     for bad in ("../job_2/awq/config.json", "/etc/passwd", ""):
         assert store.head(loc, bad) is None and store.presigned_url(loc, bad) is None
