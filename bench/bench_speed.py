@@ -74,6 +74,7 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
     resolved = resolve_model(str(ckpt), None)
     adapter = get_adapter(resolved.config)
     times: dict[str, float] = defaultdict(float)
+    cpu0 = time.process_time()
     with common.Timer() as total:
         t0 = time.perf_counter()
         stream = StreamingModel.from_resolved(resolved, adapter, device=torch.device("cpu"))
@@ -83,12 +84,12 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
         times["capture"] += time.perf_counter() - t0
         x = captured.inputs
         settings = BlockSettings(bits=bits, group_size=group_size, search_screen=search_screen)
-        per_block, per_block_stages, picks, layers = [], [], {}, {}
+        per_block, per_block_cpu, per_block_stages, picks, layers = [], [], [], {}, {}
         for i in range(stream.n_blocks):
             t0 = time.perf_counter()
             block = stream.load_block(i)
             times["load_block"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = quantize_block(
                 block,
                 x,
@@ -99,6 +100,7 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
                 block_prefix=stream.block_prefix(i),
             )
             per_block.append(time.perf_counter() - t0)
+            per_block_cpu.append(time.process_time() - c0)
             per_block_stages.append(dict(res.timings))
             for k, v in res.timings.items():
                 times[k] += v
@@ -114,8 +116,11 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
             stream.free_block(i)
     return {
         "total_s": total.s,
+        "cpu_s": time.process_time()
+        - cpu0,  # this process's CPU time: steadier than wall on a shared machine
         "stages": dict(times),
         "per_block_s": per_block,
+        "per_block_cpu_s": per_block_cpu,
         "per_block_stages": per_block_stages,
         "picks": picks,  # chosen grid ratio per block and mapping
         "layers": layers,  # per block and linear: (RTN output MSE, ours)
@@ -124,7 +129,8 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
 
 def report(label: str, mine: dict) -> None:
     print(
-        f"\nours, {label}: {mine['total_s']:.1f} s ({', '.join(f'{t:.1f}' for t in mine['per_block_s'])} s per block)"
+        f"\nours, {label}: {mine['total_s']:.1f} s wall ({', '.join(f'{t:.1f}' for t in mine['per_block_s'])} s "
+        f"per block), {mine['cpu_s']:.1f} s CPU ({', '.join(f'{t:.1f}' for t in mine['per_block_cpu_s'])} per block)"
     )
     for stage, t in sorted(mine["stages"].items(), key=lambda kv: -kv[1]):
         per = ", ".join(f"{b.get(stage, 0.0):.2f}" for b in mine["per_block_stages"])
@@ -151,8 +157,11 @@ def compare(base_label: str, base: dict, label: str, other: dict) -> None:
         so = sum(other["layers"][k][1] for k in kb)
         sr = sum(base["layers"][k][0] for k in kb)
         print(f"  block {b}: RTN {sr:.6g}, {base_label} {sb:.6g}, {label} {so:.6g} ({so / sb:.4f}x)")
-    if base["total_s"]:
-        print(f"  wall time {label} / {base_label}: {other['total_s'] / base['total_s']:.2f}x (same run)")
+    print(
+        f"  time {label} / {base_label}: {other['total_s'] / base['total_s']:.2f}x wall, "
+        f"{other['cpu_s'] / base['cpu_s']:.2f}x CPU; scale_search_module "
+        f"{other['stages'].get('scale_search_module', 0) / base['stages']['scale_search_module']:.2f}x wall (same run)"
+    )
 
 
 def llmc(
