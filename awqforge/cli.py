@@ -89,11 +89,11 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument(
         "--search-screen",
         type=int,
-        default=0,
+        default=8,
         metavar="K",
         help="attention/MLP scale search: score every grid point exactly on the linears' own outputs (Gram), "
-        "run the module only on the best K: faster, but K=4 raised SmolLM2's W4 perplexity by 0.24 (bench/README.md); "
-        "0 (default): every grid point on the module, AWQ as published",
+        "run the module only on the best K (default 8; K=4 raised SmolLM2's W4 perplexity by 0.24, bench/README.md); "
+        "0: every grid point on the module, AWQ as published",
     )
     q.add_argument(
         "--rounding",

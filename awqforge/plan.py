@@ -170,7 +170,7 @@ class JobSettings:
     rounding: str = "nearest"
     scale_search: str = "duo"
     n_grid: int = 20
-    search_screen: int = 0
+    search_screen: int = 8
     clip_search: bool = True
     eval_enabled: bool = True
     eval_seq_len: int = 2048

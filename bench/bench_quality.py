@@ -172,7 +172,7 @@ def run_llmc(
 
 
 # our rows: rounding -> (results key, label)
-DEFAULT_SCREEN = 0  # JobSpec's search_screen default (checked in main)
+DEFAULT_SCREEN = 8  # JobSpec's search_screen default (checked in main)
 OURS = {"nearest": ("awq", "AWQ (awqforge)"), "gptq": ("awq+gptq", "AWQ + GPTQ rounding (awqforge)")}
 
 

@@ -64,7 +64,7 @@ def cut_checkpoint(src: Path, dest: Path, layers: int) -> Path:
     return dest
 
 
-def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_screen: int = 0) -> dict:
+def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_screen: int = 8) -> dict:
     from awqforge.arch import get_adapter
     from awqforge.awq import BlockSettings, quantize_block
     from awqforge.packing import pack_awq_gemm
@@ -192,7 +192,7 @@ def main() -> None:
         "--search-screen",
         type=int,
         nargs="+",
-        default=[0],
+        default=[8],
         metavar="K",
         help="our scale search's screen (0: off, the full module search); several values run back to back in "
         "this process, each compared with the first (picks, per-layer errors, time); llm-compressor is "

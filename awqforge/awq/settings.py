@@ -30,7 +30,7 @@ class BlockSettings:
     chunk_tokens: int = 16384  # tokens per forward chunk (memory bound)
     search_fraction: float = 0.25  # samples scored for every grid point of a module loss
     search_topk: int = 3  # candidates rescored on the remaining samples
-    search_screen: int = 0  # module-scored mappings: run the module on the best k of the linears' exact
+    search_screen: int = 8  # module-scored mappings: run the module on the best k of the linears' exact
     # output error (Gram screen) only; 0 (or k >= the number of candidates): every candidate on the module
     min_tokens: int = 16  # an expert seeing fewer calibration tokens gets no data-driven search
     module_loss: bool = True  # False: score attention/MLP mappings on their linears' outputs (Gram)
