@@ -1,6 +1,6 @@
 """The screened scale search (`search_screen`) against the full module search on tiny random models.
 
-    python bench/bench_search_screen.py                       # llama, qwen3, gemma2, phi3, mixtral; k = 0 and 4
+    python bench/bench_search_screen.py                       # llama, qwen3, gemma2, phi3, mixtral; k = 0 and 8
     python bench/bench_search_screen.py --families llama --screens 0 1 2 4 --bits 3 --group-size 32
 
 Each family's tiny random-init model (tests/tiny_models.py: hidden 128, 2 blocks, outlier norm channels)
@@ -58,7 +58,7 @@ def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=["llama", "qwen3", "gemma2", "phi3", "mixtral"])
-    ap.add_argument("--screens", type=int, nargs="+", default=[0, 4])
+    ap.add_argument("--screens", type=int, nargs="+", default=[0, 8])
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--n-samples", type=int, default=16)
