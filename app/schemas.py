@@ -84,6 +84,7 @@ class JobCreate(BaseModel):
     n_grid: spec.NGrid | None = None
     clip_search: bool | None = None
     refine_steps: spec.RefineSteps | None = None
+    search_screen: spec.SearchScreen | None = None
     rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
     seed: spec.Seed | None = None
     mappings: list[spec.MappingSpecIn] | None = Field(

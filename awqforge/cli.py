@@ -87,6 +87,15 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="least-squares refits of each group's scale/zero after the clip search (0: AWQ as published)",
     )
     q.add_argument(
+        "--search-screen",
+        type=int,
+        default=8,
+        metavar="K",
+        help="attention/MLP scale search: score every grid point exactly on the linears' own outputs (Gram), "
+        "run the module only on the best K (default 8; K=4 raised SmolLM2's W4 perplexity by 0.24, bench/README.md); "
+        "0: every grid point on the module, AWQ as published",
+    )
+    q.add_argument(
         "--rounding",
         choices=["nearest", "gptq"],
         default="nearest",
@@ -250,6 +259,7 @@ def _spec_from_args(args):
             n_grid=args.n_grid,
             clip_search=not args.no_clip_search,
             refine_steps=args.refine_steps,
+            search_screen=args.search_screen,
             rounding=args.rounding,
             seed=args.seed,
             mappings=_mappings_arg(args.mappings),

@@ -170,6 +170,7 @@ class JobSettings:
     rounding: str = "nearest"
     scale_search: str = "duo"
     n_grid: int = 20
+    search_screen: int = 8
     clip_search: bool = True
     eval_enabled: bool = True
     eval_seq_len: int = 2048
@@ -189,6 +190,7 @@ class JobSettings:
             rounding=v(spec.rounding),
             scale_search=v(spec.scale_search),
             n_grid=spec.n_grid,
+            search_screen=spec.search_screen,
             clip_search=spec.clip_search,
             eval_enabled=spec.eval.enabled,
             eval_seq_len=spec.eval.seq_len,
@@ -325,12 +327,15 @@ def _time(shape: ModelShape, s: JobSettings, device: str, linears, widths, token
     block = fwd + sum(2 * tokens * share * w * w for w, share in widths.values())  # Gram matrices
     if s.method == "awq":
         c = _n_candidates(s)
-        block += c * 0.25 * fwd + 3 * 0.75 * fwd  # module losses: coarse quarter, top-3 on the rest
+        screened = 0 < s.search_screen < c
+        on_module = s.search_screen if screened else c  # the screen's short list, or every candidate
+        block += on_module * 0.25 * fwd + min(3, on_module) * 0.75 * fwd  # coarse quarter, top 3 on the rest
         for lin in linears:
             nw = lin.out_features * lin.in_features
             t = min(tokens * lin.tokens_share, lin.in_features)
             g = _group(lin.in_features, s.group_size)
-            block += c * (20 * nw + 2 * nw * t) / 2  # about half the linears are scored on their outputs
+            # scored on their outputs: about half the linears, all of them when the module search is screened
+            block += c * (20 * nw + 2 * nw * t) / (1 if screened else 2)
             if s.clip_search:
                 block += _CLIP_RATIOS * (2 * nw * g + 20 * nw) + 8 * nw * g
             if s.rounding == "gptq":

@@ -65,6 +65,7 @@ def run_ours(
     windows: torch.Tensor,
     n_prefix: int,
     rounding: str = "nearest",
+    search_screen: int | None = None,
 ) -> dict:
     """run_quantization end to end, then perplexity of the artifact loaded onto QuantLinear layers."""
     from awqforge.loading import load_quantized
@@ -81,12 +82,18 @@ def run_ours(
         eval={"enabled": False},
         device="cpu",
         rounding=rounding,
+        **({} if search_screen is None else {"search_screen": search_screen}),
     )
     cpu0 = time.process_time()
     with common.Timer() as t:
         result = run_quantization(
             spec,
-            out_dir / (f"{method}-w{bits}g{group_size}" + ("" if rounding == "nearest" else f"-{rounding}")),
+            out_dir
+            / (
+                f"{method}-w{bits}g{group_size}"
+                + ("" if rounding == "nearest" else f"-{rounding}")
+                + ("" if search_screen is None else f"-screen{search_screen}")
+            ),
             overwrite=True,
             progress=_progress_printer(f"W{bits} {method}"),
         )
@@ -101,6 +108,7 @@ def run_ours(
         "impl": f"awqforge {method}",
         "bits": bits,
         "group_size": group_size,
+        "search_screen": spec.search_screen,
         **ppl,
         "total_s": t.s,
         "cpu_s": cpu_s,
@@ -164,6 +172,7 @@ def run_llmc(
 
 
 # our rows: rounding -> (results key, label)
+DEFAULT_SCREEN = 8  # JobSpec's search_screen default (checked in main)
 OURS = {"nearest": ("awq", "AWQ (awqforge)"), "gptq": ("awq+gptq", "AWQ + GPTQ rounding (awqforge)")}
 
 
@@ -254,6 +263,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--skip-rtn", action="store_true")
     ap.add_argument(
+        "--search-screen",
+        type=int,
+        nargs="+",
+        metavar="K",
+        help="our AWQ rows with these search_screen values, one row each in this run (0: the full module "
+        "search; default: the engine's default only)",
+    )
+    ap.add_argument(
         "--skip-ours",
         action="store_true",
         help="only the peer's rows (an earlier run's rows of ours on the same data stay in its results.json)",
@@ -282,8 +299,9 @@ def main(argv: list[str] | None = None) -> int:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from awqforge.calibration import BUNDLED_CALIBRATION_TEXT, load_calibration
-    from awqforge.spec import CalibrationSpec
+    from awqforge.spec import CalibrationSpec, JobSpec
 
+    assert JobSpec.model_fields["search_screen"].default == DEFAULT_SCREEN
     threads = common.set_threads(args.threads)
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -366,11 +384,17 @@ def main(argv: list[str] | None = None) -> int:
             rows.append({**rtn, "key": "rtn", "label": "RTN (awqforge)", "wall_s": rtn["total_s"]})
             print(f"W{bits} RTN: {rtn['perplexity']:.3f}", flush=True)
         ours_roundings = ["nearest", "gptq"] if args.rounding == "both" else [args.rounding]
+        screens = args.search_screen or [None]
         for rounding in [] if args.skip_ours else ours_roundings:
-            ours = run_ours(ckpt, method="awq", rounding=rounding, **kw)
-            key, label = OURS[rounding]
-            rows.append({**ours, "key": key, "label": label, "wall_s": ours["total_s"]})
-            print(f"W{bits} {label}: {ours['perplexity']:.3f} in {ours['total_s']:.1f} s", flush=True)
+            for screen in screens:
+                ours = run_ours(ckpt, method="awq", rounding=rounding, search_screen=screen, **kw)
+                key, label = OURS[rounding]
+                if screen is not None:
+                    label = f"{label}, search_screen={screen}"
+                    if screen != DEFAULT_SCREEN:  # the default's row keeps the key the targets read
+                        key = f"{key}-screen{screen}"
+                rows.append({**ours, "key": key, "label": label, "wall_s": ours["total_s"]})
+                print(f"W{bits} {label}: {ours['perplexity']:.4f} in {ours['total_s']:.1f} s", flush=True)
         recipes = {"awq": [False], "awq+gptq": [True], "both": [False, True]}[args.llmc_recipes]
         for gptq in [] if args.skip_llmc else recipes:
             llmc = run_llmc(

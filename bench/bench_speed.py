@@ -9,7 +9,8 @@ get the same calibration tokens (--n-samples x --seq-len of the bundled text, be
 --threads threads. Ours: the engine's own capture and `quantize_block`, block after block, with the stage
 times each block reports (fp_pass: the FP forward with the statistics hooks; rtn_error: the RTN baseline of
 the metrics; scale_search_module / scale_search_linear: the grid search over scales scored on the inspected
-module (attention, MLP) or exactly from the Gram matrix (v->o, up->down); fold; clip_search; refit;
+module (attention, MLP) or exactly from the Gram matrix (v->o, up->down); scale_screen: the Gram screen
+that shortlists the module-scored candidates (--search-screen); fold; clip_search; refit;
 quantize: codes, dequantized weight and metrics), then packing into the AWQ gemm layout. llm-compressor:
 bench/llmc_awq.py in its own virtualenv, its `oneshot` call timed. The machine may be shared: compare the
 ratio, which is measured in one run.
@@ -63,7 +64,7 @@ def cut_checkpoint(src: Path, dest: Path, layers: int) -> Path:
     return dest
 
 
-def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int) -> dict:
+def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_screen: int = 8) -> dict:
     from awqforge.arch import get_adapter
     from awqforge.awq import BlockSettings, quantize_block
     from awqforge.packing import pack_awq_gemm
@@ -73,6 +74,7 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int) -> dict:
     resolved = resolve_model(str(ckpt), None)
     adapter = get_adapter(resolved.config)
     times: dict[str, float] = defaultdict(float)
+    cpu0 = time.process_time()
     with common.Timer() as total:
         t0 = time.perf_counter()
         stream = StreamingModel.from_resolved(resolved, adapter, device=torch.device("cpu"))
@@ -81,13 +83,13 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int) -> dict:
         stream.unload_non_block()
         times["capture"] += time.perf_counter() - t0
         x = captured.inputs
-        settings = BlockSettings(bits=bits, group_size=group_size)
-        per_block = []
+        settings = BlockSettings(bits=bits, group_size=group_size, search_screen=search_screen)
+        per_block, per_block_cpu, per_block_stages, picks, layers = [], [], [], {}, {}
         for i in range(stream.n_blocks):
             t0 = time.perf_counter()
             block = stream.load_block(i)
             times["load_block"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             res = quantize_block(
                 block,
                 x,
@@ -98,15 +100,68 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int) -> dict:
                 block_prefix=stream.block_prefix(i),
             )
             per_block.append(time.perf_counter() - t0)
+            per_block_cpu.append(time.process_time() - c0)
+            per_block_stages.append(dict(res.timings))
             for k, v in res.timings.items():
                 times[k] += v
+            for name, info in res.scales.items():
+                picks[f"{i}:{name}"] = info["ratio"]
+            for lm in res.layers:
+                layers[f"{i}:{lm.name}"] = (lm.mse_rtn, lm.mse_quant)
             t0 = time.perf_counter()
             for qt in res.quantized.values():
                 pack_awq_gemm(qt)
             times["packing"] += time.perf_counter() - t0
             x = res.outputs
             stream.free_block(i)
-    return {"total_s": total.s, "stages": dict(times), "per_block_s": per_block}
+    return {
+        "total_s": total.s,
+        "cpu_s": time.process_time()
+        - cpu0,  # this process's CPU time: steadier than wall on a shared machine
+        "stages": dict(times),
+        "per_block_s": per_block,
+        "per_block_cpu_s": per_block_cpu,
+        "per_block_stages": per_block_stages,
+        "picks": picks,  # chosen grid ratio per block and mapping
+        "layers": layers,  # per block and linear: (RTN output MSE, ours)
+    }
+
+
+def report(label: str, mine: dict) -> None:
+    print(
+        f"\nours, {label}: {mine['total_s']:.1f} s wall ({', '.join(f'{t:.1f}' for t in mine['per_block_s'])} s "
+        f"per block), {mine['cpu_s']:.1f} s CPU ({', '.join(f'{t:.1f}' for t in mine['per_block_cpu_s'])} per block)"
+    )
+    for stage, t in sorted(mine["stages"].items(), key=lambda kv: -kv[1]):
+        per = ", ".join(f"{b.get(stage, 0.0):.2f}" for b in mine["per_block_stages"])
+        print(f"  {stage:<22} {t:8.2f} s  {100 * t / mine['total_s']:5.1f} %   per block: {per}")
+
+
+def compare(base_label: str, base: dict, label: str, other: dict) -> None:
+    """Quality of `other` against `base` in the same run: the picks and every layer's output error."""
+    same = sum(base["picks"][k] == other["picks"].get(k) for k in base["picks"])
+    print(f"\n{label} vs {base_label}: same scale ratio on {same} of {len(base['picks'])} mappings")
+    for k in base["picks"]:
+        if base["picks"][k] != other["picks"].get(k):
+            print(f"  {k}: ratio {base['picks'][k]:.2f} -> {other['picks'].get(k)}")
+    sum_b = sum(q for _, q in base["layers"].values())
+    sum_o = sum(q for _, q in other["layers"].values())
+    sum_r = sum(r for r, _ in base["layers"].values())
+    print(
+        f"  sum of per-layer output MSE: RTN {sum_r:.6g}, {base_label} {sum_b:.6g}, {label} {sum_o:.6g} ({sum_o / sum_b:.4f}x)"
+    )
+    blocks = sorted({k.split(":")[0] for k in base["layers"]}, key=int)
+    for b in blocks:
+        kb = [k for k in base["layers"] if k.split(":")[0] == b]
+        sb = sum(base["layers"][k][1] for k in kb)
+        so = sum(other["layers"][k][1] for k in kb)
+        sr = sum(base["layers"][k][0] for k in kb)
+        print(f"  block {b}: RTN {sr:.6g}, {base_label} {sb:.6g}, {label} {so:.6g} ({so / sb:.4f}x)")
+    print(
+        f"  time {label} / {base_label}: {other['total_s'] / base['total_s']:.2f}x wall, "
+        f"{other['cpu_s'] / base['cpu_s']:.2f}x CPU; scale_search_module "
+        f"{other['stages'].get('scale_search_module', 0) / base['stages']['scale_search_module']:.2f}x wall (same run)"
+    )
 
 
 def llmc(
@@ -133,6 +188,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--llmc-python", default=DEFAULT_LLMC_PYTHON)
     ap.add_argument("--skip-llmc", action="store_true")
+    ap.add_argument(
+        "--search-screen",
+        type=int,
+        nargs="+",
+        default=[8],
+        metavar="K",
+        help="our scale search's screen (0: off, the full module search); several values run back to back in "
+        "this process, each compared with the first (picks, per-layer errors, time); llm-compressor is "
+        "compared with the last",
+    )
+    ap.add_argument("--json-out", help="write our runs (stage times, picks, per-layer errors) to this file")
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "awqforge-bench" / "speed"))
     args = ap.parse_args()
     common.set_threads(args.threads)
@@ -154,12 +220,17 @@ def main() -> None:
     print(
         f"{ckpt.name}: {args.n_samples} x {args.seq_len} tokens, W{args.bits} g{args.group_size}, {args.threads} thread(s)"
     )
-    mine = ours(ckpt, calib, args.bits, args.group_size)
-    print(
-        f"\nours: {mine['total_s']:.1f} s ({', '.join(f'{t:.1f}' for t in mine['per_block_s'])} s per block)"
-    )
-    for stage, t in sorted(mine["stages"].items(), key=lambda kv: -kv[1]):
-        print(f"  {stage:<22} {t:8.2f} s  {100 * t / mine['total_s']:5.1f} %")
+    runs = {}
+    for k in args.search_screen:
+        label = f"search_screen={k}" + (" (off)" if k == 0 else "")
+        runs[label] = ours(ckpt, calib, args.bits, args.group_size, k)
+        report(label, runs[label])
+    labels = list(runs)
+    for label in labels[1:]:
+        compare(labels[0], runs[labels[0]], label, runs[label])
+    mine = runs[labels[-1]]
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(runs, indent=1))
     if not args.skip_llmc:
         peer = llmc(args.llmc_python, ckpt, calib, args.bits, args.group_size, args.threads, work)
         print(f"\nllm-compressor {peer.get('version')}: oneshot {peer['oneshot_s']:.1f} s")

@@ -325,3 +325,88 @@ def test_few_tokens_losses_from_the_inputs_equal_the_gram_form(monkeypatch):
             assert la.mse_quant == pytest.approx(lb.mse_quant, rel=1e-4)
         for key, info in a.scales.items():
             assert info["loss"] == pytest.approx(b.scales[key]["loss"], rel=1e-4)
+
+
+def test_search_screen_covering_every_candidate_is_the_full_search():
+    """search_screen = k >= the number of candidates (n_grid + 1 for duo) is the full module search: the same
+    picks, losses and codes as search_screen=0, bit for bit."""
+    ids = tiny_input_ids(8, 32)
+    w3 = dict(bits=3, group_size=32, n_grid=10)
+    _, full = logits_mse("llama", ids, BlockSettings(search_screen=0, **w3))
+    for k in (11, 100):
+        _, screened = logits_mse("llama", ids, BlockSettings(search_screen=k, **w3))
+        for a, b in zip(full, screened, strict=True):
+            assert a.scales.keys() == b.scales.keys()
+            for key, info in a.scales.items():
+                assert b.scales[key]["ratio"] == info["ratio"] and b.scales[key]["loss"] == info["loss"]
+                assert b.scales[key]["loss_identity"] == info["loss_identity"]
+                assert b.scales[key]["shortlist"] is None
+            for name, qt in a.quantized.items():
+                assert torch.equal(qt.qweight, b.quantized[name].qweight)
+                assert torch.equal(qt.scales, b.quantized[name].scales)
+
+
+def _qkv_screen_by_hand(family, ids, s):
+    """Block 0's q/k/v screen computed from scratch: X = input_layernorm(block 0's input), and per candidate
+    the summed squared error of q, k and v's outputs over the tokens, ||X (Q(W s)/s - W)^T||^2."""
+    from awqforge.awq.search import candidates, w_mean
+
+    model = build_tiny_model(family)
+    with torch.no_grad():
+        block = model.model.layers[0]
+        x = block.input_layernorm(model(ids, output_hidden_states=True).hidden_states[0]).flatten(0, 1)
+        attn = block.self_attn
+        ws = [attn.q_proj.weight.float(), attn.k_proj.weight.float(), attn.v_proj.weight.float()]
+        cands = candidates(x.abs().mean(0), w_mean(ws, s.group_size), s)
+        losses = []
+        for _mode, _a, sc in cands:
+            losses.append(
+                sum(
+                    float((x @ (fake_quantize(w * sc, s.bits, s.group_size) / sc - w).T).pow(2).sum())
+                    for w in ws
+                )
+            )
+    return torch.tensor(losses), cands
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_search_screen_picks_from_its_short_list(k):
+    """With search_screen=k the module is run on the k best candidates of the Gram screen only: the pick is one
+    of them, the short list is the k lowest screen losses, and the screen is the linears' exact output error
+    (checked against a computation from scratch on block 0's q/k/v)."""
+    ids = tiny_input_ids(8, 32)
+    s = BlockSettings(bits=3, group_size=32, n_grid=10, search_screen=k)
+    _, results = logits_mse("llama", ids, s)
+    n_module = 0
+    for res in results:
+        for key, info in res.scales.items():
+            if key.endswith("down_proj") or key.endswith("o_proj"):  # scored from the Gram, no screen
+                assert info["shortlist"] is None
+                continue
+            n_module += 1
+            screen = torch.tensor(info["screen_loss"])
+            assert len(screen) == 11 and len(info["shortlist"]) == k
+            assert info["shortlist"] == torch.argsort(screen, stable=True)[:k].tolist()
+            ratios = [round(i / 10, 6) for i in range(10)] + [0.0]  # the grid, then s = 1
+            picked = [i for i in info["shortlist"] if ratios[i] == round(info["ratio"], 6)]
+            assert picked, f"{key}: ratio {info['ratio']} is not on the short list {info['shortlist']}"
+            if k == 1:
+                assert info["ratio"] == pytest.approx(ratios[info["shortlist"][0]])
+    assert n_module == 4  # q/k/v and gate/up in each of the 2 blocks
+    by_hand, _ = _qkv_screen_by_hand("llama", ids, s)
+    engine = torch.tensor(
+        results[0].scales[next(k for k in results[0].scales if "q_proj" in k)]["screen_loss"]
+    )
+    torch.testing.assert_close(engine.float(), by_hand.float(), rtol=2e-3, atol=0)
+
+
+def test_search_screen_keeps_quality_and_changes_picks_only_within_the_list():
+    """The screened search is not worse than the full module search by more than a few percent on the
+    layers' output errors (the tiny model; the real-model figures are in bench/README.md)."""
+    ids = tiny_input_ids(8, 32)
+    w3 = dict(bits=3, group_size=32)
+    full_mse, full = logits_mse("llama", ids, BlockSettings(search_screen=0, **w3))
+    scr_mse, scr = logits_mse("llama", ids, BlockSettings(search_screen=4, **w3))
+    err = lambda rs: sum(lm.mse_quant for r in rs for lm in r.layers)  # noqa: E731
+    assert err(scr) <= err(full) * 1.05
+    assert scr_mse <= full_mse * 1.1

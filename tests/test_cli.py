@@ -52,6 +52,8 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
         "per_sample",
         "--refine-steps",
         "0",
+        "--search-screen",
+        "2",
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"artifact (awq): {out / 'awq'}" in proc.stdout
@@ -62,6 +64,9 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
     report = json.loads((out / "awq" / "quant_report.json").read_text())
     assert report["settings"]["rounding"] == "gptq" and report["method"]["rounding"].startswith("GPTQ")
     assert report["settings"]["refine_steps"] == 0 and report["calibration"]["packing"] == "per_sample"
+    assert (
+        report["settings"]["search_screen"] == 2 and "the best 2 scored" in report["method"]["search_screen"]
+    )
     assert report["evaluation"]["cost"]["windows"] == 2
 
     proc = awqforge(

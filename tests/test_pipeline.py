@@ -162,6 +162,8 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     assert any(line.startswith("warning: ") and "32 texts" in line for line in logs)
     assert report["method"]["refine_steps"] == "off (AWQ as published)"
     assert report["settings"]["refine_steps"] == 0
+    # the default k=8 with tiny_spec's n_grid=6 (7 candidates) screens nothing: the report says so
+    assert report["settings"]["search_screen"] == 8 and report["method"]["search_screen"].startswith("off")
     card = (published.artifacts["awq"] / "README.md").read_text()
     assert "per_sample packing, 32 samples" in card and "off (AWQ as published)" in card
     # evaluation: bounded to max_seqs windows, progress steps with an ETA, cost in the report

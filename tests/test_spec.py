@@ -75,3 +75,25 @@ def test_calibration_packing_refine_steps_and_eval_bound():
     assert "concat" in _err(model="a/b", calibration={"packing": "random"})
     assert "less than or equal to 10" in _err(model="a/b", refine_steps=11)
     assert "greater than or equal to 0" in _err(model="a/b", refine_steps=-1)
+
+
+def test_search_screen_setting_and_its_label():
+    from awqforge.awq import BlockSettings
+    from awqforge.formats.card import describe_method
+
+    spec = JobSpec(model="a/b")
+    # 8 by default (SmolLM2's perplexity held at k=8, not at k=4: bench/README.md)
+    assert spec.search_screen == 8 and BlockSettings.from_spec(spec).search_screen == 8
+    assert BlockSettings().search_screen == 8
+    assert BlockSettings.from_spec(JobSpec(model="a/b", search_screen=0)).search_screen == 0
+    assert "greater than or equal to 0" in _err(model="a/b", search_screen=-1)
+    assert "less than or equal to 100" in _err(model="a/b", search_screen=101)
+    assert "the best 8 scored on the attention / MLP output" in describe_method(spec)["search_screen"]
+    screened = describe_method(JobSpec(model="a/b", search_screen=4))["search_screen"]
+    assert "the best 4 scored on the attention / MLP output" in screened
+    off = "off: every grid point scored on the attention / MLP output (AWQ as published)"
+    assert describe_method(JobSpec(model="a/b", search_screen=0))["search_screen"] == off
+    # k at least the number of candidates (n_grid + 1 with duo's s = 1) screens nothing: labelled off
+    assert describe_method(JobSpec(model="a/b", n_grid=10, search_screen=11))["search_screen"] == off
+    assert "best 10" in describe_method(JobSpec(model="a/b", n_grid=10, search_screen=10))["search_screen"]
+    assert describe_method(JobSpec(model="a/b", method="rtn"))["search_screen"] == "none"

@@ -143,7 +143,16 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
         "publish": body.publish.model_dump() if body.publish else None,
         "device": body.device,
     }
-    for name in ("scale_search", "n_grid", "clip_search", "refine_steps", "rounding", "seed", "mappings"):
+    for name in (
+        "scale_search",
+        "n_grid",
+        "clip_search",
+        "refine_steps",
+        "search_screen",
+        "rounding",
+        "seed",
+        "mappings",
+    ):
         if getattr(body, name) is not None:
             data[name] = getattr(body, name)
     try:

@@ -16,6 +16,11 @@ One generic algorithm over the mappings an `ArchAdapter` resolves (see awqforge.
      module is rerun: all candidates on the first `search_fraction` of the samples, then the best
      `search_topk` on the rest, so the pick is the full-data best unless the subsample ranks it below
      the top k. `search_fraction=1` gives the exhaustive search.
+     With `search_screen` = k > 0, every candidate is first screened exactly and cheaply on the mapping's
+     linears' own outputs, sum over the linears of n tr(dW G dW^T) with their shared input Gram G (no
+     forward), and only the k best (the screen's best always among them) go through the module rerun
+     above; the others are not candidates any more. k = 0, or k >= the number of candidates, is the
+     full module search.
 3. Fold the best scales into the previous op (norm incl. LayerNorm bias and Gemma's 1+w, linear rows
    incl. bias, or a `ScaledActivation`) and into the linears' input columns; routers that read the same
    input absorb them too (they stay unquantized).
@@ -54,6 +59,8 @@ from awqforge.awq.search import (
     main_output,
     module_losses,
     mse,
+    screen_losses,
+    shortlist,
     to_device,
     w_mean,
 )
@@ -210,12 +217,17 @@ def quantize_block(
         qlins = [(names_of[id(lin)], lin) for lin in m.linears if id(lin) in quantized_ids]
         w_avg = w_mean([orig[n] for n, _ in qlins], s.group_size).to(x_mean.device)
         cands = candidates(x_mean, w_avg, s)
+        only, screen = None, None  # the screen's short list (module-scored mappings, search_screen > 0)
         if m.linear_loss or not s.module_loss:
             losses = gram_losses(cands, qlins, orig, stats, s)
             best = int(torch.argmin(losses))
             lap("scale_search_linear")
         else:
-            losses, best = module_losses(cands, qlins, m, stats, s, len(coarse), where)
+            if 0 < s.search_screen < len(cands):
+                screen = screen_losses(cands, qlins, orig, stats, s)
+                only = shortlist(screen, s.search_screen)
+                lap("scale_screen")
+            losses, best = module_losses(cands, qlins, m, stats, s, len(coarse), where, only)
             lap("scale_search_module")
         if not math.isfinite(float(losses[best])):
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
@@ -241,6 +253,9 @@ def quantize_block(
             "ratio": ratio,
             "scales": best_s.detach().cpu(),
             "loss": float(losses[best]),
+            # the screen's short list (candidate indices, best first) and every candidate's screen loss
+            "shortlist": only,
+            "screen_loss": screen.tolist() if screen is not None else None,
             "loss_identity": float(losses[identity])
             if identity is not None and torch.isfinite(losses[identity])
             else None,

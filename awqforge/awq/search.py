@@ -266,8 +266,44 @@ def squared_error(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | Non
     return float(d.sum()), d.numel()
 
 
-def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_coarse: int, where: str):
-    """Output MSE of the inspected module per candidate: all on the coarse chunks, top-k on the rest."""
+def screen_losses(cands, qlins, orig, stats: Stats, s: BlockSettings) -> torch.Tensor:
+    """The screen of a module-scored mapping: per candidate, the exact squared error of the mapping's linears'
+    own outputs summed over its linears, outputs and calibration tokens, sum_l n_l tr(dW_l G_l dW_l^T) with
+    dW = Q(W*s)/s - W (a linear seeing more tokens, as a busy MoE expert, weighs more). No module forward."""
+    losses = torch.zeros(len(cands), dtype=torch.float64)
+    scales = torch.stack([c[2] for c in cands])  # [C, in]
+    for name, _lin in qlins:
+        inp = stats.inputs_of(name)
+        if inp is None:
+            continue
+        w = orig[name].to(inp.gram.device)
+        step = max(1, (1 << 25) // max(1, w.numel()))
+        for c0 in range(0, len(cands), step):
+            sc = scales[c0 : c0 + step, None, :].to(w.device)
+            delta = fake_quant(w[None] * sc, s.bits, s.group_size, s.zero_point) / sc - w[None]
+            losses[c0 : c0 + step] += inp.row_errors(delta).sum(-1).double().cpu() * inp.count
+    return losses
+
+
+def shortlist(screen: torch.Tensor, k: int) -> list[int]:
+    """The k candidates of lowest screen loss, best first (NaN/inf last; ties in grid order)."""
+    key = torch.where(torch.isfinite(screen), screen, torch.full_like(screen, math.inf))
+    order = sorted(range(len(key)), key=lambda i: (float(key[i]), i))
+    return order[: max(1, k)]
+
+
+def module_losses(
+    cands,
+    qlins,
+    m: Mapping,
+    stats: Stats,
+    s: BlockSettings,
+    n_coarse: int,
+    where: str,
+    only: list[int] | None = None,
+):
+    """Output MSE of the inspected module per candidate: all (or those in `only`, the screen's short list) on
+    the coarse chunks, the top `search_topk` of those on the rest; candidates not scored keep an inf loss."""
     name = m.inspect_name
     calls, fp = stats.calls.get(name, []), stats.fp_out.get(name, [])
     masks = stats.call_masks.get(name) or [None] * len(calls)
@@ -307,7 +343,7 @@ def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_co
     try:
         coarse_ids = list(range(min(n_coarse, len(calls))))
         rest_ids = list(range(len(coarse_ids), len(calls)))
-        for ci in range(len(cands)):
+        for ci in range(len(cands)) if only is None else only:
             losses[ci] = score(ci, coarse_ids)
         finite = torch.isfinite(losses)
         if not finite.any():
@@ -316,7 +352,7 @@ def module_losses(cands, qlins, m: Mapping, stats: Stats, s: BlockSettings, n_co
             n_c = sum(terms(k) for k in coarse_ids)
             n_r = sum(terms(k) for k in rest_ids)
             order = torch.argsort(torch.where(finite, losses, torch.full_like(losses, math.inf)))
-            top = order[: max(1, s.search_topk)].tolist()
+            top = [ci for ci in order[: max(1, s.search_topk)].tolist() if finite[ci]]
             full = torch.full_like(losses, math.inf)
             for ci in top:
                 full[ci] = (losses[ci] * n_c + score(ci, rest_ids) * n_r) / (n_c + n_r)

@@ -30,6 +30,8 @@ class BlockSettings:
     chunk_tokens: int = 16384  # tokens per forward chunk (memory bound)
     search_fraction: float = 0.25  # samples scored for every grid point of a module loss
     search_topk: int = 3  # candidates rescored on the remaining samples
+    search_screen: int = 8  # module-scored mappings: run the module on the best k of the linears' exact
+    # output error (Gram screen) only; 0 (or k >= the number of candidates): every candidate on the module
     min_tokens: int = 16  # an expert seeing fewer calibration tokens gets no data-driven search
     module_loss: bool = True  # False: score attention/MLP mappings on their linears' outputs (Gram)
     refine_steps: int = 2  # least-squares refits of each group's scale/zero after the clip search (0: off)
@@ -47,6 +49,7 @@ class BlockSettings:
             n_grid=spec.n_grid,
             clip_search=spec.clip_search,
             refine_steps=spec.refine_steps,
+            search_screen=spec.search_screen,
             rounding=getattr(spec.rounding, "value", spec.rounding),
             skip_patterns=tuple(spec.quant.modules_to_not_convert),
         )

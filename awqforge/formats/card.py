@@ -80,12 +80,22 @@ def describe_method(spec: JobSpec) -> dict[str, str]:
             "scale_search": "none",
             "clip_search": "none",
             "refine_steps": "none",
+            "search_screen": "none",
             "rounding": "round to nearest",
         }
     k = spec.refine_steps
+    modes = 2 if spec.scale_search.value == "both" else 1  # the grid(s), plus s = 1 for duo alone
+    n_cands = spec.n_grid * modes + (1 if spec.scale_search.value == "duo" else 0)
     return {
         "method": "AWQ: per-channel scales searched on calibration activations and folded into the previous op",
         "scale_search": _SCALE_SEARCH[spec.scale_search.value].format(n=spec.n_grid),
+        "search_screen": (
+            f"attention and MLP mappings: every grid point scored exactly on the mapping's linears' own outputs "
+            f"(input Gram matrix), the best {spec.search_screen} scored on the attention / MLP output (an AWQForge "
+            "addition; search_screen=0 scores every grid point on the module output)"
+            if 0 < spec.search_screen < n_cands
+            else "off: every grid point scored on the attention / MLP output (AWQ as published)"
+        ),
         "clip_search": "per-group clip ratio 1, 0.95, ..., 0.55 minimising the group's output error (AutoAWQ); "
         "not for q/k projections"
         if spec.clip_search

@@ -48,6 +48,7 @@ BAD_BODIES = {
         "eval.text",
     ),
     "max_seqs huge": ({"eval": {"max_seqs": 10**12}}, "eval.max_seqs"),
+    "negative search_screen": ({"search_screen": -1}, "search_screen"),
 }
 
 
