@@ -123,7 +123,7 @@ def quantize_block(
         clock[0] = now
 
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
-    stats = Stats(keep_below=n * seq)  # n * seq: the tokens this block sees
+    stats = Stats(keep_below=n * seq if s.keep_inputs else 0)  # n * seq: the tokens this block sees
     handles = install_hooks(linears, maps, stats, s)
     outputs = []
     try:
