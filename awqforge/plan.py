@@ -34,9 +34,10 @@ GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # Sustained rates of the search's mixed work (matmuls and elementwise passes); rough, per device kind.
 DEVICE_FLOPS = {"cpu": 1.0e11, "cuda": 4.0e13}
-_FQ_PASSES = 6  # fp32 temporaries alive at once in a fake-quantize-and-compare of one row chunk
+_FQ_PASSES = 4  # fp32 temporaries alive at once in a fake-quantize-and-compare of one row chunk
 _CHUNK_TOKENS = 16384  # awq.BlockSettings.chunk_tokens
 _CHUNK_ELEMS = 1 << 23  # awq.search.CHUNK_ELEMS: elements of a row chunk of the weight-sized temporaries
+_CPU_RUNTIME = GIB // 4  # RSS a CPU job adds before its first block (bench/bench_plan.py: 0.25-0.26 GiB)
 _MODULE_INPUTS = ("attn_in", "mlp_in", "shared_in")  # linear inputs that are an inspected module's input
 _CLIP_RATIOS = 10  # awq: clip_grid 20 x max_shrink 0.5
 _EVAL_WINDOWS_DEFAULT = 40  # the built-in evaluation text at seq_len 2048 is about this many windows
@@ -247,6 +248,9 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
     awq = s.method == "awq"
 
     comp: dict[str, int] = {
+        # on CPU the job's own process: the libraries it imports (transformers' model code, the tokenizer)
+        # and allocator state, about the same for every shape (measured by bench/bench_plan.py)
+        "runtime": _CPU_RUNTIME if device == "cpu" else 0,
         "block_weights": p_lin * e + 2 * h * e,
         "calibration_activations": 2 * tokens * h * e,  # this block's inputs and its outputs
     }
@@ -285,11 +289,12 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
                 if not lin.input_key.endswith("_down"):
                     group = "attn" if lin.input_key == "attn_in" else "mlp"
                     by_input[group] = by_input.get(group, 0) + lin.out_features * lin.in_features * e
+        # (the candidates are fake-quantized before the module runs: the larger of the two counts)
         module = {
-            "attn": by_input.get("attn", 0) + attn_forward + 4 * chunk * h * e,
-            "mlp": by_input.get("mlp", 0) + mlp_forward + 2 * chunk * h * e,
+            "attn": by_input.get("attn", 0) + max(fq, attn_forward + 4 * chunk * h * e),
+            "mlp": by_input.get("mlp", 0) + max(fq, mlp_forward + 2 * chunk * h * e),
         }
-        phases["scale_search"] = {"transient_scale_search": max(module.values()) + fq}
+        phases["scale_search"] = {"transient_scale_search": max(module.values())}
     biggest = max(linears, key=lambda lin: lin.out_features * lin.in_features)
     n_big = biggest.out_features * biggest.in_features
     codes = p_lin + 5 * sum(
