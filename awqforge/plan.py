@@ -396,6 +396,8 @@ def describe(p: MemoryPlan) -> str:
         f"evaluate {format_bytes(p.evaluate_peak_bytes)}",
     ]
     for k, v in sorted(p.components.items(), key=lambda kv: -kv[1]):
+        if not v:
+            continue
         lines.append(f"  {k:28s} {format_bytes(v)}")
     est = ", ".join(f"{k} {v:.0f} s" for k, v in p.est_seconds_by_stage.items())
     lines.append(f"time estimate {p.est_seconds:.0f} s ({est})")
