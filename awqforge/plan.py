@@ -3,7 +3,8 @@
 Pure Python (no torch): the API computes it at submit time to pick the smallest queue class whose
 memory fits, and `awqforge plan` prints it. It follows what the engine holds while it works:
 
-- quantize (one block at a time, awq.quantize_block), held through the block: its weights in the compute
+- quantize (one block at a time, awq.quantize_block; on CPU the block is first read as stored, beside its
+  converted weights), held through the block: its weights in the compute
   dtype (the search reads them in place, no copy), the calibration hidden states going in and coming out
   ([n, seq, hidden] each), the inspected modules' inputs and outputs (module losses), and per distinct
   linear input either the inputs themselves in fp32 (when the block sees fewer tokens than the input is
@@ -281,6 +282,10 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
         forward += 4 * chunk * max(w for w, _ in widths.values())
     fq = _FQ_PASSES * 4 * _CHUNK_ELEMS
     phases: dict[str, dict[str, int]] = {"forward": {"transient_forward": forward}}
+    if device == "cpu" and shape.checkpoint_bytes != e:
+        # loading the block: the shard's tensors as stored (safetensors keeps the file's pages mapped until the
+        # last of them is converted) beside the converted weights
+        phases["load"] = {"transient_load": p_lin * shape.checkpoint_bytes}
     if awq:
         # module losses: the candidate weights of the mapping's linears, swapped in, and the module's forward
         by_input: dict[str, int] = {}
