@@ -3,14 +3,18 @@
 Pure Python (no torch): the API computes it at submit time to pick the smallest queue class whose
 memory fits, and `awqforge plan` prints it. It follows what the engine holds while it works:
 
-- quantize (one block at a time, awq.quantize_block): the block's weights in the compute dtype, an
-  fp32 copy of every quantized linear (the search's reference), the calibration hidden states going in
-  and coming out ([n, seq, hidden] each), the inspected modules' inputs and outputs (module losses),
-  per distinct linear input its fp32 Gram matrix (accumulated, and divided by the token count) and, when
-  the block sees fewer tokens than the input is wide, the inputs themselves (list and concatenation),
-  the codes of the block; on top of that the largest of the transients: the forward pass of a chunk
-  (MLP intermediate), the scale search's fake-quantized candidates, the final quantize and its error,
-  and with rounding=gptq the float64 Cholesky factors of the widest input's Gram matrix.
+- quantize (one block at a time, awq.quantize_block; on CPU the block is first read as stored, beside its
+  converted weights), held through the block: its weights in the compute
+  dtype (the search reads them in place, no copy), the calibration hidden states going in and coming out
+  ([n, seq, hidden] each), the inspected modules' inputs and outputs (module losses), and per distinct
+  linear input either the inputs themselves in fp32 (when the block sees fewer tokens than the input is
+  wide; on CPU those of q/k/v and gate/up are the recorded module inputs, not copies) or its fp32 Gram
+  matrix. On top of that the largest of three phases: the FP pass (the forward of a chunk: MLP
+  intermediate, attention scores); the scale search (the candidate weights of the largest module-loss
+  mapping, e.g. gate+up, in the compute dtype, the module's forward on a chunk, and the fake-quantize
+  temporaries, which work in row chunks of CHUNK_ELEMS); the quantize phase (the block's codes, the
+  widest linear's fp32 copy off CPU, its scaled inputs, and with rounding=gptq the float64 Cholesky
+  factors and the fp32 Gram matrix of the widest input).
 - evaluate: the quantized model loaded whole (packed codes, scales, the embedding and lm_head in the
   compute dtype) and a window's logits.
 
@@ -31,10 +35,11 @@ GIB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # Sustained rates of the search's mixed work (matmuls and elementwise passes); rough, per device kind.
 DEVICE_FLOPS = {"cpu": 1.0e11, "cuda": 4.0e13}
-# Elementwise passes of one fake-quantization (scale, divide, round, add, clamp, subtract, multiply, ...)
-_FQ_PASSES = 4  # fp32 temporaries alive at once in a fake-quantize-and-compare
+_FQ_PASSES = 4  # fp32 temporaries alive at once in a fake-quantize-and-compare of one row chunk
 _CHUNK_TOKENS = 16384  # awq.BlockSettings.chunk_tokens
-_GRAM_LOSS_ELEMS = 1 << 25  # awq._gram_losses: candidates x weight elements per batch
+_CHUNK_ELEMS = 1 << 23  # awq.search.CHUNK_ELEMS: elements of a row chunk of the weight-sized temporaries
+_CPU_RUNTIME = GIB // 4  # RSS a CPU job adds before its first block (bench/bench_plan.py: 0.25-0.26 GiB)
+_MODULE_INPUTS = ("attn_in", "mlp_in", "shared_in")  # linear inputs that are an inspected module's input
 _CLIP_RATIOS = 10  # awq: clip_grid 20 x max_shrink 0.5
 _EVAL_WINDOWS_DEFAULT = 40  # the built-in evaluation text at seq_len 2048 is about this many windows
 
@@ -246,48 +251,71 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
     awq = s.method == "awq"
 
     comp: dict[str, int] = {
+        # on CPU the job's own process: the libraries it imports (transformers' model code, the tokenizer)
+        # and allocator state, about the same for every shape (measured by bench/bench_plan.py)
+        "runtime": _CPU_RUNTIME if device == "cpu" else 0,
         "block_weights": p_lin * e + 2 * h * e,
-        "fp32_reference_weights": p_lin * 4,
         "calibration_activations": 2 * tokens * h * e,  # this block's inputs and its outputs
-        "block_codes": p_lin
-        + 2
-        * 4
-        * sum(
-            lin.out_features * (lin.in_features // _group(lin.in_features, s.group_size)) for lin in linears
-        ),
     }
-    # Gram matrices (accumulated and normalised) for every distinct input; inputs kept when narrow in tokens
-    comp["gram_matrices"] = 2 * 4 * sum(w * w for w, _ in widths.values())
-    kept = 0
-    for w, share in widths.values():
-        t = int(tokens * share)
-        if t < w:
-            kept += 2 * 4 * t * w
+    # per distinct input: the inputs themselves (fp32) when the block sees fewer tokens than it is wide,
+    # else its fp32 Gram matrix (normalised in place)
+    kept, grams, widest_kept = 0, 0, 0
+    for key, (w, share) in widths.items():
+        if tokens < w:
+            n_tok = int(tokens * share)
+            widest_kept = max(widest_kept, 4 * n_tok * w)
+            if not (e == 4 and awq and key in _MODULE_INPUTS):  # else the module-loss record itself
+                kept += 4 * n_tok * w
+        else:
+            grams += 4 * w * w
+    comp["gram_matrices"] = grams
     comp["kept_inputs"] = kept
     # module losses: the attention and MLP modules' inputs and FP outputs, kept for the whole search
     comp["module_loss_records"] = 4 * tokens * h * e if awq else 0
 
-    # transients (the largest one counts)
+    # phases on top of that (the largest one counts)
     chunk = min(tokens, max(1, _CHUNK_TOKENS // seq) * seq)
     inter = shape.expert_intermediate * shape.experts_per_token if shape.n_experts else shape.intermediate
     chunk_samples = max(1, chunk // seq)
-    forward = 3 * chunk * inter * e + chunk_samples * shape.n_heads * seq * seq * e + 4 * chunk * h * e
+    mlp_forward = 3 * chunk * inter * e
+    attn_forward = chunk_samples * shape.n_heads * seq * seq * e
+    forward = mlp_forward + attn_forward + 4 * chunk * h * e
     if e != 4:  # hooks cast each linear input to fp32
         forward += 4 * chunk * max(w for w, _ in widths.values())
-    transients = {"forward": forward}
+    fq = _FQ_PASSES * 4 * _CHUNK_ELEMS
+    phases: dict[str, dict[str, int]] = {"forward": {"transient_forward": forward}}
+    if device == "cpu" and shape.checkpoint_bytes != e:
+        # loading the block: the shard's tensors as stored (safetensors keeps the file's pages mapped until the
+        # last of them is converted) beside the converted weights
+        phases["load"] = {"transient_load": p_lin * shape.checkpoint_bytes}
+    if awq:
+        # module losses: the candidate weights of the mapping's linears, swapped in, and the module's forward
+        by_input: dict[str, int] = {}
+        for lin in linears:
+            if lin.input_key in _MODULE_INPUTS or lin.input_key.startswith("expert"):
+                if not lin.input_key.endswith("_down"):
+                    group = "attn" if lin.input_key == "attn_in" else "mlp"
+                    by_input[group] = by_input.get(group, 0) + lin.out_features * lin.in_features * e
+        # (the candidates are fake-quantized before the module runs: the larger of the two counts)
+        module = {
+            "attn": by_input.get("attn", 0) + max(fq, attn_forward + 4 * chunk * h * e),
+            "mlp": by_input.get("mlp", 0) + max(fq, mlp_forward + 2 * chunk * h * e),
+        }
+        phases["scale_search"] = {"transient_scale_search": max(module.values())}
     biggest = max(linears, key=lambda lin: lin.out_features * lin.in_features)
     n_big = biggest.out_features * biggest.in_features
-    if awq:
-        # scale search: candidates fake-quantized in batches of about 2**25 elements (or one weight)
-        step = max(1, _GRAM_LOSS_ELEMS // n_big)
-        transients["scale_search"] = _FQ_PASSES * 4 * step * n_big
-    # final quantize of the widest linear: dequantized weight, error, codes, the error's product with X
-    transients["quantize"] = 3 * 4 * n_big + n_big
+    codes = p_lin + 5 * sum(
+        lin.out_features * (lin.in_features // _group(lin.in_features, s.group_size)) for lin in linears
+    )  # uint8 codes, fp32 scales, uint8 zeros
+    # clip search and final quantize of the widest linear: its fp32 copy (off CPU), scaled inputs, chunks
+    quantize = (4 * n_big if e != 4 else 0) + widest_kept + fq
+    phases["quantize"] = {"block_codes": codes, "transient_quantize": quantize}
     if awq and s.rounding == "gptq":
         w_in = max(lin.in_features for lin in linears)
-        transients["gptq"] = 3 * 8 * w_in * w_in + 4 * 4 * n_big
-    which = max(transients, key=transients.get)
-    comp[f"transient_{which}"] = transients[which]
+        gptq = 3 * 8 * w_in * w_in + 4 * w_in * w_in + 4 * 4 * n_big
+        phases["quantize"]["transient_quantize"] = max(quantize, gptq)
+    which = max(phases, key=lambda k: sum(phases[k].values()))
+    comp.update(phases[which])
     quantize_peak = sum(comp.values())
 
     # evaluate: the quantized model whole, plus one window's logits (fp32, a few copies)
@@ -324,7 +352,8 @@ def _time(shape: ModelShape, s: JobSettings, device: str, linears, widths, token
     rate = DEVICE_FLOPS[device]
     p_lin = sum(lin.out_features * lin.in_features for lin in linears)
     fwd = 2 * tokens * p_lin + 4 * s.n_samples * s.seq_len**2 * shape.hidden
-    block = fwd + sum(2 * tokens * share * w * w for w, share in widths.values())  # Gram matrices
+    # Gram matrices, where the inputs are not kept instead
+    block = fwd + sum(2 * tokens * share * w * w for w, share in widths.values() if tokens >= w)
     if s.method == "awq":
         c = _n_candidates(s)
         screened = 0 < s.search_screen < c
@@ -377,6 +406,8 @@ def describe(p: MemoryPlan) -> str:
         f"evaluate {format_bytes(p.evaluate_peak_bytes)}",
     ]
     for k, v in sorted(p.components.items(), key=lambda kv: -kv[1]):
+        if not v:
+            continue
         lines.append(f"  {k:28s} {format_bytes(v)}")
     est = ", ".join(f"{k} {v:.0f} s" for k, v in p.est_seconds_by_stage.items())
     lines.append(f"time estimate {p.est_seconds:.0f} s ({est})")

@@ -328,10 +328,12 @@ class StreamingModel:
         block = self.layers[index]
         prefix = self.block_prefix(index) + "."
         self._init_buffers(block)  # before the weights, see load_non_block
-        for name, value in self._module_tensors(self._sources.get(index, [])).items():
+        tensors = self._module_tensors(self._sources.get(index, []))
+        for name in list(tensors):
             if not name.startswith(prefix):
                 raise AWQForgeError(f"checkpoint tensor for block {index} maps outside it: {name}")
-            self._set(name, value)
+            # popped: each tensor as read is freed once converted, not all of them at the end
+            self._set(name, tensors.pop(name))
         missing = [n for n, p in block.named_parameters() if p.device.type == "meta"]
         if missing:
             raise InputError(f"block {index}: tensors missing from the checkpoint: {missing[:6]}")

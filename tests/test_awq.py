@@ -297,34 +297,35 @@ def test_gptq_rounding_in_a_block_beats_nearest():
         logits_mse("llama", ids, BlockSettings(rounding="stochastic", **w3))
 
 
-def test_few_tokens_losses_from_the_inputs_equal_the_gram_form(monkeypatch):
-    """With fewer calibration tokens than a linear's input width, its losses come from the kept inputs
-    (||X D^T||^2 / n, cheaper); they must equal the Gram form sum(D G * D)."""
-    from awqforge.awq.search import Stats
+def test_few_tokens_losses_from_the_inputs_equal_the_gram_form():
+    """With fewer calibration tokens than a linear's input width, the block keeps the inputs X instead of
+    the Gram matrix: losses ||X D^T||^2 / n, clip blocks X_g^T X_g / n, G only for GPTQ. They must equal the
+    Gram form sum(D G * D), also on inputs divided by folded scales, and give the same quantized block."""
+    from awqforge.awq.search import Inputs
+
+    _, _, x = _correlated_layer(n=96)  # 96 tokens, 128 wide
+    g = torch.Generator().manual_seed(1)
+    delta = torch.randn(2, 48, 128, generator=g)
+    inv = torch.rand(128, generator=g) + 0.5
+    kept, gram = Inputs(None, x, 96), Inputs(x.t() @ x / 96, None, 96)
+    for a, b in ((kept, gram), (kept.scaled(inv), gram.scaled(inv))):
+        assert a.x is not None and b.x is None
+        torch.testing.assert_close(a.row_errors(delta), b.row_errors(delta), rtol=1e-4, atol=0)
+        torch.testing.assert_close(a.blocks(32), b.blocks(32), rtol=1e-4, atol=1e-3)
+        torch.testing.assert_close(a.full_gram(), b.full_gram(), rtol=1e-4, atol=1e-3)
+        assert a.blocks(32).shape == (4, 32, 32)
 
     ids = tiny_input_ids(4, 48)  # 192 tokens: fewer than down_proj's 256 inputs, more than 128
-    s = BlockSettings(bits=4, group_size=32)
-    _, fast = logits_mse("llama", ids, s)
-    kept = []
-    real = Stats.inputs_of
-
-    def gram_only(self, name):
-        inp = real(self, name)
-        if inp is not None and inp.x is not None:
-            kept.append(name)
-            assert inp.x.shape[1] == 256 and inp.x.shape[0] == inp.count == 192
-            inp.x = None
-        return inp
-
-    monkeypatch.setattr(Stats, "inputs_of", gram_only)
-    _, slow = logits_mse("llama", ids, s)
-    assert kept and all(n.endswith("down_proj") for n in kept)
+    _, fast = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32))
+    _, slow = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32, keep_inputs=False))
     for a, b in zip(fast, slow, strict=True):
         for la, lb in zip(a.layers, b.layers, strict=True):
             assert la.mse_rtn == pytest.approx(lb.mse_rtn, rel=1e-4)
             assert la.mse_quant == pytest.approx(lb.mse_quant, rel=1e-4)
         for key, info in a.scales.items():
             assert info["loss"] == pytest.approx(b.scales[key]["loss"], rel=1e-4)
+        for name, qt in a.quantized.items():
+            assert torch.equal(qt.qweight, b.quantized[name].qweight)
 
 
 def test_search_screen_covering_every_candidate_is_the_full_search():

@@ -49,7 +49,7 @@ from torch import nn
 from awqforge.arch import ArchAdapter, UnfusedExperts
 from awqforge.awq.folding import device_of, fold_scales
 from awqforge.awq.gptq import gptq_codes
-from awqforge.awq.qparams import fake_quant, refine_qparams, search_clip
+from awqforge.awq.qparams import refine_qparams, search_clip
 from awqforge.awq.search import (
     Stats,
     candidates,
@@ -58,7 +58,8 @@ from awqforge.awq.search import (
     install_hooks,
     main_output,
     module_losses,
-    mse,
+    row_slices,
+    rtn_mse,
     screen_losses,
     shortlist,
     to_device,
@@ -182,7 +183,7 @@ def quantize_block(
 
     # 1. FP pass: block outputs, input Grams, mapping statistics, inspected-module calls
     n_real = n * seq if token_mask is None else int(token_mask.sum())
-    stats = Stats(keep_below=n_real)  # the tokens this block's statistics see
+    stats = Stats(keep_below=n_real if s.keep_inputs else 0)  # the tokens this block's statistics see
     outputs = fp_pass(block, inputs, kwargs_dev, coarse + rest, linears, maps, s, stats, token_mask)
     if not torch.isfinite(outputs).all():
         raise NumericalError(
@@ -190,14 +191,15 @@ def quantize_block(
         )
 
     lap("fp_pass")
-    # plain RTN error of every linear, before anything changes
-    orig = {name: lin.weight.detach().float().clone() for name, lin in linears.items()}
+    # plain RTN error of every linear, before anything changes. `orig` holds the weights before any folding:
+    # the tensors themselves, copied only when a fold is about to change one that a later mapping still reads.
+    orig = {name: lin.weight.detach() for name, lin in linears.items()}
     mse_rtn = {}
     for name, w in orig.items():
         inp = stats.inputs_of(name)
-        if inp is not None and not torch.isfinite(inp.gram).all():
+        if inp is not None and not inp.finite():
             raise NumericalError(f"{where}, layer {name}: the calibration inputs have NaN/inf values")
-        mse_rtn[name] = mse(fake_quant(w, s.bits, s.group_size, s.zero_point) - w, inp, None)
+        mse_rtn[name] = rtn_mse(w, inp, s)
 
     lap("rtn_error")
     # 2-3. scale search and folding, mapping by mapping
@@ -206,6 +208,11 @@ def quantize_block(
     ratio_of: dict[str, float] = {}
     scales_info: dict[str, dict] = {}
     names_of = {id(m): n for n, m in linears.items()}
+    read_from = {}  # linear name -> index of the last mapping whose search reads its original weight
+    for idx, m in enumerate(maps):
+        for lin in m.linears:
+            if id(lin) in quantized_ids:
+                read_from[names_of[id(lin)]] = idx
     for idx, m in enumerate(maps):
         cnt = stats.abs_count.get(idx, 0)
         if cnt < s.min_tokens:
@@ -234,6 +241,14 @@ def quantize_block(
         mode, ratio, best_s = cands[best]
         if not torch.isfinite(best_s).all():
             raise NumericalError(f"{where}, mapping {m.name}: non-finite scales")
+        for mod in [m.prev, *m.linears, *m.absorb]:  # the modules the fold changes in place
+            n_ = names_of.get(id(mod))
+            if (
+                n_ is not None
+                and read_from.get(n_, -1) > idx
+                and orig[n_].data_ptr() == mod.weight.data_ptr()
+            ):
+                orig[n_] = orig[n_].clone()
         fold_scales(block, m, best_s)
         for n_, _ in qlins:
             in_scale[n_] = in_scale.get(n_, torch.ones_like(best_s)) * best_s
@@ -261,6 +276,7 @@ def quantize_block(
             else None,
         }
 
+    del orig
     lap("fold")
     # 4. clip search and quantization
     quantized: dict[str, QuantizedTensor] = {}
@@ -271,40 +287,49 @@ def quantize_block(
         s_in = in_scale.get(name)
         if inp is not None and s_in is not None:
             inp = inp.scaled(1.0 / s_in)
-        gram, cnt = (inp.gram, inp.count) if inp is not None else (None, 0)
+        cnt = inp.count if inp is not None else 0
+        g = effective_group_size(w.shape[1], s.group_size)
         clip_ratio = None
         if (
             s.method == "awq"
             and s.clip_search
-            and gram is not None
+            and inp is not None
             and cnt >= s.min_tokens
             and not is_qk(name)
         ):
             lap("quantize")
-            scales, zeros, clip_ratio = search_clip(w, gram, s)
+            scales, zeros, clip_ratio = search_clip(w, inp.blocks(g), s)
             lap("clip_search")
             if s.refine_steps:
-                scales, zeros, _ = refine_qparams(w, gram, scales, zeros, s)
+                scales, zeros, _ = refine_qparams(w, inp.blocks(g), scales, zeros, s)
                 lap("refit")
         else:
             scales, zeros = compute_qparams(w, s.bits, s.group_size, s.zero_point)
-        if s.method == "awq" and s.rounding == "gptq" and gram is not None and cnt >= s.min_tokens:
+        if s.method == "awq" and s.rounding == "gptq" and inp is not None and cnt >= s.min_tokens:
             lap("quantize")
-            q = gptq_codes(w, gram, scales, zeros, s).to(torch.uint8)
+            q = gptq_codes(w, inp.full_gram(), scales, zeros, s).to(torch.uint8)
             lap("gptq_rounding")
         else:
-            q = quantize_with_qparams(w, scales, zeros, s.bits, s.group_size)
+            q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
+            for sl in row_slices(*w.shape):
+                q[sl] = quantize_with_qparams(w[sl], scales[sl], zeros[sl], s.bits, s.group_size)
         qt = QuantizedTensor(q, scales, zeros.to(torch.uint8), s.bits, s.group_size)
-        dq = dequantize(q, scales, zeros, s.group_size)
-        if not torch.isfinite(dq).all():
-            raise NumericalError(f"{where}, layer {name}: quantized weight has NaN/inf values")
-        row_scale = None
+        # dequantized rows: their output error, then into the block's weight (w may be that very tensor)
+        per_row = torch.zeros(w.shape[0], device=w.device)
+        for sl in row_slices(*w.shape):
+            dq = dequantize(q[sl], scales[sl], zeros[sl], s.group_size)
+            if not torch.isfinite(dq).all():
+                raise NumericalError(f"{where}, layer {name}: quantized weight has NaN/inf values")
+            if inp is not None:
+                per_row[sl] = inp.row_errors(dq - w[sl]).to(w.device)
+            lin.weight[sl] = dq.to(lin.weight.dtype)
+        del dq
         if name in out_scale:
             rows, sc = out_scale[name]
             row_scale = torch.ones(w.shape[0], device=w.device)
             row_scale[rows] = sc.to(w.device)
-        mse_q = mse(dq - w, inp, row_scale)
-        lin.weight.copy_(dq.to(lin.weight.dtype))
+            per_row = per_row * row_scale.pow(2)
+        mse_q = float(per_row.mean()) if inp is not None else 0.0
         quantized[name] = qt
         metrics.append(LayerMetric(name, block_index, mse_rtn[name], mse_q, ratio_of.get(name), clip_ratio))
     lap("quantize")

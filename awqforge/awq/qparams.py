@@ -36,7 +36,9 @@ def fake_quant(w: torch.Tensor, bits: int, group_size: int, zero_point: bool) ->
 def search_clip(
     w: torch.Tensor, gram: torch.Tensor, s: BlockSettings
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """Per-group clip ratio minimising the group's output error: (scales, zeros, mean ratio)."""
+    """Per-group clip ratio minimising the group's output error: (scales, zeros, mean ratio).
+
+    gram: the input Gram matrix [in, in], or just its diagonal group blocks [n_groups, g, g]."""
     out_f, in_f = w.shape
     g = effective_group_size(in_f, s.group_size)
     ng = in_f // g
@@ -66,8 +68,10 @@ def search_clip(
 
 
 def group_blocks(gram: torch.Tensor, in_f: int, g: int) -> torch.Tensor:
-    """The diagonal [g, g] blocks of an input Gram matrix, one per group: [ng, g, g]."""
+    """The diagonal [g, g] blocks of an input Gram matrix, one per group: [ng, g, g] (given as is)."""
     ng = in_f // g
+    if gram.dim() == 3:
+        return gram
     return gram.reshape(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
 
 
@@ -80,7 +84,7 @@ def refine_qparams(
     (w - a q - b)^T G_g (w - a q - b) (G_g: the group's diagonal block of the input Gram matrix)
     solves a 2x2 system. Then s = a, z = round(-b / a) (clamped), the codes are re-rounded, and the
     group keeps the new parameters only if its error went down. Symmetric groups keep z and only
-    refit s. Returns (scales, zeros, fraction of groups changed).
+    refit s. gram: the input Gram matrix or its group blocks (as search_clip). Returns (scales, zeros, fraction of groups changed).
     """
     out_f, in_f = w.shape
     g = effective_group_size(in_f, s.group_size)

@@ -26,19 +26,34 @@ def detach(v):
     return v
 
 
+# Elements per batch of the weight-sized temporaries (fake-quantized candidates, errors, dequantized rows):
+# weights are processed in row chunks of about this many elements, so that a 28672-wide linear does not
+# make several full-size float32 copies of itself at once.
+CHUNK_ELEMS = 1 << 23
+
+
+def row_slices(out_f: int, in_f: int, batch: int = 1) -> list[slice]:
+    """Row chunks of an [out_f, in_f] weight (times `batch` candidates) of about CHUNK_ELEMS elements."""
+    rows = max(1, CHUNK_ELEMS // max(1, batch * in_f))
+    return [slice(r, min(r + rows, out_f)) for r in range(0, out_f, rows)]
+
+
 class Stats:
-    """What the FP pass collects: Gram matrices per distinct linear input, mapping statistics, calls."""
+    """What the FP pass collects: per distinct linear input its Gram matrix (or, when the block sees fewer
+    tokens than the input is wide, the inputs themselves), mapping statistics, inspected calls."""
 
     def __init__(self, keep_below: int = 0):
-        self.key: dict[str, str] = {}  # linear name -> name of the linear whose input Gram it shares
-        self.gram: dict[str, torch.Tensor] = {}
+        self.key: dict[str, str] = {}  # linear name -> name of the linear whose input it shares
+        self.gram: dict[str, torch.Tensor] = {}  # accumulated X^T X (inputs not kept)
         self.count: dict[str, int] = {}
         self.abs_sum: dict[int, torch.Tensor] = {}
         self.abs_count: dict[int, int] = {}
         self.calls: dict[str, list[tuple[tuple, dict]]] = {}  # inspected module -> per-chunk (args, kwargs)
         self.fp_out: dict[str, list[torch.Tensor]] = {}
         self.inputs: dict[str, list[torch.Tensor]] = {}  # the inputs themselves, where kept (see keep_below)
-        self.keep_below = keep_below  # keep a linear's inputs when the block sees fewer tokens than its width
+        self.keep_below = (
+            keep_below  # keep a linear's inputs (no Gram) when the block sees fewer tokens than its width
+        )
         self._resolved: dict[str, Inputs] = {}  # per shared input, built once after the FP pass
         self._seen: list[tuple[torch.Tensor, str]] = []
         self.mask: torch.Tensor | None = None  # the current chunk's real-token mask, flat [rows * seq] (bool)
@@ -58,45 +73,94 @@ class Stats:
             return flat
         return flat[self.mask.to(flat.device)]
 
-    def gram_of(self, name: str) -> tuple[torch.Tensor | None, int]:
-        key = self.key.get(name)
-        if key is None or self.count.get(key, 0) == 0:
-            return None, 0
-        return self.gram[key] / self.count[key], self.count[key]
+    def keeps(self, width: int) -> bool:
+        return 0 < self.keep_below < width
 
     def inputs_of(self, name: str) -> Inputs | None:
-        """What the losses of one linear need: its Gram matrix, and its inputs when they were kept."""
+        """What the losses of one linear need: its inputs when kept, else its Gram matrix X^T X / n."""
         key = self.key.get(name)
+        if key is None:
+            return None
         if key in self._resolved:
             return self._resolved[key]
-        gram, count = self.gram_of(name)
-        if gram is None:
+        count = self.count.get(key, 0)
+        if count == 0:
             return None
-        x = self.inputs.get(key)
-        self._resolved[key] = Inputs(gram, torch.cat(x) if x else None, count)
+        parts = self.inputs.pop(key, None)
+        if parts:
+            x = torch.cat(parts) if len(parts) > 1 else parts[0].contiguous()
+            del parts
+            self._resolved[key] = Inputs(None, x, count)
+        else:
+            gram = self.gram.pop(key)
+            gram /= count  # in place: the accumulated matrix is not needed any more
+            self._resolved[key] = Inputs(gram, None, count)
         return self._resolved[key]
 
 
 class Inputs:
-    """A linear's calibration inputs X [n, in] as the losses see them: the Gram matrix X^T X / n, and
-    X itself when n < in. The output error of a weight error D is then computed as ||X D^T||^2 / n
-    (cost n*in*out) instead of sum(D G * D) (cost in^2*out): at a 14336-wide input and a few hundred
-    calibration tokens, 50x fewer operations."""
+    """A linear's calibration inputs X [n, in] as the losses see them: X itself when n < in, else the Gram
+    matrix G = X^T X / n, optionally with the input channels divided by folded AWQ scales (inv = 1 / s).
 
-    def __init__(self, gram: torch.Tensor, x: torch.Tensor | None, count: int):
-        self.gram, self.x, self.count = gram, x, count
+    The output error of a weight error D is ||X D^T||^2 / n (cost n*in*out) from the inputs, or
+    sum(D G * D) (cost in^2*out) from the Gram matrix: at a 28672-wide input and a few thousand calibration
+    tokens, X is 14x smaller than G and the loss 14x cheaper. The group blocks of G that the clip search
+    needs come from X directly; the whole G only for GPTQ rounding (`full_gram`)."""
+
+    def __init__(
+        self, gram: torch.Tensor | None, x: torch.Tensor | None, count: int, inv: torch.Tensor | None = None
+    ):
+        self.gram, self.x, self.count, self.inv = gram, x, count, inv
+        self._blocks: dict[int, torch.Tensor] = {}
+
+    @property
+    def device(self) -> torch.device:
+        return (self.x if self.x is not None else self.gram).device
+
+    @property
+    def width(self) -> int:
+        return (self.x if self.x is not None else self.gram).shape[-1]
+
+    def finite(self) -> bool:
+        return bool(torch.isfinite(self.x if self.x is not None else self.gram).all())
 
     def scaled(self, inv: torch.Tensor) -> Inputs:
         """The inputs divided per channel by folded AWQ scales (inv = 1 / s)."""
-        inv = inv.to(self.gram.device)
-        x = self.x * inv if self.x is not None else None
-        return Inputs(self.gram * inv[:, None] * inv[None, :], x, self.count)
+        inv = inv.to(self.device)
+        if self.x is not None:
+            return Inputs(None, self.x * inv, self.count)
+        return Inputs(self.gram, None, self.count, inv if self.inv is None else self.inv * inv)
 
     def row_errors(self, delta: torch.Tensor) -> torch.Tensor:
         """Per output row, the squared output error per token of weight error delta [..., out, in]."""
         if self.x is not None:
             return (delta @ self.x.T).pow(2).sum(-1) / self.count
+        if self.inv is not None:
+            delta = delta * self.inv
         return ((delta @ self.gram) * delta).sum(-1)
+
+    def blocks(self, g: int) -> torch.Tensor:
+        """The diagonal [g, g] blocks of G, one per input group: [n_groups, g, g]."""
+        if g not in self._blocks:
+            ng = self.width // g
+            if self.x is not None:
+                xg = self.x.reshape(-1, ng, g).transpose(0, 1)  # [ng, n, g]
+                b = torch.bmm(xg.transpose(1, 2), xg) / self.count
+            else:
+                b = self.gram.reshape(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1).contiguous()
+                if self.inv is not None:
+                    ig = self.inv.reshape(ng, g)
+                    b = b * ig[:, :, None] * ig[:, None, :]
+            self._blocks[g] = b
+        return self._blocks[g]
+
+    def full_gram(self) -> torch.Tensor:
+        """G as one [in, in] matrix (a new tensor when it is computed from X or scaled)."""
+        if self.x is not None:
+            return (self.x.T @ self.x) / self.count
+        if self.inv is None:
+            return self.gram
+        return self.gram * self.inv[:, None] * self.inv[None, :]
 
 
 def first_tensor(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -149,13 +213,13 @@ def install_hooks(linears, maps, stats: Stats, s: BlockSettings) -> list:
             x2 = stats.real_rows(x.reshape(-1, x.shape[-1])).float()
             if x2.shape[0] == 0:
                 return
+            stats.count[key] = stats.count.get(key, 0) + x2.shape[0]
+            if stats.keeps(x2.shape[1]):
+                stats.inputs.setdefault(key, []).append(x2)
+                return
             if key not in stats.gram:
                 stats.gram[key] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
-                stats.count[key] = 0
             stats.gram[key].addmm_(x2.T, x2)
-            stats.count[key] += x2.shape[0]
-            if stats.keep_below > 0 and stats.keep_below < x2.shape[1]:
-                stats.inputs.setdefault(key, []).append(x2)
 
         return hook
 
@@ -205,15 +269,27 @@ def mse(delta: torch.Tensor, inp: Inputs | None, row_scale: torch.Tensor | None)
     return float(per_row.mean())
 
 
+def rtn_mse(w: torch.Tensor, inp: Inputs | None, s: BlockSettings) -> float:
+    """Output MSE of plain round-to-nearest of weight w (any dtype), computed in row chunks."""
+    if inp is None:
+        return 0.0
+    per_row = torch.empty(w.shape[0], device=inp.device)
+    for sl in row_slices(*w.shape):
+        part = w[sl].float().to(inp.device)
+        per_row[sl] = inp.row_errors(fake_quant(part, s.bits, s.group_size, s.zero_point) - part)
+    return float(per_row.mean())
+
+
 def w_mean(weights: list[torch.Tensor], group_size: int) -> torch.Tensor:
     """Mean over output rows of |W| normalised by each group's max (AutoAWQ / llm-compressor)."""
     total, rows = None, 0
     for w in weights:
         g = effective_group_size(w.shape[1], group_size)
-        wg = w.abs().reshape(-1, g)
-        wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
-        part = wg.reshape(w.shape).sum(0)
-        total = part if total is None else total + part
+        for sl in row_slices(*w.shape):
+            wg = w[sl].float().abs().reshape(-1, g)
+            wg = wg / (wg.amax(dim=1, keepdim=True) + 1e-6)
+            part = wg.reshape(-1, w.shape[1]).sum(0)
+            total = part if total is None else total + part
         rows += w.shape[0]
     return total / rows
 
@@ -239,20 +315,41 @@ def candidates(
     return out
 
 
-def gram_losses(cands, qlins, orig, stats: Stats, s: BlockSettings) -> torch.Tensor:
-    """Exact output MSE of every candidate on the linears' own outputs, from their input Grams."""
-    losses = torch.zeros(len(cands), device=cands[0][2].device)
+def scaled_fake_quant(w: torch.Tensor, sc: torch.Tensor, s: BlockSettings) -> torch.Tensor:
+    """Q(W * s) / s for candidate scales sc [..., 1, in] (float32)."""
+    return fake_quant(w * sc, s.bits, s.group_size, s.zero_point) / sc
+
+
+def gram_losses(
+    cands, qlins, orig, stats: Stats, s: BlockSettings, *, per_token_sum: bool = False
+) -> torch.Tensor:
+    """Exact output MSE of every candidate on the linears' own outputs, from their inputs (or Grams); with
+    `per_token_sum`, the squared errors summed over outputs and tokens instead (float64, the screen's score).
+
+    Batches of candidates x weight rows of about CHUNK_ELEMS elements: the per-row errors are gathered and
+    summed per candidate, as over the whole weight at once."""
+    if per_token_sum:
+        losses = torch.zeros(len(cands), dtype=torch.float64)
+    else:
+        losses = torch.zeros(len(cands), device=cands[0][2].device)
     scales = torch.stack([c[2] for c in cands])  # [C, in]
     for name, _lin in qlins:
         inp = stats.inputs_of(name)
         if inp is None:
             continue
-        w = orig[name].to(inp.gram.device)
-        step = max(1, (1 << 25) // max(1, w.numel()))
+        w = orig[name]  # the compute dtype; float32 row by row below
+        out_f, in_f = w.shape
+        step = max(1, CHUNK_ELEMS // max(1, w.numel()))
         for c0 in range(0, len(cands), step):
-            sc = scales[c0 : c0 + step, None, :].to(w.device)
-            delta = fake_quant(w[None] * sc, s.bits, s.group_size, s.zero_point) / sc - w[None]
-            losses[c0 : c0 + step] += inp.row_errors(delta).sum(-1).to(losses.device) / w.shape[0]
+            sc = scales[c0 : c0 + step, None, :].to(inp.device)
+            errs = torch.empty(sc.shape[0], out_f, device=inp.device)
+            for sl in row_slices(out_f, in_f, sc.shape[0]):
+                part = w[sl].float().to(inp.device)[None]
+                errs[:, sl] = inp.row_errors(scaled_fake_quant(part, sc, s) - part)
+            if per_token_sum:
+                losses[c0 : c0 + step] += errs.sum(-1).double().cpu() * inp.count
+            else:
+                losses[c0 : c0 + step] += errs.sum(-1).to(losses.device) / out_f
     return losses
 
 
@@ -270,19 +367,7 @@ def screen_losses(cands, qlins, orig, stats: Stats, s: BlockSettings) -> torch.T
     """The screen of a module-scored mapping: per candidate, the exact squared error of the mapping's linears'
     own outputs summed over its linears, outputs and calibration tokens, sum_l n_l tr(dW_l G_l dW_l^T) with
     dW = Q(W*s)/s - W (a linear seeing more tokens, as a busy MoE expert, weighs more). No module forward."""
-    losses = torch.zeros(len(cands), dtype=torch.float64)
-    scales = torch.stack([c[2] for c in cands])  # [C, in]
-    for name, _lin in qlins:
-        inp = stats.inputs_of(name)
-        if inp is None:
-            continue
-        w = orig[name].to(inp.gram.device)
-        step = max(1, (1 << 25) // max(1, w.numel()))
-        for c0 in range(0, len(cands), step):
-            sc = scales[c0 : c0 + step, None, :].to(w.device)
-            delta = fake_quant(w[None] * sc, s.bits, s.group_size, s.zero_point) / sc - w[None]
-            losses[c0 : c0 + step] += inp.row_errors(delta).sum(-1).double().cpu() * inp.count
-    return losses
+    return gram_losses(cands, qlins, orig, stats, s, per_token_sum=True)
 
 
 def shortlist(screen: torch.Tensor, k: int) -> list[int]:
@@ -313,16 +398,17 @@ def module_losses(
         if any(mk is not None for mk in masks)
         else []
     )
-    saved = [(lin, lin.weight.detach().clone()) for _, lin in qlins]
+    # The candidates' weights go into buffers swapped in for the linears' own (restored after), filled in row
+    # chunks: no copy of the current weights and no full-size temporaries.
+    saved = [(lin, lin._parameters["weight"]) for _, lin in qlins]
+    bufs = [torch.empty_like(p) for _, p in saved]
 
     def score(ci: int, chunk_ids) -> float:
         sc = cands[ci][2]
-        for (_n, lin), (_, w0) in zip(qlins, saved, strict=True):
-            w = w0.float()
-            scd = sc.to(w.device)[None, :]
-            lin.weight.copy_(
-                (fake_quant(w * scd, s.bits, s.group_size, s.zero_point) / scd).to(lin.weight.dtype)
-            )
+        for (_lin, w0), buf in zip(saved, bufs, strict=True):
+            scd = sc.to(w0.device)[None, :]
+            for sl in row_slices(*w0.shape):
+                buf[sl] = scaled_fake_quant(w0[sl].float(), scd, s)
         total, count = 0.0, 0
         for k in chunk_ids:
             args, kwargs = calls[k]
@@ -341,6 +427,8 @@ def module_losses(
 
     losses = torch.full((len(cands),), math.inf)
     try:
+        for (lin, _), buf in zip(saved, bufs, strict=True):
+            lin._parameters["weight"] = nn.Parameter(buf, requires_grad=False)
         coarse_ids = list(range(min(n_coarse, len(calls))))
         rest_ids = list(range(len(coarse_ids), len(calls)))
         for ci in range(len(cands)) if only is None else only:
@@ -359,7 +447,7 @@ def module_losses(
             losses = full
     finally:
         for lin, w0 in saved:
-            lin.weight.copy_(w0)
+            lin._parameters["weight"] = w0
         for mod in experts:
             mod.token_keep = None
     best = int(torch.argmin(losses))

@@ -37,6 +37,9 @@ class BlockSettings:
     refine_steps: int = 2  # least-squares refits of each group's scale/zero after the clip search (0: off)
     rounding: str = "nearest"  # "nearest" | "gptq": codes rounded with error feedback (same format)
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
+    keep_inputs: bool = (
+        True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)
+    )
 
     @classmethod
     def from_spec(cls, spec) -> BlockSettings:

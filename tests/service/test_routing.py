@@ -67,6 +67,25 @@ def test_plan_is_pure_and_ordered():
     assert big.est_seconds > small.est_seconds > 0
 
 
+def test_plan_follows_the_engine_on_wide_layers():
+    """Fewer calibration tokens than a linear's input width: the engine keeps the inputs, not the Gram matrix,
+    and on CPU the inputs of q/k/v and gate/up are the module-loss records themselves (not counted twice)."""
+    from awqforge.plan import GIB, JobSettings, plan
+
+    few = plan(LLAMA_70B, JobSettings(n_samples=16, seq_len=128, eval_enabled=False), device="cpu")
+    many = plan(LLAMA_70B, JobSettings(n_samples=128, seq_len=512, eval_enabled=False), device="cpu")
+    assert few.components["gram_matrices"] == 0
+    assert few.components["kept_inputs"] == 4 * 2048 * (8192 + 28672)  # o_proj's and down_proj's inputs
+    assert many.components["kept_inputs"] == 0
+    assert many.components["gram_matrices"] == 4 * (
+        3 * 8192**2 + 28672**2
+    )  # one fp32 Gram per distinct input
+    # the 70B block in fp32 with 2048 tokens fits a 24 GiB machine: weights 3.19 GiB plus gate/up candidates
+    assert few.transient == "scale_search" and 6 * GIB < few.quantize_peak_bytes < 8 * GIB
+    gptq = plan(LLAMA_70B, JobSettings(n_samples=16, seq_len=128, rounding="gptq"), device="cpu")
+    assert gptq.components["transient_quantize"] > 3 * 8 * 28672**2  # float64 factors of the widest input
+
+
 def test_plan_endpoint_and_routing_by_need(service, make_key, config_models):
     from awqforge.app.core.config import settings
 
