@@ -24,9 +24,17 @@ INPUTS_NAME = "inputs.safetensors"
 MANIFEST_NAME = "manifest.json"
 
 
+# Bumped whenever a change of the engine changes what a block writes for the same spec (2: padding masked out
+# of the statistics, kept inputs instead of Grams, the screened scale search): a job resumed by an upgraded
+# worker starts over instead of mixing blocks of two engines in one artifact.
+ENGINE_REVISION = 2
+
+
 def spec_fingerprint(spec) -> str:
-    """What decides the artifact bytes: the spec without its publish settings (token, repo)."""
+    """What decides the artifact bytes: the spec without its publish settings (token, repo), the engine's
+    revision and the torch version (its kernels' rounding)."""
     data = spec.model_dump(mode="json", exclude={"publish"})
+    data = {"spec": data, "engine": ENGINE_REVISION, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 

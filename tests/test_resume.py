@@ -107,3 +107,20 @@ def test_torn_checkpoint_is_not_trusted(run_ref, tmp_path):
     result = run_quantization(spec, tmp_path / "out", checkpoint_dir=work, log=logs.append)
     assert not any("resuming" in m for m in logs), "block 0 missing: start over"
     assert {fmt: digests(p) for fmt, p in result.artifacts.items()} == reference
+
+
+def test_checkpoints_of_another_engine_revision_are_ignored(run_ref, tmp_path, monkeypatch):
+    """A worker upgraded between the crash and the resume (an engine change that alters what blocks write)
+    starts over: one artifact never mixes blocks of two engines."""
+    import awqforge.checkpoint as checkpoint
+
+    _model, spec, reference, _ = run_ref
+    work = tmp_path / "work"
+    monkeypatch.setattr(checkpoint, "ENGINE_REVISION", checkpoint.ENGINE_REVISION - 1)
+    with pytest.raises(WorkerLost):
+        run_quantization(spec, tmp_path / "out", checkpoint_dir=work, progress=crash_after(2))
+    monkeypatch.undo()
+    logs: list[str] = []
+    result = run_quantization(spec, tmp_path / "out", checkpoint_dir=work, log=logs.append)
+    assert not any("resuming" in m for m in logs), logs
+    assert {fmt: digests(p) for fmt, p in result.artifacts.items()} == reference
