@@ -313,8 +313,12 @@ for a in arts["data"]:
             n = struct.unpack("<Q", body[:8])[0]
             header = json.loads(body[8 : 8 + n])
             assert any(k.endswith(".qweight") for k in header), "no packed weights"
-        print(f"downloaded {a['format']}/{f['path']}: {len(body)} bytes"
-              + (" (presigned URL listed)" if f.get("download_url") else ""))
+        via = ""
+        if f.get("download_url"):  # signed for S3_PUBLIC_ENDPOINT_URL: the store as this host reaches it
+            direct = urllib.request.urlopen(f["download_url"], timeout=60).read()
+            assert direct == body, (f["path"], "presigned download differs from the API's")
+            via = ", the same bytes from its presigned URL"
+        print(f"downloaded {a['format']}/{f['path']}: {len(body)} bytes{via}")
 EOF
 
 if [ "$BUILD_CUDA" = 1 ]; then
