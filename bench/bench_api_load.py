@@ -250,22 +250,16 @@ async def wrk_mix(
     return await _wrk_pass(base, key, job_ids, rate, seconds, mix, home, lost)
 
 
-async def wrk_reads(
-    base: str, key: str, job_ids: list[str], inflight: int, seconds: float, home: Path
-) -> dict:
-    """Status reads with `inflight` requests in flight, closed loop, driven by wrk (one thread, one connection
-    per request in flight): the Python client would itself take most of a core at these rates."""
-    ids = ", ".join(f'"{i}"' for i in job_ids)
-    script = home / "wrk-reads.lua"
-    script.write_text(
-        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
-        f"ids = {{{ids}}}\n"
-        "request = function() i = (i or 0) % #ids + 1; return wrk.format('GET', '/v1/jobs/' .. ids[i]) end\n"
-    )
-    p = await asyncio.create_subprocess_exec(
+# one status read per call, cycling through the run's job ids (Lua, for wrk)
+_STATUS_REQUEST = "i = (i or 0) % #ids + 1; return wrk.format('GET', '/v1/jobs/' .. ids[i])"
+
+
+async def _start_wrk(conns: int, seconds: float, script: Path, base: str):
+    """One wrk process: one thread, `conns` connections, latency percentiles, the Lua `script`."""
+    return await asyncio.create_subprocess_exec(
         "wrk",
         "-t1",
-        f"-c{inflight}",
+        f"-c{conns}",
         f"-d{seconds:.0f}s",
         "--latency",
         "--timeout",
@@ -276,6 +270,21 @@ async def wrk_reads(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.STDOUT,
     )
+
+
+async def wrk_reads(
+    base: str, key: str, job_ids: list[str], inflight: int, seconds: float, home: Path
+) -> dict:
+    """Status reads with `inflight` requests in flight, closed loop, driven by wrk (one thread, one connection
+    per request in flight): the Python client would itself take most of a core at these rates."""
+    ids = ", ".join(f'"{i}"' for i in job_ids)
+    script = home / "wrk-reads.lua"
+    script.write_text(
+        f'wrk.headers["Authorization"] = "Bearer {key}"\n'
+        f"ids = {{{ids}}}\n"
+        f"request = function() {_STATUS_REQUEST} end\n"
+    )
+    p = await _start_wrk(inflight, seconds, script, base)
     return _wrk_result((await p.communicate())[0].decode())
 
 
@@ -302,7 +311,7 @@ async def _wrk_pass(
     ids = ", ".join(f'"{i}"' for i in job_ids)
     requests = {
         "submit": f'return wrk.format("POST", "/v1/jobs", nil, "{body}")',
-        "status": "i = (i or 0) % #ids + 1; return wrk.format('GET', '/v1/jobs/' .. ids[i])",
+        "status": _STATUS_REQUEST,
         "list": "return wrk.format('GET', '/v1/jobs?limit=20')",
     }
     procs = {}
@@ -316,20 +325,7 @@ async def _wrk_pass(
             f"request = function() {requests[route]} end\n"
             f"delay = function() return {max(0.0, 1000.0 * (conns / route_rate - latency[route])):.3f} end\n"
         )
-        procs[route] = await asyncio.create_subprocess_exec(
-            "wrk",
-            "-t1",
-            f"-c{conns}",
-            f"-d{seconds:.0f}s",
-            "--latency",
-            "--timeout",
-            "30s",
-            "-s",
-            str(script),
-            base,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT,
-        )
+        procs[route] = await _start_wrk(conns, seconds, script, base)
     results = {}
     for route, p in procs.items():
         out = (await p.communicate())[0].decode()
