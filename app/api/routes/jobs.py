@@ -393,10 +393,10 @@ def download_artifact_tar(
         root = Path(artifact.path).resolve()
         prefix = f"{artifact.format}/" if root.is_dir() else ""
         files = []
-        for name, _ in job_service.artifact_files(artifact):
-            path = root / name if root.is_dir() else root
+        for f in store.list_files(artifact.path):
+            path = root / f.path if root.is_dir() else root
             st = path.stat()
-            files.append((prefix + name, st.st_size, int(st.st_mtime), partial(_read_chunks, path)))
+            files.append((prefix + f.path, st.st_size, int(st.st_mtime), partial(_read_chunks, path)))
     if not files:
         raise ServiceError(404, "artifact files are gone")
     entries = []
