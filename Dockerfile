@@ -33,7 +33,7 @@ COPY --from=requirements /build/requirements-api.txt /tmp/
 # flower: the queue dashboard service in docker-compose.yml runs from this image
 RUN pip install -r /tmp/requirements-api.txt "flower==2.0.1"
 # installed, then the source removed: a source tree in the working directory would shadow the installed
-# package (its awqforge/ has no app/ or worker/: those are installed as awqforge.app, awqforge.worker)
+# package (its awqforge/ has no app/ or worker/: those are installed as app, worker)
 COPY --from=source /src /tmp/src
 RUN pip install --no-deps /tmp/src && rm -rf /tmp/src \
     && useradd --create-home --uid 1000 awqforge \
@@ -72,7 +72,7 @@ COPY --from=requirements /build/requirements-worker.txt /tmp/
 RUN pip install -r /tmp/requirements-worker.txt \
     && if [ "$WITH_TRITON" = "1" ]; then pip install "triton>=3.0"; fi
 # installed, then the source removed: a source tree in the working directory would shadow the installed
-# package (its awqforge/ has no app/ or worker/: those are installed as awqforge.app, awqforge.worker)
+# package (its awqforge/ has no app/ or worker/: those are installed as app, worker)
 COPY --from=source /src /tmp/src
 RUN pip install --no-deps /tmp/src && rm -rf /tmp/src \
     && awqforge kernels build \
@@ -82,5 +82,5 @@ WORKDIR /data
 USER 1000:1000
 # alive = this container's worker answers a Celery ping (the node name is set by --name in compose)
 HEALTHCHECK --interval=30s --timeout=15s --start-period=60s --retries=3 \
-    CMD ["sh", "-c", "celery -A awqforge.worker.celery_app inspect ping -d \"${AWQFORGE_WORKER_NAME:-worker}@$(hostname)\" --timeout 10"]
+    CMD ["sh", "-c", "celery -A worker.celery_app inspect ping -d \"${AWQFORGE_WORKER_NAME:-worker}@$(hostname)\" --timeout 10"]
 CMD ["sh", "-c", "exec awqforge worker --name \"${AWQFORGE_WORKER_NAME:-worker}\""]

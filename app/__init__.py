@@ -5,7 +5,7 @@
                         v
                      broker: Redis | kombu filesystem transport (embedded)
                         v
-                     worker (Celery, prefork, 1 process = 1 job) -> awqforge.worker.runner.run_job(job_id)
+                     worker (Celery, prefork, 1 process = 1 job) -> worker.runner.run_job(job_id)
                         -> awqforge.pipeline.run_quantization -> progress/heartbeat/metrics rows -> hub
 
 Decisions worth knowing:

@@ -8,11 +8,11 @@ import os
 import sys
 import time
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 
 def _wait_for_database(timeout_s: float = 60) -> None:
-    from awqforge.app.core.db import check_database
+    from app.core.db import check_database
 
     settings.ensure_dirs()
     deadline = time.monotonic() + timeout_s
@@ -28,7 +28,7 @@ def _wait_for_database(timeout_s: float = 60) -> None:
 
 def _wait_and_migrate(timeout_s: float = 60) -> None:
     """Prestart: wait for the database, then `alembic upgrade head`."""
-    from awqforge.app.core.db import run_migrations
+    from app.core.db import run_migrations
 
     _wait_for_database(timeout_s)
     run_migrations()
@@ -36,8 +36,8 @@ def _wait_and_migrate(timeout_s: float = 60) -> None:
 
 def _requeue_orphans() -> None:
     """Embedded mode has exactly one worker, about to start: jobs left `running` by the last one are orphans."""
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.jobs import reap_stale_jobs
+    from app.core.db import session_scope
+    from app.services.jobs import reap_stale_jobs
 
     with session_scope() as s:
         requeued = reap_stale_jobs(s, all_running=True)
@@ -90,7 +90,7 @@ def serve_command(argv: list[str]) -> int:
         _wait_and_migrate()
     run_worker = settings.is_embedded if args.worker is None else args.worker
     if args.demo:
-        from awqforge.app.demo import run_demo
+        from app.demo import run_demo
 
         if run_worker and settings.is_embedded:
             _requeue_orphans()
@@ -105,8 +105,8 @@ def serve_command(argv: list[str]) -> int:
 
     import uvicorn
 
-    from awqforge.app.embedded import start_worker_process, stop_process
-    from awqforge.app.main import create_app
+    from app.embedded import start_worker_process, stop_process
+    from app.main import create_app
 
     if run_worker and settings.is_embedded:
         _requeue_orphans()
@@ -142,9 +142,9 @@ def keys_command(argv: list[str]) -> int:
 
     from sqlalchemy import select
 
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import ApiKey, Tenant, utcnow
-    from awqforge.app.services.keys import create_api_key
+    from app.core.db import session_scope
+    from app.models import ApiKey, Tenant, utcnow
+    from app.services.keys import create_api_key
 
     _wait_and_migrate(timeout_s=10)
     if args.action == "create":
@@ -208,10 +208,10 @@ def tenants_command(argv: list[str]) -> int:
 
     from sqlalchemy import select
 
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Tenant
-    from awqforge.app.services.jobs import tenant_namespaces
-    from awqforge.app.services.keys import upsert_tenant
+    from app.core.db import session_scope
+    from app.models import Tenant
+    from app.services.jobs import tenant_namespaces
+    from app.services.keys import upsert_tenant
 
     _wait_and_migrate(timeout_s=10)
     if args.action == "list":
@@ -260,7 +260,7 @@ def worker_command(argv: list[str]) -> int:
     p.add_argument("--loglevel", default="INFO")
     args = p.parse_args(argv)
 
-    from awqforge.app.embedded import detect_queues, worker_argv
+    from app.embedded import detect_queues, worker_argv
 
     if args.gpu is not None:
         os.environ["CUDA_VISIBLE_DEVICES"] = args.gpu
@@ -270,7 +270,7 @@ def worker_command(argv: list[str]) -> int:
         print(f"unknown queue(s) {bad}; choose from {list(settings.queue_classes)}", file=sys.stderr)
         return 2
     _wait_for_database()  # migrations are the API's prestart step, not every worker's
-    from awqforge.worker.celery_app import celery_app
+    from worker.celery_app import celery_app
 
     # Node names must be unique per host: the runner trusts "same node" to mean "my own redelivery".
     name = args.name or (f"awqforge-gpu{args.gpu}" if args.gpu is not None else f"awqforge-{os.getpid()}")
@@ -290,7 +290,7 @@ def migrate_command(argv: list[str]) -> int:
     p.add_argument("--timeout", type=float, default=60, help="seconds to wait for the database")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    from awqforge.app.core.db import run_migrations
+    from app.core.db import run_migrations
 
     _wait_for_database(args.timeout)
     run_migrations(revision=args.revision)
@@ -308,10 +308,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m awqforge.app.cli serve|migrate|keys|tenants|worker ...` (the same as `awqforge serve|migrate|...`)."""
+    """`python -m app.cli serve|migrate|keys|tenants|worker ...` (the same as `awqforge serve|migrate|...`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] not in COMMANDS:
-        print(f"usage: python -m awqforge.app.cli {{{'|'.join(COMMANDS)}}} ...", file=sys.stderr)
+        print(f"usage: python -m app.cli {{{'|'.join(COMMANDS)}}} ...", file=sys.stderr)
         return 2
     return COMMANDS[argv[0]](argv[1:])
 

@@ -1,6 +1,6 @@
 """The README's main command: start the service, quantize SmolLM2 over HTTP, show the result.
 
-    awqforge serve --demo        (or: python -m awqforge.app.demo)
+    awqforge serve --demo        (or: python -m app.demo)
 
 Starts the API (and, in embedded mode, one worker), makes a demo API key, submits a W4 g64 AWQ job on
 SmolLM2-135M-Instruct with a small calibration set, prints progress from the event stream, then the
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import httpx
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 
 def _free_port(preferred: int) -> int:
@@ -145,9 +145,9 @@ def _cancel_previous_demo_jobs() -> None:
     """A new demo run supersedes unfinished jobs of an earlier one (so it is not queued behind them)."""
     from sqlalchemy import select
 
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Job, Tenant
-    from awqforge.app.services.jobs import ACTIVE_STATUSES, cancel_job
+    from app.core.db import session_scope
+    from app.models import Job, Tenant
+    from app.services.jobs import ACTIVE_STATUSES, cancel_job
 
     with session_scope() as s:
         q = (
@@ -169,10 +169,10 @@ def run_demo(
     seq_len: int | None = None,
 ) -> int:
     """Run the demo; calibration defaults to 64 x 512 tokens with a GPU, 8 x 64 on a CPU."""
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.embedded import ServerThread, detect_queues, start_worker_process, stop_process
-    from awqforge.app.main import create_app
-    from awqforge.app.services.keys import create_api_key
+    from app.core.db import session_scope
+    from app.embedded import ServerThread, detect_queues, start_worker_process, stop_process
+    from app.main import create_app
+    from app.services.keys import create_api_key
 
     _quiet_progress_bars()
     has_gpu = detect_queues() != ["cpu"]  # nvidia-smi: no CUDA initialised in this process
@@ -270,7 +270,7 @@ def run_demo(
 
 
 def main() -> int:
-    from awqforge.app.cli import serve_command
+    from app.cli import serve_command
 
     return serve_command(["--demo", *sys.argv[1:]])
 

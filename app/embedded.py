@@ -12,7 +12,7 @@ import time
 
 import uvicorn
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 
 def detect_queues() -> list[str]:
@@ -70,7 +70,7 @@ def start_worker_process(
         "-m",
         "celery",
         "-A",
-        "awqforge.worker.celery_app",
+        "worker.celery_app",
         *worker_argv(list(queues or settings.queue_classes), name=name),
     ]
     out = open(log_path, "ab") if log_path else None  # noqa: SIM115 - handed to the child

@@ -1,4 +1,4 @@
-"""The FastAPI application: `create_app()`; `app` for `uvicorn awqforge.app.main:app`."""
+"""The FastAPI application: `create_app()`; `app` for `uvicorn app.main:app`."""
 
 from __future__ import annotations
 
@@ -19,12 +19,12 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from awqforge.app.api.main import api_router
-from awqforge.app.api.routes import dashboard, health, metrics
-from awqforge.app.core.config import settings
-from awqforge.app.core.db import session_scope
-from awqforge.app.models import IdempotencyKey, utcnow
-from awqforge.app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
+from app.api.main import api_router
+from app.api.routes import dashboard, health, metrics
+from app.core.config import settings
+from app.core.db import session_scope
+from app.models import IdempotencyKey, utcnow
+from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
 
 log = logging.getLogger("awqforge.api")
 

@@ -16,9 +16,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from awqforge.app.core.config import GPU_QUEUES, settings
-from awqforge.app.core.db import session_scope
-from awqforge.app.models import TERMINAL_STATUSES, Job, WorkerHeartbeat, utcnow
+from app.core.config import GPU_QUEUES, settings
+from app.core.db import session_scope
+from app.models import TERMINAL_STATUSES, Job, WorkerHeartbeat, utcnow
 
 log = logging.getLogger("awqforge.metrics")
 
@@ -45,7 +45,7 @@ STAGES = ("resolve", "calibrate", "quantize", "evaluate", "package", "publish")
 
 def broker_queue_depths() -> dict[str, int] | None:
     """Messages waiting in each queue class's broker queue; None when the broker cannot be reached."""
-    from awqforge.worker.celery_app import celery_app  # torch-free
+    from worker.celery_app import celery_app  # torch-free
 
     depths: dict[str, int] = {}
     try:

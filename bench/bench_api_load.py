@@ -391,8 +391,8 @@ def main() -> int:
     proc = None
     try:
         setup = (
-            "from awqforge.app.core.db import run_migrations, session_scope\n"
-            "from awqforge.app.services.keys import create_api_key\n"
+            "from app.core.db import run_migrations, session_scope\n"
+            "from app.services.keys import create_api_key\n"
             "run_migrations()\n"
             "with session_scope() as s: print(create_api_key(s, tenant_name='bench', max_queued=10000).secret)\n"
         )
@@ -410,7 +410,7 @@ def main() -> int:
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "awqforge.app.main:app",
+                "app.main:app",
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -67,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         subprocess.run(
-            [sys.executable, "-c", "from awqforge.app.core.db import run_migrations; run_migrations()"],
+            [sys.executable, "-c", "from app.core.db import run_migrations; run_migrations()"],
             env=env,
             check=True,
         )

@@ -1,1 +1,1 @@
-"""Alembic migrations of the service database, installed as awqforge.migrations (see app/core/db.py)."""
+"""Alembic migrations of the service database, installed as migrations (see app/core/db.py)."""

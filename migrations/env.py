@@ -5,9 +5,9 @@ from logging.config import fileConfig
 from alembic import context
 from sqlalchemy import pool
 
-from awqforge.app.core.config import settings
-from awqforge.app.core.db import make_engine
-from awqforge.app.models import Base
+from app.core.config import settings
+from app.core.db import make_engine
+from app.models import Base
 
 config = context.config
 if config.config_file_name is not None:

@@ -18,11 +18,14 @@ def name(req: str) -> str:
 
 def main(path: str = "pyproject.toml") -> None:
     with open(path, "rb") as f:
-        deps = tomllib.load(f)["project"]["dependencies"]
+        project = tomllib.load(f)["project"]
+    extras = project["optional-dependencies"]
+    # The engine's own dependencies and the service's extra; the worker also runs task evaluation (eval extra).
+    deps = project["dependencies"] + extras["service"]
     with open("requirements-api.txt", "w") as f:
         f.write("\n".join(d for d in deps if name(d) not in ENGINE_ONLY) + "\n")
     with open("requirements-worker.txt", "w") as f:
-        f.write("\n".join(d for d in deps if name(d) not in {"torch", "triton"}) + "\n")
+        f.write("\n".join(d for d in deps + extras["eval"] if name(d) not in {"torch", "triton"}) + "\n")
 
 
 if __name__ == "__main__":

@@ -121,7 +121,7 @@ def test_plugins_are_dispatched_without_importing_the_service(monkeypatch):
     calls = []
 
     class FakeEntryPoint:
-        name, value = "serve", "awqforge.app.cli:serve_command"
+        name, value = "serve", "app.cli:serve_command"
 
         def load(self):
             return lambda argv: calls.append(argv) or 7
@@ -130,7 +130,7 @@ def test_plugins_are_dispatched_without_importing_the_service(monkeypatch):
     assert cli.main(["serve", "--port", "1"]) == 7
     assert calls == [["--port", "1"]]
 
-    code = "import sys, awqforge.cli as c; c.build_parser(); print(sorted(m for m in sys.modules if m.startswith(('awqforge.app', 'awqforge.worker'))))"
+    code = "import sys, awqforge.cli as c; c.build_parser(); print(sorted(m for m in sys.modules if m.startswith(('app', 'worker'))))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.stdout.strip() == "[]"
 

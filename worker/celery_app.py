@@ -9,7 +9,7 @@ from __future__ import annotations
 from celery import Celery
 from kombu import Exchange, Queue
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 TASK_RUN_JOB = "awqforge.run_job"
 TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a job's recorded artifacts (again)
@@ -18,7 +18,7 @@ TASK_PUBLISH_JOB = "awqforge.publish_job"  # publish a job's recorded artifacts 
 def task_for(stage: str | None) -> str:
     """The task that carries a queued job on: one at the publish stage (its artifact set recorded) only
     publishes; any other runs (or resumes) the whole job."""
-    from awqforge.app.models import PUBLISH_STAGE
+    from app.models import PUBLISH_STAGE
 
     return TASK_PUBLISH_JOB if stage == PUBLISH_STAGE else TASK_RUN_JOB
 
@@ -45,7 +45,7 @@ def _transport_options() -> dict:
 
 
 def make_celery() -> Celery:
-    app = Celery("awqforge", broker=settings.broker_url, include=["awqforge.worker.tasks"])
+    app = Celery("awqforge", broker=settings.broker_url, include=["worker.tasks"])
     app.conf.update(
         task_serializer="json",
         accept_content=["json"],

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 log = logging.getLogger("awqforge.hub")
 

@@ -19,7 +19,7 @@ from typing import Any
 
 from celery import signals
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 log = logging.getLogger("awqforge.worker.monitoring")
 
@@ -33,7 +33,7 @@ def _metrics() -> dict[str, Any] | None:
     if "metrics" not in _state:
         from prometheus_client import Counter, Gauge, Histogram
 
-        from awqforge.app.metrics import DURATION_BUCKETS
+        from app.metrics import DURATION_BUCKETS
 
         _state["metrics"] = {
             "jobs": Counter(
@@ -65,13 +65,13 @@ def _metrics() -> dict[str, Any] | None:
 
 
 def record_job(job_id: str) -> None:
-    """Count a job that this process just ran (called by the task after awqforge.worker.runner.run_job)."""
+    """Count a job that this process just ran (called by the task after worker.runner.run_job)."""
     m = _metrics()
     if m is None:
         return
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.metrics import STAGES
-    from awqforge.app.models import TERMINAL_STATUSES, Job
+    from app.core.db import session_scope
+    from app.metrics import STAGES
+    from app.models import TERMINAL_STATUSES, Job
 
     with session_scope() as s:
         job = s.get(Job, job_id)
@@ -92,8 +92,8 @@ def record_job(job_id: str) -> None:
 
 
 def _beat(name: str, queues: str) -> None:
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import WorkerHeartbeat, utcnow
+    from app.core.db import session_scope
+    from app.models import WorkerHeartbeat, utcnow
 
     now = utcnow()
     with session_scope() as s:
@@ -160,8 +160,8 @@ def _stop_heartbeats(**_kw: Any) -> None:
         try:
             from sqlalchemy import delete
 
-            from awqforge.app.core.db import session_scope
-            from awqforge.app.models import WorkerHeartbeat
+            from app.core.db import session_scope
+            from app.models import WorkerHeartbeat
 
             with session_scope() as s:  # a clean exit is not a silent worker
                 s.execute(delete(WorkerHeartbeat).where(WorkerHeartbeat.name == _state["name"]))

@@ -22,10 +22,10 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 
-from awqforge.app.core.config import settings
-from awqforge.app.core.db import in_session_retrying, session_scope
-from awqforge.app.core.security import decrypt_secret
-from awqforge.app.models import (
+from app.core.config import settings
+from app.core.db import in_session_retrying, session_scope
+from app.core.security import decrypt_secret
+from app.models import (
     PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
@@ -36,9 +36,9 @@ from awqforge.app.models import (
     Tenant,
     utcnow,
 )
-from awqforge.app.services.events import add_event
-from awqforge.app.services.storage import artifact_store, file_manifest, store_for
-from awqforge.app.services.uploads import allowed_roots
+from app.services.events import add_event
+from app.services.storage import artifact_store, file_manifest, store_for
+from app.services.uploads import allowed_roots
 
 log = logging.getLogger("awqforge.worker")
 
@@ -414,8 +414,8 @@ def publish_artifacts(
     `local`: the artifacts' folders on this machine by format (the run that just made them); else the
     recorded artifact set is read from its store, wherever that is (an object store: downloaded into a
     temporary folder, removed afterwards), and checked against its recorded sha256s first.
-    Returns the seconds it took. Raises awqforge.worker.hub.PublishRefused, ArtifactMismatch or the hub's error."""
-    from awqforge.worker.hub import hub_for
+    Returns the seconds it took. Raises worker.hub.PublishRefused, ArtifactMismatch or the hub's error."""
+    from worker.hub import hub_for
 
     t0 = time.monotonic()
     with ExitStack() as copies:
@@ -471,7 +471,7 @@ def publish_artifacts(
 
 def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
     """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
-    from awqforge.worker.hub import PublishRefused
+    from worker.hub import PublishRefused
 
     reason = str(exc) if isinstance(exc, PublishRefused) else f"{type(exc).__name__}: {exc}"
     error = reporter.scrub(f"publish failed: {reason}")[:2000]

@@ -1,14 +1,14 @@
-"""Celery tasks: thin wrappers that hand a job id to awqforge.worker.runner."""
+"""Celery tasks: thin wrappers that hand a job id to worker.runner."""
 
 from __future__ import annotations
 
-from awqforge.worker import monitoring
-from awqforge.worker.celery_app import TASK_PUBLISH_JOB, TASK_RUN_JOB, celery_app
+from worker import monitoring
+from worker.celery_app import TASK_PUBLISH_JOB, TASK_RUN_JOB, celery_app
 
 
 @celery_app.task(name=TASK_RUN_JOB, bind=True)
 def run_job_task(self, job_id: str) -> str:
-    from awqforge.worker.runner import run_job  # torch is imported here, in the forked child
+    from worker.runner import run_job  # torch is imported here, in the forked child
 
     outcome = run_job(job_id, worker_name=self.request.hostname or "worker")
     monitoring.record_job(job_id)
@@ -17,6 +17,6 @@ def run_job_task(self, job_id: str) -> str:
 
 @celery_app.task(name=TASK_PUBLISH_JOB, bind=True)
 def publish_job_task(self, job_id: str) -> str:
-    from awqforge.worker.runner import run_publish
+    from worker.runner import run_publish
 
     return run_publish(job_id, worker_name=self.request.hostname or "worker")

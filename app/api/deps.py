@@ -15,11 +15,11 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, joinedload
 from starlette.concurrency import run_in_threadpool
 
-from awqforge.app.core.config import settings
-from awqforge.app.core.db import new_session
-from awqforge.app.core.security import hash_key, key_matches, parse_key_id
-from awqforge.app.models import ApiKey, DashboardSession, Tenant, utcnow
-from awqforge.app.services.sessions import CSRF_HEADER, SESSION_COOKIE, find_session
+from app.core.config import settings
+from app.core.db import new_session
+from app.core.security import hash_key, key_matches, parse_key_id
+from app.models import ApiKey, DashboardSession, Tenant, utcnow
+from app.services.sessions import CSRF_HEADER, SESSION_COOKIE, find_session
 
 bearer = HTTPBearer(auto_error=False, description="API key from `awqforge keys create --tenant NAME`")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")

@@ -1,7 +1,7 @@
 from fastapi import APIRouter
 
-from awqforge.app.api.routes import calibration, jobs, metrics, plan
-from awqforge.app.schemas import ErrorResponse
+from app.api.routes import calibration, jobs, metrics, plan
+from app.schemas import ErrorResponse
 
 # Every /v1 route may answer these (body unparsable, no valid key, request too large, a field or parameter refused, database down);
 # declared here so that OpenAPI documents the bodies we send (never FastAPI's default 422 shape).

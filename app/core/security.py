@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 from cryptography.fernet import Fernet, InvalidToken
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 KEY_PREFIX = "awqf"
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.orm import Session
 
-from awqforge.app.models import JobEvent
+from app.models import JobEvent
 
 
 def add_event(

@@ -14,9 +14,9 @@ from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session, joinedload, selectinload
 
-from awqforge.app.core.config import settings
-from awqforge.app.core.security import encrypt_secret
-from awqforge.app.models import (
+from app.core.config import settings
+from app.core.security import encrypt_secret
+from app.models import (
     PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
@@ -28,16 +28,16 @@ from awqforge.app.models import (
     Tenant,
     utcnow,
 )
-from awqforge.app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
-from awqforge.app.services.events import add_event
-from awqforge.app.services.routing import (
+from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
+from app.services.events import add_event
+from app.services.routing import (
     RoutingError,
     model_config,
     model_tensor_shapes,
     route,
     waiting_reason,
 )
-from awqforge.app.services.storage import store_for
+from app.services.storage import store_for
 from awqforge.spec import is_local_path
 
 log = logging.getLogger("awqforge.jobs")
@@ -69,7 +69,7 @@ class ServiceError(Exception):
 
 def _check_local(field: str, raw: str) -> FieldError | None:
     """Local paths must lie under the allowed roots (the engine's one resolver decides)."""
-    from awqforge.app.services.uploads import allowed_roots
+    from app.services.uploads import allowed_roots
     from awqforge.errors import InputError
     from awqforge.resolve import PathNotAllowed, resolve_local_path
 
@@ -246,7 +246,7 @@ def _check_limit(session: Session, tenant: Tenant) -> None:
 
 def send_job(job: Job) -> None:
     """Send the job's task by name: the whole run, or only the publish of its recorded artifact set."""
-    from awqforge.worker.celery_app import celery_app, task_for
+    from worker.celery_app import celery_app, task_for
 
     celery_app.send_task(task_for(job.stage), args=[job.id], queue=settings.queue_name(job.queue))
 

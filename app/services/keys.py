@@ -5,8 +5,8 @@ from __future__ import annotations
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from awqforge.app.core.security import NewApiKey, generate_api_key
-from awqforge.app.models import ApiKey, Tenant
+from app.core.security import NewApiKey, generate_api_key
+from app.models import ApiKey, Tenant
 
 
 def create_api_key(session: Session, *, tenant_name: str, max_queued: int | None = None) -> NewApiKey:

@@ -23,7 +23,7 @@ from urllib.parse import quote
 
 import httpx
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 from awqforge.plan import GIB, JobSettings, PlanError, plan
 
 log = logging.getLogger("awqforge.routing")
@@ -103,7 +103,7 @@ def model_tensor_shapes(model: str, revision: str | None = None, token: str | No
     from awqforge.weight_names import local_shapes
 
     if model.startswith(("/", "./", "../", "~")):
-        from awqforge.app.services.uploads import allowed_roots
+        from app.services.uploads import allowed_roots
         from awqforge.errors import InputError
         from awqforge.resolve import resolve_local_path
 
@@ -226,7 +226,7 @@ def _refresh_live_queues() -> None:
 def _inspect_live_queues() -> set[str] | None:
     if settings.broker_is_filesystem:  # no remote control on the embedded broker
         return None
-    from awqforge.worker.celery_app import celery_app
+    from worker.celery_app import celery_app
 
     try:
         replies = celery_app.control.inspect(timeout=settings.LIVE_WORKERS_TIMEOUT_S).active_queues()

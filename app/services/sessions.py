@@ -9,9 +9,9 @@ from datetime import timedelta
 from sqlalchemy import delete
 from sqlalchemy.orm import Session
 
-from awqforge.app.core.config import settings
-from awqforge.app.core.security import hash_key, parse_key_id
-from awqforge.app.models import DashboardSession, utcnow
+from app.core.config import settings
+from app.core.security import hash_key, parse_key_id
+from app.models import DashboardSession, utcnow
 
 SESSION_COOKIE = "awqforge_session"
 CSRF_HEADER = "X-CSRF-Token"

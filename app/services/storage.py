@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
-from awqforge.app.core.config import settings
+from app.core.config import settings
 
 S3_SCHEME = "s3://"
 
@@ -288,7 +288,7 @@ def object_store_download(location: str, file_path: str, *, redirect: bool):
     """The API's answer for a file in the object store: a 307 to a presigned URL, or the bytes streamed."""
     from fastapi.responses import RedirectResponse, StreamingResponse
 
-    from awqforge.app.services.jobs import ServiceError
+    from app.services.jobs import ServiceError
 
     store = store_for(location)
     head = store.head(location, file_path)

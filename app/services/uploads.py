@@ -11,9 +11,9 @@ from typing import BinaryIO
 
 from sqlalchemy.orm import Session
 
-from awqforge.app.core.config import settings
-from awqforge.app.models import CalibrationSet, new_id
-from awqforge.app.services.jobs import ServiceError
+from app.core.config import settings
+from app.models import CalibrationSet, new_id
+from app.services.jobs import ServiceError
 
 FORMATS = {".txt": "txt", ".jsonl": "jsonl", ".parquet": "parquet"}
 _CHUNK = 1024 * 1024

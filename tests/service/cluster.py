@@ -112,7 +112,7 @@ class Cluster:
                 "-m",
                 "uvicorn",
                 "--factory",
-                "awqforge.app.main:create_app",
+                "app.main:create_app",
                 "--host",
                 "127.0.0.1",
                 "--port",

@@ -3,7 +3,7 @@ process and the API in a thread, all made for this run and removed after it.
 
 Needs the real services (AWQFORGE_TEST_DATABASE_URL, AWQFORGE_TEST_REDIS_URL; defaults: local Postgres
 with trust auth, database `test`, and local Redis). The environment is set by the package-scoped `service_env` fixture, before any `app` module is
-imported (tests import `app` inside their bodies), because `awqforge.app.core.config.settings` is read once.
+imported (tests import `app` inside their bodies), because `app.core.config.settings` is read once.
 """
 
 from __future__ import annotations
@@ -244,13 +244,13 @@ def service(tiny_models):
     _create_database()
     worker = server = None
     try:
-        from awqforge.app.core.db import run_migrations
+        from app.core.db import run_migrations
 
         run_migrations()
         calib, model_dir, deep_dir = tiny_models.calib, tiny_models.tiny, tiny_models.deep
 
-        from awqforge.app.embedded import ServerThread, start_worker_process, stop_process
-        from awqforge.app.main import create_app
+        from app.embedded import ServerThread, start_worker_process, stop_process
+        from app.main import create_app
 
         worker_log = HOME / "worker.log"
         metrics_port = free_port()  # the worker serves its own Prometheus metrics (test_metrics.py)
@@ -282,7 +282,7 @@ def service(tiny_models):
         if worker is not None:
             stop_process(worker)
         try:
-            from awqforge.app.core.db import get_engine
+            from app.core.db import get_engine
 
             get_engine().dispose()
         except Exception:
@@ -294,8 +294,8 @@ def service(tiny_models):
 @pytest.fixture
 def make_key(service):
     """make_key(tenant, max_queued=None) -> API key string."""
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.keys import create_api_key
+    from app.core.db import session_scope
+    from app.services.keys import create_api_key
 
     def make(tenant: str | None = None, max_queued: int | None = None) -> str:
         with session_scope() as s:
@@ -308,7 +308,7 @@ def make_key(service):
 
 @pytest.fixture
 def db_session(service):
-    from awqforge.app.core.db import session_scope
+    from app.core.db import session_scope
 
     with session_scope() as s:
         yield s

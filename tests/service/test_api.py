@@ -30,7 +30,7 @@ def test_health_and_ready(service):
 
 
 def test_readyz_is_503_when_a_dependency_is_down(service, monkeypatch):
-    from awqforge.app.api.routes import health
+    from app.api.routes import health
 
     def down() -> None:
         raise ConnectionError("refused")
@@ -46,8 +46,8 @@ def test_readyz_is_503_when_a_dependency_is_down(service, monkeypatch):
 
 
 def test_auth_required_and_revoked_keys(service, make_key):
-    from awqforge.app.cli import keys_command
-    from awqforge.app.core.config import settings
+    from app.cli import keys_command
+    from app.core.config import settings
 
     with service.client(None) as c:
         assert c.get("/v1/jobs").status_code == 401
@@ -70,8 +70,8 @@ def test_auth_required_and_revoked_keys(service, make_key):
 def test_key_cache_answers_only_what_the_database_accepted(service, make_key, db_session):
     """The cache keeps a key's tenant only after the database accepted that very key: a wrong secret with a
     cached key's id is refused, and a revoked key is forgotten when it is next checked."""
-    from awqforge.app.api.deps import cached_tenant, tenant_for_key
-    from awqforge.app.models import ApiKey, utcnow
+    from app.api.deps import cached_tenant, tenant_for_key
+    from app.models import ApiKey, utcnow
 
     key = make_key()
     wrong = key[:-4] + ("aaaa" if not key.endswith("aaaa") else "bbbb")
@@ -118,7 +118,7 @@ def test_validation_errors_name_field_and_reason(service, make_key):
 
 
 def test_tenant_isolation(service, make_key, db_session):
-    from awqforge.app.models import Job
+    from app.models import Job
 
     a, b = make_key(), make_key()
     with service.client(a) as ca, service.client(b) as cb:
@@ -152,7 +152,7 @@ def test_tenant_isolation(service, make_key, db_session):
 
 
 def test_idempotency_key(service, make_key, db_session):
-    from awqforge.app.models import IdempotencyKey
+    from app.models import IdempotencyKey
 
     with service.client(make_key()) as c:
         body = service.job_body(model="someorg/idem")
@@ -178,8 +178,8 @@ def test_idempotency_key(service, make_key, db_session):
 
 
 def test_per_tenant_queue_limit(service, make_key, db_session):
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import ApiKey, Job
+    from app.core.db import session_scope
+    from app.models import ApiKey, Job
 
     key = make_key(max_queued=2)
     tenant_id = db_session.get(ApiKey, key.split("_")[1]).tenant_id

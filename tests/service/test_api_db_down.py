@@ -36,7 +36,7 @@ def api_behind_proxy(service):
                 sys.executable,
                 "-m",
                 "uvicorn",
-                "awqforge.app.main:app",
+                "app.main:app",
                 "--host",
                 "127.0.0.1",
                 "--port",
@@ -126,7 +126,7 @@ def test_connections_broken_while_idle_are_replaced_before_use(service, idle_s):
     case shows what the check is for: a connection used again within the bound is not checked."""
     from sqlalchemy import exc, text
 
-    from awqforge.app.core.db import make_engine
+    from app.core.db import make_engine
 
     db_url = os.environ["DATABASE_URL"]
     pg = urlparse(db_url)

@@ -182,7 +182,7 @@ def test_uploads_random_bytes_and_empty_parquet_are_422(service, make_key):
         r = c.post("/v1/calibration-sets", files={"file": ("a\x00b\x07.txt", b"some text\n")})
         assert r.status_code == 201 and r.json()["filename"].endswith(".txt"), r.text
         assert "\x00" not in r.json()["filename"]
-    from awqforge.app.services.uploads import _safe_filename
+    from app.services.uploads import _safe_filename
 
     assert _safe_filename("../x/a\x00b\x07\ud800.txt") == "ab?.txt"
 
@@ -215,9 +215,9 @@ def test_openapi_documents_limits_and_errors(service):
 def test_worker_refuses_paths_outside_the_roots(service, make_key, db_session):
     """A spec that reached the database without the API's checks (an old row, a direct insert) is refused
     by the worker through the same resolver, with a message that shows nothing of its disk."""
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import ApiKey, Job
-    from awqforge.app.services.jobs import send_job
+    from app.core.db import session_scope
+    from app.models import ApiKey, Job
+    from app.services.jobs import send_job
     from tests.service.conftest import wait_for_status
 
     key = make_key()
@@ -300,7 +300,7 @@ def hub_models(service, monkeypatch):
     HTTP Range) and as an index with one shard; the API pointed at it."""
     import uuid
 
-    from awqforge.app.core.config import settings
+    from app.core.config import settings
 
     from .hub_server import HubServer
 

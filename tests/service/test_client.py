@@ -29,8 +29,8 @@ def cli(service, key, *args, timeout=240):
 @pytest.fixture(scope="module")
 def waited(service):
     """One job submitted with `awqforge submit --wait` (calibration file uploaded by the client)."""
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.keys import create_api_key
+    from app.core.db import session_scope
+    from app.services.keys import create_api_key
 
     with session_scope() as s:
         key = create_api_key(s, tenant_name="client-tenant").secret

@@ -25,8 +25,8 @@ def _cookie(resp: httpx.Response) -> str:
 
 
 def test_sign_in_exchanges_the_key_for_a_session(service, make_key, db_session):
-    from awqforge.app.core.security import hash_key
-    from awqforge.app.models import DashboardSession
+    from app.core.security import hash_key
+    from app.models import DashboardSession
 
     key = make_key(tenant="dash-tenant")
     with httpx.Client(base_url=service.url) as c:
@@ -77,8 +77,8 @@ def test_sign_in_exchanges_the_key_for_a_session(service, make_key, db_session):
 
 
 def test_cross_site_sign_in_secure_cookie_and_revoked_key(service, make_key, db_session):
-    from awqforge.app.core.config import settings
-    from awqforge.app.models import ApiKey, utcnow
+    from app.core.config import settings
+    from app.models import ApiKey, utcnow
 
     key = make_key()
     evil = _sign_in(service, key, Origin="https://evil.example")

@@ -163,7 +163,7 @@ def test_database_url_from_parts_survives_any_password():
     """POSTGRES_* parts are percent-encoded; the URL connects (trust auth ignores the password itself)."""
     from sqlalchemy import create_engine, make_url, text
 
-    from awqforge.app.core.config import Settings
+    from app.core.config import Settings
 
     from .conftest import PG_ADMIN_URL
 
@@ -186,7 +186,7 @@ def test_database_url_from_parts_survives_any_password():
             assert conn.execute(text("SELECT 1")).scalar() == 1
     finally:
         engine.dispose()
-    from awqforge.app.core.db import alembic_config
+    from app.core.db import alembic_config
 
     assert alembic_config(s.database_url).get_main_option("sqlalchemy.url") == s.database_url
 
@@ -195,7 +195,7 @@ def test_database_url_from_parts_survives_any_password():
 def test_short_secret_key_refused_with_the_reason(env, monkeypatch):
     from pydantic import ValidationError
 
-    from awqforge.app.core.config import Settings
+    from app.core.config import Settings
 
     with pytest.raises(ValidationError, match=r"shorter than 32 characters \(31\).*token_urlsafe"):
         Settings(

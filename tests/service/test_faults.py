@@ -105,7 +105,7 @@ class Stack:
     def start_worker(self, name: str, *, preexec_fn=None, env: dict | None = None) -> subprocess.Popen:
         log_path = self.home / f"worker-{name}.log"
         proc = subprocess.Popen(
-            [sys.executable, "-m", "awqforge.app.cli", "worker", "--queues", "cpu", "--name", name],
+            [sys.executable, "-m", "app.cli", "worker", "--queues", "cpu", "--name", name],
             env={**self.env, **(env or {})},
             stdout=open(log_path, "ab"),  # noqa: SIM115 - the child owns it
             stderr=subprocess.STDOUT,
@@ -229,7 +229,7 @@ def stack(tiny_models):
     }
     api_port = free_port()
     api = subprocess.Popen(
-        [sys.executable, "-m", "awqforge.app.cli", "serve", "--no-worker", "--port", str(api_port)],
+        [sys.executable, "-m", "app.cli", "serve", "--no-worker", "--port", str(api_port)],
         env=env,
         stdout=open(home / "api.log", "ab"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
@@ -252,7 +252,7 @@ def stack(tiny_models):
             "the API to start:\n" + (home / "api.log").read_text(errors="replace")[-2000:],
         )
         s.key = subprocess.run(
-            [sys.executable, "-m", "awqforge.app.cli", "keys", "create", "--tenant", "faults"],
+            [sys.executable, "-m", "app.cli", "keys", "create", "--tenant", "faults"],
             env=env,
             capture_output=True,
             text=True,

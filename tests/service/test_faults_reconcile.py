@@ -1,4 +1,4 @@
-"""The reconciler (awqforge.app.services.jobs.reconcile_queued) against the package's real worker and Redis: a queued job
+"""The reconciler (app.services.jobs.reconcile_queued) against the package's real worker and Redis: a queued job
 whose message was consumed without a claim is sent again; one whose message is still in flight is not."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 
 
 def test_consumed_but_never_started_job_is_sent_again(service, make_key):
-    from awqforge.app.core.config import settings
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Job, utcnow
-    from awqforge.app.services.jobs import reconcile_queued
+    from app.core.config import settings
+    from app.core.db import session_scope
+    from app.models import Job, utcnow
+    from app.services.jobs import reconcile_queued
 
     with service.client(make_key()) as c:
         job_id = c.post("/v1/jobs", json=service.job_body()).json()["id"]
@@ -38,10 +38,10 @@ def test_consumed_but_never_started_job_is_sent_again(service, make_key):
 
 
 def test_never_sent_job_is_sent_and_backoff_doubles(service, make_key):
-    from awqforge.app.core.config import settings
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Job, utcnow
-    from awqforge.app.services.jobs import _redispatch_due, reconcile_queued
+    from app.core.config import settings
+    from app.core.db import session_scope
+    from app.models import Job, utcnow
+    from app.services.jobs import _redispatch_due, reconcile_queued
 
     now = utcnow()
     wait = timedelta(seconds=settings.REDISPATCH_AFTER_S)
@@ -61,10 +61,10 @@ def test_never_sent_job_is_sent_and_backoff_doubles(service, make_key):
 
 
 def test_requeue_resets_stage_and_attempts_match_the_message(service, make_key):
-    from awqforge.app.core.config import settings
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Job, utcnow
-    from awqforge.app.services.jobs import reap_stale_jobs
+    from app.core.config import settings
+    from app.core.db import session_scope
+    from app.models import Job, utcnow
+    from app.services.jobs import reap_stale_jobs
 
     with service.client(make_key()) as c:
         ids = [c.post("/v1/jobs", json=service.job_body(seed=s)).json()["id"] for s in (1, 2)]

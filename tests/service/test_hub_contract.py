@@ -16,7 +16,7 @@ def hub(tmp_path, monkeypatch):
     """A hub server with users alice (org acme) and bob; the client pointed at it as HF_ENDPOINT does."""
     from huggingface_hub import constants
 
-    from awqforge.app.core.config import settings
+    from app.core.config import settings
 
     server = HubServer().start()
     server.add_user("hf_alice", "alice", orgs=("acme",))
@@ -143,7 +143,7 @@ def _commits(hub, repo_id: str) -> int:
 
 
 def test_publish_one_commit_private_idempotent(hub, tmp_path):
-    from awqforge.worker.hub import HuggingFaceHub
+    from worker.hub import HuggingFaceHub
 
     remote = HuggingFaceHub("hf_alice", hub.url)
     folders = {"awq": _artifact(tmp_path, "awq", "a"), "compressed-tensors": _artifact(tmp_path, "ct", "c")}
@@ -165,7 +165,7 @@ def test_publish_one_commit_private_idempotent(hub, tmp_path):
 
 
 def test_publish_never_flips_visibility_and_needs_rights(hub, tmp_path):
-    from awqforge.worker.hub import HuggingFaceHub, PublishRefused
+    from worker.hub import HuggingFaceHub, PublishRefused
 
     folders = {"": _artifact(tmp_path, "awq", "a")}
     HuggingFaceHub("hf_alice", hub.url).publish(folders, "acme/pub", private=False, tenant="t")
@@ -181,7 +181,7 @@ def test_publish_never_flips_visibility_and_needs_rights(hub, tmp_path):
 
 
 def test_publish_retries_5xx_and_429_with_retry_after(hub, tmp_path):
-    from awqforge.worker.hub import HuggingFaceHub
+    from worker.hub import HuggingFaceHub
 
     folders = {"": _artifact(tmp_path, "awq", "a")}
     hub.fail("GET", r"^/api/models/acme/r$", 502)
@@ -205,7 +205,7 @@ def test_publish_retries_5xx_and_429_with_retry_after(hub, tmp_path):
 
 
 def test_local_hub_repo_belongs_to_its_first_publisher(tmp_path):
-    from awqforge.worker.hub import LocalHub, PublishRefused
+    from worker.hub import LocalHub, PublishRefused
 
     hub = LocalHub(tmp_path / "hub")
     mine = {

@@ -32,8 +32,8 @@ class HubService:
 
 @pytest.fixture(scope="module")
 def hub_service(service):
-    from awqforge.app.core.config import GPU_QUEUES
-    from awqforge.app.embedded import stop_process, worker_argv
+    from app.core.config import GPU_QUEUES
+    from app.embedded import stop_process, worker_argv
 
     hub = HubServer().start()
     hub.add_user(ALICE, "alice", orgs=("acme",))
@@ -56,7 +56,7 @@ def hub_service(service):
     log = HOME / f"hub-worker-{prefix}.log"
     with open(log, "ab") as out:
         worker = subprocess.Popen(
-            [sys.executable, "-m", "celery", "-A", "awqforge.worker.celery_app", *argv],
+            [sys.executable, "-m", "celery", "-A", "worker.celery_app", *argv],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,
@@ -67,7 +67,7 @@ def hub_service(service):
             [
                 sys.executable,
                 "-m",
-                "awqforge.app.cli",
+                "app.cli",
                 "serve",
                 "--no-worker",
                 "--no-migrate",
@@ -117,8 +117,8 @@ def _client(hs: HubService, key: str):
 
 
 def _tenant(make_key, *, namespaces=None, service_token=False) -> str:
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.keys import upsert_tenant
+    from app.core.db import session_scope
+    from app.services.keys import upsert_tenant
 
     name = f"t-{uuid.uuid4().hex[:6]}"
     with session_scope() as s:

@@ -35,7 +35,7 @@ def _sse(client, job_id: str, last_event_id: int | None = None) -> list[tuple[in
 
 
 def test_job_end_to_end(service, make_key, db_session):
-    from awqforge.app.models import Artifact, JobMetrics, LayerMetric
+    from app.models import Artifact, JobMetrics, LayerMetric
 
     key, other = make_key("acme"), make_key()  # tenant "acme" publishes to its own namespace
     body = service.job_body(
@@ -108,13 +108,13 @@ def test_job_end_to_end(service, make_key, db_session):
     with service.client(other) as c2:
         assert c2.get(cfg["url"]).status_code == 404
     # The token never reaches the database in clear.
-    from awqforge.app.models import Job
+    from app.models import Job
 
     row = db_session.get(Job, job_id)
     assert row.publish_token_enc is None and "hf_SECRET" not in json.dumps(row.spec)
 
     # Redelivery of a finished job does not run it again.
-    from awqforge.worker.runner import run_job
+    from worker.runner import run_job
 
     assert run_job(job_id, worker_name="redelivery") == "already succeeded"
 
@@ -138,7 +138,7 @@ def test_failure_is_readable_and_retry_works(service, make_key):
 
 
 def test_cancel_running_and_queued(service, make_key, db_session):
-    from awqforge.app.models import Job
+    from app.models import Job
 
     with service.client(make_key()) as c:
         slow = c.post(
@@ -176,9 +176,9 @@ def test_cancel_running_and_queued(service, make_key, db_session):
 
 
 def test_stale_heartbeat_requeues_or_fails(service, make_key):
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Job, utcnow
-    from awqforge.app.services.jobs import reap_stale_jobs
+    from app.core.db import session_scope
+    from app.models import Job, utcnow
+    from app.services.jobs import reap_stale_jobs
 
     with service.client(make_key()) as c:
         # Calibration from an upload: the worker turns upload:<id> into the stored file for the engine.

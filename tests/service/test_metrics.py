@@ -30,15 +30,15 @@ def value(samples: dict, name: str, **labels) -> float:
 @pytest.fixture(scope="module")
 def finished_jobs(service):
     """Tenant A runs two jobs on the cpu queue (the second waits in the broker behind the first)."""
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.keys import create_api_key
+    from app.core.db import session_scope
+    from app.services.keys import create_api_key
 
     with session_scope() as s:
         key = create_api_key(s, tenant_name="metrics-a").secret
         other = create_api_key(s, tenant_name="metrics-b").secret
     import threading
 
-    from awqforge.worker.celery_app import celery_app
+    from worker.celery_app import celery_app
 
     # Celery task events (what Flower shows), received from the broker like Flower does.
     events: list[str] = []

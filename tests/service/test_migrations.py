@@ -46,8 +46,8 @@ def test_upgrade_from_empty_then_downgrade_to_base(empty_database):
     from alembic.autogenerate import compare_metadata
     from alembic.migration import MigrationContext
 
-    from awqforge.app.core.db import alembic_config
-    from awqforge.app.models import Base
+    from app.core.db import alembic_config
+    from app.models import Base
 
     cfg = alembic_config(empty_database)
     engine = create_engine(empty_database)

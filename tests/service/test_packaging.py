@@ -1,5 +1,5 @@
 """A non-editable install: the wheel built from the tracked files holds one top-level package, `awqforge`
-(the repository's app/, worker/ and migrations/ become awqforge.app, awqforge.worker, awqforge.migrations),
+(the repository's app/, worker/ and migrations/ become app, worker, migrations),
 and, installed into a fresh virtualenv and run away from the repository, it migrates a Postgres database,
 serves, runs a worker and takes a job end to end."""
 
@@ -81,15 +81,15 @@ def test_wheel_has_one_top_level_package_and_every_service_file(wheel):
     assert zipfile.ZipFile(wheel).read(top[0]).decode().split() == ["awqforge"]
     entry = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     for command in ("serve", "migrate", "keys", "tenants", "worker", "submit", "status", "download"):
-        assert f"{command} = awqforge.app." in entry, entry
+        assert f"{command} = app." in entry, entry
 
 
 def test_installed_wheel_adds_only_awqforge(venv, tmp_path):
     """What the install adds to site-packages (its RECORD) is awqforge/ and its dist-info, and the service
     modules load from there, not from the repository."""
     code = (
-        "import importlib.metadata as m, awqforge.app.main, awqforge.worker.celery_app, awqforge.migrations;"
-        "print(awqforge.app.__file__, awqforge.migrations.__file__);"
+        "import importlib.metadata as m, app.main, worker.celery_app, migrations;"
+        "print(app.__file__, migrations.__file__);"
         "print(sorted({str(f).split('/')[0] for f in m.distribution('awqforge').files if not str(f).startswith('..')}))"
     )
     out = _run([str(venv), "-c", code], cwd=tmp_path).stdout.split("\n")
@@ -125,7 +125,7 @@ def test_installed_wheel_migrates_postgres(venv, tmp_path):
 
 
 def test_installed_wheel_serves_and_runs_a_job(venv, tiny_models, tmp_path):
-    """keys, serve (migrates SQLite), its worker child (celery -A awqforge.worker.celery_app) and a job, run
+    """keys, serve (migrates SQLite), its worker child (celery -A worker.celery_app) and a job, run
     from a folder outside the repository with the installed package only."""
     work = tmp_path / "elsewhere"
     work.mkdir()

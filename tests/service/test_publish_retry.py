@@ -67,8 +67,8 @@ def deployment(service, moto, hub):
 
 
 def _key(make_key) -> str:
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.keys import upsert_tenant
+    from app.core.db import session_scope
+    from app.services.keys import upsert_tenant
 
     name = f"t-{uuid.uuid4().hex[:6]}"
     with session_scope() as s:
@@ -80,8 +80,8 @@ def _artifact_set(job_id: str) -> dict[str, tuple[str, str, list]]:
     """id -> (format, location, recorded files) as the database holds them."""
     from sqlalchemy import select
 
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import Artifact
+    from app.core.db import session_scope
+    from app.models import Artifact
 
     with session_scope() as s:
         return {
@@ -93,8 +93,8 @@ def _artifact_set(job_id: str) -> dict[str, tuple[str, str, list]]:
 def _events(job_id: str) -> list[tuple[str, str | None, str | None]]:
     from sqlalchemy import select
 
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.models import JobEvent
+    from app.core.db import session_scope
+    from app.models import JobEvent
 
     with session_scope() as s:
         rows = s.scalars(select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.id))

@@ -48,7 +48,7 @@ def config_models(service):
 
 def test_plan_is_pure_and_ordered():
     """The plan module imports no torch, and its peak grows with what the job holds."""
-    code = "import sys, awqforge.plan, awqforge.app.services.routing; print('torch' in sys.modules)"
+    code = "import sys, awqforge.plan, app.services.routing; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"
 
@@ -87,7 +87,7 @@ def test_plan_follows_the_engine_on_wide_layers():
 
 
 def test_plan_endpoint_and_routing_by_need(service, make_key, config_models):
-    from awqforge.app.core.config import settings
+    from app.core.config import settings
 
     with service.client(make_key()) as c:
         r = c.get("/v1/plan", params={"model": config_models["llama-7b"], "n_samples": 128, "seq_len": 512})
@@ -123,8 +123,8 @@ def test_plan_endpoint_and_routing_by_need(service, make_key, config_models):
 
 def test_cpu_only_deployment_routes_everything_to_cpu(service, monkeypatch, config_models):
     """Configured with one cpu class (as docker-compose's default), every job goes there."""
-    from awqforge.app.core.config import settings
-    from awqforge.app.services.routing import RoutingError, route
+    from app.core.config import settings
+    from app.services.routing import RoutingError, route
     from awqforge.spec import JobSpec
 
     monkeypatch.setattr(settings, "QUEUE_CLASSES", "cpu=16GiB")
@@ -139,7 +139,7 @@ def test_cpu_only_deployment_routes_everything_to_cpu(service, monkeypatch, conf
 
 
 def test_queue_classes_setting_is_checked():
-    from awqforge.app.core.config import Settings
+    from app.core.config import Settings
 
     s = Settings(QUEUE_CLASSES="gpu-80g=80GiB, cpu=512GiB ,gpu-24g=24GB")
     assert list(s.queue_classes) == ["gpu-24g", "gpu-80g", "cpu"]  # smallest first

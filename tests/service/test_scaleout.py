@@ -58,8 +58,8 @@ def test_jobs_routed_to_live_classes_and_run_in_parallel(service, make_key):
                 wait_for_status(c, j["id"], ("succeeded", "failed"), timeout=300) for j in (on_gpu, on_cpu)
             ]
         assert [j["status"] for j in done] == ["succeeded", "succeeded"], done
-        from awqforge.app.core.db import session_scope
-        from awqforge.app.models import Job
+        from app.core.db import session_scope
+        from app.models import Job
 
         with session_scope() as s:
             workers = [s.get(Job, j["id"]).worker for j in done]

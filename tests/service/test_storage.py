@@ -32,8 +32,8 @@ def bucket(moto):
 
 
 def test_s3_store_multipart_listing_presigned_urls(moto, bucket, monkeypatch, tmp_path):
-    from awqforge.app.core.config import settings
-    from awqforge.app.services.storage import S3Store, store_for
+    from app.core.config import settings
+    from app.services.storage import S3Store, store_for
 
     for k, v in {**moto.env(bucket), "S3_MULTIPART_THRESHOLD": 5 * 1024**2}.items():
         monkeypatch.setattr(settings, k, v)
@@ -73,7 +73,7 @@ def test_s3_store_multipart_listing_presigned_urls(moto, bucket, monkeypatch, tm
 
 
 def test_settings_need_a_bucket_for_s3():
-    from awqforge.app.core.config import Settings
+    from app.core.config import Settings
 
     with pytest.raises(ValueError, match="S3_BUCKET"):
         Settings(ARTIFACT_STORE="s3")

@@ -31,8 +31,8 @@ NO_EVAL = {"enabled": False}  # these tests are about the hub and downloads, not
 
 
 def _tenant(name: str, *, namespaces: list[str] | None = None, service_token: bool = False) -> None:
-    from awqforge.app.core.db import session_scope
-    from awqforge.app.services.keys import upsert_tenant
+    from app.core.db import session_scope
+    from app.services.keys import upsert_tenant
 
     with session_scope() as s:
         upsert_tenant(s, name=name, create=True, namespaces=namespaces, allow_service_token=service_token)
@@ -84,7 +84,7 @@ def _repo_files(repo: Path) -> dict[str, bytes]:
 
 
 def test_local_hub_repo_belongs_to_the_first_tenant(service, make_key, db_session):
-    from awqforge.app.models import Job
+    from app.models import Job
 
     shared = _name("shared")
     a, b = _name("a"), _name("b")

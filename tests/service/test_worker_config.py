@@ -11,14 +11,14 @@ from .conftest import SERVICE_ENV
 
 
 def test_importing_the_worker_app_does_not_import_torch():
-    code = "import sys, awqforge.worker.celery_app, awqforge.worker.tasks, awqforge.app.main; print('torch' in sys.modules)"
+    code = "import sys, worker.celery_app, worker.tasks, app.main; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
     assert out.stdout.strip() == "False"  # a prefork worker forks before CUDA can be initialised
 
 
 def test_celery_settings_for_long_jobs():
-    from awqforge.app.core.config import settings
-    from awqforge.worker.celery_app import celery_app
+    from app.core.config import settings
+    from worker.celery_app import celery_app
 
     conf = celery_app.conf
     assert conf.task_acks_late and conf.task_reject_on_worker_lost
@@ -51,7 +51,7 @@ def test_celery_settings_for_long_jobs():
 def test_settings_refuse_unsafe_values(env, message, monkeypatch):
     from pydantic import ValidationError
 
-    from awqforge.app.core.config import Settings
+    from app.core.config import Settings
 
     for k in ("DATABASE_URL", "REDIS_URL", "SECRET_KEY", "ENVIRONMENT"):
         monkeypatch.delenv(k, raising=False)
@@ -63,8 +63,8 @@ def test_settings_refuse_unsafe_values(env, message, monkeypatch):
 
 def test_publish_backend_selection(tmp_path, monkeypatch):
     """Which backend publishes; what each does is in test_hub_contract.py (against a Hub server)."""
-    from awqforge.app.core.config import settings
-    from awqforge.worker import hub
+    from app.core.config import settings
+    from worker import hub
 
     monkeypatch.setattr(settings, "PUBLISH_BACKEND", "auto")
     monkeypatch.setattr(settings, "HF_ENDPOINT", None)

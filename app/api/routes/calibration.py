@@ -7,11 +7,11 @@ from typing import Annotated
 from fastapi import APIRouter, File, UploadFile
 from starlette.concurrency import run_in_threadpool
 
-from awqforge.app.api.deps import CurrentTenant, SessionDep
-from awqforge.app.core.config import settings
-from awqforge.app.schemas import CalibrationSetPublic, ErrorResponse
-from awqforge.app.services import uploads
-from awqforge.app.services.jobs import ServiceError
+from app.api.deps import CurrentTenant, SessionDep
+from app.core.config import settings
+from app.schemas import CalibrationSetPublic, ErrorResponse
+from app.services import uploads
+from app.services.jobs import ServiceError
 
 router = APIRouter(prefix="/calibration-sets", tags=["calibration"])
 

@@ -12,9 +12,9 @@ from urllib.parse import urlsplit
 from fastapi import APIRouter, Form, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from awqforge.app.api.deps import DashboardSessionDep, SessionDep, tenant_for_key
-from awqforge.app.core.config import settings
-from awqforge.app.services.sessions import SESSION_COOKIE, create_session, delete_session
+from app.api.deps import DashboardSessionDep, SessionDep, tenant_for_key
+from app.core.config import settings
+from app.services.sessions import SESSION_COOKIE, create_session, delete_session
 
 router = APIRouter(tags=["dashboard"], include_in_schema=False)
 

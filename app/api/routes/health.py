@@ -5,9 +5,9 @@ from __future__ import annotations
 from fastapi import APIRouter
 from fastapi.responses import JSONResponse
 
-from awqforge.app.core.config import settings
-from awqforge.app.core.db import check_database
-from awqforge.app.schemas import Health
+from app.core.config import settings
+from app.core.db import check_database
+from app.schemas import Health
 
 router = APIRouter(tags=["health"])
 
@@ -18,7 +18,7 @@ def check_broker() -> None:
         if not folder.is_dir():
             raise OSError(f"broker folder {folder} is missing")
         return
-    from awqforge.worker.celery_app import celery_app
+    from worker.celery_app import celery_app
 
     with celery_app.connection_for_write() as conn:
         conn.ensure_connection(max_retries=1, timeout=2)

@@ -19,10 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from awqforge.app.api.deps import CurrentTenant, SessionDep
-from awqforge.app.core.db import session_scope
-from awqforge.app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
-from awqforge.app.schemas import (
+from app.api.deps import CurrentTenant, SessionDep
+from app.core.db import session_scope
+from app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
+from app.schemas import (
     ID_PATTERN,
     ArtifactsPublic,
     ErrorResponse,
@@ -33,9 +33,9 @@ from awqforge.app.schemas import (
     JobsPublic,
     LayerMetricPublic,
 )
-from awqforge.app.services import jobs as job_service
-from awqforge.app.services.jobs import ServiceError, SpecError
-from awqforge.app.services.storage import S3_SCHEME, object_store_download, store_for
+from app.services import jobs as job_service
+from app.services.jobs import ServiceError, SpecError
+from app.services.storage import S3_SCHEME, object_store_download, store_for
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
 from awqforge.spec import HubToken

@@ -9,11 +9,11 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
 
-from awqforge.app.api.deps import CurrentTenant, SessionDep
-from awqforge.app.core.config import GPU_QUEUES
-from awqforge.app.metrics import STAGES, render_metrics
-from awqforge.app.models import Job, JobMetrics, LayerMetric, utcnow
-from awqforge.app.schemas import (
+from app.api.deps import CurrentTenant, SessionDep
+from app.core.config import GPU_QUEUES
+from app.metrics import STAGES, render_metrics
+from app.models import Job, JobMetrics, LayerMetric, utcnow
+from app.schemas import (
     DurationStats,
     ErrorResponse,
     JobLayerDetail,
@@ -21,8 +21,8 @@ from awqforge.app.schemas import (
     MetricsSummary,
     PerplexityChange,
 )
-from awqforge.app.services import jobs as job_service
-from awqforge.app.services.jobs import ServiceError
+from app.services import jobs as job_service
+from app.services.jobs import ServiceError
 
 prometheus_router = APIRouter(tags=["metrics"])
 router = APIRouter(tags=["metrics"])

@@ -9,11 +9,11 @@ from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
 from awqforge import spec as job_spec
-from awqforge.app.api.deps import CurrentTenant, SessionDep
-from awqforge.app.core.config import settings
-from awqforge.app.schemas import CalibrationIn, ErrorResponse, EvalIn, JobCreate
-from awqforge.app.services.jobs import spec_from_request
-from awqforge.app.services.routing import RoutingError, live_queues, route, waiting_reason
+from app.api.deps import CurrentTenant, SessionDep
+from app.core.config import settings
+from app.schemas import CalibrationIn, ErrorResponse, EvalIn, JobCreate
+from app.services.jobs import spec_from_request
+from app.services.routing import RoutingError, live_queues, route, waiting_reason
 
 router = APIRouter(prefix="/plan", tags=["plan"])
 
