@@ -38,7 +38,7 @@ from app.services.routing import (
     waiting_reason,
 )
 from app.services.storage import store_for
-from awqforge.spec import is_local_path
+from awqforge.spec import is_local_path, public_spec
 
 log = logging.getLogger("awqforge.jobs")
 
@@ -183,15 +183,6 @@ def check_module_patterns(spec) -> None:
     missing = unmatched(patterns, shapes, config.get("model_type"))
     if missing:
         raise SpecError([FieldError(field="modules_to_not_convert", reason=unmatched_message(missing))])
-
-
-def spec_without_tokens(spec) -> dict:
-    """The spec as stored and returned: tokens live only encrypted in their own columns."""
-    stored = spec.model_dump(mode="json")
-    stored["source"]["token"] = None
-    if stored.get("publish"):
-        stored["publish"]["token"] = None
-    return stored
 
 
 def check_publish_namespace(spec, tenant: Tenant) -> None:
@@ -357,7 +348,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
 
     token = spec.publish.token if spec.publish else None
     source_token = spec.source.token
-    stored = spec_without_tokens(spec)
+    stored = public_spec(spec)  # tokens live only encrypted in their own columns
     job = Job(
         tenant_id=tenant.id,
         model=spec.model,
@@ -636,7 +627,7 @@ def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
         queue=job.queue,
         waiting_reason=waiting_reason(job.queue) if job.status == JobStatus.QUEUED.value else None,
         attempts=job.attempts,
-        spec=job.spec,
+        spec=public_spec(job.spec),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

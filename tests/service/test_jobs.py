@@ -73,7 +73,7 @@ def test_job_end_to_end(service, make_key, db_session):
         assert m["calibration_samples"] > 0 and m["calibration_tokens"] > 0 and m["eval_tokens"] > 0
         assert m["calibration_shortfall"] >= 0
         assert {a["format"] for a in job["artifacts"]} >= {"awq", "compressed-tensors"}
-        assert "hf_SECRET" not in json.dumps(job) and job["spec"]["publish"]["token"] is None
+        assert "hf_SECRET" not in json.dumps(job) and "token" not in job["spec"]["publish"]
 
         # Rows in Postgres, queryable with SQL.
         db_session.expire_all()
