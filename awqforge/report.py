@@ -75,10 +75,9 @@ def build_report(
     eval_info: dict | None,
     calibration: dict | None = None,
 ) -> dict:
-    """The report as a JSON-ready dict. The job spec is included without its secrets (spec.public_spec). `method` says in
+    """The report as a JSON-ready dict. The job spec is included without its secrets (public_spec). `method` says in
     words what ran (the model card's labels); `calibration` the real sample and token counts (None: RTN)."""
     from awqforge.formats.card import describe_method
-
     from awqforge.spec import public_spec
 
     settings = public_spec(spec)

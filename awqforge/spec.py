@@ -437,7 +437,9 @@ def _models_in(annotation: Any) -> list[type[BaseModel]]:
     return [m for arg in get_args(annotation) for m in _models_in(arg)]
 
 
-def secret_fields(model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+def secret_fields(
+    model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
     """Every field marked SECRET in `model` (JobSpec by default) and the models it holds, as dotted paths."""
     found: list[tuple[str, ...]] = []
     for name, info in (model or JobSpec).model_fields.items():

@@ -16,11 +16,10 @@ import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
 
 from app.core.config import settings
 from app.core.db import in_session_retrying, session_scope
@@ -36,6 +35,7 @@ from app.models import (
     Tenant,
     utcnow,
 )
+from app.services import lifecycle
 from app.services.events import add_event
 from app.services.storage import artifact_store, file_manifest, store_for
 from app.services.uploads import allowed_roots
@@ -58,25 +58,17 @@ class JobCancelledByUser(Exception):
 
 
 def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
-    """Atomically move a job to running. Returns (outcome, job); job is None unless claimed.
-
-    Claimable: queued, or running with a stale heartbeat, or running on this same worker (a
-    redelivery after this worker's child died). A succeeded/failed/cancelled job is never rerun, nor is one
-    at the publish stage (its artifact set is recorded): outcome "publish", the caller publishes it.
-    """
+    """Atomically move a job to running (lifecycle.claimable). Returns (outcome, job); job is None unless
+    claimed. A succeeded/failed/cancelled job is never rerun, nor is one at the publish stage (its artifact
+    set is recorded): outcome "publish", the caller publishes it."""
     now = utcnow()
-    stale = now - timedelta(seconds=settings.HEARTBEAT_STALE_S)
+    claimable = lifecycle.claimable(worker_name, now)
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None:
             return "missing", None
         if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return f"already {job.status}", None
-        claimable = or_(
-            Job.status == JobStatus.QUEUED.value,
-            (Job.status == JobStatus.RUNNING.value)
-            & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-        )
         res = s.execute(
             update(Job)
             .where(
@@ -84,7 +76,7 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
                 claimable,
                 Job.cancel_requested.is_(False),
                 Job.attempts < settings.MAX_ATTEMPTS,
-                or_(Job.stage.is_(None), Job.stage != PUBLISH_STAGE),
+                lifecycle.at_publish(False),
             )
             .values(
                 status=JobStatus.RUNNING.value,
@@ -102,23 +94,25 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         )
         if res.rowcount != 1:
             s.refresh(job)
-            if job.stage == PUBLISH_STAGE and job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            if job.stage == PUBLISH_STAGE and job.status in lifecycle.ACTIVE_STATUSES:
                 return "publish", None
-            if job.cancel_requested and job.status == JobStatus.QUEUED.value:
-                _finish(s, job, JobStatus.CANCELLED, message="cancelled before it started")
+            if job.cancel_requested and lifecycle.finish(
+                s, job_id, JobStatus.CANCELLED, message="cancelled before it started", where=(claimable,)
+            ):
                 return "cancelled", None
-            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
-                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            if job.attempts >= settings.MAX_ATTEMPTS and lifecycle.finish(
+                s,
+                job_id,
+                JobStatus.FAILED,
+                error=f"gave up after {job.attempts} attempts (worker lost)",
+                where=(claimable,),
             ):
                 # Redelivered after its worker died MAX_ATTEMPTS times: `attempts` stays the count of runs.
-                _finish(
-                    s, job, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts (worker lost)"
-                )
-                shutil.rmtree(job_work_dir(job), ignore_errors=True)
                 return "gave up", None
+            s.refresh(job)
             return f"not claimable ({job.status})", None
         s.refresh(job)
-        # A re-run starts from a clean slate: previous attempt's rows and files go.
+        # A re-run starts from a clean slate: previous attempt's rows go.
         s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
         s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()
         s.query(Artifact).filter(Artifact.job_id == job_id).delete()
@@ -135,42 +129,14 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
 
 
 def _requeue_for_shutdown(s, job_id: str, *, stage: str | None = None) -> None:
-    s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-        .values(
-            status=JobStatus.QUEUED.value,
-            worker=None,
-            stage=stage,
-            progress=0.0,
-            eta_s=None,
-            dispatched_at=None,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    add_event(s, job_id=job_id, kind="status", message="worker shut down mid-job: requeued", progress=0.0)
-
-
-def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message: str | None = None) -> None:
-    now = utcnow()
-    job.status = status.value
-    job.finished_at = now
-    job.updated_at = now
-    job.error = error
-    job.eta_s = None
-    if status == JobStatus.SUCCEEDED:
-        job.progress = 1.0
-    # Tokens live only while the job runs: a retry or another publish takes them anew.
-    job.publish_token_enc = None
-    job.source_token_enc = None
-    add_event(
+    lifecycle.requeue(
         s,
-        job_id=job.id,
-        kind="status",
-        message=message or error or status.value,
-        stage=job.stage,
-        progress=job.progress,
+        job_id,
+        message="worker shut down mid-job: requeued",
+        stage=stage,
+        progress=0.0,
+        eta_s=None,
+        dispatched_at=None,
     )
 
 
@@ -368,12 +334,11 @@ def _layer_row(job_id: str, m: Any) -> LayerMetric:
 
 
 def job_output_dir(job: Job) -> Path:
-    return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / job.id
+    return lifecycle.job_output_dir(job.tenant_id, job.id)
 
 
 def job_work_dir(job: Job) -> Path:
-    """Block checkpoints of the job's runs: kept while it may run again, removed once it is final."""
-    return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / f".{job.id}.work"
+    return lifecycle.job_work_dir(job.tenant_id, job.id)
 
 
 @dataclass
@@ -435,7 +400,7 @@ def publish_artifacts(
                 raise ValueError("the job has no recorded artifacts to publish")
             # One folder per job and format: a publish of this job run again on this machine replaces what a
             # killed one left there.
-            scratch = settings.ARTIFACT_DIR / ".publish" / job_id
+            scratch = lifecycle.publish_staging_dir(job_id)
             copies.callback(shutil.rmtree, scratch, ignore_errors=True)
             arts = [
                 (
@@ -475,30 +440,26 @@ def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
 
     reason = str(exc) if isinstance(exc, PublishRefused) else f"{type(exc).__name__}: {exc}"
     error = reporter.scrub(f"publish failed: {reason}")[:2000]
-    with session_scope() as s:
-        row = s.get(Job, job_id)
-        row.stage = "publish"
-        _finish(
+    ended = _db(
+        lambda s: lifecycle.finish(
             s,
-            row,
+            job_id,
             JobStatus.FAILED,
             error=error + " (artifacts kept; POST /v1/jobs/{id}/publish tries again)".replace("{id}", job_id),
-        )
+            stage=PUBLISH_STAGE,
+        ),
+        "recording the failure",
+    )
     log.warning("job %s: %s", job_id, error)
-    return "failed"
+    return "failed" if ended else "already ended"
 
 
 def claim_publish(job_id: str, worker_name: str) -> tuple[str, Job | None]:
-    """Atomically move a job at the publish stage to running, as claim_job does for a whole run: queued
-    (by POST /v1/jobs/{id}/publish, or requeued after its worker was lost while publishing), or running with
-    a stale heartbeat or on this same worker (a redelivery). `attempts` counts the publish runs."""
+    """Atomically move a job at the publish stage to running, with the same claim condition as a whole run:
+    queued (by POST /v1/jobs/{id}/publish, or requeued after its worker was lost while publishing), or running
+    with a stale heartbeat or on this same worker (a redelivery). `attempts` counts the publish runs."""
     now = utcnow()
-    stale = now - timedelta(seconds=settings.HEARTBEAT_STALE_S)
-    claimable = (Job.stage == PUBLISH_STAGE) & or_(
-        Job.status == JobStatus.QUEUED.value,
-        (Job.status == JobStatus.RUNNING.value)
-        & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-    )
+    claimable = lifecycle.claimable(worker_name, now) & lifecycle.at_publish(True)
     with session_scope() as s:
         res = s.execute(
             update(Job)
@@ -522,16 +483,19 @@ def claim_publish(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         if job is None:
             return "missing", None
         if res.rowcount != 1:
-            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
-                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            if job.attempts >= settings.MAX_ATTEMPTS and lifecycle.finish(
+                s,
+                job_id,
+                JobStatus.FAILED,
+                error=f"publish gave up after {job.attempts} attempts (worker lost; artifacts kept)",
+                where=(claimable,),
             ):
-                _finish(
-                    s,
-                    job,
-                    JobStatus.FAILED,
-                    error=f"publish gave up after {job.attempts} attempts (worker lost; artifacts kept)",
-                )
                 return "gave up", None
+            if job.cancel_requested and lifecycle.finish(
+                s, job_id, JobStatus.CANCELLED, message="cancelled before publishing", where=(claimable,)
+            ):
+                return "cancelled", None
+            s.refresh(job)
             return f"not claimable ({job.status}, {job.stage})", None
         s.refresh(job)
         add_event(
@@ -572,13 +536,14 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
         reporter.stop()
         # a run lost while publishing left its checkpoints: the artifact set is final, they are not needed
         shutil.rmtree(job_work_dir(job), ignore_errors=True)
-    with session_scope() as s:
-        row = s.get(Job, job_id)
+
+    def record_success(s) -> bool:
         metrics = s.get(JobMetrics, job_id)
         if metrics is not None:
             metrics.publish_s = publish_s
-        _finish(s, row, JobStatus.SUCCEEDED, message="published")
-    return "succeeded"
+        return lifecycle.finish(s, job_id, JobStatus.SUCCEEDED, message="published")
+
+    return "succeeded" if _db(record_success, "recording the publish") else "already ended"
 
 
 def run_job(job_id: str, *, worker_name: str | None = None) -> str:
@@ -684,17 +649,20 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
             _db(record_publish, "recording the publish")
 
-        def record_success(s) -> None:
-            row = s.get(Job, job_id)
-            row.stage = "publish" if spec.publish is not None else "package"
-            _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
-
-        _db(record_success, "recording the result")
-        shutil.rmtree(work_dir, ignore_errors=True)
+        ended = _db(
+            lambda s: lifecycle.finish(
+                s,
+                job_id,
+                JobStatus.SUCCEEDED,
+                message="succeeded",
+                stage=PUBLISH_STAGE if spec.publish is not None else "package",
+            ),
+            "recording the result",
+        )
         if store.remote:  # the object store holds them now; this machine's copy was scratch
             shutil.rmtree(out_dir, ignore_errors=True)
-        log.info("job %s succeeded", job_id)
-        return "succeeded"
+        log.info("job %s %s", job_id, "succeeded" if ended else "ended elsewhere")
+        return "succeeded" if ended else "already ended"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
         cancelled = (
             isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
@@ -709,32 +677,24 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             stage = PUBLISH_STAGE if publishing else None
             _db(lambda s: _requeue_for_shutdown(s, job_id, stage=stage), "requeue")
             raise
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
-
         from awqforge.errors import describe  # one readable line, as the CLI prints it
 
         name = "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else describe(exc)
         error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
         trace = reporter.scrub(traceback.format_exc())[-4000:]
 
-        def record_failure(s) -> None:
+        def record_failure(s) -> bool:
             s.query(Artifact).filter(Artifact.job_id == job_id).delete()  # their files just went
-            row = s.get(Job, job_id)
             if cancelled:
-                _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
-            else:
-                add_event(
-                    s,
-                    job_id=job_id,
-                    kind="log",
-                    stage=reporter.stage,
-                    message=trace,
+                return lifecycle.finish(
+                    s, job_id, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}"
                 )
-                _finish(s, row, JobStatus.FAILED, error=error)
+            add_event(s, job_id=job_id, kind="log", stage=reporter.stage, message=trace)
+            return lifecycle.finish(s, job_id, JobStatus.FAILED, error=error)
 
-        _db(record_failure, "recording the failure")
-        log.warning("job %s %s", job_id, "cancelled" if cancelled else "failed")
-        return "cancelled" if cancelled else "failed"
+        ended = _db(record_failure, "recording the failure")
+        outcome = "cancelled" if cancelled else "failed"
+        log.warning("job %s %s", job_id, outcome if ended else "ended elsewhere")
+        return outcome if ended else "already ended"
     finally:
         reporter.stop()

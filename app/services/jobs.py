@@ -29,6 +29,7 @@ from app.models import (
     utcnow,
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
+from app.services import lifecycle
 from app.services.events import add_event
 from app.services.routing import (
     RoutingError,
@@ -42,7 +43,7 @@ from awqforge.spec import is_local_path, public_spec
 
 log = logging.getLogger("awqforge.jobs")
 
-ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+ACTIVE_STATUSES = lifecycle.ACTIVE_STATUSES
 # Where JobSpec fields live in the request body (the body is flatter than the spec).
 _SPEC_TO_BODY = {
     ("quant", "bits"): "bits",
@@ -433,24 +434,11 @@ def list_jobs(
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:
-    if job.status == JobStatus.QUEUED.value:
-        job.status = JobStatus.CANCELLED.value
-        job.cancel_requested = True
-        job.finished_at = utcnow()
-        add_event(session, job_id=job.id, kind="status", message="cancelled before it started")
-    elif job.status == JobStatus.RUNNING.value:
-        if not job.cancel_requested:
-            job.cancel_requested = True
-            add_event(
-                session,
-                job_id=job.id,
-                kind="log",
-                stage=job.stage,
-                message="cancel requested; stopping at the next block",
-            )
-    elif job.status != JobStatus.CANCELLED.value:
-        raise ServiceError(409, f"job already {job.status}")
+    outcome = lifecycle.cancel(session, job)
+    if outcome not in ("cancelled", "requested", JobStatus.CANCELLED.value, JobStatus.RUNNING.value):
+        raise ServiceError(409, f"job already {outcome}")
     session.commit()
+    session.refresh(job)
     return job
 
 
@@ -508,7 +496,7 @@ def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | No
 
 
 def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]:
-    """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS.
+    """Running jobs whose heartbeat went stale (worker died): requeue (and send), or end after MAX_ATTEMPTS.
 
     `all_running`: every running job counts as orphaned (embedded start, where no other worker exists).
     """
@@ -520,59 +508,9 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
     )
     requeued = []
     for job in stale:
-        give_up = job.attempts >= settings.MAX_ATTEMPTS or job.cancel_requested
-        new_status = (
-            (JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED)
-            if give_up
-            else JobStatus.QUEUED
-        )
-        res = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
-            .values(
-                status=new_status.value,
-                worker=None,
-                error=(
-                    f"worker lost: no heartbeat for {int(settings.HEARTBEAT_STALE_S)} s after "
-                    f"{job.attempts} attempt(s)"
-                )
-                if new_status == JobStatus.FAILED
-                else None,
-                finished_at=utcnow() if give_up else None,
-                # A requeued job starts over in the listing (it resumes from its checkpoints); one lost while
-                # publishing keeps its stage: its artifact set is recorded, it is sent to publish only.
-                **(
-                    {}
-                    if give_up
-                    else {
-                        **(
-                            {}
-                            if job.stage == PUBLISH_STAGE
-                            else {"stage": None, "progress": 0.0, "eta_s": None}
-                        ),
-                        "dispatched_at": utcnow(),
-                        "dispatches": Job.dispatches + 1,
-                    }
-                ),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:
-            continue
-        add_event(
-            session,
-            job_id=job.id,
-            kind="status",
-            stage=PUBLISH_STAGE if job.stage == PUBLISH_STAGE else None,
-            message="worker lost (heartbeat stale): "
-            + (
-                ("requeued to publish" if job.stage == PUBLISH_STAGE else "requeued")
-                if not give_up
-                else new_status.value
-            ),
-        )
+        outcome = lifecycle.reap(session, job, stale_before)
         session.commit()
-        if not give_up and _dispatch(session, job):
+        if outcome == "requeued" and _dispatch(session, session.get(Job, job.id)):
             requeued.append(job.id)
     session.commit()
     return requeued
