@@ -435,7 +435,7 @@ def list_jobs(
 
 def cancel_job(session: Session, *, job: Job) -> Job:
     outcome = lifecycle.cancel(session, job)
-    if outcome not in ("cancelled", "requested", JobStatus.CANCELLED.value, JobStatus.RUNNING.value):
+    if outcome not in ("ended", "requested", JobStatus.CANCELLED.value, JobStatus.RUNNING.value):
         raise ServiceError(409, f"job already {outcome}")
     session.commit()
     session.refresh(job)

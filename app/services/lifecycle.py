@@ -135,7 +135,7 @@ def requeue(s: Session, job_id: str, *, message: str, where: tuple = (), **value
 
 def cancel(s: Session, job: Job) -> str:
     """queued -> cancelled at once; running -> cancel requested (the worker stops at the next block and
-    finishes it). Returns what happened: "cancelled", "requested", or the status it already had."""
+    finishes it). Returns what happened: "ended", "requested", or the status it already had."""
     if finish(
         s,
         job.id,
@@ -144,7 +144,7 @@ def cancel(s: Session, job: Job) -> str:
         expected=(JobStatus.QUEUED.value,),
         cancel_requested=True,
     ):
-        return "cancelled"
+        return "ended"
     res = s.execute(
         update(Job)
         .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.cancel_requested.is_(False))
