@@ -112,10 +112,7 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
             s.refresh(job)
             return f"not claimable ({job.status})", None
         s.refresh(job)
-        # A re-run starts from a clean slate: previous attempt's rows go.
-        s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
-        s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()
-        s.query(Artifact).filter(Artifact.job_id == job_id).delete()
+        # A previous run's recorded rows stay until this run records its own (record_result replaces them).
         add_event(
             s,
             job_id=job_id,
@@ -373,7 +370,13 @@ def _forbid_implicit_hub_token() -> None:
 
 
 def publish_artifacts(
-    job_id: str, *, repo_id: str, private: bool, tokens: _Tokens, local: dict[str, Path] | None = None
+    job_id: str,
+    *,
+    repo_id: str,
+    private: bool,
+    tokens: _Tokens,
+    backend: str | None,
+    local: dict[str, Path] | None = None,
 ) -> float:
     """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
     `local`: the artifacts' folders on this machine by format (the run that just made them); else the
@@ -412,7 +415,9 @@ def publish_artifacts(
                 for fmt, path, files in rows
             ]
         folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
-        published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
+        published = hub_for(tokens.publish, backend).publish(
+            folders, repo_id, private=private, tenant=tokens.tenant
+        )
     remote = published.commit_url is not None
     with session_scope() as s:
         for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format != "report")):
@@ -525,7 +530,11 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
     reporter.start()  # a long upload keeps its heartbeat, so the reaper leaves it alone
     try:
         publish_s = publish_artifacts(
-            job_id, repo_id=publish["repo_id"], private=publish.get("private", True), tokens=tokens
+            job_id,
+            repo_id=publish["repo_id"],
+            private=publish.get("private", True),
+            tokens=tokens,
+            backend=job.publish_backend,
         )
     except Exception as exc:
         return _publish_failed(job_id, reporter, exc)
@@ -559,14 +568,15 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
     _forbid_implicit_hub_token()
     tokens = _tokens(job)
     reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")))
-    out_dir = job_output_dir(job)
+    out_dir = job_output_dir(job)  # only ever the recorded artifact set (local store)
+    staging = lifecycle.run_staging_dir(job.tenant_id, job_id)  # this run's output until it is recorded
     work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
     try:
         spec = _resolve_spec(job, tokens)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         with session_scope() as s:
             s.execute(update(Job).where(Job.id == job_id).values(output_dir=str(out_dir)))
 
@@ -574,7 +584,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         result = run_quantization(
             spec,
-            out_dir,
+            staging,
             progress=reporter.progress,
             cancel=reporter.cancel,
             log=reporter.log,
@@ -588,6 +598,11 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         inside = report and any(Path(report).resolve().is_relative_to(p.resolve()) for p in made.values())
         if report and Path(report).exists() and not inside:
             made["report"] = Path(report)
+        if not store.remote:
+            # The run's output replaces the recorded set (a retry's previous artifacts stay until here).
+            shutil.rmtree(out_dir, ignore_errors=True)
+            staging.rename(out_dir)
+            made = {fmt: out_dir / p.resolve().relative_to(staging.resolve()) for fmt, p in made.items()}
         # Files hashed, then stored (uploaded), before the transaction that records them.
         stored = [
             dict(
@@ -634,12 +649,13 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     repo_id=spec.publish.repo_id,
                     private=spec.publish.private,
                     tokens=tokens,
-                    local={str(getattr(f, "value", f)): Path(p) for f, p in dict(result.artifacts).items()},
+                    backend=job.publish_backend,
+                    local=made,
                 )
             except Exception as exc:
-                shutil.rmtree(work_dir, ignore_errors=True)  # the artifacts are kept: no block is rerun
-                if store.remote:  # kept in the object store: a publish retry on any machine reads them there
-                    shutil.rmtree(out_dir, ignore_errors=True)
+                shutil.rmtree(
+                    staging, ignore_errors=True
+                )  # an object store keeps them: any machine reads them
                 return _publish_failed(job_id, reporter, exc)
             reporter.set_stage("publish", 1.0)
 
@@ -659,8 +675,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             ),
             "recording the result",
         )
-        if store.remote:  # the object store holds them now; this machine's copy was scratch
-            shutil.rmtree(out_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # an object store holds them now: this copy was scratch
         log.info("job %s %s", job_id, "succeeded" if ended else "ended elsewhere")
         return "succeeded" if ended else "already ended"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
@@ -672,8 +687,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             # The worker is going away (SystemExit, KeyboardInterrupt), not the job failing: queue it again
             # with its checkpoints kept; the reconciler sends it and the next worker resumes it. One lost
             # while publishing is queued to publish its recorded artifact set, which stays where it is stored.
-            if not publishing or artifact_store().remote:
-                shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             stage = PUBLISH_STAGE if publishing else None
             _db(lambda s: _requeue_for_shutdown(s, job_id, stage=stage), "requeue")
             raise
@@ -684,7 +698,6 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         trace = reporter.scrub(traceback.format_exc())[-4000:]
 
         def record_failure(s) -> bool:
-            s.query(Artifact).filter(Artifact.job_id == job_id).delete()  # their files just went
             if cancelled:
                 return lifecycle.finish(
                     s, job_id, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}"

@@ -22,9 +22,7 @@ from app.models import (
     CalibrationSet,
     IdempotencyKey,
     Job,
-    JobMetrics,
     JobStatus,
-    LayerMetric,
     Tenant,
     utcnow,
 )
@@ -350,6 +348,10 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
     token = spec.publish.token if spec.publish else None
     source_token = spec.source.token
     stored = public_spec(spec)  # tokens live only encrypted in their own columns
+    from worker.hub import choose_backend
+
+    # Chosen once: a retry or a publish again goes where the first run went, whatever tokens it is given.
+    backend = choose_backend(token) if spec.publish else None
     job = Job(
         tenant_id=tenant.id,
         model=spec.model,
@@ -360,6 +362,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         spec=stored,
         publish_token_enc=encrypt_secret(token) if token else None,
         source_token_enc=encrypt_secret(source_token) if source_token else None,
+        publish_backend=backend,
         queue=chosen.queue,
         status=JobStatus.QUEUED.value,
         progress=0.0,
@@ -442,55 +445,70 @@ def cancel_job(session: Session, *, job: Job) -> Job:
     return job
 
 
-def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
-    if job.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
+def _token_columns(job: Job, *, source_token: str | None, publish_token: str | None) -> dict:
+    """Tokens given again for a new run: encrypted into their columns as at submit (finish() deletes them)."""
+    if publish_token and not job.spec.get("publish"):
+        raise SpecError([FieldError(field="publish.token", reason="this job has no publish settings")])
+    return {
+        "source_token_enc": encrypt_secret(source_token) if source_token else None,
+        "publish_token_enc": encrypt_secret(publish_token) if publish_token else None,
+    }
+
+
+def retry_job(
+    session: Session,
+    *,
+    job: Job,
+    tenant: Tenant,
+    source_token: str | None = None,
+    publish_token: str | None = None,
+) -> Job:
+    """Run a failed or cancelled job again, with the tokens given now. Its publish destination stays the
+    one chosen at submit; its recorded artifacts and metrics stay until the new run records its own."""
+    ended = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+    if job.status not in ended:
         raise ServiceError(409, f"only failed or cancelled jobs can be retried; this one is {job.status}")
+    tokens = _token_columns(job, source_token=source_token, publish_token=publish_token)
     _check_limit(session, tenant)
-    session.query(LayerMetric).filter(LayerMetric.job_id == job.id).delete()
-    session.query(JobMetrics).filter(JobMetrics.job_id == job.id).delete()
-    session.query(Artifact).filter(Artifact.job_id == job.id).delete()
-    job.status = JobStatus.QUEUED.value
-    job.stage = None
-    job.progress = 0.0
-    job.eta_s = None
-    job.error = None
-    job.cancel_requested = False
-    job.attempts = 0
-    job.worker = None
-    job.started_at = job.finished_at = job.heartbeat_at = None
-    job.dispatched_at = utcnow()
-    job.dispatches = (job.dispatches or 0) + 1
-    add_event(session, job_id=job.id, kind="status", message=f"retried; queued on {job.queue}", progress=0.0)
+    if not lifecycle.restart(
+        session,
+        job.id,
+        expected=ended,
+        message=f"retried; queued on {job.queue}",
+        progress=0.0,
+        started_at=None,
+        **tokens,
+    ):
+        session.rollback()
+        raise ServiceError(409, "the job changed meanwhile; read it again")
     session.commit()
-    session.expire(job, ["metrics", "artifacts"])
+    session.refresh(job)
     _dispatch(session, job)
     return job
 
 
 def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
-    """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
-    the hub makes no new commit when its files already match). The job stays at the publish stage until it
-    ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
+    """Queue a new publish of a finished job's recorded artifacts (after a failed publish or run, or to publish
+    again: the hub makes no new commit when its files already match). The job stays at the publish stage until
+    it ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
     if not job.spec.get("publish"):
         raise ServiceError(409, "this job has no publish settings")
-    failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == PUBLISH_STAGE
-    if not (failed_at_publish or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
+    done = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
+    if job.status not in done or not job.artifacts:
         raise ServiceError(
             409,
-            f"only a succeeded job, or one that failed at publishing, can publish; this one is {job.status}",
+            "only a succeeded job, or a failed one with its artifacts recorded, can publish; "
+            f"this one is {job.status}" + ("" if job.artifacts else " with no artifacts"),
         )
+    tokens = _token_columns(job, source_token=None, publish_token=token)
     _check_limit(session, tenant)
-    job.status = JobStatus.QUEUED.value
-    job.stage = PUBLISH_STAGE
-    job.error = None
-    job.finished_at = None
-    job.attempts = 0  # counts the publish runs from here
-    job.worker = None
-    job.publish_token_enc = encrypt_secret(token) if token else None
-    job.dispatched_at = utcnow()
-    job.dispatches = (job.dispatches or 0) + 1
-    add_event(session, job_id=job.id, kind="status", stage=PUBLISH_STAGE, message="publish queued")
+    if not lifecycle.restart(
+        session, job.id, expected=done, message="publish queued", stage=PUBLISH_STAGE, **tokens
+    ):
+        session.rollback()
+        raise ServiceError(409, "the job changed meanwhile; read it again")
     session.commit()
+    session.refresh(job)
     _dispatch(session, job)  # broker down: stays queued, the reconciler sends it (to the publish task)
     return job
 

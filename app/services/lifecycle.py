@@ -53,6 +53,11 @@ def job_work_dir(tenant_id: int, job_id: str) -> Path:
     return settings.ARTIFACT_DIR / f"tenant-{tenant_id}" / f".{job_id}.work"
 
 
+def run_staging_dir(tenant_id: int, job_id: str) -> Path:
+    """Where a run writes its output; it becomes the job's output folder once recorded (local store)."""
+    return settings.ARTIFACT_DIR / f"tenant-{tenant_id}" / f".{job_id}.out"
+
+
 def publish_staging_dir(job_id: str) -> Path:
     """Where a publish from an object store downloads the artifact set (one folder per job)."""
     return settings.ARTIFACT_DIR / ".publish" / job_id
@@ -105,6 +110,7 @@ def finish(
     )
     shutil.rmtree(job_work_dir(tenant_id, job_id), ignore_errors=True)
     shutil.rmtree(publish_staging_dir(job_id), ignore_errors=True)
+    shutil.rmtree(run_staging_dir(tenant_id, job_id), ignore_errors=True)
     if s.scalar(select(Artifact.id).where(Artifact.job_id == job_id).limit(1)) is None:
         # nothing recorded: what a run left in its output folder is partial
         shutil.rmtree(job_output_dir(tenant_id, job_id), ignore_errors=True)
@@ -130,6 +136,39 @@ def requeue(s: Session, job_id: str, *, message: str, where: tuple = (), **value
         stage=values.get("stage"),
         progress=values.get("progress"),
     )
+    return True
+
+
+def restart(
+    s: Session, job_id: str, *, expected: tuple[str, ...], message: str, stage=None, **values
+) -> bool:
+    """An ended job queued again (retry: the whole run; publish again: stage "publish"); its recorded rows
+    and artifacts stay until the new run replaces them."""
+    now = utcnow()
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.status.in_(expected))
+        .values(
+            status=JobStatus.QUEUED.value,
+            stage=stage,
+            error=None,
+            eta_s=None,
+            cancel_requested=False,
+            attempts=0,  # counts the runs from here
+            worker=None,
+            finished_at=None,
+            heartbeat_at=None,
+            dispatched_at=now,
+            dispatches=Job.dispatches + 1,
+            updated_at=now,
+            **values,
+        )
+        .execution_options(synchronize_session=False)
+    )
+    if res.rowcount != 1:
+        return False
+    add_event(s, job_id=job_id, kind="status", message=message, stage=stage, progress=values.get("progress"))
+    s.expire_all()
     return True
 
 

@@ -90,6 +90,18 @@ TABLE = {
         "failed": "failed",
         "cancelled": "cancelled",
     },
+    "retry": {  # POST /retry (and, to the publish stage, POST /publish): an ended job queued again
+        "queued": "queued",
+        "running": "running",
+        "running_here": "running",
+        "running_stale": "running",
+        "running_stale_spent": "running",
+        "publish_queued": "queued",
+        "publish_stale": "running",
+        "succeeded": "succeeded",
+        "failed": "queued",
+        "cancelled": "queued",
+    },
     "requeue": {  # a worker shutting down mid-job
         "queued": "queued",
         "running": "queued",
@@ -124,6 +136,10 @@ def _event(name: str, job_id: str):
             return lifecycle.reap(s, s.get(Job, job_id), stale_before) == "ended"
         if name == "fail":
             return lifecycle.finish(s, job_id, JobStatus.FAILED, error="boom")
+        if name == "retry":
+            ended = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+            lifecycle.restart(s, job_id, expected=ended, message="retried")
+            return False
         if name == "requeue":
             lifecycle.requeue(s, job_id, message="shutting down")
             return False
