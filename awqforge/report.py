@@ -78,7 +78,7 @@ def build_report(
     """The report as a JSON-ready dict. The job spec is included without its secrets (public_spec). `method` says in
     words what ran (the model card's labels); `calibration` the real sample and token counts (None: RTN)."""
     from awqforge.formats.card import describe_method
-    from awqforge.spec import public_spec
+    from awqforge.spec import is_local_path, public_spec
 
     settings = public_spec(spec)
     return _jsonable(
@@ -88,7 +88,8 @@ def build_report(
             "method": describe_method(spec),
             "calibration": calibration,
             "source": {
-                "path": str(resolved_path),
+                # a hub model by its id (not the download cache's folder); a local one as it was given
+                "path": str(resolved_path) if is_local_path(spec.model) else spec.model,
                 "revision": revision,
                 "dtype": str(checkpoint_dtype).removeprefix("torch."),
             },
@@ -101,7 +102,7 @@ def build_report(
             },
             "metrics": metrics,
             "evaluation": eval_info,
-            "artifacts": {fmt: str(p) for fmt, p in artifacts.items()},
+            "artifacts": {fmt: Path(p).name for fmt, p in artifacts.items()},  # beside this report
             "layers": [asdict(m) for m in layers],
             "mappings": mappings,
             "skipped_mappings": skipped,

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
+import sysconfig
 import threading
 import time
 import traceback
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from app.core.config import settings
 from app.core.db import in_session_retrying, session_scope
@@ -140,11 +143,19 @@ def _requeue_for_shutdown(s, job_id: str, *, stage: str | None = None) -> None:
 class _JobReporter:
     """The progress/cancel/log callbacks handed to the engine, plus the heartbeat thread."""
 
-    def __init__(self, job_id: str, worker_name: str, secrets_to_hide: list[str], publishes: bool):
+    def __init__(
+        self,
+        job_id: str,
+        worker_name: str,
+        secrets_to_hide: list[str],
+        publishes: bool,
+        paths: dict[str, str] | None = None,
+    ):
         self.job_id = job_id
         self.engine_share = 1.0 - PUBLISH_SHARE if publishes else 1.0
         self.worker_name = worker_name
         self.hide = [x for x in secrets_to_hide if x]
+        self.paths = sorted((paths or {}).items(), key=lambda kv: -len(kv[0]))  # longest first
         self.stage = "resolve"
         self.progress_value = 0.0
         self._last_cancel_check = 0.0
@@ -155,8 +166,11 @@ class _JobReporter:
         self._hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job_id}", daemon=True)
 
     def scrub(self, text: str) -> str:
+        """What a tenant may read: no secret, and server folders named by what they hold."""
         for secret in self.hide:
             text = text.replace(secret, "***")
+        for path, name in self.paths:
+            text = text.replace(path, name)
         return text
 
     # heartbeat
@@ -266,8 +280,10 @@ def _db(work, what: str):
 
 
 def _resolve_spec(job: Job, tokens: _Tokens):
+    """The engine's spec (tokens put back, an upload's id turned into its file) and the upload's (file, id)."""
     from awqforge.spec import JobSpec
 
+    upload = None
     data = dict(job.spec)
     source = data.get("calibration", {}).get("source", "")
     if source.startswith("upload:"):
@@ -280,10 +296,11 @@ def _resolve_spec(job: Job, tokens: _Tokens):
             if cal is None:
                 raise ValueError(f"calibration set {source[7:]} not found")
             data["calibration"] = {**data["calibration"], "source": f"file:{cal.path}"}
+            upload = (str(cal.path), source)
     data["source"] = {**data.get("source", {}), "token": tokens.source}
     if tokens.publish and data.get("publish"):
         data["publish"] = {**data["publish"], "token": tokens.publish}
-    return JobSpec.model_validate(data)
+    return JobSpec.model_validate(data), upload
 
 
 def _dir_size(path: Path) -> int:
@@ -360,6 +377,46 @@ def _tokens(job: Job) -> _Tokens:
     return _Tokens(source=source or service, publish=publish or service, tenant=name)
 
 
+def _server_paths(job: Job, upload: tuple[str, str] | None = None) -> dict[str, str]:
+    """The server's folders a message may name, and what a tenant reads instead (the same for every job)."""
+    from huggingface_hub import constants
+
+    named = {
+        job_output_dir(job): "<job output>",
+        lifecycle.run_staging_dir(job.tenant_id, job.id): "<job output>",
+        job_work_dir(job): "<job checkpoints>",
+        lifecycle.publish_staging_dir(job.id): "<job output>",
+        settings.ARTIFACT_DIR: "<artifacts>",
+        settings.UPLOAD_DIR: "<uploads>",
+        settings.HUB_DIR: "<local hub>",
+        Path(constants.HF_HUB_CACHE): "<hub cache>",
+        Path(constants.HF_HOME): "<hub home>",
+        settings.AWQFORGE_HOME: "<service home>",
+    }
+    out = {}
+    for path, name in named.items():
+        for form in {str(path), str(Path(path).resolve())}:
+            out.setdefault(form, name)
+    if upload is not None:  # the uploaded calibration file by its id
+        out[upload[0]] = upload[1]
+        out[f"file:{upload[0]}"] = upload[1]
+    return out
+
+
+_CODE_ROOTS = re.compile(
+    r'File "(?:[^"]*/(?:site-packages|dist-packages)/|'
+    + re.escape(str(Path(__file__).resolve().parent.parent))
+    + "/|"
+    + re.escape(sysconfig.get_paths()["stdlib"])
+    + "/)"
+)
+
+
+def _code_relative(trace: str) -> str:
+    """A traceback with its source files named within their package, not by the server's folders."""
+    return _CODE_ROOTS.sub('File "', trace)
+
+
 def _forbid_implicit_hub_token() -> None:
     """The hub client must never pick up HF_TOKEN or a login file on its own: every request carries the
     token this job may use, or none."""
@@ -425,7 +482,7 @@ def publish_artifacts(
             if remote:
                 a.published_to = published.location + (f"/tree/{published.revision}/{sub}" if sub else "")
             else:
-                a.published_to = str(Path(published.location) / sub) if sub else published.location
+                a.published_to = f"local:{repo_id}" + (f"/{sub}" if sub else "")  # not the server's folder
             a.commit_url = published.commit_url
             a.hub_revision = published.revision
         add_event(
@@ -524,7 +581,7 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
         return outcome
     _forbid_implicit_hub_token()
     tokens = _tokens(job)
-    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True)
+    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True, paths=_server_paths(job))
     reporter.stage = "publish"
     publish = job.spec["publish"]
     reporter.start()  # a long upload keeps its heartbeat, so the reaper leaves it alone
@@ -567,14 +624,18 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
     _forbid_implicit_hub_token()
     tokens = _tokens(job)
-    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")))
+    reporter = _JobReporter(
+        job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")), paths=_server_paths(job)
+    )
     out_dir = job_output_dir(job)  # only ever the recorded artifact set (local store)
     staging = lifecycle.run_staging_dir(job.tenant_id, job_id)  # this run's output until it is recorded
     work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
     try:
-        spec = _resolve_spec(job, tokens)
+        spec, upload = _resolve_spec(job, tokens)
+        if upload is not None:
+            reporter.paths = sorted(_server_paths(job, upload).items(), key=lambda kv: -len(kv[0]))
         shutil.rmtree(staging, ignore_errors=True)
         staging.parent.mkdir(parents=True, exist_ok=True)
         with session_scope() as s:
@@ -598,6 +659,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         inside = report and any(Path(report).resolve().is_relative_to(p.resolve()) for p in made.values())
         if report and Path(report).exists() and not inside:
             made["report"] = Path(report)
+        for text_file in (*staging.rglob("*.md"), *staging.rglob("quant_report.json")):
+            # the report and the card are read by the tenant and published: no server folder named there
+            text_file.write_text(reporter.scrub(text_file.read_text()))
         if not store.remote:
             # The run's output replaces the recorded set (a retry's previous artifacts stay until here).
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -693,16 +757,26 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             raise
         from awqforge.errors import describe  # one readable line, as the CLI prints it
 
-        name = "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else describe(exc)
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            name = "time limit exceeded"
+        elif isinstance(exc, DBAPIError):  # its text names the database's host and port
+            name = "the database could not be reached for longer than the job's lease; retry the job"
+        else:
+            name = describe(exc)
         error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
-        trace = reporter.scrub(traceback.format_exc())[-4000:]
+        trace = (
+            None
+            if isinstance(exc, DBAPIError)
+            else reporter.scrub(_code_relative(traceback.format_exc()))[-4000:]
+        )
 
         def record_failure(s) -> bool:
             if cancelled:
                 return lifecycle.finish(
                     s, job_id, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}"
                 )
-            add_event(s, job_id=job_id, kind="log", stage=reporter.stage, message=trace)
+            if trace:
+                add_event(s, job_id=job_id, kind="log", stage=reporter.stage, message=trace)
             return lifecycle.finish(s, job_id, JobStatus.FAILED, error=error)
 
         ended = _db(record_failure, "recording the failure")

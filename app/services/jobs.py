@@ -445,6 +445,13 @@ def cancel_job(session: Session, *, job: Job) -> Job:
     return job
 
 
+def delete_job(session: Session, *, job: Job) -> None:
+    """A finished job and its stored artifacts (files or objects) removed for its tenant."""
+    if not lifecycle.delete(session, job):
+        raise ServiceError(409, f"job is {job.status}: cancel it first, then delete it")
+    session.commit()
+
+
 def _token_columns(job: Job, *, source_token: str | None, publish_token: str | None) -> dict:
     """Tokens given again for a new run: encrypted into their columns as at submit (finish() deletes them)."""
     if publish_token and not job.spec.get("publish"):

@@ -13,6 +13,7 @@ No torch here: the API process (cancel, reaper) and the worker both use it.
 
 from __future__ import annotations
 
+import logging
 import shutil
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -23,6 +24,9 @@ from sqlalchemy.orm import Session
 from app.core.config import settings
 from app.models import PUBLISH_STAGE, Artifact, Job, JobStatus, utcnow
 from app.services.events import add_event
+from app.services.storage import artifact_store, store_for
+
+log = logging.getLogger("awqforge.lifecycle")
 
 ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
 ENDINGS = ("succeeded", "failed", "cancelled", "gave up")  # run outcomes that mean "this run ended the job"
@@ -112,8 +116,9 @@ def finish(
     shutil.rmtree(publish_staging_dir(job_id), ignore_errors=True)
     shutil.rmtree(run_staging_dir(tenant_id, job_id), ignore_errors=True)
     if s.scalar(select(Artifact.id).where(Artifact.job_id == job_id).limit(1)) is None:
-        # nothing recorded: what a run left in its output folder is partial
+        # nothing recorded: what a run left in its output folder, or uploaded before it failed, is partial
         shutil.rmtree(job_output_dir(tenant_id, job_id), ignore_errors=True)
+        _delete_stored(tenant_id, job_id, [])
     s.expire_all()  # loaded rows show the ending
     return True
 
@@ -236,3 +241,55 @@ def reap(s: Session, job: Job, stale_before: datetime) -> str | None:
         dispatches=Job.dispatches + 1,
     )
     return "requeued" if requeued else None
+
+
+def _delete_stored(tenant_id: int, job_id: str, locations: list[str]) -> None:
+    """Remove the given artifact locations and whatever the job's store holds under its own prefix."""
+    store = artifact_store()
+    for location in [*locations, store.job_location(tenant_id, job_id)]:
+        try:
+            store_for(location).delete(location)
+        except Exception as exc:  # an unreachable object store: logged (by type only), retried by retention
+            log.warning("could not delete the stored files of %s: %s", job_id, type(exc).__name__)
+
+
+def delete_artifacts(s: Session, job: Job, *, message: str) -> int:
+    """An ended job's artifacts removed from their store (files or objects) and their rows dropped; the job
+    row stays (with its metrics and events). Returns how many artifacts went."""
+    arts = list(s.scalars(select(Artifact).where(Artifact.job_id == job.id)))
+    _delete_stored(job.tenant_id, job.id, [a.path for a in arts])
+    shutil.rmtree(job_output_dir(job.tenant_id, job.id), ignore_errors=True)
+    for a in arts:
+        s.delete(a)
+    if arts:
+        add_event(s, job_id=job.id, kind="status", message=message, stage=job.stage)
+    return len(arts)
+
+
+def delete(s: Session, job: Job) -> bool:
+    """An ended job removed for good: its stored files and objects, then its row (events, metrics and
+    artifact rows go with it). False when the job has not ended (cancel it first)."""
+    if job.status in ACTIVE_STATUSES:
+        return False
+    delete_artifacts(s, job, message="deleted")
+    for d in (job_work_dir(job.tenant_id, job.id), run_staging_dir(job.tenant_id, job.id)):
+        shutil.rmtree(d, ignore_errors=True)
+    s.delete(job)
+    return True
+
+
+def expire_artifacts(s: Session, *, days: float) -> list[str]:
+    """ARTIFACT_RETENTION_DAYS: the artifacts of jobs that ended more than `days` ago are deleted (the job's
+    row, metrics and events stay). Returns the ids of the jobs whose artifacts went."""
+    cutoff = utcnow() - timedelta(days=days)
+    jobs = list(
+        s.scalars(
+            select(Job)
+            .where(Job.status.not_in(ACTIVE_STATUSES), Job.finished_at < cutoff)
+            .where(Job.id.in_(select(Artifact.job_id)))
+        )
+    )
+    for job in jobs:
+        delete_artifacts(s, job, message=f"artifacts expired ({days:g} days after the job ended)")
+        s.commit()
+    return [j.id for j in jobs]

@@ -101,7 +101,7 @@ def test_job_end_to_end(service, make_key, db_session):
         # Published to the local hub folder (one sub folder per format).
         hub = service.home / "hub" / "acme" / "tiny-llama-awq"
         assert (hub / "awq" / "config.json").exists() and (hub / "compressed-tensors").is_dir()
-        assert awq["published_to"] == str(hub / "awq")
+        assert awq["published_to"] == "local:acme/tiny-llama-awq/awq"  # the repo, not the server folder
 
         logs = c.get(f"/v1/jobs/{job_id}/logs").text
         assert "succeeded" in logs and "hf_SECRET" not in logs

@@ -199,6 +199,17 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Job
     return job_service.job_public(job_service.cancel_job(session, job=_get(session, job_id, tenant)))
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}},
+    summary="Delete a finished job with its artifacts (files or objects); a queued or running one: 409",
+)
+def delete_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Response:
+    job_service.delete_job(session, job=_get(session, job_id, tenant))
+    return Response(status_code=204)
+
+
 class TokenIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
