@@ -25,7 +25,7 @@ from sqlalchemy import select, update
 from sqlalchemy.exc import DBAPIError
 
 from app.core.config import settings
-from app.core.db import in_session_retrying, session_scope
+from app.core.db import in_session_retrying, is_connection_error, session_scope
 from app.core.security import decrypt_secret
 from app.models import (
     PUBLISH_STAGE,
@@ -48,6 +48,7 @@ log = logging.getLogger("awqforge.worker")
 # The engine reports overall progress (0..1 across resolve..package); publishing, done here, takes
 # the last PUBLISH_SHARE of the bar when the job publishes.
 PUBLISH_SHARE = 0.03
+OUTAGE_WAIT_S = 600.0  # how long a worker whose job lost the database waits to queue it again
 _STAGE_ALIASES = {
     "calibration": "calibrate",
     "quantization": "quantize",
@@ -128,11 +129,13 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         return "claimed", job
 
 
-def _requeue_for_shutdown(s, job_id: str, *, stage: str | None = None) -> None:
+def _requeue_for_shutdown(
+    s, job_id: str, *, stage: str | None = None, message: str = "worker shut down mid-job: requeued"
+) -> None:
     lifecycle.requeue(
         s,
         job_id,
-        message="worker shut down mid-job: requeued",
+        message=message,
         stage=stage,
         progress=0.0,
         eta_s=None,
@@ -160,6 +163,7 @@ class _JobReporter:
         self.progress_value = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self.lost = False
         self._last_progress_write = 0.0
         self._last_block: Any = None
         self._stop = threading.Event()
@@ -224,9 +228,13 @@ class _JobReporter:
             message = f"block {block}/{n_blocks}"
 
         def write(s) -> None:
-            s.execute(
+            res = s.execute(
                 update(Job)
-                .where(Job.id == self.job_id)
+                .where(
+                    Job.id == self.job_id,
+                    Job.status == JobStatus.RUNNING.value,
+                    Job.worker == self.worker_name,  # a run whose job was given away writes nothing
+                )
                 .values(
                     stage=stage,
                     progress=self.progress_value,
@@ -236,6 +244,8 @@ class _JobReporter:
                 )
                 .execution_options(synchronize_session=False)
             )
+            if res.rowcount != 1:
+                return
             add_event(
                 s,
                 job_id=self.job_id,
@@ -264,12 +274,16 @@ class _JobReporter:
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 0.25:
             self._last_cancel_check = now
-            self._cancelled = bool(
-                _db(
-                    lambda s: s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)),
-                    "cancel check",
-                )
+            row = _db(
+                lambda s: s.execute(
+                    select(Job.cancel_requested, Job.status, Job.worker).where(Job.id == self.job_id)
+                ).one_or_none(),
+                "cancel check",
             )
+            # The run stops when asked to, or when the job is no longer its own (the reaper gave it away while
+            # this worker could not reach the database): it then ends nothing (its finish() matches no row).
+            self.lost = row is None or row[1] != JobStatus.RUNNING.value or row[2] != self.worker_name
+            self._cancelled = self.lost or bool(row[0])
         return self._cancelled
 
 
@@ -432,7 +446,6 @@ def publish_artifacts(
     repo_id: str,
     private: bool,
     tokens: _Tokens,
-    backend: str | None,
     local: dict[str, Path] | None = None,
 ) -> float:
     """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
@@ -472,6 +485,7 @@ def publish_artifacts(
                 for fmt, path, files in rows
             ]
         folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
+        backend = _publish_destination(job_id, tokens.publish)
         published = hub_for(tokens.publish, backend).publish(
             folders, repo_id, private=private, tenant=tokens.tenant
         )
@@ -496,6 +510,28 @@ def publish_artifacts(
     return time.monotonic() - t0
 
 
+def _publish_destination(job_id: str, token: str | None) -> str:
+    """The hub this job publishes to: the one its first publish chose (recorded on the job), else chosen now
+    (PUBLISH_BACKEND, the job's token) and recorded, so that a retry or a publish again, with other tokens or
+    none, never sends the job elsewhere."""
+    from worker.hub import choose_backend
+
+    def pick(s) -> str:
+        recorded = s.scalar(select(Job.publish_backend).where(Job.id == job_id))
+        if recorded:
+            return recorded
+        chosen = choose_backend(token)
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.publish_backend.is_(None))
+            .values(publish_backend=chosen)
+            .execution_options(synchronize_session=False)
+        )
+        return s.scalar(select(Job.publish_backend).where(Job.id == job_id)) or chosen
+
+    return _db(pick, "choosing the publish destination")
+
+
 def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
     """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
     from worker.hub import PublishRefused
@@ -507,6 +543,7 @@ def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
             s,
             job_id,
             JobStatus.FAILED,
+            where=(Job.worker == reporter.worker_name,),
             error=error + " (artifacts kept; POST /v1/jobs/{id}/publish tries again)".replace("{id}", job_id),
             stage=PUBLISH_STAGE,
         ),
@@ -591,7 +628,6 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
             repo_id=publish["repo_id"],
             private=publish.get("private", True),
             tokens=tokens,
-            backend=job.publish_backend,
         )
     except Exception as exc:
         return _publish_failed(job_id, reporter, exc)
@@ -607,7 +643,9 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
         metrics = s.get(JobMetrics, job_id)
         if metrics is not None:
             metrics.publish_s = publish_s
-        return lifecycle.finish(s, job_id, JobStatus.SUCCEEDED, message="published")
+        return lifecycle.finish(
+            s, job_id, JobStatus.SUCCEEDED, message="published", where=(Job.worker == worker_name,)
+        )
 
     return "succeeded" if _db(record_success, "recording the publish") else "already ended"
 
@@ -713,7 +751,6 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     repo_id=spec.publish.repo_id,
                     private=spec.publish.private,
                     tokens=tokens,
-                    backend=job.publish_backend,
                     local=made,
                 )
             except Exception as exc:
@@ -734,6 +771,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 s,
                 job_id,
                 JobStatus.SUCCEEDED,
+                where=(Job.worker == worker_name,),
                 message="succeeded",
                 stage=PUBLISH_STAGE if spec.publish is not None else "package",
             ),
@@ -743,6 +781,23 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         log.info("job %s %s", job_id, "succeeded" if ended else "ended elsewhere")
         return "succeeded" if ended else "already ended"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
+        if isinstance(exc, Exception) and is_connection_error(exc):
+            # The database stayed away longer than a write is retried: not the job's failure. Its checkpoints
+            # stay and it is queued again once the database answers (here, or by the reaper, which finds its
+            # heartbeat stale); the next run resumes at its last finished block.
+            shutil.rmtree(staging, ignore_errors=True)
+            stage = PUBLISH_STAGE if reporter.stage == PUBLISH_STAGE else None
+            try:
+                in_session_retrying(
+                    lambda s: _requeue_for_shutdown(
+                        s, job_id, stage=stage, message="database unreachable mid-job: requeued"
+                    ),
+                    retry_for_s=OUTAGE_WAIT_S,
+                    what="requeue after a database outage",
+                )
+            except Exception:
+                log.warning("job %s: database still unreachable; the reaper requeues it", job_id)
+            return "interrupted"
         cancelled = (
             isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
         )
@@ -770,14 +825,16 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             else reporter.scrub(_code_relative(traceback.format_exc()))[-4000:]
         )
 
+        mine = (Job.worker == worker_name,)  # a run whose job was given away ends nothing
+
         def record_failure(s) -> bool:
             if cancelled:
                 return lifecycle.finish(
-                    s, job_id, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}"
+                    s, job_id, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}", where=mine
                 )
             if trace:
                 add_event(s, job_id=job_id, kind="log", stage=reporter.stage, message=trace)
-            return lifecycle.finish(s, job_id, JobStatus.FAILED, error=error)
+            return lifecycle.finish(s, job_id, JobStatus.FAILED, error=error, where=mine)
 
         ended = _db(record_failure, "recording the failure")
         outcome = "cancelled" if cancelled else "failed"

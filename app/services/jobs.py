@@ -348,10 +348,6 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
     token = spec.publish.token if spec.publish else None
     source_token = spec.source.token
     stored = public_spec(spec)  # tokens live only encrypted in their own columns
-    from worker.hub import choose_backend
-
-    # Chosen once: a retry or a publish again goes where the first run went, whatever tokens it is given.
-    backend = choose_backend(token) if spec.publish else None
     job = Job(
         tenant_id=tenant.id,
         model=spec.model,
@@ -362,7 +358,6 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
         spec=stored,
         publish_token_enc=encrypt_secret(token) if token else None,
         source_token_enc=encrypt_secret(source_token) if source_token else None,
-        publish_backend=backend,
         queue=chosen.queue,
         status=JobStatus.QUEUED.value,
         progress=0.0,
@@ -471,7 +466,7 @@ def retry_job(
     publish_token: str | None = None,
 ) -> Job:
     """Run a failed or cancelled job again, with the tokens given now. Its publish destination stays the
-    one chosen at submit; its recorded artifacts and metrics stay until the new run records its own."""
+    one its first publish chose; its recorded artifacts and metrics stay until the new run records its own."""
     ended = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
     if job.status not in ended:
         raise ServiceError(409, f"only failed or cancelled jobs can be retried; this one is {job.status}")

@@ -1,4 +1,4 @@
-"""Where a job publishes, chosen at submit (jobs.publish_backend): a retry or a publish again never changes it.
+"""Where a job publishes, chosen by its first publish (jobs.publish_backend): a retry or a publish again never changes it.
 
 Revision ID: 0007_lifecycle_publish_backend
 Revises: 0006

@@ -68,30 +68,32 @@ def test_artifacts_kept_until_a_new_run_replaces_them(service, hub_service, make
         assert done["artifacts"][0]["commit_url"].endswith(hub.repos["acme/tiny-kept"].refs["main"])
 
 
-def test_publish_destination_is_chosen_once_at_submit(service, make_key, monkeypatch):
-    """PUBLISH_BACKEND=auto: a job submitted with a publish token goes to the Hugging Face Hub; its retry,
-    without a token (the tokens were deleted when it ended), still goes there, not to the local folder."""
+def test_publish_destination_is_chosen_once(service, make_key, monkeypatch):
+    """PUBLISH_BACKEND=auto: the first publish of a job that has a publish token goes to the Hugging Face Hub
+    and that choice is recorded on the job; its retry, whose tokens were deleted when it ended, publishes
+    there again, not to the local folder (the worker's choice, called as publish_artifacts calls it)."""
     from app.core.config import settings
     from app.core.db import session_scope
     from app.models import Job
-    from worker.hub import HuggingFaceHub, hub_for
+    from worker.hub import HuggingFaceHub, LocalHub, hub_for
+    from worker.runner import _publish_destination
 
-    monkeypatch.setattr(settings, "PUBLISH_BACKEND", "auto")  # the API runs in this process
     tenant = "dest-" + __import__("uuid").uuid4().hex[:6]
     with service.client(make_key(tenant)) as c:
         body = service.job_body(
-            model=str(service.home / "models" / "not-there"),
-            publish={"repo_id": f"{tenant}/x", "token": "hf_dest_SECRET"},
+            model=str(service.home / "models" / "not-there"), publish={"repo_id": f"{tenant}/x"}
         )
-        job = wait_for_status(c, c.post("/v1/jobs", json=body).json()["id"], TERMINAL)
-        assert job["status"] == "failed", job
-        local = service.job_body(
-            model=str(service.home / "models" / "not-there"), publish={"repo_id": f"{tenant}/y"}
-        )
-        other = wait_for_status(c, c.post("/v1/jobs", json=local).json()["id"], TERMINAL)
-        assert c.post(f"/v1/jobs/{job['id']}/retry").status_code == 202
-        wait_for_status(c, job["id"], TERMINAL)
+        ids = [c.post("/v1/jobs", json=body).json()["id"] for _ in range(2)]
+        for job_id in ids:
+            assert wait_for_status(c, job_id, TERMINAL)["status"] == "failed"
+    monkeypatch.setattr(settings, "PUBLISH_BACKEND", "auto")
     with session_scope() as s:
-        assert s.get(Job, job["id"]).publish_backend == "huggingface"
-        assert s.get(Job, other["id"]).publish_backend == "local"
-    assert isinstance(hub_for(None, "huggingface"), HuggingFaceHub)  # what the worker publishes with
+        assert s.get(Job, ids[0]).publish_backend is None  # failed before publishing: nothing chosen yet
+    assert _publish_destination(ids[0], "hf_first_run_SECRET") == "huggingface"
+    assert _publish_destination(ids[0], None) == "huggingface"  # the retry, without a token
+    assert _publish_destination(ids[1], None) == "local"  # no token, no HF_ENDPOINT/HF_TOKEN
+    assert _publish_destination(ids[1], "hf_later_SECRET") == "local"
+    with session_scope() as s:
+        assert [s.get(Job, i).publish_backend for i in ids] == ["huggingface", "local"]
+    assert isinstance(hub_for(None, "huggingface"), HuggingFaceHub)
+    assert isinstance(hub_for("hf_x", "local"), LocalHub)
