@@ -1,4 +1,4 @@
-"""`awqforge submit | jobs | status | cancel | download`: a client for a running AWQForge service.
+"""`awqforge submit | jobs | status | cancel | delete | download`: a client for a running AWQForge service.
 
 Plain HTTP (httpx) against /v1; no torch, no database. URL and key from --url / --api-key or the
 environment (AWQFORGE_URL, AWQFORGE_API_KEY). Errors from the API are printed as the API's message.
@@ -312,6 +312,19 @@ def cancel_command(argv: list[str]) -> int:
     print(
         f"{job['id']}  {job['status']}" + (" (stops at the next block)" if job["status"] == "running" else "")
     )
+    return 0
+
+
+@_api_errors
+def delete_command(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(
+        prog="awqforge delete", description="Delete a finished job with its artifacts (files or objects)."
+    )
+    _common(p)
+    p.add_argument("job")
+    args = p.parse_args(argv)
+    _client(args).request("DELETE", f"/v1/jobs/{args.job}")
+    print(f"{args.job}  deleted")
     return 0
 
 

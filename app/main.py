@@ -24,6 +24,7 @@ from app.api.routes import dashboard, health, metrics
 from app.core.config import settings
 from app.core.db import session_scope
 from app.models import IdempotencyKey, utcnow
+from app.services import lifecycle
 from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
 
 log = logging.getLogger("awqforge.api")
@@ -42,6 +43,13 @@ def _reap_once() -> None:
         requeued = reap_stale_jobs(s)
         sent = reconcile_queued(s)
         s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
+        expired = (
+            lifecycle.expire_artifacts(s, days=settings.ARTIFACT_RETENTION_DAYS)
+            if settings.ARTIFACT_RETENTION_DAYS
+            else []
+        )
+    if expired:
+        log.info("artifacts expired (ARTIFACT_RETENTION_DAYS): %s", ", ".join(expired))
     if requeued:
         log.warning("requeued jobs whose worker died: %s", ", ".join(requeued))
     if sent:

@@ -119,6 +119,8 @@ class Job(Base):
     # Fernet-encrypted tokens (app/core/security.py), deleted when the job reaches a terminal state.
     publish_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
     source_token_enc: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # where the job publishes (huggingface | local), chosen by its first publish: a retry never changes it
+    publish_backend: Mapped[str | None] = mapped_column(String(16), nullable=True)
     # The commit sha `revision` resolved to on the hub (None for a local model).
     source_sha: Mapped[str | None] = mapped_column(String(64), nullable=True)
     queue: Mapped[str] = mapped_column(String(32))

@@ -31,9 +31,11 @@ ENGINE_REVISION = 2
 
 
 def spec_fingerprint(spec) -> str:
-    """What decides the artifact bytes: the spec without its publish settings (token, repo), the engine's
-    revision and the torch version (its kernels' rounding)."""
-    data = spec.model_dump(mode="json", exclude={"publish"})
+    """What decides the artifact bytes: the spec without its secrets and publish settings, the engine's
+    revision and the torch version (its kernels' rounding). A retry with a new token resumes the same blocks."""
+    from awqforge.spec import public_spec
+
+    data = {k: v for k, v in public_spec(spec).items() if k != "publish"}
     data = {"spec": data, "engine": ENGINE_REVISION, "torch": torch.__version__}
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 

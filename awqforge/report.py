@@ -75,13 +75,12 @@ def build_report(
     eval_info: dict | None,
     calibration: dict | None = None,
 ) -> dict:
-    """The report as a JSON-ready dict. The job spec is included without the publish token. `method` says in
+    """The report as a JSON-ready dict. The job spec is included without its secrets (public_spec). `method` says in
     words what ran (the model card's labels); `calibration` the real sample and token counts (None: RTN)."""
     from awqforge.formats.card import describe_method
+    from awqforge.spec import is_local_path, public_spec
 
-    settings = spec.model_dump(mode="json")
-    if settings.get("publish"):
-        settings["publish"].pop("token", None)
+    settings = public_spec(spec)
     return _jsonable(
         {
             "awqforge_version": _version(),
@@ -89,7 +88,8 @@ def build_report(
             "method": describe_method(spec),
             "calibration": calibration,
             "source": {
-                "path": str(resolved_path),
+                # a hub model by its id (not the download cache's folder); a local one as it was given
+                "path": str(resolved_path) if is_local_path(spec.model) else spec.model,
                 "revision": revision,
                 "dtype": str(checkpoint_dtype).removeprefix("torch."),
             },
@@ -102,7 +102,7 @@ def build_report(
             },
             "metrics": metrics,
             "evaluation": eval_info,
-            "artifacts": {fmt: str(p) for fmt, p in artifacts.items()},
+            "artifacts": {fmt: Path(p).name for fmt, p in artifacts.items()},  # beside this report
             "layers": [asdict(m) for m in layers],
             "mappings": mappings,
             "skipped_mappings": skipped,

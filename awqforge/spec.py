@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from enum import Enum
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -348,6 +348,11 @@ def hub_namespace(repo_id: str) -> str:
     return repo_id.split("/", 1)[0]
 
 
+# The marker of a credential field: `Field(..., json_schema_extra=SECRET)`. public_spec() leaves every field so
+# marked out of every view of a job spec that is stored, written or returned.
+SECRET = {"secret": True, "writeOnly": True}
+
+
 class SourceSpec(BaseModel):
     """How the source model is read from the hub."""
 
@@ -357,6 +362,7 @@ class SourceSpec(BaseModel):
         None,
         description="Hub read token for private or gated source models; encrypted at rest, deleted when the "
         "job ends, never returned",
+        json_schema_extra=SECRET,
     )
 
 
@@ -365,7 +371,7 @@ class PublishSpec(BaseModel):
 
     repo_id: RepoId
     private: bool = True
-    token: HubToken | None = None
+    token: HubToken | None = Field(None, json_schema_extra=SECRET)
 
 
 class JobSpec(BaseModel):
@@ -414,3 +420,55 @@ class JobSpec(BaseModel):
                 "needs format 'compressed-tensors'"
             )
         return self
+
+
+# -- secrets: one outward view of a job spec ----------------------------------------------------------------
+
+
+def _is_secret(info: Any) -> bool:
+    extra = info.json_schema_extra
+    return isinstance(extra, dict) and extra.get("secret") is True
+
+
+def _models_in(annotation: Any) -> list[type[BaseModel]]:
+    """The pydantic models a field's type holds: itself, or inside list[...], X | None and the like."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in get_args(annotation) for m in _models_in(arg)]
+
+
+def secret_fields(
+    model: type[BaseModel] | None = None, prefix: tuple[str, ...] = ()
+) -> list[tuple[str, ...]]:
+    """Every field marked SECRET in `model` (JobSpec by default) and the models it holds, as dotted paths."""
+    found: list[tuple[str, ...]] = []
+    for name, info in (model or JobSpec).model_fields.items():
+        if _is_secret(info):
+            found.append((*prefix, name))
+        else:
+            for sub in _models_in(info.annotation):
+                found += secret_fields(sub, (*prefix, name))
+    return found
+
+
+def _without_secrets(model: type[BaseModel], data: Any) -> Any:
+    if isinstance(data, list):
+        return [_without_secrets(model, item) for item in data]
+    if not isinstance(data, dict):
+        return data
+    out = {}
+    for key, value in data.items():
+        info = model.model_fields.get(key)
+        if info is not None and _is_secret(info):
+            continue
+        subs = _models_in(info.annotation) if info is not None else []
+        out[key] = _without_secrets(subs[0], value) if subs else value
+    return out
+
+
+def public_spec(spec: JobSpec | dict) -> dict:
+    """The job spec as it may be stored, written (report, card, checkpoint fingerprint), logged or returned:
+    JSON-ready, with every field marked SECRET removed at any depth (found by walking the models, so a new
+    credential field is covered by its marker). Takes a JobSpec or its stored dict."""
+    data = spec.model_dump(mode="json") if isinstance(spec, BaseModel) else spec
+    return _without_secrets(JobSpec, data)

@@ -231,13 +231,22 @@ class HuggingFaceHub:
         )
 
 
-def hub_for(token: str | None) -> Hub:
+def choose_backend(token: str | None) -> str:
     """PUBLISH_BACKEND, or in auto mode: a job token or a configured HF_ENDPOINT/HF_TOKEN selects the
-    Hugging Face Hub; else the local folder. `token` is the job's, or the service's only when the tenant
-    may use it: a tenant without either publishes anonymously (and the hub refuses it)."""
+    Hugging Face Hub ("huggingface"); else the local folder ("local"). Chosen once per job, at its first
+    publish (worker.runner._publish_destination)."""
     backend = settings.PUBLISH_BACKEND
     if backend == "huggingface" or (
         backend == "auto" and (token or settings.HF_ENDPOINT or settings.HF_TOKEN)
     ):
+        return "huggingface"
+    return "local"
+
+
+def hub_for(token: str | None, backend: str | None = None) -> Hub:
+    """The hub the job publishes to: `backend` as recorded for the job (None: chosen now). `token` is the
+    job's, or the service's only when the tenant may use it: a tenant without either publishes anonymously
+    (and the hub refuses it)."""
+    if (backend or choose_backend(token)) == "huggingface":
         return HuggingFaceHub(token, settings.HF_ENDPOINT)
     return LocalHub(settings.HUB_DIR)

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import socket
+import sysconfig
 import threading
 import time
 import traceback
 from contextlib import ExitStack
 from dataclasses import dataclass
-from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select, update
+from sqlalchemy.exc import DBAPIError
 
 from app.core.config import settings
-from app.core.db import in_session_retrying, session_scope
+from app.core.db import in_session_retrying, is_connection_error, session_scope
 from app.core.security import decrypt_secret
 from app.models import (
     PUBLISH_STAGE,
@@ -36,6 +38,7 @@ from app.models import (
     Tenant,
     utcnow,
 )
+from app.services import lifecycle
 from app.services.events import add_event
 from app.services.storage import artifact_store, file_manifest, store_for
 from app.services.uploads import allowed_roots
@@ -45,6 +48,7 @@ log = logging.getLogger("awqforge.worker")
 # The engine reports overall progress (0..1 across resolve..package); publishing, done here, takes
 # the last PUBLISH_SHARE of the bar when the job publishes.
 PUBLISH_SHARE = 0.03
+OUTAGE_WAIT_S = 600.0  # how long a worker whose job lost the database waits to queue it again
 _STAGE_ALIASES = {
     "calibration": "calibrate",
     "quantization": "quantize",
@@ -58,25 +62,17 @@ class JobCancelledByUser(Exception):
 
 
 def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
-    """Atomically move a job to running. Returns (outcome, job); job is None unless claimed.
-
-    Claimable: queued, or running with a stale heartbeat, or running on this same worker (a
-    redelivery after this worker's child died). A succeeded/failed/cancelled job is never rerun, nor is one
-    at the publish stage (its artifact set is recorded): outcome "publish", the caller publishes it.
-    """
+    """Atomically move a job to running (lifecycle.claimable). Returns (outcome, job); job is None unless
+    claimed. A succeeded/failed/cancelled job is never rerun, nor is one at the publish stage (its artifact
+    set is recorded): outcome "publish", the caller publishes it."""
     now = utcnow()
-    stale = now - timedelta(seconds=settings.HEARTBEAT_STALE_S)
+    claimable = lifecycle.claimable(worker_name, now)
     with session_scope() as s:
         job = s.get(Job, job_id)
         if job is None:
             return "missing", None
         if job.status in (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value, JobStatus.CANCELLED.value):
             return f"already {job.status}", None
-        claimable = or_(
-            Job.status == JobStatus.QUEUED.value,
-            (Job.status == JobStatus.RUNNING.value)
-            & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-        )
         res = s.execute(
             update(Job)
             .where(
@@ -84,7 +80,7 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
                 claimable,
                 Job.cancel_requested.is_(False),
                 Job.attempts < settings.MAX_ATTEMPTS,
-                or_(Job.stage.is_(None), Job.stage != PUBLISH_STAGE),
+                lifecycle.at_publish(False),
             )
             .values(
                 status=JobStatus.RUNNING.value,
@@ -102,26 +98,25 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         )
         if res.rowcount != 1:
             s.refresh(job)
-            if job.stage == PUBLISH_STAGE and job.status in (JobStatus.QUEUED.value, JobStatus.RUNNING.value):
+            if job.stage == PUBLISH_STAGE and job.status in lifecycle.ACTIVE_STATUSES:
                 return "publish", None
-            if job.cancel_requested and job.status == JobStatus.QUEUED.value:
-                _finish(s, job, JobStatus.CANCELLED, message="cancelled before it started")
+            if job.cancel_requested and lifecycle.finish(
+                s, job_id, JobStatus.CANCELLED, message="cancelled before it started", where=(claimable,)
+            ):
                 return "cancelled", None
-            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
-                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            if job.attempts >= settings.MAX_ATTEMPTS and lifecycle.finish(
+                s,
+                job_id,
+                JobStatus.FAILED,
+                error=f"gave up after {job.attempts} attempts (worker lost)",
+                where=(claimable,),
             ):
                 # Redelivered after its worker died MAX_ATTEMPTS times: `attempts` stays the count of runs.
-                _finish(
-                    s, job, JobStatus.FAILED, error=f"gave up after {job.attempts} attempts (worker lost)"
-                )
-                shutil.rmtree(job_work_dir(job), ignore_errors=True)
                 return "gave up", None
+            s.refresh(job)
             return f"not claimable ({job.status})", None
         s.refresh(job)
-        # A re-run starts from a clean slate: previous attempt's rows and files go.
-        s.query(LayerMetric).filter(LayerMetric.job_id == job_id).delete()
-        s.query(JobMetrics).filter(JobMetrics.job_id == job_id).delete()
-        s.query(Artifact).filter(Artifact.job_id == job_id).delete()
+        # A previous run's recorded rows stay until this run records its own (record_result replaces them).
         add_event(
             s,
             job_id=job_id,
@@ -134,66 +129,52 @@ def claim_job(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         return "claimed", job
 
 
-def _requeue_for_shutdown(s, job_id: str, *, stage: str | None = None) -> None:
-    s.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.status == JobStatus.RUNNING.value)
-        .values(
-            status=JobStatus.QUEUED.value,
-            worker=None,
-            stage=stage,
-            progress=0.0,
-            eta_s=None,
-            dispatched_at=None,
-            updated_at=utcnow(),
-        )
-        .execution_options(synchronize_session=False)
-    )
-    add_event(s, job_id=job_id, kind="status", message="worker shut down mid-job: requeued", progress=0.0)
-
-
-def _finish(s, job: Job, status: JobStatus, *, error: str | None = None, message: str | None = None) -> None:
-    now = utcnow()
-    job.status = status.value
-    job.finished_at = now
-    job.updated_at = now
-    job.error = error
-    job.eta_s = None
-    if status == JobStatus.SUCCEEDED:
-        job.progress = 1.0
-    # Tokens live only while the job runs: a retry or another publish takes them anew.
-    job.publish_token_enc = None
-    job.source_token_enc = None
-    add_event(
+def _requeue_for_shutdown(
+    s, job_id: str, *, stage: str | None = None, message: str = "worker shut down mid-job: requeued"
+) -> None:
+    lifecycle.requeue(
         s,
-        job_id=job.id,
-        kind="status",
-        message=message or error or status.value,
-        stage=job.stage,
-        progress=job.progress,
+        job_id,
+        message=message,
+        stage=stage,
+        progress=0.0,
+        eta_s=None,
+        dispatched_at=None,
     )
 
 
 class _JobReporter:
     """The progress/cancel/log callbacks handed to the engine, plus the heartbeat thread."""
 
-    def __init__(self, job_id: str, worker_name: str, secrets_to_hide: list[str], publishes: bool):
+    def __init__(
+        self,
+        job_id: str,
+        worker_name: str,
+        secrets_to_hide: list[str],
+        publishes: bool,
+        paths: dict[str, str] | None = None,
+    ):
         self.job_id = job_id
         self.engine_share = 1.0 - PUBLISH_SHARE if publishes else 1.0
         self.worker_name = worker_name
         self.hide = [x for x in secrets_to_hide if x]
+        self.paths = sorted((paths or {}).items(), key=lambda kv: -len(kv[0]))  # longest first
         self.stage = "resolve"
         self.progress_value = 0.0
         self._last_cancel_check = 0.0
         self._cancelled = False
+        self.lost = False
         self._last_progress_write = 0.0
         self._last_block: Any = None
         self._stop = threading.Event()
         self._hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{job_id}", daemon=True)
 
     def scrub(self, text: str) -> str:
+        """What a tenant may read: no secret, and server folders named by what they hold."""
         for secret in self.hide:
             text = text.replace(secret, "***")
+        for path, name in self.paths:
+            text = text.replace(path, name)
         return text
 
     # heartbeat
@@ -247,9 +228,13 @@ class _JobReporter:
             message = f"block {block}/{n_blocks}"
 
         def write(s) -> None:
-            s.execute(
+            res = s.execute(
                 update(Job)
-                .where(Job.id == self.job_id)
+                .where(
+                    Job.id == self.job_id,
+                    Job.status == JobStatus.RUNNING.value,
+                    Job.worker == self.worker_name,  # a run whose job was given away writes nothing
+                )
                 .values(
                     stage=stage,
                     progress=self.progress_value,
@@ -259,6 +244,8 @@ class _JobReporter:
                 )
                 .execution_options(synchronize_session=False)
             )
+            if res.rowcount != 1:
+                return
             add_event(
                 s,
                 job_id=self.job_id,
@@ -287,12 +274,16 @@ class _JobReporter:
         now = time.monotonic()
         if not self._cancelled and now - self._last_cancel_check >= 0.25:
             self._last_cancel_check = now
-            self._cancelled = bool(
-                _db(
-                    lambda s: s.scalar(select(Job.cancel_requested).where(Job.id == self.job_id)),
-                    "cancel check",
-                )
+            row = _db(
+                lambda s: s.execute(
+                    select(Job.cancel_requested, Job.status, Job.worker).where(Job.id == self.job_id)
+                ).one_or_none(),
+                "cancel check",
             )
+            # The run stops when asked to, or when the job is no longer its own (the reaper gave it away while
+            # this worker could not reach the database): it then ends nothing (its finish() matches no row).
+            self.lost = row is None or row[1] != JobStatus.RUNNING.value or row[2] != self.worker_name
+            self._cancelled = self.lost or bool(row[0])
         return self._cancelled
 
 
@@ -303,8 +294,10 @@ def _db(work, what: str):
 
 
 def _resolve_spec(job: Job, tokens: _Tokens):
+    """The engine's spec (tokens put back, an upload's id turned into its file) and the upload's (file, id)."""
     from awqforge.spec import JobSpec
 
+    upload = None
     data = dict(job.spec)
     source = data.get("calibration", {}).get("source", "")
     if source.startswith("upload:"):
@@ -317,10 +310,11 @@ def _resolve_spec(job: Job, tokens: _Tokens):
             if cal is None:
                 raise ValueError(f"calibration set {source[7:]} not found")
             data["calibration"] = {**data["calibration"], "source": f"file:{cal.path}"}
+            upload = (str(cal.path), source)
     data["source"] = {**data.get("source", {}), "token": tokens.source}
     if tokens.publish and data.get("publish"):
         data["publish"] = {**data["publish"], "token": tokens.publish}
-    return JobSpec.model_validate(data)
+    return JobSpec.model_validate(data), upload
 
 
 def _dir_size(path: Path) -> int:
@@ -368,12 +362,11 @@ def _layer_row(job_id: str, m: Any) -> LayerMetric:
 
 
 def job_output_dir(job: Job) -> Path:
-    return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / job.id
+    return lifecycle.job_output_dir(job.tenant_id, job.id)
 
 
 def job_work_dir(job: Job) -> Path:
-    """Block checkpoints of the job's runs: kept while it may run again, removed once it is final."""
-    return settings.ARTIFACT_DIR / f"tenant-{job.tenant_id}" / f".{job.id}.work"
+    return lifecycle.job_work_dir(job.tenant_id, job.id)
 
 
 @dataclass
@@ -398,6 +391,46 @@ def _tokens(job: Job) -> _Tokens:
     return _Tokens(source=source or service, publish=publish or service, tenant=name)
 
 
+def _server_paths(job: Job, upload: tuple[str, str] | None = None) -> dict[str, str]:
+    """The server's folders a message may name, and what a tenant reads instead (the same for every job)."""
+    from huggingface_hub import constants
+
+    named = {
+        job_output_dir(job): "<job output>",
+        lifecycle.run_staging_dir(job.tenant_id, job.id): "<job output>",
+        job_work_dir(job): "<job checkpoints>",
+        lifecycle.publish_staging_dir(job.id): "<job output>",
+        settings.ARTIFACT_DIR: "<artifacts>",
+        settings.UPLOAD_DIR: "<uploads>",
+        settings.HUB_DIR: "<local hub>",
+        Path(constants.HF_HUB_CACHE): "<hub cache>",
+        Path(constants.HF_HOME): "<hub home>",
+        settings.AWQFORGE_HOME: "<service home>",
+    }
+    out = {}
+    for path, name in named.items():
+        for form in {str(path), str(Path(path).resolve())}:
+            out.setdefault(form, name)
+    if upload is not None:  # the uploaded calibration file by its id
+        out[upload[0]] = upload[1]
+        out[f"file:{upload[0]}"] = upload[1]
+    return out
+
+
+_CODE_ROOTS = re.compile(
+    r'File "(?:[^"]*/(?:site-packages|dist-packages)/|'
+    + re.escape(str(Path(__file__).resolve().parent.parent))
+    + "/|"
+    + re.escape(sysconfig.get_paths()["stdlib"])
+    + "/)"
+)
+
+
+def _code_relative(trace: str) -> str:
+    """A traceback with its source files named within their package, not by the server's folders."""
+    return _CODE_ROOTS.sub('File "', trace)
+
+
 def _forbid_implicit_hub_token() -> None:
     """The hub client must never pick up HF_TOKEN or a login file on its own: every request carries the
     token this job may use, or none."""
@@ -408,7 +441,12 @@ def _forbid_implicit_hub_token() -> None:
 
 
 def publish_artifacts(
-    job_id: str, *, repo_id: str, private: bool, tokens: _Tokens, local: dict[str, Path] | None = None
+    job_id: str,
+    *,
+    repo_id: str,
+    private: bool,
+    tokens: _Tokens,
+    local: dict[str, Path] | None = None,
 ) -> float:
     """Publish the job's recorded artifacts (not the report) in one commit; store where, which commit.
     `local`: the artifacts' folders on this machine by format (the run that just made them); else the
@@ -435,7 +473,7 @@ def publish_artifacts(
                 raise ValueError("the job has no recorded artifacts to publish")
             # One folder per job and format: a publish of this job run again on this machine replaces what a
             # killed one left there.
-            scratch = settings.ARTIFACT_DIR / ".publish" / job_id
+            scratch = lifecycle.publish_staging_dir(job_id)
             copies.callback(shutil.rmtree, scratch, ignore_errors=True)
             arts = [
                 (
@@ -447,7 +485,10 @@ def publish_artifacts(
                 for fmt, path, files in rows
             ]
         folders = {"": arts[0][1]} if len(arts) == 1 else dict(arts)
-        published = hub_for(tokens.publish).publish(folders, repo_id, private=private, tenant=tokens.tenant)
+        backend = _publish_destination(job_id, tokens.publish)
+        published = hub_for(tokens.publish, backend).publish(
+            folders, repo_id, private=private, tenant=tokens.tenant
+        )
     remote = published.commit_url is not None
     with session_scope() as s:
         for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id, Artifact.format != "report")):
@@ -455,7 +496,7 @@ def publish_artifacts(
             if remote:
                 a.published_to = published.location + (f"/tree/{published.revision}/{sub}" if sub else "")
             else:
-                a.published_to = str(Path(published.location) / sub) if sub else published.location
+                a.published_to = f"local:{repo_id}" + (f"/{sub}" if sub else "")  # not the server's folder
             a.commit_url = published.commit_url
             a.hub_revision = published.revision
         add_event(
@@ -469,36 +510,55 @@ def publish_artifacts(
     return time.monotonic() - t0
 
 
+def _publish_destination(job_id: str, token: str | None) -> str:
+    """The hub this job publishes to: the one its first publish chose (recorded on the job), else chosen now
+    (PUBLISH_BACKEND, the job's token) and recorded, so that a retry or a publish again, with other tokens or
+    none, never sends the job elsewhere."""
+    from worker.hub import choose_backend
+
+    def pick(s) -> str:
+        recorded = s.scalar(select(Job.publish_backend).where(Job.id == job_id))
+        if recorded:
+            return recorded
+        chosen = choose_backend(token)
+        s.execute(
+            update(Job)
+            .where(Job.id == job_id, Job.publish_backend.is_(None))
+            .values(publish_backend=chosen)
+            .execution_options(synchronize_session=False)
+        )
+        return s.scalar(select(Job.publish_backend).where(Job.id == job_id)) or chosen
+
+    return _db(pick, "choosing the publish destination")
+
+
 def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
     """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
     from worker.hub import PublishRefused
 
     reason = str(exc) if isinstance(exc, PublishRefused) else f"{type(exc).__name__}: {exc}"
     error = reporter.scrub(f"publish failed: {reason}")[:2000]
-    with session_scope() as s:
-        row = s.get(Job, job_id)
-        row.stage = "publish"
-        _finish(
+    ended = _db(
+        lambda s: lifecycle.finish(
             s,
-            row,
+            job_id,
             JobStatus.FAILED,
+            where=(Job.worker == reporter.worker_name,),
             error=error + " (artifacts kept; POST /v1/jobs/{id}/publish tries again)".replace("{id}", job_id),
-        )
+            stage=PUBLISH_STAGE,
+        ),
+        "recording the failure",
+    )
     log.warning("job %s: %s", job_id, error)
-    return "failed"
+    return "failed" if ended else "already ended"
 
 
 def claim_publish(job_id: str, worker_name: str) -> tuple[str, Job | None]:
-    """Atomically move a job at the publish stage to running, as claim_job does for a whole run: queued
-    (by POST /v1/jobs/{id}/publish, or requeued after its worker was lost while publishing), or running with
-    a stale heartbeat or on this same worker (a redelivery). `attempts` counts the publish runs."""
+    """Atomically move a job at the publish stage to running, with the same claim condition as a whole run:
+    queued (by POST /v1/jobs/{id}/publish, or requeued after its worker was lost while publishing), or running
+    with a stale heartbeat or on this same worker (a redelivery). `attempts` counts the publish runs."""
     now = utcnow()
-    stale = now - timedelta(seconds=settings.HEARTBEAT_STALE_S)
-    claimable = (Job.stage == PUBLISH_STAGE) & or_(
-        Job.status == JobStatus.QUEUED.value,
-        (Job.status == JobStatus.RUNNING.value)
-        & or_(Job.heartbeat_at.is_(None), Job.heartbeat_at < stale, Job.worker == worker_name),
-    )
+    claimable = lifecycle.claimable(worker_name, now) & lifecycle.at_publish(True)
     with session_scope() as s:
         res = s.execute(
             update(Job)
@@ -522,16 +582,19 @@ def claim_publish(job_id: str, worker_name: str) -> tuple[str, Job | None]:
         if job is None:
             return "missing", None
         if res.rowcount != 1:
-            if job.attempts >= settings.MAX_ATTEMPTS and s.scalar(
-                select(Job.id).where(Job.id == job_id, claimable).with_for_update()
+            if job.attempts >= settings.MAX_ATTEMPTS and lifecycle.finish(
+                s,
+                job_id,
+                JobStatus.FAILED,
+                error=f"publish gave up after {job.attempts} attempts (worker lost; artifacts kept)",
+                where=(claimable,),
             ):
-                _finish(
-                    s,
-                    job,
-                    JobStatus.FAILED,
-                    error=f"publish gave up after {job.attempts} attempts (worker lost; artifacts kept)",
-                )
                 return "gave up", None
+            if job.cancel_requested and lifecycle.finish(
+                s, job_id, JobStatus.CANCELLED, message="cancelled before publishing", where=(claimable,)
+            ):
+                return "cancelled", None
+            s.refresh(job)
             return f"not claimable ({job.status}, {job.stage})", None
         s.refresh(job)
         add_event(
@@ -555,13 +618,16 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
         return outcome
     _forbid_implicit_hub_token()
     tokens = _tokens(job)
-    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True)
+    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=True, paths=_server_paths(job))
     reporter.stage = "publish"
     publish = job.spec["publish"]
     reporter.start()  # a long upload keeps its heartbeat, so the reaper leaves it alone
     try:
         publish_s = publish_artifacts(
-            job_id, repo_id=publish["repo_id"], private=publish.get("private", True), tokens=tokens
+            job_id,
+            repo_id=publish["repo_id"],
+            private=publish.get("private", True),
+            tokens=tokens,
         )
     except Exception as exc:
         return _publish_failed(job_id, reporter, exc)
@@ -572,13 +638,16 @@ def run_publish(job_id: str, *, worker_name: str | None = None) -> str:
         reporter.stop()
         # a run lost while publishing left its checkpoints: the artifact set is final, they are not needed
         shutil.rmtree(job_work_dir(job), ignore_errors=True)
-    with session_scope() as s:
-        row = s.get(Job, job_id)
+
+    def record_success(s) -> bool:
         metrics = s.get(JobMetrics, job_id)
         if metrics is not None:
             metrics.publish_s = publish_s
-        _finish(s, row, JobStatus.SUCCEEDED, message="published")
-    return "succeeded"
+        return lifecycle.finish(
+            s, job_id, JobStatus.SUCCEEDED, message="published", where=(Job.worker == worker_name,)
+        )
+
+    return "succeeded" if _db(record_success, "recording the publish") else "already ended"
 
 
 def run_job(job_id: str, *, worker_name: str | None = None) -> str:
@@ -593,15 +662,20 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
     _forbid_implicit_hub_token()
     tokens = _tokens(job)
-    reporter = _JobReporter(job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")))
-    out_dir = job_output_dir(job)
+    reporter = _JobReporter(
+        job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")), paths=_server_paths(job)
+    )
+    out_dir = job_output_dir(job)  # only ever the recorded artifact set (local store)
+    staging = lifecycle.run_staging_dir(job.tenant_id, job_id)  # this run's output until it is recorded
     work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
     try:
-        spec = _resolve_spec(job, tokens)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
+        spec, upload = _resolve_spec(job, tokens)
+        if upload is not None:
+            reporter.paths = sorted(_server_paths(job, upload).items(), key=lambda kv: -len(kv[0]))
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.parent.mkdir(parents=True, exist_ok=True)
         with session_scope() as s:
             s.execute(update(Job).where(Job.id == job_id).values(output_dir=str(out_dir)))
 
@@ -609,7 +683,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         result = run_quantization(
             spec,
-            out_dir,
+            staging,
             progress=reporter.progress,
             cancel=reporter.cancel,
             log=reporter.log,
@@ -623,6 +697,14 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         inside = report and any(Path(report).resolve().is_relative_to(p.resolve()) for p in made.values())
         if report and Path(report).exists() and not inside:
             made["report"] = Path(report)
+        for text_file in (*staging.rglob("*.md"), *staging.rglob("quant_report.json")):
+            # the report and the card are read by the tenant and published: no server folder named there
+            text_file.write_text(reporter.scrub(text_file.read_text()))
+        if not store.remote:
+            # The run's output replaces the recorded set (a retry's previous artifacts stay until here).
+            shutil.rmtree(out_dir, ignore_errors=True)
+            staging.rename(out_dir)
+            made = {fmt: out_dir / p.resolve().relative_to(staging.resolve()) for fmt, p in made.items()}
         # Files hashed, then stored (uploaded), before the transaction that records them.
         stored = [
             dict(
@@ -669,12 +751,12 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     repo_id=spec.publish.repo_id,
                     private=spec.publish.private,
                     tokens=tokens,
-                    local={str(getattr(f, "value", f)): Path(p) for f, p in dict(result.artifacts).items()},
+                    local=made,
                 )
             except Exception as exc:
-                shutil.rmtree(work_dir, ignore_errors=True)  # the artifacts are kept: no block is rerun
-                if store.remote:  # kept in the object store: a publish retry on any machine reads them there
-                    shutil.rmtree(out_dir, ignore_errors=True)
+                shutil.rmtree(
+                    staging, ignore_errors=True
+                )  # an object store keeps them: any machine reads them
                 return _publish_failed(job_id, reporter, exc)
             reporter.set_stage("publish", 1.0)
 
@@ -684,18 +766,38 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
             _db(record_publish, "recording the publish")
 
-        def record_success(s) -> None:
-            row = s.get(Job, job_id)
-            row.stage = "publish" if spec.publish is not None else "package"
-            _finish(s, row, JobStatus.SUCCEEDED, message="succeeded")
-
-        _db(record_success, "recording the result")
-        shutil.rmtree(work_dir, ignore_errors=True)
-        if store.remote:  # the object store holds them now; this machine's copy was scratch
-            shutil.rmtree(out_dir, ignore_errors=True)
-        log.info("job %s succeeded", job_id)
-        return "succeeded"
+        ended = _db(
+            lambda s: lifecycle.finish(
+                s,
+                job_id,
+                JobStatus.SUCCEEDED,
+                where=(Job.worker == worker_name,),
+                message="succeeded",
+                stage=PUBLISH_STAGE if spec.publish is not None else "package",
+            ),
+            "recording the result",
+        )
+        shutil.rmtree(staging, ignore_errors=True)  # an object store holds them now: this copy was scratch
+        log.info("job %s %s", job_id, "succeeded" if ended else "ended elsewhere")
+        return "succeeded" if ended else "already ended"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status
+        if isinstance(exc, Exception) and is_connection_error(exc):
+            # The database stayed away longer than a write is retried: not the job's failure. Its checkpoints
+            # stay and it is queued again once the database answers (here, or by the reaper, which finds its
+            # heartbeat stale); the next run resumes at its last finished block.
+            shutil.rmtree(staging, ignore_errors=True)
+            stage = PUBLISH_STAGE if reporter.stage == PUBLISH_STAGE else None
+            try:
+                in_session_retrying(
+                    lambda s: _requeue_for_shutdown(
+                        s, job_id, stage=stage, message="database unreachable mid-job: requeued"
+                    ),
+                    retry_for_s=OUTAGE_WAIT_S,
+                    what="requeue after a database outage",
+                )
+            except Exception:
+                log.warning("job %s: database still unreachable; the reaper requeues it", job_id)
+            return "interrupted"
         cancelled = (
             isinstance(exc, JobCancelledByUser) or type(exc).__name__ == "JobCancelled" or reporter.cancel()
         )
@@ -704,37 +806,39 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             # The worker is going away (SystemExit, KeyboardInterrupt), not the job failing: queue it again
             # with its checkpoints kept; the reconciler sends it and the next worker resumes it. One lost
             # while publishing is queued to publish its recorded artifact set, which stays where it is stored.
-            if not publishing or artifact_store().remote:
-                shutil.rmtree(out_dir, ignore_errors=True)
+            shutil.rmtree(staging, ignore_errors=True)
             stage = PUBLISH_STAGE if publishing else None
             _db(lambda s: _requeue_for_shutdown(s, job_id, stage=stage), "requeue")
             raise
-        shutil.rmtree(out_dir, ignore_errors=True)
-        shutil.rmtree(work_dir, ignore_errors=True)
-
         from awqforge.errors import describe  # one readable line, as the CLI prints it
 
-        name = "time limit exceeded" if type(exc).__name__ == "SoftTimeLimitExceeded" else describe(exc)
+        if type(exc).__name__ == "SoftTimeLimitExceeded":
+            name = "time limit exceeded"
+        elif isinstance(exc, DBAPIError):  # its text names the database's host and port
+            name = "the database could not be reached for longer than the job's lease; retry the job"
+        else:
+            name = describe(exc)
         error = reporter.scrub(f"{reporter.stage} failed: {name}")[:2000]
-        trace = reporter.scrub(traceback.format_exc())[-4000:]
+        trace = (
+            None
+            if isinstance(exc, DBAPIError)
+            else reporter.scrub(_code_relative(traceback.format_exc()))[-4000:]
+        )
 
-        def record_failure(s) -> None:
-            s.query(Artifact).filter(Artifact.job_id == job_id).delete()  # their files just went
-            row = s.get(Job, job_id)
+        mine = (Job.worker == worker_name,)  # a run whose job was given away ends nothing
+
+        def record_failure(s) -> bool:
             if cancelled:
-                _finish(s, row, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}")
-            else:
-                add_event(
-                    s,
-                    job_id=job_id,
-                    kind="log",
-                    stage=reporter.stage,
-                    message=trace,
+                return lifecycle.finish(
+                    s, job_id, JobStatus.CANCELLED, message=f"cancelled during {reporter.stage}", where=mine
                 )
-                _finish(s, row, JobStatus.FAILED, error=error)
+            if trace:
+                add_event(s, job_id=job_id, kind="log", stage=reporter.stage, message=trace)
+            return lifecycle.finish(s, job_id, JobStatus.FAILED, error=error, where=mine)
 
-        _db(record_failure, "recording the failure")
-        log.warning("job %s %s", job_id, "cancelled" if cancelled else "failed")
-        return "cancelled" if cancelled else "failed"
+        ended = _db(record_failure, "recording the failure")
+        outcome = "cancelled" if cancelled else "failed"
+        log.warning("job %s %s", job_id, outcome if ended else "ended elsewhere")
+        return outcome if ended else "already ended"
     finally:
         reporter.stop()

@@ -8,10 +8,12 @@ from worker.celery_app import TASK_PUBLISH_JOB, TASK_RUN_JOB, celery_app
 
 @celery_app.task(name=TASK_RUN_JOB, bind=True)
 def run_job_task(self, job_id: str) -> str:
+    from app.services.lifecycle import ENDINGS
     from worker.runner import run_job  # torch is imported here, in the forked child
 
     outcome = run_job(job_id, worker_name=self.request.hostname or "worker")
-    monitoring.record_job(job_id)
+    if outcome in ENDINGS:  # this run ended the job: a redelivery for an ended one is not counted again
+        monitoring.record_job(job_id)
     return outcome
 
 

@@ -141,6 +141,8 @@ class Settings(BaseSettings):
     HEARTBEAT_INTERVAL_S: float = Field(10.0, gt=0)
     HEARTBEAT_STALE_S: float = Field(120.0, gt=0)
     REAPER_INTERVAL_S: float = Field(30.0, gt=0)
+    # A finished job's artifacts (files or objects) are deleted this many days after it ended (None: kept).
+    ARTIFACT_RETENTION_DAYS: float | None = Field(None, gt=0)
     MAX_ATTEMPTS: int = Field(3, ge=1)
     # A queued job whose message was sent this long ago and that has not started is sent again
     # (doubling each time, up to 16x): the message may have been consumed without a claim, or lost.

@@ -22,13 +22,12 @@ from app.models import (
     CalibrationSet,
     IdempotencyKey,
     Job,
-    JobMetrics,
     JobStatus,
-    LayerMetric,
     Tenant,
     utcnow,
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
+from app.services import lifecycle
 from app.services.events import add_event
 from app.services.routing import (
     RoutingError,
@@ -38,11 +37,11 @@ from app.services.routing import (
     waiting_reason,
 )
 from app.services.storage import store_for
-from awqforge.spec import is_local_path
+from awqforge.spec import is_local_path, public_spec
 
 log = logging.getLogger("awqforge.jobs")
 
-ACTIVE_STATUSES = (JobStatus.QUEUED.value, JobStatus.RUNNING.value)
+ACTIVE_STATUSES = lifecycle.ACTIVE_STATUSES
 # Where JobSpec fields live in the request body (the body is flatter than the spec).
 _SPEC_TO_BODY = {
     ("quant", "bits"): "bits",
@@ -183,15 +182,6 @@ def check_module_patterns(spec) -> None:
     missing = unmatched(patterns, shapes, config.get("model_type"))
     if missing:
         raise SpecError([FieldError(field="modules_to_not_convert", reason=unmatched_message(missing))])
-
-
-def spec_without_tokens(spec) -> dict:
-    """The spec as stored and returned: tokens live only encrypted in their own columns."""
-    stored = spec.model_dump(mode="json")
-    stored["source"]["token"] = None
-    if stored.get("publish"):
-        stored["publish"]["token"] = None
-    return stored
 
 
 def check_publish_namespace(spec, tenant: Tenant) -> None:
@@ -357,7 +347,7 @@ def create_job(session: Session, *, body: JobCreate, tenant: Tenant, idempotency
 
     token = spec.publish.token if spec.publish else None
     source_token = spec.source.token
-    stored = spec_without_tokens(spec)
+    stored = public_spec(spec)  # tokens live only encrypted in their own columns
     job = Job(
         tenant_id=tenant.id,
         model=spec.model,
@@ -442,82 +432,91 @@ def list_jobs(
 
 
 def cancel_job(session: Session, *, job: Job) -> Job:
-    if job.status == JobStatus.QUEUED.value:
-        job.status = JobStatus.CANCELLED.value
-        job.cancel_requested = True
-        job.finished_at = utcnow()
-        add_event(session, job_id=job.id, kind="status", message="cancelled before it started")
-    elif job.status == JobStatus.RUNNING.value:
-        if not job.cancel_requested:
-            job.cancel_requested = True
-            add_event(
-                session,
-                job_id=job.id,
-                kind="log",
-                stage=job.stage,
-                message="cancel requested; stopping at the next block",
-            )
-    elif job.status != JobStatus.CANCELLED.value:
-        raise ServiceError(409, f"job already {job.status}")
+    outcome = lifecycle.cancel(session, job)
+    if outcome not in ("ended", "requested", JobStatus.CANCELLED.value, JobStatus.RUNNING.value):
+        raise ServiceError(409, f"job already {outcome}")
     session.commit()
+    session.refresh(job)
     return job
 
 
-def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
-    if job.status not in (JobStatus.FAILED.value, JobStatus.CANCELLED.value):
-        raise ServiceError(409, f"only failed or cancelled jobs can be retried; this one is {job.status}")
-    _check_limit(session, tenant)
-    session.query(LayerMetric).filter(LayerMetric.job_id == job.id).delete()
-    session.query(JobMetrics).filter(JobMetrics.job_id == job.id).delete()
-    session.query(Artifact).filter(Artifact.job_id == job.id).delete()
-    job.status = JobStatus.QUEUED.value
-    job.stage = None
-    job.progress = 0.0
-    job.eta_s = None
-    job.error = None
-    job.cancel_requested = False
-    job.attempts = 0
-    job.worker = None
-    job.started_at = job.finished_at = job.heartbeat_at = None
-    job.dispatched_at = utcnow()
-    job.dispatches = (job.dispatches or 0) + 1
-    add_event(session, job_id=job.id, kind="status", message=f"retried; queued on {job.queue}", progress=0.0)
+def delete_job(session: Session, *, job: Job) -> None:
+    """A finished job and its stored artifacts (files or objects) removed for its tenant."""
+    if not lifecycle.delete(session, job):
+        raise ServiceError(409, f"job is {job.status}: cancel it first, then delete it")
     session.commit()
-    session.expire(job, ["metrics", "artifacts"])
+
+
+def _token_columns(job: Job, *, source_token: str | None, publish_token: str | None) -> dict:
+    """Tokens given again for a new run: encrypted into their columns as at submit (finish() deletes them)."""
+    if publish_token and not job.spec.get("publish"):
+        raise SpecError([FieldError(field="publish.token", reason="this job has no publish settings")])
+    return {
+        "source_token_enc": encrypt_secret(source_token) if source_token else None,
+        "publish_token_enc": encrypt_secret(publish_token) if publish_token else None,
+    }
+
+
+def retry_job(
+    session: Session,
+    *,
+    job: Job,
+    tenant: Tenant,
+    source_token: str | None = None,
+    publish_token: str | None = None,
+) -> Job:
+    """Run a failed or cancelled job again, with the tokens given now. Its publish destination stays the
+    one its first publish chose; its recorded artifacts and metrics stay until the new run records its own."""
+    ended = (JobStatus.FAILED.value, JobStatus.CANCELLED.value)
+    if job.status not in ended:
+        raise ServiceError(409, f"only failed or cancelled jobs can be retried; this one is {job.status}")
+    tokens = _token_columns(job, source_token=source_token, publish_token=publish_token)
+    _check_limit(session, tenant)
+    if not lifecycle.restart(
+        session,
+        job.id,
+        expected=ended,
+        message=f"retried; queued on {job.queue}",
+        progress=0.0,
+        started_at=None,
+        **tokens,
+    ):
+        session.rollback()
+        raise ServiceError(409, "the job changed meanwhile; read it again")
+    session.commit()
+    session.refresh(job)
     _dispatch(session, job)
     return job
 
 
 def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
-    """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
-    the hub makes no new commit when its files already match). The job stays at the publish stage until it
-    ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
+    """Queue a new publish of a finished job's recorded artifacts (after a failed publish or run, or to publish
+    again: the hub makes no new commit when its files already match). The job stays at the publish stage until
+    it ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
     if not job.spec.get("publish"):
         raise ServiceError(409, "this job has no publish settings")
-    failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == PUBLISH_STAGE
-    if not (failed_at_publish or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
+    done = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
+    if job.status not in done or not job.artifacts:
         raise ServiceError(
             409,
-            f"only a succeeded job, or one that failed at publishing, can publish; this one is {job.status}",
+            "only a succeeded job, or a failed one with its artifacts recorded, can publish; "
+            f"this one is {job.status}" + ("" if job.artifacts else " with no artifacts"),
         )
+    tokens = _token_columns(job, source_token=None, publish_token=token)
     _check_limit(session, tenant)
-    job.status = JobStatus.QUEUED.value
-    job.stage = PUBLISH_STAGE
-    job.error = None
-    job.finished_at = None
-    job.attempts = 0  # counts the publish runs from here
-    job.worker = None
-    job.publish_token_enc = encrypt_secret(token) if token else None
-    job.dispatched_at = utcnow()
-    job.dispatches = (job.dispatches or 0) + 1
-    add_event(session, job_id=job.id, kind="status", stage=PUBLISH_STAGE, message="publish queued")
+    if not lifecycle.restart(
+        session, job.id, expected=done, message="publish queued", stage=PUBLISH_STAGE, **tokens
+    ):
+        session.rollback()
+        raise ServiceError(409, "the job changed meanwhile; read it again")
     session.commit()
+    session.refresh(job)
     _dispatch(session, job)  # broker down: stays queued, the reconciler sends it (to the publish task)
     return job
 
 
 def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]:
-    """Running jobs whose heartbeat went stale (worker died): requeue, or fail after MAX_ATTEMPTS.
+    """Running jobs whose heartbeat went stale (worker died): requeue (and send), or end after MAX_ATTEMPTS.
 
     `all_running`: every running job counts as orphaned (embedded start, where no other worker exists).
     """
@@ -529,59 +528,9 @@ def reap_stale_jobs(session: Session, *, all_running: bool = False) -> list[str]
     )
     requeued = []
     for job in stale:
-        give_up = job.attempts >= settings.MAX_ATTEMPTS or job.cancel_requested
-        new_status = (
-            (JobStatus.CANCELLED if job.cancel_requested else JobStatus.FAILED)
-            if give_up
-            else JobStatus.QUEUED
-        )
-        res = session.execute(
-            update(Job)
-            .where(Job.id == job.id, Job.status == JobStatus.RUNNING.value, Job.heartbeat_at < stale_before)
-            .values(
-                status=new_status.value,
-                worker=None,
-                error=(
-                    f"worker lost: no heartbeat for {int(settings.HEARTBEAT_STALE_S)} s after "
-                    f"{job.attempts} attempt(s)"
-                )
-                if new_status == JobStatus.FAILED
-                else None,
-                finished_at=utcnow() if give_up else None,
-                # A requeued job starts over in the listing (it resumes from its checkpoints); one lost while
-                # publishing keeps its stage: its artifact set is recorded, it is sent to publish only.
-                **(
-                    {}
-                    if give_up
-                    else {
-                        **(
-                            {}
-                            if job.stage == PUBLISH_STAGE
-                            else {"stage": None, "progress": 0.0, "eta_s": None}
-                        ),
-                        "dispatched_at": utcnow(),
-                        "dispatches": Job.dispatches + 1,
-                    }
-                ),
-            )
-            .execution_options(synchronize_session=False)
-        )
-        if res.rowcount != 1:
-            continue
-        add_event(
-            session,
-            job_id=job.id,
-            kind="status",
-            stage=PUBLISH_STAGE if job.stage == PUBLISH_STAGE else None,
-            message="worker lost (heartbeat stale): "
-            + (
-                ("requeued to publish" if job.stage == PUBLISH_STAGE else "requeued")
-                if not give_up
-                else new_status.value
-            ),
-        )
+        outcome = lifecycle.reap(session, job, stale_before)
         session.commit()
-        if not give_up and _dispatch(session, job):
+        if outcome == "requeued" and _dispatch(session, session.get(Job, job.id)):
             requeued.append(job.id)
     session.commit()
     return requeued
@@ -636,7 +585,7 @@ def job_public(job: Job, *, with_files: bool = True) -> JobPublic:
         queue=job.queue,
         waiting_reason=waiting_reason(job.queue) if job.status == JobStatus.QUEUED.value else None,
         attempts=job.attempts,
-        spec=job.spec,
+        spec=public_spec(job.spec),
         created_at=job.created_at,
         started_at=job.started_at,
         finished_at=job.finished_at,

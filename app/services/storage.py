@@ -92,6 +92,11 @@ class ArtifactStore:
         raise NotImplementedError
 
     def delete(self, location: str) -> None:
+        """Remove what `location` holds (a folder or file; every object under the prefix)."""
+        raise NotImplementedError
+
+    def job_location(self, tenant_id: int, job_id: str) -> str:
+        """The location that holds everything this store keeps for the job (put_dir keys start with it)."""
         raise NotImplementedError
 
 
@@ -127,6 +132,9 @@ class LocalStore(ArtifactStore):
             shutil.rmtree(p, ignore_errors=True)
         else:
             p.unlink(missing_ok=True)
+
+    def job_location(self, tenant_id: int, job_id: str) -> str:
+        return str(settings.ARTIFACT_DIR / f"tenant-{tenant_id}" / job_id)
 
 
 class S3Store(ArtifactStore):
@@ -178,6 +186,11 @@ class S3Store(ArtifactStore):
             rel = f.name if local.is_file() else f.relative_to(local).as_posix()
             self.client.upload_file(str(f), self.bucket, f"{base}/{rel}", Config=self.transfer)
         return f"{S3_SCHEME}{self.bucket}/{base}"
+
+    def job_location(self, tenant_id: int, job_id: str) -> str:
+        return f"{S3_SCHEME}{self.bucket}/" + "/".join(
+            p for p in (self.prefix, f"tenant-{tenant_id}/{job_id}") if p
+        )
 
     def list_files(self, location: str) -> list[StoredFile]:
         bucket, base = self._split(location)

@@ -401,6 +401,27 @@ def test_postgres_cut_mid_job(stack, tiny_models):
     assert_no_slot_leaked(stack)
 
 
+def test_postgres_outage_longer_than_the_lease(stack, tiny_models):
+    """The database goes away for longer than the worker retries a write (HEARTBEAT_STALE_S): the job is not
+    failed; the worker queues it again once the database answers and the next run resumes at its last block.
+    What the tenant reads names no server address."""
+    stack.worker()
+    with stack.client() as c:
+        victim = c.post("/v1/jobs", json=body(tiny_models, tiny_models.deep)).json()["id"]
+        wait_until(lambda: blocks_done(stack, victim) >= 2, 120, "block 2 of the job")
+        stack.proxy.cut()
+        time.sleep(15)  # HEARTBEAT_STALE_S is 10: the worker's write gives up
+        stack.proxy.restore()
+        job = wait_terminal(stack, c, victim)
+        assert job["status"] == "succeeded" and job["error"] is None, job
+        assert job["attempts"] == 2 and blocks_done(stack, victim) == 24
+        logs = c.get(f"/v1/jobs/{victim}/logs").text
+        assert "database unreachable mid-job: requeued" in logs
+        assert "resuming at block" in logs and "<job checkpoints>" in logs  # its checkpoints were kept
+        assert str(stack.proxy.port) not in logs and "127.0.0.1" not in logs
+    assert_no_slot_leaked(stack)
+
+
 def test_hub_failure_at_publish_then_retry(stack, tiny_models):
     """The hub folder cannot be written: the job fails naming the publish step and keeps its artifacts; a
     publish retry after the hub is repaired publishes exactly once."""
@@ -421,7 +442,7 @@ def test_hub_failure_at_publish_then_retry(stack, tiny_models):
         job = wait_terminal(stack, c, job_id)
         assert job["status"] == "succeeded", job
         assert [a["published_to"] for a in job["artifacts"] if a["format"] == "awq"] == [
-            str((stack.home / "hub" / "faults" / "tiny-awq").resolve())
+            "local:faults/tiny-awq"
         ]
         assert sorted(p.name for p in (stack.home / "hub" / "faults").iterdir()) == ["tiny-awq"]
     assert_no_slot_leaked(stack)

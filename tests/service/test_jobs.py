@@ -73,7 +73,7 @@ def test_job_end_to_end(service, make_key, db_session):
         assert m["calibration_samples"] > 0 and m["calibration_tokens"] > 0 and m["eval_tokens"] > 0
         assert m["calibration_shortfall"] >= 0
         assert {a["format"] for a in job["artifacts"]} >= {"awq", "compressed-tensors"}
-        assert "hf_SECRET" not in json.dumps(job) and job["spec"]["publish"]["token"] is None
+        assert "hf_SECRET" not in json.dumps(job) and "token" not in job["spec"]["publish"]
 
         # Rows in Postgres, queryable with SQL.
         db_session.expire_all()
@@ -101,7 +101,7 @@ def test_job_end_to_end(service, make_key, db_session):
         # Published to the local hub folder (one sub folder per format).
         hub = service.home / "hub" / "acme" / "tiny-llama-awq"
         assert (hub / "awq" / "config.json").exists() and (hub / "compressed-tensors").is_dir()
-        assert awq["published_to"] == str(hub / "awq")
+        assert awq["published_to"] == "local:acme/tiny-llama-awq/awq"  # the repo, not the server folder
 
         logs = c.get(f"/v1/jobs/{job_id}/logs").text
         assert "succeeded" in logs and "hf_SECRET" not in logs

@@ -100,7 +100,7 @@ def test_local_hub_repo_belongs_to_the_first_tenant(service, make_key, db_sessio
         job_a = wait_for_status(ca, r.json()["id"], ("succeeded", "failed"), timeout=400)
         assert job_a["status"] == "succeeded", job_a
         art = job_a["artifacts"][0]
-        assert art["hub_revision"] and art["published_to"] == str(service.home / "hub" / repo_id)
+        assert art["hub_revision"] and art["published_to"] == f"local:{repo_id}"
     repo = service.home / "hub" / shared / "tiny-awq"
     before = _repo_files(repo)
     assert "config.json" in before and "README.md" in before

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, TypeVar
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -38,7 +38,7 @@ from app.services.jobs import ServiceError, SpecError
 from app.services.storage import S3_SCHEME, object_store_download, store_for
 from awqforge.errors import InputError
 from awqforge.resolve import resolve_local_path
-from awqforge.spec import HubToken
+from awqforge.spec import SECRET, HubToken, SourceSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 T = TypeVar("T")
@@ -199,6 +199,32 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Job
     return job_service.job_public(job_service.cancel_job(session, job=_get(session, job_id, tenant)))
 
 
+@router.delete(
+    "/{job_id}",
+    status_code=204,
+    responses={**_ERRORS, 409: {"model": ErrorResponse}},
+    summary="Delete a finished job with its artifacts (files or objects); a queued or running one: 409",
+)
+def delete_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Response:
+    job_service.delete_job(session, job=_get(session, job_id, tenant))
+    return Response(status_code=204)
+
+
+class TokenIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    token: HubToken | None = Field(None, json_schema_extra=SECRET)
+
+
+class RetryIn(BaseModel):
+    """The job's tokens, given again: a job's tokens are deleted when it ends (encrypted until the new run ends)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    source: SourceSpec = Field(default_factory=SourceSpec, description="source.token: the hub read token")
+    publish: TokenIn | None = Field(None, description="publish.token: the hub write token")
+
+
 @router.post(
     "/{job_id}/retry",
     status_code=202,
@@ -206,8 +232,16 @@ def cancel_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Job
     responses={**_ERRORS, 409: {"model": ErrorResponse}, 429: {"model": ErrorResponse}},
     summary="Queue a failed or cancelled job again",
 )
-def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId, response: Response) -> JobPublic:
-    job = job_service.retry_job(session, job=_get(session, job_id, tenant), tenant=tenant)
+def retry_job(
+    session: SessionDep, tenant: CurrentTenant, job_id: JobId, response: Response, body: RetryIn | None = None
+) -> JobPublic:
+    job = job_service.retry_job(
+        session,
+        job=_get(session, job_id, tenant),
+        tenant=tenant,
+        source_token=body.source.token if body else None,
+        publish_token=body.publish.token if body and body.publish else None,
+    )
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_service.job_public(job)
 
@@ -215,7 +249,7 @@ def retry_job(session: SessionDep, tenant: CurrentTenant, job_id: JobId, respons
 class PublishAgainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    token: HubToken | None = None  # the job's own was deleted when it ended
+    token: HubToken | None = Field(None, json_schema_extra=SECRET)  # the job's own was deleted when it ended
 
 
 @router.post(
