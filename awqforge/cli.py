@@ -232,6 +232,23 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def skip_triton_without_cuda() -> bool:
+    """On a machine with no CUDA device, make `import triton` fail in this process; True when it did.
+
+    transformers imports torch._dynamo, which imports triton (when installed, e.g. by the [gpu] or [dev]
+    extra) only to probe for it. Nothing here runs Triton without CUDA (awqforge's Triton kernel is CUDA-only;
+    the CPU kernel is C++), and triton 3.x prints dozens of `nanobind: leaked ...` lines when the process exits.
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, the kernel tests) keeps it."""
+    if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    sys.modules["triton"] = None  # the import system's "not available": `import triton` raises ImportError
+    return True
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     plugins = _plugins()
@@ -244,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from awqforge.errors import describe, engine_errors
 
+    if args.command in ("quantize", "eval", "plan", "smollm"):  # doctor reports on triton itself
+        skip_triton_without_cuda()
     try:
         if args.command == "quantize":
             return _quantize(args)

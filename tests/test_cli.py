@@ -111,6 +111,7 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"artifact (awq): {out / 'awq'}" in proc.stdout
     assert f"artifact (compressed-tensors): {out / 'compressed-tensors'}" in proc.stdout
+    assert "nanobind" not in proc.stderr  # triton, not needed on a CPU, is not imported (cli.skip_triton_...)
     assert "perplexity: FP" in proc.stdout and "report:" in proc.stdout
     assert "block" in proc.stderr  # the tqdm bar over blocks
     assert "evaluate" in proc.stderr and "step" in proc.stderr  # and the one over the evaluation

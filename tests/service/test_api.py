@@ -29,6 +29,9 @@ def _fields(resp) -> dict[str, str]:
 def test_health_and_ready(service):
     with service.client(None) as c:
         assert c.get("/healthz").json()["status"] == "ok"
+        icon = c.get("/favicon.ico")  # browsers ask every site for it: an icon, not a 404
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+        assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
         r = c.get("/readyz")
         assert r.status_code == 200, r.text
         assert r.json()["checks"] == {"database": "ok", "broker": "ok"}
