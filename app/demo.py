@@ -123,7 +123,7 @@ def print_summary(job: dict, *, api_url: str) -> None:
             print(f"  perplexity  FP {fp:.3f}  ->  W4 g64 {q:.3f}  ({(q / fp - 1) * 100:+.1f}%)")
         if m.get("size_before_bytes") and m.get("size_after_bytes"):
             b, a = m["size_before_bytes"], m["size_after_bytes"]
-            print(f"  size        {b / 1e6:.1f} MB -> {a / 1e6:.1f} MB  ({b / a:.2f}x smaller)")
+            print(f"  size        {b / 2**20:.1f} MiB -> {a / 2**20:.1f} MiB  ({b / a:.2f}x smaller)")
         stages = ", ".join(
             f"{k[:-2]} {m[k]:.1f} s"
             for k in ("resolve_s", "calibrate_s", "quantize_s", "evaluate_s", "package_s", "publish_s")
@@ -135,7 +135,7 @@ def print_summary(job: dict, *, api_url: str) -> None:
     for a in job.get("artifacts", []):
         where = a.get("published_to") or ""
         print(
-            f"  artifact    {a['format']:<19} {len(a['files'])} files, {a['size_bytes'] / 1e6:.1f} MB  {where}"
+            f"  artifact    {a['format']:<19} {len(a['files'])} files, {a['size_bytes'] / 2**20:.1f} MiB  {where}"
         )
     print(f"  artifacts on disk under {settings.ARTIFACT_DIR}")
     print(f"  API: GET {api_url}/v1/jobs/{job['id']}  (metrics, layers, artifacts, logs, events)")

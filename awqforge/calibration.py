@@ -1,6 +1,8 @@
 """Calibration (and evaluation) text: where it comes from, and how it becomes [n_samples, seq_len] token blocks.
 
 Sources (the `source` string of `CalibrationSpec`):
+- `bundled`: the English text shipped with the package (awqforge/data/calibration_en.txt, about 18k SmolLM2
+  tokens); no download, the CLI's default.
 - `pileval`: the AWQ paper's mit-han-lab/pile-val-backup (val.jsonl.zst) through huggingface_hub.
 - `hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]]`: parquet/jsonl/txt files of a hub dataset (split
   "train", column "text", the default config and revision unless given; an empty part keeps its default, e.g.
@@ -47,6 +49,7 @@ from awqforge.errors import HubUnavailable, InputError
 DATA_DIR = Path(__file__).parent / "data"
 BUNDLED_CALIBRATION_TEXT = DATA_DIR / "calibration_en.txt"
 BUNDLED_EVAL_TEXT = DATA_DIR / "eval_en.txt"
+BUNDLED = "bundled"  # the source name of BUNDLED_CALIBRATION_TEXT
 
 # Below this many calibration tokens AWQ's statistics (per-channel activation means, the clip search's Gram
 # matrices) are too noisy to beat RTN reliably; a job asking for fewer needs all it asked for.
@@ -278,6 +281,8 @@ def parse_hf_source(source: str) -> HubDatasetSource:
 def iter_source_texts(source: str, *, render_chat: Callable[[list], str] | None = None) -> Iterator[str]:
     """The documents of a text source (pileval, hf:..., file:...), lazily. Rows with `messages` instead of the
     text column are chats, rendered by `render_chat` (the model's chat template; see chat_renderer)."""
+    if source == BUNDLED:
+        return iter_file_texts(BUNDLED_CALIBRATION_TEXT, render_chat=render_chat)
     if source == "pileval":
         path = _hub_file(PILEVAL_REPO, PILEVAL_FILE, what="calibration set 'pileval'")
         return iter_file_texts(path, render_chat=render_chat)
@@ -293,7 +298,7 @@ def iter_source_texts(source: str, *, render_chat: Callable[[list], str] | None 
             f"{source!r}: uploads are resolved to file: by the service; the engine cannot read them"
         )
     raise InputError(
-        f"text source {source!r} is not understood: use pileval, "
+        f"text source {source!r} is not understood: use bundled, pileval, "
         "hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] or file:<path>"
     )
 

@@ -15,11 +15,40 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 PLUGIN_GROUP = "awqforge.commands"
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_CALIBRATION = "bundled"  # the English text shipped in awqforge/data: no download; pileval is opt-in
 BUILTIN = ("quantize", "eval", "smollm", "plan", "doctor", "kernels")
+# What each service command does, for `awqforge --help` (the service's own packages are not imported to
+# read it: each command's --help says more). A plugin not listed here is named as a service command.
+SERVICE_COMMANDS = {
+    "serve": "run the API (embedded: SQLite, a local broker and one worker, unless configured)",
+    "worker": "run one Celery worker that takes jobs from the queue",
+    "migrate": "apply the database schema migrations (before the API and workers start)",
+    "keys": "create, list and revoke API keys",
+    "tenants": "manage tenants: publish namespaces and use of the service's hub token",
+    "submit": "submit a quantization job to a running service",
+    "jobs": "list your jobs on a running service, newest first",
+    "status": "one job's status, progress and metrics",
+    "cancel": "cancel a queued or running job",
+    "download": "download a job's artifacts (resumes partial files, checks sha256)",
+}
 
 
 class _UsageError(Exception):
     pass
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows every default: argparse's `(default: X)` where there is a value; options whose default
+    depends on other settings (None here) say it in their own help, as `default: ...`."""
+
+    def _get_help_string(self, action):
+        default = action.default
+        if default is None or default is False or default == [] or default == argparse.SUPPRESS:
+            return action.help
+        if "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
 
 
 def _plugins() -> dict:
@@ -32,28 +61,41 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         f" Service commands: {', '.join(sorted(plugins))} (see `awqforge NAME --help`)." if plugins else ""
     )
     parser = argparse.ArgumentParser(
-        prog="awqforge", description="AWQ weight quantization of Hugging Face causal LMs." + extra
+        prog="awqforge",
+        description="AWQ weight quantization of Hugging Face causal LMs." + extra,
+        formatter_class=_HelpFormatter,
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     q = argparse.ArgumentParser(add_help=False)  # the job's settings: quantize and plan
     q.add_argument("model", help="local checkpoint folder or Hugging Face model id")
-    q.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--revision", help="hub revision (branch, tag or commit); default: main")
+    q.add_argument("--bits", type=int, default=4, help="weight bit width: 2, 3, 4 or 8")
     q.add_argument(
-        "--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per output channel)"
+        "--group-size",
+        type=int,
+        help="input channels per group: 32, 64, 128 or -1 (one group per output channel); default: 128, or "
+        "the largest of 64, 32, -1 that divides the input width of every quantized layer (said on stderr)",
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
-    q.add_argument("--method", choices=["awq", "rtn"], default="awq")
+    q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="AWQ search, or round to nearest")
     q.add_argument(
         "--calib",
-        default="pileval",
+        default=DEFAULT_CALIBRATION,
         metavar="SOURCE",
-        help="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        help="calibration text: bundled (the English text shipped with awqforge, works offline) | pileval "
+        "(the AWQ paper's Pile validation set, from the hub) | self | "
+        "hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
         "(rows with `messages` are rendered with the model's chat template)",
     )
-    q.add_argument("--n-samples", type=int, default=128)
-    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument(
+        "--n-samples",
+        type=int,
+        default=128,
+        help="calibration sequences (a shorter text is used as far as it goes, with a warning; the bundled "
+        "text fills 33 of 512 tokens with SmolLM2's tokenizer)",
+    )
+    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
     q.add_argument(
         "--packing",
         choices=["concat", "per_sample"],
@@ -66,20 +108,29 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         dest="formats",
         action="append",
         choices=["awq", "compressed-tensors"],
-        help="artifact format (repeatable; default awq)",
+        help="artifact format (repeatable); default: awq for 4-bit, compressed-tensors for 2, 3 and 8-bit "
+        "(awq is 4-bit only)",
     )
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    q.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when there is one"
+    )
     q.add_argument(
         "--modules-to-not-convert",
         action="append",
         default=[],
         metavar="PATTERN",
         help="leave matching modules in full precision (repeatable): a glob over full module names or their "
-        "tails, e.g. mlp.down_proj, model.layers.0.*, model.layers.*.mlp.down_proj",
+        "tails, e.g. mlp.down_proj, model.layers.0.*, model.layers.*.mlp.down_proj; default: none (lm_head and MoE "
+        "routers always stay in full precision)",
     )
-    q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
-    q.add_argument("--n-grid", type=int, default=20)
-    q.add_argument("--no-clip-search", action="store_true")
+    q.add_argument(
+        "--scale-search",
+        choices=["duo", "activation", "both"],
+        default="duo",
+        help="how the scale grid is formed: activation mean only, duo (AutoAWQ) or both (llm-compressor)",
+    )
+    q.add_argument("--n-grid", type=int, default=20, help="points of the AWQ scale grid")
+    q.add_argument("--no-clip-search", action="store_true", help="skip AWQ's weight clipping search")
     q.add_argument(
         "--refine-steps",
         type=int,
@@ -92,7 +143,7 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         default=8,
         metavar="K",
         help="attention/MLP scale search: score every grid point exactly on the linears' own outputs (Gram), "
-        "run the module only on the best K (default 8; K=4 raised SmolLM2's W4 perplexity by 0.24, bench/README.md); "
+        "run the module only on the best K (K=4 raised SmolLM2's W4 perplexity by 0.24, bench/README.md); "
         "0: every grid point on the module, AWQ as published",
     )
     q.add_argument(
@@ -105,27 +156,36 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "--mappings",
         metavar="JSON",
         help="AWQ mappings for a model the engine does not know, as a JSON list (or @file.json) of "
-        '{"prev": ..., "linears": [...], "inspect": ...}; names relative to a decoder block',
+        '{"prev": ..., "linears": [...], "inspect": ...}; names relative to a decoder block; default: the engine\'s '
+        "registry, or its structural fallback",
     )
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, torch)")
     q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
     q.add_argument(
         "--eval-text",
         help="evaluation text: a file, file:<path> or hf:<dataset>[:<split>[:<column>]] "
         "(default: the bundled English text)",
     )
-    q.add_argument("--eval-seq-len", type=int, default=2048)
+    q.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window")
     q.add_argument(
-        "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
+        "--eval-max-seqs", type=int, help="score at most this many windows, FP and quantized; default: 16"
     )
     q.add_argument(
         "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"
     )
     job_args = q
     q = sub.add_parser(
-        "quantize", parents=[job_args], help="quantize a model into one or more artifact formats"
+        "quantize",
+        parents=[job_args],
+        help="quantize a model into one or more artifact formats",
+        formatter_class=_HelpFormatter,
     )
-    q.add_argument("--out", required=True, type=Path, help="output folder; each format goes to OUT/<format>/")
+    q.add_argument(
+        "--out",
+        type=Path,
+        help="output folder; each format goes to OUT/<format>/; default: "
+        "./<model name>-<method>-w<bits>-g<group size>",
+    )
     q.add_argument("--overwrite", action="store_true", help="replace existing artifacts in OUT")
     q.add_argument(
         "--shard-size", help="max safetensors shard size, e.g. 500MB, 5GB (default: one block, 256MB..2GB)"
@@ -135,26 +195,58 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "plan",
         parents=[job_args],
         help="peak memory and time estimate of a job, from the model's config.json (no weights read)",
+        formatter_class=_HelpFormatter,
     )
     pl.add_argument("--json", action="store_true", help="print the plans as JSON")
 
-    e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
+    e = sub.add_parser(
+        "eval",
+        help="perplexity of a quantized artifact or an FP checkpoint (prints JSON; a progress bar on stderr)",
+        formatter_class=_HelpFormatter,
+    )
     e.add_argument("model", help="artifact folder, checkpoint folder or hub id")
-    e.add_argument("--text", help="text file (default: the bundled English text)")
-    e.add_argument("--seq-len", type=int, default=2048)
-    e.add_argument("--max-seqs", type=int)
-    e.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    e.add_argument("--revision")
+    e.add_argument("--text", help="text file; default: the bundled English text")
+    e.add_argument("--seq-len", type=int, default=2048, help="tokens per window")
+    e.add_argument("--max-seqs", type=int, help="score at most this many windows; default: the whole text")
+    e.add_argument(
+        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when there is one"
+    )
+    e.add_argument("--revision", help="hub revision (branch, tag or commit); default: main")
 
     s = sub.add_parser(
-        "smollm", help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder"
+        "smollm",
+        help="convert the packaged SmolLM2-135M-Instruct GGUF once; print its folder",
+        formatter_class=_HelpFormatter,
     )
-    s.add_argument("--cache-dir", type=Path)
+    s.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="where to keep it; default: $AWQFORGE_HOME/models/SmolLM2-135M-Instruct",
+    )
     _add_kernel_commands(sub)
 
     for name in sorted(plugins):
-        sub.add_parser(name, help=f"service command ({plugins[name].value})", add_help=False)
+        sub.add_parser(
+            name, help=SERVICE_COMMANDS.get(name, "a service command (see its --help)"), add_help=False
+        )
     return parser
+
+
+def skip_triton_without_cuda() -> bool:
+    """On a machine with no CUDA device, make `import triton` fail in this process; True when it did.
+
+    transformers imports torch._dynamo, which imports triton (when installed, e.g. by the [gpu] or [dev]
+    extra) only to probe for it. Nothing here runs Triton without CUDA (awqforge's Triton kernel is CUDA-only;
+    the CPU kernel is C++), and triton 3.x prints dozens of `nanobind: leaked ...` lines when the process exits.
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, the kernel tests) keeps it."""
+    if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    sys.modules["triton"] = None  # the import system's "not available": `import triton` raises ImportError
+    return True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from awqforge.errors import describe, engine_errors
 
+    if args.command in ("quantize", "eval", "plan", "smollm"):  # doctor reports on triton itself
+        skip_triton_without_cuda()
     try:
         if args.command == "quantize":
             return _quantize(args)
@@ -221,7 +315,13 @@ def _mappings_arg(value: str | None):
         raise _UsageError(f"--mappings: {exc}") from exc
 
 
-def _spec_from_args(args):
+def default_formats(bits: int) -> list[str]:
+    """The artifact format when none is asked for: awq (AutoAWQ/vLLM gemm) holds 4-bit only; other widths go
+    to compressed-tensors (pack-quantized), which holds 2, 3, 4 and 8-bit codes."""
+    return ["awq"] if bits == 4 else ["compressed-tensors"]
+
+
+def _spec_from_args(args, group_size: int | None = None):
     from pydantic import ValidationError
 
     from awqforge.spec import JobSpec
@@ -236,7 +336,7 @@ def _spec_from_args(args):
             method=args.method,
             quant={
                 "bits": args.bits,
-                "group_size": args.group_size,
+                "group_size": group_size or args.group_size or DEFAULT_GROUP_SIZE,
                 "zero_point": not args.symmetric,
                 "modules_to_not_convert": args.modules_to_not_convert,
             },
@@ -246,7 +346,7 @@ def _spec_from_args(args):
                 "seq_len": args.seq_len,
                 "packing": args.packing,
             },
-            formats=args.formats or ["awq"],
+            formats=args.formats or default_formats(args.bits),
             eval={
                 "enabled": not args.no_eval,
                 "text": eval_text,
@@ -267,6 +367,63 @@ def _spec_from_args(args):
     except ValidationError as exc:
         problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'spec'}: {e['msg']}" for e in exc.errors())
         raise _UsageError(problems) from None
+
+
+def _model_config(spec):
+    """The transformers config of the spec's model: a local folder's, or config.json alone from the hub."""
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(
+        spec.model, revision=spec.revision, token=spec.source.token, trust_remote_code=False
+    )
+
+
+def fitting_group_size(spec) -> tuple[int, str | None]:
+    """The spec's group size when it divides the input width of every quantized layer, else the largest
+    of the supported sizes below it that does (-1, one group per output channel, always does), and why.
+    When the model's config cannot be read here, the spec's own (the engine then says what is wrong)."""
+    from awqforge.arch import _linear_widths, get_adapter
+    from awqforge.limits import SUPPORTED_GROUP_SIZES
+    from awqforge.quant import effective_group_size
+
+    asked = spec.quant.group_size
+    try:
+        config = _model_config(spec)
+        adapter = get_adapter(config, mappings=spec.mappings)
+        widths = set(_linear_widths(config, adapter, tuple(spec.quant.modules_to_not_convert)).values())
+    except Exception:
+        return asked, None
+
+    def fits(g: int) -> bool:
+        return all(w % effective_group_size(w, g) == 0 for w in widths)
+
+    if fits(asked):
+        return asked, None
+    bad = sorted(w for w in widths if w % effective_group_size(w, asked))
+    g = next(g for g in sorted(SUPPORTED_GROUP_SIZES, key=lambda g: g if g > 0 else 0, reverse=True)
+             if g < asked and fits(g) or g == -1)  # fmt: skip
+    return g, f"{asked} does not divide the input width {', '.join(map(str, bad))}"
+
+
+def _fit_group_size(args, spec):
+    """Without --group-size: the default, or the largest size that fits the model, said on stderr."""
+    if args.group_size is not None:
+        return spec
+    g, why = fitting_group_size(spec)
+    if g == spec.quant.group_size:
+        return spec
+    print(
+        f"awqforge {args.command}: group size {g}, the largest that divides every quantized layer's input "
+        f"width (no --group-size given; the default {why})",
+        file=sys.stderr,
+    )
+    return _spec_from_args(args, group_size=g)
+
+
+def default_out_dir(spec) -> Path:
+    """./<model name>-<method>-w<bits>-g<group size> (g-1: one group per output channel)."""
+    name = Path(spec.model.rstrip("/")).name or "model"
+    return Path(f"{name}-{spec.method.value}-w{spec.quant.bits}-g{spec.quant.group_size}").absolute()
 
 
 def _check_module_patterns(spec) -> None:
@@ -322,12 +479,17 @@ def _quantize(args) -> int:
 
     spec = _spec_from_args(args)
     _check_module_patterns(spec)
+    spec = _fit_group_size(args, spec)
+    out = args.out
+    if out is None:
+        out = default_out_dir(spec)
+        print(f"awqforge quantize: output folder {out} (--out sets it)", file=sys.stderr)
     printer = _ProgressPrinter()
     try:
         options = {"shard_size": args.shard_size} if args.shard_size else {}
         result = run_quantization(
             spec,
-            args.out,
+            out,
             progress=printer,
             log=lambda msg: print(msg, file=sys.stderr),
             overwrite=args.overwrite,
@@ -347,7 +509,7 @@ def _plan(args) -> int:
     from awqforge.plan import JobSettings, describe, plan, read_config
     from awqforge.resolve import is_local_reference
 
-    spec = _spec_from_args(args)
+    spec = _fit_group_size(args, _spec_from_args(args))
     if is_local_reference(spec.model):
         config = read_config(spec.model)
     else:

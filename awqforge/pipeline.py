@@ -71,8 +71,8 @@ class _Job:
         self.end_stage()
         self.check_cancel()
         self._stage, self._t0 = name, time.perf_counter()
+        self.report(0.0, message)  # first: a listener tags the log line below with the stage it was told
         self.log(message)
-        self.report(0.0, message)
 
     def end_stage(self) -> None:
         if self._stage is not None and self._t0:

@@ -25,7 +25,7 @@ MAX_TOKEN_CHARS = (
 # A hub id: "name" or "owner/name", the characters the Hugging Face Hub allows.
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][A-Za-z0-9._-]{0,95}/)?[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
 _CALIB_SOURCE = re.compile(
-    r"^(pileval|self|hf:[^\s:@]+(@[^\s:@]+)?(:[^\s:]*){0,3}|file:.+|upload:[A-Za-z0-9_-]+)$"
+    r"^(bundled|pileval|self|hf:[^\s:@]+(@[^\s:@]+)?(:[^\s:]*){0,3}|file:.+|upload:[A-Za-z0-9_-]+)$"
 )
 
 
@@ -120,7 +120,7 @@ def _one_of(name: str, allowed: tuple[int, ...]):
 def _calibration_source(v: str) -> str:
     if not _CALIB_SOURCE.match(clean_text(v)):
         raise ValueError(
-            f"calibration source {shown(v)} is not understood: use pileval, self, "
+            f"calibration source {shown(v)} is not understood: use bundled, pileval, self, "
             "hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]], file:<path> or upload:<id>"
         )
     return v
@@ -191,7 +191,7 @@ CalibrationSource = Annotated[
     Field(
         min_length=1,
         max_length=1000,
-        description="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
+        description="bundled (the English text shipped with awqforge) | pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
         "| upload:<id>; jsonl/parquet rows with `messages` are rendered with the model's chat template",
         examples=["pileval"],
     ),

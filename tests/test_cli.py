@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -12,10 +13,62 @@ from awqforge import cli
 from awqforge.calibration import BUNDLED_CALIBRATION_TEXT, BUNDLED_EVAL_TEXT
 
 
-def awqforge(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+def awqforge(*args: str, timeout: int = 300, **kw) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "awqforge", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "awqforge", *args], capture_output=True, text=True, timeout=timeout, **kw
     )
+
+
+def offline_env() -> dict:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "HF_ENDPOINT": "http://127.0.0.1:9",
+    }
+
+
+def test_quantize_with_no_flags_works_offline(tiny_checkpoint, tmp_path):
+    """`awqforge quantize MODEL` alone, with no network, on a model whose width (96) 128 and 64 do not divide:
+    the group size falls back to 32 and says so, the calibration is the bundled text, the output folder is
+    named after the model."""
+    ckpt = tiny_checkpoint("llama", hidden_size=96)
+    proc = awqforge("quantize", str(ckpt), cwd=tmp_path, env=offline_env())
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "group size 32, the largest that divides every quantized layer's input width" in proc.stderr
+    assert "the default 128 does not divide the input width 96)" in proc.stderr
+    out = tmp_path / f"{ckpt.name}-awq-w4-g32"
+    assert f"artifact (awq): {out / 'awq'}" in proc.stdout
+    report = json.loads((out / "awq" / "quant_report.json").read_text())
+    assert report["settings"]["quant"]["group_size"] == 32
+    assert report["settings"]["calibration"]["source"] == "bundled"
+
+    # 3-bit: the format follows the bit width (awq is 4-bit only)
+    proc = awqforge(
+        "quantize", str(ckpt), "--bits", "3", "--out", str(tmp_path / "w3"), "--method", "rtn",
+        "--eval-seq-len", "64", "--eval-max-seqs", "2", cwd=tmp_path, env=offline_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"artifact (compressed-tensors): {tmp_path / 'w3' / 'compressed-tensors'}" in proc.stdout
+    assert not (tmp_path / "w3" / "awq").exists()
+
+
+def test_help_shows_every_default():
+    parser = cli.build_parser({})
+    sub = next(a for a in parser._actions if isinstance(a, cli.argparse._SubParsersAction))
+    for name in ("quantize", "plan", "eval"):
+        text = " ".join(sub.choices[name].format_help().split())
+        for action in sub.choices[name]._actions:
+            if action.option_strings and action.nargs != 0 and action.dest != "help":
+                assert action.help, (name, action.option_strings)
+                shown = f"(default: {action.default})" in text or "default:" in action.help
+                assert shown, (name, action.option_strings)
+        assert "(default: None)" not in text
+    top = " ".join(cli.build_parser().format_help().split())
+    assert "serve run the API" in top and "_command" not in top  # a sentence, not an entry point
+    quantize = " ".join(sub.choices["quantize"].format_help().split())
+    assert "(default: bundled)" in quantize and "(default: 4)" in quantize
+    assert "pileval (the AWQ paper's Pile validation set, from the hub)" in quantize
 
 
 def test_quantize_then_eval(tiny_checkpoint, tmp_path):
@@ -58,6 +111,7 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"artifact (awq): {out / 'awq'}" in proc.stdout
     assert f"artifact (compressed-tensors): {out / 'compressed-tensors'}" in proc.stdout
+    assert "nanobind" not in proc.stderr  # triton, not needed on a CPU, is not imported (cli.skip_triton_...)
     assert "perplexity: FP" in proc.stdout and "report:" in proc.stdout
     assert "block" in proc.stderr  # the tqdm bar over blocks
     assert "evaluate" in proc.stderr and "step" in proc.stderr  # and the one over the evaluation

@@ -393,7 +393,7 @@ def test_side_files_card_and_manifest(source, tmp_path):
         "| weight bits | 4 |",
         "32 input channels per group",
         "`lm_head`",
-        "# awq\n",
+        "# tiny-llama, 4-bit RTN (awq)\n",  # the model's name, not the output folder's
     ):
         assert needle in text, needle
 
@@ -561,9 +561,10 @@ def test_card_from_spec_and_compressed_tensors_notes(source, tmp_path):
     front = yaml.safe_load(text.split("---")[1])
     assert front["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and "3-bit" in front["tags"]
     assert "compressed-tensors" in front["tags"] and front["license"] == "apache-2.0"
+    assert "vllm serve" not in text and "INT4" not in text  # vLLM serves no 3-bit; no 3-bit kernel either
     for needle in (
-        "vllm serve me/smol-w3",
-        'quantization="compressed-tensors"',
+        "vLLM does not serve 3-bit",
+        "pure-torch reference path (no 3-bit kernel",
         "dequantize=True",
         "4 and 8 bits",
         "11.2500",
@@ -585,6 +586,73 @@ def test_card_from_spec_and_compressed_tensors_notes(source, tmp_path):
     assert "base_model" not in yaml.safe_load(local.split("---")[1])
     assert "zero point of 8" in local
     assert (parse_size("5GB"), parse_size("2MiB"), parse_size(1234)) == (5 * 10**9, 2 * 2**20, 1234)
+
+
+def _tables(tokens) -> list[list[list[str]]]:
+    """The tables of a markdown-it token stream, as rows of cell texts."""
+    tables, rows, row, cell = [], None, None, None
+    for tok in tokens:
+        if tok.type == "table_open":
+            rows = []
+        elif tok.type == "table_close":
+            tables.append(rows)
+        elif tok.type == "tr_open":
+            row = []
+        elif tok.type == "tr_close":
+            rows.append(row)
+        elif tok.type in ("th_open", "td_open"):
+            cell = ""
+        elif tok.type in ("th_close", "td_close"):
+            row.append(cell)
+        elif tok.type == "inline" and row is not None and cell is not None:
+            cell += "".join(c.content for c in tok.children or [])
+    return tables
+
+
+@pytest.mark.parametrize("bits, fmt", [(4, "awq"), (3, "compressed-tensors"), (8, "compressed-tensors")])
+def test_card_is_markdown_that_renders_and_names_what_serves_it(bits, fmt):
+    """The card rendered by a Markdown parser: every table row has its two cells (a `|` inside a value such
+    as `mean|x|` is escaped), the title is the model's name, a local base model is named, never its path."""
+    from markdown_it import MarkdownIt
+
+    from awqforge.formats import render_card
+    from awqforge.spec import JobSpec
+
+    spec = JobSpec(
+        model="/srv/private/models/SmolLM2-135M-Instruct",
+        formats=[fmt],
+        quant={"bits": bits, "group_size": 64},
+        calibration={"source": "file:/srv/private/calib/texts.txt"},
+        eval={"text": "file:/srv/private/eval.txt"},
+    )
+    info = ModelCardInfo.from_spec(spec, {"size_before_bytes": 269_060_096, "size_after_bytes": 97_000_000})
+    text = render_card(
+        info,
+        fmt=fmt,
+        bits=bits,
+        group_size=64,
+        zero_point=True,
+        unquantized=["lm_head"],
+        source_meta={},
+        has_chat_template=False,
+    )
+    front, body = text.split("---\n", 2)[1:]
+    assert "base_model" not in yaml.safe_load(front) and "/srv" not in text  # no server path is published
+    assert body.lstrip().startswith(f"# SmolLM2-135M-Instruct, {bits}-bit AWQ ({fmt})\n")
+    tokens = MarkdownIt("commonmark").enable("table").parse(body)
+    tables = _tables(tokens)
+    assert len(tables) == 2  # quantization settings, evaluation
+    for table in tables:
+        assert all(len(row) == 2 for row in table), table
+    settings = dict(tables[0][1:])
+    assert settings["scale_search"].startswith("duo: s = mean|x|^a / mean|w|^(1-a)")
+    assert settings["base model"] == "SmolLM2-135M-Instruct (a local checkpoint)"
+    assert settings["calibration set"].startswith("file texts.txt")
+    assert "256.6 MiB before, 92.5 MiB after" in body
+    served = bits in (4, 8)
+    assert ("vllm serve" in body) == served and ("vLLM does not serve" in body) == (not served)
+    assert ("INT4 kernels" in body) == (bits == 4)
+    assert ("pure-torch reference path" in body) == (bits != 4)
 
 
 def test_shards_are_spooled_to_disk_and_read_back_exactly(source, tmp_path):

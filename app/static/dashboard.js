@@ -25,11 +25,17 @@ function errorText(body, status) {
 function esc(s) {
   return String(s ?? "").replace(/[&<>"']/g, (c) => ({ "&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&#39;" })[c]);
 }
+// Binary units everywhere (B, KiB, MiB, GiB, TiB), as the CLI, the report and the model card print them.
 const fmtBytes = (n) => {
-  if (n == null) return "–";
+  if (n == null || n === "") return "–";
+  n = Number(n);
+  if (!Number.isFinite(n)) return "–";
   const u = ["B", "KiB", "MiB", "GiB", "TiB"]; let i = 0;
   while (n >= 1024 && i < u.length - 1) { n /= 1024; i++; }
-  return `${n.toFixed(n < 10 && i ? 2 : 1)} ${u[i]}`;
+  if (!i) return `${Math.round(n)} B`;
+  const digits = n < 10 ? 2 : 1;
+  if (Number(n.toFixed(digits)) >= 1024 && i < u.length - 1) { n /= 1024; i++; } // 1023.97 KiB -> 1.00 MiB
+  return `${n.toFixed(n < 10 ? 2 : 1)} ${u[i]}`;
 };
 const fmtDur = (s) => {
   if (s == null) return "";

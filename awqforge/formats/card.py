@@ -43,7 +43,8 @@ class ModelCardInfo:
         tokens = metrics.pop("calibration_tokens", None)
         metrics.pop("calibration_shortfall", None)
         calibration = (
-            f"{cal.source}, {cal.packing.value} packing, {samples} samples of up to {cal.seq_len} tokens"
+            f"{source_label(cal.source)}, {cal.packing.value} packing, {samples} samples of up to "
+            f"{cal.seq_len} tokens"
         )
         calibration += f" ({tokens} tokens)" if tokens is not None else ""
         return cls(
@@ -53,7 +54,7 @@ class ModelCardInfo:
             fp_perplexity=metrics.pop("fp_perplexity", None),
             quant_perplexity=metrics.pop("quant_perplexity", None),
             eval_description=(
-                f"{ev.text or 'built-in text'}, {ev.seq_len}-token windows"
+                f"{source_label(ev.text) if ev.text else 'the bundled English text'}, {ev.seq_len}-token windows"
                 + (f", at most {ev.max_seqs}" if ev.max_seqs else "")
                 if ev.enabled
                 else None
@@ -63,6 +64,15 @@ class ModelCardInfo:
             extra_settings={**describe_method(spec), "seed": spec.seed},
             metrics=metrics,
         )
+
+
+def source_label(source: str) -> str:
+    """A text source as a published card names it: a file by its name only (never a server path)."""
+    if source == "bundled":
+        return "bundled (the English text shipped with AWQForge)"
+    if source.startswith("file:"):
+        return f"file {Path(source[5:]).name}"
+    return source
 
 
 _SCALE_SEARCH = {
@@ -140,13 +150,41 @@ def _fmt_ppl(value: float | None) -> str:
 
 
 def _fmt_bytes(n: Any) -> str:
+    """Binary units (KiB, MiB, GiB), as everywhere else in AWQForge."""
     if not isinstance(n, int | float):
         return "n/a"
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1000
+        n /= 1024
     return str(n)
+
+
+def _cell(value: Any) -> str:
+    """Text for one Markdown table cell: `|` escaped (`mean|x|` would end the cell), no line breaks."""
+    return " ".join(str(value).split()).replace("|", "\\|")
+
+
+def model_name(ref: str) -> str:
+    """The model's own name: a hub id's name part, or a local checkpoint folder's name (never its path)."""
+    return Path(ref.rstrip("/")).name or ref
+
+
+def serving(fmt: str, bits: int) -> dict[str, str | None]:
+    """What serves a `fmt` checkpoint of `bits`-bit weights: vLLM's quantization method (None: vLLM does not
+    serve it) and the AWQForge kernel its QuantLinear runs (awqforge/qlinear.py)."""
+    vllm = None
+    if fmt == "awq" and bits == 4:
+        vllm = "awq_marlin"
+    elif fmt == "compressed-tensors" and bits in (4, 8):
+        vllm = "compressed-tensors"
+    kernel = (
+        "INT4 kernels: C++ on the CPU, Triton W4A16 on CUDA"
+        if bits == 4
+        else f"pure-torch reference path (no {bits}-bit kernel: weights dequantized at each call, "
+        "several times slower than the 4-bit kernels)"
+    )
+    return {"vllm": vllm, "kernel": kernel}
 
 
 def render_card(
@@ -161,9 +199,11 @@ def render_card(
     has_chat_template: bool,
     title: str | None = None,
 ) -> str:
-    """The README.md text; `title` (default: the repo id's name) heads it."""
+    """The README.md text; `title` (default: the repo id's name, else the model's name with its
+    quantization) heads it. A local base model is named by its folder's name only, never by its path."""
     meta: dict[str, Any] = {}
-    if _looks_like_hub_id(info.base_model):
+    hub_base = _looks_like_hub_id(info.base_model)
+    if hub_base:
         meta["base_model"] = info.base_model
         meta["base_model_relation"] = "quantized"
     meta["library_name"] = "transformers"
@@ -183,38 +223,53 @@ def render_card(
     meta["tags"] = list(dict.fromkeys(tags))
 
     name = info.repo_id or "path/to/this/folder"
+    base_name = info.base_model if hub_base else model_name(info.base_model)
+    if title is None:
+        title = (
+            model_name(info.repo_id)
+            if info.repo_id
+            else f"{model_name(info.base_model)}, {bits}-bit {info.method.upper()} ({fmt})"
+        )
+    serve = serving(fmt, bits)
     scheme = "symmetric" if not zero_point else "asymmetric (zero point)"
     groups = "one group per output channel" if group_size == -1 else f"{group_size} input channels per group"
     method_text = info.extra_settings.get("method") or {
         "awq": "AWQ (activation-aware weight quantization: per-channel scales searched on calibration activations)",
         "rtn": "round-to-nearest (no calibration)",
     }.get(info.method, info.method)
-    base = info.base_model + (f" (revision `{info.base_model_revision}`)" if info.base_model_revision else "")
+    base = base_name + (f" (revision `{info.base_model_revision}`)" if info.base_model_revision else "")
+    if not hub_base:
+        base += " (a local checkpoint)"
 
     lines = [
-        f"# {title or Path(name).name}",
+        f"# {title}",
         "",
-        f"{bits}-bit weight-only quantization of [{info.base_model}]"
-        + (f"(https://huggingface.co/{info.base_model})" if _looks_like_hub_id(info.base_model) else "")
+        f"{bits}-bit weight-only quantization of "
+        + (
+            f"[{base_name}](https://huggingface.co/{base_name})"
+            if hub_base
+            else f"{base_name} (a local checkpoint)"
+        )
         + f", in the **{fmt}** checkpoint format, made with AWQForge {__version__}.",
         "",
         "## Quantization",
         "",
         "| setting | value |",
         "|---|---|",
-        f"| base model | {base} |",
-        f"| method | {method_text} |",
+        f"| base model | {_cell(base)} |",
+        f"| method | {_cell(method_text)} |",
         f"| weight bits | {bits} |",
         f"| grouping | {groups} |",
         f"| scheme | {scheme} |",
         f"| format | {fmt}" + (" (AutoAWQ gemm layout)" if fmt == "awq" else " (pack-quantized)") + " |",
-        f"| calibration set | {info.calibration or 'none'} |",
+        f"| calibration set | {_cell(info.calibration or 'none')} |",
     ]
     for key, value in info.extra_settings.items():
         if key == "method":
             continue
-        lines.append(f"| {key} | {value} |")
-    lines.append(f"| left in full precision | {', '.join(f'`{m}`' for m in unquantized) or 'nothing'} |")
+        lines.append(f"| {_cell(key)} | {_cell(value)} |")
+    kept = ", ".join(f"`{m}`" for m in unquantized) or "nothing"
+    lines.append(f"| left in full precision | {_cell(kept)} |")
     if fmt == "awq" and not zero_point:
         lines += [
             "",
@@ -238,24 +293,32 @@ def render_card(
             f"Weights: {_fmt_bytes(sizes.get('size_before_bytes'))} before, {_fmt_bytes(sizes.get('size_after_bytes'))} after.",
         ]
 
-    vllm_quant = "awq_marlin" if fmt == "awq" else "compressed-tensors"
+    vllm_quant = serve["vllm"]
+    lines += ["", "## Use it"]
+    if vllm_quant:
+        lines += [
+            "",
+            "### vLLM",
+            "",
+            "```bash",
+            f"vllm serve {name}",
+            "```",
+            "",
+            "```python",
+            "from vllm import LLM, SamplingParams",
+            "",
+            f'llm = LLM(model="{name}", quantization="{vllm_quant}")'
+            + ('  # "awq" on GPUs older than Ampere' if fmt == "awq" else ""),
+            'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
+            "```",
+        ]
+    else:
+        lines += [
+            "",
+            f"vLLM does not serve {bits}-bit weight-only checkpoints (its weight-only kernels cover 4 and 8 bits): "
+            "load this one with transformers or AWQForge.",
+        ]
     lines += [
-        "",
-        "## Use it",
-        "",
-        "### vLLM",
-        "",
-        "```bash",
-        f"vllm serve {name}",
-        "```",
-        "",
-        "```python",
-        "from vllm import LLM, SamplingParams",
-        "",
-        f'llm = LLM(model="{name}", quantization="{vllm_quant}")'
-        + ('  # "awq" on GPUs older than Ampere' if fmt == "awq" else ""),
-        'print(llm.generate(["The capital of France is"], SamplingParams(max_tokens=32))[0].outputs[0].text)',
-        "```",
         "",
         "### transformers",
         "",
@@ -276,14 +339,9 @@ def render_card(
             "With asymmetric weights, transformers 5.x + compressed-tensors 0.20 mis-size the packed zero points when they keep "
             "the model compressed; load with `quantization_config=CompressedTensorsConfig(dequantize=True)` there.",
         ]
-    if fmt == "compressed-tensors" and bits not in (4, 8):
-        lines += [
-            "",
-            f"vLLM's compressed-tensors weight-only kernels cover 4 and 8 bits: this {bits}-bit checkpoint runs in transformers and AWQForge.",
-        ]
     lines += [
         "",
-        "### AWQForge (CPU or GPU, our INT4 kernels)",
+        f"### AWQForge (CPU or GPU; {serve['kernel']})",
         "",
         "```python",
         "import awqforge",

@@ -355,7 +355,7 @@ class ArtifactWriter:
             unquantized=self.unquantized_modules(),
             source_meta=read_source_card_metadata(self.source_dir),
             has_chat_template=self.has_chat_template(),
-            title=Path(card.repo_id).name if card.repo_id else self.final_dir.name,
+            title=None,  # the repo's name, else the model's name (card.render_card): never the output folder
         )
         (self.staging_dir / "README.md").write_text(readme)
         write_manifest(self.staging_dir)

@@ -9,6 +9,18 @@ import pytest
 pytestmark = pytest.mark.services
 
 
+@pytest.fixture
+def unserved_queue(monkeypatch) -> dict:
+    """Job-body overrides that send a job to a queue class no worker consumes, so that it stays queued until
+    the test cancels it: the package's worker was started on the configured classes, and while this fixture
+    holds, the API knows one class only, `held`, that no worker listens on. No timing between processes."""
+    from app.core.config import settings
+
+    monkeypatch.setattr(settings, "QUEUE_CLASSES", "held=1TiB")
+    monkeypatch.setattr(settings, "DEFAULT_QUEUE", "held")
+    return {"device": "auto"}
+
+
 def _fields(resp) -> dict[str, str]:
     assert resp.status_code == 422, resp.text
     return {e["field"]: e["reason"] for e in resp.json()["detail"]}
@@ -17,6 +29,9 @@ def _fields(resp) -> dict[str, str]:
 def test_health_and_ready(service):
     with service.client(None) as c:
         assert c.get("/healthz").json()["status"] == "ok"
+        icon = c.get("/favicon.ico")  # browsers ask every site for it: an icon, not a 404
+        assert icon.status_code == 200 and icon.headers["content-type"] == "image/x-icon"
+        assert icon.content[:4] == b"\x00\x00\x01\x00"  # an ICO file
         r = c.get("/readyz")
         assert r.status_code == 200, r.text
         assert r.json()["checks"] == {"database": "ok", "broker": "ok"}
@@ -117,17 +132,19 @@ def test_validation_errors_name_field_and_reason(service, make_key):
         assert "owner/name" in f["publish.repo_id"]
 
 
-def test_tenant_isolation(service, make_key, db_session):
+def test_tenant_isolation(service, make_key, db_session, unserved_queue):
     from app.models import Job
 
     a, b = make_key(), make_key()
     with service.client(a) as ca, service.client(b) as cb:
         up = ca.post("/v1/calibration-sets", files={"file": ("c.txt", b"some text\n\nmore text\n")})
         assert up.status_code == 201, up.text
-        # Cancel at once so the worker has nothing to run; the row is what matters here.
+        # A job no worker can take, cancelled at once; the row is what matters here.
         job = ca.post(
             "/v1/jobs",
-            json=service.job_body(model="someorg/somemodel", calibration={"upload_id": up.json()["id"]}),
+            json=service.job_body(
+                model="someorg/somemodel", calibration={"upload_id": up.json()["id"]}, **unserved_queue
+            ),
         )
         assert job.status_code == 202, job.text
         job_id = job.json()["id"]
@@ -151,11 +168,11 @@ def test_tenant_isolation(service, make_key, db_session):
     assert db_session.get(Job, job_id).tenant_id is not None
 
 
-def test_idempotency_key(service, make_key, db_session):
+def test_idempotency_key(service, make_key, db_session, unserved_queue):
     from app.models import IdempotencyKey
 
     with service.client(make_key()) as c:
-        body = service.job_body(model="someorg/idem")
+        body = service.job_body(model="someorg/idem", **unserved_queue)
         r1 = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
         r2 = c.post("/v1/jobs", json=body, headers={"Idempotency-Key": "abc-1"})
         assert r1.status_code == r2.status_code == 202
@@ -206,13 +223,15 @@ def test_per_tenant_queue_limit(service, make_key, db_session):
         assert "limit is 2" in r.json()["detail"]
 
 
-def test_list_filters_and_cursor_pagination(service, make_key):
+def test_list_filters_and_cursor_pagination(service, make_key, unserved_queue):
     with service.client(make_key()) as c:
         ids = []
         for i in range(5):
-            r = c.post("/v1/jobs", json=service.job_body(model=f"someorg/m{i % 2}"))
+            r = c.post("/v1/jobs", json=service.job_body(model=f"someorg/m{i % 2}", **unserved_queue))
+            assert r.status_code == 202 and r.json()["queue"] == "held", r.text
             ids.append(r.json()["id"])
-            c.post(f"/v1/jobs/{ids[-1]}/cancel")
+            # no worker consumes `held`: the job is still queued, and the cancel ends it at once
+            assert c.post(f"/v1/jobs/{ids[-1]}/cancel").json()["status"] == "cancelled"
         seen, cursor = [], None
         while True:
             page = c.get("/v1/jobs", params={"limit": 2, **({"cursor": cursor} if cursor else {})}).json()
