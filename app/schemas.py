@@ -8,10 +8,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from awqforge import spec  # pure pydantic: no torch
+from awqforge.parsing import ID_PATTERN
 
 JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-# Ids this API hands out (job_..., cal_..., art_...): path parameters and upload ids are checked against it.
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
 UploadId = Annotated[str, Field(max_length=64, pattern=ID_PATTERN)]
 
 

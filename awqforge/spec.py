@@ -13,6 +13,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from awqforge.limits import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from awqforge.parsing import is_local_reference
 from awqforge.patterns import validate_pattern
 
 MAX_PATH_CHARS = 500  # a model path or hub id (the jobs table's column is as wide)
@@ -71,9 +72,7 @@ def clean_text(value: str) -> str:
     return value
 
 
-def is_local_path(value: str) -> bool:
-    """A local path is written as one (absolute, ./, ../ or ~); anything else is a hub id."""
-    return value.startswith(("/", "./", "../", "~"))
+is_local_path = is_local_reference  # the one rule (awqforge.parsing); kept under this name for callers
 
 
 def validate_model_ref(value: str) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -38,6 +37,7 @@ from app.services.routing import (
     waiting_reason,
 )
 from app.services.storage import store_for
+from awqforge import parsing
 from awqforge.spec import is_local_path
 
 log = logging.getLogger("awqforge.jobs")
@@ -413,15 +413,7 @@ def get_job(session: Session, *, job_id: str, tenant_id: int) -> Job:
 
 
 def encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except Exception as exc:
-        raise SpecError([FieldError(field="cursor", reason="not a cursor returned by this API")]) from exc
+    return parsing.encode_cursor(job.created_at, job.id)
 
 
 def list_jobs(
@@ -433,7 +425,7 @@ def list_jobs(
     if model:
         q = q.where(Job.model == model)
     if cursor:
-        created, cid = decode_cursor(cursor)
+        created, cid = parsing.decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < cid)))
     q = q.options(joinedload(Job.metrics), selectinload(Job.artifacts))
     rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))

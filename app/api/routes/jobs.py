@@ -19,11 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentTenant, SessionDep
+from app.api.deps import ArtifactId, CurrentTenant, JobId, SessionDep
 from app.core.db import session_scope
 from app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
 from app.schemas import (
-    ID_PATTERN,
     ArtifactsPublic,
     ErrorResponse,
     FieldError,
@@ -43,10 +42,6 @@ from awqforge.spec import HubToken
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 T = TypeVar("T")
 
-JobId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="a job id (job_...)")]
-ArtifactId = Annotated[
-    str, PathParam(max_length=64, pattern=ID_PATTERN, description="an artifact id (art_...)")
-]
 MAX_EVENT_ID = 2**63 - 1  # the events table's bigint key
 EventId = Annotated[
     str | None,
@@ -226,7 +221,7 @@ class PublishAgainIn(BaseModel):
     summary="Publish a finished job's artifacts again (after a failed publish); no new commit if unchanged",
 )
 def publish_job(
-    session: SessionDep, tenant: CurrentTenant, job_id: str, body: PublishAgainIn | None = None
+    session: SessionDep, tenant: CurrentTenant, job_id: JobId, body: PublishAgainIn | None = None
 ) -> JobPublic:
     job = job_service.publish_again(
         session, job=_get(session, job_id, tenant), tenant=tenant, token=body.token if body else None

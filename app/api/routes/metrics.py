@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
 
-from app.api.deps import CurrentTenant, SessionDep
+from app.api.deps import CurrentTenant, JobId, SessionDep
 from app.core.config import GPU_QUEUES
 from app.metrics import STAGES, render_metrics
 from app.models import Job, JobMetrics, LayerMetric, utcnow
@@ -22,14 +21,12 @@ from app.schemas import (
     PerplexityChange,
 )
 from app.services import jobs as job_service
-from app.services.jobs import ServiceError
+from awqforge.parsing import parse_since
 
 prometheus_router = APIRouter(tags=["metrics"])
 router = APIRouter(tags=["metrics"])
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
-_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # FP checkpoint bytes -> size class (fp16: 1 GiB is about 0.5B parameters).
 SIZE_CLASSES = ((2**30, "<1GiB"), (4 * 2**30, "1-4GiB"), (16 * 2**30, "4-16GiB"), (64 * 2**30, "16-64GiB"))
 
@@ -38,20 +35,6 @@ SIZE_CLASSES = ((2**30, "<1GiB"), (4 * 2**30, "1-4GiB"), (16 * 2**30, "4-16GiB")
 def prometheus_metrics() -> Response:
     body, content_type = render_metrics()
     return Response(body, media_type=content_type)
-
-
-def parse_since(since: str | None) -> datetime:
-    """'7d', '24h', '30m', '2w' or an ISO 8601 time (UTC when no offset); default: 7 days ago."""
-    if not since:
-        return utcnow() - timedelta(days=7)
-    m = _RELATIVE.match(since.strip())
-    if m:
-        return utcnow() - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    try:
-        t = datetime.fromisoformat(since.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ServiceError(422, "since: give an ISO 8601 time or a duration such as 24h, 7d, 2w") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
@@ -88,7 +71,7 @@ def metrics_summary(
         str | None, Query(description="ISO 8601 time or 30m / 24h / 7d / 2w (default 7d)")
     ] = None,
 ) -> MetricsSummary:
-    t0 = parse_since(since)
+    t0 = parse_since(since, now=utcnow(), default=timedelta(days=7))
     mine = (Job.tenant_id == tenant.id, Job.created_at >= t0)
     by_status = dict(
         session.execute(select(Job.status, func.count()).where(*mine).group_by(Job.status)).all()
@@ -149,7 +132,7 @@ def metrics_summary(
     tags=["jobs"],
     summary="Stage timings, peak memory, perplexity and per-layer error, scale exponents and clip ratios",
 )
-def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobMetricsDetail:
+def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobMetricsDetail:
     job = job_service.get_job(session, job_id=job_id, tenant_id=tenant.id)
     m = job.metrics
     layers = session.scalars(
