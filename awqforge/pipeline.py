@@ -383,7 +383,7 @@ def _rtn_one_block(stream, i, settings, adapter, writers) -> list:
     prefix = stream.block_prefix(i)
     block = stream.load_block(i)
     exclude, metrics = set(), []
-    for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns).items():
+    for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns, prefix).items():
         w = linear.weight.detach().float()
         if not torch.isfinite(w).all():
             raise NumericalError(f"block {i} ({prefix}), layer {rel}: the weight has NaN/inf values")
