@@ -128,6 +128,7 @@ class MetricsPublic(BaseModel):
 class ArtifactFile(BaseModel):
     path: str
     size_bytes: int
+    sha256: str | None = Field(None, description="as recorded by the run (null for artifacts made before it was)")
     url: str
     download_url: str | None = Field(
         None, description="presigned object-store URL (ARTIFACT_STORE=s3): download without the API"

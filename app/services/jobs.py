@@ -591,10 +591,12 @@ def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> Artifa
     if with_files:
         base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
         store = store_for(artifact.path)
+        digests = {f["path"]: f.get("sha256") for f in artifact.files or ()}
         files = [
             ArtifactFile(
                 path=p,
                 size_bytes=n,
+                sha256=digests.get(p),
                 url=base + p,
                 download_url=store.presigned_url(artifact.path, p) if store.remote else None,
             )

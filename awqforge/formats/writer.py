@@ -28,7 +28,7 @@ from awqforge.errors import AWQForgeError, InputError
 from awqforge.formats import awq as awq_format
 from awqforge.formats import compressed_tensors as ct_format
 from awqforge.formats.card import ModelCardInfo, read_source_card_metadata, render_card
-from awqforge.formats.manifest import write_manifest
+from awqforge.manifest import write_manifest
 from awqforge.parsing import parse_size
 from awqforge.quant import QuantizedTensor
 
