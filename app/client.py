@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 
 from awqforge.manifest import MANIFEST_NAME, file_matches, read_manifest, sha256_bytes
+from awqforge.spec import JOB_STAGES, JOB_STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -130,9 +131,7 @@ def _print_metrics(job: dict, out=sys.stdout) -> None:
     if m.get("size_before_bytes") and m.get("size_after_bytes"):
         b, a = m["size_before_bytes"], m["size_after_bytes"]
         print(f"size        {_fmt_bytes(b)} -> {_fmt_bytes(a)} ({b / a:.2f}x smaller)", file=out)
-    stages = [
-        (s, m.get(f"{s}_s")) for s in ("resolve", "calibrate", "quantize", "evaluate", "package", "publish")
-    ]
+    stages = [(s, m.get(f"{s}_s")) for s in JOB_STAGES]
     timed = ", ".join(f"{s} {v:.1f}s" for s, v in stages if v is not None)
     if timed:
         print(f"time        {m.get('total_s') or 0:.1f}s ({timed})", file=out)
@@ -261,7 +260,7 @@ def submit_command(argv: list[str]) -> int:
 def jobs_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="awqforge jobs", description="List your jobs, newest first.")
     _common(p)
-    p.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    p.add_argument("--status", choices=JOB_STATUSES)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)

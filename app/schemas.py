@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from awqforge import spec  # pure pydantic: no torch
 from awqforge.parsing import ID_PATTERN
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+JobStatusName = Literal[spec.JOB_STATUSES]  # type: ignore[valid-type]
 UploadId = Annotated[str, Field(max_length=64, pattern=ID_PATTERN)]
 
 
@@ -128,7 +128,9 @@ class MetricsPublic(BaseModel):
 class ArtifactFile(BaseModel):
     path: str
     size_bytes: int
-    sha256: str | None = Field(None, description="as recorded by the run (null for artifacts made before it was)")
+    sha256: str | None = Field(
+        None, description="as recorded by the run (null for artifacts made before it was)"
+    )
     url: str
     download_url: str | None = Field(
         None, description="presigned object-store URL (ARTIFACT_STORE=s3): download without the API"
@@ -151,14 +153,20 @@ class ArtifactsPublic(BaseModel):
 
 
 class LayerMetricPublic(BaseModel):
+    """One quantized linear's metrics: the engine's LayerMetric (awqforge.awq.settings) and the
+    layer_metrics table hold these same fields (tests/test_declared.py checks it); /layers and /metrics
+    both answer with it."""
+
     model_config = ConfigDict(from_attributes=True)
 
     block: int
     name: str
-    mse_rtn: float | None = None
-    mse_quant: float | None = None
-    scale_ratio: float | None = None
-    clip_ratio: float | None = None
+    mse_rtn: float | None = Field(None, description="output MSE under plain RTN (null for method rtn)")
+    mse_quant: float | None = Field(None, description="output MSE under the job's method")
+    scale_ratio: float | None = Field(
+        None, description="the AWQ grid exponent a chosen for the layer's input (scales = mean|x|^a)"
+    )
+    clip_ratio: float | None = Field(None, description="mean chosen clip ratio over the groups")
 
 
 class JobPublic(BaseModel):
@@ -242,15 +250,6 @@ class MetricsSummary(BaseModel):
     cpu_hours: float
 
 
-class JobLayerDetail(BaseModel):
-    block: int
-    name: str
-    mse_rtn: float | None = None
-    mse_quant: float | None = None
-    scale_exponent: float | None = Field(None, description="AWQ grid exponent chosen for the layer's input")
-    clip_ratio: float | None = None
-
-
 class JobMetricsDetail(BaseModel):
     job_id: str
     status: JobStatusName
@@ -262,4 +261,4 @@ class JobMetricsDetail(BaseModel):
     quant_perplexity: float | None = None
     size_before_bytes: int | None = None
     size_after_bytes: int | None = None
-    layers: list[JobLayerDetail]
+    layers: list[LayerMetricPublic]

@@ -303,7 +303,9 @@ class ArchAdapter:
         self.prepare_block(block)
         skip = tuple(skip_patterns)
         if skip and not prefix:
-            raise ValueError("quantizable_linears: skip patterns match full module names; give the block prefix")
+            raise ValueError(
+                "quantizable_linears: skip patterns match full module names; give the block prefix"
+            )
         return {
             n: m
             for n, m in block.named_modules()

@@ -22,16 +22,18 @@ from pathlib import Path
 import torch
 
 from awqforge.errors import InputError, JobCancelled
+from awqforge.spec import JobStage
 
 logger = logging.getLogger("awqforge")
 
-# Where each stage sits on the overall progress scale (start, end).
+# Where each engine stage (awqforge.spec.JobStage; publish is the service's) sits on the overall progress
+# scale (start, end).
 STAGES = {
-    "resolve": (0.0, 0.02),
-    "calibrate": (0.02, 0.10),
-    "quantize": (0.10, 0.85),
-    "evaluate": (0.85, 0.97),
-    "package": (0.97, 1.0),
+    JobStage.RESOLVE.value: (0.0, 0.02),
+    JobStage.CALIBRATE.value: (0.02, 0.10),
+    JobStage.QUANTIZE.value: (0.10, 0.85),
+    JobStage.EVALUATE.value: (0.85, 0.97),
+    JobStage.PACKAGE.value: (0.97, 1.0),
 }
 
 

@@ -55,6 +55,36 @@ class ScaleSearch(str, Enum):
     BOTH = "both"
 
 
+class JobStatus(str, Enum):
+    """A job's status (the service's state machine; the one vocabulary of API, database, CLI and dashboard)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobStage(str, Enum):
+    """A job's stages, in order: the engine runs resolve..package, the service adds publish."""
+
+    RESOLVE = "resolve"
+    CALIBRATE = "calibrate"
+    QUANTIZE = "quantize"
+    EVALUATE = "evaluate"
+    PACKAGE = "package"
+    PUBLISH = "publish"
+
+
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
+JOB_STAGES = tuple(s.value for s in JobStage)
+
+
 def shown(value: object, limit: int = 80) -> str:
     """repr() of a value for an error message, cut so that a huge input is never echoed back whole."""
     text = repr(value)

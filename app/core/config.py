@@ -17,7 +17,12 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from awqforge.parsing import parse_size
 
-GPU_QUEUES = ("cpu", "gpu-24g", "gpu-80g")  # the default queue classes (QUEUE_CLASSES)
+
+def is_cpu_class(name: str) -> bool:
+    """A queue class for CPU workers (QUEUE_CLASSES names starting with "cpu"); every other class is a GPU's."""
+    return name.startswith("cpu")
+
+
 _UNSAFE_SECRETS = {"changethis", "secret", "changeme", "password", ""}
 
 

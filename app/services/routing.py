@@ -22,7 +22,7 @@ from urllib.parse import quote
 
 import httpx
 
-from app.core.config import settings
+from app.core.config import is_cpu_class, settings
 from awqforge.parsing import is_local_reference
 from awqforge.plan import GIB, JobSettings, PlanError, plan
 from awqforge.resolve import hub_offline
@@ -44,10 +44,6 @@ class Route:
     plan: dict | None  # the plan on the chosen class's device; None when the config could not be read
     reason: str
     plans: dict[str, dict] | None = None  # per class, when the config was read
-
-
-def is_cpu_class(name: str) -> bool:
-    return name.startswith("cpu")
 
 
 _config_cache: dict[tuple, tuple[float, dict]] = {}

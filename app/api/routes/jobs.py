@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
@@ -30,6 +30,7 @@ from app.schemas import (
     JobLayersPublic,
     JobPublic,
     JobsPublic,
+    JobStatusName,
     LayerMetricPublic,
 )
 from app.services import jobs as job_service
@@ -155,7 +156,7 @@ async def create_job(
 async def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    status: JobStatusName | None = None,
     model: Annotated[str | None, Query(max_length=500, pattern=r"^[^\x00]+$")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,

@@ -9,19 +9,20 @@ from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
 
 from app.api.deps import CurrentTenant, JobId, SessionDep
-from app.core.config import GPU_QUEUES
+from app.core.config import is_cpu_class, settings
 from app.metrics import STAGES, render_metrics
-from app.models import Job, JobMetrics, LayerMetric, utcnow
+from app.models import Job, JobMetrics, JobStatus, LayerMetric, utcnow
 from app.schemas import (
     DurationStats,
     ErrorResponse,
-    JobLayerDetail,
     JobMetricsDetail,
+    LayerMetricPublic,
     MetricsSummary,
     PerplexityChange,
 )
 from app.services import jobs as job_service
 from awqforge.parsing import parse_since
+from awqforge.spec import JOB_STATUSES
 
 prometheus_router = APIRouter(tags=["metrics"])
 router = APIRouter(tags=["metrics"])
@@ -76,16 +77,16 @@ def metrics_summary(
     by_status = dict(
         session.execute(select(Job.status, func.count()).where(*mine).group_by(Job.status)).all()
     )
-    depth = {q: {"queued": 0, "running": 0} for q in GPU_QUEUES}
+    depth = {q: {"queued": 0, "running": 0} for q in settings.queue_classes}
     for st, q, n in session.execute(
         select(Job.status, Job.queue, func.count())
-        .where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+        .where(Job.tenant_id == tenant.id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
         .group_by(Job.status, Job.queue)
     ):
         depth.setdefault(q, {"queued": 0, "running": 0})[st] = n
 
     rows = session.execute(
-        select(Job.queue, JobMetrics).join(JobMetrics).where(*mine, Job.status == "succeeded")
+        select(Job.queue, JobMetrics).join(JobMetrics).where(*mine, Job.status == JobStatus.SUCCEEDED)
     )
     stage_vals: dict[str, list[float]] = {s: [] for s in STAGES}
     by_class: dict[str, list[float]] = {}
@@ -99,7 +100,7 @@ def metrics_summary(
                 stage_vals[s].append(v)
         if m.total_s is not None:
             by_class.setdefault(size_class(m.size_before_bytes), []).append(m.total_s)
-            if queue == "cpu":
+            if is_cpu_class(queue):
                 cpu_s += m.total_s
             else:
                 gpu_s += m.total_s
@@ -110,9 +111,7 @@ def metrics_summary(
     ppl.sort()
     return MetricsSummary(
         since=t0,
-        jobs_by_status={
-            s: by_status.get(s, 0) for s in ("queued", "running", "succeeded", "failed", "cancelled")
-        },
+        jobs_by_status={s: by_status.get(s, 0) for s in JOB_STATUSES},
         queue_depth=depth,
         stage_durations={s: _stats(v) for s, v in stage_vals.items()},
         duration_by_size_class={k: _stats(v) for k, v in sorted(by_class.items())},
@@ -149,15 +148,5 @@ def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Jo
         quant_perplexity=m.quant_perplexity if m else None,
         size_before_bytes=m.size_before_bytes if m else None,
         size_after_bytes=m.size_after_bytes if m else None,
-        layers=[
-            JobLayerDetail(
-                block=r.block,
-                name=r.name,
-                mse_rtn=r.mse_rtn,
-                mse_quant=r.mse_quant,
-                scale_exponent=r.scale_ratio,
-                clip_ratio=r.clip_ratio,
-            )
-            for r in layers
-        ],
+        layers=[LayerMetricPublic.model_validate(r) for r in layers],
     )
