@@ -19,6 +19,7 @@ from typing import Any
 
 import httpx
 
+from awqforge import spec
 from awqforge.manifest import MANIFEST_NAME, file_matches, read_manifest, sha256_bytes
 from awqforge.spec import JOB_STAGES, JOB_STATUSES
 
@@ -174,21 +175,21 @@ def _follow(c: Client, job: dict) -> dict:
     return c.request("GET", f"/v1/jobs/{job['id']}")
 
 
-@_api_errors
-def submit_command(argv: list[str]) -> int:
+def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="awqforge submit", description="Submit a quantization job to the service."
     )
     _common(p)
     p.add_argument("model", help="Hugging Face model id or a path under the service's ALLOWED_LOCAL_ROOTS")
-    p.add_argument("--method", choices=("awq", "rtn"), default="awq")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--format", dest="formats", action="append", choices=("awq", "compressed-tensors"))
+    # choices come from the job specification; a flag left out is left to the service's defaults (JobSpec's)
+    p.add_argument("--method", choices=spec.choices(spec.Method))
+    p.add_argument("--bits", type=int)
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--format", dest="formats", action="append", choices=spec.choices(spec.ArtifactFormat))
     p.add_argument("--calibration", help="a local file to upload, or a source (pileval, hf:..., file:...)")
     p.add_argument("--n-samples", type=int, help="calibration sequences")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", choices=spec.DEVICES)
     p.add_argument(
         "--set",
         dest="extra",
@@ -199,14 +200,18 @@ def submit_command(argv: list[str]) -> int:
     )
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="follow the job to its end, then print its metrics")
+    return p
+
+
+@_api_errors
+def submit_command(argv: list[str]) -> int:
+    p = submit_parser()
     args = p.parse_args(argv)
 
-    body: dict[str, Any] = {
-        "model": args.model,
-        "method": args.method,
-        "bits": args.bits,
-        "group_size": args.group_size,
-    }
+    body: dict[str, Any] = {"model": args.model}
+    for name in ("method", "bits", "group_size"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     if args.formats:
         body["formats"] = args.formats
     if args.device:

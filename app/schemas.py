@@ -66,25 +66,29 @@ class JobCreate(BaseModel):
     source: spec.SourceSpec = Field(
         default_factory=spec.SourceSpec, description="hub access for the source model"
     )
-    method: Literal["awq", "rtn"] = "awq"
+    method: spec.Method = _default(spec.JobSpec, "method")
     bits: spec.Bits = _default(spec.QuantSettings, "bits")
     group_size: spec.GroupSize = _default(spec.QuantSettings, "group_size")
     zero_point: bool = _default(spec.QuantSettings, "zero_point")
     modules_to_not_convert: spec.ModulePatterns = Field(default_factory=list)
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
-    formats: list[Literal["awq", "compressed-tensors"]] = Field(
-        default_factory=lambda: ["awq"], min_length=1, max_length=2
+    formats: list[spec.ArtifactFormat] = Field(
+        default_factory=spec.JobSpec.model_fields["formats"].default_factory,
+        min_length=1,
+        max_length=spec.JobSpec.model_fields["formats"].metadata[0].max_length,
     )
     eval: EvalIn = Field(default_factory=EvalIn)
     publish: PublishIn | None = None
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cpu routes the job to the cpu queue")
+    device: spec.Device = Field(
+        _default(spec.JobSpec, "device"), description="cpu routes the job to the cpu queue"
+    )
     # Advanced AWQ search settings (None: the engine's defaults).
-    scale_search: Literal["activation", "duo", "both"] | None = None
+    scale_search: spec.ScaleSearch | None = None
     n_grid: spec.NGrid | None = None
     clip_search: bool | None = None
     refine_steps: spec.RefineSteps | None = None
     search_screen: spec.SearchScreen | None = None
-    rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
+    rounding: spec.Rounding | None = Field(None, description=spec.RoundingDescription)
     seed: spec.Seed | None = None
     mappings: list[spec.MappingSpecIn] | None = Field(
         None, max_length=64, description=spec.JobSpec.model_fields["mappings"].description

@@ -36,28 +36,34 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    from awqforge import spec  # pure pydantic: defaults and choices are JobSpec's own
+
+    D = spec.field_default
     q = argparse.ArgumentParser(add_help=False)  # the job's settings: quantize and plan
     q.add_argument("model", help="local checkpoint folder or Hugging Face model id")
     q.add_argument("--revision", help="hub revision (branch, tag or commit)")
-    q.add_argument("--bits", type=int, default=4)
+    q.add_argument("--bits", type=int, default=D("quant.bits"))
     q.add_argument(
-        "--group-size", type=int, default=128, help="32, 64, 128 or -1 (one group per output channel)"
+        "--group-size",
+        type=int,
+        default=D("quant.group_size"),
+        help="32, 64, 128 or -1 (one group per output channel)",
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
-    q.add_argument("--method", choices=["awq", "rtn"], default="awq")
+    q.add_argument("--method", choices=spec.choices(spec.Method), default=D("method"))
     q.add_argument(
         "--calib",
-        default="pileval",
+        default=D("calibration.source"),
         metavar="SOURCE",
         help="pileval | self | hf:<dataset>[@<revision>][:<split>[:<column>[:<config>]]] | file:<path> "
         "(rows with `messages` are rendered with the model's chat template)",
     )
-    q.add_argument("--n-samples", type=int, default=128)
-    q.add_argument("--seq-len", type=int, default=512)
+    q.add_argument("--n-samples", type=int, default=D("calibration.n_samples"))
+    q.add_argument("--seq-len", type=int, default=D("calibration.seq_len"))
     q.add_argument(
         "--packing",
-        choices=["concat", "per_sample"],
-        default="concat",
+        choices=spec.choices(spec.Packing),
+        default=D("calibration.packing"),
         help="concat: texts concatenated, cut into seq-len blocks (AutoAWQ); per_sample: each text its own "
         "sequence, truncated at seq-len (llm-compressor)",
     )
@@ -65,10 +71,10 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "--format",
         dest="formats",
         action="append",
-        choices=["awq", "compressed-tensors"],
-        help="artifact format (repeatable; default awq)",
+        choices=spec.choices(spec.ArtifactFormat),
+        help=f"artifact format (repeatable; default {', '.join(D('formats'))})",
     )
-    q.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    q.add_argument("--device", choices=spec.DEVICES, default=D("device"))
     q.add_argument(
         "--modules-to-not-convert",
         action="append",
@@ -77,19 +83,19 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="leave matching modules in full precision (repeatable): a glob over full module names or their "
         "tails, e.g. mlp.down_proj, model.layers.0.*, model.layers.*.mlp.down_proj",
     )
-    q.add_argument("--scale-search", choices=["duo", "activation", "both"], default="duo")
-    q.add_argument("--n-grid", type=int, default=20)
+    q.add_argument("--scale-search", choices=spec.choices(spec.ScaleSearch), default=D("scale_search"))
+    q.add_argument("--n-grid", type=int, default=D("n_grid"))
     q.add_argument("--no-clip-search", action="store_true")
     q.add_argument(
         "--refine-steps",
         type=int,
-        default=2,
+        default=D("refine_steps"),
         help="least-squares refits of each group's scale/zero after the clip search (0: AWQ as published)",
     )
     q.add_argument(
         "--search-screen",
         type=int,
-        default=8,
+        default=D("search_screen"),
         metavar="K",
         help="attention/MLP scale search: score every grid point exactly on the linears' own outputs (Gram), "
         "run the module only on the best K (default 8; K=4 raised SmolLM2's W4 perplexity by 0.24, bench/README.md); "
@@ -97,8 +103,8 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--rounding",
-        choices=["nearest", "gptq"],
-        default="nearest",
+        choices=spec.choices(spec.Rounding),
+        default=D("rounding"),
         help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
     )
     q.add_argument(
@@ -107,16 +113,18 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="AWQ mappings for a model the engine does not know, as a JSON list (or @file.json) of "
         '{"prev": ..., "linears": [...], "inspect": ...}; names relative to a decoder block',
     )
-    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--seed", type=int, default=D("seed"))
     q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
     q.add_argument(
         "--eval-text",
         help="evaluation text: a file, file:<path> or hf:<dataset>[:<split>[:<column>]] "
         "(default: the bundled English text)",
     )
-    q.add_argument("--eval-seq-len", type=int, default=2048)
+    q.add_argument("--eval-seq-len", type=int, default=D("eval.seq_len"))
     q.add_argument(
-        "--eval-max-seqs", type=int, help="score at most this many windows (default 16, FP and quantized)"
+        "--eval-max-seqs",
+        type=int,
+        help=f"score at most this many windows (default {D('eval.max_seqs')}, FP and quantized)",
     )
     q.add_argument(
         "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"

@@ -7,6 +7,7 @@ Everything that can be checked before any model is loaded is checked here.
 from __future__ import annotations
 
 import re
+import typing
 from enum import Enum
 from typing import Annotated, Literal
 
@@ -53,6 +54,10 @@ class ScaleSearch(str, Enum):
     ACTIVATION = "activation"
     DUO = "duo"
     BOTH = "both"
+
+
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = typing.get_args(Device)
 
 
 class JobStatus(str, Enum):
@@ -411,7 +416,7 @@ class JobSpec(BaseModel):
     formats: list[ArtifactFormat] = Field(default_factory=lambda: [ArtifactFormat.AWQ], max_length=2)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     publish: PublishSpec | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     scale_search: ScaleSearch = ScaleSearch.DUO
     n_grid: NGrid = 20
     clip_search: bool = True
@@ -443,3 +448,38 @@ class JobSpec(BaseModel):
                 "needs format 'compressed-tensors'"
             )
         return self
+
+
+# -- every other declaration of a job's settings (API body, block settings, planner, CLI and client flags)
+# takes its defaults and choices from JobSpec through these; tests/test_spec_derived.py checks each one.
+
+
+def _plain(value):
+    """A setting as the engine's dataclasses hold it: enums as their values, lists as tuples."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def field_default(path: str):
+    """JobSpec's default of a dotted field ("quant.bits", "n_grid"), enums as their values."""
+    model: type[BaseModel] = JobSpec
+    *parents, last = path.split(".")
+    for name in parents:
+        model = model.model_fields[name].annotation
+    return _plain(model.model_fields[last].get_default(call_default_factory=True))
+
+
+def spec_value(spec: JobSpec, path: str):
+    """The value of a dotted field of a JobSpec, enums as their values."""
+    value = spec
+    for name in path.split("."):
+        value = getattr(value, name)
+    return _plain(value)
+
+
+def choices(enum: type[Enum]) -> list[str]:
+    """The values of one of the spec's enums (for CLI choices)."""
+    return [e.value for e in enum]
