@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import sys
@@ -19,6 +18,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+
+from awqforge import spec
+from awqforge.manifest import MANIFEST_NAME, file_matches, read_manifest, sha256_bytes
+from awqforge.spec import JOB_STAGES, JOB_STATUSES
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -129,9 +132,7 @@ def _print_metrics(job: dict, out=sys.stdout) -> None:
     if m.get("size_before_bytes") and m.get("size_after_bytes"):
         b, a = m["size_before_bytes"], m["size_after_bytes"]
         print(f"size        {_fmt_bytes(b)} -> {_fmt_bytes(a)} ({b / a:.2f}x smaller)", file=out)
-    stages = [
-        (s, m.get(f"{s}_s")) for s in ("resolve", "calibrate", "quantize", "evaluate", "package", "publish")
-    ]
+    stages = [(s, m.get(f"{s}_s")) for s in JOB_STAGES]
     timed = ", ".join(f"{s} {v:.1f}s" for s, v in stages if v is not None)
     if timed:
         print(f"time        {m.get('total_s') or 0:.1f}s ({timed})", file=out)
@@ -174,21 +175,21 @@ def _follow(c: Client, job: dict) -> dict:
     return c.request("GET", f"/v1/jobs/{job['id']}")
 
 
-@_api_errors
-def submit_command(argv: list[str]) -> int:
+def submit_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="awqforge submit", description="Submit a quantization job to the service."
     )
     _common(p)
     p.add_argument("model", help="Hugging Face model id or a path under the service's ALLOWED_LOCAL_ROOTS")
-    p.add_argument("--method", choices=("awq", "rtn"), default="awq")
-    p.add_argument("--bits", type=int, default=4)
-    p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--format", dest="formats", action="append", choices=("awq", "compressed-tensors"))
+    # choices come from the job specification; a flag left out is left to the service's defaults (JobSpec's)
+    p.add_argument("--method", choices=spec.choices(spec.Method))
+    p.add_argument("--bits", type=int)
+    p.add_argument("--group-size", type=int)
+    p.add_argument("--format", dest="formats", action="append", choices=spec.choices(spec.ArtifactFormat))
     p.add_argument("--calibration", help="a local file to upload, or a source (pileval, hf:..., file:...)")
     p.add_argument("--n-samples", type=int, help="calibration sequences")
     p.add_argument("--seq-len", type=int, help="tokens per calibration sequence")
-    p.add_argument("--device", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", choices=spec.DEVICES)
     p.add_argument(
         "--set",
         dest="extra",
@@ -199,14 +200,18 @@ def submit_command(argv: list[str]) -> int:
     )
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="follow the job to its end, then print its metrics")
+    return p
+
+
+@_api_errors
+def submit_command(argv: list[str]) -> int:
+    p = submit_parser()
     args = p.parse_args(argv)
 
-    body: dict[str, Any] = {
-        "model": args.model,
-        "method": args.method,
-        "bits": args.bits,
-        "group_size": args.group_size,
-    }
+    body: dict[str, Any] = {"model": args.model}
+    for name in ("method", "bits", "group_size"):
+        if getattr(args, name) is not None:
+            body[name] = getattr(args, name)
     if args.formats:
         body["formats"] = args.formats
     if args.device:
@@ -260,7 +265,7 @@ def submit_command(argv: list[str]) -> int:
 def jobs_command(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="awqforge jobs", description="List your jobs, newest first.")
     _common(p)
-    p.add_argument("--status", choices=("queued", "running", "succeeded", "failed", "cancelled"))
+    p.add_argument("--status", choices=JOB_STATUSES)
     p.add_argument("--limit", type=int, default=20)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
@@ -328,36 +333,56 @@ def delete_command(argv: list[str]) -> int:
     return 0
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def download_file(c: Client, url: str, dest: Path, size: int) -> str:
-    """Fetch one file into dest, resuming a partial download with HTTP Range. Returns 'skipped',
-    'resumed' or 'downloaded'."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    part = dest.with_name(dest.name + ".part")
-    if dest.exists() and dest.stat().st_size == size:
-        return "skipped"
-    have = part.stat().st_size if part.exists() else 0
-    if have > size:
-        part.unlink()
-        have = 0
+def _fetch(c: Client, url: str, part: Path, have: int) -> bool:
+    """Append the bytes after `have` to `part` (HTTP Range), or write the whole file when the server sends it
+    whole or refuses the range (416: the .part is as long as the file, or longer). True: it resumed."""
     headers = {"Range": f"bytes={have}-"} if have else {}
     with c.http.stream("GET", url, headers=headers, timeout=httpx.Timeout(30, read=300)) as r:
-        if r.status_code >= 400 and r.status_code != 416:
+        if r.status_code == 416 and have:
+            r.read()
+            part.unlink(missing_ok=True)
+            return _fetch(c, url, part, 0)
+        if r.status_code >= 400:
             r.read()
             raise ApiError(r.status_code, _message(r))
         resumed = r.status_code == 206
         with part.open("ab" if resumed else "wb") as f:
             for chunk in r.iter_bytes(CHUNK):
                 f.write(chunk)
-    part.replace(dest)
-    return "resumed" if resumed else "downloaded"
+    return resumed
+
+
+def download_file(c: Client, url: str, dest: Path, size: int, sha256: str | None = None) -> str:
+    """Fetch one file into dest, resuming a partial download with HTTP Range, and check it (size, and
+    sha256 when known). A local file or .part that is not the file is fetched again from the start, once.
+    Returns how: 'skipped, sha256 ok', 'resumed, sha256 ok', 'repaired, sha256 ok', 'downloaded', ...;
+    a file still wrong after a fresh download is kept as <name>.corrupt and the answer says MISMATCH."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    checked = ", sha256 ok" if sha256 else ""
+    if file_matches(dest, size=size, sha256=sha256):
+        return "skipped" + checked
+    how = "repaired" if dest.exists() else None  # a local copy that is not the file (a corrupt manifest)
+    for fresh in (False, True):
+        if fresh:
+            part.unlink(missing_ok=True)
+        have = part.stat().st_size if part.exists() else 0
+        if have > size:
+            part.unlink()
+            have = 0
+        ranged = False
+        if not part.exists() or have < size:
+            ranged = _fetch(c, url, part, have)
+        resumed = have > 0 and (ranged or have == size)  # a complete .part needs no request at all
+        if file_matches(part, size=size, sha256=sha256):
+            part.replace(dest)
+            how = how or (
+                "restarted after a sha256 mismatch" if fresh else "resumed" if resumed else "downloaded"
+            )
+            return how + checked
+    part.replace(dest.with_name(dest.name + ".corrupt"))
+    dest.unlink(missing_ok=True)
+    return "sha256 MISMATCH" if sha256 else "size MISMATCH"
 
 
 @_api_errors
@@ -381,21 +406,22 @@ def download_command(argv: list[str]) -> int:
     for a in arts:
         folder = args.dir / a["format"]
         files = {f["path"]: f for f in a["files"]}
-        manifest: dict[str, dict] = {}
-        if "manifest.json" in files:
-            raw = c.request("GET", files["manifest.json"]["url"])
-            manifest = (json.loads(raw) if isinstance(raw, str) else raw).get("files", {})
+        # sha256 of each file: the listing's (recorded by the run); for older artifacts, the server's manifest
+        digests = {p: f.get("sha256") for p, f in files.items()}
+        if MANIFEST_NAME in files and not all(digests.values()):
+            r = c.http.get(files[MANIFEST_NAME]["url"])
+            if r.status_code >= 400:
+                raise ApiError(r.status_code, _message(r))
+            try:
+                listed = read_manifest(r.content)
+            except ValueError:
+                raise ApiError(0, f"{a['format']}/{MANIFEST_NAME} on the server is not a manifest") from None
+            digests = {p: d or (listed.get(p) or {}).get("sha256") for p, d in digests.items()}
+            digests[MANIFEST_NAME] = digests[MANIFEST_NAME] or sha256_bytes(r.content)
         for path, f in files.items():
-            dest = folder / path
-            how = download_file(c, f["url"], dest, f["size_bytes"])
-            want = manifest.get(path, {}).get("sha256")
-            got = _sha256(dest) if want else None
-            if want and got != want:
+            how = download_file(c, f["url"], folder / path, f["size_bytes"], digests.get(path))
+            if "MISMATCH" in how:
                 bad.append(path)
-                dest.rename(dest.with_name(dest.name + ".corrupt"))
-                how += ", sha256 MISMATCH"
-            elif want:
-                how += ", sha256 ok"
             print(f"{a['format']}/{path}  {_fmt_bytes(f['size_bytes'])}  {how}")
     if bad:
         print(f"error: sha256 mismatch for {', '.join(bad)} (kept as *.corrupt; run again)", file=sys.stderr)

@@ -12,7 +12,7 @@ import time
 
 import uvicorn
 
-from app.core.config import settings
+from app.core.config import is_cpu_class, settings
 
 
 def detect_queues() -> list[str]:
@@ -33,11 +33,11 @@ def detect_queues() -> list[str]:
         gpu = [
             name
             for name, size in settings.queue_classes.items()
-            if not name.startswith("cpu") and mib and size <= mib * 1024**2 * 1.05
+            if not is_cpu_class(name) and mib and size <= mib * 1024**2 * 1.05
         ]
         if gpu:
             return sorted(gpu, key=lambda n: -settings.queue_classes[n])
-    return [n for n in settings.queue_classes if n.startswith("cpu")] or ["cpu"]
+    return [n for n in settings.queue_classes if is_cpu_class(n)] or ["cpu"]
 
 
 def worker_argv(queues: list[str], *, name: str = "awqforge", loglevel: str = "INFO") -> list[str]:

@@ -26,6 +26,7 @@ from app.core.db import session_scope
 from app.models import IdempotencyKey, utcnow
 from app.services import lifecycle
 from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
+from awqforge.parsing import ParseError
 
 log = logging.getLogger("awqforge.api")
 
@@ -225,6 +226,10 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
             log.warning("refused a value the database cannot store: %s", type(exc.orig).__name__)
             return JSONResponse({"detail": "a value in the request cannot be stored"}, status_code=422)
         raise exc
+
+    @app.exception_handler(ParseError)
+    async def _parse(_req: Request, exc: ParseError) -> JSONResponse:
+        return JSONResponse({"detail": [{"field": exc.field, "reason": exc.reason}]}, status_code=422)
 
     @app.exception_handler(SpecError)
     async def _spec(_req: Request, exc: SpecError) -> JSONResponse:

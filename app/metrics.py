@@ -16,9 +16,10 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 from sqlalchemy import func, select
 
-from app.core.config import GPU_QUEUES, settings
+from app.core.config import settings
 from app.core.db import session_scope
 from app.models import TERMINAL_STATUSES, Job, WorkerHeartbeat, utcnow
+from awqforge.spec import JOB_STAGES
 
 log = logging.getLogger("awqforge.metrics")
 
@@ -40,7 +41,7 @@ DURATION_BUCKETS = (
     8 * 3600,
     12 * 3600,
 )
-STAGES = ("resolve", "calibrate", "quantize", "evaluate", "package", "publish")
+STAGES = JOB_STAGES
 
 
 def broker_queue_depths() -> dict[str, int] | None:
@@ -52,7 +53,7 @@ def broker_queue_depths() -> dict[str, int] | None:
         with celery_app.connection_for_read() as conn:
             conn.ensure_connection(max_retries=1, timeout=2)
             channel = conn.default_channel
-            for q in GPU_QUEUES:
+            for q in settings.queue_classes:
                 name = settings.queue_name(q)
                 if hasattr(channel, "_size"):
                     # kombu's virtual transports (Redis, filesystem): a passive declare there only
@@ -95,7 +96,7 @@ class ServiceCollector(Collector):
 
         for status, help_ in (("queued", "Jobs waiting for a worker"), ("running", "Jobs running now")):
             g = GaugeMetricFamily(f"awqforge_jobs_{status}", help_, labels=["queue"])
-            for q in GPU_QUEUES:
+            for q in settings.queue_classes:
                 g.add_metric([q], sum(n for st, qq, n in rows if st == status and qq == q))
             yield g
 
@@ -115,7 +116,7 @@ class ServiceCollector(Collector):
         alive = GaugeMetricFamily(
             "awqforge_workers", "Workers whose heartbeat is fresh, by queue they consume", labels=["queue"]
         )
-        for q in GPU_QUEUES:
+        for q in settings.queue_classes:
             alive.add_metric(
                 [q], sum(1 for w in workers if w.last_seen_at >= fresh_after and q in w.queues.split(","))
             )

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import enum
 import uuid
 from datetime import datetime, timezone
 from typing import Any
@@ -22,6 +21,8 @@ from sqlalchemy import (
     false,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from awqforge import spec
 
 # SQLite only auto-increments an INTEGER PRIMARY KEY.
 BigIntPK = BigInteger().with_variant(Integer(), "sqlite")
@@ -52,22 +53,12 @@ class UTCDateTime(TypeDecorator):
         return value
 
 
-class JobStatus(str, enum.Enum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELLED = "cancelled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
-
-
-TERMINAL_STATUSES = ("succeeded", "failed", "cancelled")
+# One vocabulary each, declared with the job's settings (awqforge.spec); re-exported for the service.
+JobStatus = spec.JobStatus
+TERMINAL_STATUSES = spec.TERMINAL_STATUSES
 # A job at this stage has its artifact set recorded: it only publishes from then on (a publish retry, or a
 # run lost while publishing), whichever task carries it; the artifacts are never made again.
-PUBLISH_STAGE = "publish"
+PUBLISH_STAGE = spec.JobStage.PUBLISH.value
 
 
 class Base(DeclarativeBase):

@@ -8,10 +8,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from awqforge import spec  # pure pydantic: no torch
+from awqforge.parsing import ID_PATTERN
 
-JobStatusName = Literal["queued", "running", "succeeded", "failed", "cancelled"]
-# Ids this API hands out (job_..., cal_..., art_...): path parameters and upload ids are checked against it.
-ID_PATTERN = r"^[A-Za-z0-9_-]{1,64}$"
+JobStatusName = Literal[spec.JOB_STATUSES]  # type: ignore[valid-type]
 UploadId = Annotated[str, Field(max_length=64, pattern=ID_PATTERN)]
 
 
@@ -67,25 +66,29 @@ class JobCreate(BaseModel):
     source: spec.SourceSpec = Field(
         default_factory=spec.SourceSpec, description="hub access for the source model"
     )
-    method: Literal["awq", "rtn"] = "awq"
+    method: spec.Method = _default(spec.JobSpec, "method")
     bits: spec.Bits = _default(spec.QuantSettings, "bits")
     group_size: spec.GroupSize = _default(spec.QuantSettings, "group_size")
     zero_point: bool = _default(spec.QuantSettings, "zero_point")
     modules_to_not_convert: spec.ModulePatterns = Field(default_factory=list)
     calibration: CalibrationIn = Field(default_factory=CalibrationIn)
-    formats: list[Literal["awq", "compressed-tensors"]] = Field(
-        default_factory=lambda: ["awq"], min_length=1, max_length=2
+    formats: list[spec.ArtifactFormat] = Field(
+        default_factory=spec.JobSpec.model_fields["formats"].default_factory,
+        min_length=1,
+        max_length=spec.JobSpec.model_fields["formats"].metadata[0].max_length,
     )
     eval: EvalIn = Field(default_factory=EvalIn)
     publish: PublishIn | None = None
-    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="cpu routes the job to the cpu queue")
+    device: spec.Device = Field(
+        _default(spec.JobSpec, "device"), description="cpu routes the job to the cpu queue"
+    )
     # Advanced AWQ search settings (None: the engine's defaults).
-    scale_search: Literal["activation", "duo", "both"] | None = None
+    scale_search: spec.ScaleSearch | None = None
     n_grid: spec.NGrid | None = None
     clip_search: bool | None = None
     refine_steps: spec.RefineSteps | None = None
     search_screen: spec.SearchScreen | None = None
-    rounding: Literal["nearest", "gptq"] | None = Field(None, description=spec.RoundingDescription)
+    rounding: spec.Rounding | None = Field(None, description=spec.RoundingDescription)
     seed: spec.Seed | None = None
     mappings: list[spec.MappingSpecIn] | None = Field(
         None, max_length=64, description=spec.JobSpec.model_fields["mappings"].description
@@ -129,6 +132,9 @@ class MetricsPublic(BaseModel):
 class ArtifactFile(BaseModel):
     path: str
     size_bytes: int
+    sha256: str | None = Field(
+        None, description="as recorded by the run (null for artifacts made before it was)"
+    )
     url: str
     download_url: str | None = Field(
         None, description="presigned object-store URL (ARTIFACT_STORE=s3): download without the API"
@@ -151,14 +157,20 @@ class ArtifactsPublic(BaseModel):
 
 
 class LayerMetricPublic(BaseModel):
+    """One quantized linear's metrics: the engine's LayerMetric (awqforge.awq.settings) and the
+    layer_metrics table hold these same fields (tests/test_declared.py checks it); /layers and /metrics
+    both answer with it."""
+
     model_config = ConfigDict(from_attributes=True)
 
     block: int
     name: str
-    mse_rtn: float | None = None
-    mse_quant: float | None = None
-    scale_ratio: float | None = None
-    clip_ratio: float | None = None
+    mse_rtn: float | None = Field(None, description="output MSE under plain RTN (null for method rtn)")
+    mse_quant: float | None = Field(None, description="output MSE under the job's method")
+    scale_ratio: float | None = Field(
+        None, description="the AWQ grid exponent a chosen for the layer's input (scales = mean|x|^a)"
+    )
+    clip_ratio: float | None = Field(None, description="mean chosen clip ratio over the groups")
 
 
 class JobPublic(BaseModel):
@@ -242,15 +254,6 @@ class MetricsSummary(BaseModel):
     cpu_hours: float
 
 
-class JobLayerDetail(BaseModel):
-    block: int
-    name: str
-    mse_rtn: float | None = None
-    mse_quant: float | None = None
-    scale_exponent: float | None = Field(None, description="AWQ grid exponent chosen for the layer's input")
-    clip_ratio: float | None = None
-
-
 class JobMetricsDetail(BaseModel):
     job_id: str
     status: JobStatusName
@@ -262,4 +265,4 @@ class JobMetricsDetail(BaseModel):
     quant_perplexity: float | None = None
     size_before_bytes: int | None = None
     size_after_bytes: int | None = None
-    layers: list[JobLayerDetail]
+    layers: list[LayerMetricPublic]

@@ -298,9 +298,14 @@ class ArchAdapter:
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
     ) -> dict[str, nn.Linear]:
         """The block's linears that get quantized, by name relative to the block; `skip_patterns` are
-        matched against full module names (`prefix`: the block's own, e.g. "model.layers.3")."""
+        matched against full module names (`prefix`: the block's own, e.g. "model.layers.3"), so a caller
+        that gives patterns must give the prefix (without it 'model.layers.0.*' would match nothing)."""
         self.prepare_block(block)
         skip = tuple(skip_patterns)
+        if skip and not prefix:
+            raise ValueError(
+                "quantizable_linears: skip patterns match full module names; give the block prefix"
+            )
         return {
             n: m
             for n, m in block.named_modules()

@@ -67,10 +67,13 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
+    from awqforge import spec  # pure pydantic: defaults and choices are JobSpec's own
+
+    D = spec.field_default
     q = argparse.ArgumentParser(add_help=False)  # the job's settings: quantize and plan
     q.add_argument("model", help="local checkpoint folder or Hugging Face model id")
     q.add_argument("--revision", help="hub revision (branch, tag or commit); default: main")
-    q.add_argument("--bits", type=int, default=4, help="weight bit width: 2, 3, 4 or 8")
+    q.add_argument("--bits", type=int, default=D("quant.bits"), help="weight bit width: 2, 3, 4 or 8")
     q.add_argument(
         "--group-size",
         type=int,
@@ -78,7 +81,7 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "the largest of 64, 32, -1 that divides the input width of every quantized layer (said on stderr)",
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
-    q.add_argument("--method", choices=["awq", "rtn"], default="awq", help="AWQ search, or round to nearest")
+    q.add_argument("--method", choices=spec.choices(spec.Method), default=D("method"), help="AWQ search, or round to nearest")
     q.add_argument(
         "--calib",
         default=DEFAULT_CALIBRATION,
@@ -91,15 +94,15 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument(
         "--n-samples",
         type=int,
-        default=128,
+        default=D("calibration.n_samples"),
         help="calibration sequences (a shorter text is used as far as it goes, with a warning; the bundled "
         "text fills 33 of 512 tokens with SmolLM2's tokenizer)",
     )
-    q.add_argument("--seq-len", type=int, default=512, help="tokens per calibration sequence")
+    q.add_argument("--seq-len", type=int, default=D("calibration.seq_len"), help="tokens per calibration sequence")
     q.add_argument(
         "--packing",
-        choices=["concat", "per_sample"],
-        default="concat",
+        choices=spec.choices(spec.Packing),
+        default=D("calibration.packing"),
         help="concat: texts concatenated, cut into seq-len blocks (AutoAWQ); per_sample: each text its own "
         "sequence, truncated at seq-len (llm-compressor)",
     )
@@ -107,12 +110,12 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "--format",
         dest="formats",
         action="append",
-        choices=["awq", "compressed-tensors"],
+        choices=spec.choices(spec.ArtifactFormat),
         help="artifact format (repeatable); default: awq for 4-bit, compressed-tensors for 2, 3 and 8-bit "
         "(awq is 4-bit only)",
     )
     q.add_argument(
-        "--device", choices=["auto", "cpu", "cuda"], default="auto", help="auto: CUDA when there is one"
+        "--device", choices=spec.DEVICES, default=D("device"), help="auto: CUDA when there is one"
     )
     q.add_argument(
         "--modules-to-not-convert",
@@ -125,22 +128,22 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--scale-search",
-        choices=["duo", "activation", "both"],
-        default="duo",
+        choices=spec.choices(spec.ScaleSearch),
+        default=D("scale_search"),
         help="how the scale grid is formed: activation mean only, duo (AutoAWQ) or both (llm-compressor)",
     )
-    q.add_argument("--n-grid", type=int, default=20, help="points of the AWQ scale grid")
+    q.add_argument("--n-grid", type=int, default=D("n_grid"), help="points of the AWQ scale grid")
     q.add_argument("--no-clip-search", action="store_true", help="skip AWQ's weight clipping search")
     q.add_argument(
         "--refine-steps",
         type=int,
-        default=2,
+        default=D("refine_steps"),
         help="least-squares refits of each group's scale/zero after the clip search (0: AWQ as published)",
     )
     q.add_argument(
         "--search-screen",
         type=int,
-        default=8,
+        default=D("search_screen"),
         metavar="K",
         help="attention/MLP scale search: score every grid point exactly on the linears' own outputs (Gram), "
         "run the module only on the best K (K=4 raised SmolLM2's W4 perplexity by 0.24, bench/README.md); "
@@ -148,8 +151,8 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     q.add_argument(
         "--rounding",
-        choices=["nearest", "gptq"],
-        default="nearest",
+        choices=spec.choices(spec.Rounding),
+        default=D("rounding"),
         help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
     )
     q.add_argument(
@@ -159,16 +162,16 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         '{"prev": ..., "linears": [...], "inspect": ...}; names relative to a decoder block; default: the engine\'s '
         "registry, or its structural fallback",
     )
-    q.add_argument("--seed", type=int, default=0, help="random seed (calibration sampling, torch)")
+    q.add_argument("--seed", type=int, default=D("seed"), help="random seed (calibration sampling, torch)")
     q.add_argument("--no-eval", action="store_true", help="skip the FP and quantized perplexity")
     q.add_argument(
         "--eval-text",
         help="evaluation text: a file, file:<path> or hf:<dataset>[:<split>[:<column>]] "
         "(default: the bundled English text)",
     )
-    q.add_argument("--eval-seq-len", type=int, default=2048, help="tokens per evaluation window")
+    q.add_argument("--eval-seq-len", type=int, default=D("eval.seq_len"), help="tokens per evaluation window")
     q.add_argument(
-        "--eval-max-seqs", type=int, help="score at most this many windows, FP and quantized; default: 16"
+        "--eval-max-seqs", type=int, help=f"score at most this many windows, FP and quantized; default: {D('eval.max_seqs')}"
     )
     q.add_argument(
         "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"

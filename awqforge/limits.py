@@ -2,3 +2,11 @@
 
 SUPPORTED_BITS = (2, 3, 4, 8)  # code widths quant.py, packing.py and the formats handle
 SUPPORTED_GROUP_SIZES = (32, 64, 128, -1)  # -1: one group per output channel
+
+# The algorithm's working sizes, read by the engine (awq.BlockSettings, awq.search) and by the memory planner
+# (awqforge.plan), which must not import torch.
+CHUNK_TOKENS = 16384  # tokens per forward chunk of a block (memory bound)
+CHUNK_ELEMS = 1 << 23  # elements of a row chunk of the weight-sized temporaries of the search
+CLIP_GRID = 20  # clip ratios 1 - i/CLIP_GRID for i < MAX_SHRINK * CLIP_GRID (AutoAWQ)
+MAX_SHRINK = 0.5
+CLIP_RATIOS = int(CLIP_GRID * MAX_SHRINK)  # clip ratios tried per group

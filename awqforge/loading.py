@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from awqforge.errors import InputError
+from awqforge.parsing import is_local_reference
 from awqforge.streaming import ShardReader
 
 log = logging.getLogger(__name__)
@@ -54,7 +55,7 @@ def _resolve_dir(path: str | Path, revision: str | None) -> Path:
     p = Path(path).expanduser()
     if p.is_dir():
         return p
-    if p.exists() or str(path).startswith(("/", ".", "~")):
+    if p.exists() or is_local_reference(str(path)):
         raise InputError(f"{path} is not a checkpoint folder")
     from awqforge.resolve import download_from_hub
 

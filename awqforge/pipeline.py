@@ -22,16 +22,18 @@ from pathlib import Path
 import torch
 
 from awqforge.errors import InputError, JobCancelled
+from awqforge.spec import JobStage
 
 logger = logging.getLogger("awqforge")
 
-# Where each stage sits on the overall progress scale (start, end).
+# Where each engine stage (awqforge.spec.JobStage; publish is the service's) sits on the overall progress
+# scale (start, end).
 STAGES = {
-    "resolve": (0.0, 0.02),
-    "calibrate": (0.02, 0.10),
-    "quantize": (0.10, 0.85),
-    "evaluate": (0.85, 0.97),
-    "package": (0.97, 1.0),
+    JobStage.RESOLVE.value: (0.0, 0.02),
+    JobStage.CALIBRATE.value: (0.02, 0.10),
+    JobStage.QUANTIZE.value: (0.10, 0.85),
+    JobStage.EVALUATE.value: (0.85, 0.97),
+    JobStage.PACKAGE.value: (0.97, 1.0),
 }
 
 
@@ -383,7 +385,7 @@ def _rtn_one_block(stream, i, settings, adapter, writers) -> list:
     prefix = stream.block_prefix(i)
     block = stream.load_block(i)
     exclude, metrics = set(), []
-    for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns).items():
+    for rel, linear in adapter.quantizable_linears(block, settings.skip_patterns, prefix).items():
         w = linear.weight.detach().float()
         if not torch.isfinite(w).all():
             raise NumericalError(f"block {i} ({prefix}), layer {rel}: the weight has NaN/inf values")

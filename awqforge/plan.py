@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from awqforge import limits
+from awqforge import spec as job_spec
 from awqforge.errors import InputError
 
 GIB = 1024**3
@@ -36,11 +38,11 @@ _DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 # Sustained rates of the search's mixed work (matmuls and elementwise passes); rough, per device kind.
 DEVICE_FLOPS = {"cpu": 1.0e11, "cuda": 4.0e13}
 _FQ_PASSES = 4  # fp32 temporaries alive at once in a fake-quantize-and-compare of one row chunk
-_CHUNK_TOKENS = 16384  # awq.BlockSettings.chunk_tokens
-_CHUNK_ELEMS = 1 << 23  # awq.search.CHUNK_ELEMS: elements of a row chunk of the weight-sized temporaries
+_CHUNK_TOKENS = limits.CHUNK_TOKENS  # the engine's own constants (awq.BlockSettings, awq.search)
+_CHUNK_ELEMS = limits.CHUNK_ELEMS
 _CPU_RUNTIME = GIB // 4  # RSS a CPU job adds before its first block (bench/bench_plan.py: 0.25-0.26 GiB)
 _MODULE_INPUTS = ("attn_in", "mlp_in", "shared_in")  # linear inputs that are an inspected module's input
-_CLIP_RATIOS = 10  # awq: clip_grid 20 x max_shrink 0.5
+_CLIP_RATIOS = limits.CLIP_RATIOS
 _EVAL_WINDOWS_DEFAULT = 40  # the built-in evaluation text at seq_len 2048 is about this many windows
 
 
@@ -163,44 +165,49 @@ class ModelShape:
         return self.n_layers * (self.block_linear_params + 2 * self.hidden) + self.embedding_params
 
 
+# Each planner setting and the JobSpec field it is: its default and its value come from there.
+JOB_SETTINGS_FROM_SPEC = {
+    "bits": "quant.bits",
+    "group_size": "quant.group_size",
+    "n_samples": "calibration.n_samples",
+    "seq_len": "calibration.seq_len",
+    "method": "method",
+    "rounding": "rounding",
+    "scale_search": "scale_search",
+    "n_grid": "n_grid",
+    "search_screen": "search_screen",
+    "clip_search": "clip_search",
+    "eval_enabled": "eval.enabled",
+    "eval_seq_len": "eval.seq_len",
+    "eval_max_seqs": "eval.max_seqs",
+}
+
+
+def _default(name: str):
+    return job_spec.field_default(JOB_SETTINGS_FROM_SPEC[name])
+
+
 @dataclass
 class JobSettings:
     """The job fields the plan reads (a JobSpec gives them all: JobSettings.from_spec)."""
 
-    bits: int = 4
-    group_size: int = 128
-    n_samples: int = 128
-    seq_len: int = 512
-    method: str = "awq"
-    rounding: str = "nearest"
-    scale_search: str = "duo"
-    n_grid: int = 20
-    search_screen: int = 8
-    clip_search: bool = True
-    eval_enabled: bool = True
-    eval_seq_len: int = 2048
-    eval_max_seqs: int | None = None
+    bits: int = _default("bits")
+    group_size: int = _default("group_size")
+    n_samples: int = _default("n_samples")
+    seq_len: int = _default("seq_len")
+    method: str = _default("method")
+    rounding: str = _default("rounding")
+    scale_search: str = _default("scale_search")
+    n_grid: int = _default("n_grid")
+    search_screen: int = _default("search_screen")
+    clip_search: bool = _default("clip_search")
+    eval_enabled: bool = _default("eval_enabled")
+    eval_seq_len: int = _default("eval_seq_len")
+    eval_max_seqs: int | None = _default("eval_max_seqs")
 
     @classmethod
     def from_spec(cls, spec) -> JobSettings:
-        def v(x):
-            return getattr(x, "value", x)
-
-        return cls(
-            bits=spec.quant.bits,
-            group_size=spec.quant.group_size,
-            n_samples=spec.calibration.n_samples,
-            seq_len=spec.calibration.seq_len,
-            method=v(spec.method),
-            rounding=v(spec.rounding),
-            scale_search=v(spec.scale_search),
-            n_grid=spec.n_grid,
-            search_screen=spec.search_screen,
-            clip_search=spec.clip_search,
-            eval_enabled=spec.eval.enabled,
-            eval_seq_len=spec.eval.seq_len,
-            eval_max_seqs=spec.eval.max_seqs,
-        )
+        return cls(**{name: job_spec.spec_value(spec, path) for name, path in JOB_SETTINGS_FROM_SPEC.items()})
 
 
 @dataclass

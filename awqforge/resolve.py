@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from awqforge.errors import HubUnavailable, InputError
+from awqforge.parsing import PathNotAllowed, is_local_reference, resolve_local_path  # noqa: F401 (re-exported)
 
 # Everything but the weights: config, generation config, tokenizer files, chat templates.
 METADATA_PATTERNS = ["*.json", "tokenizer*", "*.model", "*.tiktoken", "*.txt", "*.jinja"]
@@ -37,47 +38,11 @@ class ResolvedModel:
         return sum(f.stat().st_size for f in self.weight_files)
 
 
-# -- local paths: the one place a path named in a job (model, file: sources, uploads) becomes a real path --
+# -- local paths: a path named in a job (model, file: sources, uploads) becomes a real path through
+# awqforge.parsing.resolve_local_path (re-exported here with PathNotAllowed and is_local_reference) --
 
 # The engine's own public texts (calibration and evaluation samples): always readable.
 BUNDLED_DATA_DIR = Path(__file__).resolve().parent / "data"
-
-
-def is_local_reference(model: str) -> bool:
-    """A local path is written as one (absolute, ./, ../, ~); anything else is a hub id, never looked up on disk."""
-    return model.startswith(("/", "./", "../", "~"))
-
-
-class PathNotAllowed(InputError):
-    """A path outside the allowed roots. The message shows neither the path nor whether it exists."""
-
-
-def resolve_local_path(
-    raw: str | Path, roots: Sequence[str | Path] | None, *, what: str = "path", base: Path | None = None
-) -> Path:
-    """The real path (`~`, `..` and symlinks resolved) of a path a job names, which must lie under one of
-    `roots` (None: any path, for the CLI on its own machine). A relative path is taken from `base` (default:
-    the working directory). Raises PathNotAllowed, whose message reveals nothing of the server's disk."""
-    text = str(raw)
-    if "\x00" in text:
-        raise InputError(f"{what}: a path must not contain NUL bytes")
-    try:
-        path = Path(text).expanduser()
-        path = ((base / path) if base is not None and not path.is_absolute() else path).resolve()
-    except (OSError, RuntimeError, ValueError) as exc:  # a symlink loop, a name too long
-        raise InputError(f"{what}: not a usable path ({type(exc).__name__})") from None
-    if roots is None:
-        return path
-    for root in roots:
-        try:
-            if path.is_relative_to(Path(root).expanduser().resolve()):
-                return path
-        except (OSError, RuntimeError):
-            continue
-    raise PathNotAllowed(
-        f"{what}: local paths are not allowed here outside the server's allowed folders "
-        "(ALLOWED_LOCAL_ROOTS); use a hub id, or an upload for calibration data"
-    )
 
 
 def resolve_text_source(source: str | None, roots: Sequence[str | Path] | None, *, what: str) -> str | None:
@@ -171,7 +136,8 @@ def load_config(path: Path):
         raise InputError(f"cannot read the model config in {path}: {exc}") from exc
 
 
-def _hub_offline() -> bool:
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub reads it, read at each call (the one rule: engine and service)."""
     from huggingface_hub import constants
 
     flag = os.environ.get("HF_HUB_OFFLINE")  # read now, so a flag set after import still counts
@@ -271,7 +237,7 @@ def download_from_hub(
             ) from exc
         return Path(folder), Path(folder).name  # the cache's snapshot folder is named by the commit sha
 
-    if _hub_offline():
+    if hub_offline():
         return from_cache("HF_HUB_OFFLINE is set")
     api = HfApi(token=token)
     try:

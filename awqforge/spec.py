@@ -7,12 +7,14 @@ Everything that can be checked before any model is loaded is checked here.
 from __future__ import annotations
 
 import re
+import typing
 from enum import Enum
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from awqforge.limits import SUPPORTED_BITS, SUPPORTED_GROUP_SIZES
+from awqforge.parsing import is_local_reference
 from awqforge.patterns import validate_pattern
 
 MAX_PATH_CHARS = 500  # a model path or hub id (the jobs table's column is as wide)
@@ -54,6 +56,40 @@ class ScaleSearch(str, Enum):
     BOTH = "both"
 
 
+Device = Literal["auto", "cpu", "cuda"]
+DEVICES: tuple[str, ...] = typing.get_args(Device)
+
+
+class JobStatus(str, Enum):
+    """A job's status (the service's state machine; the one vocabulary of API, database, CLI and dashboard)."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED)
+
+
+class JobStage(str, Enum):
+    """A job's stages, in order: the engine runs resolve..package, the service adds publish."""
+
+    RESOLVE = "resolve"
+    CALIBRATE = "calibrate"
+    QUANTIZE = "quantize"
+    EVALUATE = "evaluate"
+    PACKAGE = "package"
+    PUBLISH = "publish"
+
+
+JOB_STATUSES = tuple(s.value for s in JobStatus)
+TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
+JOB_STAGES = tuple(s.value for s in JobStage)
+
+
 def shown(value: object, limit: int = 80) -> str:
     """repr() of a value for an error message, cut so that a huge input is never echoed back whole."""
     text = repr(value)
@@ -71,9 +107,7 @@ def clean_text(value: str) -> str:
     return value
 
 
-def is_local_path(value: str) -> bool:
-    """A local path is written as one (absolute, ./, ../ or ~); anything else is a hub id."""
-    return value.startswith(("/", "./", "../", "~"))
+is_local_path = is_local_reference  # the one rule (awqforge.parsing); kept under this name for callers
 
 
 def validate_model_ref(value: str) -> str:
@@ -388,7 +422,7 @@ class JobSpec(BaseModel):
     formats: list[ArtifactFormat] = Field(default_factory=lambda: [ArtifactFormat.AWQ], max_length=2)
     eval: EvalSpec = Field(default_factory=EvalSpec)
     publish: PublishSpec | None = None
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    device: Device = "auto"
     scale_search: ScaleSearch = ScaleSearch.DUO
     n_grid: NGrid = 20
     clip_search: bool = True
@@ -472,3 +506,38 @@ def public_spec(spec: JobSpec | dict) -> dict:
     credential field is covered by its marker). Takes a JobSpec or its stored dict."""
     data = spec.model_dump(mode="json") if isinstance(spec, BaseModel) else spec
     return _without_secrets(JobSpec, data)
+
+
+# -- every other declaration of a job's settings (API body, block settings, planner, CLI and client flags)
+# takes its defaults and choices from JobSpec through these; tests/test_spec_derived.py checks each one.
+
+
+def _plain(value):
+    """A setting as the engine's dataclasses hold it: enums as their values, lists as tuples."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, list | tuple):
+        return tuple(_plain(v) for v in value)
+    return value
+
+
+def field_default(path: str):
+    """JobSpec's default of a dotted field ("quant.bits", "n_grid"), enums as their values."""
+    model: type[BaseModel] = JobSpec
+    *parents, last = path.split(".")
+    for name in parents:
+        model = model.model_fields[name].annotation
+    return _plain(model.model_fields[last].get_default(call_default_factory=True))
+
+
+def spec_value(spec: JobSpec, path: str):
+    """The value of a dotted field of a JobSpec, enums as their values."""
+    value = spec
+    for name in path.split("."):
+        value = getattr(value, name)
+    return _plain(value)
+
+
+def choices(enum: type[Enum]) -> list[str]:
+    """The values of one of the spec's enums (for CLI choices)."""
+    return [e.value for e in enum]

@@ -40,6 +40,12 @@ SHARED = ("shared_expert", "shared_experts", "shared_mlp")
 LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.layers", "layers")
 
 
+def is_qk(name: str) -> bool:
+    """A q or k projection (or a fused qkv), by the names the structural fallback knows: these get no clip
+    search, because their error goes through q k^T, not a linear output."""
+    return name.rsplit(".", 1)[-1] in Q | K | QKV
+
+
 class StructureError(ValueError):
     """The block's structure could not be read into mappings (the message names what)."""
 

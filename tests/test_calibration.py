@@ -216,7 +216,7 @@ def test_bad_files(tmp_path, tiny_tokenizer):
         list(iter_source_texts(f"file:{tmp_path / 'missing.txt'}"))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"content": "x"}\n')
-    with pytest.raises(InputError, match="no 'text' or 'messages' field"):
+    with pytest.raises(InputError, match='needs a string field "text" or a "messages" list'):
         list(iter_source_texts(f"file:{bad}"))
     other = tmp_path / "x.csv"
     other.write_text("a,b\n")

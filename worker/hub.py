@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Protocol
 
 from app.core.config import settings
+from awqforge.manifest import sha256_file
 
 log = logging.getLogger("awqforge.hub")
 
@@ -62,14 +63,6 @@ def _files(folders: dict[str, Path]) -> dict[str, Path]:
         if card is not None:
             out["README.md"] = card
     return out
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 class LocalHub:
@@ -115,7 +108,7 @@ class LocalHub:
         files = _files(folders)
         digest = hashlib.sha256()
         for rel in sorted(files):
-            digest.update(f"{rel}\0{_sha256(files[rel])}\n".encode())
+            digest.update(f"{rel}\0{sha256_file(files[rel])}\n".encode())
         revision = digest.hexdigest()[:40]
         with self._lock(meta_path):
             try:  # the first publish creates the record exclusively: that tenant owns the repo

@@ -11,6 +11,7 @@ from typing import Annotated
 
 import anyio
 from fastapi import Depends, HTTPException, Request, status
+from fastapi import Path as PathParam
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session, joinedload
 from starlette.concurrency import run_in_threadpool
@@ -20,6 +21,7 @@ from app.core.db import new_session
 from app.core.security import hash_key, key_matches, parse_key_id
 from app.models import ApiKey, DashboardSession, Tenant, utcnow
 from app.services.sessions import CSRF_HEADER, SESSION_COOKIE, find_session
+from awqforge.parsing import ID_PATTERN
 
 bearer = HTTPBearer(auto_error=False, description="API key from `awqforge keys create --tenant NAME`")
 _SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
@@ -41,6 +43,11 @@ async def _session() -> AsyncIterator[Session]:
 
 
 SessionDep = Annotated[Session, Depends(_session)]
+# Every id in a path is checked by the one id rule (awqforge.parsing) before it reaches the database: 422.
+JobId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="a job id (job_...)")]
+ArtifactId = Annotated[
+    str, PathParam(max_length=64, pattern=ID_PATTERN, description="an artifact id (art_...)")
+]
 
 
 @dataclass(frozen=True)

@@ -15,42 +15,19 @@ from typing import Annotated, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-GPU_QUEUES = ("cpu", "gpu-24g", "gpu-80g")  # the default queue classes (QUEUE_CLASSES)
-_SIZE_UNITS = {
-    "": 1,
-    "b": 1,
-    "k": 1024,
-    "kib": 1024,
-    "m": 1024**2,
-    "mib": 1024**2,
-    "g": 1024**3,
-    "gib": 1024**3,
-    "gb": 10**9,
-    "t": 1024**4,
-    "tib": 1024**4,
-    "tb": 10**12,
-    "mb": 10**6,
-    "kb": 10**3,
-}
+from awqforge.parsing import parse_size
+
+
+def is_cpu_class(name: str) -> bool:
+    """A queue class for CPU workers (QUEUE_CLASSES names starting with "cpu"); every other class is a GPU's."""
+    return name.startswith("cpu")
+
+
 _UNSAFE_SECRETS = {"changethis", "secret", "changeme", "password", ""}
 
 
 def _default_home() -> Path:
     return Path(os.environ.get("AWQFORGE_HOME", "~/.awqforge")).expanduser()
-
-
-def parse_size(text: str, *, what: str = "size") -> int:
-    """'24GiB', '80 GB', '512MiB' or a plain byte count -> bytes."""
-    t = text.strip().lower().replace(" ", "")
-    num = t.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = t[len(num) :]
-    try:
-        value = float(num)
-    except ValueError:
-        value = -1.0
-    if unit not in _SIZE_UNITS or value <= 0:
-        raise ValueError(f"{what}: {text!r} is not a size like 24GiB, 80GB or 512MiB")
-    return int(value * _SIZE_UNITS[unit])
 
 
 class Settings(BaseSettings):
@@ -250,7 +227,7 @@ class Settings(BaseSettings):
             name = name.strip()
             if not sep or not name or not all(c.isalnum() or c in "-_." for c in name):
                 raise ValueError(f"QUEUE_CLASSES entry {entry!r} is not name=memory (e.g. gpu-24g=24GiB)")
-            out[name] = parse_size(size, what=f"QUEUE_CLASSES {name}")
+            out[name] = parse_size(size, field=f"QUEUE_CLASSES {name}")
         if not out:
             raise ValueError("QUEUE_CLASSES names no queue class")
         return dict(sorted(out.items(), key=lambda kv: kv[1]))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 import logging
@@ -37,6 +36,7 @@ from app.services.routing import (
     waiting_reason,
 )
 from app.services.storage import store_for
+from awqforge import parsing
 from awqforge.spec import is_local_path, public_spec
 
 log = logging.getLogger("awqforge.jobs")
@@ -403,15 +403,7 @@ def get_job(session: Session, *, job_id: str, tenant_id: int) -> Job:
 
 
 def encode_cursor(job: Job) -> str:
-    return base64.urlsafe_b64encode(f"{job.created_at.isoformat()}|{job.id}".encode()).decode()
-
-
-def decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        created, job_id = base64.urlsafe_b64decode(cursor.encode()).decode().split("|", 1)
-        return datetime.fromisoformat(created), job_id
-    except Exception as exc:
-        raise SpecError([FieldError(field="cursor", reason="not a cursor returned by this API")]) from exc
+    return parsing.encode_cursor(job.created_at, job.id)
 
 
 def list_jobs(
@@ -423,7 +415,7 @@ def list_jobs(
     if model:
         q = q.where(Job.model == model)
     if cursor:
-        created, cid = decode_cursor(cursor)
+        created, cid = parsing.decode_cursor(cursor)
         q = q.where(or_(Job.created_at < created, and_(Job.created_at == created, Job.id < cid)))
     q = q.options(joinedload(Job.metrics), selectinload(Job.artifacts))
     rows = list(session.scalars(q.order_by(Job.created_at.desc(), Job.id.desc()).limit(limit + 1)))
@@ -548,10 +540,12 @@ def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> Artifa
     if with_files:
         base = f"{settings.API_V1_STR}/jobs/{job.id}/artifacts/{artifact.id}/files/"
         store = store_for(artifact.path)
+        digests = {f["path"]: f.get("sha256") for f in artifact.files or ()}
         files = [
             ArtifactFile(
                 path=p,
                 size_bytes=n,
+                sha256=digests.get(p),
                 url=base + p,
                 download_url=store.presigned_url(artifact.path, p) if store.remote else None,
             )

@@ -14,7 +14,6 @@ import functools
 import hashlib
 import json
 import logging
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,8 +22,10 @@ from urllib.parse import quote
 
 import httpx
 
-from app.core.config import settings
+from app.core.config import is_cpu_class, settings
+from awqforge.parsing import is_local_reference
 from awqforge.plan import GIB, JobSettings, PlanError, plan
+from awqforge.resolve import hub_offline
 
 log = logging.getLogger("awqforge.routing")
 
@@ -45,16 +46,8 @@ class Route:
     plans: dict[str, dict] | None = None  # per class, when the config was read
 
 
-def is_cpu_class(name: str) -> bool:
-    return name.startswith("cpu")
-
-
 _config_cache: dict[tuple, tuple[float, dict]] = {}
 _CONFIG_TTL_S = 300.0
-
-
-def _hub_offline() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").strip().upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def model_config(model: str, revision: str | None = None, token: str | None = None) -> dict | None:
@@ -62,12 +55,12 @@ def model_config(model: str, revision: str | None = None, token: str | None = No
 
     One request with a short timeout and no retries: a submit never waits on an unreachable hub (the
     default queue decides then). Hub answers are kept a few minutes per model, revision and token."""
-    if model.startswith(("/", "./", "../", "~")):
+    if is_local_reference(model):
         try:
             return json.loads((Path(model).expanduser() / "config.json").read_text())
         except (OSError, ValueError):
             return None
-    if _hub_offline():
+    if hub_offline():
         return None
     key = (model, revision, hashlib.sha256((token or "").encode()).hexdigest())
     hit = _config_cache.get(key)
@@ -102,7 +95,7 @@ def model_tensor_shapes(model: str, revision: str | None = None, token: str | No
     they cannot be had. Hub look-ups go through the config's client and are cached as the config is."""
     from awqforge.weight_names import local_shapes
 
-    if model.startswith(("/", "./", "../", "~")):
+    if is_local_reference(model):
         from app.services.uploads import allowed_roots
         from awqforge.errors import InputError
         from awqforge.resolve import resolve_local_path
@@ -111,7 +104,7 @@ def model_tensor_shapes(model: str, revision: str | None = None, token: str | No
             return local_shapes(resolve_local_path(model, allowed_roots(), what="model"))
         except InputError:
             return None
-    if _hub_offline():
+    if hub_offline():
         return None
     key = (model, revision, hashlib.sha256((token or "").encode()).hexdigest())
     hit = _shapes_cache.get(key)

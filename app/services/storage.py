@@ -14,7 +14,6 @@ change of ARTIFACT_STORE stay readable. Torch-free: the API imports this.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -23,6 +22,7 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from app.core.config import settings
+from awqforge.manifest import tree_files, tree_problems
 
 S3_SCHEME = "s3://"
 
@@ -37,36 +37,19 @@ class ArtifactMismatch(Exception):
     """A stored artifact's files are not the ones its run recorded (missing, extra or different bytes)."""
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _local_files(root: Path) -> list[tuple[str, Path]]:
-    if root.is_file():
-        return [(root.name, root)]
-    return sorted((p.relative_to(root).as_posix(), p) for p in root.rglob("*") if p.is_file())
-
-
 def file_manifest(local: Path) -> list[dict]:
     """Every file of a finished artifact (a folder, or one file): path, size and sha256, as recorded in
     artifacts.files."""
     return [
-        {"path": rel, "size_bytes": p.stat().st_size, "sha256": _sha256(p)}
-        for rel, p in _local_files(Path(local))
+        {"path": rel, "size_bytes": f["size"], "sha256": f["sha256"]} for rel, f in tree_files(local).items()
     ]
 
 
 def check_manifest(local: Path, files: list[dict]) -> None:
     """Raise ArtifactMismatch unless `local` holds exactly the recorded files, byte for byte."""
-    want = {f["path"]: f["sha256"] for f in files}
-    have = {f["path"]: f["sha256"] for f in file_manifest(local)}
-    problems = [f"{p}: missing" for p in sorted(want.keys() - have.keys())]
-    problems += [f"{p}: not recorded" for p in sorted(have.keys() - want.keys())]
-    problems += [f"{p}: sha256 differs" for p in sorted(want.keys() & have.keys()) if want[p] != have[p]]
+    problems = tree_problems(
+        local, {f["path"]: {"size": f.get("size_bytes"), "sha256": f["sha256"]} for f in files}
+    )
     if problems:
         raise ArtifactMismatch("the stored artifact is not the one recorded: " + "; ".join(problems[:5]))
 

@@ -1,11 +1,10 @@
-"""Calibration-set uploads: size-limited, validated (txt, jsonl, parquet), stored per tenant."""
+"""Calibration-set uploads: size-limited, validated (txt, jsonl, parquet; `text` or `messages` rows) by the
+engine's reader (awqforge.textfiles), stored per tenant."""
 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
-import re
 from pathlib import Path
 from typing import BinaryIO
 
@@ -41,54 +40,15 @@ def _safe_filename(filename: str) -> str:
 
 
 def _validate(path: Path, fmt: str) -> int:
-    """Number of usable text records; raises ServiceError(422) saying what is wrong."""
-    if fmt == "txt":
-        try:
-            text = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ServiceError(422, f"txt upload is not UTF-8 text (byte {exc.start})") from exc
-        # The engine reads a .txt as documents separated by blank lines.
-        n = sum(1 for doc in re.split(r"\n\s*\n", text) if doc.strip())
-    elif fmt == "jsonl":
-        n = 0
-        with path.open("rb") as f:
-            for lineno, raw in enumerate(f, 1):
-                try:
-                    line = raw.decode("utf-8")
-                except UnicodeDecodeError as exc:
-                    raise ServiceError(
-                        422, f"jsonl line {lineno} is not UTF-8 text (byte {exc.start})"
-                    ) from exc
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except (json.JSONDecodeError, RecursionError) as exc:
-                    raise ServiceError(422, f"jsonl line {lineno} is not valid JSON") from exc
-                if not isinstance(obj, dict) or not isinstance(obj.get("text"), str):
-                    raise ServiceError(422, f'jsonl line {lineno} needs a string field "text"')
-                n += bool(obj["text"].strip())
-    else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+    """Number of texts a job will read (the engine's own reader counts them); ServiceError(422) saying what is
+    wrong, naming the file only by its format (the server's path is not shown)."""
+    from awqforge.errors import InputError
+    from awqforge.textfiles import count_texts
 
-        try:
-            pf = pq.ParquetFile(path)
-            field = pf.schema_arrow.field("text") if "text" in pf.schema_arrow.names else None
-        except Exception as exc:
-            raise ServiceError(422, "not a readable parquet file") from exc
-        if field is None or not (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)):
-            raise ServiceError(422, 'parquet upload needs a string column "text"')
-        # Count what the engine will read: rows whose text is neither null nor blank.
-        n = 0
-        try:
-            for batch in pf.iter_batches(columns=["text"], batch_size=4096):
-                n += sum(1 for t in batch.column(0).to_pylist() if t and t.strip())
-        except Exception as exc:
-            raise ServiceError(422, 'the parquet "text" column cannot be read') from exc
-    if n == 0:
-        raise ServiceError(422, "the upload holds no text")
-    return n
+    try:
+        return count_texts(path, fmt=fmt, name=f"{fmt} upload")
+    except InputError as exc:
+        raise ServiceError(422, str(exc)) from None
 
 
 def store_upload(session: Session, *, tenant_id: int, filename: str, stream: BinaryIO) -> CalibrationSet:

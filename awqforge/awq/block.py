@@ -73,12 +73,7 @@ from awqforge.quant import (
     effective_group_size,
     quantize_with_qparams,
 )
-
-
-def is_qk(name: str) -> bool:
-    """q/k projections get no clip search: their error goes through q k^T, not a linear output."""
-    last = name.rsplit(".", 1)[-1]
-    return last in ("q_proj", "k_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn", "query", "key")
+from awqforge.structure import is_qk
 
 
 @torch.no_grad()

@@ -8,6 +8,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
+from awqforge import limits
 from awqforge.arch import Mapping, UnfusedExperts
 from awqforge.awq.qparams import fake_quant
 from awqforge.awq.settings import BlockSettings, NumericalError
@@ -29,7 +30,7 @@ def detach(v):
 # Elements per batch of the weight-sized temporaries (fake-quantized candidates, errors, dequantized rows):
 # weights are processed in row chunks of about this many elements, so that a 28672-wide linear does not
 # make several full-size float32 copies of itself at once.
-CHUNK_ELEMS = 1 << 23
+CHUNK_ELEMS = limits.CHUNK_ELEMS
 
 
 def row_slices(out_f: int, in_f: int, batch: int = 1) -> list[slice]:

@@ -6,36 +6,65 @@ from dataclasses import dataclass, field
 
 import torch
 
+from awqforge import limits
 from awqforge.quant import QuantizedTensor
+from awqforge.spec import field_default, spec_value
 
 
 class NumericalError(RuntimeError):
     """A NaN or inf appeared: the job stops, naming the block and the layer."""
 
 
+# Each block setting a job chooses and the JobSpec field it is: its default and its value come from there
+# (the rest below are the algorithm's own).
+BLOCK_SETTINGS_FROM_SPEC = {
+    "method": "method",
+    "bits": "quant.bits",
+    "group_size": "quant.group_size",
+    "zero_point": "quant.zero_point",
+    "scale_search": "scale_search",
+    "n_grid": "n_grid",
+    "clip_search": "clip_search",
+    "skip_patterns": "quant.modules_to_not_convert",
+    "search_screen": "search_screen",
+    "refine_steps": "refine_steps",
+    "rounding": "rounding",
+}
+
+
+def _default(name: str):
+    return field_default(BLOCK_SETTINGS_FROM_SPEC[name])
+
+
 @dataclass
 class BlockSettings:
     """How one block is quantized (built from a JobSpec by `from_spec`)."""
 
-    method: str = "awq"  # "awq" | "rtn"
-    bits: int = 4
-    group_size: int = 128
-    zero_point: bool = True
-    scale_search: str = "duo"  # "duo" | "activation" | "both"
-    n_grid: int = 20
-    clip_search: bool = True
-    clip_grid: int = 20  # ratios 1 - i/clip_grid for i < max_shrink * clip_grid (AutoAWQ)
-    max_shrink: float = 0.5
-    skip_patterns: tuple[str, ...] = ()  # modules_to_not_convert
-    chunk_tokens: int = 16384  # tokens per forward chunk (memory bound)
+    method: str = _default("method")  # "awq" | "rtn"
+    bits: int = _default("bits")
+    group_size: int = _default("group_size")
+    zero_point: bool = _default("zero_point")
+    scale_search: str = _default("scale_search")  # "duo" | "activation" | "both"
+    n_grid: int = _default("n_grid")
+    clip_search: bool = _default("clip_search")
+    clip_grid: int = limits.CLIP_GRID  # ratios 1 - i/clip_grid for i < max_shrink * clip_grid (AutoAWQ)
+    max_shrink: float = limits.MAX_SHRINK
+    skip_patterns: tuple[str, ...] = _default("skip_patterns")  # modules_to_not_convert
+    chunk_tokens: int = limits.CHUNK_TOKENS  # tokens per forward chunk (memory bound)
     search_fraction: float = 0.25  # samples scored for every grid point of a module loss
     search_topk: int = 3  # candidates rescored on the remaining samples
-    search_screen: int = 8  # module-scored mappings: run the module on the best k of the linears' exact
+    search_screen: int = _default(
+        "search_screen"
+    )  # module-scored mappings: run the module on the best k of the linears' exact
     # output error (Gram screen) only; 0 (or k >= the number of candidates): every candidate on the module
     min_tokens: int = 16  # an expert seeing fewer calibration tokens gets no data-driven search
     module_loss: bool = True  # False: score attention/MLP mappings on their linears' outputs (Gram)
-    refine_steps: int = 2  # least-squares refits of each group's scale/zero after the clip search (0: off)
-    rounding: str = "nearest"  # "nearest" | "gptq": codes rounded with error feedback (same format)
+    refine_steps: int = _default(
+        "refine_steps"
+    )  # least-squares refits of each group's scale/zero after the clip search (0: off)
+    rounding: str = _default(
+        "rounding"
+    )  # "nearest" | "gptq": codes rounded with error feedback (same format)
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
     keep_inputs: bool = (
         True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)
@@ -43,19 +72,7 @@ class BlockSettings:
 
     @classmethod
     def from_spec(cls, spec) -> BlockSettings:
-        return cls(
-            method=getattr(spec.method, "value", spec.method),
-            bits=spec.quant.bits,
-            group_size=spec.quant.group_size,
-            zero_point=spec.quant.zero_point,
-            scale_search=getattr(spec.scale_search, "value", spec.scale_search),
-            n_grid=spec.n_grid,
-            clip_search=spec.clip_search,
-            refine_steps=spec.refine_steps,
-            search_screen=spec.search_screen,
-            rounding=getattr(spec.rounding, "value", spec.rounding),
-            skip_patterns=tuple(spec.quant.modules_to_not_convert),
-        )
+        return cls(**{name: spec_value(spec, path) for name, path in BLOCK_SETTINGS_FROM_SPEC.items()})
 
 
 @dataclass

@@ -28,7 +28,8 @@ from awqforge.errors import AWQForgeError, InputError
 from awqforge.formats import awq as awq_format
 from awqforge.formats import compressed_tensors as ct_format
 from awqforge.formats.card import ModelCardInfo, read_source_card_metadata, render_card
-from awqforge.formats.manifest import write_manifest
+from awqforge.manifest import write_manifest
+from awqforge.parsing import parse_size
 from awqforge.quant import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -70,18 +71,6 @@ class QuantSettingsLike(Protocol):
     bits: int
     group_size: int
     zero_point: bool
-
-
-def parse_size(size: int | str) -> int:
-    """Bytes from 5000000, "5GB" (10**9) or "5GiB" (2**30), as transformers' max_shard_size reads them."""
-    if isinstance(size, int):
-        return size
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", size.upper().replace("IB", "iB"), re.I)
-    if not match:
-        raise InputError(f"shard size {size!r} is not understood: use bytes or e.g. '5GB', '500MB'")
-    number, unit, binary = match.groups()
-    base = 1024 if binary else 1000
-    return int(float(number) * base ** " KMGT".index(unit or " "))
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -188,7 +177,7 @@ class ArtifactWriter:
 
         self.final_dir = Path(final_dir).absolute()
         self.source_dir = Path(source_dir)
-        self.shard_size = parse_size(shard_size)
+        self.shard_size = parse_size(shard_size, field="shard size")
         if self.shard_size <= 0:
             raise InputError("shard size must be positive")
         self.overwrite = overwrite

@@ -342,3 +342,32 @@ def test_module_pattern_matching_no_module_is_422_for_a_hub_model(service, make_
         assert hub.count("GET", rf"^/{single}/resolve/main/model\.safetensors$", 200) == 0
         # names that cannot be had (no such repo here): accepted, the engine checks before any work
         _accepted(c, service.job_body(model="acme/not-on-this-hub", modules_to_not_convert=["anything"]))
+
+
+def test_times_cursors_and_ids_at_their_edges_are_422(service, make_key):
+    """Values that once reached arithmetic or the database unchecked (500) get a 422 naming the field."""
+    import base64
+
+    with service.client(make_key()) as c:
+        for since in (
+            "999999999d",
+            "1000000w",
+            "9" * 30 + "h",
+            "0001-01-01T00:00:00+14:00",
+            "9999-12-31T23:59-14:00",
+        ):
+            r = c.get("/v1/metrics/summary", params={"since": since})
+            assert "since" in _reasons(r), since
+        assert c.get("/v1/metrics/summary", params={"since": "36600d"}).status_code == 200
+        for text in ("0001-01-01T00:00:00+14:00|x", "9999-12-31T23:59:59-14:00|x", "2024-01-01T00:00:00|a b"):
+            cursor = base64.urlsafe_b64encode(text.encode()).decode()
+            assert _reasons(c.get("/v1/jobs", params={"cursor": cursor}))["cursor"] == (
+                "not a cursor returned by this API"
+            )
+        for path in ("/v1/jobs/a%20b/metrics", "/v1/jobs/" + "x" * 65 + "/metrics"):
+            assert "job_id" in _reasons(c.get(path)), path
+        for path in ("/v1/jobs/a%20b/publish", "/v1/jobs/%00/publish"):
+            assert "job_id" in _reasons(c.post(path)), path
+        # a well-formed id that is not there stays a 404, as on every other route
+        assert c.get("/v1/jobs/job_missing/metrics").status_code == 404
+        assert c.post("/v1/jobs/job_missing/publish").status_code == 404

@@ -111,9 +111,43 @@ def test_download_resumes_with_range_and_verifies_sha256(service, waited, tmp_pa
     assert "model.safetensors" in r.stdout and "resumed, sha256 ok" in r.stdout
     assert weights.read_bytes() == data
 
-    # A corrupt partial file is caught by the manifest's sha256.
+    # A corrupt partial file is caught by the sha256; the client starts that file again and ends whole.
     weights.unlink()
     (weights.parent / "model.safetensors.part").write_bytes(b"\0" * (len(data) // 2))
     r = cli(service, key, "download", job_id, str(dest), "--format", "awq")
-    assert r.returncode == 1 and "sha256 mismatch for model.safetensors" in r.stderr
-    assert (weights.parent / "model.safetensors.corrupt").exists() and not weights.exists()
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "model.safetensors" in r.stdout and "restarted after a sha256 mismatch, sha256 ok" in r.stdout
+    assert weights.read_bytes() == data and not (weights.parent / "model.safetensors.part").exists()
+
+    # A complete .part (cut between the last byte and the rename): completed without a request, no 416.
+    weights.rename(weights.parent / "model.safetensors.part")
+    r = cli(service, key, "download", job_id, str(dest), "--format", "awq")
+    assert r.returncode == 0 and "resumed, sha256 ok" in r.stdout, r.stdout + r.stderr
+    assert weights.read_bytes() == data
+
+    # A complete .part of the right size but wrong bytes: fetched again from the start.
+    weights.unlink()
+    (weights.parent / "model.safetensors.part").write_bytes(b"\1" * len(data))
+    r = cli(service, key, "download", job_id, str(dest), "--format", "awq")
+    assert r.returncode == 0 and "restarted after a sha256 mismatch" in r.stdout, r.stdout + r.stderr
+    assert weights.read_bytes() == data
+
+    # A corrupt local manifest.json (same size, other bytes) is repaired, not skipped.
+    manifest_path = dest / "awq" / "manifest.json"
+    good = manifest_path.read_bytes()
+    manifest_path.write_bytes(b"#" * len(good))
+    r = cli(service, key, "download", job_id, str(dest), "--format", "awq")
+    assert r.returncode == 0 and "awq/manifest.json" in r.stdout and "repaired, sha256 ok" in r.stdout, (
+        r.stdout
+    )
+    assert manifest_path.read_bytes() == good
+    # every file of the listing carries the sha256 the run recorded (README: "files with size and sha256")
+    from awqforge.manifest import sha256_file
+
+    listing = service.client(key).get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+    awq = next(x for x in listing if x["format"] == "awq")
+    assert {f["path"]: f["sha256"] for f in awq["files"]} == {
+        p.relative_to(dest / "awq").as_posix(): sha256_file(p)
+        for p in (dest / "awq").rglob("*")
+        if p.is_file()
+    }

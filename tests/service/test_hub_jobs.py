@@ -32,7 +32,7 @@ class HubService:
 
 @pytest.fixture(scope="module")
 def hub_service(service):
-    from app.core.config import GPU_QUEUES
+    from app.core.config import settings
     from app.embedded import stop_process, worker_argv
 
     hub = HubServer().start()
@@ -51,8 +51,8 @@ def hub_service(service):
         "PUBLISH_BACKOFF_S": "0.1",
         "OMP_NUM_THREADS": "1",
     }
-    argv = worker_argv(list(GPU_QUEUES), name=f"hubtest-{prefix}")
-    argv[argv.index("-Q") + 1] = ",".join(prefix + q for q in GPU_QUEUES)
+    argv = worker_argv(list(settings.queue_classes), name=f"hubtest-{prefix}")
+    argv[argv.index("-Q") + 1] = ",".join(prefix + q for q in settings.queue_classes)
     log = HOME / f"hub-worker-{prefix}.log"
     with open(log, "ab") as out:
         worker = subprocess.Popen(

@@ -3,6 +3,7 @@ metrics API (/v1/metrics/summary, /v1/jobs/{id}/metrics) scoped to the caller's 
 
 from __future__ import annotations
 
+import re
 import time
 
 import httpx
@@ -147,7 +148,7 @@ def test_metrics_summary_is_per_tenant(service, finished_jobs):
             == 0
         )
         bad = c.get("/v1/metrics/summary", params={"since": "yesterday"})
-        assert bad.status_code == 422 and "since" in bad.json()["detail"]
+        assert bad.status_code == 422 and bad.json()["detail"][0]["field"] == "since"
     with service.client(finished_jobs["other"]) as c:
         s = c.get("/v1/metrics/summary").json()
         assert sum(s["jobs_by_status"].values()) == 0 and s["bytes_saved"] == 0
@@ -167,7 +168,7 @@ def test_job_metrics_detail(service, finished_jobs):
     assert len(m["layers"]) == 14  # 2 blocks x 7 linears
     assert all(r["mse_quant"] is not None for r in m["layers"])
     assert any(r["clip_ratio"] is not None for r in m["layers"])
-    assert any(r["scale_exponent"] is not None for r in m["layers"])
+    assert any(r["scale_ratio"] is not None for r in m["layers"])
 
 
 def test_grafana_dashboard_uses_exposed_metrics(service, finished_jobs):
@@ -186,3 +187,15 @@ def test_grafana_dashboard_uses_exposed_metrics(service, finished_jobs):
         k[0] for k in scrape(service.worker_metrics_url)
     }
     assert used and used <= exposed, used - exposed
+
+
+def test_prometheus_metrics_follow_the_configured_queue_classes(service, monkeypatch):
+    """A deployment's own classes (gpu-48g) are the ones /metrics reports, not the default three."""
+    from app.core.config import settings
+    from app.metrics import render_metrics
+
+    monkeypatch.setattr(settings, "QUEUE_CLASSES", "cpu=64GiB,gpu-48g=48GiB")
+    body = render_metrics()[0].decode()
+    for family in ("awqforge_jobs_queued", "awqforge_jobs_running", "awqforge_workers"):
+        queues = set(re.findall(rf'^{family}{{queue="([^"]+)"}}', body, re.M))
+        assert queues == {"cpu", "gpu-48g"}, (family, queues)

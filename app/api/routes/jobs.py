@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Literal, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
@@ -19,11 +19,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from app.api.deps import CurrentTenant, SessionDep
+from app.api.deps import ArtifactId, CurrentTenant, JobId, SessionDep
 from app.core.db import session_scope
 from app.models import TERMINAL_STATUSES, Artifact, Job, JobEvent, LayerMetric
 from app.schemas import (
-    ID_PATTERN,
     ArtifactsPublic,
     ErrorResponse,
     FieldError,
@@ -31,6 +30,7 @@ from app.schemas import (
     JobLayersPublic,
     JobPublic,
     JobsPublic,
+    JobStatusName,
     LayerMetricPublic,
 )
 from app.services import jobs as job_service
@@ -43,10 +43,6 @@ from awqforge.spec import SECRET, HubToken, SourceSpec
 router = APIRouter(prefix="/jobs", tags=["jobs"])
 T = TypeVar("T")
 
-JobId = Annotated[str, PathParam(max_length=64, pattern=ID_PATTERN, description="a job id (job_...)")]
-ArtifactId = Annotated[
-    str, PathParam(max_length=64, pattern=ID_PATTERN, description="an artifact id (art_...)")
-]
 MAX_EVENT_ID = 2**63 - 1  # the events table's bigint key
 EventId = Annotated[
     str | None,
@@ -160,7 +156,7 @@ async def create_job(
 async def list_jobs(
     session: SessionDep,
     tenant: CurrentTenant,
-    status: Literal["queued", "running", "succeeded", "failed", "cancelled"] | None = None,
+    status: JobStatusName | None = None,
     model: Annotated[str | None, Query(max_length=500, pattern=r"^[^\x00]+$")] = None,
     cursor: Annotated[str | None, Query(max_length=200)] = None,
     limit: Annotated[int, Query(ge=1, le=200)] = 50,
@@ -260,7 +256,7 @@ class PublishAgainIn(BaseModel):
     summary="Publish a finished job's artifacts again (after a failed publish); no new commit if unchanged",
 )
 def publish_job(
-    session: SessionDep, tenant: CurrentTenant, job_id: str, body: PublishAgainIn | None = None
+    session: SessionDep, tenant: CurrentTenant, job_id: JobId, body: PublishAgainIn | None = None
 ) -> JobPublic:
     job = job_service.publish_again(
         session, job=_get(session, job_id, tenant), tenant=tenant, token=body.token if body else None

@@ -2,34 +2,32 @@
 
 from __future__ import annotations
 
-import re
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 from sqlalchemy import func, select
 
-from app.api.deps import CurrentTenant, SessionDep
-from app.core.config import GPU_QUEUES
+from app.api.deps import CurrentTenant, JobId, SessionDep
+from app.core.config import is_cpu_class, settings
 from app.metrics import STAGES, render_metrics
-from app.models import Job, JobMetrics, LayerMetric, utcnow
+from app.models import Job, JobMetrics, JobStatus, LayerMetric, utcnow
 from app.schemas import (
     DurationStats,
     ErrorResponse,
-    JobLayerDetail,
     JobMetricsDetail,
+    LayerMetricPublic,
     MetricsSummary,
     PerplexityChange,
 )
 from app.services import jobs as job_service
-from app.services.jobs import ServiceError
+from awqforge.parsing import parse_since
+from awqforge.spec import JOB_STATUSES
 
 prometheus_router = APIRouter(tags=["metrics"])
 router = APIRouter(tags=["metrics"])
 
 _ERRORS = {401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}}
-_RELATIVE = re.compile(r"^(\d+)([mhdw])$")
-_UNITS = {"m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
 # FP checkpoint bytes -> size class (fp16: 1 GiB is about 0.5B parameters).
 SIZE_CLASSES = ((2**30, "<1GiB"), (4 * 2**30, "1-4GiB"), (16 * 2**30, "4-16GiB"), (64 * 2**30, "16-64GiB"))
 
@@ -38,20 +36,6 @@ SIZE_CLASSES = ((2**30, "<1GiB"), (4 * 2**30, "1-4GiB"), (16 * 2**30, "4-16GiB")
 def prometheus_metrics() -> Response:
     body, content_type = render_metrics()
     return Response(body, media_type=content_type)
-
-
-def parse_since(since: str | None) -> datetime:
-    """'7d', '24h', '30m', '2w' or an ISO 8601 time (UTC when no offset); default: 7 days ago."""
-    if not since:
-        return utcnow() - timedelta(days=7)
-    m = _RELATIVE.match(since.strip())
-    if m:
-        return utcnow() - timedelta(**{_UNITS[m.group(2)]: int(m.group(1))})
-    try:
-        t = datetime.fromisoformat(since.strip().replace("Z", "+00:00"))
-    except ValueError:
-        raise ServiceError(422, "since: give an ISO 8601 time or a duration such as 24h, 7d, 2w") from None
-    return t if t.tzinfo else t.replace(tzinfo=timezone.utc)
 
 
 def _quantile(sorted_vals: list[float], q: float) -> float | None:
@@ -88,21 +72,21 @@ def metrics_summary(
         str | None, Query(description="ISO 8601 time or 30m / 24h / 7d / 2w (default 7d)")
     ] = None,
 ) -> MetricsSummary:
-    t0 = parse_since(since)
+    t0 = parse_since(since, now=utcnow(), default=timedelta(days=7))
     mine = (Job.tenant_id == tenant.id, Job.created_at >= t0)
     by_status = dict(
         session.execute(select(Job.status, func.count()).where(*mine).group_by(Job.status)).all()
     )
-    depth = {q: {"queued": 0, "running": 0} for q in GPU_QUEUES}
+    depth = {q: {"queued": 0, "running": 0} for q in settings.queue_classes}
     for st, q, n in session.execute(
         select(Job.status, Job.queue, func.count())
-        .where(Job.tenant_id == tenant.id, Job.status.in_(("queued", "running")))
+        .where(Job.tenant_id == tenant.id, Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING)))
         .group_by(Job.status, Job.queue)
     ):
         depth.setdefault(q, {"queued": 0, "running": 0})[st] = n
 
     rows = session.execute(
-        select(Job.queue, JobMetrics).join(JobMetrics).where(*mine, Job.status == "succeeded")
+        select(Job.queue, JobMetrics).join(JobMetrics).where(*mine, Job.status == JobStatus.SUCCEEDED)
     )
     stage_vals: dict[str, list[float]] = {s: [] for s in STAGES}
     by_class: dict[str, list[float]] = {}
@@ -116,7 +100,7 @@ def metrics_summary(
                 stage_vals[s].append(v)
         if m.total_s is not None:
             by_class.setdefault(size_class(m.size_before_bytes), []).append(m.total_s)
-            if queue == "cpu":
+            if is_cpu_class(queue):
                 cpu_s += m.total_s
             else:
                 gpu_s += m.total_s
@@ -127,9 +111,7 @@ def metrics_summary(
     ppl.sort()
     return MetricsSummary(
         since=t0,
-        jobs_by_status={
-            s: by_status.get(s, 0) for s in ("queued", "running", "succeeded", "failed", "cancelled")
-        },
+        jobs_by_status={s: by_status.get(s, 0) for s in JOB_STATUSES},
         queue_depth=depth,
         stage_durations={s: _stats(v) for s, v in stage_vals.items()},
         duration_by_size_class={k: _stats(v) for k, v in sorted(by_class.items())},
@@ -149,7 +131,7 @@ def metrics_summary(
     tags=["jobs"],
     summary="Stage timings, peak memory, perplexity and per-layer error, scale exponents and clip ratios",
 )
-def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobMetricsDetail:
+def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> JobMetricsDetail:
     job = job_service.get_job(session, job_id=job_id, tenant_id=tenant.id)
     m = job.metrics
     layers = session.scalars(
@@ -166,15 +148,5 @@ def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobM
         quant_perplexity=m.quant_perplexity if m else None,
         size_before_bytes=m.size_before_bytes if m else None,
         size_after_bytes=m.size_after_bytes if m else None,
-        layers=[
-            JobLayerDetail(
-                block=r.block,
-                name=r.name,
-                mse_rtn=r.mse_rtn,
-                mse_quant=r.mse_quant,
-                scale_exponent=r.scale_ratio,
-                clip_ratio=r.clip_ratio,
-            )
-            for r in layers
-        ],
+        layers=[LayerMetricPublic.model_validate(r) for r in layers],
     )
