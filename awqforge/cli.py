@@ -15,8 +15,12 @@ from importlib.metadata import entry_points
 from pathlib import Path
 
 PLUGIN_GROUP = "awqforge.commands"
-DEFAULT_GROUP_SIZE = 128
-DEFAULT_CALIBRATION = "bundled"  # the English text shipped in awqforge/data: no download; pileval is opt-in
+from awqforge.spec import field_default  # pure pydantic
+
+DEFAULT_GROUP_SIZE = field_default("quant.group_size")
+# The one CLI default that differs from JobSpec's: the command line runs where the hub may be unreachable, so
+# it calibrates on the English text shipped in awqforge/data; pileval (the service's default) is opt-in here.
+DEFAULT_CALIBRATION = "bundled"
 BUILTIN = ("quantize", "eval", "smollm", "plan", "doctor", "kernels")
 # What each service command does, for `awqforge --help` (the service's own packages are not imported to
 # read it: each command's --help says more). A plugin not listed here is named as a service command.

@@ -163,7 +163,10 @@ def test_the_cli_flags_default_to_the_spec(tmp_path):
 
     parser = build_parser({})
     args = parser.parse_args(["quantize", "org/name", "--out", str(tmp_path)])
-    assert _spec_from_args(args) == JobSpec(model="org/name")
+    from awqforge.cli import DEFAULT_CALIBRATION
+
+    # The CLI's one declared difference: it calibrates offline on the bundled text (issue 19).
+    assert _spec_from_args(args) == JobSpec(model="org/name", calibration={"source": DEFAULT_CALIBRATION})
     flags = [
         "--method", "rtn", "--bits", "3", "--group-size", "64", "--symmetric", "--modules-to-not-convert",
         "mlp.down_proj", "--calib", "self", "--n-samples", "7", "--seq-len", "33", "--packing", "per_sample",
