@@ -14,9 +14,9 @@ import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
-PLUGIN_GROUP = "awqforge.commands"
 from awqforge.spec import field_default  # pure pydantic
 
+PLUGIN_GROUP = "awqforge.commands"
 DEFAULT_GROUP_SIZE = field_default("quant.group_size")
 # The one CLI default that differs from JobSpec's: the command line runs where the hub may be unreachable, so
 # it calibrates on the English text shipped in awqforge/data; pileval (the service's default) is opt-in here.
@@ -85,7 +85,12 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "the largest of 64, 32, -1 that divides the input width of every quantized layer (said on stderr)",
     )
     q.add_argument("--symmetric", action="store_true", help="symmetric quantization (no zero point)")
-    q.add_argument("--method", choices=spec.choices(spec.Method), default=D("method"), help="AWQ search, or round to nearest")
+    q.add_argument(
+        "--method",
+        choices=spec.choices(spec.Method),
+        default=D("method"),
+        help="AWQ search, or round to nearest",
+    )
     q.add_argument(
         "--calib",
         default=DEFAULT_CALIBRATION,
@@ -102,7 +107,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="calibration sequences (a shorter text is used as far as it goes, with a warning; the bundled "
         "text fills 33 of 512 tokens with SmolLM2's tokenizer)",
     )
-    q.add_argument("--seq-len", type=int, default=D("calibration.seq_len"), help="tokens per calibration sequence")
+    q.add_argument(
+        "--seq-len", type=int, default=D("calibration.seq_len"), help="tokens per calibration sequence"
+    )
     q.add_argument(
         "--packing",
         choices=spec.choices(spec.Packing),
@@ -118,9 +125,7 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="artifact format (repeatable); default: awq for 4-bit, compressed-tensors for 2, 3 and 8-bit "
         "(awq is 4-bit only)",
     )
-    q.add_argument(
-        "--device", choices=spec.DEVICES, default=D("device"), help="auto: CUDA when there is one"
-    )
+    q.add_argument("--device", choices=spec.DEVICES, default=D("device"), help="auto: CUDA when there is one")
     q.add_argument(
         "--modules-to-not-convert",
         action="append",
@@ -175,7 +180,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     )
     q.add_argument("--eval-seq-len", type=int, default=D("eval.seq_len"), help="tokens per evaluation window")
     q.add_argument(
-        "--eval-max-seqs", type=int, help=f"score at most this many windows, FP and quantized; default: {D('eval.max_seqs')}"
+        "--eval-max-seqs",
+        type=int,
+        help=f"score at most this many windows, FP and quantized; default: {D('eval.max_seqs')}",
     )
     q.add_argument(
         "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"

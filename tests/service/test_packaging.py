@@ -66,7 +66,9 @@ def venv(wheel, tmp_path_factory) -> Path:
     env_dir = tmp_path_factory.mktemp("venv")
     _run([sys.executable, "-m", "venv", "--system-site-packages", str(env_dir)])
     py = env_dir / "bin" / "python"
-    new_site = _run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]).stdout.strip()
+    new_site = _run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"]
+    ).stdout.strip()
     parents = dict.fromkeys(
         [sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()]
     )
@@ -110,7 +112,9 @@ def test_installed_wheel_adds_only_its_packages(venv, tmp_path):
     )
     out = _run([str(venv), "-c", code], cwd=tmp_path).stdout.split("\n")
     site = str(venv.parents[1])
-    assert all(f.startswith(site) and "/site-packages/" in f and not f.startswith(str(REPO)) for f in out[0].split()), out
+    assert all(
+        f.startswith(site) and "/site-packages/" in f and not f.startswith(str(REPO)) for f in out[0].split()
+    ), out
     assert out[1] == str(sorted([*TOP_LEVEL, "awqforge-0.1.0.dist-info"])), out
 
 

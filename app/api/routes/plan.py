@@ -8,12 +8,12 @@ from fastapi import APIRouter, Query
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, Field, ValidationError
 
-from awqforge import spec as job_spec
 from app.api.deps import CurrentTenant, SessionDep
 from app.core.config import settings
 from app.schemas import CalibrationIn, ErrorResponse, EvalIn, JobCreate
 from app.services.jobs import spec_from_request
 from app.services.routing import RoutingError, live_queues, route, waiting_reason
+from awqforge import spec as job_spec
 
 router = APIRouter(prefix="/plan", tags=["plan"])
 
