@@ -37,7 +37,15 @@ GATE_UP = {"gate_up_proj"}
 DOWN = {"down_proj", "w2", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo"}
 ROUTERS = {"gate", "router"}
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
-LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.layers", "layers")
+LAYER_LISTS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "transformer.layers",
+    "layers",
+    "model.language_model.layers",  # image-text-to-text models (awqforge.multimodal)
+    "language_model.model.layers",
+)
 
 
 class StructureError(ValueError):

@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from awqforge.formats import awq as awq_format
 from awqforge.formats import compressed_tensors as ct_format
 from awqforge.formats.card import ModelCardInfo, read_source_card_metadata, render_card
 from awqforge.formats.manifest import write_manifest
+from awqforge.multimodal import PROCESSOR_FILES
 from awqforge.quant import QuantizedTensor
 
 log = logging.getLogger(__name__)
@@ -54,6 +56,7 @@ _COPY_PATTERNS = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    *PROCESSOR_FILES,  # image-text-to-text checkpoints' processor and preprocessor configs
     "LICENSE*",
     "LICENCE*",
     "NOTICE*",
@@ -175,8 +178,12 @@ class ArtifactWriter:
         settings: QuantSettingsLike,
         shard_size: int | str = DEFAULT_SHARD_SIZE,
         overwrite: bool = False,
+        unquantized_names: Callable[[list[str], str], list[str]] | None = None,
     ) -> None:
+        """`unquantized_names(names, fmt)` rewrites the list of modules left in full precision (multimodal
+        models: the towers as patterns, the rest under module names; awqforge.multimodal)."""
         fmt = getattr(fmt, "value", fmt)
+        self._unquantized_names = unquantized_names
         if fmt not in FORMATS:
             raise InputError(f"unknown artifact format {fmt!r}: use one of {sorted(FORMATS)}")
         self.fmt: str = fmt
@@ -289,6 +296,8 @@ class ArtifactWriter:
         """Linear-like modules left in full precision: the config's `ignore` / `modules_to_not_convert`."""
         quantized = set(self._quantized)
         names = [n for n in self._dense_2d if n not in quantized and not _EMBEDDING_NAMES.search(n)]
+        if self._unquantized_names is not None:
+            names = self._unquantized_names(names, self.fmt)
         if "lm_head" not in quantized and "lm_head" not in names:
             names.append("lm_head")  # tied or not, the skeleton has an lm_head Linear that must stay dense
         return names
