@@ -195,6 +195,7 @@ class MultimodalModel:
     language_model: str  # module path
     towers: list[str]  # module paths, kept in the checkpoint dtype
     module_names: dict[str, str] = field(default_factory=dict)  # checkpoint module name -> module name
+    tower_tensors: set[str] = field(default_factory=set)  # checkpoint keys of the towers' tensors
 
     @classmethod
     def of(cls, stream) -> MultimodalModel | None:
@@ -203,19 +204,26 @@ class MultimodalModel:
         if not is_multimodal(config):
             return None
         layers_attr = stream.adapter.layers_attr
-        names = {}
+        towers = tower_paths(stream.model, layers_attr)
+        names, tower_tensors = {}, set()
         for key in stream.reader.names():
-            target = stream.module_tensor_name(key)
-            if target and key.endswith(".weight") and target.endswith(".weight"):
+            target = stream.module_tensor_name(key) or key
+            if key.endswith(".weight") and target.endswith(".weight"):
                 names[key[: -len(".weight")]] = target[: -len(".weight")]
+            if any(target.startswith(t + ".") for t in towers):
+                tower_tensors.add(key)
         return cls(
             model_type=config.model_type,
             architectures=list(getattr(config, "architectures", None) or []),
             text_model_type=config.get_text_config().model_type,
             language_model=language_model_path(stream.model, layers_attr),
-            towers=tower_paths(stream.model, layers_attr),
+            towers=towers,
             module_names=names,
+            tower_tensors=tower_tensors,
         )
+
+    def is_tower_tensor(self, checkpoint_key: str) -> bool:
+        return checkpoint_key in self.tower_tensors
 
     def is_tower(self, module_name: str) -> bool:
         return any(module_name == t or module_name.startswith(t + ".") for t in self.towers)

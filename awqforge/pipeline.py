@@ -262,8 +262,8 @@ def run_quantization(
         del inputs, layer_kwargs, captured, token_mask
         job.check_cancel()
         for name, tensor in stream.non_block_checkpoint_tensors():
-            for w in writers:
-                w.add_tensor(name, tensor)
+            for w in writers:  # a multimodal model's towers: in the dtype they are stored in
+                w.add_tensor(name, tensor, keep_dtype=bool(mm and mm.is_tower_tensor(name)))
         for w in writers:
             w.finish_tensors()
 

@@ -167,6 +167,40 @@ def test_artifact_keeps_architecture_processor_files_and_says_how_it_was_calibra
     ids = tiny_input_ids(1, 16)
     ours = _logits(load_quantized(result.artifacts["awq"], dtype=torch.float32), ids)
     torch.testing.assert_close(ours, _logits(model, ids), rtol=1e-3, atol=1e-3)
+    # an image through the artifact: the tower's features are the source model's, the logits close to its
+    _, fp = mm_checkpoint("llava")
+    pixels = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    image_ids = torch.cat([torch.full((1, 16), 512), tiny_input_ids(1, 8)], dim=1)  # 16 patches, 8 words
+    with torch.no_grad():
+        feats = [m.model.get_image_features(pixel_values=pixels).pooler_output for m in (model, fp)]
+        torch.testing.assert_close(feats[0], feats[1], rtol=0, atol=0)
+        got, want = (m(input_ids=image_ids, pixel_values=pixels).logits for m in (model, fp))
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.95
+
+
+def test_towers_stay_in_their_own_dtype(tiny_tokenizer, tmp_path):
+    """A bf16 text model beside an fp32 vision tower and projector: the towers are written in fp32."""
+    from safetensors import safe_open
+
+    model = build_tiny_multimodal("llava").to(torch.bfloat16)
+    model.model.vision_tower.float()
+    model.model.multi_modal_projector.float()
+    model.save_pretrained(tmp_path / "ckpt")
+    tiny_tokenizer.save_pretrained(tmp_path / "ckpt")
+    config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    config["dtype"] = config["text_config"]["dtype"] = "bfloat16"  # the text model's, as such checkpoints say
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(config))
+    result = _quantize(tmp_path / "ckpt", tmp_path / "out", method="rtn", bits=4)
+    art = result.artifacts["compressed-tensors"]
+    with safe_open(str(art / "model.safetensors"), "pt") as f:
+        dtypes = {n: f.get_slice(n).get_dtype() for n in f.keys()}
+    assert {d for n, d in dtypes.items() if n.startswith(("vision_tower.", "multi_modal_projector."))} == {
+        "F32"
+    }
+    assert dtypes["language_model.model.embed_tokens.weight"] == "BF16"
+    assert dtypes["language_model.model.layers.0.mlp.down_proj.weight_scale"] == "BF16"
+    loaded = load_quantized(art, dtype=torch.float32)
+    assert torch.isfinite(_logits(loaded, tiny_input_ids(1, 8))).all()
 
 
 def test_adapter_is_the_text_model_s_on_the_language_model_layers():

@@ -229,15 +229,16 @@ class ArtifactWriter:
         text_cfg = cfg.get("text_config") or {}
         return bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """A tensor written as is (norms, embeddings, unquantized linears)."""
+    def add_tensor(self, name: str, tensor: torch.Tensor, *, keep_dtype: bool = False) -> None:
+        """A tensor written as is (norms, embeddings, unquantized linears); `keep_dtype`: in its own dtype
+        rather than the checkpoint's (a multimodal model's towers, which may differ from the text model's)."""
         if name == "lm_head.weight" and self.tied_embeddings:
             # Tied: transformers and vLLM take lm_head from the embedding; storing it twice would only cost space.
             log.debug("skipping lm_head.weight: tie_word_embeddings is set")
             return
         if name.endswith(".weight") and tensor.dim() == 2:
             self._dense_2d.append(name[: -len(".weight")])
-        self._add(name, self._as_checkpoint_dtype(tensor))
+        self._add(name, tensor if keep_dtype else self._as_checkpoint_dtype(tensor))
 
     def _as_checkpoint_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
         # The pipeline may compute in fp32; what is stored keeps the source checkpoint's dtype.
