@@ -19,7 +19,6 @@ from tiny_multimodal import MULTIMODAL_FAMILIES, build_tiny_multimodal
 
 from awqforge.arch import UnsupportedArchitecture, get_adapter
 from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
-from awqforge.errors import AWQForgeError
 from awqforge.loading import load_quantized
 from awqforge.pipeline import run_quantization
 from awqforge.spec import JobSpec
@@ -31,13 +30,6 @@ SIDE_FILES = {
     "preprocessor_config.json": {"image_processor_type": "SiglipImageProcessor", "size": {"height": 32}},
     "processor_config.json": {"processor_class": "TinyProcessor", "image_seq_length": 4},
 }
-# The Gemma 4 text decoder takes per-layer inputs positionally; capturing them is the Gemma 4 text family's
-# work (issue 20, MoE / hybrid / new text families). The multimodal part here is ready for it.
-GEMMA4 = pytest.param(
-    "gemma4",
-    marks=pytest.mark.xfail(raises=AWQForgeError, strict=False, reason="Gemma 4 text decoder capture"),
-)
-FAMILIES = [GEMMA4 if f == "gemma4" else f for f in MULTIMODAL_FAMILIES]
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +56,12 @@ def _quantize(ckpt, out, method="awq", formats=("compressed-tensors",), bits=3, 
     spec = JobSpec(
         model=str(ckpt),
         method=method,
-        quant={"bits": bits, "group_size": 32, "zero_point": zero_point, "modules_to_not_convert": list(skip)},
+        quant={
+            "bits": bits,
+            "group_size": 32,
+            "zero_point": zero_point,
+            "modules_to_not_convert": list(skip),
+        },
         calibration={"source": f"file:{BUNDLED_CALIBRATION_TEXT}", "n_samples": 16, "seq_len": 64},
         formats=list(formats),
         eval={"enabled": False},
@@ -79,7 +76,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", MULTIMODAL_FAMILIES)
 def test_language_model_quantized_towers_kept_loads_in_transformers(family, mm_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
@@ -218,6 +215,11 @@ def test_adapter_is_the_text_model_s_on_the_language_model_layers():
     llama4 = get_adapter(tiny_multimodal_config("llama4"))
     assert llama4.layers_attr == "language_model.model.layers" and llama4.experts.in_out
     assert get_adapter(tiny_multimodal_config("qwen3_vl")).family == "qwen3_vl (language model, structural)"
+    # Gemma 4 normalises the values (v_norm) between v_proj and o_proj: no v -> o scaling, even without GQA
+    gemma4 = tiny_multimodal_config("gemma4")
+    gemma4.text_config.num_key_value_heads = 4
+    vo = [sp for sp in get_adapter(gemma4).specs if sp.prev == "self_attn.v_proj"]
+    assert len(vo) == 1 and "v_norm" in vo[0].disabled
 
 
 def _one_sentence(msg: str, *words: str) -> None:

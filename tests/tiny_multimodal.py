@@ -125,7 +125,7 @@ def _text_config(family: str) -> dict:
         kw = {k: v for k, v in kw.items() if k not in ("architectures", "transformers_version", "model_type")}
     else:
         kw = dict(_COMMON)
-        if family == "gemma4":
+        if family == "gemma4":  # no per-layer inputs (PLE): their capture is the Gemma 4 text family's work
             kw.update(
                 layer_types=["sliding_attention", "full_attention"],
                 sliding_window=16,
