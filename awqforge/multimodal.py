@@ -74,7 +74,8 @@ def refusal(config: Any, missing: str, remedy: str) -> str:
 
 def short_error(exc: BaseException) -> str:
     """An exception's text without the lists of supported classes transformers appends to some errors."""
-    text = str(exc).split(" Model type should be one of")[0].split("\n")[0]
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    text = lines[0].split(" Model type should be one of")[0] if lines else type(exc).__name__
     return text if len(text) <= 300 else text[:297] + "..."
 
 

@@ -46,6 +46,7 @@ LAYER_LISTS = (
     "layers",
     "model.language_model.layers",  # image-text-to-text models (awqforge.multimodal)
     "language_model.model.layers",
+    "model.text_model.layers",  # Idefics3, SmolVLM
 )
 
 

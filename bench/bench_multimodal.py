@@ -26,7 +26,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import train_tiny_tokenizer  # noqa: E402
 from tiny_models import tiny_input_ids  # noqa: E402
-from tiny_multimodal import MULTIMODAL_FAMILIES, _text_config, build_tiny_multimodal  # noqa: E402
+from tiny_multimodal import EXTRA_FAMILIES, MULTIMODAL_FAMILIES, _text_config, build_tiny_multimodal  # noqa: E402
 
 from awqforge.calibration import BUNDLED_CALIBRATION_TEXT  # noqa: E402
 from awqforge.errors import AWQForgeError  # noqa: E402
@@ -79,7 +79,7 @@ def measure(family: str, fp, ckpt: Path, work: Path, bits: int, group_size: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="*", default=[*MULTIMODAL_FAMILIES, *VARIANTS])
+    ap.add_argument("--families", nargs="*", default=[*MULTIMODAL_FAMILIES, *VARIANTS, *EXTRA_FAMILIES])
     ap.add_argument("--bits", nargs="*", type=int, default=[3, 4])
     ap.add_argument("--group-size", type=int, default=32)
     args = ap.parse_args()

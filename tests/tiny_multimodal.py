@@ -12,6 +12,8 @@ import torch
 from tiny_models import _COMMON, tiny_config
 from transformers import AutoConfig, AutoModelForImageTextToText, PreTrainedModel
 
+from awqforge.structure import norm_plus_one
+
 MULTIMODAL_FAMILIES = [
     "gemma3",
     "gemma4",
@@ -115,7 +117,48 @@ _VISION = {  # 1 layer, tiny widths, per vision tower's own field names
         projector_output_dim=128,
     ),
 }
-_TEXT_TYPE = {"gemma3": "gemma3_text", "mistral3": "mistral", "llava": "llama", "llama4": "llama4_text"}
+# More image-text-to-text families transformers ships, measured by bench/bench_multimodal.py
+EXTRA_FAMILIES = ["paligemma", "qwen2_vl", "smolvlm", "internvl", "llava_next", "glm4v"]
+_VISION.update(
+    paligemma=dict(_VISION["gemma3"]),
+    qwen2_vl=dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=8),
+    smolvlm=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    ),
+    internvl=dict(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        image_size=[32, 32],
+        patch_size=[8, 8],
+    ),
+    llava_next=dict(_VISION["llava"]),
+    glm4v=dict(
+        depth=1,
+        hidden_size=32,
+        intermediate_size=64,
+        num_heads=2,
+        out_hidden_size=128,
+        patch_size=8,
+        image_size=32,
+    ),
+)
+_TEXT_TYPE = {
+    "gemma3": "gemma3_text",
+    "mistral3": "mistral",
+    "llava": "llama",
+    "llama4": "llama4_text",
+    "paligemma": "gemma",
+    "smolvlm": "llama",
+    "internvl": "qwen2",
+    "llava_next": "llama",
+}
 
 
 def _text_config(family: str) -> dict:
@@ -133,7 +176,7 @@ def _text_config(family: str) -> dict:
                 num_kv_shared_layers=0,
                 global_head_dim=32,
             )
-        if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5"):
+        if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl", "glm4v"):
             kw.update(
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
             )
@@ -163,14 +206,12 @@ def build_tiny_multimodal(family: str, seed: int = 0, **overrides) -> PreTrained
     config._attn_implementation = "eager"
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
-    plus_one = family.startswith("gemma")
-    text = model.get_decoder()
     with torch.no_grad():
-        for name, mod in text.named_modules():
+        for name, mod in model.get_decoder().named_modules():
             w = getattr(mod, "weight", None)
             if w is None or w.dim() != 1 or not name.endswith(("norm", "layernorm")):
                 continue
             gain = torch.exp(0.3 * torch.randn(w.shape, generator=gen))
             gain[torch.randperm(w.shape[0], generator=gen)[:3]] *= 8.0
-            w.copy_(gain - 1.0 if plus_one and "gemma3" in family else gain)
+            w.copy_(gain - 1.0 if norm_plus_one(mod) else gain)  # Gemma's norms compute x * (1 + w)
     return model.eval()
