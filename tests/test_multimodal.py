@@ -9,6 +9,7 @@ RTN's, and our own loader computes the same logits as transformers.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -24,6 +25,9 @@ from awqforge.pipeline import run_quantization
 from awqforge.spec import JobSpec
 
 pytestmark = pytest.mark.usefixtures("one_thread")
+needs_ct = pytest.mark.skipif(  # transformers' loader of the artifacts (a dev dependency)
+    importlib.util.find_spec("compressed_tensors") is None, reason="compressed-tensors is not installed"
+)
 
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
 SIDE_FILES = {
@@ -38,6 +42,8 @@ def mm_checkpoint(tmp_path_factory, tiny_tokenizer):
     cache = {}
 
     def make(family: str):
+        if family not in transformers.CONFIG_MAPPING:  # newer than the transformers installed
+            pytest.skip(f"transformers {transformers.__version__} has no model type {family!r}")
         if family not in cache:
             folder = tmp_path_factory.mktemp(f"mm-{family}")
             model = build_tiny_multimodal(family)
@@ -76,6 +82,7 @@ def _logits(model, ids):
         return model(input_ids=ids).logits.float()
 
 
+@needs_ct
 @pytest.mark.parametrize("family", MULTIMODAL_FAMILIES)
 def test_language_model_quantized_towers_kept_loads_in_transformers(family, mm_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
@@ -124,6 +131,7 @@ def result_multimodal(result) -> dict:
     return json.loads(result.report_path.read_text())["multimodal"]
 
 
+@needs_ct
 def test_artifact_keeps_architecture_processor_files_and_says_how_it_was_calibrated(mm_checkpoint, tmp_path):
     ckpt, _ = mm_checkpoint("llava")
     skip = "model.language_model.layers.0.mlp.down_proj"  # patterns name modules (transformers' module tree)
@@ -215,6 +223,8 @@ def test_adapter_is_the_text_model_s_on_the_language_model_layers():
     llama4 = get_adapter(tiny_multimodal_config("llama4"))
     assert llama4.layers_attr == "language_model.model.layers" and llama4.experts.in_out
     assert get_adapter(tiny_multimodal_config("qwen3_vl")).family == "qwen3_vl (language model, structural)"
+    if "gemma4" not in transformers.CONFIG_MAPPING:
+        return
     # Gemma 4 normalises the values (v_norm) between v_proj and o_proj: no v -> o scaling, even without GQA
     gemma4 = tiny_multimodal_config("gemma4")
     gemma4.text_config.num_key_value_heads = 4
