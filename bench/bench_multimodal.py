@@ -60,10 +60,15 @@ def measure(family: str, fp, ckpt: Path, work: Path, bits: int, group_size: int,
     for method in ("rtn", "awq"):
         art = run(ckpt, work / f"{method}-{bits}", method, bits, group_size)
         try:
-            model = AutoModelForImageTextToText.from_pretrained(art, dtype=torch.float32).eval()
+            model, info = AutoModelForImageTextToText.from_pretrained(
+                art, dtype=torch.float32, output_loading_info=True
+            )
         except Exception as exc:  # noqa: BLE001 - reported as the row's result
             row["loads"] = f"no ({str(exc)[:80]})"
             return row
+        bad = {k: len(v) for k, v in info.items() if k != "error_msgs" and v}
+        if bad:  # tensors transformers did not place (it re-initialises them): not a load
+            row["loads"] = "no (" + ", ".join(f"{n} {k}" for k, n in bad.items()) + ")"
         report = json.loads((art / "quant_report.json").read_text())["multimodal"]
         fp_mods = dict(fp.named_modules())
         for name, mod in model.named_modules():

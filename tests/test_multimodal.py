@@ -98,7 +98,10 @@ def test_language_model_quantized_towers_kept_loads_in_transformers(family, mm_c
         source = json.loads((ckpt / "config.json").read_text())
         assert config["architectures"] == source["architectures"]
         assert config["model_type"] == family
-        model = AutoModelForImageTextToText.from_pretrained(art, dtype=torch.float32).eval()
+        model, info = AutoModelForImageTextToText.from_pretrained(
+            art, dtype=torch.float32, output_loading_info=True
+        )
+        assert not any(v for k, v in info.items() if k != "error_msgs"), info  # every tensor placed
         assert type(model).__name__ == source["architectures"][0]
         # the towers and the projector: plain Linear layers, bit for bit the source's weights
         mm = result_multimodal(result)

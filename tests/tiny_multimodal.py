@@ -118,7 +118,7 @@ _VISION = {  # 1 layer, tiny widths, per vision tower's own field names
     ),
 }
 # More image-text-to-text families transformers ships, measured by bench/bench_multimodal.py
-EXTRA_FAMILIES = ["paligemma", "qwen2_vl", "smolvlm", "internvl", "llava_next", "glm4v"]
+EXTRA_FAMILIES = ["paligemma", "qwen2_vl", "smolvlm", "internvl", "llava_next", "glm4v", "qwen3_vl_moe"]
 _VISION.update(
     paligemma=dict(_VISION["gemma3"]),
     qwen2_vl=dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=8),
@@ -139,6 +139,7 @@ _VISION.update(
         patch_size=[8, 8],
     ),
     llava_next=dict(_VISION["llava"]),
+    qwen3_vl_moe=dict(_VISION["qwen3_vl"]),
     glm4v=dict(
         depth=1,
         hidden_size=32,
@@ -176,7 +177,9 @@ def _text_config(family: str) -> dict:
                 num_kv_shared_layers=0,
                 global_head_dim=32,
             )
-        if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl", "glm4v"):
+        if family == "qwen3_vl_moe":
+            kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)
+        if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl", "glm4v", "qwen3_vl_moe"):
             kw.update(
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
             )
