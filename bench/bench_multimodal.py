@@ -26,7 +26,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from conftest import train_tiny_tokenizer  # noqa: E402
 from tiny_models import tiny_input_ids  # noqa: E402
-from tiny_multimodal import EXTRA_FAMILIES, MULTIMODAL_FAMILIES, _text_config, build_tiny_multimodal  # noqa: E402
+from tiny_multimodal import (  # noqa: E402
+    _AUDIO,
+    EXTRA_FAMILIES,
+    MULTIMODAL_FAMILIES,
+    _text_config,
+    build_tiny_multimodal,
+)
 
 from awqforge.calibration import BUNDLED_CALIBRATION_TEXT  # noqa: E402
 from awqforge.errors import AWQForgeError  # noqa: E402
@@ -35,6 +41,9 @@ from awqforge.spec import JobSpec  # noqa: E402
 
 # Qwen3.5 as it ships: gated-delta-rule (linear attention) layers beside attention layers
 VARIANTS = {"qwen3_5 (hybrid)": ("qwen3_5", {"layer_types": ["linear_attention", "full_attention"]})}
+OTHER_OVERRIDES = {
+    "gemma4 (audio)": ("gemma4", {"audio_config": _AUDIO["gemma4"]})
+}  # beside the vision tower
 
 
 def run(ckpt: Path, out: Path, method: str, bits: int, group_size: int) -> Path:
@@ -84,7 +93,9 @@ def measure(family: str, fp, ckpt: Path, work: Path, bits: int, group_size: int,
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--families", nargs="*", default=[*MULTIMODAL_FAMILIES, *VARIANTS, *EXTRA_FAMILIES])
+    ap.add_argument(
+        "--families", nargs="*", default=[*MULTIMODAL_FAMILIES, *VARIANTS, *OTHER_OVERRIDES, *EXTRA_FAMILIES]
+    )
     ap.add_argument("--bits", nargs="*", type=int, default=[3, 4])
     ap.add_argument("--group-size", type=int, default=32)
     args = ap.parse_args()
@@ -98,6 +109,8 @@ def main() -> None:
     for name in args.families:
         family, text_over = VARIANTS.get(name, (name, None))
         overrides = {"text_config": {**_text_config(family), **text_over}} if text_over else {}
+        if name in OTHER_OVERRIDES:
+            family, overrides = OTHER_OVERRIDES[name]
         with tempfile.TemporaryDirectory() as tmp:
             work = Path(tmp)
             fp = build_tiny_multimodal(family, **overrides)

@@ -233,6 +233,18 @@ def test_adapter_is_the_text_model_s_on_the_language_model_layers():
     gemma4.text_config.num_key_value_heads = 4
     vo = [sp for sp in get_adapter(gemma4).specs if sp.prev == "self_attn.v_proj"]
     assert len(vo) == 1 and "v_norm" in vo[0].disabled
+    # an audio tower and its embedder are kept like the vision tower (bench_multimodal's "gemma4 (audio)")
+    from tiny_multimodal import _AUDIO
+
+    from awqforge.multimodal import tower_paths
+
+    model = build_tiny_multimodal("gemma4", audio_config=_AUDIO["gemma4"])
+    assert tower_paths(model, "model.language_model.layers") == [
+        "model.vision_tower",
+        "model.audio_tower",
+        "model.embed_vision",
+        "model.embed_audio",
+    ]
 
 
 def _one_sentence(msg: str, *words: str) -> None:

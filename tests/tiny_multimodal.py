@@ -150,6 +150,15 @@ _VISION.update(
         image_size=32,
     ),
 )
+_AUDIO = {  # Gemma 4 with an audio tower too (bench/bench_multimodal.py's "gemma4 (audio)")
+    "gemma4": dict(
+        hidden_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        subsampling_conv_channels=[8, 8],
+        output_proj_dims=32,
+    ),
+}
 _TEXT_TYPE = {
     "gemma3": "gemma3_text",
     "mistral3": "mistral",
