@@ -538,13 +538,6 @@ _REGISTRY: dict[str, ArchAdapter] = {
     ),
 }
 
-# Multimodal configs whose text model is in the registry under its own model_type: the refusal points to it.
-_TEXT_MODEL_OF = {
-    "gemma3": "Gemma3ForCausalLM, model_type 'gemma3_text'",
-    "llama4": "Llama4ForCausalLM, model_type 'llama4_text': a checkpoint whose config.json is the "
-    "text_config with its language_model.* tensors",
-}
-
 SUPPORTED_FAMILIES = tuple(_REGISTRY)
 
 
@@ -565,32 +558,40 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
-    if model_type == "llama4":  # transformers maps it to Llama4ForCausalLM over the composite config
-        raise _refuse(config, "is multimodal (a vision tower and a text model)")
+    from awqforge import multimodal
+
+    if multimodal.is_multimodal(config):  # image-text-to-text: the text model's adapter (awqforge.multimodal)
+        return multimodal.adapter(config)
+    multimodal.refuse_unsupported_composite(config)
     return structural_adapter(config)
+
+
+def registry_adapter(model_type: str | None) -> ArchAdapter | None:
+    """The registry's adapter for a model_type, or None."""
+    return _REGISTRY.get(model_type) if model_type else None
 
 
 def _refuse(config, why: str) -> UnsupportedArchitecture:
     model_type = getattr(config, "model_type", None)
     archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
-    hint = ""
-    if model_type in _TEXT_MODEL_OF:
-        hint = f" Quantize the text model ({_TEXT_MODEL_OF[model_type]})."
     return UnsupportedArchitecture(
         f"model type {model_type!r} (architectures: {archs}) is not in the registry and {why}. "
         f"Registry model types: {', '.join(SUPPORTED_FAMILIES)}; others need Llama-, Qwen- or Gemma-shaped "
-        f"decoder blocks, or mappings given with the job (JobSpec.mappings / --mappings).{hint}"
+        f"decoder blocks, or mappings given with the job (JobSpec.mappings / --mappings)."
     )
 
 
 def _skeleton(config) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    from awqforge.multimodal import auto_model_class, short_error
 
+    auto = auto_model_class(config)  # AutoModelForImageTextToText for multimodal configs
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except Exception as exc:  # transformers has no causal LM for this config
-        raise _refuse(config, f"transformers builds no causal LM from its config ({exc})") from exc
+            return auto.from_config(config, trust_remote_code=False)
+    except Exception as exc:  # transformers has no model of that class for this config
+        raise _refuse(
+            config, f"transformers builds no {auto.__name__} from its config ({short_error(exc)})"
+        ) from exc
 
 
 _STRUCTURAL: dict[str, ArchAdapter] = {}
@@ -707,10 +708,10 @@ def check_module_patterns(model_or_config, adapter: ArchAdapter, patterns: Itera
 def _meta_model(model_or_config) -> nn.Module:
     if isinstance(model_or_config, nn.Module):
         return model_or_config
-    from transformers import AutoModelForCausalLM
+    from awqforge.multimodal import auto_model_class
 
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(model_or_config)
+        return auto_model_class(model_or_config).from_config(model_or_config)
 
 
 def _generic_name(name: str) -> str:

@@ -378,11 +378,12 @@ def generate_self_samples(
     batch_size: int = 16,
 ) -> torch.Tensor:
     """n_samples sequences of seq_len tokens sampled from the model itself, from short generic prompts."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False).to(
-        device
-    )
+    from awqforge.multimodal import auto_model_class
+
+    auto = auto_model_class(AutoConfig.from_pretrained(str(model_dir), trust_remote_code=False))
+    model = auto.from_pretrained(str(model_dir), dtype=dtype, trust_remote_code=False).to(device)
     model.eval()
     generator_state = torch.random.get_rng_state()
     torch.manual_seed(seed)

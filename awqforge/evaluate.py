@@ -110,8 +110,9 @@ def load_fp_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
     """The full-precision model from a safetensors checkpoint folder (never remote code)."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig
 
+    from awqforge.multimodal import auto_model_class
     from awqforge.resolve import safetensors_files
 
     safetensors_files(Path(path))  # refuses pickle-only folders before transformers would load them
@@ -120,9 +121,8 @@ def load_fp_model(
         from awqforge.streaming import checkpoint_dtype, compute_dtype
 
         dtype = compute_dtype(checkpoint_dtype(Path(path)), device)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True
-    )
+    auto = auto_model_class(AutoConfig.from_pretrained(str(path), trust_remote_code=False))
+    model = auto.from_pretrained(str(path), dtype=dtype, trust_remote_code=False, use_safetensors=True)
     return model.to(device).eval()
 
 

@@ -213,8 +213,9 @@ def load_quantized(
     `dtype` (activations, scales and unquantized weights) defaults to float32 on CPU and to the checkpoint's
     fp16/bf16 (else fp16) on GPU.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+    from transformers import AutoConfig, GenerationConfig
 
+    from awqforge.multimodal import auto_model_class
     from awqforge.qlinear import QuantLinear
 
     root = _resolve_dir(path, revision)
@@ -231,7 +232,8 @@ def load_quantized(
     dtype = _pick_dtype(dtype, device, config)
     adapter = _adapter(config)
     with _parameters_on_meta():
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=False)
+        # image-text-to-text checkpoints: AutoModelForImageTextToText (awqforge/multimodal.py)
+        model = auto_model_class(config).from_config(config, dtype=dtype, trust_remote_code=False)
     if adapter is not None:
         # Fused 3-D experts -> per-expert nn.Linear (on meta), as the pipeline quantized and wrote them.
         for block in adapter.get_layers(model):

@@ -133,6 +133,7 @@ def run_quantization(
     from awqforge.calibration import build_calibration, read_text
     from awqforge.evaluate import eval_windows
     from awqforge.formats import DEFAULT_SHARD_SIZE, ArtifactWriter, ModelCardInfo
+    from awqforge.multimodal import MultimodalModel
     from awqforge.resolve import resolve_model, resolve_spec_paths
     from awqforge.streaming import StreamingModel, pick_device
 
@@ -154,6 +155,8 @@ def run_quantization(
         )
         adapter = get_adapter(resolved.config, mappings=spec.mappings)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
+        adapter = stream.adapter  # block names as the checkpoint stores them (multimodal models)
+        mm = MultimodalModel.of(stream)  # None for text-only models
         try:
             check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
@@ -177,6 +180,7 @@ def run_quantization(
                     settings=spec.quant,
                     shard_size=shard_size,
                     overwrite=overwrite,
+                    unquantized_names=mm.unquantized_names if mm else None,
                 )
             )
         job.log(
@@ -260,8 +264,8 @@ def run_quantization(
         del inputs, layer_kwargs, captured, token_mask
         job.check_cancel()
         for name, tensor in stream.non_block_checkpoint_tensors():
-            for w in writers:
-                w.add_tensor(name, tensor)
+            for w in writers:  # a multimodal model's towers: in the dtype they are stored in
+                w.add_tensor(name, tensor, keep_dtype=bool(mm and mm.is_tower_tensor(name)))
         for w in writers:
             w.finish_tensors()
 
@@ -314,6 +318,9 @@ def run_quantization(
         card = ModelCardInfo.from_spec(
             spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
         )
+        if mm:  # what was quantized, what was kept, how it was calibrated (report and card)
+            report["multimodal"] = mm.report()
+            mm.describe(card)
         card.base_model_revision = resolved.revision or spec.revision  # the commit sha for a hub model
         for w in writers:
             reporting.write_report(w.staging_dir, report)

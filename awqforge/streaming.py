@@ -202,7 +202,12 @@ class StreamingModel:
         device: torch.device,
         dtype: torch.dtype | None = None,
     ) -> None:
-        from transformers import AutoModelForCausalLM
+        from awqforge.multimodal import (
+            auto_model_class,
+            is_multimodal,
+            tower_paths,
+            with_checkpoint_layer_names,
+        )
 
         self.config = config
         self.adapter = adapter
@@ -211,7 +216,9 @@ class StreamingModel:
         self.checkpoint_dtype = self.reader.floating_dtype()
         self.dtype = dtype or compute_dtype(self.checkpoint_dtype, device)
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype, trust_remote_code=False)
+            self.model = auto_model_class(config).from_config(
+                config, dtype=self.dtype, trust_remote_code=False
+            )
         self.model.eval()
         self.layers = adapter.get_layers(self.model)
         self.layers_prefix = adapter.layers_attr
@@ -220,6 +227,10 @@ class StreamingModel:
         self._conversions = _conversions(self.model)
         self._targets = self._module_names_of_checkpoint_keys()
         self._sources = self._group_by_block(self._targets)
+        # Image-text-to-text models: blocks written under the checkpoint's own layer prefix; the towers are
+        # never run here (text calibration), so they are not loaded (awqforge/multimodal.py).
+        self.adapter = with_checkpoint_layer_names(adapter, self._targets)
+        self.towers = tuple(tower_paths(self.model, adapter.layers_attr)) if is_multimodal(config) else ()
 
     @classmethod
     def from_resolved(
@@ -252,6 +263,13 @@ class StreamingModel:
                 block = int(head) if head.isdigit() else None
             groups[block].append(key)
         return groups
+
+    def module_tensor_name(self, checkpoint_key: str) -> str | None:
+        """The module tensor a checkpoint key is loaded into (transformers' renamings applied)."""
+        return self._targets.get(checkpoint_key)
+
+    def _in_tower(self, module_tensor: str) -> bool:
+        return any(module_tensor.startswith(t + ".") for t in self.towers)
 
     def block_bytes(self, index: int = 0) -> int:
         """Bytes block `index` takes in the checkpoint."""
@@ -290,7 +308,11 @@ class StreamingModel:
         skip = None
         if out_emb is not None and not tied and not with_output_embedding:
             skip = next((f"{n}.weight" for n, m in self.model.named_modules() if m is out_emb), None)
-        keys = [k for k in self._sources.get(None, []) if self._targets[k] != skip]
+        keys = [
+            k
+            for k in self._sources.get(None, [])
+            if self._targets[k] != skip and not self._in_tower(self._targets[k])
+        ]
         # Buffers first: transformers' init of their owner (an embedding with an embed_scale) also re-inits its
         # weights, which must not overwrite what is loaded next.
         self._init_buffers(self.model, skip_prefix=self.layers_prefix + ".")

@@ -36,8 +36,18 @@ UP = {"up_proj", "w3", "wi_1", "c_fc", "fc1", "fc_in", "dense_h_to_4h"}
 GATE_UP = {"gate_up_proj"}
 DOWN = {"down_proj", "w2", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo"}
 ROUTERS = {"gate", "router"}
+V_NORMS = {"v_norm", "value_norm"}
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
-LAYER_LISTS = ("model.layers", "model.decoder.layers", "transformer.h", "transformer.layers", "layers")
+LAYER_LISTS = (
+    "model.layers",
+    "model.decoder.layers",
+    "transformer.h",
+    "transformer.layers",
+    "layers",
+    "model.language_model.layers",  # image-text-to-text models (awqforge.multimodal)
+    "language_model.model.layers",
+    "model.text_model.layers",  # Idefics3, SmolVLM
+)
 
 
 def is_qk(name: str) -> bool:
@@ -246,7 +256,17 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
                 MappingSpec(f"{name}.{qkv[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", prev_rows="v")
             )
         elif v:
-            inner.append(MappingSpec(f"{name}.{v[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}"))
+            # a norm on the values (Gemma 4's v_norm) re-normalises what v_proj's scaled rows give o_proj
+            v_norm = next((n for n in sub if n in V_NORMS), None)
+            reason = f"{name}.{v_norm} normalises v between v_proj and o_proj: scales would not commute"
+            inner.append(
+                MappingSpec(
+                    f"{name}.{v[0]}",
+                    (f"{name}.{o[0]}",),
+                    f"{name}.{o[0]}",
+                    disabled=reason if v_norm else None,
+                )
+            )
         return {"fed": [f"{name}.{n}" for n in fed], "absorb": [], "inner": inner}
     gate_up, gate, up, down = _role(names, GATE_UP), _role(names, GATE), _role(names, UP), _role(names, DOWN)
     if (gate_up or up) and down and len(names) == len(gate_up) + len(gate) + len(up) + len(down[:1]):

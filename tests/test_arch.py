@@ -31,11 +31,11 @@ def test_unsupported_architecture_is_refused_with_the_supported_list():
     assert "'gpt2'" in msg and "llama" in msg and "qwen3_moe" in msg
 
 
-def test_gemma3_multimodal_points_to_the_text_model():
-    cfg = transformers.PretrainedConfig()
-    cfg.model_type = "gemma3"
-    with pytest.raises(UnsupportedArchitecture, match="gemma3_text"):
-        get_adapter(cfg)
+def test_gemma3_multimodal_gets_the_text_model_s_mappings():  # tests/test_multimodal.py runs it
+    cfg = transformers.Gemma3Config(text_config=tiny_config("gemma3_text").to_dict())
+    adapter = get_adapter(cfg)
+    assert adapter.layers_attr == "model.language_model.layers" and adapter.family.startswith("gemma3 (")
+    assert adapter.specs == get_adapter(tiny_config("gemma3_text")).specs
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -243,10 +243,10 @@ def test_llama4_group_size_check_reads_the_bmm_layout():
     check_group_size(model, adapter, 32)
 
 
-def test_llama4_multimodal_is_refused_pointing_to_the_text_model():
+def test_llama4_multimodal_gets_the_text_model_s_mappings():  # tests/test_multimodal.py runs it
     config = transformers.Llama4Config(text_config=tiny_config("llama4_text").to_dict())
-    with pytest.raises(UnsupportedArchitecture, match=r"'llama4'.*multimodal.*llama4_text"):
-        get_adapter(config)
+    adapter = get_adapter(config)
+    assert adapter.layers_attr == "language_model.model.layers" and adapter.experts.in_out
 
 
 def test_llama4_run_quantization_beats_rtn_and_names_experts_as_checkpoints_do(tiny_checkpoint, tmp_path):

@@ -47,7 +47,7 @@ class _Recorder(nn.Module):
         self.index, self.captured, self.stop, self.record_inputs = index, captured, stop, record_inputs
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if args:
+        if any(a is not None for a in args):  # Gemma 4 passes per_layer_input=None positionally
             raise AWQForgeError(
                 f"decoder layer {self.index} is called with positional arguments besides hidden_states; "
                 "this model's calling convention is not supported"

@@ -30,6 +30,8 @@ class ModelCardInfo:
     license: str | None = None  # overrides what is read from the source card
     extra_settings: dict[str, Any] = field(default_factory=dict)  # scale search, grid, clip search, seed...
     metrics: dict[str, Any] = field(default_factory=dict)  # sizes, wall time, layers quantized
+    model_class: str = "AutoModelForCausalLM"  # the transformers class of the loading snippet
+    pipeline_tag: str = "text-generation"
 
     @classmethod
     def from_spec(
@@ -207,7 +209,7 @@ def render_card(
         meta["base_model"] = info.base_model
         meta["base_model_relation"] = "quantized"
     meta["library_name"] = "transformers"
-    meta["pipeline_tag"] = "text-generation"
+    meta["pipeline_tag"] = info.pipeline_tag
     license_ = info.license or source_meta.get("license")
     if license_:
         meta["license"] = license_
@@ -323,10 +325,10 @@ def render_card(
         "### transformers",
         "",
         "```python",
-        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        f"from transformers import {info.model_class}, AutoTokenizer",
         "",
         f'tokenizer = AutoTokenizer.from_pretrained("{name}")',
-        f'model = AutoModelForCausalLM.from_pretrained("{name}", device_map="auto")',
+        f'model = {info.model_class}.from_pretrained("{name}", device_map="auto")',
         "```",
         "",
         "(needs `pip install compressed-tensors`)"

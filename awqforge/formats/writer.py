@@ -19,6 +19,7 @@ import re
 import shutil
 import struct
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -29,6 +30,7 @@ from awqforge.formats import awq as awq_format
 from awqforge.formats import compressed_tensors as ct_format
 from awqforge.formats.card import ModelCardInfo, read_source_card_metadata, render_card
 from awqforge.manifest import write_manifest
+from awqforge.multimodal import PROCESSOR_FILES
 from awqforge.parsing import parse_size
 from awqforge.quant import QuantizedTensor
 
@@ -55,6 +57,7 @@ _COPY_PATTERNS = (
     "chat_template.jinja",
     "chat_template.json",
     "generation_config.json",
+    *PROCESSOR_FILES,  # image-text-to-text checkpoints' processor and preprocessor configs
     "LICENSE*",
     "LICENCE*",
     "NOTICE*",
@@ -164,8 +167,12 @@ class ArtifactWriter:
         settings: QuantSettingsLike,
         shard_size: int | str = DEFAULT_SHARD_SIZE,
         overwrite: bool = False,
+        unquantized_names: Callable[[list[str], str], list[str]] | None = None,
     ) -> None:
+        """`unquantized_names(names, fmt)` rewrites the list of modules left in full precision (multimodal
+        models: the towers as patterns, the rest under module names; awqforge.multimodal)."""
         fmt = getattr(fmt, "value", fmt)
+        self._unquantized_names = unquantized_names
         if fmt not in FORMATS:
             raise InputError(f"unknown artifact format {fmt!r}: use one of {sorted(FORMATS)}")
         self.fmt: str = fmt
@@ -211,15 +218,16 @@ class ArtifactWriter:
         text_cfg = cfg.get("text_config") or {}
         return bool(cfg.get("tie_word_embeddings", text_cfg.get("tie_word_embeddings", False)))
 
-    def add_tensor(self, name: str, tensor: torch.Tensor) -> None:
-        """A tensor written as is (norms, embeddings, unquantized linears)."""
+    def add_tensor(self, name: str, tensor: torch.Tensor, *, keep_dtype: bool = False) -> None:
+        """A tensor written as is (norms, embeddings, unquantized linears); `keep_dtype`: in its own dtype
+        rather than the checkpoint's (a multimodal model's towers, which may differ from the text model's)."""
         if name == "lm_head.weight" and self.tied_embeddings:
             # Tied: transformers and vLLM take lm_head from the embedding; storing it twice would only cost space.
             log.debug("skipping lm_head.weight: tie_word_embeddings is set")
             return
         if name.endswith(".weight") and tensor.dim() == 2:
             self._dense_2d.append(name[: -len(".weight")])
-        self._add(name, self._as_checkpoint_dtype(tensor))
+        self._add(name, tensor if keep_dtype else self._as_checkpoint_dtype(tensor))
 
     def _as_checkpoint_dtype(self, tensor: torch.Tensor) -> torch.Tensor:
         # The pipeline may compute in fp32; what is stored keeps the source checkpoint's dtype.
@@ -278,6 +286,8 @@ class ArtifactWriter:
         """Linear-like modules left in full precision: the config's `ignore` / `modules_to_not_convert`."""
         quantized = set(self._quantized)
         names = [n for n in self._dense_2d if n not in quantized and not _EMBEDDING_NAMES.search(n)]
+        if self._unquantized_names is not None:
+            names = self._unquantized_names(names, self.fmt)
         if "lm_head" not in quantized and "lm_head" not in names:
             names.append("lm_head")  # tied or not, the skeleton has an lm_head Linear that must stay dense
         return names
