@@ -741,3 +741,41 @@ def _block_linear_widths(block: nn.Module, adapter: ArchAdapter) -> Iterable[tup
                 yield f"{name}.{e}.{lay.gate}", hidden
                 yield f"{name}.{e}.{lay.up}", hidden
                 yield f"{name}.{e}.{lay.down}", inter
+
+
+# -- MoE artifacts and the loaders that read them ---------------------------------------------------------------
+
+MOE_ASYMMETRIC_CT = (
+    "transformers >= 5 fuses MoE experts on load and decompresses compressed-tensors experts without their "
+    "zero points (compressed-tensors' pack-quantized decompression then stops: 'Asymmetric quant requires "
+    "zero-point values')"
+)
+
+
+def has_experts(model: nn.Module, adapter: ArchAdapter) -> bool:
+    """Whether any decoder block holds MoE experts (fused 3-D or already unfused)."""
+    for block in adapter.get_layers(model):
+        for mod in block.modules():
+            if isinstance(mod, UnfusedExperts) or (
+                isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and mod.gate_up_proj.dim() == 3
+            ):
+                return True
+    return False
+
+
+def check_format_support(
+    model: nn.Module, adapter: ArchAdapter, formats: Iterable[str], zero_point: bool, model_type: str = ""
+) -> None:
+    """Raise ValueError, before any work, for an artifact format + settings that transformers could not load.
+
+    compressed-tensors with zero points on an MoE model: every transformers release that fuses experts
+    (5.x) reads the per-expert `weight_packed`, `weight_scale` and `weight_shape` of each expert but not its
+    `weight_zero_point` (transformers.integrations.compressed_tensors.CompressedTensorsDequantize), so such
+    an artifact cannot be loaded with default loading. No layout we could write is read with zero points
+    (the expert path has no slot for them), so the job is refused with the two settings that load."""
+    formats = [getattr(f, "value", f) for f in formats]
+    if "compressed-tensors" in formats and zero_point and has_experts(model, adapter):
+        raise ValueError(
+            f"{model_type or adapter.family}: compressed-tensors with zero points (asymmetric) is refused for MoE "
+            f"models because {MOE_ASYMMETRIC_CT}; set zero_point=false (--symmetric) or use format 'awq'."
+        )
