@@ -221,7 +221,35 @@ def unfuse_experts(experts: nn.Module, layout: ExpertLayout) -> UnfusedExperts:
     return (UnfusedDenseExperts if layout.dense_routing else UnfusedExperts)(modules, n_exp)
 
 
-_NEVER_QUANTIZE = ("lm_head", "*.mlp.gate", "mlp.gate", "*shared_expert_gate", "*.router", "router")
+def kept_fused_reason(experts: nn.Module, layout: ExpertLayout) -> str | None:
+    """Why fused experts cannot become per-expert `ExpertMLP`s (down(act(gate(x)) * up(x)), gate rows first,
+    no biases), or None when they can. Experts that cannot (gpt-oss: biases, interleaved gate/up rows and a
+    clamped gated activation) stay fused and in full precision; the block's other linears are quantized."""
+    if not hasattr(experts, "act_fn"):
+        return f"{type(experts).__name__} has no act_fn: its activation is not act(gate) * up"
+    biases = [n for n, p in experts.named_parameters(recurse=False) if "bias" in n and p is not None]
+    if biases:
+        return f"{type(experts).__name__} has expert biases ({', '.join(biases)})"
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not isinstance(down, torch.Tensor) or down.dim() != 3:
+        return f"{type(experts).__name__}.down_proj is not a 3-D parameter"
+    hidden_gu = gate_up.shape[1] if layout.in_out else gate_up.shape[2]
+    hidden_d = down.shape[2] if layout.in_out else down.shape[1]
+    if hidden_gu != hidden_d or gate_up.shape[0] != down.shape[0]:
+        return f"{type(experts).__name__}: gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} layout"
+    return None
+
+
+_NEVER_QUANTIZE = (
+    "lm_head",
+    "*.mlp.gate",
+    "mlp.gate",
+    "*shared_expert_gate",
+    "*.router",
+    "router",
+    "*.gate.wg",  # Hunyuan's router (a module holding one linear)
+    "mlp.gate.wg",
+)
 
 
 @dataclass(frozen=True)
@@ -250,8 +278,8 @@ class ArchAdapter:
                 isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
                 and getattr(mod, "down_proj", None) is not None
             ):
-                if mod.gate_up_proj.dim() != 3:
-                    continue
+                if mod.gate_up_proj.dim() != 3 or kept_fused_reason(mod, self.experts) is not None:
+                    continue  # kept as is, in full precision (see kept_fused_reason)
                 parent_name, _, attr = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attr, unfuse_experts(mod, self.experts))
@@ -566,15 +594,15 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
 
 
 def _refuse(config, why: str) -> UnsupportedArchitecture:
+    """One sentence: the model type, what is missing, how to proceed (never a library's class list)."""
     model_type = getattr(config, "model_type", None)
-    archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
     hint = ""
     if model_type in _TEXT_MODEL_OF:
         hint = f" Quantize the text model ({_TEXT_MODEL_OF[model_type]})."
+    why = why if len(why) <= 300 else why[:297] + "..."
     return UnsupportedArchitecture(
-        f"model type {model_type!r} (architectures: {archs}) is not in the registry and {why}. "
-        f"Registry model types: {', '.join(SUPPORTED_FAMILIES)}; others need Llama-, Qwen- or Gemma-shaped "
-        f"decoder blocks, or mappings given with the job (JobSpec.mappings / --mappings).{hint}"
+        f"model type {model_type!r} is not supported: {why}; give mappings with the job (JobSpec.mappings / "
+        f"--mappings) or leave the modules it names unquantized with modules_to_not_convert.{hint}"
     )
 
 
@@ -584,8 +612,10 @@ def _skeleton(config) -> nn.Module:
     try:
         with torch.device("meta"):
             return AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    except Exception as exc:  # transformers has no causal LM for this config
-        raise _refuse(config, f"transformers builds no causal LM from its config ({exc})") from exc
+    except Exception as exc:  # transformers has no causal LM for this config (its message lists every class)
+        raise _refuse(
+            config, f"transformers builds no causal LM from {type(config).__name__} ({type(exc).__name__})"
+        ) from exc
 
 
 _STRUCTURAL: dict[str, ArchAdapter] = {}
@@ -604,7 +634,9 @@ def structural_adapter(config) -> ArchAdapter:
         base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=ExpertLayout())
         specs = structural_specs(model, layers_attr, base.prepare_block)
     except StructureError as exc:
-        raise _refuse(config, f"the structural fallback could not map its decoder block: {exc}") from exc
+        raise _refuse(config, f"its decoder block could not be mapped ({exc})") from exc
+    except Exception as exc:  # a module the structural reading does not expect: refused, not a crash
+        raise _refuse(config, f"its decoder block could not be read ({type(exc).__name__}: {exc})") from exc
     block = base.get_layers(model)[0]
     plus_one = any(norm_plus_one(m) for m in block.modules() if is_norm(m))
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
@@ -729,7 +761,12 @@ def _block_linear_widths(block: nn.Module, adapter: ArchAdapter) -> Iterable[tup
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear):
             yield name, mod.in_features
-        elif adapter.experts is not None and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter):
+        elif (
+            adapter.experts is not None
+            and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+            and mod.gate_up_proj.dim() == 3
+            and kept_fused_reason(mod, adapter.experts) is None
+        ):
             lay = adapter.experts
             if lay.in_out:  # [E, H, 2I] / [E, I, H]
                 n_exp, hidden, _ = mod.gate_up_proj.shape
