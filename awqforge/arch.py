@@ -105,6 +105,7 @@ class ExpertLayout:
     down: str = "down_proj"
     in_out: bool = False
     dense_routing: bool = False
+    keep_fused: str | None = None  # why fused experts stay fused (and in full precision), if they do
 
 
 class ScaledActivation(nn.Module):
@@ -225,6 +226,8 @@ def kept_fused_reason(experts: nn.Module, layout: ExpertLayout) -> str | None:
     """Why fused experts cannot become per-expert `ExpertMLP`s (down(act(gate(x)) * up(x)), gate rows first,
     no biases), or None when they can. Experts that cannot (gpt-oss: biases, interleaved gate/up rows and a
     clamped gated activation) stay fused and in full precision; the block's other linears are quantized."""
+    if layout.keep_fused:
+        return layout.keep_fused
     if not hasattr(experts, "act_fn"):
         return f"{type(experts).__name__} has no act_fn: its activation is not act(gate) * up"
     biases = [n for n, p in experts.named_parameters(recurse=False) if "bias" in n and p is not None]
@@ -322,6 +325,13 @@ class ArchAdapter:
         """lm_head and MoE routers stay in full precision, whatever the settings."""
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
+    def weight_read_directly(self, block: nn.Module, name: str) -> bool:
+        """Whether the linear's parent reads `self.<linear>.weight` in its forward (Mamba's dt_proj in the
+        discretisation): a quantized layer has no `weight`, so such a linear stays in full precision."""
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        return f"self.{child}.weight" in _forward_source(type(parent))
+
     def quantizable_linears(
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
     ) -> dict[str, nn.Linear]:
@@ -334,6 +344,7 @@ class ArchAdapter:
             for n, m in block.named_modules()
             if isinstance(m, nn.Linear)
             and not self.never_quantize(n)
+            and not self.weight_read_directly(block, n)
             and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
         }
 
@@ -343,6 +354,20 @@ class ArchAdapter:
         for src, dst in self.checkpoint_renames:
             name = name.replace(src, dst)
         return name[1:]
+
+
+_SOURCES: dict[type, str] = {}
+
+
+def _forward_source(cls: type) -> str:
+    if cls not in _SOURCES:
+        import inspect
+
+        try:
+            _SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _SOURCES[cls] = ""
+    return _SOURCES[cls]
 
 
 def _match(pattern: str, modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, ...]]]:
@@ -631,7 +656,8 @@ def structural_adapter(config) -> ArchAdapter:
     model = _skeleton(config)
     try:
         layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
-        base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=ExpertLayout())
+        layout = ExpertLayout(keep_fused=_per_expert_unreadable(config, model))
+        base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
         specs = structural_specs(model, layers_attr, base.prepare_block)
     except StructureError as exc:
         raise _refuse(config, f"its decoder block could not be mapped ({exc})") from exc
@@ -642,6 +668,37 @@ def structural_adapter(config) -> ArchAdapter:
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
     _STRUCTURAL[key] = adapter
     return adapter
+
+
+def _per_expert_unreadable(config, model: nn.Module) -> str | None:
+    """Why per-expert linears would not load for this model type in transformers (None: they would).
+
+    transformers >= 5 reads per-expert checkpoint tensors (`experts.{e}.gate_proj`, ...) into its fused
+    experts only where its conversion mapping for the model type merges them (a WeightConverter whose source
+    names `experts.*.`); for the others (GraniteMoE's `input_linear`, gpt-oss, JetMoE) a per-expert artifact
+    would leave the experts uninitialised, so their fused experts are kept as they are, in full precision."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers < 5 has no fused experts: per-expert tensors are its own layout
+        return None
+    fused = [
+        n for n, m in model.named_modules()
+        if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and m.gate_up_proj.dim() == 3
+    ]
+    if not fused:
+        return None
+    try:
+        conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
+    except Exception:
+        conversions = []
+    if any(
+        "experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []
+    ):
+        return None
+    return (
+        f"transformers merges no per-expert tensors into {type(model.get_submodule(fused[0])).__name__} for "
+        f"model type {getattr(config, 'model_type', None)!r}: experts kept fused, in full precision"
+    )
 
 
 def _user_adapter(config, mappings) -> ArchAdapter:
@@ -751,7 +808,11 @@ def _linear_widths(model_or_config, adapter: ArchAdapter, skip: tuple[str, ...])
         prefix = f"{adapter.layers_attr}.{i}"
         for name, width in _block_linear_widths(block, adapter):
             full = f"{prefix}.{name}"
-            if not adapter.never_quantize(name) and not matches_any(full, skip):
+            if (
+                not adapter.never_quantize(name)
+                and not (name in dict(block.named_modules()) and adapter.weight_read_directly(block, name))
+                and not matches_any(full, skip)
+            ):
                 widths[full] = width
     return widths
 
