@@ -105,6 +105,7 @@ class ExpertLayout:
     down: str = "down_proj"
     in_out: bool = False
     dense_routing: bool = False
+    keep_fused: str | None = None  # why fused experts stay fused (and in full precision), if they do
 
 
 class ScaledActivation(nn.Module):
@@ -221,7 +222,37 @@ def unfuse_experts(experts: nn.Module, layout: ExpertLayout) -> UnfusedExperts:
     return (UnfusedDenseExperts if layout.dense_routing else UnfusedExperts)(modules, n_exp)
 
 
-_NEVER_QUANTIZE = ("lm_head", "*.mlp.gate", "mlp.gate", "*shared_expert_gate", "*.router", "router")
+def kept_fused_reason(experts: nn.Module, layout: ExpertLayout) -> str | None:
+    """Why fused experts cannot become per-expert `ExpertMLP`s (down(act(gate(x)) * up(x)), gate rows first,
+    no biases), or None when they can. Experts that cannot (gpt-oss: biases, interleaved gate/up rows and a
+    clamped gated activation) stay fused and in full precision; the block's other linears are quantized."""
+    if layout.keep_fused:
+        return layout.keep_fused
+    if not hasattr(experts, "act_fn"):
+        return f"{type(experts).__name__} has no act_fn: its activation is not act(gate) * up"
+    biases = [n for n, p in experts.named_parameters(recurse=False) if "bias" in n and p is not None]
+    if biases:
+        return f"{type(experts).__name__} has expert biases ({', '.join(biases)})"
+    gate_up, down = experts.gate_up_proj, experts.down_proj
+    if not isinstance(down, torch.Tensor) or down.dim() != 3:
+        return f"{type(experts).__name__}.down_proj is not a 3-D parameter"
+    hidden_gu = gate_up.shape[1] if layout.in_out else gate_up.shape[2]
+    hidden_d = down.shape[2] if layout.in_out else down.shape[1]
+    if hidden_gu != hidden_d or gate_up.shape[0] != down.shape[0]:
+        return f"{type(experts).__name__}: gate_up_proj {tuple(gate_up.shape)} / down_proj {tuple(down.shape)} layout"
+    return None
+
+
+_NEVER_QUANTIZE = (
+    "lm_head",
+    "*.mlp.gate",
+    "mlp.gate",
+    "*shared_expert_gate",
+    "*.router",
+    "router",
+    "*.gate.wg",  # Hunyuan's router (a module holding one linear)
+    "mlp.gate.wg",
+)
 
 
 @dataclass(frozen=True)
@@ -250,8 +281,8 @@ class ArchAdapter:
                 isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
                 and getattr(mod, "down_proj", None) is not None
             ):
-                if mod.gate_up_proj.dim() != 3:
-                    continue
+                if mod.gate_up_proj.dim() != 3 or kept_fused_reason(mod, self.experts) is not None:
+                    continue  # kept as is, in full precision (see kept_fused_reason)
                 parent_name, _, attr = name.rpartition(".")
                 parent = block.get_submodule(parent_name) if parent_name else block
                 setattr(parent, attr, unfuse_experts(mod, self.experts))
@@ -294,6 +325,13 @@ class ArchAdapter:
         """lm_head and MoE routers stay in full precision, whatever the settings."""
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
+    def weight_read_directly(self, block: nn.Module, name: str) -> bool:
+        """Whether the linear's parent reads `self.<linear>.weight` in its forward (Mamba's dt_proj in the
+        discretisation): a quantized layer has no `weight`, so such a linear stays in full precision."""
+        parent_name, _, child = name.rpartition(".")
+        parent = block.get_submodule(parent_name) if parent_name else block
+        return f"self.{child}.weight" in _forward_source(type(parent))
+
     def quantizable_linears(
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
     ) -> dict[str, nn.Linear]:
@@ -311,6 +349,7 @@ class ArchAdapter:
             for n, m in block.named_modules()
             if isinstance(m, nn.Linear)
             and not self.never_quantize(n)
+            and not self.weight_read_directly(block, n)
             and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
         }
 
@@ -320,6 +359,20 @@ class ArchAdapter:
         for src, dst in self.checkpoint_renames:
             name = name.replace(src, dst)
         return name[1:]
+
+
+_SOURCES: dict[type, str] = {}
+
+
+def _forward_source(cls: type) -> str:
+    if cls not in _SOURCES:
+        import inspect
+
+        try:
+            _SOURCES[cls] = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            _SOURCES[cls] = ""
+    return _SOURCES[cls]
 
 
 def _match(pattern: str, modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, ...]]]:
@@ -572,12 +625,15 @@ def registry_adapter(model_type: str | None) -> ArchAdapter | None:
 
 
 def _refuse(config, why: str) -> UnsupportedArchitecture:
+    """One sentence: the model type, what is missing, how to proceed (never a library's class list)."""
     model_type = getattr(config, "model_type", None)
-    archs = ", ".join(getattr(config, "architectures", None) or []) or "unknown"
+    hint = ""
+    if model_type in _TEXT_MODEL_OF:
+        hint = f" Quantize the text model ({_TEXT_MODEL_OF[model_type]})."
+    why = why if len(why) <= 300 else why[:297] + "..."
     return UnsupportedArchitecture(
-        f"model type {model_type!r} (architectures: {archs}) is not in the registry and {why}. "
-        f"Registry model types: {', '.join(SUPPORTED_FAMILIES)}; others need Llama-, Qwen- or Gemma-shaped "
-        f"decoder blocks, or mappings given with the job (JobSpec.mappings / --mappings)."
+        f"model type {model_type!r} is not supported: {why}; give mappings with the job (JobSpec.mappings / "
+        f"--mappings) or leave the modules it names unquantized with modules_to_not_convert.{hint}"
     )
 
 
@@ -607,15 +663,49 @@ def structural_adapter(config) -> ArchAdapter:
     model = _skeleton(config)
     try:
         layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
-        base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=ExpertLayout())
+        layout = ExpertLayout(keep_fused=_per_expert_unreadable(config, model))
+        base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
         specs = structural_specs(model, layers_attr, base.prepare_block)
     except StructureError as exc:
-        raise _refuse(config, f"the structural fallback could not map its decoder block: {exc}") from exc
+        raise _refuse(config, f"its decoder block could not be mapped ({exc})") from exc
+    except Exception as exc:  # a module the structural reading does not expect: refused, not a crash
+        raise _refuse(config, f"its decoder block could not be read ({type(exc).__name__}: {exc})") from exc
     block = base.get_layers(model)[0]
     plus_one = any(norm_plus_one(m) for m in block.modules() if is_norm(m))
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
     _STRUCTURAL[key] = adapter
     return adapter
+
+
+def _per_expert_unreadable(config, model: nn.Module) -> str | None:
+    """Why per-expert linears would not load for this model type in transformers (None: they would).
+
+    transformers >= 5 reads per-expert checkpoint tensors (`experts.{e}.gate_proj`, ...) into its fused
+    experts only where its conversion mapping for the model type merges them (a WeightConverter whose source
+    names `experts.*.`); for the others (GraniteMoE's `input_linear`, gpt-oss, JetMoE) a per-expert artifact
+    would leave the experts uninitialised, so their fused experts are kept as they are, in full precision."""
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    except ImportError:  # transformers < 5 has no fused experts: per-expert tensors are its own layout
+        return None
+    fused = [
+        n for n, m in model.named_modules()
+        if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and m.gate_up_proj.dim() == 3
+    ]
+    if not fused:
+        return None
+    try:
+        conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
+    except Exception:
+        conversions = []
+    if any(
+        "experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []
+    ):
+        return None
+    return (
+        f"transformers merges no per-expert tensors into {type(model.get_submodule(fused[0])).__name__} for "
+        f"model type {getattr(config, 'model_type', None)!r}: experts kept fused, in full precision"
+    )
 
 
 def _user_adapter(config, mappings) -> ArchAdapter:
@@ -725,7 +815,11 @@ def _linear_widths(model_or_config, adapter: ArchAdapter, skip: tuple[str, ...])
         prefix = f"{adapter.layers_attr}.{i}"
         for name, width in _block_linear_widths(block, adapter):
             full = f"{prefix}.{name}"
-            if not adapter.never_quantize(name) and not matches_any(full, skip):
+            if (
+                not adapter.never_quantize(name)
+                and not (name in dict(block.named_modules()) and adapter.weight_read_directly(block, name))
+                and not matches_any(full, skip)
+            ):
                 widths[full] = width
     return widths
 
@@ -735,7 +829,12 @@ def _block_linear_widths(block: nn.Module, adapter: ArchAdapter) -> Iterable[tup
     for name, mod in block.named_modules():
         if isinstance(mod, nn.Linear):
             yield name, mod.in_features
-        elif adapter.experts is not None and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter):
+        elif (
+            adapter.experts is not None
+            and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+            and mod.gate_up_proj.dim() == 3
+            and kept_fused_reason(mod, adapter.experts) is None
+        ):
             lay = adapter.experts
             if lay.in_out:  # [E, H, 2I] / [E, I, H]
                 n_exp, hidden, _ = mod.gate_up_proj.shape
@@ -747,3 +846,41 @@ def _block_linear_widths(block: nn.Module, adapter: ArchAdapter) -> Iterable[tup
                 yield f"{name}.{e}.{lay.gate}", hidden
                 yield f"{name}.{e}.{lay.up}", hidden
                 yield f"{name}.{e}.{lay.down}", inter
+
+
+# -- MoE artifacts and the loaders that read them ---------------------------------------------------------------
+
+MOE_ASYMMETRIC_CT = (
+    "transformers >= 5 fuses MoE experts on load and decompresses compressed-tensors experts without their "
+    "zero points (compressed-tensors' pack-quantized decompression then stops: 'Asymmetric quant requires "
+    "zero-point values')"
+)
+
+
+def has_experts(model: nn.Module, adapter: ArchAdapter) -> bool:
+    """Whether any decoder block holds MoE experts (fused 3-D or already unfused)."""
+    for block in adapter.get_layers(model):
+        for mod in block.modules():
+            if isinstance(mod, UnfusedExperts) or (
+                isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and mod.gate_up_proj.dim() == 3
+            ):
+                return True
+    return False
+
+
+def check_format_support(
+    model: nn.Module, adapter: ArchAdapter, formats: Iterable[str], zero_point: bool, model_type: str = ""
+) -> None:
+    """Raise ValueError, before any work, for an artifact format + settings that transformers could not load.
+
+    compressed-tensors with zero points on an MoE model: every transformers release that fuses experts
+    (5.x) reads the per-expert `weight_packed`, `weight_scale` and `weight_shape` of each expert but not its
+    `weight_zero_point` (transformers.integrations.compressed_tensors.CompressedTensorsDequantize), so such
+    an artifact cannot be loaded with default loading. No layout we could write is read with zero points
+    (the expert path has no slot for them), so the job is refused with the two settings that load."""
+    formats = [getattr(f, "value", f) for f in formats]
+    if "compressed-tensors" in formats and zero_point and has_experts(model, adapter):
+        raise ValueError(
+            f"{model_type or adapter.family}: compressed-tensors with zero points (asymmetric) is refused for MoE "
+            f"models because {MOE_ASYMMETRIC_CT}; set zero_point=false (--symmetric) or use format 'awq'."
+        )

@@ -128,7 +128,7 @@ def run_quantization(
     from transformers import AutoTokenizer
 
     from awqforge import report as reporting
-    from awqforge.arch import check_group_size, check_module_patterns, get_adapter
+    from awqforge.arch import check_format_support, check_group_size, check_module_patterns, get_adapter
     from awqforge.awq import BlockSettings
     from awqforge.calibration import build_calibration, read_text
     from awqforge.evaluate import eval_windows
@@ -160,6 +160,13 @@ def run_quantization(
         try:
             check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
+            check_format_support(
+                stream.model,
+                adapter,
+                spec.formats,
+                spec.quant.zero_point,
+                getattr(resolved.config, "model_type", ""),
+            )
         except ValueError as exc:
             raise InputError(str(exc)) from exc
         settings = BlockSettings.from_spec(spec)

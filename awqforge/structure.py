@@ -38,6 +38,7 @@ DOWN = {"down_proj", "w2", "c_proj", "fc2", "fc_out", "dense_4h_to_h", "wo"}
 ROUTERS = {"gate", "router"}
 V_NORMS = {"v_norm", "value_norm"}
 SHARED = ("shared_expert", "shared_experts", "shared_mlp")
+LATENT_IN = {"q_a_proj", "kv_a_proj_with_mqa", "kv_a_proj", "kv_proj"}  # MLA-style down-projections
 LAYER_LISTS = (
     "model.layers",
     "model.decoder.layers",
@@ -104,6 +105,7 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
     params = [a.arg for a in fn.args.args[1:]]
     env: dict[str, set[str]] = {params[0]: {"<input>"}} if params else {}
     edges: dict[str, list[str]] = {}
+    escaped: set[str] = set()  # children whose output is also read by something other than a child's input
 
     def child_call(node: ast.AST) -> str | None:
         if isinstance(node, ast.Subscript):
@@ -129,12 +131,12 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             for src_name in sources(arg):
                 edges.setdefault(src_name, []).append(name)
             for extra in [*call.args[1:], *(k.value for k in call.keywords if k.value is not arg)]:
-                sources(extra)
+                escaped.update(sources(extra))
             return {name}
         if isinstance(expr, ast.Name):
             return set(env.get(expr.id, set()))
-        for sub in ast.iter_child_nodes(expr):
-            sources(sub)
+        for sub in ast.iter_child_nodes(expr):  # arithmetic, attribute calls: the value is used, not aliased
+            escaped.update(sources(sub))
         return set()
 
     def run(stmts: Iterable[ast.stmt]) -> None:
@@ -146,21 +148,36 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
                     first = t.elts[0] if isinstance(t, ast.Tuple) and t.elts else t
                     if isinstance(first, ast.Name):
                         env[first.id] = value
-            elif isinstance(st, (ast.If, ast.For, ast.While, ast.With)):
+            elif isinstance(st, ast.If):  # branches (layer types of a hybrid block) start from the same state
+                sources(st.test)
+                before = {k: set(v) for k, v in env.items()}
+                run(st.body)
+                after_body = {k: set(v) for k, v in env.items()}
+                env.clear()
+                env.update(before)
+                run(st.orelse)
+                for k, v in after_body.items():
+                    env[k] = env.get(k, set()) | v
+            elif isinstance(st, (ast.For, ast.While, ast.With)):
                 for field in ("test", "iter"):
                     if hasattr(st, field):
                         sources(getattr(st, field))
                 run(st.body)
                 run(getattr(st, "orelse", []))
-            elif isinstance(st, (ast.Expr, ast.Return)):
+            elif isinstance(st, ast.Return):
+                escaped.update(sources(st.value))
+            elif isinstance(st, ast.Expr):
                 sources(st.value)
 
     run(fn.body)
     return {
         n: list(dict.fromkeys(c for c in edges.get(n, []) if c != n))
         for n, mod in children.items()
-        if is_norm(mod)
-    }
+        if is_norm(mod) and n not in escaped
+    } | {n: ESCAPED for n in escaped if n in children and is_norm(children[n]) and edges.get(n)}
+
+
+ESCAPED = ["<escaped>"]  # norm_consumers' value for a norm whose output also feeds arithmetic (a residual)
 
 
 def _linears(mod: nn.Module) -> dict[str, nn.Linear]:
@@ -180,6 +197,11 @@ def block_specs(block: nn.Module, hidden: int):
     consumers = norm_consumers(block)
     children = dict(block.named_children())
     for norm, users in consumers.items():
+        if users is ESCAPED:
+            # its output is also read outside the modules it feeds (MiniMax's residual taken from the normed
+            # input, Falcon-H1's input multipliers): a scale folded into it would change those reads. Its
+            # users' inner mappings still apply (below); their input linears get plain rounding.
+            continue
         fed: list[str] = []
         absorb: list[str] = []
         inner: list[MappingSpec] = []
@@ -210,66 +232,21 @@ def block_specs(block: nn.Module, hidden: int):
 
 
 def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
-    """What a child called with a norm's output contains: fed linears, routers, inner mappings."""
+    """What a child called with a norm's output contains: fed linears, routers, inner mappings.
+
+    Linears no rule maps are left to plain rounding (the block reports them); a child whose linears none reads
+    the block's input width contributes nothing to the norm's mapping."""
     from awqforge.arch import MappingSpec
 
     lin = _linears(mod)
     sub = dict(mod.named_children())
     experts = sub.get("experts")
-    if isinstance(experts, nn.ModuleList) and len(experts):
-        e0 = dict(experts[0].named_children())
-        gate, up, down = _role(e0, GATE), _role(e0, UP), _role(e0, DOWN)
-        if not (gate and up and down):
-            raise StructureError(
-                f"{name}.experts.0: expert linears {sorted(e0)} are not gate/up/down projections"
-            )
-        fed = [f"{name}.experts.*.{gate[0]}", f"{name}.experts.*.{up[0]}"]
-        inner = [
-            MappingSpec(
-                f"{name}.experts.*.{up[0]}", (f"{name}.experts.*.{down[0]}",), f"{name}.experts.*.{down[0]}"
-            )
-        ]
-        absorb = [f"{name}.{r}" for r in ROUTERS if r in sub and getattr(sub[r], "weight", None) is not None]
-        if not absorb:
-            raise StructureError(f"{name}: an MoE block without a router named {sorted(ROUTERS)}")
-        absorb += [f"{name}.{n}" for n in lin if n.startswith("shared_expert_gate")]
-        for s in SHARED:
-            if s in sub:
-                part = _consumer(f"{name}.{s}", sub[s], hidden)
-                fed += part["fed"]
-                inner += part["inner"]
-        return {"fed": fed, "absorb": absorb, "inner": inner}
+    if experts is not None and not isinstance(experts, nn.Linear):
+        return _moe(name, mod, sub, experts, lin, hidden)
     names = list(lin)
-    if _role(names, QKV) or _role(names, Q | K | V):
-        qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
-        fed = qkv or [n for n in names if n in Q | K | V]
-        unknown = [n for n in names if n not in fed and n not in O]
-        if unknown or not o:
-            raise StructureError(
-                f"{name}: attention linears {unknown or names} are not q/k/v/o projections (no output projection)"
-                if not o
-                else f"{name}: attention linears {unknown} are not q/k/v/o projections"
-            )
-        inner = []
-        if qkv:
-            inner.append(
-                MappingSpec(f"{name}.{qkv[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", prev_rows="v")
-            )
-        elif v:
-            # a norm on the values (Gemma 4's v_norm) re-normalises what v_proj's scaled rows give o_proj
-            v_norm = next((n for n in sub if n in V_NORMS), None)
-            reason = f"{name}.{v_norm} normalises v between v_proj and o_proj: scales would not commute"
-            inner.append(
-                MappingSpec(
-                    f"{name}.{v[0]}",
-                    (f"{name}.{o[0]}",),
-                    f"{name}.{o[0]}",
-                    disabled=reason if v_norm else None,
-                )
-            )
-        return {"fed": [f"{name}.{n}" for n in fed], "absorb": [], "inner": inner}
     gate_up, gate, up, down = _role(names, GATE_UP), _role(names, GATE), _role(names, UP), _role(names, DOWN)
-    if (gate_up or up) and down and len(names) == len(gate_up) + len(gate) + len(up) + len(down[:1]):
+    is_attention = bool(_role(names, QKV | Q | K | V | LATENT_IN))
+    if not is_attention and (gate_up or up) and down and len(names) == len(gate_up) + len(gate) + len(up) + len(down[:1]):
         d = f"{name}.{down[0]}"
         if gate_up:
             return {
@@ -287,16 +264,92 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
             "absorb": [],
             "inner": [MappingSpec(f"{name}.{up[0]}", (d,), d, disabled=reason)],
         }
-    raise StructureError(
-        f"{name} ({type(mod).__name__}): linears {names or 'none'} are neither attention (q/k/v/o), a gated MLP "
-        "(gate/up/down) nor an MoE block (experts + router)"
-    )
+    # attention (q/k/v, fused qkv, latent q/kv down-projections, extra gates) or a mixer (linear attention,
+    # state-space): every linear reading the block's width is fed by the norm, except output projections.
+    # The loss is measured on the whole child's output, so a scale that does not commute with it is not chosen.
+    fed = [n for n in names if lin[n].in_features == hidden and n not in O | DOWN]
+    if is_attention:
+        fed = [n for n in names if n in QKV | Q | K | V] + [n for n in fed if n not in QKV | Q | K | V]
+    inner = []
+    qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
+    if o and not _attention_output_is_linear_in_v(mod, lin[o[0]].in_features):
+        qkv = v = []  # a gate or a norm between attention and its output projection: no v -> o scale
+    if qkv and o:
+        inner.append(MappingSpec(f"{name}.{qkv[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", prev_rows="v"))
+    elif v and o:
+        # a norm on the values (Gemma 4's v_norm) re-normalises what v_proj's scaled rows give o_proj
+        v_norm = next((n for n in sub if n in V_NORMS), None)
+        reason = f"{name}.{v_norm} normalises v between v_proj and o_proj: scales would not commute"
+        inner.append(
+            MappingSpec(f"{name}.{v[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", disabled=reason if v_norm else None)
+        )
+    # latent norms (MLA): `q_a_layernorm` feeds `q_b_proj`, `kv_a_layernorm` feeds `kv_b_proj`
+    for norm_name, norm in sub.items():
+        target = re.sub(r"_a_(layer)?norm$", "_b_proj", norm_name)
+        if target != norm_name and target in lin and is_norm(norm) and norm.weight.numel() == lin[target].in_features:
+            t = f"{name}.{target}"
+            inner.append(MappingSpec(f"{name}.{norm_name}", (t,), t))
+    return {"fed": [f"{name}.{n}" for n in dict.fromkeys(fed)], "absorb": [], "inner": inner}
+
+
+def _attention_output_is_linear_in_v(mod: nn.Module, o_width: int) -> bool:
+    """Whether o_proj reads softmax(qk) @ v as is, read from the forward's source: no gate (Qwen3-Next's sigmoid
+    gate from q_proj, MiniMax's output gate) and no `self.norm(...)` on the attention output (linear attention's
+    output norm; q_norm / k_norm on q and k do not matter)."""
+    del o_width
+    try:
+        src = inspect.getsource(type(mod).forward)
+    except (OSError, TypeError):
+        return False
+    return not re.search(r"gate|sigmoid|\bnorm\(", src)
+
+
+def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hidden: int) -> dict:
+    """An MoE block: routed experts (unfused into per-expert linears, or kept fused in full precision where
+    they cannot be: biases, clamped activations), shared experts, and a router that absorbs the scales."""
+    from awqforge.arch import MappingSpec
+
+    fed: list[str] = []
+    inner: list[MappingSpec] = []
+    if isinstance(experts, nn.ModuleList) and len(experts):
+        e0 = dict(experts[0].named_children())
+        gate, up, down = _role(e0, GATE), _role(e0, UP), _role(e0, DOWN)
+        if gate and up and down:
+            fed = [f"{name}.experts.*.{gate[0]}", f"{name}.experts.*.{up[0]}"]
+            inner = [
+                MappingSpec(
+                    f"{name}.experts.*.{up[0]}", (f"{name}.experts.*.{down[0]}",), f"{name}.experts.*.{down[0]}"
+                )
+            ]
+    routers = []
+    for r, m in sub.items():
+        if not (r in ROUTERS or "router" in r or r.endswith("gate")) or any(s in r for s in SHARED):
+            continue
+        # the router's own weight, or its one linear child (Hunyuan's `gate.wg`)
+        own = [("", m)] if isinstance(getattr(m, "weight", None), torch.Tensor) else list(_linears(m).items())
+        for child, w_mod in own[:1] if len(own) == 1 else []:
+            if w_mod.weight.dim() == 2 and w_mod.weight.shape[-1] == hidden:
+                routers.append(f"{name}.{r}" + (f".{child}" if child else ""))
+    absorb = routers + [f"{name}.{n}" for n in lin if n.startswith("shared_expert_gate")]
+    for s in SHARED:
+        if s in sub:
+            part = _consumer(f"{name}.{s}", sub[s], hidden)
+            fed += part["fed"]
+            inner += part["inner"]
+    if not routers:  # a router this rule cannot find would be left unscaled: nothing is fed from the norm
+        fed = []
+    return {"fed": fed, "absorb": absorb, "inner": inner}
 
 
 def structural_specs(model: nn.Module, layers_attr: str, prepare) -> tuple:
     """The union, in order, of every block's specs (blocks may differ: dense and MoE layers)."""
     hidden = model.config.get_text_config().hidden_size
     layers = model.get_submodule(layers_attr)
+    if not any(isinstance(m, nn.Linear) for m in layers.modules()):
+        kinds = sorted({type(m).__name__ for m in layers[0].modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and not is_norm(m)})
+        raise StructureError(
+            f"{layers_attr}.0 has no nn.Linear to quantize (its weights are in: {', '.join(kinds[:6]) or 'nothing'})"
+        )
     out: dict = {}
     for i, block in enumerate(layers):
         try:

@@ -24,11 +24,13 @@ def test_every_tiny_family_has_an_adapter():
     assert set(FAMILIES) <= set(SUPPORTED_FAMILIES)
 
 
-def test_unsupported_architecture_is_refused_with_the_supported_list():
+def test_unsupported_architecture_is_refused_in_one_short_sentence():
+    """Model type, what is missing, how to proceed; no list of registry families or library classes."""
     with pytest.raises(UnsupportedArchitecture) as err:
-        get_adapter(transformers.GPT2Config())
+        get_adapter(transformers.GPT2Config(n_layer=2, n_embd=64, n_head=2))
     msg = str(err.value)
-    assert "'gpt2'" in msg and "llama" in msg and "qwen3_moe" in msg
+    assert "'gpt2'" in msg and "Conv1D" in msg and "mappings" in msg and "modules_to_not_convert" in msg
+    assert len(msg) < 400 and msg.count(". ") == 0 and "llama" not in msg
 
 
 def test_gemma3_multimodal_gets_the_text_model_s_mappings():  # tests/test_multimodal.py runs it
@@ -262,7 +264,7 @@ def test_llama4_run_quantization_beats_rtn_and_names_experts_as_checkpoints_do(t
     ckpt = tiny_checkpoint("llama4_text")
     spec = JobSpec(
         model=str(ckpt),
-        quant={"bits": 3, "group_size": 32},
+        quant={"bits": 3, "group_size": 32, "zero_point": False},  # asymmetric: see test_families
         calibration={"source": f"file:{BUNDLED_CALIBRATION_TEXT}", "n_samples": 8, "seq_len": 32},
         formats=["compressed-tensors"],
         eval={"enabled": False},

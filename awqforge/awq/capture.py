@@ -42,16 +42,26 @@ class _Recorder(nn.Module):
     broadcast over any chunk of samples that quantize_block runs), then all samples up to layer 0 only.
     """
 
-    def __init__(self, index: int, captured: CapturedInputs, stop: bool, record_inputs: bool) -> None:
+    def __init__(
+        self, index: int, captured: CapturedInputs, stop: bool, record_inputs: bool, layer: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.index, self.captured, self.stop, self.record_inputs = index, captured, stop, record_inputs
+        object.__setattr__(self, "_layer", layer)  # not a submodule: only read for attributes and the signature
+
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the model reads off its layers (Nemotron-H's `block_type`) come from the real layer."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            layer = self.__dict__.get("_layer")
+            if layer is None:
+                raise
+            return getattr(layer, name)
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if any(a is not None for a in args):  # Gemma 4 passes per_layer_input=None positionally
-            raise AWQForgeError(
-                f"decoder layer {self.index} is called with positional arguments besides hidden_states; "
-                "this model's calling convention is not supported"
-            )
+        if args:
+            kwargs = {**self._positional_as_keywords(hidden_states, args), **kwargs}
         if self.record_inputs:
             self.captured.inputs = hidden_states
         else:
@@ -60,7 +70,47 @@ class _Recorder(nn.Module):
             self.captured.layer_kwargs.append(kwargs)
         if self.stop:
             raise _StopForward
+        return self._like_layer_output(hidden_states)
+
+    def _like_layer_output(self, hidden_states: torch.Tensor) -> Any:
+        """hidden_states as the real layer returns it: a tuple when its forward returns one (Bamba's
+        `hidden_states, attn_weights`), with None for the other items."""
+        import ast
+        import inspect
+        import textwrap
+
+        layer = self.__dict__.get("_layer")
+        try:
+            fn = ast.parse(textwrap.dedent(inspect.getsource(type(layer).forward)))
+        except (OSError, TypeError, SyntaxError):
+            return hidden_states
+        returns = [n.value for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None]
+        if returns and all(isinstance(r, ast.Tuple) for r in returns):
+            return (hidden_states,) + (None,) * (len(returns[-1].elts) - 1)
         return hidden_states
+
+    def _positional_as_keywords(self, hidden_states: torch.Tensor, args: tuple) -> dict[str, Any]:
+        """Positional arguments after hidden_states, by the layer's parameter names; a per-token input (a
+        tensor shaped like hidden_states' [batch, seq]) cannot be replayed from one sample, so it is refused."""
+        import inspect
+
+        layer = self.__dict__.get("_layer")
+        names = []
+        if layer is not None:
+            params = list(inspect.signature(layer.forward).parameters.values())[1:]
+            names = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+        if len(names) < len(args):
+            raise AWQForgeError(
+                f"decoder layer {self.index} is called with {len(args)} positional arguments besides "
+                "hidden_states that its signature does not name; this calling convention is not supported"
+            )
+        for name, value in zip(names, args):
+            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == hidden_states.shape[:2]:
+                raise AWQForgeError(
+                    f"decoder layer {self.index} takes a per-token input besides hidden_states ({name}, e.g. "
+                    "Gemma 4's per-layer embeddings), which layer-by-layer calibration cannot replay"
+                )
+        return dict(zip(names, args))
 
 
 @torch.no_grad()
@@ -84,9 +134,9 @@ def capture_layer_inputs(
     originals = list(layers)
     try:
         for i in range(n_blocks):
-            layers[i] = _Recorder(i, captured, stop=i == n_blocks - 1, record_inputs=False)
+            layers[i] = _Recorder(i, captured, stop=i == n_blocks - 1, record_inputs=False, layer=originals[i])
         _run_until_stop(model, device, input_ids[:1], None if attention_mask is None else attention_mask[:1])
-        layers[0] = _Recorder(0, captured, stop=True, record_inputs=True)
+        layers[0] = _Recorder(0, captured, stop=True, record_inputs=True, layer=originals[0])
         _run_until_stop(model, device, input_ids, attention_mask)
     finally:
         for i, layer in enumerate(originals):

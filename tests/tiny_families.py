@@ -1,0 +1,237 @@
+"""Tiny random-init models of any model type transformers ships, from `AutoConfig.for_model(type)`.
+
+`family_config` shrinks a model type's default config (and its text sub-config, for composite configs) by
+overriding the size fields it has: hidden 64, 2 layers, 4 heads / 2 kv heads of 16, 4 experts (top-2) of 64,
+vocab 512. Per-family extras (a field a family needs to stay small or valid) are data in `EXTRA`. Used by
+tests/test_families.py and bench/bench_families.py.
+"""
+
+from __future__ import annotations
+
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+SIZES = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    ffn_hidden_size=128,
+    moe_intermediate_size=64,
+    expert_intermediate_size=64,
+    shared_expert_intermediate_size=128,
+    moe_shared_expert_intermediate_size=64,
+    intermediate_size_mlp=128,
+    num_hidden_layers=2,
+    num_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,  # MHA: v -> o applies where the structure allows it
+    head_dim=16,
+    vocab_size=512,
+    max_position_embeddings=256,
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    moe_num_experts=4,
+    num_experts_per_tok=2,
+    moe_topk=2,
+    n_shared_experts=1,
+    n_group=1,
+    topk_group=1,
+    first_k_dense_replace=1,
+    q_lora_rank=32,
+    kv_lora_rank=32,
+    qk_rope_head_dim=16,
+    moe_k=2,
+    vocab_size_per_layer_input=512,
+    hidden_size_per_layer_input=16,
+    mamba_d_ssm=128,
+    qk_nope_head_dim=16,
+    v_head_dim=16,
+    # linear attention (gated delta rule) and Mamba-2 mixers
+    linear_num_key_heads=2,
+    linear_num_value_heads=4,
+    linear_key_head_dim=16,
+    linear_value_head_dim=16,
+    mamba_n_heads=8,
+    mamba_d_head=16,
+    mamba_head_dim=16,
+    mamba_d_state=16,
+    ssm_state_size=16,
+    mamba_n_groups=1,
+    n_groups=1,
+    mamba_chunk_size=16,
+    chunk_size=16,
+    mamba_expand=2,
+    sliding_window=16,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+MAX_PARAMS = 5_000_000
+
+# Per model type: fields its default config needs changed to be tiny, valid and hybrid (both kinds of layer).
+EXTRA: dict[str, dict] = {
+    "qwen3_next": dict(layer_types=["linear_attention", "full_attention"], decoder_sparse_step=1),
+    "qwen3_5_text": dict(layer_types=["linear_attention", "full_attention"]),
+    "qwen3_5_moe_text": dict(layer_types=["linear_attention", "full_attention"]),
+    "jamba": dict(attn_layer_period=2, attn_layer_offset=1, expert_layer_period=2, expert_layer_offset=1),
+    "bamba": dict(attn_layer_indices=[1]),
+    "falcon_h1": dict(),
+    "granitemoehybrid": dict(layer_types=["linear_attention", "full_attention"]),
+    "deepseek_v4": dict(o_groups=2, o_lora_rank=32, index_n_heads=2, index_head_dim=16, index_topk=4),
+    "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
+    "nemotron_h": dict(hybrid_override_pattern="M*", mtp_hybrid_override_pattern="*"),
+    "gpt_oss": dict(layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+def _shrink(cfg, model_type: str) -> None:
+    for key, value in {**SIZES, **EXTRA.get(model_type, {})}.items():
+        if key in cfg.to_dict() or key in EXTRA.get(model_type, {}):
+            try:
+                setattr(cfg, key, value)
+            except (AttributeError, ValueError, TypeError):
+                pass
+    lt = getattr(cfg, "layer_types", None)
+    if isinstance(lt, list) and len(lt) != cfg.num_hidden_layers and "layer_types" not in EXTRA.get(model_type, {}):
+        cfg.layer_types = (list(dict.fromkeys(lt)) * cfg.num_hidden_layers)[: cfg.num_hidden_layers]
+
+
+def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
+    """The default config of `model_type`, shrunk (see module docstring); overrides win."""
+    cfg = transformers.AutoConfig.for_model(model_type)
+    _shrink(cfg, model_type)
+    text = cfg.get_text_config()
+    if text is not cfg:
+        _shrink(text, text.model_type)
+    for k, v in overrides.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+def build_family_model(
+    model_type: str, seed: int = 0, outliers: bool = True, **overrides
+) -> PreTrainedModel:
+    """A random-init fp32 causal LM of `model_type` in eval mode (eager attention); norms get a spread and a
+    few outlier channels as in tests/tiny_models.py."""
+    torch.manual_seed(seed)
+    config = family_config(model_type, **overrides)
+    config._attn_implementation = "eager"
+    with torch.device("meta"):
+        n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
+    if n_params > MAX_PARAMS:
+        raise ValueError(f"{model_type}: {n_params / 1e6:.0f}M parameters after shrinking (fields not covered)")
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            w = getattr(mod, "weight", None)
+            if not isinstance(w, torch.Tensor) or w.dim() != 1 or "norm" not in name.rsplit(".", 1)[-1]:
+                continue
+            plus_one = bool(w.abs().max() < 1e-6)  # zero-initialised: a (1 + w) norm
+            gain = torch.exp(0.3 * torch.randn(w.shape, generator=gen))
+            if outliers:
+                gain[torch.randperm(w.shape[0], generator=gen)[:3]] *= 8.0
+            w.copy_(gain - 1.0 if plus_one else gain)
+    return model.eval()
+
+
+def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: int = 8) -> dict:
+    """AWQ's and RTN's output error (logits MSE vs the FP model on held-out ids) of a tiny `model_type`,
+    quantized block by block in memory as the pipeline does; also what the block reports per layer."""
+    from awqforge.arch import get_adapter
+    from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block
+
+    calib, held_out = _ids(8, 32, 0), _ids(4, 32, 1)
+    ref = build_family_model(model_type)
+    with torch.no_grad():
+        want = ref(held_out).logits
+    out = {"family": get_adapter(ref.config).family}
+    for method in ("rtn", "awq"):
+        model = build_family_model(model_type)
+        adapter = get_adapter(model.config)
+        layers = adapter.get_layers(model)
+        captured = capture_layer_inputs(model, layers, calib)
+        x, skipped, n_linears, scaled = captured.inputs, [], 0, set()
+        for i, block in enumerate(layers):
+            res = quantize_block(
+                block,
+                x,
+                captured.layer_kwargs[i],
+                settings=BlockSettings(method=method, bits=bits, group_size=group_size, n_grid=n_grid),
+                adapter=adapter,
+                block_index=i,
+                block_prefix=f"{adapter.layers_attr}.{i}",
+            )
+            x, n_linears = res.outputs, n_linears + len(res.quantized)
+            skipped += [f"{i}.{s}" for s in res.skipped]
+            scaled |= {f"{i}.{m.name}" for m in res.layers if m.scale_ratio is not None}
+        with torch.no_grad():
+            out[method] = float((model(held_out).logits - want).pow(2).mean())
+        out[f"{method}_skipped"], out["n_linears"], out[f"{method}_scaled"] = skipped, n_linears, len(scaled)
+    out["ratio"] = out["awq"] / out["rtn"] if out["rtn"] > 0 else float("nan")
+    out["kept_fp"] = kept_full_precision(model, adapter)
+    return out
+
+
+def kept_full_precision(model, adapter) -> list[str]:
+    """Block parameters of 2 or more dims that are not quantized linears' (fused experts kept, convs, ...)."""
+    from torch import nn
+
+    kept = set()
+    for block in adapter.get_layers(model)[:2]:
+        linear_ids = {id(m.weight) for m in block.modules() if isinstance(m, nn.Linear)}
+        for name, p in block.named_parameters():
+            if p.dim() >= 2 and id(p) not in linear_ids:
+                kept.add(name)
+    return sorted(kept)
+
+
+def _ids(n: int, seq: int, seed: int, vocab: int = 512) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab, (n, seq), generator=gen)
+
+
+def save_family_checkpoint(model_type: str, folder, tokenizer) -> None:
+    build_family_model(model_type).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def artifact_roundtrip(model_type: str, ckpt, out_dir, method: str = "awq") -> dict:
+    """Quantize the checkpoint with the pipeline (W4 g32 symmetric compressed-tensors), load the artifact with
+    transformers' default loading and with AWQForge's loader; the two logits' max difference (relative to
+    the largest logit) and each one's cosine to the FP model's."""
+    from transformers import AutoModelForCausalLM
+
+    import awqforge
+    from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
+    from awqforge.pipeline import run_quantization
+    from awqforge.spec import JobSpec
+
+    spec = JobSpec(
+        model=str(ckpt),
+        method=method,
+        quant={"bits": 4, "group_size": 32, "zero_point": False},
+        calibration={"source": f"file:{BUNDLED_CALIBRATION_TEXT}", "n_samples": 4, "seq_len": 32},
+        formats=["compressed-tensors"],
+        eval={"enabled": False},
+        device="cpu",
+        n_grid=4,
+    )
+    result = run_quantization(spec, out_dir)
+    artifact = result.artifacts["compressed-tensors"]
+    ids = _ids(1, 16, 2)
+    fp = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32).eval()
+    ours = awqforge.load_quantized(artifact)
+    with torch.no_grad():
+        ref, mine = fp(ids).logits, ours(ids).logits
+    out = {"ours_cos": float(torch.nn.functional.cosine_similarity(mine.flatten(), ref.flatten(), dim=0))}
+    theirs = AutoModelForCausalLM.from_pretrained(artifact, dtype=torch.float32).eval()
+    with torch.no_grad():
+        got = theirs(ids).logits
+    out["max_diff"] = float((got - mine).abs().max() / mine.abs().max())
+    out["theirs_cos"] = float(torch.nn.functional.cosine_similarity(got.flatten(), ref.flatten(), dim=0))
+    out["n_layers_quantized"] = result.metrics["n_layers_quantized"]
+    return out
