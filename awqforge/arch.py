@@ -627,13 +627,10 @@ def registry_adapter(model_type: str | None) -> ArchAdapter | None:
 def _refuse(config, why: str) -> UnsupportedArchitecture:
     """One sentence: the model type, what is missing, how to proceed (never a library's class list)."""
     model_type = getattr(config, "model_type", None)
-    hint = ""
-    if model_type in _TEXT_MODEL_OF:
-        hint = f" Quantize the text model ({_TEXT_MODEL_OF[model_type]})."
     why = why if len(why) <= 300 else why[:297] + "..."
     return UnsupportedArchitecture(
         f"model type {model_type!r} is not supported: {why}; give mappings with the job (JobSpec.mappings / "
-        f"--mappings) or leave the modules it names unquantized with modules_to_not_convert.{hint}"
+        f"--mappings) or leave the modules it names unquantized with modules_to_not_convert."
     )
 
 
