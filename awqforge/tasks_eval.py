@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import random
 import re
 import time
@@ -385,6 +386,10 @@ def run_tasks(
     # call on a loaded CPU, twice per task); the report records the versions that matter itself.
     env_info = lm_eval.evaluator.add_env_info
     lm_eval.evaluator.add_env_info = _versions_only
+    # Bootstrapped stderrs (perplexity & co.) in this process: lm-eval's default pool of cpu_count processes
+    # cannot start in a daemonic worker process (Celery's) and would fork one holding the model.
+    multiproc = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
     try:
         for item in items:
             req = item.request
@@ -415,6 +420,10 @@ def run_tasks(
             )
     finally:
         lm_eval.evaluator.add_env_info = env_info
+        if multiproc is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = multiproc
         meter.close()
     return scores
 

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 from app.core.config import settings
 from app.core.security import encrypt_secret
 from app.models import (
+    GATE_STAGE,
     PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
@@ -29,6 +30,7 @@ from app.models import (
     utcnow,
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
+from app.services.eval_tasks import check_eval_tasks
 from app.services.events import add_event
 from app.services.routing import (
     RoutingError,
@@ -114,6 +116,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
         errors.append(e)
     if is_local_path(body.model) and (e := _check_local("model", body.model)):
         errors.append(e)
+    errors.extend(check_eval_tasks(body.eval.tasks, _check_local))
     if (
         body.eval.text
         and body.eval.text.startswith("file:")
@@ -488,14 +491,22 @@ def retry_job(session: Session, *, job: Job, tenant: Tenant) -> Job:
     return job
 
 
-def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
+def publish_again(
+    session: Session, *, job: Job, tenant: Tenant, token: str | None, override_gate: bool = False
+) -> Job:
     """Queue a new publish of a finished job's artifacts (after a failed publish, or to publish again:
     the hub makes no new commit when its files already match). The job stays at the publish stage until it
     ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
     if not job.spec.get("publish"):
         raise ServiceError(409, "this job has no publish settings")
     failed_at_publish = job.status == JobStatus.FAILED.value and job.stage == PUBLISH_STAGE
-    if not (failed_at_publish or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
+    below_gate = job.status == JobStatus.FAILED.value and job.stage == GATE_STAGE
+    if below_gate and not override_gate:
+        raise ServiceError(
+            409,
+            f"this job did not pass its quality gate ({job.error}); give override_gate=true to publish it anyway",
+        )
+    if not (failed_at_publish or below_gate or job.status == JobStatus.SUCCEEDED.value) or not job.artifacts:
         raise ServiceError(
             409,
             f"only a succeeded job, or one that failed at publishing, can publish; this one is {job.status}",
@@ -510,7 +521,8 @@ def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | No
     job.publish_token_enc = encrypt_secret(token) if token else None
     job.dispatched_at = utcnow()
     job.dispatches = (job.dispatches or 0) + 1
-    add_event(session, job_id=job.id, kind="status", stage=PUBLISH_STAGE, message="publish queued")
+    message = "publish queued" + (" with the quality gate overridden" if below_gate else "")
+    add_event(session, job_id=job.id, kind="status", stage=PUBLISH_STAGE, message=message)
     session.commit()
     _dispatch(session, job)  # broker down: stays queued, the reconciler sends it (to the publish task)
     return job

@@ -14,7 +14,7 @@ from typing import Annotated, Literal, TypeVar
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
@@ -216,6 +216,9 @@ class PublishAgainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: HubToken | None = None  # the job's own was deleted when it ended
+    override_gate: bool = Field(
+        False, description="publish a job that failed its quality gate (eval.gate) anyway; its card says so"
+    )
 
 
 @router.post(
@@ -229,7 +232,11 @@ def publish_job(
     session: SessionDep, tenant: CurrentTenant, job_id: str, body: PublishAgainIn | None = None
 ) -> JobPublic:
     job = job_service.publish_again(
-        session, job=_get(session, job_id, tenant), tenant=tenant, token=body.token if body else None
+        session,
+        job=_get(session, job_id, tenant),
+        tenant=tenant,
+        token=body.token if body else None,
+        override_gate=bool(body and body.override_gate),
     )
     return job_service.job_public(job)
 

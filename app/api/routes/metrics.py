@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from app.api.deps import CurrentTenant, SessionDep
 from app.core.config import GPU_QUEUES
 from app.metrics import STAGES, render_metrics
-from app.models import Job, JobMetrics, LayerMetric, utcnow
+from app.models import Job, JobMetrics, LayerMetric, TaskMetric, utcnow
 from app.schemas import (
     DurationStats,
     ErrorResponse,
@@ -20,6 +20,9 @@ from app.schemas import (
     JobMetricsDetail,
     MetricsSummary,
     PerplexityChange,
+    RecoveryStats,
+    TaskMetricPublic,
+    TaskRecovery,
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError
@@ -126,6 +129,7 @@ def metrics_summary(
             saved += max(0, m.size_before_bytes - m.size_after_bytes)
     ppl.sort()
     return MetricsSummary(
+        task_recovery=_task_recovery(session, mine),
         since=t0,
         jobs_by_status={
             s: by_status.get(s, 0) for s in ("queued", "running", "succeeded", "failed", "cancelled")
@@ -139,6 +143,32 @@ def metrics_summary(
         bytes_saved=saved,
         gpu_hours=gpu_s / 3600,
         cpu_hours=cpu_s / 3600,
+    )
+
+
+def _task_recovery(session, mine) -> TaskRecovery:
+    """Recovery of every task of this tenant's jobs in the window, whatever the job's outcome (a job below
+    its gate is part of the distribution)."""
+    rows = session.execute(
+        select(TaskMetric.task, TaskMetric.recovery)
+        .join(Job, Job.id == TaskMetric.job_id)
+        .where(*mine, TaskMetric.recovery.is_not(None))
+    ).all()
+    by_task: dict[str, list[float]] = {}
+    for task, rec in rows:
+        by_task.setdefault(task, []).append(rec)
+    every = sorted(r for _, r in rows)
+    return TaskRecovery(
+        n=len(every),
+        recovery=every,
+        median=_quantile(every, 0.5),
+        p05=_quantile(every, 0.05),
+        by_task={
+            t: RecoveryStats(
+                n=len(v), median=_quantile(sorted(v), 0.5), p05=_quantile(sorted(v), 0.05), min=min(v)
+            )
+            for t, v in sorted(by_task.items())
+        },
     )
 
 
@@ -176,5 +206,11 @@ def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: str) -> JobM
                 clip_ratio=r.clip_ratio,
             )
             for r in layers
+        ],
+        tasks=[
+            TaskMetricPublic.model_validate(r, from_attributes=True)
+            for r in session.scalars(
+                select(TaskMetric).where(TaskMetric.job_id == job.id).order_by(TaskMetric.id)
+            )
         ],
     )
