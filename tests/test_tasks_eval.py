@@ -212,3 +212,25 @@ def test_card_without_tasks_has_no_task_section():
         has_chat_template=False,
     )
     assert "Tasks (lm-evaluation-harness)" not in text and "quality gate" not in text
+
+
+def test_cli_quantize_with_eval_tasks_prints_the_table(fp_model, tmp_path, capsys):
+    from awqforge.cli import main
+
+    folder, _ = fp_model
+    argv = [
+        "quantize", str(folder), "--method", "rtn", "--group-size", "64", "--device", "cpu",
+        "--eval-seq-len", "64", "--eval-max-seqs", "1", "--out", str(tmp_path / "out"),
+        "--eval-task", "awqforge_mc", "--eval-task", str(BUILTIN_TASKS_DIR / "awqforge_cloze.yaml"),
+        "--eval-limit", "6",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    lines = out[out.index("task ") :].splitlines()
+    assert lines[0].split() == ["task", "metric", "FP", "quantized", "recovery"]
+    assert lines[1].split()[:2] == ["awqforge_mc", "acc"] and lines[2].split()[:2] == [
+        "awqforge_cloze",
+        "acc",
+    ]
+    report = json.loads((tmp_path / "out" / "awq" / "quant_report.json").read_text())
+    assert [t["n_samples"] for t in report["evaluation"]["tasks"]] == [6, 6]
