@@ -196,7 +196,7 @@ dataset_kwargs:
 test_split: test
 output_type: loglikelihood
 doc_to_text: "{{context}}"
-doc_to_target: " {{target}}"
+doc_to_target: "{{' ' + target}}"
 target_delimiter: ""
 metric_list:
   - metric: acc

@@ -24,8 +24,6 @@ def check_eval_tasks(
     tasks: Sequence, check_local: Callable[[str, str], FieldError | None]
 ) -> list[FieldError]:
     """Why each task cannot run (empty: all can). `check_local(field, path)` is the allowed-roots check."""
-    from pathlib import Path
-
     from awqforge.tasks_eval import BUILTIN_TASKS, is_task_path, lm_eval_available
 
     if not tasks:
@@ -51,7 +49,7 @@ def check_eval_tasks(
         if is_task_path(name):
             if (e := check_local(field, name)) is not None:
                 errors.append(e)
-            elif not Path(name).expanduser().exists():
+            elif not _exists(name):
                 errors.append(FieldError(field=field, reason=f"task path {name} does not exist"))
             continue
         if name not in _registry_names():
@@ -63,3 +61,12 @@ def check_eval_tasks(
                 )
             )
     return errors
+
+
+def _exists(name: str) -> bool:
+    from pathlib import Path
+
+    try:
+        return Path(name).expanduser().exists()
+    except (OSError, RuntimeError):  # a name too long for the file system, an unknown ~user
+        return False
