@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", help="HF checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
     ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
-    ap.add_argument("--methods", nargs="+", default=["awq", "rtn"], choices=["awq", "rtn"])
+    ap.add_argument("--methods", nargs="+", default=["rtn", "awq"], choices=["awq", "rtn"])
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--limit", type=int, help="examples per task (default: all 560)")
     ap.add_argument("--n-samples", type=int, default=32, help="AWQ calibration sequences")
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
                     "tasks": ev["tasks"],
                 }
                 rows.append(row)
+                Path(args.out).write_text(json.dumps({"model": str(ckpt), "rows": rows}, indent=2))
                 print(
                     f"\nW{bits} g{args.group_size} {method.upper()}: job {wall:.0f} s, task evaluation "
                     f"{cost['wall_s']:.0f} s ({100 * row['tasks_share']:.0f}% of the job"

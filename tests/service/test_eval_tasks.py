@@ -129,3 +129,31 @@ def test_without_lm_eval_tasks_are_refused_and_the_api_imports_no_torch():
         "assert 'torch' not in sys.modules, 'the registry check imported torch'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fp_score_scopes(service):
+    """A public revision's FP score serves every tenant; a private or local model's only its own tenant."""
+    import uuid
+
+    from awqforge.spec import JobSpec
+    from worker.task_eval import PostgresFPScoreCache, fp_cache_for
+
+    key = uuid.uuid4().hex
+    score = {"task": "awqforge_mc", "metric": "acc", "score": 0.5}
+    PostgresFPScoreCache(tenant_id=1, public=False).put(key, score)
+    assert PostgresFPScoreCache(tenant_id=1, public=False).get(key) == score
+    assert PostgresFPScoreCache(tenant_id=2, public=False).get(key) is None
+    assert PostgresFPScoreCache(tenant_id=2, public=True).get(key) is None
+    PostgresFPScoreCache(tenant_id=1, public=False).put(key, score)  # stored once: a second put is a no-op
+    public_key = uuid.uuid4().hex
+    PostgresFPScoreCache(tenant_id=3, public=True).put(public_key, score)
+    assert PostgresFPScoreCache(tenant_id=4, public=True).get(public_key) == score
+    assert PostgresFPScoreCache(tenant_id=4, public=False).get(public_key) is None  # a private model's job
+
+    tasks = {"tasks": [{"name": "awqforge_mc"}]}
+    hub = JobSpec(model="org/model", eval=tasks)
+    assert fp_cache_for(7, hub).scope == "public"
+    gated = JobSpec(model="org/model", source={"token": "hf_x"}, eval=tasks)
+    assert fp_cache_for(7, gated).scope == "tenant:7"
+    assert fp_cache_for(7, JobSpec(model="/models/m", eval=tasks)).scope == "tenant:7"
+    assert fp_cache_for(7, JobSpec(model="org/model")) is None
