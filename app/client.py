@@ -198,6 +198,15 @@ def submit_parser() -> argparse.ArgumentParser:
         metavar="KEY=JSON",
         help="any other job field, e.g. --set eval='{\"seq_len\": 512}' (repeatable)",
     )
+    p.add_argument(
+        "--eval-task",
+        dest="eval_tasks",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH",
+        help="an lm-evaluation-harness task, FP vs quantized (repeatable)",
+    )
+    p.add_argument("--eval-limit", type=int, help="at most this many examples per --eval-task")
     p.add_argument("--idempotency-key")
     p.add_argument("--wait", action="store_true", help="follow the job to its end, then print its metrics")
     return p
@@ -225,6 +234,13 @@ def submit_command(argv: list[str]) -> int:
             body[key] = json.loads(raw)
         except json.JSONDecodeError:
             body[key] = raw
+    if args.eval_tasks:
+        evaluation = body["eval"] if isinstance(body.get("eval"), dict) else {}
+        evaluation["tasks"] = [
+            *evaluation.get("tasks", []),
+            *({"name": t, "limit": args.eval_limit} for t in args.eval_tasks),
+        ]
+        body["eval"] = evaluation
     if isinstance(body.get("calibration"), dict):
         calibration.update(body["calibration"])
     if args.n_samples:
@@ -254,11 +270,22 @@ def submit_command(argv: list[str]) -> int:
         print(f"\nstopped following; the job goes on: awqforge status {job['id']}", file=sys.stderr)
         return 130
     print(f"{job['id']}  {job['status']}")
+    tasks = c.request("GET", f"/v1/jobs/{job['id']}/metrics").get("tasks") if body.get("eval") else None
     if job["status"] != "succeeded":
+        if tasks:  # a job below its quality gate: the figures that put it there
+            print(_task_table(tasks))
         print(f"error: {job.get('error') or job['status']}", file=sys.stderr)
         return 1
     _print_metrics(job)
+    if tasks:
+        print(_task_table(tasks))
     return 0
+
+
+def _task_table(tasks: list[dict]) -> str:
+    from awqforge.tasks_eval import format_table  # no torch, no lm_eval: text only
+
+    return format_table(tasks)
 
 
 @_api_errors

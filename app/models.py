@@ -59,6 +59,9 @@ TERMINAL_STATUSES = spec.TERMINAL_STATUSES
 # A job at this stage has its artifact set recorded: it only publishes from then on (a publish retry, or a
 # run lost while publishing), whichever task carries it; the artifacts are never made again.
 PUBLISH_STAGE = spec.JobStage.PUBLISH.value
+# A job that ended below its quality gate (eval.gate) or whose task evaluation failed: failed, its artifact set
+# recorded and kept; POST /v1/jobs/{id}/publish with override_gate publishes it anyway.
+GATE_STAGE = spec.JobStage.GATE.value
 
 
 class Base(DeclarativeBase):
@@ -206,6 +209,42 @@ class Artifact(Base):
     published_to: Mapped[str | None] = mapped_column(Text, nullable=True)
     commit_url: Mapped[str | None] = mapped_column(Text, nullable=True)
     hub_revision: Mapped[str | None] = mapped_column(String(64), nullable=True)  # the publish commit
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TaskMetric(Base):
+    """One lm-evaluation-harness task of a job: FP and quantized scores, stderr, recovery (eval.tasks)."""
+
+    __tablename__ = "task_metrics"
+
+    id: Mapped[int] = mapped_column(BigIntPK, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    task: Mapped[str] = mapped_column(String(200))
+    metric: Mapped[str] = mapped_column(String(64))
+    fp: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quantized: Mapped[float | None] = mapped_column(Float, nullable=True)
+    stderr: Mapped[float | None] = mapped_column(Float, nullable=True)  # the quantized score's
+    fp_stderr: Mapped[float | None] = mapped_column(Float, nullable=True)
+    recovery: Mapped[float | None] = mapped_column(Float, nullable=True)
+    n_samples: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    fp_cached: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    fp_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    quantized_s: Mapped[float | None] = mapped_column(Float, nullable=True)
+    tokens: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class TaskFPScore(Base):
+    """An FP model's score on a task, kept for later jobs: `key` is the engine's cache key (model revision,
+    task definition and settings); `scope` is "public" (a public hub revision: any tenant reuses it) or
+    "tenant:<id>" (a private or local model: only its tenant)."""
+
+    __tablename__ = "task_fp_scores"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(40), primary_key=True)
+    task: Mapped[str] = mapped_column(String(200))
+    score: Mapped[dict] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
 
 

@@ -238,6 +238,38 @@ class PerplexityChange(BaseModel):
     p95_pct: float | None = None
 
 
+class RecoveryStats(BaseModel):
+    n: int
+    median: float | None = None
+    p05: float | None = Field(None, description="the 5th percentile: the worst recoveries")
+    min: float | None = None
+
+
+class TaskRecovery(BaseModel):
+    """lm-eval task recovery (quantized / FP) across this tenant's jobs."""
+
+    n: int
+    recovery: list[float] = Field(default_factory=list, description="every job-task recovery (sorted)")
+    median: float | None = None
+    p05: float | None = None
+    by_task: dict[str, RecoveryStats] = Field(default_factory=dict)
+
+
+class TaskMetricPublic(BaseModel):
+    task: str
+    metric: str
+    fp: float | None = None
+    quantized: float | None = None
+    stderr: float | None = Field(None, description="the quantized score's standard error")
+    fp_stderr: float | None = None
+    recovery: float | None = Field(None, description="quantized / FP (FP / quantized where lower is better)")
+    n_samples: int | None = None
+    fp_cached: bool = Field(False, description="the FP score came from an earlier job's")
+    fp_s: float | None = None
+    quantized_s: float | None = None
+    tokens: int | None = None
+
+
 class MetricsSummary(BaseModel):
     since: datetime
     jobs_by_status: dict[str, int]
@@ -252,6 +284,7 @@ class MetricsSummary(BaseModel):
     bytes_saved: int
     gpu_hours: float
     cpu_hours: float
+    task_recovery: TaskRecovery = Field(default_factory=lambda: TaskRecovery(n=0))
 
 
 class JobMetricsDetail(BaseModel):
@@ -266,3 +299,6 @@ class JobMetricsDetail(BaseModel):
     size_before_bytes: int | None = None
     size_after_bytes: int | None = None
     layers: list[LayerMetricPublic]
+    tasks: list[TaskMetricPublic] = Field(
+        default_factory=list, description="lm-eval task results (eval.tasks)"
+    )

@@ -187,6 +187,16 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
     q.add_argument(
         "--eval-all", action="store_true", help="score the whole evaluation text (no window bound)"
     )
+    q.add_argument(
+        "--eval-task",
+        dest="eval_tasks",
+        action="append",
+        default=[],
+        metavar="NAME_OR_PATH",
+        help="an lm-evaluation-harness task run on the FP and the quantized model (repeatable): an lm-eval "
+        "name, awqforge_mc / awqforge_cloze (bundled, no download), or a folder or YAML file of task definitions",
+    )
+    q.add_argument("--eval-limit", type=int, help="at most this many examples per --eval-task")
     job_args = q
     q = sub.add_parser(
         "quantize",
@@ -335,6 +345,12 @@ def default_formats(bits: int) -> list[str]:
     return ["awq"] if bits == 4 else ["compressed-tensors"]
 
 
+def _task_ref(task: str) -> str:
+    """A task folder or YAML file given relative to here becomes an absolute path; names stay as they are."""
+    path = Path(task).expanduser()
+    return str(path.absolute()) if path.exists() else task
+
+
 def _spec_from_args(args, group_size: int | None = None):
     from pydantic import ValidationError
 
@@ -367,6 +383,7 @@ def _spec_from_args(args, group_size: int | None = None):
                 "seq_len": args.eval_seq_len,
                 **({"max_seqs": None} if args.eval_all else {}),
                 **({"max_seqs": args.eval_max_seqs} if args.eval_max_seqs is not None else {}),
+                "tasks": [{"name": _task_ref(t), "limit": args.eval_limit} for t in args.eval_tasks],
             },
             device=args.device,
             scale_search=args.scale_search,
@@ -516,6 +533,14 @@ def _quantize(args) -> int:
     print(f"report: {result.report_path}")
     for line in summary_lines(result.metrics, result.layers):
         print(f"  {line}")
+    evaluation = json.loads(result.report_path.read_text()).get("evaluation") or {}
+    if evaluation.get("tasks"):
+        from awqforge.tasks_eval import format_table
+
+        print(format_table(evaluation["tasks"]))
+    if result.quality_failure:
+        print(f"error: {result.quality_failure} (artifacts kept)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -56,6 +56,9 @@ class QuantResult:
     layers: list = field(default_factory=list)  # awq.LayerMetric
     report_path: Path | None = None  # the first format's quant_report.json
     source_revision: str | None = None  # the commit sha a hub model's revision resolved to
+    # Why the artifacts missed the quality bar (task evaluation failed, or eval.gate not met); they are
+    # written and kept all the same. None: passed (or nothing was asked).
+    quality_failure: str | None = None
 
 
 class _Job:
@@ -114,6 +117,7 @@ def run_quantization(
     shard_size: int | str | None = None,
     allowed_roots: Sequence[str | Path] | None = None,
     checkpoint_dir: str | Path | None = None,
+    fp_task_cache=None,
 ) -> QuantResult:
     """Quantize `spec.model` into `out_dir/<format>/` for every format in `spec.formats` (see module docstring).
 
@@ -122,6 +126,7 @@ def run_quantization(
     `allowed_roots`: the folders every local path the spec names must lie in (None: anywhere, the CLI).
     `checkpoint_dir`: store each finished block there and resume from what an earlier, interrupted run
     of the same spec stored (awqforge/checkpoint.py); the caller removes it once the result is safe.
+    `fp_task_cache`: where FP task scores are kept across runs (awqforge.tasks_eval.FPScoreCache's get/put).
     Raises InputError (bad request), HubUnavailable, UnsupportedArchitecture, NumericalError, JobCancelled;
     on any error nothing is left in out_dir that was not there before.
     """
@@ -175,6 +180,7 @@ def run_quantization(
         if spec.eval.enabled:  # a missing or too short evaluation text fails now, not after the quantization
             eval_text = read_text(spec.eval.text)
             eval_windows(tokenizer, eval_text, spec.eval.seq_len, 1)
+        task_items = _resolve_eval_tasks(spec, allowed_roots)  # unknown tasks fail now, not after quantizing
         if shard_size is None:
             shard_size = DEFAULT_SHARD_SIZE
         for fmt in spec.formats:
@@ -294,6 +300,27 @@ def run_quantization(
             metrics["quant_perplexity"] = (eval_info.get("quantized") or {}).get("perplexity")
             metrics["eval_tokens"] = eval_info["cost"]["tokens"]
 
+        quality_failure = None
+        if task_items or spec.eval.prompts:
+            job.stage("evaluate", f"evaluating {len(task_items)} task(s) with lm-evaluation-harness")
+            eval_info = eval_info if eval_info is not None else {}
+            quality_failure = _evaluate_tasks(
+                spec,
+                task_items,
+                resolved,
+                writers[0],
+                tokenizer,
+                device,
+                stream.dtype,
+                job,
+                eval_info,
+                fp_task_cache,
+                metrics,
+            )
+        if spec.eval.gate is not None and quality_failure is None:
+            eval_info = eval_info if eval_info is not None else {}
+            quality_failure = _check_gate(spec, eval_info, metrics, job)
+
         # -- package
         job.stage("package", "writing report, model card and manifest")
         sizes = {w.fmt: _weights_size(w.staging_dir) for w in writers}
@@ -329,6 +356,10 @@ def run_quantization(
             report["multimodal"] = mm.report()
             mm.describe(card)
         card.base_model_revision = resolved.revision or spec.revision  # the commit sha for a hub model
+        if eval_info:
+            card.tasks = eval_info.get("tasks") or []
+            card.generations = eval_info.get("generations") or []
+            card.quality_failure = quality_failure
         for w in writers:
             reporting.write_report(w.staging_dir, report)
             w.finalize(card)
@@ -342,6 +373,7 @@ def run_quantization(
             layers=layers,
             report_path=final_dirs[writers[0].fmt] / reporting.REPORT_NAME,
             source_revision=resolved.revision,
+            quality_failure=quality_failure,
         )
     except BaseException:
         for w in writers:
@@ -472,6 +504,100 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
     }
     job.log(f"quantized perplexity {info['quantized']['perplexity']:.3f}")
     return info
+
+
+def _resolve_eval_tasks(spec, allowed_roots) -> list:
+    """eval.tasks resolved to lm-eval task configs; a task path must lie under the allowed roots."""
+    tasks = list(spec.eval.tasks or [])
+    if not tasks:
+        return []
+    from awqforge.resolve import resolve_local_path
+    from awqforge.tasks_eval import TaskRequest, is_task_path, lm_eval_available, resolve_tasks
+
+    if not lm_eval_available():
+        raise InputError("eval.tasks needs lm-evaluation-harness: pip install 'awqforge[eval]'")
+    requests = []
+    for i, t in enumerate(tasks):
+        req = TaskRequest.of(t)
+        if is_task_path(req.name):
+            req.name = str(resolve_local_path(req.name, allowed_roots, what=f"eval.tasks.{i}.name"))
+        requests.append(req)
+    return resolve_tasks(requests)
+
+
+def _model_key(resolved) -> str:
+    """What identifies the source weights for the FP score cache: the hub commit, or a local folder's
+    weight files (names, sizes, modification times)."""
+    if resolved.revision:
+        return f"rev:{resolved.revision}"
+    import hashlib
+
+    h = hashlib.sha256(str(resolved.path).encode())
+    for f in resolved.weight_files:
+        st = Path(f).stat()
+        h.update(f"{Path(f).name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"local:{h.hexdigest()}"
+
+
+def _evaluate_tasks(
+    spec, items, resolved, writer, tokenizer, device, dtype, job: _Job, info: dict, fp_cache, metrics: dict
+) -> str | None:
+    """lm-eval tasks and side-by-side generations on the FP model (loaded whole) and the quantized one
+    (our loader, as for perplexity); results into `info` (the report's `evaluation`). Returns why the job
+    misses its quality bar (a task that could not run, or eval.gate), None when it passes."""
+    from awqforge.evaluate import load_fp_model
+    from awqforge.loading import load_quantized
+    from awqforge.tasks_eval import TaskEvalError, evaluate_models
+
+    started = time.perf_counter()
+
+    def progress(label: str, done: int, total: int) -> None:
+        elapsed = time.perf_counter() - started
+        eta = elapsed / done * (total - done) if done else None
+        job.report(
+            done / max(total, 1), f"tasks: {label} ({done}/{total})", step=done, n_steps=total, eta_s=eta
+        )
+
+    try:
+        result = evaluate_models(
+            lambda: load_fp_model(resolved.path, device=device, dtype=dtype),
+            lambda: load_quantized(writer.staging_dir, device=device, dtype=dtype),
+            tokenizer,
+            items,
+            prompts=spec.eval.prompts,
+            max_new_tokens=spec.eval.max_new_tokens,
+            fp_cache=fp_cache,
+            model_key=_model_key(resolved),
+            cancel=job.cancel_cb,
+            progress=progress,
+            log=job.log,
+        )
+    except TaskEvalError as exc:  # the artifacts are good: they are kept, the job says why it failed
+        info["tasks_error"] = str(exc)
+        job.log(f"task evaluation failed: {exc}")
+        return f"task evaluation failed: {exc}"
+    info.update(
+        tasks=result["tasks"],
+        generations=result["generations"],
+        fp_cache_used=result["fp_cache_used"],
+        tasks_cost=result["cost"],
+    )
+    metrics["tasks_eval_s"] = result["cost"]["wall_s"]
+    return None
+
+
+def _check_gate(spec, info: dict, metrics: dict, job: _Job) -> str | None:
+    """eval.gate against the task recoveries and the perplexities; the verdict goes into the report."""
+    from awqforge.tasks_eval import check_gate
+
+    reasons = check_gate(
+        spec.eval.gate, info.get("tasks") or [], metrics.get("fp_perplexity"), metrics.get("quant_perplexity")
+    )
+    info["gate"] = {"settings": spec.eval.gate.model_dump(), "passed": not reasons, "reasons": reasons}
+    if not reasons:
+        return None
+    job.log("quality gate not met: " + "; ".join(reasons))
+    return "quality gate not met: " + "; ".join(reasons)
 
 
 def _weights_size(folder: Path) -> int:

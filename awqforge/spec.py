@@ -82,6 +82,7 @@ class JobStage(str, Enum):
     QUANTIZE = "quantize"
     EVALUATE = "evaluate"
     PACKAGE = "package"
+    GATE = "gate"  # the quality gate on lm-eval task recovery (eval.gate), after packaging
     PUBLISH = "publish"
 
 
@@ -364,8 +365,57 @@ class CalibrationSpec(BaseModel):
     )
 
 
+class EvalTaskSpec(BaseModel):
+    """One lm-evaluation-harness task (awqforge.tasks_eval), run on the FP and the quantized model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=MAX_PATH_CHARS,
+            description="an lm-eval task, group or tag name (hellaswag), a bundled local task (awqforge_mc, "
+            "awqforge_cloze), or a folder or YAML file of lm-eval task definitions under the allowed roots",
+            examples=["awqforge_mc"],
+        ),
+        AfterValidator(clean_text),
+    ]
+    limit: int | None = Field(None, ge=1, le=1_000_000, description="at most this many examples (null: all)")
+    num_fewshot: int | None = Field(None, ge=0, le=64, description="few-shot examples (null: the task's own)")
+    seed: Seed = 0
+
+
+class EvalGateSpec(BaseModel):
+    """A quality gate: a job below it ends failed, its artifacts kept and not published."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    min_recovery: float | None = Field(
+        None, ge=0, le=10, description="every task's recovery (quantized / FP) at least this"
+    )
+    min_avg_recovery: float | None = Field(None, ge=0, le=10, description="the mean recovery over tasks")
+    max_perplexity_increase: float | None = Field(
+        None, ge=0, le=1000, description="quantized perplexity at most FP x (1 + this): 0.05 = +5%"
+    )
+
+
 class EvalSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+    tasks: list[EvalTaskSpec] = Field(
+        default_factory=list, max_length=32, description="lm-evaluation-harness tasks (needs awqforge[eval])"
+    )
+    gate: EvalGateSpec | None = None
+    prompts: list[Annotated[str, Field(min_length=1, max_length=2000), AfterValidator(clean_text)]] | None = (
+        Field(
+            None,
+            max_length=16,
+            description="prompts for side-by-side greedy generations, FP and quantized (null: a default handful "
+            "when tasks are evaluated; [] : none)",
+        )
+    )
+    max_new_tokens: int = Field(32, ge=1, le=512, description="tokens generated per prompt")
 
     enabled: bool = True
     text: EvalText | None = None

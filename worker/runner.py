@@ -28,6 +28,7 @@ from app.core.config import settings
 from app.core.db import in_session_retrying, is_connection_error, session_scope
 from app.core.security import decrypt_secret
 from app.models import (
+    GATE_STAGE,
     PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
@@ -35,6 +36,7 @@ from app.models import (
     JobMetrics,
     JobStatus,
     LayerMetric,
+    TaskMetric,
     Tenant,
     utcnow,
 )
@@ -42,6 +44,7 @@ from app.services import lifecycle
 from app.services.events import add_event
 from app.services.storage import artifact_store, file_manifest, store_for
 from app.services.uploads import allowed_roots
+from worker.task_eval import fp_cache_for, task_metric_rows
 
 log = logging.getLogger("awqforge.worker")
 
@@ -532,6 +535,24 @@ def _publish_destination(job_id: str, token: str | None) -> str:
     return _db(pick, "choosing the publish destination")
 
 
+def _quality_failed(job_id, reporter: _JobReporter, reason: str, work_dir, out_dir, remote: bool) -> str:
+    """Below its quality gate (or its tasks could not run): failed at stage `gate`, artifacts recorded and
+    kept, nothing published; POST /v1/jobs/{id}/publish with override_gate publishes anyway."""
+    shutil.rmtree(work_dir, ignore_errors=True)
+    if remote:
+        shutil.rmtree(out_dir, ignore_errors=True)
+    error = reporter.scrub(reason)[:1900] + " (artifacts kept)"
+
+    ended = _db(
+        lambda s: lifecycle.finish(
+            s, job_id, JobStatus.FAILED, where=(Job.worker == reporter.worker_name,), error=error, stage=GATE_STAGE
+        ),
+        "recording the quality failure",
+    )
+    log.warning("job %s: %s", job_id, error)
+    return "failed" if ended else "already ended"
+
+
 def _publish_failed(job_id: str, reporter: _JobReporter, exc: Exception) -> str:
     """A failed publish leaves the job failed at the publish stage with its artifacts kept."""
     from worker.hub import PublishRefused
@@ -689,7 +710,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             log=reporter.log,
             allowed_roots=allowed_roots(job.tenant_id),
             checkpoint_dir=work_dir,  # a run lost mid-way resumes at its last finished block
+            fp_task_cache=fp_cache_for(job.tenant_id, spec),
         )
+        quality_failure = getattr(result, "quality_failure", None)  # artifacts kept, not published
 
         store = artifact_store()
         made = {str(getattr(fmt, "value", fmt)): Path(p) for fmt, p in dict(result.artifacts).items()}
@@ -718,8 +741,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         def record_result(s) -> None:
             # idempotent: a run that recorded its result and was then lost records it again on resume
-            for table in (JobMetrics, LayerMetric, Artifact):
+            for table in (JobMetrics, LayerMetric, Artifact, TaskMetric):
                 s.query(table).filter(table.job_id == job_id).delete()
+            s.add_all(task_metric_rows(job_id, report))
             s.add(
                 JobMetrics(
                     job_id=job_id,
@@ -734,12 +758,14 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                 .values(
                     source_sha=getattr(result, "source_revision", None),
                     # With the artifact set, in the same commit: from here on the job only publishes.
-                    **({"stage": PUBLISH_STAGE} if spec.publish is not None else {}),
+                    **({"stage": PUBLISH_STAGE} if spec.publish is not None and not quality_failure else {}),
                 )
                 .execution_options(synchronize_session=False)
             )
 
         _db(record_result, "recording the result")
+        if quality_failure:
+            return _quality_failed(job_id, reporter, quality_failure, work_dir, out_dir, store.remote)
         if spec.publish is not None:
             reporter.stage = PUBLISH_STAGE
             if reporter.cancel():

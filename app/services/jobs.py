@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, joinedload, selectinload
 from app.core.config import settings
 from app.core.security import encrypt_secret
 from app.models import (
+    GATE_STAGE,
     PUBLISH_STAGE,
     Artifact,
     CalibrationSet,
@@ -27,6 +28,7 @@ from app.models import (
 )
 from app.schemas import ArtifactFile, ArtifactPublic, FieldError, JobCreate, JobPublic, MetricsPublic
 from app.services import lifecycle
+from app.services.eval_tasks import check_eval_tasks
 from app.services.events import add_event
 from app.services.routing import (
     RoutingError,
@@ -113,6 +115,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
         errors.append(e)
     if is_local_path(body.model) and (e := _check_local("model", body.model)):
         errors.append(e)
+    errors.extend(check_eval_tasks(body.eval.tasks, _check_local))
     if (
         body.eval.text
         and body.eval.text.startswith("file:")
@@ -481,12 +484,21 @@ def retry_job(
     return job
 
 
-def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | None) -> Job:
+def publish_again(
+    session: Session, *, job: Job, tenant: Tenant, token: str | None, override_gate: bool = False
+) -> Job:
     """Queue a new publish of a finished job's recorded artifacts (after a failed publish or run, or to publish
     again: the hub makes no new commit when its files already match). The job stays at the publish stage until
-    it ends: the reaper and the reconciler send it to the publish task only, never to a whole run."""
+    it ends: the reaper and the reconciler send it to the publish task only, never to a whole run. A job that
+    failed its quality gate (eval.gate) publishes only with override_gate."""
     if not job.spec.get("publish"):
         raise ServiceError(409, "this job has no publish settings")
+    below_gate = job.status == JobStatus.FAILED.value and job.stage == GATE_STAGE
+    if below_gate and not override_gate:
+        raise ServiceError(
+            409,
+            f"this job did not pass its quality gate ({job.error}); give override_gate=true to publish it anyway",
+        )
     done = (JobStatus.SUCCEEDED.value, JobStatus.FAILED.value)
     if job.status not in done or not job.artifacts:
         raise ServiceError(
@@ -496,9 +508,8 @@ def publish_again(session: Session, *, job: Job, tenant: Tenant, token: str | No
         )
     tokens = _token_columns(job, source_token=None, publish_token=token)
     _check_limit(session, tenant)
-    if not lifecycle.restart(
-        session, job.id, expected=done, message="publish queued", stage=PUBLISH_STAGE, **tokens
-    ):
+    message = "publish queued" + (" with the quality gate overridden" if below_gate else "")
+    if not lifecycle.restart(session, job.id, expected=done, message=message, stage=PUBLISH_STAGE, **tokens):
         session.rollback()
         raise ServiceError(409, "the job changed meanwhile; read it again")
     session.commit()

@@ -226,11 +226,29 @@ async function renderLayers() {
   }, data, $("layer-chart"));
 }
 
+async function renderTasks(j) {
+  const m = await api(`/jobs/${encodeURIComponent(jobId)}/metrics`);
+  if (!m.tasks || !m.tasks.length) return;
+  $("tasks-card").hidden = false;
+  const top = Math.max(1e-9, ...m.tasks.flatMap((t) => [t.fp || 0, t.quantized || 0]));
+  const bar = (cls, label, v) => `<div class="tbar"><span class="tlabel">${label}</span><span class="tfill ${cls}" style="width:${v == null ? 0 : (60 * v) / top}%"></span><span>${v == null ? "–" : v.toFixed(4)}</span></div>`;
+  $("task-chart").innerHTML = m.tasks.map((t) => `<div class="task"><b>${esc(t.task)}</b> <span class="muted">${esc(t.metric)}, recovery ${t.recovery == null ? "–" : t.recovery.toFixed(3)}${t.fp_cached ? ", FP cached" : ""}</span>
+    ${bar("fp", "FP", t.fp)}${bar("quant", "quantized", t.quantized)}</div>`).join("");
+  const art = (j.artifacts || []).find((a) => a.files.some((f) => f.path === "quant_report.json"));
+  if (!art) return;
+  try {
+    const report = await (await fetch(art.files.find((f) => f.path === "quant_report.json").url, { credentials: "same-origin" })).json();
+    const gens = (report.evaluation || {}).generations || [];
+    $("generations").innerHTML = gens.length ? `<h3>Side-by-side generations</h3>` + gens.map((g) => `<div class="gen"><p><b>${esc(g.prompt)}</b></p><p><span class="muted">FP:</span> ${esc(g.fp)}</p><p><span class="muted">quantized:</span> ${esc(g.quantized)}</p></div>`).join("") : "";
+  } catch (e) { /* the chart stands without the generations */ }
+}
+
 async function loadJob() {
   try {
     const j = await api(`/jobs/${encodeURIComponent(jobId)}`);
     renderJob(j);
     if (j.status === "succeeded") await renderLayers();
+    if (j.status === "succeeded" || j.status === "failed") await renderTasks(j);
     return j;
   } catch (e) {
     $("error").hidden = false; $("error").textContent = e.message;

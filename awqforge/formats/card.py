@@ -32,6 +32,9 @@ class ModelCardInfo:
     metrics: dict[str, Any] = field(default_factory=dict)  # sizes, wall time, layers quantized
     model_class: str = "AutoModelForCausalLM"  # the transformers class of the loading snippet
     pipeline_tag: str = "text-generation"
+    tasks: list[dict] = field(default_factory=list)  # lm-eval rows: task, metric, fp, quantized, recovery
+    generations: list[dict] = field(default_factory=list)  # prompt, fp, quantized
+    quality_failure: str | None = None  # the quality gate this artifact missed
 
     @classmethod
     def from_spec(
@@ -149,6 +152,54 @@ def _looks_like_hub_id(ref: str) -> bool:
 
 def _fmt_ppl(value: float | None) -> str:
     return "not measured" if value is None else f"{value:.4f}"
+
+
+def _fmt_score(value: float | None, stderr: float | None = None) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.4f}" + (f" ± {stderr:.4f}" if stderr is not None else "")
+
+
+def _tasks_section(info: ModelCardInfo) -> list[str]:
+    """The task table hubs publish (task, metric, FP, quantized, recovery), the gate verdict and the
+    side-by-side generations."""
+    lines: list[str] = []
+    if info.tasks:
+        lines += [
+            "",
+            "### Tasks (lm-evaluation-harness)",
+            "",
+            "| task | metric | FP | quantized | recovery |",
+            "|---|---|---|---|---|",
+        ]
+        for r in info.tasks:
+            rec = "-" if r.get("recovery") is None else f"{r['recovery']:.3f}"
+            lines.append(
+                f"| {r['task']} | {r['metric']} | {_fmt_score(r.get('fp'), r.get('fp_stderr'))} | "
+                f"{_fmt_score(r.get('quantized'), r.get('stderr'))} | {rec} |"
+            )
+        lines += ["", "Recovery = quantized / FP (FP / quantized where lower is better); ± is the stderr."]
+    if info.quality_failure:
+        lines += [
+            "",
+            f"**This artifact did not pass its quality gate** ({info.quality_failure}). A copy on a hub was "
+            "published with an explicit override.",
+        ]
+    if info.generations:
+        lines += ["", "### Side-by-side generations (greedy)", ""]
+        for g in info.generations:
+            lines += [
+                f"**Prompt:** {_one_line(g['prompt'])}",
+                "",
+                f"- original: {_one_line(g['fp'])}",
+                f"- quantized: {_one_line(g['quantized'])}",
+                "",
+            ]
+    return lines
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split()) or "(empty)"
 
 
 def _fmt_bytes(n: Any) -> str:
@@ -288,6 +339,7 @@ def render_card(
         "",
         f"Perplexity on {info.eval_description or 'no evaluation text'} (lower is better).",
     ]
+    lines += _tasks_section(info)
     sizes = info.metrics
     if "size_before_bytes" in sizes or "size_after_bytes" in sizes:
         lines += [

@@ -246,6 +246,9 @@ class PublishAgainIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     token: HubToken | None = Field(None, json_schema_extra=SECRET)  # the job's own was deleted when it ended
+    override_gate: bool = Field(
+        False, description="publish a job that failed its quality gate (eval.gate) anyway; its card says so"
+    )
 
 
 @router.post(
@@ -259,7 +262,11 @@ def publish_job(
     session: SessionDep, tenant: CurrentTenant, job_id: JobId, body: PublishAgainIn | None = None
 ) -> JobPublic:
     job = job_service.publish_again(
-        session, job=_get(session, job_id, tenant), tenant=tenant, token=body.token if body else None
+        session,
+        job=_get(session, job_id, tenant),
+        tenant=tenant,
+        token=body.token if body else None,
+        override_gate=bool(body and body.override_gate),
     )
     return job_service.job_public(job)
 

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from app.api.deps import CurrentTenant, JobId, SessionDep
 from app.core.config import is_cpu_class, settings
 from app.metrics import STAGES, render_metrics
-from app.models import Job, JobMetrics, JobStatus, LayerMetric, utcnow
+from app.models import Job, JobMetrics, JobStatus, LayerMetric, TaskMetric, utcnow
 from app.schemas import (
     DurationStats,
     ErrorResponse,
@@ -19,6 +19,9 @@ from app.schemas import (
     LayerMetricPublic,
     MetricsSummary,
     PerplexityChange,
+    RecoveryStats,
+    TaskMetricPublic,
+    TaskRecovery,
 )
 from app.services import jobs as job_service
 from awqforge.parsing import parse_since
@@ -110,6 +113,7 @@ def metrics_summary(
             saved += max(0, m.size_before_bytes - m.size_after_bytes)
     ppl.sort()
     return MetricsSummary(
+        task_recovery=_task_recovery(session, mine),
         since=t0,
         jobs_by_status={s: by_status.get(s, 0) for s in JOB_STATUSES},
         queue_depth=depth,
@@ -121,6 +125,32 @@ def metrics_summary(
         bytes_saved=saved,
         gpu_hours=gpu_s / 3600,
         cpu_hours=cpu_s / 3600,
+    )
+
+
+def _task_recovery(session, mine) -> TaskRecovery:
+    """Recovery of every task of this tenant's jobs in the window, whatever the job's outcome (a job below
+    its gate is part of the distribution)."""
+    rows = session.execute(
+        select(TaskMetric.task, TaskMetric.recovery)
+        .join(Job, Job.id == TaskMetric.job_id)
+        .where(*mine, TaskMetric.recovery.is_not(None))
+    ).all()
+    by_task: dict[str, list[float]] = {}
+    for task, rec in rows:
+        by_task.setdefault(task, []).append(rec)
+    every = sorted(r for _, r in rows)
+    return TaskRecovery(
+        n=len(every),
+        recovery=every,
+        median=_quantile(every, 0.5),
+        p05=_quantile(every, 0.05),
+        by_task={
+            t: RecoveryStats(
+                n=len(v), median=_quantile(sorted(v), 0.5), p05=_quantile(sorted(v), 0.05), min=min(v)
+            )
+            for t, v in sorted(by_task.items())
+        },
     )
 
 
@@ -149,4 +179,10 @@ def job_metrics(session: SessionDep, tenant: CurrentTenant, job_id: JobId) -> Jo
         size_before_bytes=m.size_before_bytes if m else None,
         size_after_bytes=m.size_after_bytes if m else None,
         layers=[LayerMetricPublic.model_validate(r) for r in layers],
+        tasks=[
+            TaskMetricPublic.model_validate(r, from_attributes=True)
+            for r in session.scalars(
+                select(TaskMetric).where(TaskMetric.job_id == job.id).order_by(TaskMetric.id)
+            )
+        ],
     )

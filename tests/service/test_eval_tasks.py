@@ -1,0 +1,159 @@
+"""Task evaluation through the service (real API, Celery worker, Postgres, Redis): a job with lm-eval tasks,
+its rows and summary, the FP score cache across jobs and tenants, and a job failing its quality gate with its
+artifacts kept, published only with an explicit override."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import wait_for_status
+
+pytest.importorskip("lm_eval")
+pytestmark = pytest.mark.services
+
+TASKS = [{"name": "awqforge_mc", "limit": 8}, {"name": "awqforge_cloze", "limit": 8}]
+
+
+def test_job_with_tasks_gate_and_override(service, make_key, db_session):
+    from app.models import Job, TaskFPScore, TaskMetric
+
+    key = make_key("acme")
+    eval_spec = {
+        "seq_len": 32,
+        "max_seqs": 2,
+        "tasks": TASKS,
+        "prompts": ["The License"],
+        "max_new_tokens": 4,
+    }
+    with service.client(key) as c:
+        r = c.post("/v1/jobs", json=service.job_body(eval=eval_spec))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+
+        detail = c.get(f"/v1/jobs/{job_id}/metrics").json()
+        tasks = {t["task"]: t for t in detail["tasks"]}
+        assert set(tasks) == {"awqforge_mc", "awqforge_cloze"}
+        for t in tasks.values():
+            assert t["metric"] == "acc" and t["n_samples"] == 8 and t["fp_cached"] is False
+            assert t["fp"] is None or t["fp"] == 0 or t["recovery"] == pytest.approx(t["quantized"] / t["fp"])
+        logs = c.get(f"/v1/jobs/{job_id}/logs").text
+        assert "task awqforge_cloze: FP acc" in logs and "task awqforge_cloze: quantized acc" in logs
+
+        # the report and the card carry the table and the generations
+        arts = c.get(f"/v1/jobs/{job_id}/artifacts").json()["data"]
+        awq = next(a for a in arts if a["format"] == "awq")
+        report = c.get(next(f["url"] for f in awq["files"] if f["path"] == "quant_report.json")).json()
+        assert [t["task"] for t in report["evaluation"]["tasks"]] == ["awqforge_mc", "awqforge_cloze"]
+        assert report["evaluation"]["generations"][0]["prompt"] == "The License"
+        card = c.get(next(f["url"] for f in awq["files"] if f["path"] == "README.md")).text
+        assert "| task | metric | FP | quantized | recovery |" in card
+
+        summary = c.get("/v1/metrics/summary").json()["task_recovery"]
+        assert summary["n"] >= 1 and set(summary["by_task"]) >= {"awqforge_mc"}
+
+    # The FP scores were stored (a local model: this tenant's scope only)...
+    db_session.expire_all()
+    stored = db_session.query(TaskFPScore).all()
+    assert {s.task for s in stored} >= {"awqforge_mc", "awqforge_cloze"}
+    assert all(s.scope.startswith("tenant:") for s in stored)
+
+    # ... and a later job of the same tenant reuses them; its gate cannot be met: failed, artifacts kept.
+    gated = {**eval_spec, "prompts": [], "gate": {"min_recovery": 5.0}}
+    body = service.job_body(eval=gated, publish={"repo_id": "acme/tiny-gated", "private": True})
+    with service.client(key) as c:
+        job_id2 = c.post("/v1/jobs", json=body).json()["id"]
+        job2 = wait_for_status(c, job_id2, ("succeeded", "failed", "cancelled"), timeout=300)
+        assert job2["status"] == "failed" and job2["stage"] == "gate"
+        assert "quality gate not met: task awqforge_" in job2["error"] and "recovery" in job2["error"]
+        assert "FP" in job2["error"] and "artifacts kept" in job2["error"]
+        assert {a["format"] for a in job2["artifacts"]} >= {"awq"}
+        arts = c.get(f"/v1/jobs/{job_id2}/artifacts").json()["data"]
+        cfg = next(f for f in arts[0]["files"] if f["path"] == "config.json")
+        assert c.get(cfg["url"]).status_code == 200  # downloadable
+        detail = c.get(f"/v1/jobs/{job_id2}/metrics").json()
+        assert detail["tasks"] and all(t["fp_cached"] for t in detail["tasks"])
+        hub = service.home / "hub" / "acme" / "tiny-gated"
+        assert not hub.exists()  # not published
+
+        # publishing needs the explicit override; with it the job publishes and its card says so
+        refused = c.post(f"/v1/jobs/{job_id2}/publish", json={})
+        assert refused.status_code == 409 and "override_gate" in refused.json()["detail"]
+        r = c.post(f"/v1/jobs/{job_id2}/publish", json={"override_gate": True})
+        assert r.status_code == 202, r.text
+        job2 = wait_for_status(c, job_id2, ("succeeded", "failed", "cancelled"), timeout=120)
+        assert job2["status"] == "succeeded", job2["error"]
+    published = next(hub.rglob("README.md")).read_text()
+    assert "did not pass its quality gate" in published
+    db_session.expire_all()
+    assert db_session.query(TaskMetric).filter(TaskMetric.job_id == job_id2).count() == 2
+    assert db_session.get(Job, job_id2).status == "succeeded"
+
+
+def test_submit_checks_task_names(service, make_key):
+    key = make_key()
+    with service.client(key) as c:
+        for name, field in (
+            ("no_such_task_xyz", "eval.tasks.0.name"),
+            ("/etc/awqforge-tasks", "eval.tasks.0.name"),  # outside the allowed folders
+        ):
+            r = c.post("/v1/jobs", json=service.job_body(eval={"tasks": [{"name": name}]}))
+            assert r.status_code == 422, r.text
+            assert field in r.text, r.text
+        r = c.post("/v1/jobs", json=service.job_body(eval={"tasks": [{"name": "awqforge_mc", "limit": 0}]}))
+        assert r.status_code == 422 and "eval.tasks.0.limit" in r.text
+
+
+def test_without_lm_eval_tasks_are_refused_and_the_api_imports_no_torch():
+    code = (
+        "import sys; sys.modules['lm_eval'] = None\n"  # as if lm-eval were not installed
+        "import app.main\n"
+        "from app.services.eval_tasks import check_eval_tasks\n"
+        "from awqforge.spec import EvalTaskSpec\n"
+        "errs = check_eval_tasks([EvalTaskSpec(name='hellaswag')], lambda f, p: None)\n"
+        "assert [e.field for e in errs] == ['eval.tasks'] and 'awqforge[eval]' in errs[0].reason, errs\n"
+        "assert 'torch' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+    code = (
+        "import sys\n"
+        "import app.main\n"
+        "from app.services.eval_tasks import check_eval_tasks\n"
+        "from awqforge.spec import EvalTaskSpec\n"
+        "errs = check_eval_tasks([EvalTaskSpec(name='hellaswag'), EvalTaskSpec(name='nope_x')], lambda f, p: None)\n"
+        "assert [e.field for e in errs] == ['eval.tasks.1.name'], errs\n"
+        "assert 'torch' not in sys.modules, 'the registry check imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_fp_score_scopes(service):
+    """A public revision's FP score serves every tenant; a private or local model's only its own tenant."""
+    import uuid
+
+    from awqforge.spec import JobSpec
+    from worker.task_eval import PostgresFPScoreCache, fp_cache_for
+
+    key = uuid.uuid4().hex
+    score = {"task": "awqforge_mc", "metric": "acc", "score": 0.5}
+    PostgresFPScoreCache(tenant_id=1, public=False).put(key, score)
+    assert PostgresFPScoreCache(tenant_id=1, public=False).get(key) == score
+    assert PostgresFPScoreCache(tenant_id=2, public=False).get(key) is None
+    assert PostgresFPScoreCache(tenant_id=2, public=True).get(key) is None
+    PostgresFPScoreCache(tenant_id=1, public=False).put(key, score)  # stored once: a second put is a no-op
+    public_key = uuid.uuid4().hex
+    PostgresFPScoreCache(tenant_id=3, public=True).put(public_key, score)
+    assert PostgresFPScoreCache(tenant_id=4, public=True).get(public_key) == score
+    assert PostgresFPScoreCache(tenant_id=4, public=False).get(public_key) is None  # a private model's job
+
+    tasks = {"tasks": [{"name": "awqforge_mc"}]}
+    hub = JobSpec(model="org/model", eval=tasks)
+    assert fp_cache_for(7, hub).scope == "public"
+    gated = JobSpec(model="org/model", source={"token": "hf_x"}, eval=tasks)
+    assert fp_cache_for(7, gated).scope == "tenant:7"
+    assert fp_cache_for(7, JobSpec(model="/models/m", eval=tasks)).scope == "tenant:7"
+    assert fp_cache_for(7, JobSpec(model="org/model")) is None
