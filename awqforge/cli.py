@@ -102,6 +102,11 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
     )
     q.add_argument(
+        "--no-gqa-fold",
+        action="store_true",
+        help="under grouped-query attention, skip the v -> o scale (folded per KV channel by default)",
+    )
+    q.add_argument(
         "--mappings",
         metavar="JSON",
         help="AWQ mappings for a model the engine does not know, as a JSON list (or @file.json) of "
@@ -261,6 +266,7 @@ def _spec_from_args(args):
             refine_steps=args.refine_steps,
             search_screen=args.search_screen,
             rounding=args.rounding,
+            gqa_fold=not args.no_gqa_fold,
             seed=args.seed,
             mappings=_mappings_arg(args.mappings),
         )
@@ -322,6 +328,8 @@ def _quantize(args) -> int:
 
     spec = _spec_from_args(args)
     _check_module_patterns(spec)
+    if spec.eval.enabled:
+        _ensure_cpu_kernel(spec.device)  # the evaluation runs the quantized model
     printer = _ProgressPrinter()
     try:
         options = {"shard_size": args.shard_size} if args.shard_size else {}
@@ -367,6 +375,7 @@ def _eval(args) -> int:
     from awqforge.calibration import read_text
     from awqforge.evaluate import evaluate_path
 
+    _ensure_cpu_kernel(args.device)
     text = read_text(args.text)
     result = evaluate_path(
         _model_ref(args.model),
@@ -403,6 +412,26 @@ def _add_kernel_commands(sub) -> None:
     k_sub.add_parser("path", help="print the kernel cache folder for this torch and kernel source")
 
 
+def _announce(message: str) -> None:
+    print(f"awqforge: {message}", file=sys.stderr, flush=True)
+
+
+def _ensure_cpu_kernel(device: str) -> None:
+    """quantize (with its evaluation) and eval on the CPU: the CPU kernel loaded, or built into the cache now
+    with one progress line, before any work; without a compiler, one warning and the reference path."""
+    if device == "cuda":
+        return
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        return
+    from awqforge.kernels import cpu
+
+    ok, why = cpu.ensure_built(announce=_announce)
+    if not ok:
+        _announce(f"warning: {why}; QuantLinear runs on the CPU through the pure-torch reference (slow)")
+
+
 def _kernel_command(args) -> int:
     from awqforge.kernels import cpu
     from awqforge.kernels.doctor import report_lines
@@ -413,15 +442,15 @@ def _kernel_command(args) -> int:
     if args.kernels_command == "path":
         print(cpu.build_dir())
         return 0
-    try:
-        binary = cpu.build(verbose=args.verbose)
-    except cpu.KernelBuildError as exc:
+    ok, what = cpu.ensure_built(announce=_announce, verbose=args.verbose)
+    if not ok:
         level = "warning" if args.optional else "error"
         print(
-            f"awqforge kernels build: {level}: {exc}\n"
+            f"awqforge kernels build: {level}: {what}\n"
             "without it, QuantLinear runs on the CPU through the pure-torch reference (slow)",
             file=sys.stderr,
         )
         return 0 if args.optional else 1
+    binary = what
     print(f"CPU kernel ready: {binary}")
     return 0
