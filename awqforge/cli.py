@@ -142,6 +142,11 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="peak memory and time estimate of a job, from the model's config.json (no weights read)",
     )
     pl.add_argument("--json", action="store_true", help="print the plans as JSON")
+    pl.add_argument(
+        "--measure",
+        action="store_true",
+        help="time one block of this model's shape here (random weights) and base the time estimate on it",
+    )
 
     e = sub.add_parser("eval", help="perplexity of a quantized artifact or an FP checkpoint (prints JSON)")
     e.add_argument("model", help="artifact folder, checkpoint folder or hub id")
@@ -363,7 +368,17 @@ def _plan(args) -> int:
 
         config = read_config(Path(hf_hub_download(spec.model, "config.json", revision=spec.revision)).parent)
     devices = ["cpu", "cuda"] if spec.device == "auto" else [spec.device]
-    plans = {d: plan(config, JobSettings.from_spec(spec), device=d) for d in devices}
+    settings = JobSettings.from_spec(spec)
+    rates = {}
+    if getattr(args, "measure", False):
+        from awqforge.timing import measure_rate
+
+        device = "cuda" if spec.device == "cuda" else "cpu"
+        _announce(f"timing one block of this model on {device} for the time estimate ...")
+        rates[device], secs = measure_rate(config, settings, device)
+        _announce(f"one block took {secs:.1f} s ({rates[device] / 1e9:.0f} GFLOP/s by the plan's count)")
+        devices = [device]
+    plans = {d: plan(config, settings, device=d, flops_rate=rates.get(d)) for d in devices}
     if args.json:
         print(json.dumps({d: p.to_dict() for d, p in plans.items()}, indent=1))
     else:
