@@ -89,6 +89,7 @@ class JobCreate(BaseModel):
     refine_steps: spec.RefineSteps | None = None
     search_screen: spec.SearchScreen | None = None
     rounding: spec.Rounding | None = Field(None, description=spec.RoundingDescription)
+    gqa_fold: bool | None = Field(None, description=spec.JobSpec.model_fields["gqa_fold"].description)
     seed: spec.Seed | None = None
     mappings: list[spec.MappingSpecIn] | None = Field(
         None, max_length=64, description=spec.JobSpec.model_fields["mappings"].description

@@ -4,8 +4,11 @@ Architecture knowledge is data, as in llm-compressor: a registry of `MappingSpec
 (the op whose output is scaled -> the linears that read it -> the module whose output measures the
 loss). The specs are resolved against each block's actual module tree, so optional parts (a dense
 layer inside an MoE model, a shared expert, per-expert linears) are discovered, and one generic
-algorithm (`awqforge.awq`) runs over the result. A spec that cannot apply to a block (grouped-query
-attention, where `v_proj` and `o_proj` shapes differ) comes back as a `Mapping` with a `skip_reason`.
+algorithm (`awqforge.awq`) runs over the result. A spec that cannot apply to a block comes back as a `Mapping`
+with a `skip_reason`. Under grouped-query attention `v_proj` (kv_heads * head_dim outputs) and `o_proj`
+(heads * head_dim inputs) differ in width: the mapping gets a `GQALayout`, one scale per KV channel repeated
+over the query heads of its group as o_proj's input scale, which folds exactly (each query head reads its KV
+head's values through a softmax-weighted sum, linear in v).
 
 MoE experts: transformers 5.x stores a block's experts as fused 3D parameters
 (`mlp.experts.gate_up_proj` [E, 2*I, H], `mlp.experts.down_proj` [E, H, I]; Llama 4 stores them [in, out] as
@@ -75,6 +78,15 @@ class Mapping:
     prev_rows: slice | None = None
     norm_plus_one: bool = False
     skip_reason: str | None = None
+    gqa: GQALayout | None = None  # prev's channels (KV heads) are read by several query heads each
+
+    def to_linear(self, scales: torch.Tensor) -> torch.Tensor:
+        """Scales over prev's channels -> the linears' input-channel scales (repeated over query heads)."""
+        return scales if self.gqa is None else self.gqa.expand(scales)
+
+    def to_prev(self, per_input: torch.Tensor) -> torch.Tensor:
+        """A per-input-channel statistic of the linears -> prev's channels (mean over the query heads)."""
+        return per_input if self.gqa is None else self.gqa.reduce(per_input)
 
     @property
     def name(self) -> str:
@@ -84,6 +96,25 @@ class Mapping:
     def linear_loss(self) -> bool:
         """True when the loss is on the linears' own outputs (exact from the input Gram matrix)."""
         return self.inspect is None or (len(self.linears) == 1 and self.inspect is self.linears[0])
+
+
+@dataclass(frozen=True)
+class GQALayout:
+    """Grouped-query attention: query head h reads KV head h // n_rep (transformers' repeat_kv), so o_proj's
+    input channel h * head_dim + d reads v channel (h // n_rep) * head_dim + d."""
+
+    kv_heads: int
+    n_rep: int
+    head_dim: int
+
+    def expand(self, s: torch.Tensor) -> torch.Tensor:
+        """[kv_heads * head_dim] -> [kv_heads * n_rep * head_dim]."""
+        kv, r, d = self.kv_heads, self.n_rep, self.head_dim
+        return s.reshape(kv, 1, d).expand(kv, r, d).reshape(kv * r * d)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """[kv_heads * n_rep * head_dim] -> [kv_heads * head_dim], the mean over each group's query heads."""
+        return x.reshape(self.kv_heads, self.n_rep, self.head_dim).mean(1).reshape(-1)
 
 
 def _summarize(names: list[str]) -> str:
@@ -317,7 +348,7 @@ class ArchAdapter:
                     skip_reason=spec.disabled,
                 )
                 if m.skip_reason is None:
-                    m.prev_rows, m.skip_reason = _prev_rows(spec, m)
+                    m.prev_rows, m.skip_reason, m.gqa = _prev_rows(spec, m, modules)
                 out.append(m)
         return out
 
@@ -389,35 +420,71 @@ def _bind(pattern: str, binds: tuple[str, ...]) -> str:
     return pattern
 
 
-def _prev_rows(spec: MappingSpec, m: Mapping) -> tuple[slice | None, str | None]:
-    """Which prev output rows feed the linears, or why the mapping cannot apply."""
+def _prev_rows(
+    spec: MappingSpec, m: Mapping, modules: dict[str, nn.Module]
+) -> tuple[slice | None, str | None, GQALayout | None]:
+    """Which prev output rows feed the linears, how KV channels repeat over query heads (GQA), or why the
+    mapping cannot apply."""
     width = m.linears[0].in_features
     prev = m.prev
     if isinstance(prev, nn.Linear):
         n_out = prev.out_features
         if spec.prev_rows == "v":
             # fused qkv = [q (heads*d), k (kv*d), v (kv*d)]; v width = o_proj width only without GQA
-            if n_out != 3 * width:
-                v_rows = (n_out - width) // 2
+            if n_out == 3 * width:
+                return slice(n_out - width, n_out), None, None
+            v_rows = (n_out - width) // 2
+            gqa, why = _gqa_layout(m, modules, v_rows)
+            if gqa is None:
                 return None, (
-                    f"grouped-query attention: the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not "
-                    f"match {m.linear_names[0]}'s input width {width}, so no per-channel scale can be folded"
-                )
-            return slice(n_out - width, n_out), None
+                    f"the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not match "
+                    f"{m.linear_names[0]}'s input width {width}: {why}"
+                ), None
+            return slice(n_out - v_rows, n_out), None, gqa
         if spec.prev_rows == "up":
             if n_out != 2 * width:
-                return None, f"{m.prev_name} has {n_out} rows, expected 2 x {width} for a fused gate_up"
-            return slice(width, n_out), None
+                return None, f"{m.prev_name} has {n_out} rows, expected 2 x {width} for a fused gate_up", None
+            return slice(width, n_out), None, None
         if n_out != width:
-            return None, (
-                f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
-                "channels (grouped-query attention): no per-channel scale can be folded"
-            )
-        return None, None
+            gqa, why = _gqa_layout(m, modules, n_out)
+            if gqa is None:
+                return None, (
+                    f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
+                    f"channels: {why}"
+                ), None
+            return None, None, gqa
+        return None, None, None
     weight = getattr(prev, "weight", None)
     if weight is not None and weight.dim() == 1 and weight.shape[0] != width:
-        return None, f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}"
-    return None, None
+        return None, f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}", None
+    return None, None, None
+
+
+def _gqa_layout(m: Mapping, modules: dict[str, nn.Module], v_width: int) -> tuple[GQALayout | None, str]:
+    """The GQA layout of a v -> o mapping whose widths differ, from the attention module that holds both
+    (its `head_dim`, else its config's), or (None, why not)."""
+    width = m.linears[0].in_features
+    if len(m.linears) != 1:
+        return None, "not a single output projection"
+    parent = m.prev_name.rpartition(".")[0]
+    if parent != m.linear_names[0].rpartition(".")[0] or parent not in modules:
+        return None, "v and the output projection are not in one attention module"
+    attn = modules[parent]
+    head_dim = getattr(attn, "head_dim", None)
+    if not isinstance(head_dim, int):
+        cfg = getattr(attn, "config", None)
+        head_dim = getattr(cfg, "head_dim", None)
+        if not isinstance(head_dim, int) and getattr(cfg, "num_attention_heads", None):
+            head_dim = width // cfg.num_attention_heads
+    if not isinstance(head_dim, int) or head_dim <= 0:
+        return None, f"{parent} states no head_dim, so no per-KV-channel scale can be folded"
+    if v_width % head_dim or width % head_dim or (width // head_dim) % (v_width // head_dim or 1) or not v_width:
+        return None, (
+            f"head_dim {head_dim} does not split them into KV heads shared by whole groups of query heads, "
+            "so no per-channel scale can be folded"
+        )
+    kv = v_width // head_dim
+    return GQALayout(kv, width // head_dim // kv, head_dim), ""
 
 
 # ---- the registry -----------------------------------------------------------------------------

@@ -165,6 +165,11 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
     )
     q.add_argument(
+        "--no-gqa-fold",
+        action="store_true",
+        help="under grouped-query attention, skip the v -> o scale (folded per KV channel by default)",
+    )
+    q.add_argument(
         "--mappings",
         metavar="JSON",
         help="AWQ mappings for a model the engine does not know, as a JSON list (or @file.json) of "
@@ -197,6 +202,29 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         "name, awqforge_mc / awqforge_cloze (bundled, no download), or a folder or YAML file of task definitions",
     )
     q.add_argument("--eval-limit", type=int, help="at most this many examples per --eval-task")
+    q.add_argument(
+        "--eval-min-recovery",
+        type=float,
+        metavar="R",
+        help="quality gate: every --eval-task's recovery (quantized / FP) at least R (exit 1 below it)",
+    )
+    q.add_argument(
+        "--eval-min-avg-recovery", type=float, metavar="R", help="quality gate: the mean recovery over tasks"
+    )
+    q.add_argument(
+        "--eval-max-ppl-increase",
+        type=float,
+        metavar="F",
+        help="quality gate: quantized perplexity at most FP x (1 + F)",
+    )
+    q.add_argument(
+        "--eval-prompt",
+        dest="eval_prompts",
+        action="append",
+        metavar="TEXT",
+        help="a prompt for the side-by-side greedy generations (repeatable); default: a built-in handful",
+    )
+    q.add_argument("--eval-max-new-tokens", type=int, default=D("eval.max_new_tokens"))
     job_args = q
     q = sub.add_parser(
         "quantize",
@@ -222,6 +250,11 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         formatter_class=_HelpFormatter,
     )
     pl.add_argument("--json", action="store_true", help="print the plans as JSON")
+    pl.add_argument(
+        "--measure",
+        action="store_true",
+        help="time one block of this model's shape here (random weights) and base the time estimate on it",
+    )
 
     e = sub.add_parser(
         "eval",
@@ -345,6 +378,15 @@ def default_formats(bits: int) -> list[str]:
     return ["awq"] if bits == 4 else ["compressed-tensors"]
 
 
+def _gate_arg(args) -> dict | None:
+    gate = {
+        "min_recovery": args.eval_min_recovery,
+        "min_avg_recovery": args.eval_min_avg_recovery,
+        "max_perplexity_increase": args.eval_max_ppl_increase,
+    }
+    return {k: v for k, v in gate.items() if v is not None} or None
+
+
 def _task_ref(task: str) -> str:
     """A task folder or YAML file given relative to here becomes an absolute path; names stay as they are."""
     path = Path(task).expanduser()
@@ -384,6 +426,9 @@ def _spec_from_args(args, group_size: int | None = None):
                 **({"max_seqs": None} if args.eval_all else {}),
                 **({"max_seqs": args.eval_max_seqs} if args.eval_max_seqs is not None else {}),
                 "tasks": [{"name": _task_ref(t), "limit": args.eval_limit} for t in args.eval_tasks],
+                "gate": _gate_arg(args),
+                "prompts": args.eval_prompts,
+                "max_new_tokens": args.eval_max_new_tokens,
             },
             device=args.device,
             scale_search=args.scale_search,
@@ -392,6 +437,7 @@ def _spec_from_args(args, group_size: int | None = None):
             refine_steps=args.refine_steps,
             search_screen=args.search_screen,
             rounding=args.rounding,
+            gqa_fold=not args.no_gqa_fold,
             seed=args.seed,
             mappings=_mappings_arg(args.mappings),
         )
@@ -515,6 +561,8 @@ def _quantize(args) -> int:
     if out is None:
         out = default_out_dir(spec)
         print(f"awqforge quantize: output folder {out} (--out sets it)", file=sys.stderr)
+    if spec.eval.enabled:
+        _ensure_cpu_kernel(spec.device)  # the evaluation runs the quantized model
     printer = _ProgressPrinter()
     try:
         options = {"shard_size": args.shard_size} if args.shard_size else {}
@@ -556,7 +604,17 @@ def _plan(args) -> int:
 
         config = read_config(Path(hf_hub_download(spec.model, "config.json", revision=spec.revision)).parent)
     devices = ["cpu", "cuda"] if spec.device == "auto" else [spec.device]
-    plans = {d: plan(config, JobSettings.from_spec(spec), device=d) for d in devices}
+    settings = JobSettings.from_spec(spec)
+    rates = {}
+    if getattr(args, "measure", False):
+        from awqforge.timing import measure_rate
+
+        device = "cuda" if spec.device == "cuda" else "cpu"
+        _announce(f"timing one block of this model on {device} for the time estimate ...")
+        rates[device], secs = measure_rate(config, settings, device)
+        _announce(f"one block took {secs:.1f} s ({rates[device] / 1e9:.0f} GFLOP/s by the plan's count)")
+        devices = [device]
+    plans = {d: plan(config, settings, device=d, flops_rate=rates.get(d)) for d in devices}
     if args.json:
         print(json.dumps({d: p.to_dict() for d, p in plans.items()}, indent=1))
     else:
@@ -568,6 +626,7 @@ def _eval(args) -> int:
     from awqforge.calibration import read_text
     from awqforge.evaluate import evaluate_path
 
+    _ensure_cpu_kernel(args.device)
     text = read_text(args.text)
     result = evaluate_path(
         _model_ref(args.model),
@@ -604,6 +663,26 @@ def _add_kernel_commands(sub) -> None:
     k_sub.add_parser("path", help="print the kernel cache folder for this torch and kernel source")
 
 
+def _announce(message: str) -> None:
+    print(f"awqforge: {message}", file=sys.stderr, flush=True)
+
+
+def _ensure_cpu_kernel(device: str) -> None:
+    """quantize (with its evaluation) and eval on the CPU: the CPU kernel loaded, or built into the cache now
+    with one progress line, before any work; without a compiler, one warning and the reference path."""
+    if device == "cuda":
+        return
+    import torch
+
+    if device == "auto" and torch.cuda.is_available():
+        return
+    from awqforge.kernels import cpu
+
+    ok, why = cpu.ensure_built(announce=_announce)
+    if not ok:
+        _announce(f"warning: {why}; QuantLinear runs on the CPU through the pure-torch reference (slow)")
+
+
 def _kernel_command(args) -> int:
     from awqforge.kernels import cpu
     from awqforge.kernels.doctor import report_lines
@@ -614,15 +693,15 @@ def _kernel_command(args) -> int:
     if args.kernels_command == "path":
         print(cpu.build_dir())
         return 0
-    try:
-        binary = cpu.build(verbose=args.verbose)
-    except cpu.KernelBuildError as exc:
+    ok, what = cpu.ensure_built(announce=_announce, verbose=args.verbose)
+    if not ok:
         level = "warning" if args.optional else "error"
         print(
-            f"awqforge kernels build: {level}: {exc}\n"
+            f"awqforge kernels build: {level}: {what}\n"
             "without it, QuantLinear runs on the CPU through the pure-torch reference (slow)",
             file=sys.stderr,
         )
         return 0 if args.optional else 1
+    binary = what
     print(f"CPU kernel ready: {binary}")
     return 0

@@ -355,6 +355,11 @@ def run_quantization(
         if mm:  # what was quantized, what was kept, how it was calibrated (report and card)
             report["multimodal"] = mm.report()
             mm.describe(card)
+        note = _cpu_kernel_note(device, eval_info)
+        if note:
+            report["environment"]["cpu_kernel"] = note
+            if note.startswith("reference"):  # the perplexity was measured on the slow path: said on the card
+                card.extra_settings["cpu_kernel"] = note
         card.base_model_revision = resolved.revision or spec.revision  # the commit sha for a hub model
         if eval_info:
             card.tasks = eval_info.get("tasks") or []
@@ -448,6 +453,20 @@ def _rtn_one_block(stream, i, settings, adapter, writers) -> list:
     del block
     stream.free_block(i)
     return metrics
+
+
+def _cpu_kernel_note(device, eval_info: dict | None) -> str | None:
+    """On the CPU: which path 4-bit layers take (doctor's line); 'reference ...' when the evaluation ran
+    through the pure-torch reference."""
+    if device.type != "cpu":
+        return None
+    from awqforge.kernels.doctor import cpu_report
+    from awqforge.qlinear import cpu_reference_reason
+
+    why = cpu_reference_reason()
+    if eval_info and why:
+        return f"reference (pure torch, slow): the quantized evaluation ran without the CPU kernel: {why}"
+    return cpu_report()["path"]
 
 
 def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dtype, job: _Job) -> dict:

@@ -222,6 +222,10 @@ class MemoryPlan:
     transient: str = ""  # which transient sets the quantize peak
     est_seconds: float = 0.0
     est_seconds_by_stage: dict[str, float] = field(default_factory=dict)
+    # the rate the time estimate divides the FLOP count by: DEVICE_FLOPS's rough default, or measured on
+    # this machine by timing one block (awqforge.timing.measure_rate)
+    flops_rate: float = 0.0
+    flops_rate_source: str = "default"
     n_blocks: int = 0
     params: int = 0
 
@@ -240,8 +244,13 @@ def _group(in_f: int, group_size: int) -> int:
     return in_f if group_size == -1 or group_size >= in_f else group_size
 
 
-def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda") -> MemoryPlan:
-    """Peak memory (bytes) and a time estimate of a job on one device kind ("cpu" or "cuda")."""
+def plan(
+    config: dict[str, Any], settings: JobSettings, *, device: str = "cuda", flops_rate: float | None = None
+) -> MemoryPlan:
+    """Peak memory (bytes) and a time estimate of a job on one device kind ("cpu" or "cuda").
+
+    flops_rate: FLOP/s of this machine for the search's work, measured (awqforge.timing.measure_rate times
+    one block of the model); default DEVICE_FLOPS[device], an order of magnitude only."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     shape = ModelShape.from_config(config)
@@ -337,7 +346,8 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
         )
     peak = max(quantize_peak, eval_peak)
 
-    secs = _time(shape, s, device, linears, widths, tokens)
+    rate = flops_rate or DEVICE_FLOPS[device]
+    secs = _time(shape, s, rate, linears, widths, tokens)
     return MemoryPlan(
         device=device,
         compute_dtype="float32" if e == 4 else shape.checkpoint_dtype,
@@ -349,14 +359,25 @@ def plan(config: dict[str, Any], settings: JobSettings, *, device: str = "cuda")
         transient=which,
         est_seconds=round(sum(secs.values()), 1),
         est_seconds_by_stage={k: round(v, 1) for k, v in secs.items()},
+        flops_rate=float(rate),
+        flops_rate_source="measured" if flops_rate else "default",
         n_blocks=shape.n_layers,
         params=shape.total_params,
     )
 
 
-def _time(shape: ModelShape, s: JobSettings, device: str, linears, widths, tokens: int) -> dict[str, float]:
-    """FLOP count per stage over a device rate: an order-of-magnitude estimate, not a promise."""
-    rate = DEVICE_FLOPS[device]
+def block_flops(config: dict[str, Any], settings: JobSettings) -> float:
+    """The FLOP count the time estimate charges for quantizing one decoder block (what a measured block time
+    is divided into to get this machine's rate)."""
+    shape = ModelShape.from_config(config)
+    linears = shape.block_linears()
+    widths: dict[str, tuple[int, float]] = {}
+    for lin in linears:
+        widths.setdefault(lin.input_key, (lin.in_features, lin.tokens_share))
+    return _block_flops(shape, settings, linears, widths, settings.n_samples * settings.seq_len)
+
+
+def _block_flops(shape: ModelShape, s: JobSettings, linears, widths, tokens: int) -> float:
     p_lin = sum(lin.out_features * lin.in_features for lin in linears)
     fwd = 2 * tokens * p_lin + 4 * s.n_samples * s.seq_len**2 * shape.hidden
     # Gram matrices, where the inputs are not kept instead
@@ -376,6 +397,13 @@ def _time(shape: ModelShape, s: JobSettings, device: str, linears, widths, token
                 block += _CLIP_RATIOS * (2 * nw * g + 20 * nw) + 8 * nw * g
             if s.rounding == "gptq":
                 block += lin.in_features**3 + 2 * nw * lin.in_features
+    return block
+
+
+def _time(shape: ModelShape, s: JobSettings, rate: float, linears, widths, tokens: int) -> dict[str, float]:
+    """FLOP count per stage over a rate: an order-of-magnitude estimate with the default rate, within the
+    model's own error once the rate is measured on the machine."""
+    block = _block_flops(shape, s, linears, widths, tokens)
     out = {
         "calibrate": 2 * tokens * shape.embedding_params / 2 / rate,
         "quantize": shape.n_layers * block / rate,
@@ -418,6 +446,11 @@ def describe(p: MemoryPlan) -> str:
         lines.append(f"  {k:28s} {format_bytes(v)}")
     est = ", ".join(f"{k} {v:.0f} s" for k, v in p.est_seconds_by_stage.items())
     lines.append(f"time estimate {p.est_seconds:.0f} s ({est})")
+    lines.append(
+        f"  at {p.flops_rate / 1e9:.0f} GFLOP/s "
+        + ("measured on this machine (one block timed)" if p.flops_rate_source == "measured" else
+           "(a rough default for the device kind; `awqforge plan --measure` times one block here)")
+    )
     return "\n".join(lines)
 
 

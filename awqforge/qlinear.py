@@ -18,7 +18,9 @@ forward(x) dispatches on x's device:
   fp32.
 - CUDA, 4-bit AWQ layout, fp16/bf16 x, group size divisible by 16: the Triton W4A16 kernel.
 - everything else (2/3/8 bits, fp32 on CUDA, a CPU kernel that failed to build, AWQFORGE_KERNELS=0):
-  `reference_forward`, a pure-torch dequantize + matmul.
+  `reference_forward`, a pure-torch dequantize + matmul. A 4-bit CPU forward without the kernel warns
+  once and records why (`cpu_reference_reason()`: the job's report and model card say so). QuantLinear
+  never compiles: the CLI and a worker build the kernel at start-up (kernels.cpu.ensure_built).
 """
 
 from __future__ import annotations
@@ -34,6 +36,13 @@ from awqforge import packing
 from awqforge.quant import QuantizedTensor, effective_group_size, quantize_tensor
 
 _warned: set[str] = set()
+_cpu_reference: list[str] = []  # why a 4-bit CPU forward of this process ran the reference (first reason)
+
+
+def cpu_reference_reason() -> str | None:
+    """Why 4-bit layers of this process ran on the CPU through the pure-torch reference, None if none did
+    (the job's report and model card say so)."""
+    return _cpu_reference[0] if _cpu_reference else None
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -218,6 +227,8 @@ class QuantLinear(nn.Module):
         try:
             cpu.load_extension()
         except cpu.KernelBuildError as exc:
+            if not _cpu_reference:
+                _cpu_reference.append(str(exc))
             _warn_once("cpu-build", f"{exc}; QuantLinear uses the (slow) pure-torch reference on CPU")
             return None
         if self.qdata is None:  # a 4-bit layer on the CPU always holds this layout (_store)

@@ -481,6 +481,11 @@ class JobSpec(BaseModel):
         8  # k=8: SmolLM2 W4 perplexity 17.573 vs 17.567 full; k=4: 17.805 (bench/README)
     )
     rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
+    gqa_fold: bool = Field(
+        True,
+        description="grouped-query attention: fold the v -> o scale per KV channel, shared by its query heads "
+        "(False: skip that mapping, as AutoAWQ and llm-compressor do)",
+    )
     mappings: list[MappingSpecIn] | None = Field(
         None,
         max_length=64,

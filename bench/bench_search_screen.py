@@ -2,13 +2,19 @@
 
     python bench/bench_search_screen.py                       # llama, qwen3, gemma2, phi3, mixtral; k = 0 and 8
     python bench/bench_search_screen.py --families llama --screens 0 1 2 4 --bits 3 --group-size 32
+    python bench/bench_search_screen.py --families gemma3_text --shape gemma3-640 --group-size 64   # realistic width
 
 Each family's tiny random-init model (tests/tiny_models.py: hidden 128, 2 blocks, outlier norm channels)
 is quantized block by block with the engine's capture and `quantize_block`, once per k, on the same random
 tokens. Printed per k: the sum of the per-layer output errors the engine reports (`LayerMetric.mse_quant`,
 RTN's `mse_rtn` beside), the logits MSE against the FP model on held-out tokens, how many mappings picked the
-same scale ratio as the first k, and the time of the module search. The real-model figures
-(SmolLM2) come from bench_speed.py (per-layer errors) and bench_quality.py (perplexity).
+same scale ratio as the first k, the time of the module search, and what k costs in rounding gap: the
+share of RTN's logits error that k gives back against the first k (k=0, the full search, is the reference:
+(mse_k - mse_0) / mse_RTN; perplexity means nothing on a random model). `--shape` builds the family at a
+realistic width from its transformers config (gemma3-640: Gemma-3-270M's block, hidden 640, head_dim 256,
+one KV head; gemma3-1152: Gemma-3-1B's; gemma2-2304: Gemma-2-2B's), random init with the same outlier norm
+channels, a small vocabulary (the head does not enter the block search). The real-model figures (SmolLM2)
+come from bench_speed.py (per-layer errors) and bench_quality.py (perplexity).
 """
 
 from __future__ import annotations
@@ -27,9 +33,20 @@ from awqforge.arch import get_adapter  # noqa: E402
 from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block  # noqa: E402
 
 
-def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings) -> dict:
-    ref_model = build_tiny_model(family)
-    model = build_tiny_model(family)
+SHAPES = {
+    "tiny": {},
+    "gemma3-640": dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
+                       head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
+    "gemma3-1152": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
+    "gemma2-2304": dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
+}  # fmt: skip
+
+
+def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings, shape: dict) -> dict:
+    ref_model = build_tiny_model(family, **shape)
+    model = build_tiny_model(family, **shape)
     adapter = get_adapter(model.config)
     layers = adapter.get_layers(model)
     with torch.no_grad():
@@ -63,27 +80,36 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--n-samples", type=int, default=16)
     ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--shape", choices=list(SHAPES), default="tiny")
     args = ap.parse_args()
+    shape = SHAPES[args.shape]
     torch.set_num_threads(1)
     ids = tiny_input_ids(args.n_samples, args.seq_len, seed=0)
     held_out = tiny_input_ids(8, args.seq_len, seed=1)
-    print(f"W{args.bits} g{args.group_size}, {args.n_samples} x {args.seq_len} random tokens, 1 thread")
+    print(
+        f"W{args.bits} g{args.group_size}, {args.n_samples} x {args.seq_len} random tokens, 1 thread, shape "
+        f"{args.shape} {shape or ''}"
+    )
     print(
         f"{'family':<10} {'k':>3} {'sum layer MSE':>14} {'vs k0':>7} {'RTN':>12} {'logits MSE':>11} "
-        f"{'same picks':>10} {'module s':>9}"
+        f"{'same picks':>10} {'module s':>9} {'gap cost':>9}"
     )
     for fam in args.families:
         base = None
+        rtn = run(fam, ids, held_out, BlockSettings(method="rtn", bits=args.bits, group_size=args.group_size), shape)
         for k in args.screens:
             s = BlockSettings(bits=args.bits, group_size=args.group_size, search_screen=k)
-            r = run(fam, ids, held_out, s)
+            r = run(fam, ids, held_out, s, shape)
             base = base or r
             same = sum(base["picks"][m] == r["picks"].get(m) for m in base["picks"])
             n_maps = len(base["picks"])
             print(
                 f"{fam:<10} {k:>3} {r['ours']:>14.6g} {r['ours'] / base['ours']:>7.4f} {r['rtn']:>12.6g} "
-                f"{r['logits_mse']:>11.4g} {f'{same}/{n_maps}':>10} {r['module_s']:>9.2f}"
+                f"{r['logits_mse']:>11.4g} {f'{same}/{n_maps}':>10} {r['module_s']:>9.2f} "
+                f"{100 * (r['logits_mse'] - base['logits_mse']) / rtn['logits_mse']:>8.2f}%"
             )
+        print(f"{fam:<10} RTN logits MSE {rtn['logits_mse']:.4g}; full search closes "
+              f"{100 * (1 - base['logits_mse'] / rtn['logits_mse']):.1f}% of it")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,33 @@ REPO = Path(__file__).resolve().parents[1]
 DEFAULT_LLMC_PYTHON = os.environ.get("AWQFORGE_LLMC_PYTHON", "/work/venvs/llmc/bin/python")
 
 
+# per-layer lists (one entry per decoder block) and lists of block indices in transformers configs
+PER_LAYER_KEYS = ("layer_types", "no_rope_layers", "swa_layers", "attention_types_per_layer")
+LAYER_INDEX_KEYS = ("mlp_only_layers", "moe_layers", "full_attn_idxs")
+
+
+def cut_config(config: dict, layers: int) -> int:
+    """Cut a config.json dict (and its nested text_config) to its first `layers` blocks (0: all), per-layer
+    lists (`layer_types`: sliding / full attention, ...) included; returns the number of blocks kept."""
+    kept = None
+    for cfg in (config, config.get("text_config")):
+        if not isinstance(cfg, dict) or "num_hidden_layers" not in cfg:
+            continue
+        n = cfg["num_hidden_layers"]
+        keep = min(layers, n) if layers else n
+        cfg["num_hidden_layers"] = keep
+        for key in PER_LAYER_KEYS:
+            if isinstance(cfg.get(key), list) and len(cfg[key]) == n:
+                cfg[key] = cfg[key][:keep]
+        for key in LAYER_INDEX_KEYS:
+            if isinstance(cfg.get(key), list) and all(isinstance(i, int) for i in cfg[key]):
+                cfg[key] = [i for i in cfg[key] if i < keep]
+        kept = keep if kept is None else kept
+    if kept is None:
+        raise ValueError("config.json has no num_hidden_layers")
+    return kept
+
+
 def cut_checkpoint(src: Path, dest: Path, layers: int) -> Path:
     """src with only its first `layers` decoder blocks (config and tensors), tokenizer files copied."""
     from safetensors import safe_open
@@ -46,8 +73,7 @@ def cut_checkpoint(src: Path, dest: Path, layers: int) -> Path:
         return dest
     dest.mkdir(parents=True, exist_ok=True)
     config = json.loads((src / "config.json").read_text())
-    keep = layers or config["num_hidden_layers"]
-    config["num_hidden_layers"] = keep
+    keep = cut_config(config, layers)
     tensors = {}
     for f in sorted(src.glob("*.safetensors")):
         with safe_open(str(f), "pt") as h:

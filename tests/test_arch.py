@@ -54,7 +54,8 @@ def test_folding_random_scales_keeps_the_fp_function(family):
         for m in adapter.mappings(block):
             if m.skip_reason:
                 continue
-            s = torch.exp(0.5 * torch.randn(m.linears[0].in_features, generator=gen))
+            n_prev = m.to_prev(torch.ones(m.linears[0].in_features)).numel()  # KV channels under GQA
+            s = torch.exp(0.5 * torch.randn(n_prev, generator=gen))
             fold_scales(block, m, s)
             applied += 1
     with torch.no_grad():
@@ -63,14 +64,14 @@ def test_folding_random_scales_keeps_the_fp_function(family):
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
 
 
-def test_mha_makes_v_to_o_applicable_and_gqa_skips_it_with_a_reason():
+def test_v_to_o_applies_with_mha_and_with_gqa_per_kv_channel():
     gqa = get_adapter(tiny_config("llama"))
     block = build_tiny_model("llama").model.layers[0]
     vo = [m for m in gqa.mappings(block) if m.prev_name == "self_attn.v_proj"][0]
-    assert vo.skip_reason and "grouped-query" in vo.skip_reason
+    assert vo.skip_reason is None and (vo.gqa.kv_heads, vo.gqa.n_rep, vo.gqa.head_dim) == (2, 2, 32)
     mha_block = build_tiny_model("llama", num_key_value_heads=4).model.layers[0]
     vo = [m for m in gqa.mappings(mha_block) if m.prev_name == "self_attn.v_proj"][0]
-    assert vo.skip_reason is None
+    assert vo.skip_reason is None and vo.gqa is None
 
 
 def test_phi3_fused_mappings_scale_the_v_and_up_rows():

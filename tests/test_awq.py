@@ -84,9 +84,9 @@ def test_rtn_is_plain_round_to_nearest_and_codes_match_the_block():
     assert results[0].scales == {}
 
 
-def test_gqa_skip_is_reported():
+def test_gqa_fold_off_is_reported():
     results = quantize_model(
-        build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32)
+        build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32, gqa_fold=False)
     )
     assert any("v_proj->self_attn.o_proj" in s and "grouped-query" in s for s in results[0].skipped)
 

@@ -20,7 +20,15 @@ CHANGED = JobSpec(
     quant={"bits": 3, "group_size": 64, "zero_point": False, "modules_to_not_convert": ["mlp.down_proj"]},
     calibration={"source": "self", "n_samples": 7, "seq_len": 33, "packing": "per_sample"},
     formats=["compressed-tensors"],
-    eval={"enabled": False, "seq_len": 99, "max_seqs": 3},
+    eval={
+        "enabled": False,
+        "seq_len": 99,
+        "max_seqs": 3,
+        "tasks": [{"name": "awqforge_mc", "limit": 5}],
+        "gate": {"min_recovery": 0.9},
+        "prompts": ["Hello"],
+        "max_new_tokens": 8,
+    },
     device="cpu",
     scale_search="both",
     n_grid=5,
@@ -28,6 +36,7 @@ CHANGED = JobSpec(
     refine_steps=0,
     search_screen=3,
     rounding="gptq",
+    gqa_fold=False,
     seed=11,
 )
 
@@ -75,7 +84,7 @@ def test_block_settings_derive_from_the_spec():
     _check_table(BlockSettings, BLOCK_SETTINGS_FROM_SPEC)
     # every spec setting the block algorithm reads is in the table
     assert {"method", "quant.bits", "quant.group_size", "quant.zero_point", "quant.modules_to_not_convert",
-            "scale_search", "n_grid", "clip_search", "refine_steps", "search_screen", "rounding"} == set(
+            "scale_search", "n_grid", "clip_search", "refine_steps", "search_screen", "rounding", "gqa_fold"} == set(
         BLOCK_SETTINGS_FROM_SPEC.values()
     )  # fmt: skip
 
@@ -172,7 +181,8 @@ def test_the_cli_flags_default_to_the_spec(tmp_path):
         "mlp.down_proj", "--calib", "self", "--n-samples", "7", "--seq-len", "33", "--packing", "per_sample",
         "--format", "compressed-tensors", "--no-eval", "--eval-seq-len", "99", "--eval-max-seqs", "3",
         "--device", "cpu", "--scale-search", "both", "--n-grid", "5", "--no-clip-search", "--refine-steps", "0",
-        "--search-screen", "3", "--rounding", "gptq", "--seed", "11",
+        "--search-screen", "3", "--rounding", "gptq", "--seed", "11", "--no-gqa-fold", "--eval-task", "awqforge_mc",
+        "--eval-limit", "5", "--eval-min-recovery", "0.9", "--eval-prompt", "Hello", "--eval-max-new-tokens", "8",
     ]  # fmt: skip
     args = parser.parse_args(["quantize", "org/name", "--out", str(tmp_path), *flags])
     assert _spec_from_args(args) == CHANGED

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from worker import monitoring
+from worker import monitoring, startup  # noqa: F401  (start-up hooks)
 from worker.celery_app import TASK_PUBLISH_JOB, TASK_RUN_JOB, celery_app
 
 

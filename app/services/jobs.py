@@ -152,6 +152,7 @@ def spec_from_request(session: Session, *, body: JobCreate, tenant_id: int):
         "refine_steps",
         "search_screen",
         "rounding",
+        "gqa_fold",
         "seed",
         "mappings",
     ):

@@ -147,6 +147,10 @@ def quantize_block(
                 f"{where}: group size {s.group_size} does not divide {name}'s input width {lin.in_features}"
             )
     all_maps = adapter.mappings(block) if s.method == "awq" else []
+    if not s.gqa_fold:
+        for m in all_maps:
+            if m.gqa is not None and m.skip_reason is None:
+                m.skip_reason = "grouped-query attention and gqa_fold=False"
     skipped = [f"{m.name}: {m.skip_reason}" for m in all_maps if m.skip_reason]
     maps = [m for m in all_maps if m.skip_reason is None]
     quantized_ids = {id(m) for m in linears.values()}
@@ -220,10 +224,13 @@ def quantize_block(
                 f"{m.name}: only {cnt} calibration tokens reach it (fewer than min_tokens={s.min_tokens})"
             )
             continue
-        x_mean = stats.abs_sum[idx] / cnt
+        # GQA: the statistics of o_proj's input channels reduced over the query heads of each KV head, so
+        # that the candidates are over v's channels; `cands` repeats them over the heads for the losses
+        x_mean = m.to_prev(stats.abs_sum[idx] / cnt)
         qlins = [(names_of[id(lin)], lin) for lin in m.linears if id(lin) in quantized_ids]
-        w_avg = w_mean([orig[n] for n, _ in qlins], s.group_size).to(x_mean.device)
-        cands = candidates(x_mean, w_avg, s)
+        w_avg = m.to_prev(w_mean([orig[n] for n, _ in qlins], s.group_size).to(x_mean.device))
+        prev_cands = candidates(x_mean, w_avg, s)
+        cands = prev_cands if m.gqa is None else [(c[0], c[1], m.to_linear(c[2])) for c in prev_cands]
         only, screen = None, None  # the screen's short list (module-scored mappings, search_screen > 0)
         if m.linear_loss or not s.module_loss:
             losses = gram_losses(cands, qlins, orig, stats, s)
@@ -238,7 +245,7 @@ def quantize_block(
             lap("scale_search_module")
         if not math.isfinite(float(losses[best])):
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
-        mode, ratio, best_s = cands[best]
+        mode, ratio, best_s = prev_cands[best]  # over prev's channels (KV channels under GQA)
         if not torch.isfinite(best_s).all():
             raise NumericalError(f"{where}, mapping {m.name}: non-finite scales")
         for mod in [m.prev, *m.linears, *m.absorb]:  # the modules the fold changes in place
@@ -251,7 +258,7 @@ def quantize_block(
                 orig[n_] = orig[n_].clone()
         fold_scales(block, m, best_s)
         for n_, _ in qlins:
-            in_scale[n_] = in_scale.get(n_, torch.ones_like(best_s)) * best_s
+            in_scale[n_] = in_scale.get(n_, 1.0) * m.to_linear(best_s)
             ratio_of[n_] = ratio
         prev_name = m.prev_name
         if isinstance(m.prev, nn.Linear) and prev_name in linears:
@@ -264,6 +271,7 @@ def quantize_block(
         scales_info[m.name] = {
             "prev": prev_name,
             "linears": list(m.linear_names),
+            "gqa": None if m.gqa is None else [m.gqa.kv_heads, m.gqa.n_rep, m.gqa.head_dim],
             "mode": mode,
             "ratio": ratio,
             "scales": best_s.detach().cpu(),

@@ -12,7 +12,8 @@ from awqforge.arch import Mapping, ScaledActivation
 def fold_scales(block: nn.Module, mapping: Mapping, scales: torch.Tensor) -> None:
     """Divide the prev op's output channels by `scales` and multiply the readers' input columns.
 
-    Leaves the block's FP function unchanged (up to rounding in the weight dtype).
+    Leaves the block's FP function unchanged (up to rounding in the weight dtype). Under grouped-query
+    attention `scales` are over prev's (KV) channels, repeated over the query heads for the readers.
     """
     s = scales.detach().float()
     prev = mapping.prev
@@ -40,8 +41,9 @@ def fold_scales(block: nn.Module, mapping: Mapping, scales: torch.Tensor) -> Non
         b = getattr(prev, "bias", None)
         if b is not None:
             b.copy_((b.float() / s).to(b.dtype))
+    s_in = mapping.to_linear(s)
     for lin in [*mapping.linears, *mapping.absorb]:
-        lin.weight.copy_((lin.weight.float() * s[None, :].to(lin.weight.device)).to(lin.weight.dtype))
+        lin.weight.copy_((lin.weight.float() * s_in[None, :].to(lin.weight.device)).to(lin.weight.dtype))
 
 
 def device_of(mod: nn.Module) -> torch.device:

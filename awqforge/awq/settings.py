@@ -29,6 +29,7 @@ BLOCK_SETTINGS_FROM_SPEC = {
     "search_screen": "search_screen",
     "refine_steps": "refine_steps",
     "rounding": "rounding",
+    "gqa_fold": "gqa_fold",
 }
 
 
@@ -65,6 +66,7 @@ class BlockSettings:
     rounding: str = _default(
         "rounding"
     )  # "nearest" | "gptq": codes rounded with error feedback (same format)
+    gqa_fold: bool = _default("gqa_fold")  # v -> o under grouped-query attention: one scale per KV channel
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
     keep_inputs: bool = (
         True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)

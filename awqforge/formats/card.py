@@ -96,6 +96,7 @@ def describe_method(spec: JobSpec) -> dict[str, str]:
             "clip_search": "none",
             "refine_steps": "none",
             "search_screen": "none",
+            "gqa_fold": "none",
             "rounding": "round to nearest",
         }
     k = spec.refine_steps
@@ -111,6 +112,10 @@ def describe_method(spec: JobSpec) -> dict[str, str]:
             if 0 < spec.search_screen < n_cands
             else "off: every grid point scored on the attention / MLP output (AWQ as published)"
         ),
+        "gqa_fold": "grouped-query attention: the v -> o scale searched and folded per KV channel, shared by the "
+        "query heads of its group (an AWQForge addition; AutoAWQ and llm-compressor skip this mapping)"
+        if spec.gqa_fold
+        else "off: v -> o skipped under grouped-query attention (as AutoAWQ and llm-compressor)",
         "clip_search": "per-group clip ratio 1, 0.95, ..., 0.55 minimising the group's output error (AutoAWQ); "
         "not for q/k projections"
         if spec.clip_search

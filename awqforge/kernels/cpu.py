@@ -2,10 +2,15 @@
 
 Built once, never inside a job: `awqforge kernels build` (run by scripts/install.sh and the
 Dockerfile) compiles csrc/w4_cpu.cpp with torch.utils.cpp_extension (a C++ compiler with OpenMP,
-ninja) into the kernel cache. At run time `load_extension()` only loads a binary that is already
-there; when there is none it raises `KernelNotBuilt` (QuantLinear then warns once and uses the
-pure-torch reference) unless JIT builds are allowed explicitly (AWQFORGE_KERNELS_JIT=1, or
-`load_extension(allow_build=True)`, which tests and benchmarks use).
+ninja) into the kernel cache. A process that needs the kernel and is not a job builds it there first
+if the install did not: `ensure_built()`, called by `awqforge quantize` / `awqforge eval` before any
+work and by a worker at start-up (worker/startup.py, before it takes jobs), prints one progress line
+and compiles (concurrent builders wait on cpp_extension's lock in the build folder). Inside a job
+`load_extension()` only loads a binary that is already there; when there is none it raises
+`KernelNotBuilt` (QuantLinear then warns once and uses the pure-torch reference, and `doctor`, the
+job's report and its model card say so) unless JIT builds are allowed explicitly
+(AWQFORGE_KERNELS_JIT=1, never in a worker, or `load_extension(allow_build=True)`, which tests and
+benchmarks use).
 
 Cache: `cache_root()` is, in order, $AWQFORGE_EXTENSIONS_DIR, $AWQFORGE_HOME/kernels, or
 ~/.awqforge/kernels (AWQFORGE_HOME's default), so it survives restarts and lives on the data volume
@@ -169,6 +174,28 @@ def build(verbose: bool = False) -> Path:
     if binary is None:
         raise KernelBuildError(f"the build finished but no binary is in {build_dir()}")
     return binary
+
+
+def ensure_built(announce=None, verbose: bool = False) -> tuple[bool, str]:
+    """Load the cached kernel, or compile it into the cache now, announcing that with one line first
+    (`announce(text)`, e.g. a print to stderr): for a process that needs the kernel and is not a job, before
+    any work. Never raises: (True, the binary's path) when the kernel is ready, else (False, why not): no
+    C++ compiler, a failed build, AWQFORGE_KERNELS=0; QuantLinear then runs the pure-torch reference."""
+    if os.environ.get("AWQFORGE_KERNELS", "1") == "0":
+        return False, "AWQFORGE_KERNELS=0 turns the kernels off"
+    if built_binary() is None and compiler() is not None and announce is not None:
+        announce(
+            f"building the AWQForge CPU kernel for torch {torch.__version__} into {build_dir()} "
+            "(once, about a minute; later runs load it) ..."
+        )
+    try:
+        load_extension(allow_build=True, verbose=verbose)
+    except KernelBuildError as exc:
+        return False, str(exc)
+    binary = built_binary()
+    if binary is None:
+        return False, f"the build finished but no binary is in {build_dir()}"
+    return True, str(binary)
 
 
 def is_available() -> bool:

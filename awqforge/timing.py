@@ -1,0 +1,78 @@
+"""This machine's rate for the plan's time estimate: one decoder block of the model, timed.
+
+`awqforge.plan` counts the FLOPs of a job per stage and divides by a rate. The default rate
+(plan.DEVICE_FLOPS) is one number per device kind and can be an order of magnitude off; `measure_rate`
+builds one block of the model's own shape (random weights, from its config; a small vocabulary, which
+no block reads), runs the calibration forward and `quantize_block` with the job's settings on random
+tokens of the job's calibration size, and returns plan.block_flops / the measured seconds: the rate the
+plan then uses (`plan(..., flops_rate=...)`, `awqforge plan --measure`). One block costs 1/n_layers of
+the quantize stage, so the measurement is short next to the job.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from typing import Any
+
+import torch
+
+from awqforge.plan import JobSettings, block_flops
+
+
+def _one_block_config(config: dict[str, Any]):
+    from transformers import AutoConfig
+
+    cfg = copy.deepcopy(config)
+    text = cfg.get("text_config") if isinstance(cfg.get("text_config"), dict) else cfg
+    n = text.get("num_hidden_layers", 1)
+    text["num_hidden_layers"] = 1
+    for key in ("layer_types", "no_rope_layers"):
+        if isinstance(text.get(key), list) and len(text[key]) == n:
+            text[key] = text[key][:1]
+    for key in ("mlp_only_layers", "moe_layers"):
+        if isinstance(text.get(key), list):
+            text[key] = [i for i in text[key] if i < 1]
+    text["vocab_size"] = min(int(text.get("vocab_size") or 1024), 1024)
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(text.get(key), int) and text[key] >= text["vocab_size"]:
+            text[key] = 0
+    text.pop("quantization_config", None)
+    built = AutoConfig.for_model(**text)
+    return built.get_text_config() if hasattr(built, "get_text_config") else built
+
+
+@torch.no_grad()
+def measure_block_seconds(config: dict[str, Any], settings: JobSettings, device: str = "cpu") -> float:
+    """Seconds `quantize_block` takes on one block of this model's shape with these settings."""
+    from transformers import AutoModelForCausalLM
+
+    from awqforge.arch import get_adapter
+    from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block
+
+    cfg = _one_block_config(config)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device).eval()
+    adapter = get_adapter(model.config)
+    layers = adapter.get_layers(model)
+    ids = torch.randint(3, cfg.vocab_size, (settings.n_samples, settings.seq_len))
+    captured = capture_layer_inputs(model, layers, ids.to(device))
+    s = BlockSettings(
+        method=settings.method,
+        bits=settings.bits,
+        group_size=settings.group_size,
+        scale_search=settings.scale_search,
+        n_grid=settings.n_grid,
+        search_screen=settings.search_screen,
+        clip_search=settings.clip_search,
+        rounding=settings.rounding,
+    )
+    t0 = time.perf_counter()
+    quantize_block(layers[0], captured.inputs, captured.layer_kwargs[0], settings=s, adapter=adapter)
+    return time.perf_counter() - t0
+
+
+def measure_rate(config: dict[str, Any], settings: JobSettings, device: str = "cpu") -> tuple[float, float]:
+    """(FLOP/s for plan(..., flops_rate=...), the measured seconds of one block)."""
+    secs = measure_block_seconds(config, settings, device)
+    return block_flops(config, settings) / max(secs, 1e-6), secs
