@@ -22,6 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    # The installed packages, not a PYTHONPATH pointing at the repository, must answer the imports.
+    kw.setdefault("env", os.environ)
+    kw["env"] = {k: v for k, v in kw["env"].items() if k != "PYTHONPATH"}
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r
