@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import textwrap
 import zipfile
@@ -16,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
+
+from tests.wheel_build import build_wheel, run_checked
 
 REPO = Path(__file__).resolve().parents[1]
 # What `pip install awqforge` must not bring (the service stack, the GPU kernel's compiler).
@@ -26,37 +27,9 @@ SERVICE_STACK = (
 OWN_SERVICE = ("app", "worker", "migrations")
 
 
-def _run(cmd, **kw) -> subprocess.CompletedProcess:
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
-
-
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel of the tracked files (copied out, so the build sees no untracked or built files)."""
-    src = tmp_path_factory.mktemp("src")
-    for f in _run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0"):
-        if f and (REPO / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, src / f)
-    out = tmp_path_factory.mktemp("dist")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "--no-build-isolation",
-            "-w",
-            str(out),
-            str(src),
-        ]
-    )
-    (whl,) = out.glob("awqforge-*.whl")
-    return whl
+    return build_wheel(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist"))
 
 
 def _requires(whl: Path) -> list[Requirement]:
@@ -113,7 +86,7 @@ def engine_only_site(dest: Path) -> Path:
 
 def test_the_installed_engine_quantizes_without_the_service_stack(wheel, tiny_checkpoint, tmp_path):
     site = tmp_path / "site"
-    _run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)])
+    run_checked([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)])
     for pkg in OWN_SERVICE:  # an engine-only install: the service's packages are not there
         shutil.rmtree(site / pkg, ignore_errors=True)
     ckpt = tiny_checkpoint("llama")
@@ -148,7 +121,7 @@ def test_the_installed_engine_quantizes_without_the_service_stack(wheel, tiny_ch
     # -S: no site-packages but the engine-only folder (and the wheel's install) on the path
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
     env.update(PYTHONPATH=f"{site}{os.pathsep}{deps}", OMP_NUM_THREADS="1", PYTHONNOUSERSITE="1")
-    r = _run([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env)
+    r = run_checked([sys.executable, "-S", "-c", script], cwd=tmp_path, env=env)
     out = json.loads(r.stdout.strip().splitlines()[-1])
     assert out["layers"] > 0 and out["loaded"] == []
     assert (tmp_path / "cli" / "awq" / "model.safetensors").exists()
