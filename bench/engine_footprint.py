@@ -75,7 +75,9 @@ def main() -> None:
         "full_service_gpu": {"distributions": len(everything), "size_bytes": _size(everything)},
         "only_in_full": sorted(everything - engine),
         "import_s_engine": _import_s("import awqforge.pipeline, awqforge.cli"),
-        "import_s_full": _import_s("import awqforge.pipeline, awqforge.cli, app.main, worker.celery_app, triton"),
+        "import_s_full": _import_s(
+            "import awqforge.pipeline, awqforge.cli, app.main, worker.celery_app, triton"
+        ),
         "import_s_python": _import_s("pass"),
     }
     print(json.dumps(out, indent=2))

@@ -86,7 +86,9 @@ def engine_only_site(dest: Path) -> Path:
 
 def test_the_installed_engine_quantizes_without_the_service_stack(wheel, tiny_checkpoint, tmp_path):
     site = tmp_path / "site"
-    run_checked([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)])
+    run_checked(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site), str(wheel)]
+    )
     for pkg in OWN_SERVICE:  # an engine-only install: the service's packages are not there
         shutil.rmtree(site / pkg, ignore_errors=True)
     ckpt = tiny_checkpoint("llama")
