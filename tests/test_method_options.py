@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from test_resume import spec_for
 
-from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
 from awqforge.errors import InputError
 from awqforge.pipeline import run_quantization
 from awqforge.spec import JobSpec
@@ -23,18 +23,7 @@ METHODS = {
 
 
 def _spec(model: Path, method: str, **overrides) -> JobSpec:
-    fields = dict(
-        model=str(model),
-        quant={"bits": 4, "group_size": 64},
-        calibration={"source": f"file:{BUNDLED_CALIBRATION_TEXT}", "n_samples": 4, "seq_len": 64},
-        formats=["awq", "compressed-tensors"],
-        eval={"enabled": False},
-        device="cpu",
-        n_grid=4,
-        **METHODS[method],
-    )
-    fields.update(overrides)
-    return JobSpec(**fields)
+    return spec_for(model, **{"quant": {"bits": 4, "group_size": 64}, **METHODS[method], **overrides})
 
 
 def _tensor_names(folder: Path) -> set[str]:

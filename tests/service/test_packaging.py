@@ -6,8 +6,6 @@ serves, runs a worker and takes a job end to end."""
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
 import sys
 import uuid
 import zipfile
@@ -15,45 +13,20 @@ from pathlib import Path
 
 import pytest
 
+from tests.wheel_build import build_wheel, run_checked
+
 from .conftest import PG_ADMIN_URL, SERVICE_ENV, services_available
 from .test_embedded import run_embedded_job
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def _run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    # The installed packages, not a PYTHONPATH pointing at the repository, must answer the imports.
-    kw.setdefault("env", os.environ)
-    kw["env"] = {k: v for k, v in kw["env"].items() if k != "PYTHONPATH"}
-    r = subprocess.run(cmd, capture_output=True, text=True, **kw)
-    assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
-    return r
+_run = run_checked
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory) -> Path:
-    """The wheel of the tracked files (copied out first, so the build sees no untracked or built files)."""
-    src = tmp_path_factory.mktemp("src")
-    for f in _run(["git", "ls-files", "-z"], cwd=REPO).stdout.split("\0"):
-        if f and (REPO / f).is_file():
-            (src / f).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / f, src / f)
-    out = tmp_path_factory.mktemp("dist")
-    _run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "wheel",
-            "-q",
-            "--no-deps",
-            "-w",
-            str(out),
-            str(src),
-        ]
-    )
-    (whl,) = out.glob("awqforge-*.whl")
-    return whl
+    return build_wheel(tmp_path_factory.mktemp("src"), tmp_path_factory.mktemp("dist"))
 
 
 @pytest.fixture(scope="module")
