@@ -436,10 +436,14 @@ def _prev_rows(
             v_rows = (n_out - width) // 2
             gqa, why = _gqa_layout(m, modules, v_rows)
             if gqa is None:
-                return None, (
-                    f"the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not match "
-                    f"{m.linear_names[0]}'s input width {width}: {why}"
-                ), None
+                return (
+                    None,
+                    (
+                        f"the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not match "
+                        f"{m.linear_names[0]}'s input width {width}: {why}"
+                    ),
+                    None,
+                )
             return slice(n_out - v_rows, n_out), None, gqa
         if spec.prev_rows == "up":
             if n_out != 2 * width:
@@ -448,15 +452,23 @@ def _prev_rows(
         if n_out != width:
             gqa, why = _gqa_layout(m, modules, n_out)
             if gqa is None:
-                return None, (
-                    f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
-                    f"channels: {why}"
-                ), None
+                return (
+                    None,
+                    (
+                        f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
+                        f"channels: {why}"
+                    ),
+                    None,
+                )
             return None, None, gqa
         return None, None, None
     weight = getattr(prev, "weight", None)
     if weight is not None and weight.dim() == 1 and weight.shape[0] != width:
-        return None, f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}", None
+        return (
+            None,
+            f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}",
+            None,
+        )
     return None, None, None
 
 
@@ -478,7 +490,12 @@ def _gqa_layout(m: Mapping, modules: dict[str, nn.Module], v_width: int) -> tupl
             head_dim = width // cfg.num_attention_heads
     if not isinstance(head_dim, int) or head_dim <= 0:
         return None, f"{parent} states no head_dim, so no per-KV-channel scale can be folded"
-    if v_width % head_dim or width % head_dim or (width // head_dim) % (v_width // head_dim or 1) or not v_width:
+    if (
+        v_width % head_dim
+        or width % head_dim
+        or (width // head_dim) % (v_width // head_dim or 1)
+        or not v_width
+    ):
         return None, (
             f"head_dim {head_dim} does not split them into KV heads shared by whole groups of query heads, "
             "so no per-channel scale can be folded"
@@ -753,7 +770,8 @@ def _per_expert_unreadable(config, model: nn.Module) -> str | None:
     except ImportError:  # transformers < 5 has no fused experts: per-expert tensors are its own layout
         return None
     fused = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and m.gate_up_proj.dim() == 3
     ]
     if not fused:
@@ -762,9 +780,7 @@ def _per_expert_unreadable(config, model: nn.Module) -> str | None:
         conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
     except Exception:
         conversions = []
-    if any(
-        "experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []
-    ):
+    if any("experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []):
         return None
     return (
         f"transformers merges no per-expert tensors into {type(model.get_submodule(fused[0])).__name__} for "

@@ -95,7 +95,11 @@ def _shrink(cfg, model_type: str) -> None:
             except (AttributeError, ValueError, TypeError):
                 pass
     lt = getattr(cfg, "layer_types", None)
-    if isinstance(lt, list) and len(lt) != cfg.num_hidden_layers and "layer_types" not in EXTRA.get(model_type, {}):
+    if (
+        isinstance(lt, list)
+        and len(lt) != cfg.num_hidden_layers
+        and "layer_types" not in EXTRA.get(model_type, {})
+    ):
         cfg.layer_types = (list(dict.fromkeys(lt)) * cfg.num_hidden_layers)[: cfg.num_hidden_layers]
 
 
@@ -111,9 +115,7 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     return cfg
 
 
-def build_family_model(
-    model_type: str, seed: int = 0, outliers: bool = True, **overrides
-) -> PreTrainedModel:
+def build_family_model(model_type: str, seed: int = 0, outliers: bool = True, **overrides) -> PreTrainedModel:
     """A random-init fp32 causal LM of `model_type` in eval mode (eager attention); norms get a spread and a
     few outlier channels as in tests/tiny_models.py."""
     torch.manual_seed(seed)
@@ -122,7 +124,9 @@ def build_family_model(
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if n_params > MAX_PARAMS:
-        raise ValueError(f"{model_type}: {n_params / 1e6:.0f}M parameters after shrinking (fields not covered)")
+        raise ValueError(
+            f"{model_type}: {n_params / 1e6:.0f}M parameters after shrinking (fields not covered)"
+        )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():

@@ -3,8 +3,8 @@ tests/service/test_packaging.py)."""
 
 from __future__ import annotations
 
-import shutil
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path

@@ -545,7 +545,12 @@ def _quality_failed(job_id, reporter: _JobReporter, reason: str, work_dir, out_d
 
     ended = _db(
         lambda s: lifecycle.finish(
-            s, job_id, JobStatus.FAILED, where=(Job.worker == reporter.worker_name,), error=error, stage=GATE_STAGE
+            s,
+            job_id,
+            JobStatus.FAILED,
+            where=(Job.worker == reporter.worker_name,),
+            error=error,
+            stage=GATE_STAGE,
         ),
         "recording the quality failure",
     )

@@ -27,7 +27,9 @@ def build_cpu_kernel() -> tuple[bool, str]:
     cmd = [sys.executable, "-m", "awqforge", "kernels", "build", "--optional"]
     env = {**os.environ, "AWQFORGE_KERNELS_JIT": "1"}
     try:
-        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S, check=False)
+        out = subprocess.run(
+            cmd, capture_output=True, text=True, env=env, timeout=BUILD_TIMEOUT_S, check=False
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         return False, f"awqforge kernels build did not finish: {exc}"
     said = "\n".join(s for s in (out.stderr.strip(), out.stdout.strip()) if s)

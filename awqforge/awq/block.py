@@ -161,10 +161,14 @@ def quantize_block(
         else:
             skipped.append(f"{m.name}: none of its linears is quantized")
     maps = maps_q
-    if s.method == "awq":  # linears no mapping scales: labelled, they get plain rounding (with the clip search)
+    if (
+        s.method == "awq"
+    ):  # linears no mapping scales: labelled, they get plain rounding (with the clip search)
         scaled = {id(lin) for m in maps for lin in m.linears}
         skipped += [
-            f"{name}: no AWQ mapping applies (plain rounding)" for name, lin in linears.items() if id(lin) not in scaled
+            f"{name}: no AWQ mapping applies (plain rounding)"
+            for name, lin in linears.items()
+            if id(lin) not in scaled
         ]
 
     n, seq = inputs.shape[0], inputs.shape[1]
