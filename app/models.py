@@ -61,7 +61,7 @@ TERMINAL_STATUSES = spec.TERMINAL_STATUSES
 PUBLISH_STAGE = spec.JobStage.PUBLISH.value
 # A job that ended below its quality gate (eval.gate) or whose task evaluation failed: failed, its artifact set
 # recorded and kept; POST /v1/jobs/{id}/publish with override_gate publishes it anyway.
-GATE_STAGE = spec.JobStage.GATE.value
+GATE_STAGE = spec.GATE_STAGE
 
 
 class Base(DeclarativeBase):

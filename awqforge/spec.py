@@ -82,13 +82,15 @@ class JobStage(str, Enum):
     QUANTIZE = "quantize"
     EVALUATE = "evaluate"
     PACKAGE = "package"
-    GATE = "gate"  # the quality gate on lm-eval task recovery (eval.gate), after packaging
     PUBLISH = "publish"
 
 
 JOB_STATUSES = tuple(s.value for s in JobStatus)
 TERMINAL_STATUSES = tuple(s.value for s in JobStatus if s.terminal)
 JOB_STAGES = tuple(s.value for s in JobStage)
+# Where a job that failed its quality gate (eval.gate) is left: not a work stage of its own (the task runs count
+# in evaluate), a marker that its artifacts are recorded and publish only with override_gate.
+GATE_STAGE = "gate"
 
 
 def shown(value: object, limit: int = 80) -> str:
