@@ -378,10 +378,14 @@ def _prev_rows(
             v_rows = (n_out - width) // 2
             gqa, why = _gqa_layout(m, modules, v_rows)
             if gqa is None:
-                return None, (
-                    f"the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not match "
-                    f"{m.linear_names[0]}'s input width {width}: {why}"
-                ), None
+                return (
+                    None,
+                    (
+                        f"the v part of {m.prev_name} ({v_rows} of {n_out} rows) does not match "
+                        f"{m.linear_names[0]}'s input width {width}: {why}"
+                    ),
+                    None,
+                )
             return slice(n_out - v_rows, n_out), None, gqa
         if spec.prev_rows == "up":
             if n_out != 2 * width:
@@ -390,15 +394,23 @@ def _prev_rows(
         if n_out != width:
             gqa, why = _gqa_layout(m, modules, n_out)
             if gqa is None:
-                return None, (
-                    f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
-                    f"channels: {why}"
-                ), None
+                return (
+                    None,
+                    (
+                        f"shapes differ: {m.prev_name} has {n_out} outputs but {m.linear_names[0]} reads {width} "
+                        f"channels: {why}"
+                    ),
+                    None,
+                )
             return None, None, gqa
         return None, None, None
     weight = getattr(prev, "weight", None)
     if weight is not None and weight.dim() == 1 and weight.shape[0] != width:
-        return None, f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}", None
+        return (
+            None,
+            f"{m.prev_name} has {weight.shape[0]} channels but {m.linear_names[0]} reads {width}",
+            None,
+        )
     return None, None, None
 
 
@@ -420,7 +432,12 @@ def _gqa_layout(m: Mapping, modules: dict[str, nn.Module], v_width: int) -> tupl
             head_dim = width // cfg.num_attention_heads
     if not isinstance(head_dim, int) or head_dim <= 0:
         return None, f"{parent} states no head_dim, so no per-KV-channel scale can be folded"
-    if v_width % head_dim or width % head_dim or (width // head_dim) % (v_width // head_dim or 1) or not v_width:
+    if (
+        v_width % head_dim
+        or width % head_dim
+        or (width // head_dim) % (v_width // head_dim or 1)
+        or not v_width
+    ):
         return None, (
             f"head_dim {head_dim} does not split them into KV heads shared by whole groups of query heads, "
             "so no per-channel scale can be folded"

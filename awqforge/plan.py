@@ -441,8 +441,11 @@ def describe(p: MemoryPlan) -> str:
     lines.append(f"time estimate {p.est_seconds:.0f} s ({est})")
     lines.append(
         f"  at {p.flops_rate / 1e9:.0f} GFLOP/s "
-        + ("measured on this machine (one block timed)" if p.flops_rate_source == "measured" else
-           "(a rough default for the device kind; `awqforge plan --measure` times one block here)")
+        + (
+            "measured on this machine (one block timed)"
+            if p.flops_rate_source == "measured"
+            else "(a rough default for the device kind; `awqforge plan --measure` times one block here)"
+        )
     )
     return "\n".join(lines)
 

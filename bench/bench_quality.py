@@ -400,7 +400,9 @@ def main(argv: list[str] | None = None) -> int:
         folds = {"on": [True], "off": [False], "both": [True, False]}[args.gqa_fold]
         for rounding in [] if args.skip_ours else ours_roundings:
             for screen, fold in [(sc, f) for f in folds for sc in screens]:
-                ours = run_ours(ckpt, method="awq", rounding=rounding, search_screen=screen, gqa_fold=fold, **kw)
+                ours = run_ours(
+                    ckpt, method="awq", rounding=rounding, search_screen=screen, gqa_fold=fold, **kw
+                )
                 key, label = OURS[rounding]
                 if screen is not None:
                     label = f"{label}, search_screen={screen}"

@@ -32,7 +32,6 @@ from tiny_models import build_tiny_model, tiny_input_ids  # noqa: E402
 from awqforge.arch import get_adapter  # noqa: E402
 from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block  # noqa: E402
 
-
 SHAPES = {
     "tiny": {},
     "gemma3-640": dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
@@ -96,7 +95,9 @@ def main() -> None:
     )
     for fam in args.families:
         base = None
-        rtn = run(fam, ids, held_out, BlockSettings(method="rtn", bits=args.bits, group_size=args.group_size), shape)
+        rtn = run(
+            fam, ids, held_out, BlockSettings(method="rtn", bits=args.bits, group_size=args.group_size), shape
+        )
         for k in args.screens:
             s = BlockSettings(bits=args.bits, group_size=args.group_size, search_screen=k)
             r = run(fam, ids, held_out, s, shape)
@@ -108,8 +109,10 @@ def main() -> None:
                 f"{r['logits_mse']:>11.4g} {f'{same}/{n_maps}':>10} {r['module_s']:>9.2f} "
                 f"{100 * (r['logits_mse'] - base['logits_mse']) / rtn['logits_mse']:>8.2f}%"
             )
-        print(f"{fam:<10} RTN logits MSE {rtn['logits_mse']:.4g}; full search closes "
-              f"{100 * (1 - base['logits_mse'] / rtn['logits_mse']):.1f}% of it")
+        print(
+            f"{fam:<10} RTN logits MSE {rtn['logits_mse']:.4g}; full search closes "
+            f"{100 * (1 - base['logits_mse'] / rtn['logits_mse']):.1f}% of it"
+        )
 
 
 if __name__ == "__main__":

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from test_awq import quantize_model
-from tiny_models import FAMILIES, FALLBACK_FAMILIES, build_tiny_model, tiny_input_ids
+from tiny_models import FALLBACK_FAMILIES, FAMILIES, build_tiny_model, tiny_input_ids
 
 from awqforge.arch import GQALayout, get_adapter
 from awqforge.awq import BlockSettings, fold_scales
@@ -121,7 +121,9 @@ def _logits_mse(family, ids, settings):
     return float((out - ref).pow(2).mean()), results
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma2", "gemma3_text", "phi3", "mixtral", "llama4_text"])
+@pytest.mark.parametrize(
+    "family", ["llama", "qwen2", "gemma2", "gemma3_text", "phi3", "mixtral", "llama4_text"]
+)
 @pytest.mark.parametrize("rounding", ["nearest", "gptq"])
 def test_quantized_error_with_the_fold_is_lower(family, rounding):
     ids = tiny_input_ids(8, 32)
@@ -149,7 +151,9 @@ def test_outlier_channels_keep_the_fp_function():
 
 
 def test_gqa_fold_is_reported_in_the_scales():
-    results = quantize_model(build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32))
+    results = quantize_model(
+        build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32)
+    )
     info = next(v for v in results[0].scales.values() if v["prev"] == "self_attn.v_proj")
     assert info["gqa"] == [2, 2, 32]
     assert info["scales"].shape == (64,)  # one per KV channel

@@ -51,7 +51,9 @@ def test_cli_tries_the_build_first_and_a_failed_build_is_in_the_report_and_card(
     proc = _quantize(tiny_checkpoint("llama"), tmp_path / "out", env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    announce = [i for i, ln in enumerate(lines) if ln.startswith("awqforge: building the AWQForge CPU kernel")]
+    announce = [
+        i for i, ln in enumerate(lines) if ln.startswith("awqforge: building the AWQForge CPU kernel")
+    ]
     assert len(announce) == 1 and announce[0] == 0, lines[:5]  # one line, before anything else
     assert "warning" in lines[1] and "reference" in lines[1]
     report = json.loads((tmp_path / "out" / "awq" / "quant_report.json").read_text())
@@ -130,7 +132,9 @@ def test_a_job_process_never_compiles(tmp_path):
         "layer(torch.randn(1, 64))\n"
         "print(cpu_reference_reason())\n"
     )
-    out = subprocess.run([sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", code], capture_output=True, text=True, env=env
+    )
     assert out.returncode == 0, out.stderr
     assert "not built" in out.stdout
     assert not (tmp_path / "ext").exists() or not list((tmp_path / "ext").rglob("*"))
