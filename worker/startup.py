@@ -1,8 +1,9 @@
 """Worker start-up: the CPU kernel is ready before the worker takes a job, and a job never compiles.
 
 `worker_init` fires in the worker's main process before it starts consuming: the kernel is built into the
-cache there (`awqforge kernels build --optional` in a subprocess, so this process never imports torch: the
-pool child must fork before CUDA is initialised), with one log line when it compiles. Then
+cache there unless it is already (checked from the installed torch's package metadata:
+awqforge.kernels.cache), by `awqforge kernels build --optional` in a subprocess, so this process never
+imports torch (the pool child must fork before CUDA is initialised), with one log line before it compiles. Then
 AWQFORGE_KERNELS_JIT=0 is set for the jobs (inherited by the pool child): a job only loads the built binary.
 Without a compiler the build says why and the worker starts anyway; its jobs run the reference path, and
 `awqforge doctor`, each job's report (environment.cpu_kernel) and model card say so.
@@ -38,8 +39,14 @@ def build_cpu_kernel() -> tuple[bool, str]:
 
 @signals.worker_init.connect
 def prepare_cpu_kernel(**_kw: Any) -> None:
+    from awqforge.kernels.cache import installed_binary  # torch-free: the cache key from package metadata
+
     if os.environ.get("AWQFORGE_KERNELS", "1") != "0":
-        log.info("worker start-up: loading or building the CPU kernel before taking jobs")
-        ready, said = build_cpu_kernel()
-        (log.info if ready else log.warning)("worker start-up: %s", said)
+        binary = installed_binary()
+        if binary is not None:
+            log.info("worker start-up: CPU kernel ready: %s", binary)
+        else:
+            log.info("worker start-up: building the CPU kernel into the cache before taking jobs")
+            ready, said = build_cpu_kernel()
+            (log.info if ready else log.warning)("worker start-up: %s", said)
     os.environ["AWQFORGE_KERNELS_JIT"] = "0"  # the jobs (the pool child inherits it) never compile

@@ -27,10 +27,8 @@ code is compiled out (#if) and only the scalar path exists.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.util
 import os
-import platform
 import shutil
 import threading
 from pathlib import Path
@@ -38,12 +36,13 @@ from types import ModuleType
 
 import torch
 
+from awqforge.kernels import cache
 from awqforge.packing import CPU_BLOCK_N
 
-_SOURCE = Path(__file__).parent / "csrc" / "w4_cpu.cpp"
-_EXT_NAME = "awqforge_w4_cpu"
-_CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=fast"]
-_LDFLAGS = ["-fopenmp"]
+_SOURCE = cache.SOURCE
+_EXT_NAME = cache.EXT_NAME
+_CFLAGS = list(cache.CFLAGS)
+_LDFLAGS = list(cache.LDFLAGS)
 
 # From this many rows on, decode panels of PANEL_N channels and let the BLAS sgemm multiply them.
 PANEL_MIN_M = int(os.environ.get("AWQFORGE_CPU_PANEL_MIN_M", "48"))
@@ -67,29 +66,21 @@ class KernelNotBuilt(KernelBuildError):
 
 def cache_root() -> Path:
     """The kernel cache folder (see the module docstring)."""
-    if os.environ.get("AWQFORGE_EXTENSIONS_DIR"):
-        return Path(os.environ["AWQFORGE_EXTENSIONS_DIR"]).expanduser()
-    return Path(os.environ.get("AWQFORGE_HOME", "~/.awqforge")).expanduser() / "kernels"
+    return cache.cache_root()
 
 
 def source_hash() -> str:
-    h = hashlib.sha256(_SOURCE.read_bytes())
-    h.update(" ".join(_CFLAGS + _LDFLAGS).encode())
-    return h.hexdigest()[:12]
+    return cache.source_hash(_SOURCE, _CFLAGS + _LDFLAGS)
 
 
 def build_dir() -> Path:
     """Where the binary for this torch version, machine and kernel source lives."""
-    torch_tag = torch.__version__.replace("+", "_")
-    return cache_root() / f"torch{torch_tag}-{platform.machine()}" / f"{_EXT_NAME}-{source_hash()}"
+    return cache.build_dir(torch.__version__, _SOURCE, _EXT_NAME, _CFLAGS + _LDFLAGS)
 
 
 def built_binary() -> Path | None:
     """The cached extension binary, if `awqforge kernels build` made one for this key."""
-    directory = build_dir()
-    if not directory.is_dir():
-        return None
-    return next(iter(sorted(directory.glob(f"{_EXT_NAME}*.so"))), None)
+    return cache.built_binary(torch.__version__, _SOURCE, _EXT_NAME, _CFLAGS + _LDFLAGS)
 
 
 def jit_allowed() -> bool:

@@ -43,6 +43,10 @@ TEST_DB_URL = f"{_base}/{DB_NAME}"
 
 SERVICE_ENV = {
     "AWQFORGE_HOME": str(HOME),
+    # the machine's kernel cache (built at install or by the first test that needs it), not HOME's empty one:
+    # a worker builds a missing kernel at start-up, which takes minutes
+    "AWQFORGE_EXTENSIONS_DIR": os.environ.get("AWQFORGE_EXTENSIONS_DIR")
+    or str(Path(os.environ.get("AWQFORGE_HOME", "~/.awqforge")).expanduser() / "kernels"),
     "DATABASE_URL": TEST_DB_URL,
     "REDIS_URL": REDIS_URL,
     "CELERY_QUEUE_PREFIX": QUEUE_PREFIX,
