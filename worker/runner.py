@@ -513,6 +513,22 @@ def publish_artifacts(
     return time.monotonic() - t0
 
 
+def _scrub_written(folder: Path, reporter: _JobReporter) -> None:
+    """The report and the cards are read by the tenant and published: no secret and no server folder named
+    there. An artifact whose file changed gets its manifest (sizes, sha256) written again."""
+    from awqforge.formats.manifest import MANIFEST_NAME, write_manifest
+
+    changed = []
+    for text_file in (*folder.rglob("*.md"), *folder.rglob("quant_report.json")):
+        text = text_file.read_text()
+        if (clean := reporter.scrub(text)) != text:
+            text_file.write_text(clean)
+            changed.append(text_file)
+    for manifest in sorted(folder.rglob(MANIFEST_NAME), key=lambda m: -len(m.parts)):  # nested ones first
+        if any(f.is_relative_to(manifest.parent) for f in changed):
+            write_manifest(manifest.parent)
+
+
 def _publish_destination(job_id: str, token: str | None) -> str:
     """The hub this job publishes to: the one its first publish chose (recorded on the job), else chosen now
     (PUBLISH_BACKEND, the job's token) and recorded, so that a retry or a publish again, with other tokens or
@@ -725,9 +741,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         inside = report and any(Path(report).resolve().is_relative_to(p.resolve()) for p in made.values())
         if report and Path(report).exists() and not inside:
             made["report"] = Path(report)
-        for text_file in (*staging.rglob("*.md"), *staging.rglob("quant_report.json")):
-            # the report and the card are read by the tenant and published: no server folder named there
-            text_file.write_text(reporter.scrub(text_file.read_text()))
+        _scrub_written(staging, reporter)
         if not store.remote:
             # The run's output replaces the recorded set (a retry's previous artifacts stay until here).
             shutil.rmtree(out_dir, ignore_errors=True)

@@ -4,6 +4,9 @@ job's objects (against moto's S3 server on loopback)."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import uuid
 from datetime import timedelta
 from pathlib import Path
@@ -95,4 +98,12 @@ def test_delete_job_and_artifact_retention(service, make_key, db_session):
         assert "artifacts expired" in c.get(f"/v1/jobs/{ids[1]}/logs").text
         assert not any(f.exists() for f in folders)
         assert c.post(f"/v1/jobs/{ids[1]}/publish").status_code == 409  # nothing left to publish
+        # `awqforge delete JOB` (the client command) deletes the job that is left
+        run = "import sys; from app.client import delete_command; sys.exit(delete_command(sys.argv[1:]))"
+        env = {**os.environ, "AWQFORGE_URL": service.url, "AWQFORGE_API_KEY": owner}
+        r = subprocess.run(
+            [sys.executable, "-c", run, ids[1]], capture_output=True, text=True, env=env, timeout=60
+        )
+        assert r.returncode == 0 and f"{ids[1]}  deleted" in r.stdout, r.stderr
+        assert c.get(f"/v1/jobs/{ids[1]}").status_code == 404
         c.post(f"/v1/jobs/{live_id}/cancel")

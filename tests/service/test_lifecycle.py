@@ -5,10 +5,13 @@ tokens and the scratch folders went."""
 
 from __future__ import annotations
 
+import time
 import uuid
 from datetime import timedelta
 
 import pytest
+
+from .conftest import wait_for_status
 
 pytestmark = pytest.mark.services
 
@@ -221,3 +224,35 @@ def test_state_x_event(service, tenant_id, event):
             from app.models import JobStatus
 
             assert not lifecycle.finish(s, job_id, JobStatus.FAILED) or not expected.isupper(), cell
+
+
+def test_redelivered_message_for_an_ended_job_is_not_counted(service, make_key):
+    """The worker's awqforge_worker_jobs_total and duration histogram count a job once: a message sent again
+    for a job that already ended ("not run: already failed") is not counted a second time."""
+    from app.core.db import session_scope
+    from app.models import Job
+    from app.services.jobs import send_job
+
+    from .test_metrics import scrape, value
+
+    with service.client(make_key()) as c:
+        body = service.job_body(model=str(service.home / "models" / "redelivered-missing"))
+        job = wait_for_status(c, c.post("/v1/jobs", json=body).json()["id"], ("failed",), 300)
+    labels = {"queue": job["queue"], "status": "failed"}
+    deadline = time.monotonic() + 30
+    while True:  # the task counts after the run returns: wait for it
+        before = scrape(service.worker_metrics_url)
+        if value(before, "awqforge_worker_jobs_total", **labels) >= 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    with session_scope() as s:
+        send_job(s.get(Job, job["id"]))  # the broker delivers it again
+    log = service.worker_log
+    deadline = time.monotonic() + 60
+    while log.read_text(errors="replace").count(f"job {job['id']} not run: already failed") < 1:
+        assert time.monotonic() < deadline, "the worker never saw the resent message"
+        time.sleep(0.2)
+    time.sleep(1)
+    after = scrape(service.worker_metrics_url)
+    for name in ("awqforge_worker_jobs_total", "awqforge_worker_job_duration_seconds_count"):
+        assert value(after, name, **labels) == value(before, name, **labels), name
