@@ -187,6 +187,9 @@ def run_demo(
     seq_len: int | None = None,
 ) -> int:
     """Run the demo; calibration defaults to 64 x 512 tokens with a GPU, 8 x 64 on a CPU."""
+    from awqforge.cli import skip_triton_without_cuda
+
+    skip_triton_without_cuda()  # the SmolLM2 conversion loads transformers; without a GPU triton is not needed
     from app.core.db import session_scope
     from app.embedded import ServerThread, detect_queues, start_worker_process, stop_process
     from app.main import create_app

@@ -233,17 +233,22 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
 
 
 def skip_triton_without_cuda() -> bool:
-    """On a machine with no CUDA device, make `import triton` fail in this process; True when it did.
+    """On a machine with no GPU, make `import triton` fail in this process; True when it did.
 
     transformers imports torch._dynamo, which imports triton (when installed, e.g. by the [gpu] or [dev]
-    extra) only to probe for it. Nothing here runs Triton without CUDA (awqforge's Triton kernel is CUDA-only;
+    extra) only to probe for it. Nothing here runs Triton without a GPU (awqforge's Triton kernel is CUDA-only;
     the CPU kernel is C++), and triton 3.x prints dozens of `nanobind: leaked ...` lines when the process exits.
-    TRITON_INTERPRET=1 (Triton's CPU interpreter, the kernel tests) keeps it."""
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, the kernel tests) keeps it. Without torch imported yet, the
+    GPU is looked for as a device file (NVIDIA or AMD), so that a process that must not import torch (the API)
+    can call this too."""
     if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    import torch
+    if "torch" in sys.modules:
+        import torch
 
-    if torch.cuda.is_available():
+        if torch.cuda.is_available():
+            return False
+    elif any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists():
         return False
     sys.modules["triton"] = None  # the import system's "not available": `import triton` raises ImportError
     return True
