@@ -63,35 +63,53 @@ def _quiet_progress_bars() -> None:
 
 def _follow(client: httpx.Client, job_id: str, quiet_s: float = 20.0) -> None:
     """Print the job's event stream: progress lines and log lines that say something new; during a long
-    step, a line at least every `quiet_s` seconds (the stream's keep-alives wake us)."""
-    last, stage, progress = None, "-", 0.0
-    last_print = time.monotonic()
-    with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
-        event = None
-        for line in resp.iter_lines():
-            if line.startswith("event: "):
-                event = line[7:]
-            elif line.startswith("data: "):
-                if event == "end":
-                    return
-                d = json.loads(line[6:])
-                stage = d.get("stage") or stage
-                progress = d["progress"] if d.get("progress") is not None else progress
-                msg = d.get("message") or ""
-                if msg and msg != last:
-                    last, last_print = msg, time.monotonic()
-                    if d.get("progress") is not None:
-                        print(f"[{progress * 100:5.1f}%] {stage:<9} {msg}", flush=True)
-                    else:
-                        print(f"{'':8} {'':<9} {msg}", flush=True)
-                    continue
-            if time.monotonic() - last_print >= quiet_s:
-                quiet = time.monotonic() - last_print
-                print(
-                    f"[{progress * 100:5.1f}%] {stage:<9} ... still working ({quiet:.0f} s since the last step)",
-                    flush=True,
-                )
-                last_print = time.monotonic()
+    step, a "still working" line every `quiet_s` seconds, from a timer (the stream's keep-alives come only
+    every 15 s, so waiting for them would print at 30 s, not 20)."""
+    state = {"last_print": time.monotonic(), "stage": "-", "progress": 0.0}
+    lock = threading.Lock()
+    done = threading.Event()
+
+    def still_working() -> None:
+        while not done.wait(1.0):
+            with lock:
+                quiet = time.monotonic() - state["last_print"]
+                if quiet >= quiet_s:
+                    print(
+                        f"[{state['progress'] * 100:5.1f}%] {state['stage']:<9} ... still working "
+                        f"({quiet:.0f} s since the last step)",
+                        flush=True,
+                    )
+                    state["last_print"] = time.monotonic()
+
+    ticker = threading.Thread(target=still_working, name="still-working", daemon=True)
+    ticker.start()
+    last = None
+    try:
+        with client.stream("GET", f"/v1/jobs/{job_id}/events", timeout=None) as resp:
+            event = None
+            for line in resp.iter_lines():
+                if line.startswith("event: "):
+                    event = line[7:]
+                elif line.startswith("data: "):
+                    if event == "end":
+                        return
+                    d = json.loads(line[6:])
+                    msg = d.get("message") or ""
+                    with lock:
+                        state["stage"] = d.get("stage") or state["stage"]
+                        if d.get("progress") is not None:
+                            state["progress"] = d["progress"]
+                        if msg and msg != last:
+                            last, state["last_print"] = msg, time.monotonic()
+                            if d.get("progress") is not None:
+                                print(
+                                    f"[{state['progress'] * 100:5.1f}%] {state['stage']:<9} {msg}", flush=True
+                                )
+                            else:
+                                print(f"{'':8} {'':<9} {msg}", flush=True)
+    finally:
+        done.set()
+        ticker.join()
 
 
 def print_comparison(awq: dict, rtn: dict | None) -> None:
@@ -169,6 +187,9 @@ def run_demo(
     seq_len: int | None = None,
 ) -> int:
     """Run the demo; calibration defaults to 64 x 512 tokens with a GPU, 8 x 64 on a CPU."""
+    from awqforge.cli import skip_triton_without_cuda
+
+    skip_triton_without_cuda()  # the SmolLM2 conversion loads transformers; without a GPU triton is not needed
     from app.core.db import session_scope
     from app.embedded import ServerThread, detect_queues, start_worker_process, stop_process
     from app.main import create_app

@@ -290,17 +290,22 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
 
 
 def skip_triton_without_cuda() -> bool:
-    """On a machine with no CUDA device, make `import triton` fail in this process; True when it did.
+    """On a machine with no GPU, make `import triton` fail in this process; True when it did.
 
     transformers imports torch._dynamo, which imports triton (when installed, e.g. by the [gpu] or [dev]
-    extra) only to probe for it. Nothing here runs Triton without CUDA (awqforge's Triton kernel is CUDA-only;
+    extra) only to probe for it. Nothing here runs Triton without a GPU (awqforge's Triton kernel is CUDA-only;
     the CPU kernel is C++), and triton 3.x prints dozens of `nanobind: leaked ...` lines when the process exits.
-    TRITON_INTERPRET=1 (Triton's CPU interpreter, the kernel tests) keeps it."""
+    TRITON_INTERPRET=1 (Triton's CPU interpreter, the kernel tests) keeps it. Without torch imported yet, the
+    GPU is looked for as a device file (NVIDIA or AMD), so that a process that must not import torch (the API)
+    can call this too."""
     if "triton" in sys.modules or os.environ.get("TRITON_INTERPRET") == "1":
         return False
-    import torch
+    if "torch" in sys.modules:
+        import torch
 
-    if torch.cuda.is_available():
+        if torch.cuda.is_available():
+            return False
+    elif any(Path("/dev").glob("nvidia[0-9]*")) or Path("/dev/kfd").exists():
         return False
     sys.modules["triton"] = None  # the import system's "not available": `import triton` raises ImportError
     return True
@@ -520,8 +525,17 @@ def _check_module_patterns(spec) -> None:
             raise _UsageError(f"--modules-to-not-convert: {unmatched_message(missing)}")
 
 
+def _fmt_eta(seconds: float) -> str:
+    s = max(0, round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
 class _ProgressPrinter:
-    """Stage messages on stderr, and a tqdm bar with ETA over the quantized blocks and the evaluation steps."""
+    """Stage messages on stderr, and one tqdm bar per stage: blocks while quantizing, windows while evaluating
+    (the FP and the quantized pass each count every window once). The time left is the pipeline's estimate
+    (`eta_s`: each pass timed at its own cost per window), not tqdm's average over the bar."""
+
+    BAR = "{desc}: {percentage:3.0f}%|{bar}| {n:.4g}/{total_fmt} {unit}s [{elapsed}{postfix}]"
 
     def __init__(self) -> None:
         self.bar = None
@@ -530,24 +544,34 @@ class _ProgressPrinter:
     def __call__(self, event) -> None:
         from tqdm import tqdm
 
-        done, total = (
-            (event.block, event.n_blocks)
-            if event.stage == "quantize"
-            else (getattr(event, "step", None), getattr(event, "n_steps", None))
-        )
+        if event.stage == "quantize":
+            done, total, unit = event.block, event.n_blocks, "block"
+        else:
+            done, total, unit = getattr(event, "step", None), getattr(event, "n_steps", None), "window"
         if self.bar is not None and event.stage != self.stage:
             self.close()
-        if total:
+        if total and done is not None:
             if self.bar is None:
-                unit = "block" if event.stage == "quantize" else "step"
-                self.bar = tqdm(total=total, desc=event.stage, unit=unit, file=sys.stderr)
+                self.bar = tqdm(
+                    total=total, desc=event.stage, unit=unit, file=sys.stderr, bar_format=self.BAR
+                )
                 self.stage = event.stage
-            self.bar.update(done - self.bar.n)
+            self.bar.n = done
+            eta = getattr(event, "eta_s", None)
+            self.bar.set_postfix_str("" if eta is None else f"<{_fmt_eta(eta)} left", refresh=False)
+            self.bar.refresh()
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
             self.bar = None
+
+    def write(self, message: str) -> None:
+        """A log line on stderr, above the bar when one is shown (never glued to its end)."""
+        if self.bar is None:
+            print(message, file=sys.stderr)
+        else:
+            self.bar.write(message, file=sys.stderr)
 
 
 def _quantize(args) -> int:
@@ -570,7 +594,7 @@ def _quantize(args) -> int:
             spec,
             out,
             progress=printer,
-            log=lambda msg: print(msg, file=sys.stderr),
+            log=printer.write,
             overwrite=args.overwrite,
             **options,
         )
@@ -623,19 +647,37 @@ def _plan(args) -> int:
 
 
 def _eval(args) -> int:
+    from tqdm import tqdm
+
     from awqforge.calibration import read_text
     from awqforge.evaluate import evaluate_path
 
     _ensure_cpu_kernel(args.device)
     text = read_text(args.text)
-    result = evaluate_path(
-        _model_ref(args.model),
-        text,
-        seq_len=args.seq_len,
-        max_seqs=args.max_seqs,
-        device=args.device,
-        revision=args.revision,
-    )
+    bar = None
+
+    def progress(done: int, total: int, unit: str) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="eval", unit=unit, file=sys.stderr)
+        bar.update(done - bar.n)
+
+    try:
+        result = evaluate_path(
+            _model_ref(args.model),
+            text,
+            seq_len=args.seq_len,
+            max_seqs=args.max_seqs,
+            device=args.device,
+            revision=args.revision,
+            progress=progress,
+            log=lambda msg: (bar.write if bar is not None else print)(
+                f"awqforge eval: {msg}", file=sys.stderr
+            ),
+        )
+    finally:
+        if bar is not None:
+            bar.close()
     print(json.dumps(result))
     return 0
 

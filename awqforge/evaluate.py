@@ -106,6 +106,78 @@ def _score(logits_of, windows: torch.Tensor, n_prefix: int, batch_size: int, pro
     }
 
 
+# Per window, the quantized model on QuantLinear's pure-torch reference path against the FP model streamed
+# block by block: measured 1.8x for SmolLM2-135M W3 on a 2-core CPU (issue 19: 262 s vs 145 s for 10
+# windows of 2048). Only the ETA's first guess: it is replaced by the pass's own rate after its first window.
+REFERENCE_SLOWDOWN = 1.8
+
+
+def quantized_path(bits: int, device: str | torch.device) -> tuple[str, bool]:
+    """The path QuantLinear's forward takes for `bits`-bit weights on `device` (awqforge/qlinear.py), in words,
+    and whether it is the pure-torch reference (dequantize the whole weight at every call)."""
+    from awqforge.qlinear import kernels_enabled
+
+    device = torch.device(device)
+    if bits == 4 and kernels_enabled():
+        if device.type == "cuda":
+            return "the Triton W4A16 kernel", False
+        if device.type == "cpu":
+            from awqforge.kernels import cpu
+
+            if cpu.is_available():
+                return "the C++ CPU INT4 kernel", False
+    why = f"no {bits}-bit kernel" if bits != 4 else "the INT4 kernel is not available here"
+    return f"the pure-torch reference path ({why}: each weight dequantized at every call)", True
+
+
+class PassTimer:
+    """ETA of an evaluation made of passes that cost differently per window (the FP pass streamed block by
+    block, the quantized pass window by window): each pass is timed on its own, and a pass not started yet
+    is estimated from the FP pass's rate per window times its `slowdown`."""
+
+    def __init__(self, n_windows: int, passes: dict[str, tuple[int, float]]):
+        # passes: name -> (steps in the pass, expected cost per window relative to the first pass)
+        self.n_windows = n_windows
+        self.passes = passes
+        self.done: dict[str, int] = dict.fromkeys(passes, 0)
+        self.started: dict[str, float] = {}
+        self.elapsed: dict[str, float] = dict.fromkeys(passes, 0.0)
+
+    def start(self, name: str) -> None:
+        import time
+
+        self.started[name] = time.perf_counter()
+
+    def step(self, name: str, done: int) -> None:
+        import time
+
+        self.done[name] = done
+        self.elapsed[name] = time.perf_counter() - self.started[name]
+
+    def per_window(self, name: str) -> float | None:
+        """Measured seconds per window of a pass, None before its first step."""
+        steps, _ = self.passes[name]
+        d = self.done[name]
+        return self.elapsed[name] / d * steps / self.n_windows if d else None
+
+    def eta_s(self) -> float | None:
+        first = next(iter(self.passes))
+        base = self.per_window(first)
+        if base is None:
+            return None
+        base /= self.passes[first][1]
+        left = 0.0
+        for name, (steps, slowdown) in self.passes.items():
+            rate = self.per_window(name)
+            frac_left = 1 - self.done[name] / steps
+            left += (rate if rate is not None else base * slowdown) * self.n_windows * frac_left
+        return left
+
+    def windows_done(self) -> float:
+        """Work done in windows (each pass counts n_windows), for a bar over all passes."""
+        return sum(self.done[n] / steps * self.n_windows for n, (steps, _) in self.passes.items())
+
+
 def load_fp_model(
     path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
 ) -> nn.Module:
@@ -141,8 +213,12 @@ def evaluate_path(
     max_seqs: int | None = None,
     device: str | torch.device = "cpu",
     revision: str | None = None,
+    progress: Callable[[int, int, str], None] | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict:
-    """Perplexity of a folder or hub id: a quantized artifact (load_quantized) or an FP checkpoint."""
+    """Perplexity of a folder or hub id: a quantized artifact (load_quantized) or an FP checkpoint.
+    `progress(done, total, unit)` after each forward step (a window of a quantized model, a block of a streamed
+    FP one); `log` gets the kernel path of a quantized model and, on the reference path, what it costs."""
     from transformers import AutoTokenizer
 
     from awqforge.resolve import resolve_model
@@ -153,15 +229,44 @@ def evaluate_path(
     tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
     quantized = is_quantized_checkpoint(resolved.path)
     if quantized:
+        import time
+
         from awqforge.loading import load_quantized
+        from awqforge.qlinear import QuantLinear
 
         model = load_quantized(resolved.path, device=device)
-        result = perplexity(model, tokenizer, text, seq_len=seq_len, max_seqs=max_seqs)
+        bits = next((m.bits for m in model.modules() if isinstance(m, QuantLinear)), 4)
+        kernel, reference = quantized_path(bits, device)
+        if log is not None:
+            log(
+                f"quantized model ({bits}-bit) on {device.type}: {kernel}"
+                + ("; several times slower per window than a 4-bit kernel" if reference else "")
+            )
+        t0 = time.perf_counter()
+        result = perplexity(
+            model,
+            tokenizer,
+            text,
+            seq_len=seq_len,
+            max_seqs=max_seqs,
+            progress=None if progress is None else (lambda d, t: progress(d, t, "window")),
+        )
+        per_window = (time.perf_counter() - t0) / result["n_windows"]
+        result.update(kernel=kernel, reference_path=reference, s_per_window=round(per_window, 3))
+        if log is not None and reference:
+            log(f"the reference path cost {per_window:.1f} s per window of {seq_len} tokens")
     else:  # an FP checkpoint of any size: streamed block by block
         from awqforge.arch import get_adapter
         from awqforge.streaming import StreamingModel
 
         stream = StreamingModel.from_resolved(resolved, get_adapter(resolved.config), device=device)
-        result = streamed_perplexity(stream, tokenizer, text, seq_len=seq_len, max_seqs=max_seqs)
+        result = streamed_perplexity(
+            stream,
+            tokenizer,
+            text,
+            seq_len=seq_len,
+            max_seqs=max_seqs,
+            progress=None if progress is None else (lambda d, t: progress(d, t, "block")),
+        )
     result.update(model=str(path), quantized=quantized)
     return result

@@ -45,7 +45,8 @@ class ProgressEvent:
     block: int | None = None  # blocks done so far (quantize stage)
     n_blocks: int | None = None
     eta_s: float | None = None  # remaining time of the quantize (or evaluate) stage
-    step: int | None = None  # evaluate stage: forward steps done (FP blocks, then quantized windows)
+    # evaluate stage: work done in windows, each pass (FP, then quantized) counting every window once
+    step: float | None = None
     n_steps: int | None = None
 
 
@@ -473,7 +474,14 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
     """FP perplexity (the source checkpoint streamed block by block) and quantized perplexity (load_quantized
     on the first format's staging folder, i.e. our QuantLinear kernels). Progress (with ETA) counts the FP
     blocks, then the quantized windows; the cost (time, tokens) is in the result."""
-    from awqforge.evaluate import eval_windows, perplexity, streamed_perplexity
+    from awqforge.evaluate import (
+        REFERENCE_SLOWDOWN,
+        PassTimer,
+        eval_windows,
+        perplexity,
+        quantized_path,
+        streamed_perplexity,
+    )
     from awqforge.loading import load_quantized
     from awqforge.streaming import StreamingModel
 
@@ -485,33 +493,61 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
     }
     fp_stream = StreamingModel.from_resolved(resolved, adapter, device=device, dtype=dtype)
     n_windows = len(eval_windows(tokenizer, text, ev.seq_len, ev.max_seqs))
-    n_steps = fp_stream.n_blocks + n_windows
+    kernel, reference = quantized_path(writer.bits, device)
+    # Each pass timed on its own: the FP pass steps over blocks (all windows at once), the quantized one over
+    # windows, at its own cost per window (the reference path is slower than the FP model on a CPU).
+    timer = PassTimer(
+        n_windows,
+        {"FP": (fp_stream.n_blocks, 1.0), "quantized": (n_windows, REFERENCE_SLOWDOWN if reference else 1.0)},
+    )
     started = time.perf_counter()
 
-    def step(done: int) -> None:
+    def step(name: str, done: int) -> None:
+        timer.step(name, done)
+        eta = timer.eta_s()
         elapsed = time.perf_counter() - started
-        eta = elapsed / done * (n_steps - done) if done else None
-        job.report(done / n_steps, f"evaluate {done}/{n_steps}", step=done, n_steps=n_steps, eta_s=eta)
+        steps = timer.passes[name][0]
+        unit = "block" if name == "FP" else "window"
+        job.report(
+            elapsed / (elapsed + eta) if eta is not None else 0.0,
+            f"evaluate: {name} pass, {unit} {done}/{steps}",
+            step=timer.windows_done(),
+            n_steps=2 * n_windows,
+            eta_s=eta,
+        )
 
+    timer.start("FP")
     info["fp"] = streamed_perplexity(
-        fp_stream, tokenizer, text, seq_len=ev.seq_len, max_seqs=ev.max_seqs, progress=lambda d, _t: step(d)
+        fp_stream,
+        tokenizer,
+        text,
+        seq_len=ev.seq_len,
+        max_seqs=ev.max_seqs,
+        progress=lambda d, _t: step("FP", d),
     )
     fp_s = time.perf_counter() - started
     del fp_stream
     job.log(f"FP perplexity {info['fp']['perplexity']:.3f}")
     job.check_cancel()
+    if reference:
+        guess = timer.per_window("FP") * REFERENCE_SLOWDOWN * n_windows
+        job.log(
+            f"the quantized pass runs QuantLinear's {kernel.removeprefix('the ')} on {device.type}: "
+            f"about {REFERENCE_SLOWDOWN}x the FP pass per window, an estimated {guess:.0f} s for {n_windows} windows"
+        )
     # The artifact must load through our own loader: a failure here fails the job rather than shipping an
     # artifact nobody has run.
     qmodel = load_quantized(writer.staging_dir, device=device, dtype=dtype)
-    n_fp_steps = n_steps - n_windows
+    timer.start("quantized")
     info["quantized"] = perplexity(
         qmodel,
         tokenizer,
         text,
         seq_len=ev.seq_len,
         max_seqs=ev.max_seqs,
-        progress=lambda d, _t: step(n_fp_steps + d),
+        progress=lambda d, _t: step("quantized", d),
     )
+    info["kernel"] = kernel
     del qmodel
     total_s = time.perf_counter() - started
     info["cost"] = {
@@ -520,6 +556,8 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
         "quantized_s": round(total_s - fp_s, 3),
         "windows": n_windows,
         "tokens": n_windows * info["fp"]["seq_len"] * 2,  # each window runs through both models
+        "fp_s_per_window": round(fp_s / n_windows, 3),
+        "quantized_s_per_window": round((total_s - fp_s) / n_windows, 3),
     }
     job.log(f"quantized perplexity {info['quantized']['perplexity']:.3f}")
     return info

@@ -4,7 +4,7 @@
 # progress, metrics and artifacts, then point at the dashboard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-echo "AWQForge demo: installing (a few minutes the first time)..."
+echo "AWQForge demo: installing the runtime (torch, the model file, awqforge[service]; no apt, no test tools)..."
 AWQFORGE_INSTALL_VERBOSE=1 bash scripts/install.sh
 echo "==> starting the service and the demo job"
 exec awqforge serve --demo "$@"

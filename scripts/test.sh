@@ -1,9 +1,32 @@
 #!/usr/bin/env bash
-# The test command: install, start Postgres and Redis if needed, run the whole suite.
+# The test command: the runtime (scripts/install.sh), then what only the tests use, each step said as it
+# runs: the [dev] extra (pytest, Playwright, the moto S3 server, schemathesis, ruff, hadolint, Triton for the
+# kernel tests), Debian's chromium for the dashboard's browser tests and docker-compose for the compose file's
+# check; then PostgreSQL and Redis if they are not running, and the whole suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+step() { echo "==> $*"; }
 bash scripts/install.sh
+step "test tools: pip install -e .[dev] (pytest, Playwright, moto, schemathesis, ruff, hadolint, triton)"
+"$PY" -m pip install -q --disable-pip-version-check -e ".[dev]"
+if [ "$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi
+# The dashboard tests drive Debian's chromium with Playwright (no browser download).
+if ! command -v chromium >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    step "chromium (apt-get; the dashboard's browser tests, tests/service/test_dashboard.py)"
+    $SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q chromium \
+        || echo "test.sh: could not install chromium: the browser tests will be skipped" >&2
+fi
+# Debian's docker-compose validates docker-compose.yml (tests/service/test_deploy.py).
+if ! command -v docker-compose >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1; then
+    step "docker-compose (apt-get; checks docker-compose.yml, tests/service/test_deploy.py)"
+    (DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q docker-compose >/dev/null 2>&1 \
+        || { $SUDO apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -q docker-compose >/dev/null; }) \
+        || echo "test.sh: could not install docker-compose (needed by tests/service/test_deploy.py)" >&2
+fi
+step "PostgreSQL and Redis (scripts/services.sh)"
 bash scripts/services.sh
 export AWQFORGE_TEST_DATABASE_URL=${AWQFORGE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
 export AWQFORGE_TEST_REDIS_URL=${AWQFORGE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
-exec python3 -m pytest -q "$@"
+step "pytest"
+exec "$PY" -m pytest -q "$@"

@@ -51,6 +51,17 @@ def test_quantize_with_no_flags_works_offline(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"artifact (compressed-tensors): {tmp_path / 'w3' / 'compressed-tensors'}" in proc.stdout
     assert not (tmp_path / "w3" / "awq").exists()
+    # no 3-bit kernel: the evaluation says it runs the reference path, and what that costs
+    assert "the quantized pass runs QuantLinear's pure-torch reference path (no 3-bit kernel" in proc.stderr
+    assert "estimated" in proc.stderr
+    proc = awqforge(
+        "eval", str(tmp_path / "w3" / "compressed-tensors"), "--seq-len", "64", "--max-seqs", "2",
+        "--device", "cpu", env=offline_env(),
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["reference_path"] is True and result["s_per_window"] > 0
+    assert "pure-torch reference path (no 3-bit kernel" in proc.stderr and "s per window" in proc.stderr
 
 
 def test_help_shows_every_default():
@@ -114,7 +125,7 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
     assert "nanobind" not in proc.stderr  # triton, not needed on a CPU, is not imported (cli.skip_triton_...)
     assert "perplexity: FP" in proc.stdout and "report:" in proc.stdout
     assert "block" in proc.stderr  # the tqdm bar over blocks
-    assert "evaluate" in proc.stderr and "step" in proc.stderr  # and the one over the evaluation
+    assert "evaluate" in proc.stderr and "/4 windows" in proc.stderr  # 2 windows, FP and quantized passes
     report = json.loads((out / "awq" / "quant_report.json").read_text())
     assert report["settings"]["rounding"] == "gptq" and report["method"]["rounding"].startswith("GPTQ")
     assert report["settings"]["refine_steps"] == 0 and report["calibration"]["packing"] == "per_sample"
@@ -138,6 +149,8 @@ def test_quantize_then_eval(tiny_checkpoint, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["quantized"] is True and result["perplexity"] > 1 and result["n_windows"] == 2
+    assert "eval: 100%" in proc.stderr and "2/2" in proc.stderr  # a bar on stderr
+    assert "C++ CPU INT4 kernel" in proc.stderr and result["reference_path"] is False
 
     proc = awqforge("eval", str(ckpt), "--seq-len", "64", "--max-seqs", "2", "--device", "cpu")
     assert proc.returncode == 0, proc.stderr[-3000:]

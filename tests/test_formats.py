@@ -564,7 +564,7 @@ def test_card_from_spec_and_compressed_tensors_notes(source, tmp_path):
     assert "vllm serve" not in text and "INT4" not in text  # vLLM serves no 3-bit; no 3-bit kernel either
     for needle in (
         "vLLM does not serve 3-bit",
-        "pure-torch reference path (no 3-bit kernel",
+        "pure-torch reference path: there is no 3-bit kernel",
         "dequantize=True",
         "4 and 8 bits",
         "11.2500",

@@ -173,8 +173,11 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     assert cost["windows"] == 3 and cost["tokens"] == 3 * 64 * 2 and cost["wall_s"] > 0
     assert published.metrics["eval_tokens"] == cost["tokens"]
     steps = [e for e in events if e.stage == "evaluate" and e.n_steps]
-    n_blocks = max(e.n_blocks or 0 for e in events)
-    assert steps[-1].step == steps[-1].n_steps == n_blocks + 3 and steps[-1].eta_s == 0
+    # in windows, the FP pass (block by block) and the quantized one (window by window) each counting 3
+    assert steps[-1].step == steps[-1].n_steps == 2 * 3 and steps[-1].eta_s == 0
+    fp_steps = [e for e in steps if "FP pass" in e.message]
+    assert fp_steps[-1].step == 3 and fp_steps[0].eta_s > 0  # the FP pass's end still has the quantized left
+    assert [e.step for e in steps if "quantized pass" in e.message] == [4, 5, 6]
     refined = run_quantization(
         tiny_spec(ckpt, calibration=calibration, refine_steps=2, formats=["awq"], eval={"enabled": False}),
         tmp_path / "awq2",

@@ -237,10 +237,10 @@ def serving(fmt: str, bits: int) -> dict[str, str | None]:
     elif fmt == "compressed-tensors" and bits in (4, 8):
         vllm = "compressed-tensors"
     kernel = (
-        "INT4 kernels: C++ on the CPU, Triton W4A16 on CUDA"
+        "AWQForge's INT4 kernels: C++ on the CPU, Triton W4A16 on CUDA"
         if bits == 4
-        else f"pure-torch reference path (no {bits}-bit kernel: weights dequantized at each call, "
-        "several times slower than the 4-bit kernels)"
+        else f"AWQForge's pure-torch reference path: there is no {bits}-bit kernel, each weight is dequantized "
+        "at every call, several times slower than the 4-bit kernels"
     )
     return {"vllm": vllm, "kernel": kernel}
 
@@ -400,7 +400,9 @@ def render_card(
         ]
     lines += [
         "",
-        f"### AWQForge (CPU or GPU; {serve['kernel']})",
+        "### AWQForge (CPU or GPU)",
+        "",
+        f"Runs on {serve['kernel']}.",
         "",
         "```python",
         "import awqforge",
