@@ -595,6 +595,24 @@ _TEXT_MODEL_OF = {
 
 SUPPORTED_FAMILIES = tuple(_REGISTRY)
 
+# Model types refused up front, as data: model_type -> (config field that must be falsy for the refusal not to
+# apply, or None: always; what is missing). Everything else outside the registry goes to the structural
+# fallback (awqforge.structure), which maps what it can and leaves the rest to labelled plain rounding.
+_REFUSED: dict[str, tuple[str | None, str, str]] = {
+    "gemma4_text": (
+        "hidden_size_per_layer_input",
+        "its decoder layers take a per-token input beside hidden_states (per-layer embeddings), which "
+        "layer-by-layer calibration cannot replay",
+        "Gemma 4 checkpoints without per-layer inputs (hidden_size_per_layer_input 0) are quantized",
+    ),
+    "deepseek_v4": (
+        None,
+        "its compressed sparse attention joins per-sample tensors to the attention mask, which layer-by-layer "
+        "calibration records on one sample",
+        "this engine has no way around it yet; quantize it with a weight-only tool that needs no calibration",
+    ),
+}
+
 
 def get_adapter(config, mappings=None) -> ArchAdapter:
     """The adapter for a transformers config (or model): the registry's, else the structural fallback
@@ -615,12 +633,17 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return _REGISTRY[model_type]
     if model_type == "llama4":  # transformers maps it to Llama4ForCausalLM over the composite config
         raise _refuse(config, "is multimodal (a vision tower and a text model)")
+    refused = _REFUSED.get(getattr(config.get_text_config(), "model_type", model_type))
+    if refused is not None and (refused[0] is None or getattr(config.get_text_config(), refused[0], None)):
+        raise _refuse(config, refused[1], how=refused[2])
     return structural_adapter(config)
 
 
-def _refuse(config, why: str) -> UnsupportedArchitecture:
+def _refuse(config, why: str, how: str | None = None) -> UnsupportedArchitecture:
     """One sentence: the model type, what is missing, how to proceed (never a library's class list)."""
     model_type = getattr(config, "model_type", None)
+    if how is not None:
+        return UnsupportedArchitecture(f"model type {model_type!r} is not supported: {why}; {how}.")
     hint = ""
     if model_type in _TEXT_MODEL_OF:
         hint = f" Quantize the text model ({_TEXT_MODEL_OF[model_type]})."
