@@ -679,7 +679,7 @@ def structural_adapter(config) -> ArchAdapter:
     model = _skeleton(config)
     try:
         layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
-        layout = ExpertLayout(keep_fused=_per_expert_unreadable(config, model))
+        layout = _expert_layout(config, model)
         base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
         specs = structural_specs(model, layers_attr, base.prepare_block)
     except StructureError as exc:
@@ -691,6 +691,34 @@ def structural_adapter(config) -> ArchAdapter:
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
     _STRUCTURAL[key] = adapter
     return adapter
+
+
+def _expert_layout(config, model: nn.Module) -> ExpertLayout:
+    """Per-expert linear names as transformers' conversion mapping for the model type reads them (PhiMoE,
+    LFM2-MoE, MiniMax: `w1|w3|w2`; else gate_proj|up_proj|down_proj), or experts kept fused where it reads none."""
+    keep = _per_expert_unreadable(config, model)
+    if keep is not None:
+        return ExpertLayout(keep_fused=keep)
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
+    except Exception:
+        return ExpertLayout()
+    names = {}
+    for c in conversions:
+        srcs = [
+            m.group(1)
+            for src in getattr(c, "source_patterns", []) or []
+            if (m := re.search(r"experts\.\*\.(\w+)\.weight", src))
+        ]
+        if len(srcs) == 2:
+            names["gate"], names["up"] = srcs
+        elif len(srcs) == 1:
+            names["down"] = srcs[0]
+    if len(names) == 3:
+        return ExpertLayout(names["gate"], names["up"], names["down"])
+    return ExpertLayout()
 
 
 def _per_expert_unreadable(config, model: nn.Module) -> str | None:

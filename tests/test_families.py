@@ -77,6 +77,8 @@ NEW_MOE = [
     "hunyuan_v1_moe",  # router is gate.wg
     "ernie4_5_moe",
     "dots1",
+    "phimoe",  # per-expert names as transformers reads them: w1|w3|w2
+    "minimax",  # w1|w3|w2; its residual is taken after the input norm: that norm is not scaled
 ]
 HYBRID = [
     "qwen3_next",  # gated delta rule beside gated attention, MoE
@@ -86,6 +88,7 @@ HYBRID = [
     "granitemoehybrid",
     "nemotron_h",
     "jamba",  # Mamba-1 (dt_proj weight read directly: kept FP)
+    "lfm2_moe",  # short convolutions beside attention, w1|w3|w2 experts
 ]
 
 

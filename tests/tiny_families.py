@@ -176,10 +176,12 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
     out["kept_fp"] = kept_full_precision(model, adapter)
     # state / convolution parameters (not linears, not norms or routers, which absorb scales) left untouched
     fp_params = dict(ref.named_parameters())
+    linear_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) for p in ("weight", "bias")}
     out["state_changed"] = [
         n
         for n, p in model.named_parameters()
         if any(k in n for k in ("conv", "A_log", "dt_bias", ".D"))
+        and n not in linear_params
         and n in fp_params
         and not torch.equal(p, fp_params[n])
     ]
