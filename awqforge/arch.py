@@ -677,6 +677,24 @@ _REGISTRY: dict[str, ArchAdapter] = {
 
 SUPPORTED_FAMILIES = tuple(_REGISTRY)
 
+# Model types refused up front, as data: model_type -> (config field that must be falsy for the refusal not to
+# apply, or None: always; what is missing). Everything else outside the registry goes to the structural
+# fallback (awqforge.structure), which maps what it can and leaves the rest to labelled plain rounding.
+_REFUSED: dict[str, tuple[str | None, str, str]] = {
+    "gemma4_text": (
+        "hidden_size_per_layer_input",
+        "its decoder layers take a per-token input beside hidden_states (per-layer embeddings), which "
+        "layer-by-layer calibration cannot replay",
+        "Gemma 4 checkpoints without per-layer inputs (hidden_size_per_layer_input 0) are quantized",
+    ),
+    "deepseek_v4": (
+        None,
+        "its compressed sparse attention joins per-sample tensors to the attention mask, which layer-by-layer "
+        "calibration records on one sample",
+        "this engine has no way around it yet; quantize it with a weight-only tool that needs no calibration",
+    ),
+}
+
 
 def get_adapter(config, mappings=None) -> ArchAdapter:
     """The adapter for a transformers config (or model): the registry's, else the structural fallback
@@ -695,6 +713,9 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
+    refused = _REFUSED.get(getattr(config.get_text_config(), "model_type", model_type))
+    if refused is not None and (refused[0] is None or getattr(config.get_text_config(), refused[0], None)):
+        raise _refuse(config, refused[1], how=refused[2])
     from awqforge import multimodal
 
     if multimodal.is_multimodal(config):  # image-text-to-text: the text model's adapter (awqforge.multimodal)
@@ -708,9 +729,11 @@ def registry_adapter(model_type: str | None) -> ArchAdapter | None:
     return _REGISTRY.get(model_type) if model_type else None
 
 
-def _refuse(config, why: str) -> UnsupportedArchitecture:
+def _refuse(config, why: str, how: str | None = None) -> UnsupportedArchitecture:
     """One sentence: the model type, what is missing, how to proceed (never a library's class list)."""
     model_type = getattr(config, "model_type", None)
+    if how is not None:
+        return UnsupportedArchitecture(f"model type {model_type!r} is not supported: {why}; {how}.")
     why = why if len(why) <= 300 else why[:297] + "..."
     return UnsupportedArchitecture(
         f"model type {model_type!r} is not supported: {why}; give mappings with the job (JobSpec.mappings / "
@@ -744,7 +767,7 @@ def structural_adapter(config) -> ArchAdapter:
     model = _skeleton(config)
     try:
         layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
-        layout = ExpertLayout(keep_fused=_per_expert_unreadable(config, model))
+        layout = _expert_layout(config, model)
         base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
         specs = structural_specs(model, layers_attr, base.prepare_block)
     except StructureError as exc:
@@ -756,6 +779,34 @@ def structural_adapter(config) -> ArchAdapter:
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
     _STRUCTURAL[key] = adapter
     return adapter
+
+
+def _expert_layout(config, model: nn.Module) -> ExpertLayout:
+    """Per-expert linear names as transformers' conversion mapping for the model type reads them (PhiMoE,
+    LFM2-MoE, MiniMax: `w1|w3|w2`; else gate_proj|up_proj|down_proj), or experts kept fused where it reads none."""
+    keep = _per_expert_unreadable(config, model)
+    if keep is not None:
+        return ExpertLayout(keep_fused=keep)
+    try:
+        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+        conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
+    except Exception:
+        return ExpertLayout()
+    names = {}
+    for c in conversions:
+        srcs = [
+            m.group(1)
+            for src in getattr(c, "source_patterns", []) or []
+            if (m := re.search(r"experts\.\*\.(\w+)\.weight", src))
+        ]
+        if len(srcs) == 2:
+            names["gate"], names["up"] = srcs
+        elif len(srcs) == 1:
+            names["down"] = srcs[0]
+    if len(names) == 3:
+        return ExpertLayout(names["gate"], names["up"], names["down"])
+    return ExpertLayout()
 
 
 def _per_expert_unreadable(config, model: nn.Module) -> str | None:

@@ -135,6 +135,15 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             return {name}
         if isinstance(expr, ast.Name):
             return set(env.get(expr.id, set()))
+        if (
+            isinstance(expr, ast.Call)
+            and isinstance(expr.func, ast.Attribute)
+            and isinstance(expr.func.value, ast.Name)
+            and expr.func.value.id == "self"
+            and expr.func.attr not in children
+            and not hasattr(type(block), expr.func.attr)
+        ):
+            return set()  # a module this block does not have (the other layer type's branch of a hybrid block)
         for sub in ast.iter_child_nodes(expr):  # arithmetic, attribute calls: the value is used, not aliased
             escaped.update(sources(sub))
         return set()
@@ -153,11 +162,13 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
                 before = {k: set(v) for k, v in env.items()}
                 run(st.body)
                 after_body = {k: set(v) for k, v in env.items()}
-                env.clear()
-                env.update(before)
-                run(st.orelse)
-                for k, v in after_body.items():
-                    env[k] = env.get(k, set()) | v
+                if st.orelse:  # `if / else`, `if / elif`: either branch's values may follow
+                    env.clear()
+                    env.update(before)
+                    run(st.orelse)
+                    for k, v in after_body.items():
+                        env[k] = env.get(k, set()) | v
+                # no else: the branch is taken to run (a layer type's `elif` ends the chain of a hybrid block)
             elif isinstance(st, (ast.For, ast.While, ast.With)):
                 for field in ("test", "iter"):
                     if hasattr(st, field):

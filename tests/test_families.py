@@ -63,3 +63,106 @@ def test_moe_asymmetric_compressed_tensors_is_refused_up_front_with_the_alternat
     msg = str(err.value)
     assert family in msg and "zero-point" in msg and "zero_point=false" in msg and "'awq'" in msg
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+# Families outside the registry, read by the structural fallback (awqforge.structure): new MoE layouts and
+# routers, and hybrid decoders. Each: a tiny model from AutoConfig.for_model (tests/tiny_families.py), AWQ's
+# output error below RTN's, the linears no mapping reaches labelled as plain rounding, routers and state /
+# convolution parameters in full precision, and the artifact loaded by transformers like by our loader.
+NEW_MOE = [
+    "gpt_oss",  # fused experts with biases and a clamped activation: kept fused, FP
+    "glm4_moe",  # sigmoid router with expert bias, shared experts
+    "olmoe",
+    "granitemoe",  # no per-expert layout transformers reads: experts kept fused, FP
+    "hunyuan_v1_moe",  # router is gate.wg
+    "ernie4_5_moe",
+    "dots1",
+    "phimoe",  # per-expert names as transformers reads them: w1|w3|w2
+    "minimax",  # w1|w3|w2; its residual is taken after the input norm: that norm is not scaled
+]
+HYBRID = [
+    "qwen3_next",  # gated delta rule beside gated attention, MoE
+    "qwen3_5_text",
+    "qwen3_5_moe_text",
+    "bamba",  # Mamba-2 beside attention
+    "granitemoehybrid",
+    "nemotron_h",
+    "jamba",  # Mamba-1 (dt_proj weight read directly: kept FP)
+    "lfm2_moe",  # short convolutions beside attention, w1|w3|w2 experts
+]
+
+
+@pytest.mark.parametrize("model_type", NEW_MOE + HYBRID)
+def test_family_awq_beats_rtn_and_artifact_loads_in_transformers(model_type, tiny_tokenizer, tmp_path):
+    pytest.importorskip("compressed_tensors")
+    from tiny_families import artifact_roundtrip, logits_errors, save_family_checkpoint
+
+    r = logits_errors(model_type)
+    assert r["family"] == f"{model_type} (structural)"
+    assert r["awq"] < r["rtn"], r
+    scaled_or_plain = r["awq_scaled"] + sum("plain rounding" in s for s in r["awq_skipped"])
+    assert scaled_or_plain == r["n_linears"]  # every quantized linear: scaled, or labelled plain rounding
+    routers = [n for n in r["awq_quantized"] if n.endswith((".gate", ".router", ".gate.wg"))]
+    assert routers == []  # routers stay in full precision
+    assert r["state_changed"] == []  # convolution and state parameters untouched
+
+    ckpt = tmp_path / "ckpt"
+    save_family_checkpoint(model_type, ckpt, tiny_tokenizer)
+    rt = artifact_roundtrip(model_type, ckpt, tmp_path / "out")
+    assert rt["max_diff"] < 1e-2, rt  # transformers' default loading computes what our loader computes
+    assert rt["ours_cos"] > 0.8, rt
+
+
+def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precision():
+    """Qwen3-Next: the gated delta rule's out_proj (a gated norm before it) gets plain rounding, said per layer;
+    its input projections are scaled from the norm; conv1d, A_log and dt_bias are untouched."""
+    from tiny_families import build_family_model, logits_errors
+
+    r = logits_errors("qwen3_next")
+    assert "0.linear_attn.out_proj: no AWQ mapping applies (plain rounding)" in r["awq_skipped"]
+    assert not any("in_proj" in s for s in r["awq_skipped"])
+    assert {"linear_attn.conv1d.weight"} <= set(r["kept_fp"])
+    model = build_family_model("qwen3_next")
+    params = dict(model.model.layers[0].linear_attn.named_parameters())
+    assert {"A_log", "dt_bias", "conv1d.weight"} <= set(params)
+    assert r["state_changed"] == []
+
+
+@pytest.mark.parametrize(
+    ("model_type", "says"),
+    [
+        ("gemma4_text", "per-token input"),
+        ("deepseek_v4", "attention mask"),
+    ],
+)
+def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(model_type, says):
+    from tiny_families import family_config
+
+    from awqforge.arch import UnsupportedArchitecture, get_adapter
+
+    with pytest.raises(UnsupportedArchitecture) as err:
+        get_adapter(family_config(model_type))
+    msg = str(err.value)
+    assert f"'{model_type}'" in msg and says in msg and len(msg) < 400 and msg.count(". ") == 0
+
+
+def test_gemma4_text_without_per_layer_inputs_is_quantized():
+    from tiny_families import family_config
+
+    from awqforge.arch import get_adapter
+
+    assert get_adapter(family_config("gemma4_text", hidden_size_per_layer_input=0)).family == "gemma4_text (structural)"
+
+
+def test_unexpected_errors_while_reading_a_block_become_a_refusal():
+    """A config whose model cannot be built is refused in one sentence, without transformers' class list."""
+    import transformers
+
+    from awqforge.arch import UnsupportedArchitecture, get_adapter
+
+    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    config.model_type = "not_a_causal_lm"
+    with pytest.raises(UnsupportedArchitecture) as err:
+        get_adapter(config)
+    msg = str(err.value)
+    assert "'not_a_causal_lm'" in msg and len(msg) < 400 and "Configuration class" not in msg

@@ -171,12 +171,24 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
             )
             x, n_linears = res.outputs, n_linears + len(res.quantized)
             skipped += [f"{i}.{s}" for s in res.skipped]
+            out[f"{method}_quantized"] = out.get(f"{method}_quantized", []) + [f"{i}.{n}" for n in res.quantized]
             scaled |= {f"{i}.{m.name}" for m in res.layers if m.scale_ratio is not None}
         with torch.no_grad():
             out[method] = float((model(held_out).logits - want).pow(2).mean())
         out[f"{method}_skipped"], out["n_linears"], out[f"{method}_scaled"] = skipped, n_linears, len(scaled)
     out["ratio"] = out["awq"] / out["rtn"] if out["rtn"] > 0 else float("nan")
     out["kept_fp"] = kept_full_precision(model, adapter)
+    # state / convolution parameters (not linears, not norms or routers, which absorb scales) left untouched
+    fp_params = dict(ref.named_parameters())
+    linear_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) for p in ("weight", "bias")}
+    out["state_changed"] = [
+        n
+        for n, p in model.named_parameters()
+        if any(k in n for k in ("conv", "A_log", "dt_bias", ".D"))
+        and n not in linear_params
+        and n in fp_params
+        and not torch.equal(p, fp_params[n])
+    ]
     return out
 
 
