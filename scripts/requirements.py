@@ -22,8 +22,10 @@ def main(path: str = "pyproject.toml") -> None:
     extras = project["optional-dependencies"]
     # The engine's own dependencies and the service's extra; the worker also runs task evaluation (eval extra).
     deps = project["dependencies"] + extras["service"]
+    # The API checks eval.tasks names against lm-eval's registry: lm-eval without its [hf] extra (no torch).
+    api_eval = [re.sub(r"\[[^\]]*\]", "", d) for d in extras["eval"]]
     with open("requirements-api.txt", "w") as f:
-        f.write("\n".join(d for d in deps if name(d) not in ENGINE_ONLY) + "\n")
+        f.write("\n".join(d for d in deps + api_eval if name(d) not in ENGINE_ONLY) + "\n")
     with open("requirements-worker.txt", "w") as f:
         f.write("\n".join(d for d in deps + extras["eval"] if name(d) not in {"torch", "triton"}) + "\n")
 

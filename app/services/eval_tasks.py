@@ -1,23 +1,68 @@
 """Submit-time checks of eval.tasks: lm-eval must be installed, and every task must be a name its registry
 knows, a bundled local task, or a path under the allowed roots (422 naming the field otherwise).
 
-The registry's names come from lm-eval's TaskManager, which reads task YAML only and imports no torch (the
-API process never does); it is built once per process, on the first job that names a registry task.
+A name is looked up in the names lm-eval's task YAML declare (a quick scan), then in its TaskManager's full index
+(built once per lm-eval version, kept in a file); both read task YAML only and import no torch (the API process
+never does).
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
+import re
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from app.schemas import FieldError
+
+_DECLARED = re.compile(r"^(?:task|group|tag):\s*['\"]?([A-Za-z0-9_.\-]+)", re.M)
+
+
+@functools.lru_cache(maxsize=1)
+def _declared_names() -> frozenset[str]:
+    """Names written out in lm-eval's task YAML (`task:`, `group:`, `tag:` lines): most of the registry, read
+    in seconds; a name found here is accepted (the worker resolves it for real and fails readably if not)."""
+    spec = importlib.util.find_spec("lm_eval")
+    names: set[str] = set()
+    for folder in spec.submodule_search_locations or []:
+        for f in (Path(folder) / "tasks").rglob("*.y*ml"):
+            try:
+                names.update(_DECLARED.findall(f.read_text(errors="ignore")))
+            except OSError:
+                continue
+    return frozenset(names)
 
 
 @functools.lru_cache(maxsize=1)
 def _registry_names() -> frozenset[str]:
+    """Every name lm-eval's TaskManager indexes (also those made by includes and templates). Building the index
+    takes seconds to a minute, so it is done once per lm-eval version and kept in a file for every process."""
+    import json
+    import tempfile
+
+    import lm_eval
+
+    cache = Path(tempfile.gettempdir()) / f"awqforge-lm-eval-{lm_eval.__version__}-tasks.json"
+    try:
+        return frozenset(json.loads(cache.read_text()))
+    except (OSError, ValueError):
+        pass
     from awqforge.tasks_eval import known_task_names
 
-    return frozenset(known_task_names())
+    names = sorted(known_task_names())
+    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+    try:
+        tmp.write_text(json.dumps(names))
+        tmp.replace(cache)
+    except OSError:
+        pass
+    return frozenset(names)
+
+
+def _known(name: str) -> bool:
+    return name in _declared_names() or name in _registry_names()
 
 
 def check_eval_tasks(
@@ -52,7 +97,7 @@ def check_eval_tasks(
             elif not _exists(name):
                 errors.append(FieldError(field=field, reason=f"task path {name} does not exist"))
             continue
-        if name not in _registry_names():
+        if not _known(name):
             errors.append(
                 FieldError(
                     field=field,
@@ -64,8 +109,6 @@ def check_eval_tasks(
 
 
 def _exists(name: str) -> bool:
-    from pathlib import Path
-
     try:
         return Path(name).expanduser().exists()
     except (OSError, RuntimeError):  # a name too long for the file system, an unknown ~user

@@ -4,6 +4,8 @@ artifacts kept, published only with an explicit override."""
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 
@@ -63,11 +65,30 @@ def test_job_with_tasks_gate_and_override(service, make_key, db_session):
     assert all(s.scope.startswith("tenant:") for s in stored)
 
     # ... and a later job of the same tenant reuses them; its gate cannot be met: failed, artifacts kept.
-    gated = {**eval_spec, "prompts": [], "gate": {"min_recovery": 5.0}}
-    body = service.job_body(eval=gated, publish={"repo_id": "acme/tiny-gated", "private": True})
+    # Submitted with the client (`awqforge submit --eval-task ... --wait`): it ends with the task table.
+    gated = {"seq_len": 32, "max_seqs": 2, "prompts": [], "gate": {"min_recovery": 5.0}}
+    body = service.job_body()
+    env = {**os.environ, "AWQFORGE_URL": service.url, "AWQFORGE_API_KEY": key}
+    run = (
+        "import sys; from awqforge.cli import main; rc = main(sys.argv[1:]); "
+        "assert 'torch' not in sys.modules, 'the client imported torch'; sys.exit(rc)"
+    )
+    r = subprocess.run(
+        [sys.executable, "-c", run, "submit", body["model"], "--group-size", "32", "--format", "awq",
+         "--calibration", body["calibration"]["source"], "--n-samples", "4", "--seq-len", "32",
+         "--device", "cpu", f"--set=eval={json.dumps(gated)}", "--set=n_grid=4",
+         '--set=publish={"repo_id": "acme/tiny-gated", "private": true}',
+         "--eval-task", "awqforge_mc", "--eval-task", "awqforge_cloze", "--eval-limit", "8", "--wait"],
+        capture_output=True, text=True, env=env, timeout=400,
+    )  # fmt: skip
+    assert r.returncode == 1, r.stdout + r.stderr
+    job_id2 = r.stdout.split()[0]
+    table = r.stdout[r.stdout.index("task ") :].splitlines()
+    assert table[0].split() == ["task", "metric", "FP", "quantized", "recovery"]
+    assert [line.split()[0] for line in table[1:3]] == ["awqforge_mc", "awqforge_cloze"]
+    assert "quality gate not met" in r.stderr
     with service.client(key) as c:
-        job_id2 = c.post("/v1/jobs", json=body).json()["id"]
-        job2 = wait_for_status(c, job_id2, ("succeeded", "failed", "cancelled"), timeout=300)
+        job2 = c.get(f"/v1/jobs/{job_id2}").json()
         assert job2["status"] == "failed" and job2["stage"] == "gate"
         assert "quality gate not met: task awqforge_" in job2["error"] and "recovery" in job2["error"]
         assert "FP" in job2["error"] and "artifacts kept" in job2["error"]
@@ -101,7 +122,8 @@ def test_submit_checks_task_names(service, make_key):
             ("no_such_task_xyz", "eval.tasks.0.name"),
             ("/etc/awqforge-tasks", "eval.tasks.0.name"),  # outside the allowed folders
         ):
-            r = c.post("/v1/jobs", json=service.job_body(eval={"tasks": [{"name": name}]}))
+            # an unknown name is looked up in lm-eval's full task index: built once, slow on a loaded machine
+            r = c.post("/v1/jobs", json=service.job_body(eval={"tasks": [{"name": name}]}), timeout=300)
             assert r.status_code == 422, r.text
             assert field in r.text, r.text
         r = c.post("/v1/jobs", json=service.job_body(eval={"tasks": [{"name": "awqforge_mc", "limit": 0}]}))
