@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import time
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
@@ -22,7 +23,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from app.api.main import api_router
 from app.api.routes import dashboard, health, metrics
 from app.core.config import settings
-from app.core.db import session_scope
+from app.core.db import is_connection_error, session_scope
 from app.models import IdempotencyKey, utcnow
 from app.services import lifecycle
 from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
@@ -36,12 +37,19 @@ Authenticate with `Authorization: Bearer <key>` (keys from `awqforge keys create
 Everything a tenant creates is invisible (404) to other tenants."""
 
 
+# When the reaper last found the database unreachable. Heartbeats could not be written meanwhile: a job is
+# judged lost only after a full HEARTBEAT_STALE_S of database availability, so a worker that is alive is
+# never robbed of its job by an outage (it requeues the job itself if its own writes gave up).
+_db_lost_at = [float("-inf")]
+
+
 def _reap_once() -> None:
     """Periodic housekeeping: requeue jobs whose worker died; send queued jobs that have no message in
     flight (the reconciler: Postgres says what must run, the broker only carries it); drop expired
     idempotency keys."""
     with session_scope() as s:
-        requeued = reap_stale_jobs(s)
+        db_settled = time.monotonic() - _db_lost_at[0] > settings.HEARTBEAT_STALE_S
+        requeued = reap_stale_jobs(s) if db_settled else []
         sent = reconcile_queued(s)
         s.execute(delete(IdempotencyKey).where(IdempotencyKey.expires_at < utcnow()))
         expired = (
@@ -62,7 +70,9 @@ async def _reaper_loop() -> None:
         await asyncio.sleep(settings.REAPER_INTERVAL_S)
         try:
             await run_in_threadpool(_reap_once)
-        except Exception:
+        except Exception as exc:
+            if is_connection_error(exc):
+                _db_lost_at[0] = time.monotonic()
             log.exception("reaper pass failed")
 
 

@@ -172,6 +172,27 @@ def blocks_done(stack: Stack, job_id: str) -> int:
 def assert_no_slot_leaked(stack: Stack) -> None:
     active = stack.sql("SELECT id, status FROM jobs WHERE status IN ('queued', 'running')")
     assert active == [], f"jobs still holding tenant slots: {active}"
+    assert_store_matches_rows(stack)
+
+
+def assert_store_matches_rows(stack: Stack) -> None:
+    """Once every job has ended, the artifact folder holds exactly what the artifact rows name: each row's
+    files, and no job's checkpoint, staging or unrecorded output folder."""
+    rows = stack.sql("SELECT path, files FROM artifacts")
+    recorded = {Path(path).resolve() for path, _ in rows}
+    for path, files in rows:
+        for f in files or []:
+            assert (Path(path) / f["path"]).is_file(), f"{path}: {f['path']} recorded, not stored"
+    root = stack.home / "artifacts"
+    left = [
+        p
+        for tenant in (root.glob("tenant-*") if root.is_dir() else [])
+        for job in tenant.iterdir()
+        for p in (
+            [job] if job.name.startswith(".") else [x for x in job.iterdir() if x.resolve() not in recorded]
+        )
+    ]
+    assert left == [], f"stored but not recorded (or scratch left behind): {left}"
 
 
 def succeeded_events(stack: Stack, job_id: str) -> int:
