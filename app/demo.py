@@ -70,7 +70,7 @@ def _follow(client: httpx.Client, job_id: str, quiet_s: float = 20.0) -> None:
     done = threading.Event()
 
     def still_working() -> None:
-        while not done.wait(1.0):
+        while not done.wait(min(1.0, quiet_s / 4)):
             with lock:
                 quiet = time.monotonic() - state["last_print"]
                 if quiet >= quiet_s:

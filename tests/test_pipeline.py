@@ -143,6 +143,7 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     calibration = {"source": f"file:{data}", "n_samples": 40, "seq_len": 512, "packing": "per_sample"}
     events: list[ProgressEvent] = []
     logs: list[str] = []
+    tagged: list[tuple[str | None, str]] = []
     published = run_quantization(
         tiny_spec(
             ckpt,
@@ -153,8 +154,11 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
         ),
         tmp_path / "awq0",
         progress=events.append,
-        log=logs.append,
+        log=lambda m: (logs.append(m), tagged.append((events[-1].stage if events else None, m))),
     )
+    # a stage's first log line comes after the stage was reported: a listener tags it with that stage
+    starts = {m.split()[0]: st for st, m in tagged if m.startswith(("quantizing", "evaluating", "writing"))}
+    assert starts == {"quantizing": "quantize", "evaluating": "evaluate", "writing": "package"}, tagged
     report = json.loads(published.report_path.read_text())
     cal = report["calibration"]
     assert cal["packing"] == "per_sample" and cal["samples"] == 32 and cal["requested_samples"] == 40

@@ -273,3 +273,24 @@ def test_calibration_upload_validation(service, make_key):
             c.post("/v1/calibration-sets", files={"file": ("../../evil.txt", b"hi")}).json()["filename"]
             == "evil.txt"
         )
+
+
+def test_demo_follow_says_still_working_at_its_stated_interval(capsys):
+    """The demo's follower prints "still working" every quiet_s seconds of silence from a timer, not when the
+    stream's next keep-alive happens to arrive (those come every 15 s: a 20 s interval became 30 s)."""
+    import httpx
+
+    from app.demo import _follow
+
+    def body():
+        yield b'event: progress\ndata: {"stage": "evaluate", "progress": 0.5, "message": "FP pass"}\n\n'
+        time.sleep(2.6)  # a quiet step: nothing, not even a keep-alive
+        yield b"event: end\ndata: {}\n\n"
+
+    transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body()))
+    with httpx.Client(transport=transport, base_url="http://demo") as client:
+        _follow(client, "job_x", quiet_s=1.0)
+    lines = capsys.readouterr().out.splitlines()
+    quiet = [line for line in lines if "still working" in line]
+    assert lines[0].startswith("[ 50.0%] evaluate  FP pass") and 2 <= len(quiet) <= 3, lines
+    assert all("(1 s since the last step)" in line for line in quiet), quiet

@@ -194,7 +194,8 @@ def test_browser_submit_and_watch_a_job(service, make_key, browser, shots_dir):
     assert page.locator("#timeline div").count() >= 3
     shas = [t for t in page.locator("#artifacts td.sha").all_inner_texts() if len(t) == 64]
     assert shas, page.locator("#artifacts").inner_text()
-    assert "quantize" in page.locator("#log").inner_text()
+    # the log fills from the event stream, which may still be arriving: wait for it (up to 30 s), not read once
+    page.wait_for_function("document.getElementById('log').textContent.includes('quantize')", timeout=30_000)
     page.screenshot(path=str(shots_dir / "04-job-page.png"), full_page=True)
 
     page.click("#signout")
