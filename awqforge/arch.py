@@ -343,6 +343,7 @@ class ArchAdapter:
             n: m
             for n, m in block.named_modules()
             if isinstance(m, nn.Linear)
+            and type(m).forward is nn.Linear.forward  # a subclass with its own forward (FalconLinear) stays FP
             and not self.never_quantize(n)
             and not self.weight_read_directly(block, n)
             and not matches_any(f"{prefix}.{n}" if prefix else n, skip)

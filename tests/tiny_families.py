@@ -94,9 +94,15 @@ def _shrink(cfg, model_type: str) -> None:
                 setattr(cfg, key, value)
             except (AttributeError, ValueError, TypeError):
                 pass
-    lt = getattr(cfg, "layer_types", None)
-    if isinstance(lt, list) and len(lt) != cfg.num_hidden_layers and "layer_types" not in EXTRA.get(model_type, {}):
-        cfg.layer_types = (list(dict.fromkeys(lt)) * cfg.num_hidden_layers)[: cfg.num_hidden_layers]
+    n = getattr(cfg, "num_hidden_layers", None)
+    for key, lt in cfg.to_dict().items():  # layer_types, mlp_layer_types, ...: one entry per layer
+        if not (key.endswith("layer_types") and isinstance(lt, list) and n) or key in EXTRA.get(model_type, {}):
+            continue
+        if len(lt) != n:
+            try:
+                setattr(cfg, key, (list(dict.fromkeys(lt)) * n)[:n])
+            except (AttributeError, ValueError, TypeError):
+                pass
 
 
 def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
