@@ -175,6 +175,15 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
 ESCAPED = ["<escaped>"]  # norm_consumers' value for a norm whose output also feeds arithmetic (a residual)
 
 
+_OUTPUT_NAMES = {n.lower() for n in O | DOWN}
+
+
+def _is_output_name(name: str) -> bool:
+    """An output projection by its name, whatever the case (ModernBERT's `Wo`, `out_proj`, `output_linear`)."""
+    low = name.lower()
+    return low in _OUTPUT_NAMES or low.startswith(("out", "o_")) or low.endswith("_out")
+
+
 def _linears(mod: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in mod.named_children() if isinstance(m, nn.Linear)}
 
@@ -265,7 +274,7 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     # attention (q/k/v, fused qkv, latent q/kv down-projections, extra gates) or a mixer (linear attention,
     # state-space): every linear reading the block's width is fed by the norm, except output projections.
     # The loss is measured on the whole child's output, so a scale that does not commute with it is not chosen.
-    fed = [n for n in names if lin[n].in_features == hidden and n not in O | DOWN]
+    fed = [n for n in names if lin[n].in_features == hidden and not _is_output_name(n)]
     if is_attention:
         fed = [n for n in names if n in QKV | Q | K | V] + [n for n in fed if n not in QKV | Q | K | V]
     qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
