@@ -343,7 +343,8 @@ class ArchAdapter:
             n: m
             for n, m in block.named_modules()
             if isinstance(m, nn.Linear)
-            and type(m).forward is nn.Linear.forward  # a subclass with its own forward (FalconLinear) stays FP
+            and type(m).forward
+            is nn.Linear.forward  # a subclass with its own forward (FalconLinear) stays FP
             and not self.never_quantize(n)
             and not self.weight_read_directly(block, n)
             and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
@@ -734,7 +735,8 @@ def _per_expert_unreadable(config, model: nn.Module) -> str | None:
     except ImportError:  # transformers < 5 has no fused experts: per-expert tensors are its own layout
         return None
     fused = [
-        n for n, m in model.named_modules()
+        n
+        for n, m in model.named_modules()
         if isinstance(getattr(m, "gate_up_proj", None), nn.Parameter) and m.gate_up_proj.dim() == 3
     ]
     if not fused:
@@ -743,9 +745,7 @@ def _per_expert_unreadable(config, model: nn.Module) -> str | None:
         conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
     except Exception:
         conversions = []
-    if any(
-        "experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []
-    ):
+    if any("experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []):
         return None
     return (
         f"transformers merges no per-expert tensors into {type(model.get_submodule(fused[0])).__name__} for "

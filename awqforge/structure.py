@@ -127,7 +127,9 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             and expr.func.attr not in children
             and not hasattr(type(block), expr.func.attr)
         ):
-            return set()  # a module this block does not have (the other layer type's branch of a hybrid block)
+            return (
+                set()
+            )  # a module this block does not have (the other layer type's branch of a hybrid block)
         for sub in ast.iter_child_nodes(expr):  # arithmetic, attribute calls: the value is used, not aliased
             escaped.update(sources(sub))
         return set()
@@ -250,7 +252,12 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     names = list(lin)
     gate_up, gate, up, down = _role(names, GATE_UP), _role(names, GATE), _role(names, UP), _role(names, DOWN)
     is_attention = bool(_role(names, QKV | Q | K | V | LATENT_IN))
-    if not is_attention and (gate_up or up) and down and len(names) == len(gate_up) + len(gate) + len(up) + len(down[:1]):
+    if (
+        not is_attention
+        and (gate_up or up)
+        and down
+        and len(names) == len(gate_up) + len(gate) + len(up) + len(down[:1])
+    ):
         d = f"{name}.{down[0]}"
         sub_norm = _sub_norm_specs(name, mod, down[0])
         if sub_norm is not None:  # a norm between the activation and down (BitNet's ffn_sub_norm)
@@ -294,7 +301,12 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     # latent norms (MLA): `q_a_layernorm` feeds `q_b_proj`, `kv_a_layernorm` feeds `kv_b_proj`
     for norm_name, norm in sub.items():
         target = re.sub(r"_a_(layer)?norm$", "_b_proj", norm_name)
-        if target != norm_name and target in lin and is_norm(norm) and norm.weight.numel() == lin[target].in_features:
+        if (
+            target != norm_name
+            and target in lin
+            and is_norm(norm)
+            and norm.weight.numel() == lin[target].in_features
+        ):
             t = f"{name}.{target}"
             inner.append(MappingSpec(f"{name}.{norm_name}", (t,), t))
     return {"fed": [f"{name}.{n}" for n in dict.fromkeys(fed)], "absorb": [], "inner": inner}
@@ -349,7 +361,9 @@ def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hi
             fed = [f"{name}.experts.*.{gate[0]}", f"{name}.experts.*.{up[0]}"]
             inner = [
                 MappingSpec(
-                    f"{name}.experts.*.{up[0]}", (f"{name}.experts.*.{down[0]}",), f"{name}.experts.*.{down[0]}"
+                    f"{name}.experts.*.{up[0]}",
+                    (f"{name}.experts.*.{down[0]}",),
+                    f"{name}.experts.*.{down[0]}",
                 )
             ]
     routers = []
@@ -369,7 +383,9 @@ def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hi
             inner += part["inner"]
     if not routers:  # a router this rule cannot find would be left unscaled: nothing is fed from the norm
         fed = []
-    if not isinstance(experts, nn.ModuleList):  # fused experts kept FP read the same input: they cannot absorb
+    if not isinstance(
+        experts, nn.ModuleList
+    ):  # fused experts kept FP read the same input: they cannot absorb
         fed = []
     return {"fed": fed, "absorb": absorb, "inner": inner}
 
@@ -379,7 +395,13 @@ def structural_specs(model: nn.Module, layers_attr: str, prepare) -> tuple:
     hidden = model.config.get_text_config().hidden_size
     layers = model.get_submodule(layers_attr)
     if not any(isinstance(m, nn.Linear) for m in layers.modules()):
-        kinds = sorted({type(m).__name__ for m in layers[0].modules() if isinstance(getattr(m, "weight", None), torch.Tensor) and not is_norm(m)})
+        kinds = sorted(
+            {
+                type(m).__name__
+                for m in layers[0].modules()
+                if isinstance(getattr(m, "weight", None), torch.Tensor) and not is_norm(m)
+            }
+        )
         raise StructureError(
             f"{layers_attr}.0 has no nn.Linear to quantize (its weights are in: {', '.join(kinds[:6]) or 'nothing'})"
         )

@@ -76,7 +76,9 @@ def measure(model_type: str, tokenizer, timeout_s: int) -> dict:
                 build_family_model(model_type).save_pretrained(ckpt)
                 tokenizer.save_pretrained(ckpt)
                 rt = artifact_roundtrip(model_type, ckpt, Path(d) / "out")
-                row["load"] = "yes" if rt["max_diff"] < 1e-2 else f"no (logits differ by {rt['max_diff']:.2%})"
+                row["load"] = (
+                    "yes" if rt["max_diff"] < 1e-2 else f"no (logits differ by {rt['max_diff']:.2%})"
+                )
             except Exception as exc:
                 row["load"] = f"no ({_short(exc)})"
         return row

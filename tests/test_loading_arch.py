@@ -29,7 +29,10 @@ def quantize(ckpt, out):
     import json
 
     # MoE models: symmetric, as compressed-tensors with zero points is refused for them (arch.MOE_ASYMMETRIC_CT)
-    moe = json.loads((Path(ckpt) / "config.json").read_text())["model_type"] in MOE_FAMILIES + ["deepseek_v2", "llama4_text"]
+    moe = json.loads((Path(ckpt) / "config.json").read_text())["model_type"] in MOE_FAMILIES + [
+        "deepseek_v2",
+        "llama4_text",
+    ]
     spec = JobSpec(
         model=str(ckpt),
         method="awq",

@@ -96,7 +96,9 @@ def _shrink(cfg, model_type: str) -> None:
                 pass
     n = getattr(cfg, "num_hidden_layers", None)
     for key, lt in cfg.to_dict().items():  # layer_types, mlp_layer_types, ...: one entry per layer
-        if not (key.endswith("layer_types") and isinstance(lt, list) and n) or key in EXTRA.get(model_type, {}):
+        if not (key.endswith("layer_types") and isinstance(lt, list) and n) or key in EXTRA.get(
+            model_type, {}
+        ):
             continue
         if len(lt) != n:
             try:
@@ -117,9 +119,7 @@ def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig
     return cfg
 
 
-def build_family_model(
-    model_type: str, seed: int = 0, outliers: bool = True, **overrides
-) -> PreTrainedModel:
+def build_family_model(model_type: str, seed: int = 0, outliers: bool = True, **overrides) -> PreTrainedModel:
     """A random-init fp32 causal LM of `model_type` in eval mode (eager attention); norms get a spread and a
     few outlier channels as in tests/tiny_models.py."""
     torch.manual_seed(seed)
@@ -128,7 +128,9 @@ def build_family_model(
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     if n_params > MAX_PARAMS:
-        raise ValueError(f"{model_type}: {n_params / 1e6:.0f}M parameters after shrinking (fields not covered)")
+        raise ValueError(
+            f"{model_type}: {n_params / 1e6:.0f}M parameters after shrinking (fields not covered)"
+        )
     model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
@@ -173,7 +175,9 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
             )
             x, n_linears = res.outputs, n_linears + len(res.quantized)
             skipped += [f"{i}.{s}" for s in res.skipped]
-            out[f"{method}_quantized"] = out.get(f"{method}_quantized", []) + [f"{i}.{n}" for n in res.quantized]
+            out[f"{method}_quantized"] = out.get(f"{method}_quantized", []) + [
+                f"{i}.{n}" for n in res.quantized
+            ]
             scaled |= {f"{i}.{m.name}" for m in res.layers if m.scale_ratio is not None}
         with torch.no_grad():
             out[method] = float((model(held_out).logits - want).pow(2).mean())
@@ -182,7 +186,12 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
     out["kept_fp"] = kept_full_precision(model, adapter)
     # state / convolution parameters (not linears, not norms or routers, which absorb scales) left untouched
     fp_params = dict(ref.named_parameters())
-    linear_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) for p in ("weight", "bias")}
+    linear_params = {
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+        for p in ("weight", "bias")
+    }
     out["state_changed"] = [
         n
         for n, p in model.named_parameters()

@@ -162,10 +162,13 @@ def quantize_block(
         else:
             skipped.append(f"{m.name}: none of its linears is quantized")
     maps = maps_q
-    if s.method == "awq":  # linears no mapping scales: labelled, they get plain rounding (with the clip search)
+    # linears no mapping scales are labelled: they get plain rounding (with the clip search)
+    if s.method == "awq":
         scaled = {id(lin) for m in maps for lin in m.linears}
         skipped += [
-            f"{name}: no AWQ mapping applies (plain rounding)" for name, lin in linears.items() if id(lin) not in scaled
+            f"{name}: no AWQ mapping applies (plain rounding)"
+            for name, lin in linears.items()
+            if id(lin) not in scaled
         ]
 
     n, seq = inputs.shape[0], inputs.shape[1]

@@ -43,11 +43,18 @@ class _Recorder(nn.Module):
     """
 
     def __init__(
-        self, index: int, captured: CapturedInputs, stop: bool, record_inputs: bool, layer: nn.Module | None = None
+        self,
+        index: int,
+        captured: CapturedInputs,
+        stop: bool,
+        record_inputs: bool,
+        layer: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.index, self.captured, self.stop, self.record_inputs = index, captured, stop, record_inputs
-        object.__setattr__(self, "_layer", layer)  # not a submodule: only read for attributes and the signature
+        object.__setattr__(
+            self, "_layer", layer
+        )  # not a submodule: only read for attributes and the signature
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the model reads off its layers (Nemotron-H's `block_type`) come from the real layer."""
@@ -104,13 +111,17 @@ class _Recorder(nn.Module):
                 f"decoder layer {self.index} is called with {len(args)} positional arguments besides "
                 "hidden_states that its signature does not name; this calling convention is not supported"
             )
-        for name, value in zip(names, args):
-            if isinstance(value, torch.Tensor) and value.dim() >= 2 and value.shape[:2] == hidden_states.shape[:2]:
+        for name, value in zip(names, args, strict=False):
+            if (
+                isinstance(value, torch.Tensor)
+                and value.dim() >= 2
+                and value.shape[:2] == hidden_states.shape[:2]
+            ):
                 raise AWQForgeError(
                     f"decoder layer {self.index} takes a per-token input besides hidden_states ({name}, e.g. "
                     "Gemma 4's per-layer embeddings), which layer-by-layer calibration cannot replay"
                 )
-        return dict(zip(names, args))
+        return dict(zip(names, args, strict=False))
 
 
 @torch.no_grad()
@@ -134,7 +145,9 @@ def capture_layer_inputs(
     originals = list(layers)
     try:
         for i in range(n_blocks):
-            layers[i] = _Recorder(i, captured, stop=i == n_blocks - 1, record_inputs=False, layer=originals[i])
+            layers[i] = _Recorder(
+                i, captured, stop=i == n_blocks - 1, record_inputs=False, layer=originals[i]
+            )
         _run_until_stop(model, device, input_ids[:1], None if attention_mask is None else attention_mask[:1])
         layers[0] = _Recorder(0, captured, stop=True, record_inputs=True, layer=originals[0])
         _run_until_stop(model, device, input_ids, attention_mask)
