@@ -357,8 +357,8 @@ class ArchAdapter:
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
     def weight_read_directly(self, block: nn.Module, name: str) -> bool:
-        """Whether the linear's parent reads `self.<linear>.weight` in its forward (Mamba's dt_proj in the
-        discretisation): a quantized layer has no `weight`, so such a linear stays in full precision."""
+        """Whether the linear's parent (a transformers class) reads `self.<linear>.weight` (Mamba's dt_proj in
+        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision."""
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
         return f"self.{child}.weight" in _forward_source(type(parent))
@@ -379,6 +379,8 @@ class ArchAdapter:
             n: m
             for n, m in block.named_modules()
             if isinstance(m, nn.Linear)
+            and type(m).forward
+            is nn.Linear.forward  # a subclass with its own forward (FalconLinear) stays FP
             and not self.never_quantize(n)
             and not self.weight_read_directly(block, n)
             and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
@@ -399,8 +401,8 @@ def _forward_source(cls: type) -> str:
     if cls not in _SOURCES:
         import inspect
 
-        try:
-            _SOURCES[cls] = inspect.getsource(cls.forward)
+        try:  # the whole class: the weight may be read in a helper the forward calls (Mamba's slow_forward)
+            _SOURCES[cls] = inspect.getsource(cls) if cls.__module__.startswith("transformers.") else ""
         except (OSError, TypeError):
             _SOURCES[cls] = ""
     return _SOURCES[cls]

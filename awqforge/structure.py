@@ -143,7 +143,9 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             and expr.func.attr not in children
             and not hasattr(type(block), expr.func.attr)
         ):
-            return set()  # a module this block does not have (the other layer type's branch of a hybrid block)
+            return (
+                set()
+            )  # a module this block does not have (the other layer type's branch of a hybrid block)
         for sub in ast.iter_child_nodes(expr):  # arithmetic, attribute calls: the value is used, not aliased
             escaped.update(sources(sub))
         return set()
@@ -189,6 +191,15 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
 
 
 ESCAPED = ["<escaped>"]  # norm_consumers' value for a norm whose output also feeds arithmetic (a residual)
+
+
+_OUTPUT_NAMES = {n.lower() for n in O | DOWN}
+
+
+def _is_output_name(name: str) -> bool:
+    """An output projection by its name, whatever the case (ModernBERT's `Wo`, `out_proj`, `output_linear`)."""
+    low = name.lower()
+    return low in _OUTPUT_NAMES or low.startswith(("out", "o_")) or low.endswith("_out")
 
 
 def _linears(mod: nn.Module) -> dict[str, nn.Linear]:
@@ -264,6 +275,9 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
         and len(names) == len(gate_up) + len(gate) + len(up) + len(down[:1])
     ):
         d = f"{name}.{down[0]}"
+        sub_norm = _sub_norm_specs(name, mod, down[0])
+        if sub_norm is not None:  # a norm between the activation and down (BitNet's ffn_sub_norm)
+            return {"fed": [f"{name}.{n}" for n in gate_up + gate + up], "absorb": [], "inner": sub_norm}
         if gate_up:
             return {
                 "fed": [f"{name}.{gate_up[0]}"],
@@ -283,13 +297,19 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     # attention (q/k/v, fused qkv, latent q/kv down-projections, extra gates) or a mixer (linear attention,
     # state-space): every linear reading the block's width is fed by the norm, except output projections.
     # The loss is measured on the whole child's output, so a scale that does not commute with it is not chosen.
-    fed = [n for n in names if lin[n].in_features == hidden and n not in O | DOWN]
+    fed = [n for n in names if lin[n].in_features == hidden and not _is_output_name(n)]
     if is_attention:
         fed = [n for n in names if n in QKV | Q | K | V] + [n for n in fed if n not in QKV | Q | K | V]
-    inner = []
     qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
+    sub_norm = _sub_norm_specs(name, mod, o[0]) if o else None
+    if sub_norm is not None:  # a norm on the attention output (BitNet's attn_sub_norm, DiffLlama's groupnorm)
+        inner_norm = sub_norm
+        qkv = v = []
+    else:
+        inner_norm = []
     if o and not _attention_output_is_linear_in_v(mod, lin[o[0]].in_features):
         qkv = v = []  # a gate or a norm between attention and its output projection: no v -> o scale
+    inner = list(inner_norm)
     if qkv and o:
         inner.append(MappingSpec(f"{name}.{qkv[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", prev_rows="v"))
     elif v and o:
@@ -315,6 +335,29 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     return {"fed": [f"{name}.{n}" for n in dict.fromkeys(fed)], "absorb": [], "inner": inner}
 
 
+_QK_NORM = re.compile(r"^(q|k|kv|query|key)(_a)?_?(layer)?norm$")
+
+
+def _sub_norm_specs(name: str, mod: nn.Module, out_linear: str) -> list | None:
+    """None when `mod` has no norm besides q/k norms; else the mappings of a norm feeding the output linear
+    directly (norm -> out_linear, possibly empty when the norm's output goes through arithmetic first)."""
+    from awqforge.arch import MappingSpec
+
+    norms = [n for n, m in mod.named_children() if is_norm(m) and not _QK_NORM.match(n)]
+    if not norms:
+        return None
+    try:
+        consumers = norm_consumers(mod)
+    except StructureError:
+        return []
+    o = f"{name}.{out_linear}"
+    return [
+        MappingSpec(f"{name}.{n}", (o,), o)
+        for n in norms
+        if consumers.get(n) == [out_linear] and consumers.get(n) is not ESCAPED
+    ]
+
+
 def _attention_output_is_linear_in_v(mod: nn.Module, o_width: int) -> bool:
     """Whether o_proj reads softmax(qk) @ v as is, read from the forward's source: no gate (Qwen3-Next's sigmoid
     gate from q_proj, MiniMax's output gate) and no `self.norm(...)` on the attention output (linear attention's
@@ -324,7 +367,7 @@ def _attention_output_is_linear_in_v(mod: nn.Module, o_width: int) -> bool:
         src = inspect.getsource(type(mod).forward)
     except (OSError, TypeError):
         return False
-    return not re.search(r"gate|sigmoid|\bnorm\(", src)
+    return not re.search(r"gate|sigmoid|(?<!q_)(?<!k_)norm\(", src)
 
 
 def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hidden: int) -> dict:
@@ -362,6 +405,10 @@ def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hi
             fed += part["fed"]
             inner += part["inner"]
     if not routers:  # a router this rule cannot find would be left unscaled: nothing is fed from the norm
+        fed = []
+    if not isinstance(
+        experts, nn.ModuleList
+    ):  # fused experts kept FP read the same input: they cannot absorb
         fed = []
     return {"fed": fed, "absorb": absorb, "inner": inner}
 

@@ -151,7 +151,10 @@ def test_gemma4_text_without_per_layer_inputs_is_quantized():
 
     from awqforge.arch import get_adapter
 
-    assert get_adapter(family_config("gemma4_text", hidden_size_per_layer_input=0)).family == "gemma4_text (structural)"
+    assert (
+        get_adapter(family_config("gemma4_text", hidden_size_per_layer_input=0)).family
+        == "gemma4_text (structural)"
+    )
 
 
 def test_unexpected_errors_while_reading_a_block_become_a_refusal():
@@ -160,7 +163,9 @@ def test_unexpected_errors_while_reading_a_block_become_a_refusal():
 
     from awqforge.arch import UnsupportedArchitecture, get_adapter
 
-    config = transformers.BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    config = transformers.BertConfig(
+        num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64
+    )
     config.model_type = "not_a_causal_lm"
     with pytest.raises(UnsupportedArchitecture) as err:
         get_adapter(config)

@@ -94,13 +94,17 @@ def _shrink(cfg, model_type: str) -> None:
                 setattr(cfg, key, value)
             except (AttributeError, ValueError, TypeError):
                 pass
-    lt = getattr(cfg, "layer_types", None)
-    if (
-        isinstance(lt, list)
-        and len(lt) != cfg.num_hidden_layers
-        and "layer_types" not in EXTRA.get(model_type, {})
-    ):
-        cfg.layer_types = (list(dict.fromkeys(lt)) * cfg.num_hidden_layers)[: cfg.num_hidden_layers]
+    n = getattr(cfg, "num_hidden_layers", None)
+    for key, lt in cfg.to_dict().items():  # layer_types, mlp_layer_types, ...: one entry per layer
+        if not (key.endswith("layer_types") and isinstance(lt, list) and n) or key in EXTRA.get(
+            model_type, {}
+        ):
+            continue
+        if len(lt) != n:
+            try:
+                setattr(cfg, key, (list(dict.fromkeys(lt)) * n)[:n])
+            except (AttributeError, ValueError, TypeError):
+                pass
 
 
 def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
@@ -171,7 +175,9 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
             )
             x, n_linears = res.outputs, n_linears + len(res.quantized)
             skipped += [f"{i}.{s}" for s in res.skipped]
-            out[f"{method}_quantized"] = out.get(f"{method}_quantized", []) + [f"{i}.{n}" for n in res.quantized]
+            out[f"{method}_quantized"] = out.get(f"{method}_quantized", []) + [
+                f"{i}.{n}" for n in res.quantized
+            ]
             scaled |= {f"{i}.{m.name}" for m in res.layers if m.scale_ratio is not None}
         with torch.no_grad():
             out[method] = float((model(held_out).logits - want).pow(2).mean())
@@ -180,7 +186,12 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
     out["kept_fp"] = kept_full_precision(model, adapter)
     # state / convolution parameters (not linears, not norms or routers, which absorb scales) left untouched
     fp_params = dict(ref.named_parameters())
-    linear_params = {f"{m}.{p}" for m, mod in model.named_modules() if isinstance(mod, torch.nn.Linear) for p in ("weight", "bias")}
+    linear_params = {
+        f"{m}.{p}"
+        for m, mod in model.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+        for p in ("weight", "bias")
+    }
     out["state_changed"] = [
         n
         for n, p in model.named_parameters()

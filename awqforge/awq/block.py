@@ -161,9 +161,8 @@ def quantize_block(
         else:
             skipped.append(f"{m.name}: none of its linears is quantized")
     maps = maps_q
-    if (
-        s.method == "awq"
-    ):  # linears no mapping scales: labelled, they get plain rounding (with the clip search)
+    # linears no mapping scales are labelled: they get plain rounding (with the clip search)
+    if s.method == "awq":
         scaled = {id(lin) for m in maps for lin in m.linears}
         skipped += [
             f"{name}: no AWQ mapping applies (plain rounding)"

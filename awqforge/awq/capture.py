@@ -111,7 +111,7 @@ class _Recorder(nn.Module):
                 f"decoder layer {self.index} is called with {len(args)} positional arguments besides "
                 "hidden_states that its signature does not name; this calling convention is not supported"
             )
-        for name, value in zip(names, args):
+        for name, value in zip(names, args, strict=False):
             if (
                 isinstance(value, torch.Tensor)
                 and value.dim() >= 2
@@ -121,7 +121,7 @@ class _Recorder(nn.Module):
                     f"decoder layer {self.index} takes a per-token input besides hidden_states ({name}, e.g. "
                     "Gemma 4's per-layer embeddings), which layer-by-layer calibration cannot replay"
                 )
-        return dict(zip(names, args))
+        return dict(zip(names, args, strict=False))
 
 
 @torch.no_grad()
