@@ -36,7 +36,7 @@ class BlockSettings:
     module_loss: bool = True  # False: score attention/MLP mappings on their linears' outputs (Gram)
     refine_steps: int = 2  # least-squares refits of each group's scale/zero after the clip search (0: off)
     rounding: str = "nearest"  # "nearest" | "gptq": codes rounded with error feedback (same format)
-    gqa_fold: bool = True  # v -> o under grouped-query attention: one scale per KV channel (False: skipped)
+    gqa_fold: bool = False  # v -> o under grouped-query attention: one scale per KV channel (False: skipped)
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
     keep_inputs: bool = (
         True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)
@@ -55,7 +55,7 @@ class BlockSettings:
             refine_steps=spec.refine_steps,
             search_screen=spec.search_screen,
             rounding=getattr(spec.rounding, "value", spec.rounding),
-            gqa_fold=getattr(spec, "gqa_fold", True),
+            gqa_fold=getattr(spec, "gqa_fold", False),
             skip_patterns=tuple(spec.quant.modules_to_not_convert),
         )
 
