@@ -165,9 +165,9 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         help="round codes to nearest (AWQ) or with GPTQ error feedback after the AWQ search",
     )
     q.add_argument(
-        "--no-gqa-fold",
+        "--gqa-fold",
         action="store_true",
-        help="under grouped-query attention, skip the v -> o scale (folded per KV channel by default)",
+        help="under grouped-query attention, fold the v -> o scale per KV channel (default: skip it)",
     )
     q.add_argument(
         "--mappings",
@@ -442,7 +442,7 @@ def _spec_from_args(args, group_size: int | None = None):
             refine_steps=args.refine_steps,
             search_screen=args.search_screen,
             rounding=args.rounding,
-            gqa_fold=not args.no_gqa_fold,
+            gqa_fold=args.gqa_fold,
             seed=args.seed,
             mappings=_mappings_arg(args.mappings),
         )

@@ -484,9 +484,10 @@ class JobSpec(BaseModel):
     )
     rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
     gqa_fold: bool = Field(
-        True,
+        False,
         description="grouped-query attention: fold the v -> o scale per KV channel, shared by its query heads "
-        "(False: skip that mapping, as AutoAWQ and llm-compressor do)",
+        "(off by default: on SmolLM2 it lowered o_proj's error but not perplexity, bench/README.md; off skips "
+        "that mapping, as AutoAWQ and llm-compressor do)",
     )
     mappings: list[MappingSpecIn] | None = Field(
         None,

@@ -66,7 +66,7 @@ def run_ours(
     n_prefix: int,
     rounding: str = "nearest",
     search_screen: int | None = None,
-    gqa_fold: bool = True,
+    gqa_fold: bool = False,
 ) -> dict:
     """run_quantization end to end, then perplexity of the artifact loaded onto QuantLinear layers."""
     from awqforge.loading import load_quantized
@@ -95,7 +95,7 @@ def run_ours(
                 f"{method}-w{bits}g{group_size}"
                 + ("" if rounding == "nearest" else f"-{rounding}")
                 + ("" if search_screen is None else f"-screen{search_screen}")
-                + ("" if gqa_fold else "-nogqa")
+                + ("-gqa" if gqa_fold else "")
             ),
             overwrite=True,
             progress=_progress_printer(f"W{bits} {method}"),
@@ -277,10 +277,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--gqa-fold",
-        default="on",
+        default="off",
         choices=["on", "off", "both"],
         help="our AWQ rows with the v -> o scale folded per KV channel under grouped-query attention (the "
-        "default), without it (as AutoAWQ / llm-compressor), or both rows",
+        "engine's default is off), without it (as AutoAWQ / llm-compressor; the default), or both rows",
     )
     ap.add_argument(
         "--skip-ours",
@@ -397,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"W{bits} RTN: {rtn['perplexity']:.3f}", flush=True)
         ours_roundings = ["nearest", "gptq"] if args.rounding == "both" else [args.rounding]
         screens = args.search_screen or [None]
-        folds = {"on": [True], "off": [False], "both": [True, False]}[args.gqa_fold]
+        folds = {"on": [True], "off": [False], "both": [False, True]}[args.gqa_fold]
         for rounding in [] if args.skip_ours else ours_roundings:
             for screen, fold in [(sc, f) for f in folds for sc in screens]:
                 ours = run_ours(
@@ -408,8 +408,8 @@ def main(argv: list[str] | None = None) -> int:
                     label = f"{label}, search_screen={screen}"
                     if screen != DEFAULT_SCREEN:  # the default's row keeps the key the targets read
                         key = f"{key}-screen{screen}"
-                if not fold:
-                    label, key = f"{label}, no GQA fold", f"{key}-nogqa"
+                if fold:
+                    label, key = f"{label}, GQA fold", f"{key}-gqa"
                 rows.append({**ours, "key": key, "label": label, "wall_s": ours["total_s"]})
                 print(f"W{bits} {label}: {ours['perplexity']:.4f} in {ours['total_s']:.1f} s", flush=True)
         recipes = {"awq": [False], "awq+gptq": [True], "both": [False, True]}[args.llmc_recipes]

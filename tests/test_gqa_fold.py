@@ -128,7 +128,7 @@ def _logits_mse(family, ids, settings):
 def test_quantized_error_with_the_fold_is_lower(family, rounding):
     ids = tiny_input_ids(8, 32)
     kw = dict(bits=3, group_size=32, rounding=rounding)
-    on_mse, on = _logits_mse(family, ids, BlockSettings(**kw))
+    on_mse, on = _logits_mse(family, ids, BlockSettings(gqa_fold=True, **kw))
     off_mse, off = _logits_mse(family, ids, BlockSettings(gqa_fold=False, **kw))
     assert any("gqa_fold=False" in s for s in off[0].skipped)
     assert not any("v_proj" in s or "qkv_proj" in s for s in on[0].skipped)
@@ -152,7 +152,7 @@ def test_outlier_channels_keep_the_fp_function():
 
 def test_gqa_fold_is_reported_in_the_scales():
     results = quantize_model(
-        build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32)
+        build_tiny_model("qwen2"), tiny_input_ids(4, 16), BlockSettings(bits=4, group_size=32, gqa_fold=True)
     )
     info = next(v for v in results[0].scales.values() if v["prev"] == "self_attn.v_proj")
     assert info["gqa"] == [2, 2, 32]
