@@ -516,7 +516,7 @@ def publish_artifacts(
 def _scrub_written(folder: Path, reporter: _JobReporter) -> None:
     """The report and the cards are read by the tenant and published: no secret and no server folder named
     there. An artifact whose file changed gets its manifest (sizes, sha256) written again."""
-    from awqforge.formats.manifest import MANIFEST_NAME, write_manifest
+    from awqforge.manifest import MANIFEST_NAME, write_manifest
 
     changed = []
     for text_file in (*folder.rglob("*.md"), *folder.rglob("quant_report.json")):
