@@ -199,23 +199,29 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         default=[],
         metavar="NAME_OR_PATH",
         help="an lm-evaluation-harness task run on the FP and the quantized model (repeatable): an lm-eval "
-        "name, awqforge_mc / awqforge_cloze (bundled, no download), or a folder or YAML file of task definitions",
+        "name, awqforge_mc / awqforge_cloze (bundled, no download), or a folder or YAML file of task definitions; "
+        "default: none",
     )
-    q.add_argument("--eval-limit", type=int, help="at most this many examples per --eval-task")
+    q.add_argument(
+        "--eval-limit", type=int, help="at most this many examples per --eval-task; default: every example"
+    )
     q.add_argument(
         "--eval-min-recovery",
         type=float,
         metavar="R",
-        help="quality gate: every --eval-task's recovery (quantized / FP) at least R (exit 1 below it)",
+        help="quality gate: every --eval-task's recovery (quantized / FP) at least R (exit 1 below it); default: no gate",
     )
     q.add_argument(
-        "--eval-min-avg-recovery", type=float, metavar="R", help="quality gate: the mean recovery over tasks"
+        "--eval-min-avg-recovery",
+        type=float,
+        metavar="R",
+        help="quality gate: the mean recovery over tasks; default: no gate",
     )
     q.add_argument(
         "--eval-max-ppl-increase",
         type=float,
         metavar="F",
-        help="quality gate: quantized perplexity at most FP x (1 + F)",
+        help="quality gate: quantized perplexity at most FP x (1 + F); default: no gate",
     )
     q.add_argument(
         "--eval-prompt",
@@ -224,7 +230,12 @@ def build_parser(plugins: dict | None = None) -> argparse.ArgumentParser:
         metavar="TEXT",
         help="a prompt for the side-by-side greedy generations (repeatable); default: a built-in handful",
     )
-    q.add_argument("--eval-max-new-tokens", type=int, default=D("eval.max_new_tokens"))
+    q.add_argument(
+        "--eval-max-new-tokens",
+        type=int,
+        default=D("eval.max_new_tokens"),
+        help="tokens per side-by-side generation",
+    )
     job_args = q
     q = sub.add_parser(
         "quantize",

@@ -14,7 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_checked(cmd: list[str], **kw) -> subprocess.CompletedProcess:
     # The installed packages, not a PYTHONPATH pointing at the repository, must answer the imports.
-    kw["env"] = {k: v for k, v in kw.get("env", os.environ).items() if k != "PYTHONPATH"}
+    if "env" not in kw:
+        kw["env"] = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     r = subprocess.run(cmd, capture_output=True, text=True, **kw)
     assert r.returncode == 0, f"{cmd}\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}"
     return r

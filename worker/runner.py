@@ -7,6 +7,7 @@ awqforge.pipeline.run_quantization; publish runs here afterwards.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
@@ -742,6 +743,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         if report and Path(report).exists() and not inside:
             made["report"] = Path(report)
         _scrub_written(staging, reporter)
+        # read before the staging folder becomes the output folder (the report's path is in staging)
+        report_data = json.loads(Path(report).read_text()) if report and Path(report).is_file() else None
         if not store.remote:
             # The run's output replaces the recorded set (a retry's previous artifacts stay until here).
             shutil.rmtree(out_dir, ignore_errors=True)
@@ -762,7 +765,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             # idempotent: a run that recorded its result and was then lost records it again on resume
             for table in (JobMetrics, LayerMetric, Artifact, TaskMetric):
                 s.query(table).filter(table.job_id == job_id).delete()
-            s.add_all(task_metric_rows(job_id, report))
+            s.add_all(task_metric_rows(job_id, report_data))
             s.add(
                 JobMetrics(
                     job_id=job_id,

@@ -47,11 +47,14 @@ def fp_cache_for(tenant_id: int, spec) -> PostgresFPScoreCache | None:
     return PostgresFPScoreCache(tenant_id=tenant_id, public=public)
 
 
-def task_metric_rows(job_id: str, report_path: str | Path | None) -> list[TaskMetric]:
-    """One row per task of the report's evaluation.tasks."""
-    if not report_path or not Path(report_path).is_file():
+def task_metric_rows(job_id: str, report: str | Path | dict | None) -> list[TaskMetric]:
+    """One row per task of the report's evaluation.tasks (the report as a path or as read)."""
+    if isinstance(report, dict):
+        evaluation = report.get("evaluation") or {}
+    elif not report or not Path(report).is_file():
         return []
-    evaluation = json.loads(Path(report_path).read_text()).get("evaluation") or {}
+    else:
+        evaluation = json.loads(Path(report).read_text()).get("evaluation") or {}
     rows = []
     for r in evaluation.get("tasks") or []:
         time_s, tokens = r.get("time_s") or {}, r.get("tokens") or {}
