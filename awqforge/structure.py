@@ -307,14 +307,15 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
         qkv = v = []
     else:
         inner_norm = []
-    if o and not _attention_output_is_linear_in_v(mod, lin[o[0]].in_features):
+    v_norm = next((n for n in sub if n in V_NORMS), None)
+    if o and not v_norm and not _attention_output_is_linear_in_v(mod, lin[o[0]].in_features):
         qkv = v = []  # a gate or a norm between attention and its output projection: no v -> o scale
     inner = list(inner_norm)
     if qkv and o:
         inner.append(MappingSpec(f"{name}.{qkv[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", prev_rows="v"))
     elif v and o:
-        # a norm on the values (Gemma 4's v_norm) re-normalises what v_proj's scaled rows give o_proj
-        v_norm = next((n for n in sub if n in V_NORMS), None)
+        # a norm on the values (Gemma 4's v_norm) re-normalises what v_proj's scaled rows give o_proj: the
+        # mapping is kept, disabled, so the report names why
         reason = f"{name}.{v_norm} normalises v between v_proj and o_proj: scales would not commute"
         inner.append(
             MappingSpec(
