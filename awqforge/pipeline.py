@@ -72,6 +72,7 @@ class _Job:
         self.wall: dict[str, float] = {}
         self._stage: str | None = None
         self._t0 = 0.0
+        self._shown = 0.0  # the highest overall progress reported: a bar never moves back
 
     def stage(self, name: str, message: str) -> None:
         self.end_stage()
@@ -98,9 +99,10 @@ class _Job:
         if self.progress_cb is None or self._stage is None:
             return
         lo, hi = STAGES[self._stage]
-        self.progress_cb(
-            ProgressEvent(self._stage, lo + (hi - lo) * min(max(fraction, 0.0), 1.0), message, **extra)
-        )
+        # A time-based fraction (elapsed / (elapsed + ETA)) can dip when the estimate grows; what is shown
+        # holds its highest value instead, while the event's eta_s stays the honest estimate.
+        self._shown = max(self._shown, lo + (hi - lo) * min(max(fraction, 0.0), 1.0))
+        self.progress_cb(ProgressEvent(self._stage, self._shown, message, **extra))
 
     def check_cancel(self) -> None:
         if self.cancel_cb is not None and self.cancel_cb():

@@ -89,6 +89,22 @@ def test_end_to_end_both_formats(family, tiny_checkpoint, tiny_tokenizer, tmp_pa
         assert torch.isfinite(model(ids).logits).all()
 
 
+def test_shown_progress_never_moves_back():
+    """A time-based fraction dips when its estimate grows (the quantized pass slower than the FP one);
+    the bar holds its highest value, so a listener never sees progress go backwards."""
+    from awqforge.pipeline import STAGES, _Job
+
+    events: list[ProgressEvent] = []
+    job = _Job(events.append, None, lambda _m: None)
+    job.stage("evaluate", "evaluate")
+    for fraction in (0.2, 0.5, 0.4, 0.45, 0.7, 1.0):
+        job.report(fraction, "step")
+    shown = [e.progress for e in events]
+    lo, hi = STAGES["evaluate"]
+    assert shown == sorted(shown) and shown[0] == lo and shown[-1] == hi
+    assert shown[3] == shown[2] == lo + (hi - lo) * 0.5  # the dips are held at the highest value
+
+
 def test_awq_beats_rtn(tiny_checkpoint, tmp_path):
     """Outlier channels (tiny_models) at 3 bits: AWQ's layer output error and perplexity are not worse than RTN's."""
     ckpt = tiny_checkpoint("llama")
