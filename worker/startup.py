@@ -39,7 +39,12 @@ def build_cpu_kernel() -> tuple[bool, str]:
 
 @signals.worker_init.connect
 def prepare_cpu_kernel(**_kw: Any) -> None:
+    from awqforge.cli import skip_triton_without_cuda
     from awqforge.kernels.cache import installed_binary  # torch-free: the cache key from package metadata
+
+    # Without a GPU no job runs Triton, and triton (imported by torch._dynamo only to probe for it) prints
+    # `nanobind: leaked ...` lines at exit: the pool children forked from here inherit the block.
+    skip_triton_without_cuda()
 
     if os.environ.get("AWQFORGE_KERNELS", "1") != "0":
         binary = installed_binary()
