@@ -28,5 +28,10 @@ step "PostgreSQL and Redis (scripts/services.sh)"
 bash scripts/services.sh
 export AWQFORGE_TEST_DATABASE_URL=${AWQFORGE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
 export AWQFORGE_TEST_REDIS_URL=${AWQFORGE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
-step "pytest"
-exec "$PY" -m pytest -q "$@"
+# Two pytest workers: the service tests in one, the engine's in the other (tests/conftest.py groups them);
+# AWQFORGE_TEST_WORKERS=0 runs them in one process.
+WORKERS=${AWQFORGE_TEST_WORKERS:-2}
+XDIST=()
+[ "$WORKERS" != 0 ] && XDIST=(-n "$WORKERS" --dist loadgroup)
+step "pytest ${XDIST[*]}"
+exec "$PY" -m pytest -q "${XDIST[@]}" "$@"

@@ -21,6 +21,21 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# Two pytest workers (scripts/test.sh: `-n 2 --dist loadgroup`): the service tests in one, the engine's in the
+# other, each in the order a serial run has (the service tests share one package-scoped stack: Postgres
+# database, Celery worker, API server). Each worker's torch takes its share of the cores.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
+
+
+def pytest_collection_modifyitems(config, items):
+    if not config.pluginmanager.hasplugin("xdist"):
+        return
+    for item in items:
+        group = "service" if Path(item.fspath).parent.name == "service" else "engine"
+        item.add_marker(pytest.mark.xdist_group(group))
+
 def train_tiny_tokenizer(vocab_size: int = 512):
     """A byte-level BPE of vocab_size tokens trained on the bundled English text (ids < vocab_size;
     <pad>, <s>, </s> are 0, 1, 2 as in tiny_models' configs)."""
