@@ -33,7 +33,7 @@ def bucket(moto):
 
 def test_s3_store_multipart_listing_presigned_urls(moto, bucket, monkeypatch, tmp_path):
     from app.core.config import settings
-    from app.services.storage import S3Store, store_for
+    from app.services.storage import LocalStore, S3Store, store_for
 
     for k, v in {**moto.env(bucket), "S3_MULTIPART_THRESHOLD": 5 * 1024**2}.items():
         monkeypatch.setattr(settings, k, v)
@@ -46,15 +46,15 @@ def test_s3_store_multipart_listing_presigned_urls(moto, bucket, monkeypatch, tm
     (art / "sub" / "x.txt").write_text("x")
 
     store = S3Store()
-    loc = store.put_dir(art, key="tenant-7/job_1/awq")
+    loc = store.put(art, key="tenant-7/job_1/awq")
     assert loc == f"s3://{bucket}/awqforge/tenant-7/job_1/awq"  # per-tenant prefix under S3_PREFIX
-    assert store_for(loc).remote and not store_for(str(art)).remote
+    assert isinstance(store_for(loc), S3Store) and isinstance(store_for(str(art)), LocalStore)
     files = {f.path: f.size_bytes for f in store.list_files(loc)}
     assert files == {"config.json": 8, "model.safetensors": len(big), "sub/x.txt": 1}
     head = moto.client().head_object(Bucket=bucket, Key="awqforge/tenant-7/job_1/awq/model.safetensors")
     assert head["ETag"].strip('"').endswith("-3")  # uploaded in 3 multipart parts
 
-    url = store.presigned_url(loc, "model.safetensors")
+    url = store.presign(loc, "model.safetensors")
     assert "X-Amz-Signature" in url and "test-secret" not in url
     r = httpx.get(url, timeout=30)
     assert r.status_code == 200 and hashlib.sha256(r.content).digest() == hashlib.sha256(big).digest()
@@ -62,11 +62,11 @@ def test_s3_store_multipart_listing_presigned_urls(moto, bucket, monkeypatch, tm
     # signed for the address the API's clients use (compose: the containers' name for the store is not it)
     public = moto.url.replace("127.0.0.1", "localhost")
     monkeypatch.setattr(settings, "S3_PUBLIC_ENDPOINT_URL", public)
-    url = S3Store().presigned_url(loc, "config.json")
+    url = S3Store().presign(loc, "config.json")
     assert url.startswith(public + "/") and httpx.get(url, timeout=30).content == b'{"a": 1}'
     # names that try to leave the artifact's prefix are not keys
     for bad in ("../job_2/awq/config.json", "/etc/passwd", ""):
-        assert store.head(loc, bad) is None and store.presigned_url(loc, bad) is None
+        assert store.head(loc, bad) is None and store.presign(loc, bad) is None
     assert store.head(loc, "missing.json") is None
     store.delete(loc)
     assert store.list_files(loc) == []
