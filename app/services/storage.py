@@ -19,6 +19,7 @@ change of ARTIFACT_STORE stay readable. Torch-free: the API imports this.
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 from collections.abc import Iterable, Iterator
@@ -28,8 +29,10 @@ from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from app.core.config import settings
+from awqforge.errors import AWQForgeError
 from awqforge.manifest import tree_files, tree_problems
 
+log = logging.getLogger("awqforge.storage")
 S3_SCHEME = "s3://"
 CHUNK = 1 << 20
 
@@ -40,6 +43,10 @@ class StoredFile:
     size_bytes: int
     etag: str  # a strong validator, quoted (HTTP ETag)
     mtime: float
+
+
+class StoreUnavailable(AWQForgeError):
+    """The object store could not take a file; the message names the file, never the store's address."""
 
 
 class ArtifactMismatch(Exception):
@@ -269,7 +276,14 @@ class S3Store(ArtifactStore):
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         for f in files:
             rel = f.name if local.is_file() else f.relative_to(local).as_posix()
-            self.client.upload_file(str(f), self.bucket, f"{base}/{rel}", Config=self.transfer)
+            try:
+                self.client.upload_file(str(f), self.bucket, f"{base}/{rel}", Config=self.transfer)
+            except Exception as exc:
+                # boto's text names the endpoint and the key: the tenant reads this error
+                cause = exc.__context__ or exc  # boto3 wraps the client's error in S3UploadFailedError
+                code = getattr(cause, "response", {}).get("Error", {}).get("Code") or type(cause).__name__
+                log.warning("upload of %s failed: %s", rel, code)
+                raise StoreUnavailable(f"the artifact store did not take {rel} ({code})") from None
         return f"{S3_SCHEME}{self.bucket}/{base}"
 
     def job_location(self, tenant_id: int, job_id: str) -> str:

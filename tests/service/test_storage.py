@@ -5,14 +5,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
 import uuid
 
 import httpx
 import pytest
 
-from .cluster import Cluster, MotoServer
+from .cluster import Cluster, MotoServer, assert_bucket_matches_rows
 from .conftest import SERVICE_ENV, wait_for_status
+from .tcp_proxy import FailingProxy
 
 pytestmark = pytest.mark.services
 
@@ -127,3 +129,69 @@ def test_worker_on_another_machine_writes_to_s3_and_any_api_serves(service, make
         )
     finally:
         cluster.close()
+
+
+def _locations(job_id: str) -> dict[str, str]:
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import Artifact
+
+    with session_scope() as s:
+        return {a.format: a.path for a in s.scalars(select(Artifact).where(Artifact.job_id == job_id))}
+
+
+def test_retry_stores_beside_the_recorded_set_and_leaves_no_orphans(service, make_key, moto, bucket):
+    """A retry's run stores under a prefix of its own. One whose upload fails part-way (the store's network
+    cuts the weights' upload) leaves the recorded set whole and served, and its partial upload goes; one that
+    succeeds replaces the set and the replaced run's objects go; DELETE removes the rest. After each step the
+    bucket holds exactly what the artifact rows name."""
+    s3 = FailingProxy(("127.0.0.1", moto.port))
+    env = {**moto.env(bucket), "S3_ENDPOINT_URL": s3.url, "PUBLISH_BACKEND": "local"}
+    cluster = Cluster(SERVICE_ENV, models_root=service.home, api_env=env)
+    try:
+        cluster.start_worker("w", ["cpu"], env=env)
+        tenant = f"t-{uuid.uuid4().hex[:8]}"
+        blocker = cluster.home("w") / "hub" / tenant
+        blocker.parent.mkdir(parents=True, exist_ok=True)
+        blocker.write_text("not a folder")  # the repo's owner folder cannot be made: the first publish fails
+        body = service.job_body(eval={"enabled": False}, publish={"repo_id": f"{tenant}/m", "private": True})
+        with cluster.client(make_key(tenant)) as c:
+            job_id = c.post("/v1/jobs", json=body).json()["id"]
+            job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=240)
+            assert job["status"] == "failed" and job["stage"] == "publish", job
+            first = _locations(job_id)
+            served = {f["url"]: c.get(f["url"]).content for a in job["artifacts"] for f in a["files"]}
+            assert_bucket_matches_rows(moto, bucket, [job_id])
+
+            # Retry 1: the weights' upload is cut every time; the files sorted before them went up first.
+            s3.fail, seen = re.compile(rb"^PUT /[^ ]*\.safetensors"), len(s3.requests)
+            assert c.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+            job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=240)
+            assert job["status"] == "failed" and "did not take model.safetensors" in job["error"], job
+            logs = c.get(f"/v1/jobs/{job_id}/logs").text
+            assert str(s3.port) not in job["error"] + logs and bucket not in job["error"] + logs
+            puts = [r.decode() for r in s3.requests[seen:] if r.startswith(b"PUT ")]
+            assert any(".safetensors" not in p for p in puts), puts  # a partial upload happened ...
+            old = ["/" + loc.removeprefix("s3://") + "/" for loc in first.values()]
+            assert not [p for p in puts if any(o in p for o in old)], puts  # ... beside the recorded set
+            assert _locations(job_id) == first
+            assert {u: c.get(u).content for u in served} == served
+            assert_bucket_matches_rows(moto, bucket, [job_id])  # ... and it is gone
+
+            # Retry 2: the store and the hub work again; the new set replaces the old one.
+            s3.fail = None
+            blocker.unlink()
+            assert c.post(f"/v1/jobs/{job_id}/retry").status_code == 202
+            job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=240)
+            assert job["status"] == "succeeded", job
+            now = _locations(job_id)
+            assert now.keys() == first.keys() and not set(now.values()) & set(first.values())
+            assert_bucket_matches_rows(moto, bucket, [job_id])
+            assert all(c.get(f["url"]).status_code == 200 for a in job["artifacts"] for f in a["files"])
+
+            assert c.delete(f"/v1/jobs/{job_id}").status_code == 204
+            assert_bucket_matches_rows(moto, bucket, [job_id])  # no row: no object
+    finally:
+        cluster.close()
+        s3.close()
