@@ -87,10 +87,13 @@ class TcpProxy:
 
 class FailingProxy(TcpProxy):
     """A TCP proxy in front of an HTTP server (the S3 server) that cuts the connection of every request whose
-    first line matches `fail`, as a store whose network goes would; `requests` keeps every first line seen."""
+    first line matches `fail`, as a store whose network goes would, or holds one that matches `hold` (sets
+    `holding`) until `release` is set, then cuts it; `requests` keeps every first line seen."""
 
     def __init__(self, target: tuple[str, int]) -> None:
         self.fail: re.Pattern[bytes] | None = None
+        self.hold: re.Pattern[bytes] | None = None
+        self.holding, self.release = threading.Event(), threading.Event()
         self.requests: list[bytes] = []
         super().__init__(target)
         self.url = f"http://127.0.0.1:{self.port}"
@@ -108,6 +111,10 @@ class FailingProxy(TcpProxy):
                 # the start of a request (a body's bytes do not look like one)
                 if re.match(rb"[A-Z]+ /", line):
                     self.requests.append(line)
+                    if self.hold is not None and self.hold.search(line):
+                        self.holding.set()
+                        self.release.wait()
+                        break
                     if self.fail is not None and self.fail.search(line):
                         break
                 dst.sendall(data)

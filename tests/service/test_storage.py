@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import re
+import signal
 import tarfile
 import uuid
 
@@ -193,5 +195,38 @@ def test_retry_stores_beside_the_recorded_set_and_leaves_no_orphans(service, mak
             assert c.delete(f"/v1/jobs/{job_id}").status_code == 204
             assert_bucket_matches_rows(moto, bucket, [job_id])  # no row: no object
     finally:
+        cluster.close()
+        s3.close()
+
+
+def test_worker_killed_mid_upload_leaves_only_the_recorded_objects(service, make_key, moto, bucket):
+    """SIGKILL of the worker while the weights' upload is held (the files sorted before them are in the
+    bucket): the API's reaper requeues the job, a worker on another machine runs it and records its own set;
+    the killed run's partial upload goes, and the bucket holds exactly what the rows name."""
+    s3 = FailingProxy(("127.0.0.1", moto.port))
+    env = {**moto.env(bucket), "S3_ENDPOINT_URL": s3.url, "HEARTBEAT_STALE_S": "10", "REAPER_INTERVAL_S": "1"}
+    cluster = Cluster(SERVICE_ENV, models_root=service.home, api_env=env)
+    try:
+        cluster.start_worker("w1", ["cpu"], env=env)
+        s3.hold = re.compile(rb"^PUT /[^ ]*\.safetensors")
+        with cluster.client(make_key()) as c:
+            job_id = c.post("/v1/jobs", json=service.job_body(eval={"enabled": False})).json()["id"]
+            assert s3.holding.wait(240), "the upload never reached the weights:\n" + cluster.log("w1")[-3000:]
+            w1 = cluster.workers.pop("w1")
+            os.killpg(w1.pid, signal.SIGKILL)
+            w1.wait()
+            partial = [r.split()[1].decode() for r in s3.requests if r.startswith(b"PUT ")]
+            s3.hold = None
+            s3.release.set()
+            cluster.start_worker("w2", ["cpu"], env=env)
+            job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=240)
+            assert job["status"] == "succeeded" and job["attempts"] == 2, job
+        recorded = ["/" + loc.removeprefix("s3://") + "/" for loc in _locations(job_id).values()]
+        killed = [k for k in partial if ".safetensors" not in k]
+        overlap = [k for k in killed if any(k.startswith(r) for r in recorded)]
+        assert killed and not overlap, (killed, recorded)  # it had uploaded, under a prefix of its own
+        assert_bucket_matches_rows(moto, bucket, [job_id])  # the killed run's objects are gone
+    finally:
+        s3.release.set()
         cluster.close()
         s3.close()
