@@ -258,8 +258,11 @@ def _remove_stored(tenant_id: int, job_id: str, *, keep: list[str], gone: tuple[
 
 def prune_unrecorded(s: Session, job_id: str) -> None:
     """Remove what the job's runs stored that no artifact row names (a replaced run's set, a killed run's
-    partial upload). Under the job row's lock: a run recording its set (which takes it first) waits."""
-    tenant_id = s.scalar(select(Job.tenant_id).where(Job.id == job_id).with_for_update())
+    partial upload). Under a key-share lock on the job row: a run recording its set (FOR UPDATE first)
+    waits, the heartbeat (which changes no key) does not, however slow the store is."""
+    tenant_id = s.scalar(
+        select(Job.tenant_id).where(Job.id == job_id).with_for_update(read=True, key_share=True)
+    )
     if tenant_id is not None:
         _remove_stored(tenant_id, job_id, keep=_recorded(s, job_id))
 

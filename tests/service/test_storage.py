@@ -108,6 +108,18 @@ def test_worker_on_another_machine_writes_to_s3_and_any_api_serves(service, make
             red = c.get(f["url"], params={"redirect": 1}, follow_redirects=False)
             assert red.status_code == 307 and red.headers["location"].startswith(moto.url)
             assert c.get(f["url"] + ".missing").status_code == 404
+            # Range, ETag and If-Range as the local store answers them, from the object store
+            n, etag = f["size_bytes"], body.headers["etag"]
+            part = c.get(f["url"], headers={"Range": "bytes=3-"})
+            assert part.status_code == 206 and part.content == body.content[3:]
+            assert part.headers["content-range"] == f"bytes 3-{n - 1}/{n}"
+            assert c.get(f["url"], headers={"Range": "bytes=-4"}).content == body.content[-4:]
+            assert c.get(f["url"], headers={"Range": "bytes=3-", "If-Range": '"other"'}).status_code == 200
+            assert c.get(f["url"], headers={"If-None-Match": etag}).status_code == 304
+            past = c.get(f["url"], headers={"Range": f"bytes={n}-"})
+            assert past.status_code == 416 and past.headers["content-range"] == f"bytes */{n}"
+            bad = c.get(f["url"], headers={"Range": "lines=1-2"})
+            assert bad.status_code == 400 and "bytes=first-last" in bad.json()["detail"]
             # the whole artifact as one tar, streamed from the store
             tar = c.get(f"/v1/jobs/{job['id']}/artifacts/{art['id']}.tar")
             assert tar.status_code == 200, tar.text
