@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import shutil
 import socket
 import sysconfig
@@ -43,7 +44,7 @@ from app.models import (
 )
 from app.services import lifecycle
 from app.services.events import add_event
-from app.services.storage import artifact_store, file_manifest, store_for
+from app.services.storage import artifact_store, file_manifest, job_key, store_for
 from app.services.uploads import allowed_roots
 from worker.task_eval import fp_cache_for, task_metric_rows
 
@@ -552,12 +553,10 @@ def _publish_destination(job_id: str, token: str | None) -> str:
     return _db(pick, "choosing the publish destination")
 
 
-def _quality_failed(job_id, reporter: _JobReporter, reason: str, work_dir, out_dir, remote: bool) -> str:
+def _quality_failed(job_id, reporter: _JobReporter, reason: str, work_dir) -> str:
     """Below its quality gate (or its tasks could not run): failed at stage `gate`, artifacts recorded and
     kept, nothing published; POST /v1/jobs/{id}/publish with override_gate publishes anyway."""
     shutil.rmtree(work_dir, ignore_errors=True)
-    if remote:
-        shutil.rmtree(out_dir, ignore_errors=True)
     error = reporter.scrub(reason)[:1900] + " (artifacts kept)"
 
     ended = _db(
@@ -708,8 +707,8 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
     reporter = _JobReporter(
         job_id, worker_name, tokens.secrets, publishes=bool(job.spec.get("publish")), paths=_server_paths(job)
     )
-    out_dir = job_output_dir(job)  # only ever the recorded artifact set (local store)
-    staging = lifecycle.run_staging_dir(job.tenant_id, job_id)  # this run's output until it is recorded
+    out_dir = job_output_dir(job)  # the local store's folder of the job's runs
+    staging = lifecycle.run_staging_dir(job.tenant_id, job_id)  # this run's output: scratch once stored
     work_dir = job_work_dir(job)
     t0 = time.monotonic()
     reporter.start()
@@ -743,19 +742,16 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         if report and Path(report).exists() and not inside:
             made["report"] = Path(report)
         _scrub_written(staging, reporter)
-        # read before the staging folder becomes the output folder (the report's path is in staging)
         report_data = json.loads(Path(report).read_text()) if report and Path(report).is_file() else None
-        if not store.remote:
-            # The run's output replaces the recorded set (a retry's previous artifacts stay until here).
-            shutil.rmtree(out_dir, ignore_errors=True)
-            staging.rename(out_dir)
-            made = {fmt: out_dir / p.resolve().relative_to(staging.resolve()) for fmt, p in made.items()}
-        # Files hashed, then stored (uploaded), before the transaction that records them.
+        # Files hashed, then stored, before the transaction that records them. Each run stores under a key
+        # of its own: the set the job has recorded (a retry's previous run) stays whole until this one
+        # replaces it, whatever happens to this run on the way.
+        run_key = f"{job_key(job.tenant_id, job_id)}/run-{secrets.token_hex(4)}"
         stored = [
             dict(
                 format=fmt,
                 files=file_manifest(p),
-                path=store.put_dir(p, key=f"tenant-{job.tenant_id}/{job_id}/{fmt}"),
+                path=store.put(p, key=f"{run_key}/{fmt}"),
                 size_bytes=_dir_size(p),
             )
             for fmt, p in made.items()
@@ -763,6 +759,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
 
         def record_result(s) -> None:
             # idempotent: a run that recorded its result and was then lost records it again on resume
+            s.execute(select(Job.id).where(Job.id == job_id).with_for_update())  # see prune_unrecorded
             for table in (JobMetrics, LayerMetric, Artifact, TaskMetric):
                 s.query(table).filter(table.job_id == job_id).delete()
             s.add_all(task_metric_rows(job_id, report_data))
@@ -786,8 +783,9 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             )
 
         _db(record_result, "recording the result")
+        _db(lambda s: lifecycle.prune_unrecorded(s, job_id), "removing the replaced artifacts")
         if quality_failure:
-            return _quality_failed(job_id, reporter, quality_failure, work_dir, out_dir, store.remote)
+            return _quality_failed(job_id, reporter, quality_failure, work_dir)
         if spec.publish is not None:
             reporter.stage = PUBLISH_STAGE
             if reporter.cancel():
@@ -802,9 +800,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
                     local=made,
                 )
             except Exception as exc:
-                shutil.rmtree(
-                    staging, ignore_errors=True
-                )  # an object store keeps them: any machine reads them
+                shutil.rmtree(staging, ignore_errors=True)  # the store keeps them: this copy was scratch
                 return _publish_failed(job_id, reporter, exc)
             reporter.set_stage("publish", 1.0)
 
@@ -825,7 +821,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
             ),
             "recording the result",
         )
-        shutil.rmtree(staging, ignore_errors=True)  # an object store holds them now: this copy was scratch
+        shutil.rmtree(staging, ignore_errors=True)  # the store holds them now: this copy was scratch
         log.info("job %s %s", job_id, "succeeded" if ended else "ended elsewhere")
         return "succeeded" if ended else "already ended"
     except BaseException as exc:  # noqa: BLE001 - every way out must leave a terminal status

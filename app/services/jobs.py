@@ -559,7 +559,7 @@ def artifact_public(job: Job, artifact: Artifact, *, with_files: bool) -> Artifa
                 size_bytes=n,
                 sha256=digests.get(p),
                 url=base + p,
-                download_url=store.presigned_url(artifact.path, p) if store.remote else None,
+                download_url=store.presign(artifact.path, p),
             )
             for p, n in artifact_files(artifact)
         ]

@@ -6,7 +6,7 @@
     running --requeue (worker shutting down)--> queued
 
 finish() clears the job's secrets (both token columns), removes its scratch space (block checkpoints, publish
-staging, and the output folder when no artifact was recorded) and says whether this call ended the job, so
+staging, and whatever its runs stored that no artifact row names) and says whether this call ended the job, so
 that whoever counts endings counts each one once (a redelivered message for an ended job ends nothing).
 No torch here: the API process (cancel, reaper) and the worker both use it.
 """
@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 from app.core.config import settings
 from app.models import PUBLISH_STAGE, Artifact, Job, JobStatus, utcnow
 from app.services.events import add_event
-from app.services.storage import artifact_store, store_for
+from app.services.storage import job_stores, store_for
 
 log = logging.getLogger("awqforge.lifecycle")
 
@@ -115,10 +115,8 @@ def finish(
     shutil.rmtree(job_work_dir(tenant_id, job_id), ignore_errors=True)
     shutil.rmtree(publish_staging_dir(job_id), ignore_errors=True)
     shutil.rmtree(run_staging_dir(tenant_id, job_id), ignore_errors=True)
-    if s.scalar(select(Artifact.id).where(Artifact.job_id == job_id).limit(1)) is None:
-        # nothing recorded: what a run left in its output folder, or uploaded before it failed, is partial
-        shutil.rmtree(job_output_dir(tenant_id, job_id), ignore_errors=True)
-        _delete_stored(tenant_id, job_id, [])
+    # what a run uploaded before it failed or was killed, or a replaced run's set, is named by no row
+    _remove_stored(tenant_id, job_id, keep=_recorded(s, job_id))
     s.expire_all()  # loaded rows show the ending
     return True
 
@@ -243,22 +241,37 @@ def reap(s: Session, job: Job, stale_before: datetime) -> str | None:
     return "requeued" if requeued else None
 
 
-def _delete_stored(tenant_id: int, job_id: str, locations: list[str]) -> None:
-    """Remove the given artifact locations and whatever the job's store holds under its own prefix."""
-    store = artifact_store()
-    for location in [*locations, store.job_location(tenant_id, job_id)]:
+def _recorded(s: Session, job_id: str) -> list[str]:
+    return list(s.scalars(select(Artifact.path).where(Artifact.job_id == job_id)))
+
+
+def _remove_stored(tenant_id: int, job_id: str, *, keep: list[str], gone: tuple[str, ...] = ()) -> None:
+    """Remove the `gone` locations, and whatever the stores hold for the job outside the `keep` locations."""
+    targets = [(store_for(loc), loc) for loc in gone]
+    targets += [(store, store.job_location(tenant_id, job_id)) for store in job_stores()]
+    for store, location in targets:
         try:
-            store_for(location).delete(location)
+            store.delete(location, keep=keep)
         except Exception as exc:  # an unreachable object store: logged (by type only), retried by retention
             log.warning("could not delete the stored files of %s: %s", job_id, type(exc).__name__)
+
+
+def prune_unrecorded(s: Session, job_id: str) -> None:
+    """Remove what the job's runs stored that no artifact row names (a replaced run's set, a killed run's
+    partial upload). Under a key-share lock on the job row: a run recording its set (FOR UPDATE first)
+    waits, the heartbeat (which changes no key) does not, however slow the store is."""
+    tenant_id = s.scalar(
+        select(Job.tenant_id).where(Job.id == job_id).with_for_update(read=True, key_share=True)
+    )
+    if tenant_id is not None:
+        _remove_stored(tenant_id, job_id, keep=_recorded(s, job_id))
 
 
 def delete_artifacts(s: Session, job: Job, *, message: str) -> int:
     """An ended job's artifacts removed from their store (files or objects) and their rows dropped; the job
     row stays (with its metrics and events). Returns how many artifacts went."""
     arts = list(s.scalars(select(Artifact).where(Artifact.job_id == job.id)))
-    _delete_stored(job.tenant_id, job.id, [a.path for a in arts])
-    shutil.rmtree(job_output_dir(job.tenant_id, job.id), ignore_errors=True)
+    _remove_stored(job.tenant_id, job.id, keep=[], gone=tuple(a.path for a in arts))
     for a in arts:
         s.delete(a)
     if arts:

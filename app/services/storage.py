@@ -1,12 +1,17 @@
 """Artifact storage: where a worker puts a finished artifact folder and where the API reads it from.
 
-Two backends behind one interface:
-- `LocalStore` (the embedded default): the folder the engine wrote under ARTIFACT_DIR stays where it is;
-  its location is the absolute path. API and workers must share that folder (one machine, or a volume).
+Two backends behind one interface (`ArtifactStore`: put, list_files, head, stream, presign, delete,
+local_copy); the API and the worker call only that, never ask which backend they hold:
+- `LocalStore` (the embedded default): folders under ARTIFACT_DIR; a location is the absolute path. API and
+  workers must share that folder (one machine, or a volume). It cannot presign.
 - `S3Store`: any S3-compatible object store through boto3 (AWS, MinIO, moto...). A worker on any machine
-  uploads each file (multipart above S3_MULTIPART_THRESHOLD) under `S3_PREFIX/tenant-<id>/<job>/<format>/`;
-  the location is `s3://bucket/key-prefix`. The API of any other machine lists and streams the files, or
-  hands out presigned download URLs so that large files never pass through it.
+  uploads each file (multipart above S3_MULTIPART_THRESHOLD) under `S3_PREFIX/<key>/`; the location is
+  `s3://bucket/<prefix>/<key>`. The API of any other machine lists and streams the files, or hands out
+  presigned download URLs so that large files never pass through it.
+
+Keys are `tenant-<id>/<job>/<run>/<format>`: every run stores under its own prefix, so a retry never
+overwrites the artifacts its job has recorded; what no row names any more is removed with
+`delete(job_location, keep=recorded)`.
 
 An artifact row's location says which backend reads it (`s3://` or a path), so artifacts written before a
 change of ARTIFACT_STORE stay readable. Torch-free: the API imports this.
@@ -14,23 +19,34 @@ change of ARTIFACT_STORE stay readable. Torch-free: the API imports this.
 
 from __future__ import annotations
 
+import logging
+import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path, PurePosixPath
 
 from app.core.config import settings
+from awqforge.errors import AWQForgeError
 from awqforge.manifest import tree_files, tree_problems
 
+log = logging.getLogger("awqforge.storage")
 S3_SCHEME = "s3://"
+CHUNK = 1 << 20
 
 
-@dataclass
+@dataclass(frozen=True)
 class StoredFile:
     path: str  # relative to the artifact's root, posix
     size_bytes: int
+    etag: str  # a strong validator, quoted (HTTP ETag)
+    mtime: float
+
+
+class StoreUnavailable(AWQForgeError):
+    """The object store could not take a file; the message names the file, never the store's address."""
 
 
 class ArtifactMismatch(Exception):
@@ -54,10 +70,47 @@ def check_manifest(local: Path, files: list[dict]) -> None:
         raise ArtifactMismatch("the stored artifact is not the one recorded: " + "; ".join(problems[:5]))
 
 
-class ArtifactStore:
-    """What the worker and the API need from a store."""
+def job_key(tenant_id: int, job_id: str) -> str:
+    """The key every artifact of the job is stored under (each run adds `/<run>/<format>`)."""
+    return f"tenant-{tenant_id}/{job_id}"
 
-    remote = False
+
+def _relative(file_path: str) -> PurePosixPath | None:
+    """A file name inside an artifact, or None for one that tries to leave it (absolute, "..", empty)."""
+    rel = PurePosixPath(file_path)
+    if rel.is_absolute() or ".." in rel.parts or not file_path or file_path.endswith("/"):
+        return None
+    return rel
+
+
+class ArtifactStore:
+    """What the worker and the API need from a store. `path` arguments name a file inside the artifact at
+    `location`; one that tries to leave it is treated as missing."""
+
+    def put(self, local: Path, *, key: str) -> str:
+        """Store a finished artifact folder (or one file, kept under its name); returns its location (kept in
+        artifacts.path). `local` stays as it was."""
+        raise NotImplementedError
+
+    def list_files(self, location: str) -> list[StoredFile]:
+        """The artifact's files, sorted by path ([] when it is gone)."""
+        raise NotImplementedError
+
+    def head(self, location: str, path: str) -> StoredFile | None:
+        raise NotImplementedError
+
+    def stream(self, location: str, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        """The file's bytes from `start` to `end` (inclusive; None: to the end)."""
+        raise NotImplementedError
+
+    def presign(self, location: str, path: str) -> str | None:
+        """A URL that downloads the file without the API, or None where the store cannot make one."""
+        return None
+
+    def delete(self, location: str, *, keep: Iterable[str] = ()) -> None:
+        """Remove what `location` holds (a folder or file; every object under the prefix), except what lies
+        under one of the `keep` locations."""
+        raise NotImplementedError
 
     def local_copy(
         self, location: str, *, files: list[dict] | None, scratch: Path
@@ -67,25 +120,80 @@ class ArtifactStore:
         goes), removed on exit."""
         raise NotImplementedError
 
-    def put_dir(self, local: Path, *, key: str) -> str:
-        """Store a finished artifact folder (or file); returns its location (kept in artifacts.path)."""
-        raise NotImplementedError
-
-    def list_files(self, location: str) -> list[StoredFile]:
-        raise NotImplementedError
-
-    def delete(self, location: str) -> None:
-        """Remove what `location` holds (a folder or file; every object under the prefix)."""
-        raise NotImplementedError
-
     def job_location(self, tenant_id: int, job_id: str) -> str:
-        """The location that holds everything this store keeps for the job (put_dir keys start with it)."""
+        """The location that holds everything this store keeps for the job (put keys start with it)."""
         raise NotImplementedError
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same file system (the run's staging folder is under ARTIFACT_DIR): no copy
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 class LocalStore(ArtifactStore):
-    def put_dir(self, local: Path, *, key: str) -> str:
-        return str(Path(local).resolve())
+    def put(self, local: Path, *, key: str) -> str:
+        local, dest = Path(local), settings.ARTIFACT_DIR / key
+        shutil.rmtree(dest, ignore_errors=True)  # what a killed attempt at this same key left
+        if local.is_file():
+            dest.mkdir(parents=True)
+            _link_or_copy(str(local), str(dest / local.name))
+        else:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(local, dest, copy_function=_link_or_copy)
+        return str(dest.resolve())
+
+    def _file(self, location: str, path: str) -> Path | None:
+        from awqforge.errors import InputError
+        from awqforge.resolve import resolve_local_path
+
+        root = Path(location).resolve()
+        if root.is_file():  # a location written as the file itself (before runs had folders)
+            return root if path == root.name else None
+        if _relative(path) is None:
+            return None
+        try:  # the one resolver: links and ".." followed, whatever it names must stay inside the artifact
+            target = resolve_local_path(path, [root], what="file", base=root)
+        except InputError:
+            return None
+        return target if target.is_file() else None
+
+    @staticmethod
+    def _stat(rel: str, p: Path) -> StoredFile:
+        st = p.stat()
+        return StoredFile(rel, st.st_size, f'"{st.st_size:x}-{st.st_mtime_ns:x}"', st.st_mtime)
+
+    def list_files(self, location: str) -> list[StoredFile]:
+        root = Path(location)
+        if root.is_file():
+            return [self._stat(root.name, root)]
+        if not root.is_dir():
+            return []
+        files = (p for p in root.rglob("*") if p.is_file())
+        return sorted((self._stat(p.relative_to(root).as_posix(), p) for p in files), key=lambda f: f.path)
+
+    def head(self, location: str, path: str) -> StoredFile | None:
+        target = self._file(location, path)
+        return None if target is None else self._stat(path, target)
+
+    def stream(self, location: str, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        target = self._file(location, path)
+        if target is None:
+            raise FileNotFoundError(path)
+        left = None if end is None else end - start + 1
+        with open(target, "rb") as f:
+            f.seek(start)
+            while left is None or left > 0:
+                data = f.read(CHUNK if left is None else min(CHUNK, left))
+                if not data:
+                    return
+                if left is not None:
+                    left -= len(data)
+                yield data
+
+    def delete(self, location: str, *, keep: Iterable[str] = ()) -> None:
+        _prune(Path(location), {Path(k).resolve() for k in keep})
 
     @contextmanager
     def local_copy(self, location: str, *, files: list[dict] | None, scratch: Path) -> Iterator[Path]:
@@ -94,35 +202,24 @@ class LocalStore(ArtifactStore):
             check_manifest(root, files)
         yield root
 
-    def list_files(self, location: str) -> list[StoredFile]:
-        root = Path(location)
-        if root.is_file():
-            return [StoredFile(root.name, root.stat().st_size)]
-        if not root.is_dir():
-            return []
-        return sorted(
-            (
-                StoredFile(p.relative_to(root).as_posix(), p.stat().st_size)
-                for p in root.rglob("*")
-                if p.is_file()
-            ),
-            key=lambda f: f.path,
-        )
-
-    def delete(self, location: str) -> None:
-        p = Path(location)
-        if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
-        else:
-            p.unlink(missing_ok=True)
-
     def job_location(self, tenant_id: int, job_id: str) -> str:
-        return str(settings.ARTIFACT_DIR / f"tenant-{tenant_id}" / job_id)
+        return str(settings.ARTIFACT_DIR / job_key(tenant_id, job_id))
+
+
+def _prune(p: Path, keep: set[Path]) -> None:
+    resolved = p.resolve()
+    if resolved in keep:
+        return
+    if p.is_dir() and not p.is_symlink() and any(k.is_relative_to(resolved) for k in keep):
+        for child in p.iterdir():
+            _prune(child, keep)
+    elif p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        p.unlink(missing_ok=True)
 
 
 class S3Store(ArtifactStore):
-    remote = True
-
     def __init__(self) -> None:
         import boto3
         from boto3.s3.transfer import TransferConfig
@@ -161,50 +258,65 @@ class S3Store(ArtifactStore):
         bucket, _, key = location.removeprefix(S3_SCHEME).partition("/")
         return bucket, key.rstrip("/")
 
-    def put_dir(self, local: Path, *, key: str) -> str:
+    def _key(self, location: str, path: str) -> tuple[str, str] | None:
+        rel = _relative(path)
+        if rel is None:
+            return None
+        bucket, base = self._split(location)
+        return bucket, f"{base}/{rel.as_posix()}"
+
+    def _objects(self, location: str) -> Iterator[dict]:
+        bucket, base = self._split(location)
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + "/"):
+            yield from page.get("Contents", [])
+
+    def put(self, local: Path, *, key: str) -> str:
         local = Path(local)
         base = "/".join(p for p in (self.prefix, key.strip("/")) if p)
         files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.is_file())
         for f in files:
             rel = f.name if local.is_file() else f.relative_to(local).as_posix()
-            self.client.upload_file(str(f), self.bucket, f"{base}/{rel}", Config=self.transfer)
+            try:
+                self.client.upload_file(str(f), self.bucket, f"{base}/{rel}", Config=self.transfer)
+            except Exception as exc:
+                # boto's text names the endpoint and the key: the tenant reads this error
+                cause = exc.__context__ or exc  # boto3 wraps the client's error in S3UploadFailedError
+                code = getattr(cause, "response", {}).get("Error", {}).get("Code") or type(cause).__name__
+                log.warning("upload of %s failed: %s", rel, code)
+                raise StoreUnavailable(f"the artifact store did not take {rel} ({code})") from None
         return f"{S3_SCHEME}{self.bucket}/{base}"
 
     def job_location(self, tenant_id: int, job_id: str) -> str:
         return f"{S3_SCHEME}{self.bucket}/" + "/".join(
-            p for p in (self.prefix, f"tenant-{tenant_id}/{job_id}") if p
+            p for p in (self.prefix, job_key(tenant_id, job_id)) if p
         )
 
     def list_files(self, location: str) -> list[StoredFile]:
-        bucket, base = self._split(location)
-        out = []
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + "/"):
-            for obj in page.get("Contents", []):
-                out.append(StoredFile(obj["Key"][len(base) + 1 :], int(obj["Size"])))
-        return sorted(out, key=lambda f: f.path)
+        skip = len(self._split(location)[1]) + 1
+        return sorted(
+            (
+                StoredFile(o["Key"][skip:], int(o["Size"]), o["ETag"], o["LastModified"].timestamp())
+                for o in self._objects(location)
+            ),
+            key=lambda f: f.path,
+        )
 
-    def _key(self, location: str, file_path: str) -> tuple[str, str] | None:
-        rel = PurePosixPath(file_path)
-        if rel.is_absolute() or ".." in rel.parts or not file_path or file_path.endswith("/"):
-            return None
-        bucket, base = self._split(location)
-        return bucket, f"{base}/{rel.as_posix()}"
-
-    def head(self, location: str, file_path: str) -> dict | None:
+    def head(self, location: str, path: str) -> StoredFile | None:
         from botocore.exceptions import ClientError
 
-        bk = self._key(location, file_path)
+        bk = self._key(location, path)
         if bk is None:
             return None
         try:
-            return self.client.head_object(Bucket=bk[0], Key=bk[1])
+            h = self.client.head_object(Bucket=bk[0], Key=bk[1])
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
                 return None
             raise
+        return StoredFile(path, int(h["ContentLength"]), h["ETag"], h["LastModified"].timestamp())
 
-    def presigned_url(self, location: str, file_path: str) -> str | None:
-        bk = self._key(location, file_path)
+    def presign(self, location: str, path: str) -> str | None:
+        bk = self._key(location, path)
         if bk is None:
             return None
         return self.presign_client.generate_presigned_url(
@@ -212,16 +324,19 @@ class S3Store(ArtifactStore):
             Params={
                 "Bucket": bk[0],
                 "Key": bk[1],
-                "ResponseContentDisposition": f'attachment; filename="{PurePosixPath(file_path).name}"',
+                "ResponseContentDisposition": f'attachment; filename="{PurePosixPath(path).name}"',
             },
             ExpiresIn=settings.S3_PRESIGN_EXPIRES_S,
         )
 
-    def stream(self, location: str, file_path: str, chunk: int = 1 << 20) -> Iterator[bytes]:
-        bk = self._key(location, file_path)
-        body = self.client.get_object(Bucket=bk[0], Key=bk[1])["Body"]
+    def stream(self, location: str, path: str, start: int = 0, end: int | None = None) -> Iterator[bytes]:
+        bk = self._key(location, path)
+        if bk is None:
+            raise FileNotFoundError(path)
+        ranged = {"Range": f"bytes={start}-{'' if end is None else end}"} if start or end is not None else {}
+        body = self.client.get_object(Bucket=bk[0], Key=bk[1], **ranged)["Body"]
         try:
-            yield from body.iter_chunks(chunk)
+            yield from body.iter_chunks(CHUNK)
         finally:
             body.close()
 
@@ -257,12 +372,13 @@ class S3Store(ArtifactStore):
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    def delete(self, location: str) -> None:
-        bucket, base = self._split(location)
-        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=base + "/"):
-            keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
-            if keys:
-                self.client.delete_objects(Bucket=bucket, Delete={"Objects": keys})
+    def delete(self, location: str, *, keep: Iterable[str] = ()) -> None:
+        bucket, _ = self._split(location)
+        # "a/b/" and not "a/b": job_10 shares a prefix with job_1, not a folder
+        kept = tuple(self._split(k)[1] + "/" for k in keep if k.startswith(f"{S3_SCHEME}{bucket}/"))
+        doomed = [{"Key": o["Key"]} for o in self._objects(location) if not o["Key"].startswith(kept)]
+        for i in range(0, len(doomed), 1000):  # DeleteObjects takes at most 1000 keys
+            self.client.delete_objects(Bucket=bucket, Delete={"Objects": doomed[i : i + 1000]})
 
 
 @lru_cache(maxsize=1)
@@ -280,24 +396,8 @@ def artifact_store() -> ArtifactStore:
     return _s3() if settings.ARTIFACT_STORE == "s3" else LocalStore()
 
 
-def object_store_download(location: str, file_path: str, *, redirect: bool):
-    """The API's answer for a file in the object store: a 307 to a presigned URL, or the bytes streamed."""
-    from fastapi.responses import RedirectResponse, StreamingResponse
-
-    from app.services.jobs import ServiceError
-
-    store = store_for(location)
-    head = store.head(location, file_path)
-    if head is None:
-        raise ServiceError(404, "file not found")
-    if redirect:
-        return RedirectResponse(store.presigned_url(location, file_path), status_code=307)
-    name = PurePosixPath(file_path).name.replace('"', "")
-    return StreamingResponse(
-        store.stream(location, file_path),
-        media_type="application/octet-stream",
-        headers={
-            "Content-Length": str(head["ContentLength"]),
-            "Content-Disposition": f'attachment; filename="{name}"',
-        },
-    )
+def job_stores() -> list[ArtifactStore]:
+    """Where a job's files may lie: the local folder (a run's output before it is stored) and the configured
+    store when that is another."""
+    store = artifact_store()
+    return [LocalStore()] if isinstance(store, LocalStore) else [LocalStore(), store]

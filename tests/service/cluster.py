@@ -185,3 +185,31 @@ class Cluster:
         keys = list(r.scan_iter(f"{self.prefix}*", count=1000))
         if keys:
             r.delete(*keys)
+
+
+def assert_bucket_matches_rows(moto: MotoServer, bucket: str, job_ids: list[str]) -> None:
+    """The S3 twin of the fault tests' artifact folder check: under the jobs' prefixes the bucket holds
+    exactly the files their artifact rows record, at their recorded sizes (no replaced run's set, no
+    partial upload of a failed or killed run, nothing of a deleted job)."""
+    from sqlalchemy import select
+
+    from app.core.db import session_scope
+    from app.models import Artifact
+
+    with session_scope() as s:
+        rows = [(a.path, a.files) for a in s.scalars(select(Artifact).where(Artifact.job_id.in_(job_ids)))]
+    recorded = {}
+    for location, files in rows:
+        where, _, prefix = location.removeprefix("s3://").partition("/")
+        assert location.startswith("s3://") and where == bucket, location
+        recorded.update({f"{prefix}/{f['path']}": f["size_bytes"] for f in files})
+    stored = {
+        o["Key"]: o["Size"]
+        for page in moto.client().get_paginator("list_objects_v2").paginate(Bucket=bucket)
+        for o in page.get("Contents", [])
+        if any(f"/{job_id}/" in o["Key"] for job_id in job_ids)
+    }
+    assert stored == recorded, {
+        "stored, not recorded": sorted(set(stored) - set(recorded)),
+        "recorded, not stored (or other size)": sorted(k for k in recorded if stored.get(k) != recorded[k]),
+    }

@@ -1,9 +1,11 @@
 """A TCP proxy in front of the shared Postgres that a test can cut and restore: the database "goes away" for
-the code under test while the real server (shared with every other test) keeps running."""
+the code under test while the real server (shared with every other test) keeps running. FailingProxy: one in
+front of the S3 server that cuts chosen requests."""
 
 from __future__ import annotations
 
 import contextlib
+import re
 import socket
 import threading
 
@@ -81,3 +83,44 @@ class TcpProxy:
     def close(self) -> None:
         self._stop = True
         self.cut()
+
+
+class FailingProxy(TcpProxy):
+    """A TCP proxy in front of an HTTP server (the S3 server) that cuts the connection of every request whose
+    first line matches `fail`, as a store whose network goes would, or holds one that matches `hold` (sets
+    `holding`) until `release` is set, then cuts it; `requests` keeps every first line seen."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.fail: re.Pattern[bytes] | None = None
+        self.hold: re.Pattern[bytes] | None = None
+        self.holding, self.release = threading.Event(), threading.Event()
+        self.requests: list[bytes] = []
+        super().__init__(target)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _pipe(self, src: socket.socket, dst: socket.socket) -> None:
+        try:
+            from_server = src.getpeername()[1] == self.target[1]
+        except OSError:  # the other direction's thread closed both already
+            return
+        if from_server:  # the server's answers pass as they are
+            return super()._pipe(src, dst)
+        try:
+            while data := src.recv(65536):
+                line = data.split(b"\r\n", 1)[0]
+                # the start of a request (a body's bytes do not look like one)
+                if re.match(rb"[A-Z]+ /", line):
+                    self.requests.append(line)
+                    if self.hold is not None and self.hold.search(line):
+                        self.holding.set()
+                        self.release.wait()
+                        break
+                    if self.fail is not None and self.fail.search(line):
+                        break
+                dst.sendall(data)
+        except OSError:
+            pass
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+            s.close()

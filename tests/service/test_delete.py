@@ -35,9 +35,9 @@ def test_s3_store_deletes_one_jobs_objects(monkeypatch, tmp_path):
         art.mkdir()
         (art / "config.json").write_text("{}")
         store = S3Store()
-        kept = store.put_dir(art, key="tenant-7/job_10/awq")
+        kept = store.put(art, key="tenant-7/job_10/awq")
         for fmt in ("awq", "compressed-tensors"):
-            store.put_dir(art, key=f"tenant-7/job_1/{fmt}")
+            store.put(art, key=f"tenant-7/job_1/{fmt}")
         assert store.job_location(7, "job_1") == f"s3://{bucket}/awqforge/tenant-7/job_1"
         store.delete(store.job_location(7, "job_1"))
         keys = [o["Key"] for o in moto.client().list_objects_v2(Bucket=bucket).get("Contents", [])]

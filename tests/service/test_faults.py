@@ -177,22 +177,21 @@ def assert_no_slot_leaked(stack: Stack) -> None:
 
 def assert_store_matches_rows(stack: Stack) -> None:
     """Once every job has ended, the artifact folder holds exactly what the artifact rows name: each row's
-    files, and no job's checkpoint, staging or unrecorded output folder."""
+    files, and no job's checkpoint, staging or unrecorded output folder (a replaced or killed run's)."""
     rows = stack.sql("SELECT path, files FROM artifacts")
     recorded = {Path(path).resolve() for path, _ in rows}
     for path, files in rows:
         for f in files or []:
             assert (Path(path) / f["path"]).is_file(), f"{path}: {f['path']} recorded, not stored"
     root = stack.home / "artifacts"
-    left = [
-        p
-        for tenant in (root.glob("tenant-*") if root.is_dir() else [])
-        for job in tenant.iterdir()
-        for p in (
-            [job] if job.name.startswith(".") else [x for x in job.iterdir() if x.resolve() not in recorded]
-        )
-    ]
-    assert left == [], f"stored but not recorded (or scratch left behind): {left}"
+    left = []
+    for tenant in root.glob("tenant-*") if root.is_dir() else []:
+        for p in tenant.rglob("*"):
+            r = p.resolve()
+            # a recorded artifact, a file in one, or a folder that holds one (the job's, its run's)
+            if not any(r.is_relative_to(k) or k.is_relative_to(r) for k in recorded):
+                left.append(p)
+    assert left == [], f"stored but not recorded (or scratch left behind): {sorted(left)[:10]}"
 
 
 def succeeded_events(stack: Stack, job_id: str) -> int:

@@ -15,7 +15,7 @@ import uuid
 
 import pytest
 
-from .cluster import Cluster, MotoServer
+from .cluster import Cluster, MotoServer, assert_bucket_matches_rows
 from .conftest import HOME, SERVICE_ENV, wait_for_status
 from .hub_server import HubServer
 
@@ -164,7 +164,7 @@ def _assert_only_published_after(events: list, marker: str) -> list[str]:
 
 
 def test_publish_retry_reads_the_artifact_set_from_the_object_store(service, make_key, moto, hub, deployment):
-    cluster, _, _ = deployment
+    cluster, _, bucket = deployment
     repo_id = f"acme/s3-retry-{uuid.uuid4().hex[:6]}"
     with cluster.client(_key(make_key)) as c:
         job = _fail_first_publish(service, hub, c, repo_id)
@@ -184,6 +184,7 @@ def test_publish_retry_reads_the_artifact_set_from_the_object_store(service, mak
         assert c.get(f["url"]).content == hub.repos[repo_id].files_at("main")[1]["config.json"]
     assert _artifact_set(job["id"]) == before
     _assert_one_commit_of_the_artifact(moto, hub, repo_id, before)
+    assert_bucket_matches_rows(moto, bucket, [job["id"]])
     _no_copies_left(cluster, "w1")  # the downloaded copy went after the publish
     scratch = cluster.home("w1") / "artifacts" / ".publish"
     assert not scratch.exists() or list(scratch.iterdir()) == [], list(scratch.rglob("*"))
@@ -192,7 +193,7 @@ def test_publish_retry_reads_the_artifact_set_from_the_object_store(service, mak
 def test_worker_killed_during_publish_retry_publishes_once_without_rerunning(
     service, make_key, moto, hub, deployment
 ):
-    cluster, env, _ = deployment
+    cluster, env, bucket = deployment
     repo_id = f"acme/s3-kill-{uuid.uuid4().hex[:6]}"
     with cluster.client(_key(make_key)) as c:
         job = _fail_first_publish(service, hub, c, repo_id)
@@ -210,6 +211,7 @@ def test_worker_killed_during_publish_retry_publishes_once_without_rerunning(
         assert job["stage"] == "publish" and job["attempts"] == 2, job  # two publish runs, no other
     assert _artifact_set(job_id) == before  # the same artifact set: ids, locations, files and sha256s
     _assert_one_commit_of_the_artifact(moto, hub, repo_id, before)
+    assert_bucket_matches_rows(moto, bucket, [job_id])
 
     messages = _assert_only_published_after(_events(job_id), "publish queued")
     assert any(m.startswith("publishing on w1") and "(attempt 1)" in m for m in messages), messages
@@ -226,7 +228,7 @@ def test_worker_killed_during_the_first_publish_publishes_the_recorded_set(
 ):
     """Lost while publishing the run's own result: the artifact set is recorded (the stage says publish in the
     same commit), so the requeued job publishes it from the store; quantization is not run again."""
-    cluster, env, _ = deployment
+    cluster, env, bucket = deployment
     repo_id = f"acme/s3-first-{uuid.uuid4().hex[:6]}"
     held = hub.hold("POST", rf"/api/models/{repo_id}/commit/main$")
     body = service.job_body(eval={"enabled": False}, publish={"repo_id": repo_id, "token": ALICE})
@@ -246,6 +248,7 @@ def test_worker_killed_during_the_first_publish_publishes_the_recorded_set(
         assert "SECRET" not in str(job)
     assert _artifact_set(job_id) == before
     _assert_one_commit_of_the_artifact(moto, hub, repo_id, before)
+    assert_bucket_matches_rows(moto, bucket, [job_id])
     events = _events(job_id)
     assert sum(1 for _, _, m in events if (m or "").startswith("running on")) == 1  # one run, never again
     _assert_only_published_after(events, "publishing to " + repo_id)

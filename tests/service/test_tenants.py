@@ -165,6 +165,10 @@ def test_downloads_range_etag_and_tar(service, make_key):
         assert part.status_code == 206 and part.content == full.content[1000:]
         assert part.headers["Content-Range"] == f"bytes 1000-{len(full.content) - 1}/{len(full.content)}"
         assert c.get(f["url"], headers={"Range": "bytes=1000-", "If-Range": etag}).status_code == 206
+        n = len(full.content)
+        past = c.get(f["url"], headers={"Range": f"bytes={n}-"})  # a .part as long as the file
+        assert past.status_code == 416 and past.headers["Content-Range"] == f"bytes */{n}"
+        assert c.get(f["url"], headers={"Range": "bytes=5-2"}).status_code == 400
 
         tar = c.get(f"/v1/jobs/{job['id']}/artifacts/{art['id']}.tar")
         assert tar.status_code == 200 and tar.headers["content-type"] == "application/x-tar"

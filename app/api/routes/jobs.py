@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import mimetypes
 import tarfile
 import time
 from collections.abc import Callable
 from functools import partial
-from pathlib import Path, PurePosixPath
+from pathlib import PurePosixPath
 from typing import Annotated, TypeVar
+from urllib.parse import quote
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, RedirectResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -35,9 +37,7 @@ from app.schemas import (
 )
 from app.services import jobs as job_service
 from app.services.jobs import ServiceError, SpecError
-from app.services.storage import S3_SCHEME, object_store_download, store_for
-from awqforge.errors import InputError
-from awqforge.resolve import resolve_local_path
+from app.services.storage import store_for
 from awqforge.spec import SECRET, HubToken, SourceSpec
 
 router = APIRouter(prefix="/jobs", tags=["jobs"])
@@ -398,17 +398,6 @@ def _artifact(session, tenant, job_id: str, artifact_id: str) -> Artifact:
     return artifact
 
 
-def _read_chunks(path: Path, chunk: int = 1 << 20):
-    with open(path, "rb") as f:
-        while data := f.read(chunk):
-            yield data
-
-
-def _etag(path: Path) -> str:
-    st = path.stat()
-    return f'"{st.st_size:x}-{st.st_mtime_ns:x}"'
-
-
 @router.get(
     "/{job_id}/artifacts/{artifact_id}.tar",
     response_class=StreamingResponse,
@@ -420,20 +409,15 @@ def download_artifact_tar(
 ) -> StreamingResponse:
     artifact = _artifact(session, tenant, job_id, artifact_id)
     store = store_for(artifact.path)
-    if store.remote:  # the object store: names and sizes from its listing, bytes streamed from it
-        mtime = int(artifact.created_at.timestamp()) if artifact.created_at else 0
-        files = [
-            (f"{artifact.format}/{f.path}", f.size_bytes, mtime, partial(store.stream, artifact.path, f.path))
-            for f in store.list_files(artifact.path)
-        ]
-    else:
-        root = Path(artifact.path).resolve()
-        prefix = f"{artifact.format}/" if root.is_dir() else ""
-        files = []
-        for f in store.list_files(artifact.path):
-            path = root / f.path if root.is_dir() else root
-            st = path.stat()
-            files.append((prefix + f.path, st.st_size, int(st.st_mtime), partial(_read_chunks, path)))
+    files = [
+        (
+            f"{artifact.format}/{f.path}",
+            f.size_bytes,
+            int(f.mtime),
+            partial(store.stream, artifact.path, f.path),
+        )
+        for f in store.list_files(artifact.path)
+    ]
     if not files:
         raise ServiceError(404, "artifact files are gone")
     entries = []
@@ -471,12 +455,48 @@ def download_artifact_tar(
     )
 
 
+class _Unsatisfiable(Exception):
+    """The Range starts past the end of the file (416)."""
+
+
+def _byte_range(header: str, size: int) -> tuple[int, int] | None:
+    """The one range of a `Range: bytes=...` header as (first, last) byte; None for several ranges (the whole
+    file is sent, as RFC 9110 allows). 400 when malformed; _Unsatisfiable when it starts past the end."""
+    unit, _, spec = header.partition("=")
+    if unit.strip().lower() == "bytes" and "," in spec:
+        return None
+    first, dash, last = (p.strip() for p in spec.partition("-"))
+    if unit.strip().lower() != "bytes" or not dash or not (first + last).isdigit():
+        raise ServiceError(
+            400, "Range: only 'bytes=first-last', 'bytes=first-' or 'bytes=-count' is understood"
+        )
+    if not first:  # the last `count` bytes
+        if not int(last) or not size:
+            raise _Unsatisfiable
+        return max(size - int(last), 0), size - 1
+    start, end = int(first), min(int(last), size - 1) if last else size - 1
+    if start >= size:
+        raise _Unsatisfiable
+    if end < start:
+        raise ServiceError(400, "Range: the last byte comes before the first")
+    return start, end
+
+
+def _attachment(name: str) -> str:
+    """Content-Disposition for a file name (headers are Latin-1: other names go percent-encoded, RFC 6266)."""
+    if name.isascii():
+        return 'attachment; filename="{}"'.format(name.replace('"', ""))
+    return f"attachment; filename*=utf-8''{quote(name)}"
+
+
 @router.get(
     "/{job_id}/artifacts/{artifact_id}/files/{file_path:path}",
-    response_class=FileResponse,
+    response_class=StreamingResponse,
     responses={
         **_JSON_ERRORS,
         206: {"description": "the requested Range"},
+        307: {"description": "redirect=1 on a store that presigns: its URL"},
+        416: {"description": "the Range starts past the end of the file"},
         304: {"description": "ETag matched"},
     },
     summary="Download one artifact file (Range, ETag and If-None-Match supported)",
@@ -488,26 +508,39 @@ def download_artifact_file(
     artifact_id: ArtifactId,
     file_path: Annotated[str, PathParam(max_length=1000)],
     if_none_match: Annotated[str | None, Header(alias="If-None-Match")] = None,
-    redirect: Annotated[bool, Query(description="object store: 307 to a presigned URL")] = False,
+    range_: Annotated[str | None, Header(alias="Range", max_length=200)] = None,
+    if_range: Annotated[str | None, Header(alias="If-Range", max_length=200)] = None,
+    redirect: Annotated[
+        bool, Query(description="307 to a presigned URL, where the store makes them")
+    ] = False,
 ) -> Response:
     artifact = _artifact(session, tenant, job_id, artifact_id)
-    if artifact.path.startswith(S3_SCHEME):
-        return object_store_download(artifact.path, file_path, redirect=redirect)
-    root = Path(artifact.path).resolve()
-    if root.is_file():
-        target = root if file_path == root.name else None
-    else:
-        # the one resolver: links and ".." followed, whatever it names must stay inside the artifact folder
-        try:
-            target = resolve_local_path(file_path, [root], what="file", base=root)
-        except InputError:
-            target = None
-    if target is None or not target.is_file():
+    store = store_for(artifact.path)
+    head = store.head(artifact.path, file_path)
+    if head is None:
         raise ServiceError(404, "file not found")
-    etag = _etag(target)
+    if redirect and (url := store.presign(artifact.path, file_path)):
+        return RedirectResponse(url, status_code=307)
     if if_none_match and (
-        if_none_match.strip() == "*" or etag in [t.strip() for t in if_none_match.split(",")]
+        if_none_match.strip() == "*" or head.etag in [t.strip() for t in if_none_match.split(",")]
     ):
-        return Response(status_code=304, headers={"ETag": etag})
-    # FileResponse answers Range (206) and If-Range itself; the ETag is ours so 304 and If-Range agree.
-    return FileResponse(target, filename=target.name, headers={"ETag": etag})
+        return Response(status_code=304, headers={"ETag": head.etag})
+    name = PurePosixPath(file_path).name
+    headers = {"ETag": head.etag, "Accept-Ranges": "bytes", "Content-Disposition": _attachment(name)}
+    try:  # If-Range: the range only of the file the client holds part of, else the whole file
+        span = _byte_range(range_, head.size_bytes) if range_ and if_range in (None, head.etag) else None
+    except _Unsatisfiable:
+        return JSONResponse(
+            {"detail": "Range: starts past the end of the file"},
+            status_code=416,
+            headers={"Content-Range": f"bytes */{head.size_bytes}"},
+        )
+    if span is None:
+        start, end, status = 0, head.size_bytes - 1, 200
+    else:
+        (start, end), status = span, 206
+        headers["Content-Range"] = f"bytes {start}-{end}/{head.size_bytes}"
+    headers["Content-Length"] = str(end - start + 1)
+    chunks = store.stream(artifact.path, file_path, start, end) if end >= start else iter(())
+    media_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+    return StreamingResponse(chunks, status_code=status, media_type=media_type, headers=headers)
