@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 
 import anyio.to_thread
+from botocore.exceptions import BotoCoreError, ClientError
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -27,6 +28,7 @@ from app.core.db import is_connection_error, session_scope
 from app.models import IdempotencyKey, utcnow
 from app.services import lifecycle
 from app.services.jobs import ServiceError, SpecError, reap_stale_jobs, reconcile_queued
+from app.services.storage import StoreUnavailable
 from awqforge.parsing import ParseError
 
 log = logging.getLogger("awqforge.api")
@@ -244,6 +246,18 @@ def create_app(*, run_reaper: bool = True) -> FastAPI:
     @app.exception_handler(SpecError)
     async def _spec(_req: Request, exc: SpecError) -> JSONResponse:
         return JSONResponse({"detail": [e.model_dump() for e in exc.errors]}, status_code=422)
+
+    @app.exception_handler(StoreUnavailable)
+    @app.exception_handler(BotoCoreError)
+    @app.exception_handler(ClientError)
+    async def _store(_req: Request, exc: Exception) -> JSONResponse:
+        # an outage of the object store, not a bad request; boto's text names the endpoint: logged by type only
+        log.warning("artifact store unavailable: %s", type(exc).__name__)
+        return JSONResponse(
+            {"detail": "the artifact store is unavailable; retry later"},
+            status_code=503,
+            headers={"Retry-After": str(settings.DB_RETRY_AFTER_S)},
+        )
 
     @app.exception_handler(ServiceError)
     async def _service(_req: Request, exc: ServiceError) -> JSONResponse:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import sys
 from pathlib import Path
@@ -19,6 +20,17 @@ CALIBRATION_TEXT = Path(__file__).parents[1] / "awqforge" / "data" / "calibratio
 # CPU tensors through it. (tests/test_kernels_triton_aot.py compiles for real GPUs in processes without it.)
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+@atexit.register
+def _quiet_triton_teardown() -> None:
+    """triton 3.x's bindings print `nanobind: leaked ...` (hundreds of lines) when the interpreter tears its
+    modules down, after pytest's summary. Registered first, this runs last of the exit handlers: from here on
+    only module teardown writes to stderr, and only this process's (the workers and servers that tests start
+    block triton without a GPU: worker/startup.py, awqforge.cli.skip_triton_without_cuda)."""
+    if sys.modules.get("triton") is not None:
+        sys.stderr.flush()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
 # Two pytest workers (scripts/test.sh: `-n 2 --dist loadgroup`): the service tests in one, the engine's in the

@@ -178,6 +178,13 @@ def test_retry_stores_beside_the_recorded_set_and_leaves_no_orphans(service, mak
             served = {f["url"]: c.get(f["url"]).content for a in job["artifacts"] for f in a["files"]}
             assert_bucket_matches_rows(moto, bucket, [job_id])
 
+            # The store unreachable for reads: 503 with Retry-After, naming neither its address nor the bucket
+            s3.fail = re.compile(rb"^(GET|HEAD) ")
+            down = c.get(next(iter(served)))
+            assert down.status_code == 503 and down.headers["retry-after"], down.text
+            assert str(s3.port) not in down.text and bucket not in down.text
+            s3.fail = None
+
             # Retry 1: the weights' upload is cut every time; the files sorted before them went up first.
             s3.fail, seen = re.compile(rb"^PUT /[^ ]*\.safetensors"), len(s3.requests)
             assert c.post(f"/v1/jobs/{job_id}/retry").status_code == 202
