@@ -48,6 +48,7 @@ def pytest_collection_modifyitems(config, items):
         group = "service" if Path(item.fspath).parent.name == "service" else "engine"
         item.add_marker(pytest.mark.xdist_group(group))
 
+
 def train_tiny_tokenizer(vocab_size: int = 512):
     """A byte-level BPE of vocab_size tokens trained on the bundled English text (ids < vocab_size;
     <pad>, <s>, </s> are 0, 1, 2 as in tiny_models' configs)."""
