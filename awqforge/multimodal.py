@@ -206,11 +206,9 @@ class MultimodalModel:
             return None
         layers_attr = stream.adapter.layers_attr
         towers = tower_paths(stream.model, layers_attr)
-        names, tower_tensors = {}, set()
+        tower_tensors = set()
         for key in stream.reader.names():
             target = stream.module_tensor_name(key) or key
-            if key.endswith(".weight") and target.endswith(".weight"):
-                names[key[: -len(".weight")]] = target[: -len(".weight")]
             if any(target.startswith(t + ".") for t in towers):
                 tower_tensors.add(key)
         return cls(
@@ -219,7 +217,7 @@ class MultimodalModel:
             text_model_type=config.get_text_config().model_type,
             language_model=language_model_path(stream.model, layers_attr),
             towers=towers,
-            module_names=names,
+            module_names=stream.module_names(),
             tower_tensors=tower_tensors,
         )
 

@@ -196,7 +196,7 @@ def run_quantization(
                     settings=spec.quant,
                     shard_size=shard_size,
                     overwrite=overwrite,
-                    unquantized_names=mm.unquantized_names if mm else None,
+                    unquantized_names=mm.unquantized_names if mm else stream.unquantized_names,
                 )
             )
         job.log(

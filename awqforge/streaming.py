@@ -268,6 +268,22 @@ class StreamingModel:
         """The module tensor a checkpoint key is loaded into (transformers' renamings applied)."""
         return self._targets.get(checkpoint_key)
 
+    def module_names(self) -> dict[str, str]:
+        """Checkpoint module name -> module name, for every module with a `.weight` in the checkpoint."""
+        w = ".weight"
+        return {
+            k[: -len(w)]: t[: -len(w)]
+            for k, t in self._targets.items()
+            if k.endswith(w) and t is not None and t.endswith(w)
+        }
+
+    def unquantized_names(self, names: list[str], fmt: str) -> list[str]:
+        """The artifact's ignore list under module names: transformers' loaders (AWQ's `modules_to_not_convert`,
+        compressed-tensors' `ignore`) match it against the module tree, not the checkpoint's names (nemotron_h:
+        `backbone.` in the checkpoint, `model.` in the module tree); vLLM maps its own names onto it alike."""
+        modules = self.module_names()
+        return list(dict.fromkeys(modules.get(n, n) for n in names))
+
     def _in_tower(self, module_tensor: str) -> bool:
         return any(module_tensor.startswith(t + ".") for t in self.towers)
 

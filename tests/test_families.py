@@ -86,14 +86,7 @@ HYBRID = [
     "qwen3_5_moe_text",
     "bamba",  # Mamba-2 beside attention
     "granitemoehybrid",
-    pytest.param(
-        "nemotron_h",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="after the multimodal merge (blocks written under the checkpoint's layer prefix) transformers "
-            "reads nemotron_h's artifact wrongly (cosine -0.18; our loader 0.996): open, issue 20",
-        ),
-    ),
+    "nemotron_h",  # checkpoint `backbone.`, module tree `model.`: the ignore list under module names
     "jamba",  # Mamba-1 (dt_proj weight read directly: kept FP)
     "lfm2_moe",  # short convolutions beside attention, w1|w3|w2 experts
 ]
