@@ -206,7 +206,6 @@ class StreamingModel:
             auto_model_class,
             is_multimodal,
             tower_paths,
-            with_checkpoint_layer_names,
         )
 
         self.config = config
@@ -227,9 +226,8 @@ class StreamingModel:
         self._conversions = _conversions(self.model)
         self._targets = self._module_names_of_checkpoint_keys()
         self._sources = self._group_by_block(self._targets)
-        # Image-text-to-text models: blocks written under the checkpoint's own layer prefix; the towers are
-        # never run here (text calibration), so they are not loaded (awqforge/multimodal.py).
-        self.adapter = with_checkpoint_layer_names(adapter, self._targets)
+        # Image-text-to-text models: the towers are never run here (text calibration), so they are not loaded
+        # (awqforge/multimodal.py).
         self.towers = tuple(tower_paths(self.model, adapter.layers_attr)) if is_multimodal(config) else ()
 
     @classmethod
