@@ -136,7 +136,13 @@ def run_quantization(
     from transformers import AutoTokenizer
 
     from awqforge import report as reporting
-    from awqforge.arch import check_format_support, check_group_size, check_module_patterns, get_adapter
+    from awqforge.arch import (
+        check_format_support,
+        check_group_size,
+        check_module_patterns,
+        get_adapter,
+        has_experts,
+    )
     from awqforge.awq import BlockSettings
     from awqforge.calibration import build_calibration, read_text
     from awqforge.evaluate import eval_windows
@@ -355,6 +361,7 @@ def run_quantization(
         card = ModelCardInfo.from_spec(
             spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
         )
+        card.quantized_experts = has_experts(stream.model, adapter)
         if mm:  # what was quantized, what was kept, how it was calibrated (report and card)
             report["multimodal"] = mm.report()
             mm.describe(card)
