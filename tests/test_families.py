@@ -243,3 +243,25 @@ def test_a_model_with_no_linear_to_quantize_is_refused_up_front(model_type, tiny
     assert f"'{model_type}'" in msg and "none of its blocks' linears" in msg
     assert msg.count(". ") == 0 and len(msg) < 400
     assert not (tmp_path / "out").exists()
+
+
+def test_activation_scales_only_in_the_awq_format(tiny_tokenizer, tmp_path):
+    """GPT-NeoX's GELU -> dense_4h_to_h mapping puts its scales in `mlp.act.scales` (AutoAWQ's layout, read by
+    the AWQ format's loaders): with compressed-tensors among the formats it is skipped, said why, and
+    transformers computes what our loader does."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+    from tiny_families import artifact_roundtrip, save_family_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_family_checkpoint("gpt_neox", ckpt, tiny_tokenizer)
+    rt = artifact_roundtrip("gpt_neox", ckpt, tmp_path / "ct")
+    assert rt["max_diff"] < 1e-2, rt
+    report = json.loads((tmp_path / "ct" / "compressed-tensors" / "quant_report.json").read_text())
+    assert (
+        "gpt_neox.layers.0: mlp.act->mlp.dense_4h_to_h: the activation's scales have no place in a "
+        "compressed-tensors artifact" in report["skipped_mappings"]
+    )
+    awq = run_quantization(_spec(ckpt, fmt="awq"), tmp_path / "awq").artifacts["awq"]
+    with safe_open(str(awq / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("mlp.act.scales") for k in f.keys())
