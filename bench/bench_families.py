@@ -131,9 +131,9 @@ def main() -> None:
     if args.update:
         old = args.update.read_text().splitlines()
         header = old[:4]
-        old_rows = {_cells(line)[0]: line for line in old[4:] if line.startswith("| ")}
-        table = {**old_rows, **table}
-        notes = [line for line in old[4:] if line.startswith("Re-measured")]
+        end = next((i for i in range(4, len(old)) if not old[i].startswith("| ")), len(old))
+        table = {**{_cells(line)[0]: line for line in old[4:end]}, **table}
+        notes = "\n".join(old[end + 3 :]).strip("\n").splitlines()  # what follows the summary: kept
         notes.append(
             f"Re-measured {time.strftime('%Y-%m-%d')} on {_cpu()}, transformers {transformers.__version__}: "
             f"{', '.join(types)} (`python bench/bench_families.py --update {args.update} TYPES`)."
@@ -144,7 +144,7 @@ def main() -> None:
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
         body = [table[t] for t in sorted(table)]
-        out.write_text("\n".join(header + body + summary + ([""] + notes if notes else [])) + "\n")
+        out.write_text("\n".join(header + body + summary + ([""] + notes if notes else [])).rstrip() + "\n")
 
 
 def _cells(line: str) -> list[str]:

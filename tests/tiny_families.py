@@ -92,7 +92,9 @@ EXTRA: dict[str, dict] = {
     "mamba2": dict(num_heads=8, state_size=16, time_step_rank=8),  # heads x head_dim = 2 x hidden
     "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=16, linear_num_heads=4),
     "longcat_flash": dict(qk_head_dim=32, zero_expert_num=2, expert_ffn_hidden_size=64),  # nope + rope
-    "dots3_note_text": dict(head_dim=64, index_head_dim=16, index_n_heads=2),  # rotary: head_dim x 0.25 = 16
+    "dots3_note_text": dict(
+        per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
+    ),  # rope 64 x 0.25
 }
 
 
