@@ -83,7 +83,7 @@ def _logits(model, ids):
 
 
 @needs_ct
-@pytest.mark.parametrize("family", MULTIMODAL_FAMILIES)
+@pytest.mark.parametrize("family", [*MULTIMODAL_FAMILIES, "qwen3_vl_moe"])  # + a MoE language model
 def test_language_model_quantized_towers_kept_loads_in_transformers(family, mm_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
