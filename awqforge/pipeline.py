@@ -142,6 +142,7 @@ def run_quantization(
         check_module_patterns,
         get_adapter,
         has_experts,
+        refuse_nothing_to_quantize,
     )
     from awqforge.awq import BlockSettings
     from awqforge.calibration import build_calibration, read_text
@@ -169,8 +170,9 @@ def run_quantization(
         )
         adapter = get_adapter(resolved.config, mappings=spec.mappings)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
-        adapter = stream.adapter  # block names as the checkpoint stores them (multimodal models)
+        adapter = stream.adapter  # with the linears transformers' _init_weights reads kept (kept_for_init)
         mm = MultimodalModel.of(stream)  # None for text-only models
+        refuse_nothing_to_quantize(stream.model, adapter)
         try:
             check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)

@@ -219,10 +219,9 @@ class StreamingModel:
                 config, dtype=self.dtype, trust_remote_code=False
             )
         self.model.eval()
-        from awqforge.arch import keep_linears_read_at_init, refuse_nothing_to_quantize
+        from awqforge.arch import keep_linears_read_at_init
 
         self.adapter = adapter = keep_linears_read_at_init(adapter, self.model)
-        refuse_nothing_to_quantize(self.model, adapter)
         self.layers = adapter.get_layers(self.model)
         self.layers_prefix = adapter.layers_attr
         self.n_blocks = len(self.layers)
