@@ -80,6 +80,13 @@ class Mapping:
     skip_reason: str | None = None
     gqa: GQALayout | None = None  # prev's channels (KV heads) are read by several query heads each
 
+    @property
+    def scales_an_activation(self) -> bool:
+        """Whether the scales go into a `ScaledActivation` (`<act>.scales`, a tensor the model has no slot for)."""
+        return isinstance(self.prev, ScaledActivation) or not (
+            isinstance(self.prev, nn.Linear) or any(True for _ in self.prev.parameters())
+        )
+
     def to_linear(self, scales: torch.Tensor) -> torch.Tensor:
         """Scales over prev's channels -> the linears' input-channel scales (repeated over query heads)."""
         return scales if self.gqa is None else self.gqa.expand(scales)
@@ -283,6 +290,8 @@ _NEVER_QUANTIZE = (
     "router",
     "*.gate.wg",  # Hunyuan's router (a module holding one linear)
     "mlp.gate.wg",
+    "*.router.gate",  # AFMoE's router (a module holding one linear)
+    "router.gate",
 )
 
 
@@ -296,6 +305,7 @@ class ArchAdapter:
     norm_plus_one: bool = False  # Gemma RMSNorm computes x * (1 + w)
     experts: ExpertLayout | None = None
     checkpoint_renames: tuple[tuple[str, str], ...] = ()
+    kept_for_init: tuple[str, ...] = ()  # linears the model's _init_weights reads (keep_linears_read_at_init)
 
     def get_layers(self, model: nn.Module) -> nn.ModuleList:
         obj = model
@@ -378,13 +388,19 @@ class ArchAdapter:
         return {
             n: m
             for n, m in block.named_modules()
-            if isinstance(m, nn.Linear)
-            and type(m).forward
-            is nn.Linear.forward  # a subclass with its own forward (FalconLinear) stays FP
-            and not self.never_quantize(n)
-            and not self.weight_read_directly(block, n)
-            and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
+            if self.can_quantize(block, n, m) and not matches_any(f"{prefix}.{n}" if prefix else n, skip)
         }
+
+    def can_quantize(self, block: nn.Module, name: str, module: nn.Module) -> bool:
+        """Whether a module of the block (by block-relative name) is a linear this engine may quantize."""
+        return (
+            isinstance(module, nn.Linear)
+            and type(module).forward
+            is nn.Linear.forward  # a subclass with its own forward (FalconLinear): FP
+            and not self.never_quantize(name)
+            and not self.weight_read_directly(block, name)
+            and name not in self.kept_for_init
+        )
 
     def checkpoint_name(self, module_name: str) -> str:
         """The checkpoint tensor prefix of a module (full or block-relative name)."""
@@ -395,6 +411,69 @@ class ArchAdapter:
 
 
 _SOURCES: dict[type, str] = {}
+
+
+def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAdapter:
+    """The adapter keeping in full precision the linears whose weight the model's own `_init_weights` reads
+    through their parent (FalconMamba's mixer.out_proj, NanoChat's self_attn.o_proj): transformers runs it on
+    every module after loading, and a quantized linear has no `weight`, so the artifact would not load.
+
+    Probed on `model`, a skeleton on the meta device: each linear's weight taken away in turn, its parent
+    initialised."""
+    init = getattr(model, "_init_weights", None)
+    kept, seen, n_linears = set(), {}, 0
+    for block in adapter.get_layers(model) if init is not None else []:
+        for parent_name, parent in block.named_modules():
+            for child_name, child in parent.named_children():
+                if not isinstance(child, nn.Linear):
+                    continue
+                n_linears += 1
+                key = (type(parent), child_name)
+                if key not in seen:
+                    seen[key] = _init_reads_weight(init, parent, child)
+                if seen[key]:
+                    kept.add(f"{parent_name}.{child_name}" if parent_name else child_name)
+    if not kept:
+        return adapter
+    return dataclasses.replace(adapter, kept_for_init=tuple(sorted(kept)))
+
+
+def _init_reads_weight(init, parent: nn.Module, child: nn.Linear) -> bool:
+    try:
+        init(parent)
+    except Exception:  # noqa: BLE001 - an init that fails with every weight present tells nothing
+        return False
+    weight = child._parameters.pop("weight")
+    try:
+        init(parent)
+        return False
+    except AttributeError:
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+    finally:
+        child._parameters["weight"] = weight
+
+
+def refuse_nothing_to_quantize(model: nn.Module, adapter: ArchAdapter) -> None:
+    """Raise UnsupportedArchitecture, before any work, when no linear of the blocks can be quantized (Falcon's
+    FalconLinear has its own forward; ModernBERT-decoder's init reads every linear's weight)."""
+    if has_experts(model, adapter):
+        return
+    linears = set()
+    for block in adapter.get_layers(model):
+        for name, mod in block.named_modules():
+            if adapter.can_quantize(block, name, mod):
+                return
+            if isinstance(mod, nn.Linear):
+                linears.add(name)
+    listed = ", ".join(sorted(linears)[:6]) + (", ..." if len(linears) > 6 else "")
+    raise UnsupportedArchitecture(
+        f"model type {getattr(model.config, 'model_type', None)!r}: none of its blocks' linears "
+        f"({listed or 'none'}) can be quantized (a linear class with its own forward, or a weight that its "
+        f"forward or transformers' initialisation reads), so no loadable quantized artifact of it could be "
+        f"written; keep it in its original precision."
+    )
 
 
 def _forward_source(cls: type) -> str:
@@ -989,13 +1068,22 @@ MOE_ASYMMETRIC_CT = (
     "zero-point values')"
 )
 
+MOE_AWQ = (
+    "transformers loads AWQ checkpoints only through gptqmodel, whose layers replace linears and never the "
+    "fused experts transformers >= 5 builds, so the experts' weights would be left unread"
+)
+
 
 def has_experts(model: nn.Module, adapter: ArchAdapter) -> bool:
-    """Whether any decoder block holds MoE experts (fused 3-D or already unfused)."""
+    """Whether any decoder block holds MoE experts that get quantized (fused 3-D or already unfused; experts
+    kept fused in full precision, see kept_fused_reason, are read like any dense tensor)."""
     for block in adapter.get_layers(model):
         for mod in block.modules():
             if isinstance(mod, UnfusedExperts) or (
-                isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter) and mod.gate_up_proj.dim() == 3
+                adapter.experts is not None
+                and isinstance(getattr(mod, "gate_up_proj", None), nn.Parameter)
+                and mod.gate_up_proj.dim() == 3
+                and kept_fused_reason(mod, adapter.experts) is None
             ):
                 return True
     return False
@@ -1006,14 +1094,24 @@ def check_format_support(
 ) -> None:
     """Raise ValueError, before any work, for an artifact format + settings that transformers could not load.
 
-    compressed-tensors with zero points on an MoE model: every transformers release that fuses experts
-    (5.x) reads the per-expert `weight_packed`, `weight_scale` and `weight_shape` of each expert but not its
-    `weight_zero_point` (transformers.integrations.compressed_tensors.CompressedTensorsDequantize), so such
-    an artifact cannot be loaded with default loading. No layout we could write is read with zero points
-    (the expert path has no slot for them), so the job is refused with the two settings that load."""
+    MoE models (every transformers 5.x fuses their experts on load into 3-D parameters):
+    - compressed-tensors with zero points: the expert decompression (transformers >= 5.13) reads each expert's
+      `weight_packed`, `weight_scale` and `weight_shape` but not its `weight_zero_point`, and no layout we
+      could write has a slot for them;
+    - the AWQ format alone: transformers loads AWQ only through gptqmodel, whose layers replace `nn.Linear`s,
+      never fused experts, so the per-expert `qweight`s are left unread in every 5.x. Written beside a
+      compressed-tensors artifact (which transformers loads) it is kept: vLLM reads it."""
     formats = [getattr(f, "value", f) for f in formats]
-    if "compressed-tensors" in formats and zero_point and has_experts(model, adapter):
+    if not has_experts(model, adapter):
+        return
+    name = model_type or adapter.family
+    if "compressed-tensors" in formats and zero_point:
         raise ValueError(
-            f"{model_type or adapter.family}: compressed-tensors with zero points (asymmetric) is refused for MoE "
-            f"models because {MOE_ASYMMETRIC_CT}; set zero_point=false (--symmetric) or use format 'awq'."
+            f"{name}: compressed-tensors with zero points (asymmetric) is refused for MoE models because "
+            f"{MOE_ASYMMETRIC_CT}; set zero_point=false (--symmetric)."
+        )
+    if "compressed-tensors" not in formats:
+        raise ValueError(
+            f"{name}: the AWQ format alone is refused for MoE models because {MOE_AWQ}; add format "
+            f"'compressed-tensors' with zero_point=false (--symmetric), which transformers and vLLM load."
         )

@@ -13,8 +13,10 @@ loads with `AutoModelForImageTextToText`.
 - Calibration is text through the language model: token ids go through the multimodal model's forward without
   pixel values, which is the text path of every model here (no image token is in calibration text).
 - Checkpoints store the language model under other prefixes than transformers' module tree (LLaVA and Gemma 3
-  `language_model.model.layers`, Qwen2.5-VL `model.layers`): the quantized blocks are written under the
-  source checkpoint's prefix (`checkpoint_layer_rename`), so every tensor of the artifact uses one naming.
+  `language_model.model.layers`, Qwen2.5-VL `model.layers`). The blocks are written under module names, as
+  for every model: a key that no renaming touches is read alike by every transformers 5.x (5.13 mangles a
+  renamed compressed key: `...q_proj.weight_packed` became `...q_projweight`) and by vLLM's name mappers;
+  the towers and embeddings keep the checkpoint's names.
 """
 
 from __future__ import annotations
@@ -138,28 +140,6 @@ def refuse_unsupported_composite(config: Any) -> None:
 # -- names -----------------------------------------------------------------------------------------------
 
 
-def checkpoint_layer_rename(layers_attr: str, targets: dict[str, str]) -> tuple[str, str] | None:
-    """(module prefix, checkpoint prefix) of the decoder layers when the checkpoint stores them elsewhere than
-    the module tree (`targets`: checkpoint key -> module tensor name, transformers' renamings applied); None
-    when the names agree. The pair is an `ArchAdapter.checkpoint_renames` entry."""
-    for key, target in targets.items():
-        if not target.startswith(layers_attr + "."):
-            continue
-        rest = target[len(layers_attr) :]  # ".3.mlp.down_proj.weight"
-        if key.endswith(rest):
-            prefix = key[: -len(rest)]
-            return None if prefix == layers_attr else (f".{layers_attr}.", f".{prefix}.")
-    return None
-
-
-def with_checkpoint_layer_names(adapter, targets: dict[str, str]):
-    """The adapter writing block tensors under the checkpoint's own layer prefix (see checkpoint_layer_rename)."""
-    rename = checkpoint_layer_rename(adapter.layers_attr, targets)
-    if rename is None or rename in adapter.checkpoint_renames:
-        return adapter
-    return dataclasses.replace(adapter, checkpoint_renames=(rename, *adapter.checkpoint_renames))
-
-
 def language_model_path(model: nn.Module, layers_attr: str) -> str:
     """The module path of the language model (the decoder that holds the layers)."""
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else None
@@ -206,11 +186,9 @@ class MultimodalModel:
             return None
         layers_attr = stream.adapter.layers_attr
         towers = tower_paths(stream.model, layers_attr)
-        names, tower_tensors = {}, set()
+        tower_tensors = set()
         for key in stream.reader.names():
             target = stream.module_tensor_name(key) or key
-            if key.endswith(".weight") and target.endswith(".weight"):
-                names[key[: -len(".weight")]] = target[: -len(".weight")]
             if any(target.startswith(t + ".") for t in towers):
                 tower_tensors.add(key)
         return cls(
@@ -219,7 +197,7 @@ class MultimodalModel:
             text_model_type=config.get_text_config().model_type,
             language_model=language_model_path(stream.model, layers_attr),
             towers=towers,
-            module_names=names,
+            module_names=stream.module_names(),
             tower_tensors=tower_tensors,
         )
 
@@ -231,12 +209,13 @@ class MultimodalModel:
 
     def ignore_patterns(self, fmt: str) -> list[str]:
         """One entry per tower, matching it under the module tree's and the checkpoint's prefixes alike:
-        a regex for compressed-tensors' `ignore` (transformers, vLLM), the attribute name for AWQ's
+        a regex for compressed-tensors' `ignore` (transformers, vLLM) matching the tower itself (Fuyu's is one
+        linear) or anything inside it, the attribute name for AWQ's
         `modules_to_not_convert` (a substring match in transformers and vLLM)."""
         leaves = list(dict.fromkeys(t.rpartition(".")[2] for t in self.towers))
         if fmt == "awq":
             return leaves
-        return [rf"re:(.*\.)?{re.escape(leaf)}\..*" for leaf in leaves]
+        return [rf"re:(.*\.)?{re.escape(leaf)}(\..*)?$" for leaf in leaves]
 
     def unquantized_names(self, names: list[str], fmt: str) -> list[str]:
         """The artifact's ignore list: the towers as patterns, every other module under its module name

@@ -136,7 +136,14 @@ def run_quantization(
     from transformers import AutoTokenizer
 
     from awqforge import report as reporting
-    from awqforge.arch import check_format_support, check_group_size, check_module_patterns, get_adapter
+    from awqforge.arch import (
+        check_format_support,
+        check_group_size,
+        check_module_patterns,
+        get_adapter,
+        has_experts,
+        refuse_nothing_to_quantize,
+    )
     from awqforge.awq import BlockSettings
     from awqforge.calibration import build_calibration, read_text
     from awqforge.evaluate import eval_windows
@@ -163,8 +170,9 @@ def run_quantization(
         )
         adapter = get_adapter(resolved.config, mappings=spec.mappings)
         stream = StreamingModel.from_resolved(resolved, adapter, device=device)
-        adapter = stream.adapter  # block names as the checkpoint stores them (multimodal models)
+        adapter = stream.adapter  # with the linears transformers' _init_weights reads kept (kept_for_init)
         mm = MultimodalModel.of(stream)  # None for text-only models
+        refuse_nothing_to_quantize(stream.model, adapter)
         try:
             check_module_patterns(stream.model, adapter, spec.quant.modules_to_not_convert)
             check_group_size(stream.model, adapter, spec.quant.group_size, spec.quant.modules_to_not_convert)
@@ -196,7 +204,7 @@ def run_quantization(
                     settings=spec.quant,
                     shard_size=shard_size,
                     overwrite=overwrite,
-                    unquantized_names=mm.unquantized_names if mm else None,
+                    unquantized_names=mm.unquantized_names if mm else stream.unquantized_names,
                 )
             )
         job.log(
@@ -355,6 +363,7 @@ def run_quantization(
         card = ModelCardInfo.from_spec(
             spec, metrics={k: v for k, v in metrics.items() if not isinstance(v, dict)}
         )
+        card.quantized_experts = has_experts(stream.model, adapter)
         if mm:  # what was quantized, what was kept, how it was calibrated (report and card)
             report["multimodal"] = mm.report()
             mm.describe(card)

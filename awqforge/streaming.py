@@ -206,7 +206,6 @@ class StreamingModel:
             auto_model_class,
             is_multimodal,
             tower_paths,
-            with_checkpoint_layer_names,
         )
 
         self.config = config
@@ -220,6 +219,9 @@ class StreamingModel:
                 config, dtype=self.dtype, trust_remote_code=False
             )
         self.model.eval()
+        from awqforge.arch import keep_linears_read_at_init
+
+        self.adapter = adapter = keep_linears_read_at_init(adapter, self.model)
         self.layers = adapter.get_layers(self.model)
         self.layers_prefix = adapter.layers_attr
         self.n_blocks = len(self.layers)
@@ -227,9 +229,8 @@ class StreamingModel:
         self._conversions = _conversions(self.model)
         self._targets = self._module_names_of_checkpoint_keys()
         self._sources = self._group_by_block(self._targets)
-        # Image-text-to-text models: blocks written under the checkpoint's own layer prefix; the towers are
-        # never run here (text calibration), so they are not loaded (awqforge/multimodal.py).
-        self.adapter = with_checkpoint_layer_names(adapter, self._targets)
+        # Image-text-to-text models: the towers are never run here (text calibration), so they are not loaded
+        # (awqforge/multimodal.py).
         self.towers = tuple(tower_paths(self.model, adapter.layers_attr)) if is_multimodal(config) else ()
 
     @classmethod
@@ -267,6 +268,22 @@ class StreamingModel:
     def module_tensor_name(self, checkpoint_key: str) -> str | None:
         """The module tensor a checkpoint key is loaded into (transformers' renamings applied)."""
         return self._targets.get(checkpoint_key)
+
+    def module_names(self) -> dict[str, str]:
+        """Checkpoint module name -> module name, for every module with a `.weight` in the checkpoint."""
+        w = ".weight"
+        return {
+            k[: -len(w)]: t[: -len(w)]
+            for k, t in self._targets.items()
+            if k.endswith(w) and t is not None and t.endswith(w)
+        }
+
+    def unquantized_names(self, names: list[str], fmt: str) -> list[str]:
+        """The artifact's ignore list under module names: transformers' loaders (AWQ's `modules_to_not_convert`,
+        compressed-tensors' `ignore`) match it against the module tree, not the checkpoint's names (nemotron_h:
+        `backbone.` in the checkpoint, `model.` in the module tree); vLLM maps its own names onto it alike."""
+        modules = self.module_names()
+        return list(dict.fromkeys(modules.get(n, n) for n in names))
 
     def _in_tower(self, module_tensor: str) -> bool:
         return any(module_tensor.startswith(t + ".") for t in self.towers)

@@ -94,6 +94,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("types", nargs="*")
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--update",
+        type=Path,
+        help="re-measure TYPES in this results file: their rows replaced, summary redone",
+    )
     ap.add_argument("--timeout", type=int, default=120)
     args = ap.parse_args()
     warnings.filterwarnings("ignore")
@@ -106,40 +111,71 @@ def main() -> None:
     signal.signal(signal.SIGALRM, _alarm)
     tokenizer = train_tiny_tokenizer()
     types = args.types or sorted(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES)
-    lines = [
+    header = [
         f"transformers {transformers.__version__}, torch {torch.__version__}: {len(types)} causal-LM model types",
         "",
         "| model type | status | AWQ/RTN | load in transformers | kept FP | note |",
         "|---|---|---|---|---|---|",
     ]
-    print("\n".join(lines), flush=True)
+    print("\n".join(header), flush=True)
     t0 = time.perf_counter()
-    rows = []
+    table = {}
     for t in types:
         row = measure(t, tokenizer, args.timeout)
-        rows.append(row)
         ratio = f"{row['ratio']:.3f}" if row["ratio"] is not None else ""
         note = row["note"].replace("|", "/")
-        line = f"| {t} | {row['status']} | {ratio} | {row['load']} | {row['kept']} | {note} |"
-        lines.append(line)
-        print(line, flush=True)
-    done = [r for r in rows if r["ratio"] is not None]
-    counts = {}
-    for r in rows:
-        key = r["status"].split(" (")[0]
-        counts[key] = counts.get(key, 0) + 1
-    summary = [
-        "",
-        f"{len(rows)} types in {time.perf_counter() - t0:.0f} s: "
-        + ", ".join(f"{k or '?'} {v}" for k, v in sorted(counts.items())),
-        f"quantized: {len(done)}; AWQ below RTN on {sum(r['ratio'] < 1 for r in done)}; "
-        f"artifact loads in transformers: {sum(r['load'] == 'yes' for r in done)}",
-    ]
-    lines += summary
+        table[t] = f"| {t} | {row['status']} | {ratio} | {row['load']} | {row['kept']} | {note} |"
+        print(table[t], flush=True)
+    seconds = time.perf_counter() - t0
+    notes = []
+    if args.update:
+        old = args.update.read_text().splitlines()
+        header = old[:4]
+        end = next((i for i in range(4, len(old)) if not old[i].startswith("| ")), len(old))
+        table = {**{_cells(line)[0]: line for line in old[4:end]}, **table}
+        notes = "\n".join(old[end + 3 :]).strip("\n").splitlines()  # what follows the summary: kept
+        notes.append(
+            f"Re-measured {time.strftime('%Y-%m-%d')} on {_cpu()}, transformers {transformers.__version__}: "
+            f"{', '.join(types)} (`python bench/bench_families.py --update {args.update} TYPES`)."
+        )
+    summary = _summary(list(table.values()), seconds, len(types))
     print("\n".join(summary))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text("\n".join(lines) + "\n")
+    out = args.out or args.update
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        body = [table[t] for t in sorted(table)]
+        out.write_text("\n".join(header + body + summary + ([""] + notes if notes else [])).rstrip() + "\n")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _summary(rows: list[str], seconds: float, n_measured: int) -> list[str]:
+    """Counts by status; quantized types, AWQ below RTN, artifacts that load, over the whole table."""
+    counts: dict[str, int] = {}
+    done = below = loads = 0
+    for line in rows:
+        _, status, ratio, load, *_ = _cells(line)
+        key = status.split(" (")[0]
+        counts[key] = counts.get(key, 0) + 1
+        if ratio:
+            done += 1
+            below += ratio != "nan" and float(ratio) < 1
+            loads += load == "yes"
+    return [
+        "",
+        f"{len(rows)} types ({n_measured} measured in {seconds:.0f} s): "
+        + ", ".join(f"{k or '?'} {v}" for k, v in sorted(counts.items())),
+        f"quantized: {done}; AWQ below RTN on {below}; artifact loads in transformers: {loads}",
+    ]
+
+
+def _cpu() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown CPU"
 
 
 if __name__ == "__main__":

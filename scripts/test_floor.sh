@@ -14,6 +14,10 @@ PIP=("$VENV/bin/python" -m pip install -q --disable-pip-version-check)
 echo "floor versions: $("$VENV/bin/python" -m pip freeze | grep -iE '^(torch|transformers|safetensors|huggingface.hub|pydantic|numpy|tqdm|pyarrow|gguf|zstandard)==' | tr '\n' ' ')"
 # Fast engine tests: job spec, quantization primitives and packing, calibration (with the streamed capture),
 # architectures (Mixtral's module names, the dtype= keyword), and one job end to end.
-exec "$VENV/bin/python" -m pytest -q -p no:cacheprovider \
+"$VENV/bin/python" -m pytest -q -p no:cacheprovider \
     tests/test_spec.py tests/test_quant.py tests/test_packing.py tests/test_calibration.py tests/test_arch.py \
     "tests/test_pipeline.py::test_end_to_end_both_formats[llama]" "$@"
+# Artifacts written with the newest transformers (this interpreter) load with the floor's (about 1 min): a
+# dense, MoE, hybrid and multimodal model each (bench/bench_floor_load.py; compressed-tensors is the loader).
+"${PIP[@]}" compressed-tensors "$("$PY" scripts/floors.py transformers)"
+exec "$PY" bench/bench_floor_load.py --python "$VENV/bin/python"

@@ -6,6 +6,9 @@ AWQForge's own loader."""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+
 import pytest
 import torch
 from tiny_models import tiny_input_ids
@@ -20,13 +23,13 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 REGISTRY_MOE = ["mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3", "llama4_text"]
 
 
-def _spec(ckpt, *, zero_point=False, fmt="compressed-tensors", method="awq", bits=4):
+def _spec(ckpt, *, zero_point=False, fmt="compressed-tensors", method="awq", bits=4, formats=None):
     return JobSpec(
         model=str(ckpt),
         method=method,
         quant={"bits": bits, "group_size": 32, "zero_point": zero_point},
         calibration={"source": f"file:{BUNDLED_CALIBRATION_TEXT}", "n_samples": 4, "seq_len": 32},
-        formats=[fmt],
+        formats=formats or [fmt],
         eval={"enabled": False},
         device="cpu",
         n_grid=4,
@@ -61,8 +64,31 @@ def test_moe_asymmetric_compressed_tensors_is_refused_up_front_with_the_alternat
     with pytest.raises(InputError) as err:
         run_quantization(_spec(tiny_checkpoint(family), zero_point=True), tmp_path / "out")
     msg = str(err.value)
-    assert family in msg and "zero-point" in msg and "zero_point=false" in msg and "'awq'" in msg
+    assert family in msg and "zero-point" in msg and "zero_point=false" in msg
     assert not (tmp_path / "out").exists()  # refused before any work
+
+
+def test_moe_awq_format_alone_is_refused_up_front_and_kept_beside_compressed_tensors(
+    tiny_checkpoint, tmp_path
+):
+    """transformers loads the AWQ format only through gptqmodel, which never replaces fused experts: an
+    AWQ-only MoE job is refused in one sentence; beside compressed-tensors the AWQ artifact is written (vLLM)."""
+    from transformers import AutoModelForCausalLM
+
+    ckpt = tiny_checkpoint("qwen3_moe")
+    with pytest.raises(InputError) as err:
+        run_quantization(_spec(ckpt, fmt="awq"), tmp_path / "out")
+    msg = str(err.value)
+    assert "qwen3_moe" in msg and "gptqmodel" in msg and "'compressed-tensors'" in msg and len(msg) < 400
+    assert not (tmp_path / "out").exists()
+    result = run_quantization(_spec(ckpt, formats=["awq", "compressed-tensors"]), tmp_path / "both")
+    assert set(result.artifacts) == {"awq", "compressed-tensors"}
+    cards = {fmt: (art / "README.md").read_text() for fmt, art in result.artifacts.items()}
+    assert "transformers 5.13 or newer" in cards["compressed-tensors"]  # bench/bench_floor_load.py
+    assert "use the compressed-tensors artifact" in cards["awq"]
+    if importlib.util.find_spec("gptqmodel") is None:  # what a user without gptqmodel meets
+        with pytest.raises(ImportError, match="gptqmodel"):
+            AutoModelForCausalLM.from_pretrained(result.artifacts["awq"])
 
 
 # Families outside the registry, read by the structural fallback (awqforge.structure): new MoE layouts and
@@ -86,14 +112,7 @@ HYBRID = [
     "qwen3_5_moe_text",
     "bamba",  # Mamba-2 beside attention
     "granitemoehybrid",
-    pytest.param(
-        "nemotron_h",
-        marks=pytest.mark.xfail(
-            strict=True,
-            reason="after the multimodal merge (blocks written under the checkpoint's layer prefix) transformers "
-            "reads nemotron_h's artifact wrongly (cosine -0.18; our loader 0.996): open, issue 20",
-        ),
-    ),
+    "nemotron_h",  # checkpoint `backbone.`, module tree `model.`: the ignore list under module names
     "jamba",  # Mamba-1 (dt_proj weight read directly: kept FP)
     "lfm2_moe",  # short convolutions beside attention, w1|w3|w2 experts
 ]
@@ -178,3 +197,71 @@ def test_unexpected_errors_while_reading_a_block_become_a_refusal():
         get_adapter(config)
     msg = str(err.value)
     assert "'not_a_causal_lm'" in msg and len(msg) < 400 and "Configuration class" not in msg
+
+
+@pytest.mark.parametrize(
+    ("model_type", "kept"),
+    [
+        (
+            "falcon_mamba",
+            "mixer.out_proj",
+        ),  # FalconMambaPreTrainedModel._init_weights: module.out_proj.weight
+        ("nanochat", "self_attn.o_proj"),  # NanoChatPreTrainedModel._init_weights: module.o_proj.weight
+    ],
+)
+def test_linears_transformers_initialises_by_name_stay_full_precision_and_the_artifact_loads(
+    model_type, kept, tiny_tokenizer, tmp_path
+):
+    """transformers runs the model's `_init_weights` on every module after loading; where it reads a child
+    linear's `.weight`, a quantized linear (no `weight`) would stop the load: that linear is kept."""
+    pytest.importorskip("compressed_tensors")
+    from tiny_families import artifact_roundtrip, save_family_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_family_checkpoint(model_type, ckpt, tiny_tokenizer)
+    rt = artifact_roundtrip(model_type, ckpt, tmp_path / "out")
+    assert rt["max_diff"] < 1e-2 and rt["ours_cos"] > 0.8, rt
+    report = json.loads((tmp_path / "out" / "compressed-tensors" / "quant_report.json").read_text())
+    quantized = {layer["name"] for layer in report["layers"]}
+    assert not any(n.endswith(kept) for n in quantized) and quantized, quantized
+    ignore = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())
+    assert any(n.endswith(kept) for n in ignore["quantization_config"]["ignore"])
+
+
+@pytest.mark.parametrize("model_type", ["modernbert-decoder", "falcon"])
+def test_a_model_with_no_linear_to_quantize_is_refused_up_front(model_type, tiny_tokenizer, tmp_path):
+    """ModernBERT-decoder: its `_init_weights` reads every linear's weight; Falcon: FalconLinear has its own
+    forward. Refused before any work, in one sentence, rather than failing once every block is done."""
+    from tiny_families import save_family_checkpoint
+
+    from awqforge.arch import UnsupportedArchitecture
+
+    save_family_checkpoint(model_type, tmp_path / "ckpt", tiny_tokenizer)
+    with pytest.raises(UnsupportedArchitecture) as err:
+        run_quantization(_spec(tmp_path / "ckpt"), tmp_path / "out")
+    msg = str(err.value)
+    assert f"'{model_type}'" in msg and "none of its blocks' linears" in msg
+    assert msg.count(". ") == 0 and len(msg) < 400
+    assert not (tmp_path / "out").exists()
+
+
+def test_activation_scales_only_in_the_awq_format(tiny_tokenizer, tmp_path):
+    """GPT-NeoX's GELU -> dense_4h_to_h mapping puts its scales in `mlp.act.scales` (AutoAWQ's layout, read by
+    the AWQ format's loaders): with compressed-tensors among the formats it is skipped, said why, and
+    transformers computes what our loader does."""
+    pytest.importorskip("compressed_tensors")
+    from safetensors import safe_open
+    from tiny_families import artifact_roundtrip, save_family_checkpoint
+
+    ckpt = tmp_path / "ckpt"
+    save_family_checkpoint("gpt_neox", ckpt, tiny_tokenizer)
+    rt = artifact_roundtrip("gpt_neox", ckpt, tmp_path / "ct")
+    assert rt["max_diff"] < 1e-2, rt
+    report = json.loads((tmp_path / "ct" / "compressed-tensors" / "quant_report.json").read_text())
+    assert (
+        "gpt_neox.layers.0: mlp.act->mlp.dense_4h_to_h: the activation's scales have no place in a "
+        "compressed-tensors artifact" in report["skipped_mappings"]
+    )
+    awq = run_quantization(_spec(ckpt, fmt="awq"), tmp_path / "awq").artifacts["awq"]
+    with safe_open(str(awq / "model.safetensors"), "pt") as f:
+        assert any(k.endswith("mlp.act.scales") for k in f.keys())

@@ -142,11 +142,11 @@ def test_pipeline_artifacts_load_for_every_family(family, tiny_checkpoint, tmp_p
                     assert isinstance(getattr(expert, attr), awqforge.QuantLinear), (fmt, attr)
             router = mlp.router if family == "llama4_text" else mlp.gate
             assert not isinstance(router, awqforge.QuantLinear)  # the router stays FP
-        if family == "gpt_neox":
-            act = block.mlp.act
-            assert isinstance(act, ScaledActivation), fmt
-            assert act.scales.shape == (model.config.intermediate_size,)
-            assert torch.isfinite(act.scales).all() and not torch.all(act.scales == 1)
+        if (
+            family == "gpt_neox"
+        ):  # written beside compressed-tensors, which has no place for `mlp.act.scales`:
+            # the GELU -> dense_4h_to_h mapping is skipped (the AWQ format alone keeps it: test_families.py)
+            assert not isinstance(block.mlp.act, ScaledActivation), fmt
         with torch.no_grad():
             got = model(IDS).logits.float()
         assert torch.isfinite(got).all(), fmt

@@ -84,6 +84,17 @@ EXTRA: dict[str, dict] = {
     "lfm2_moe": dict(layer_types=["conv", "full_attention"], num_dense_layers=1),
     "nemotron_h": dict(hybrid_override_pattern="M*", mtp_hybrid_override_pattern="*"),
     "gpt_oss": dict(layer_types=["sliding_attention", "full_attention"]),
+    # per-layer fields the config checks against the layer count when it is read back (save -> load)
+    "gpt_neo": dict(attention_types=[[["global", "local"], 1]], attention_layers=["global", "local"]),
+    "kolibri1_1": dict(index_layers=[1], kv_source_layers=[0, 1], index_num_heads=1, index_topk=16),
+    "laguna": dict(num_attention_heads_per_layer=[4, 4]),
+    "gemma4_unified_text": dict(per_layer_config={}),
+    "mamba2": dict(num_heads=8, state_size=16, time_step_rank=8),  # heads x head_dim = 2 x hidden
+    "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=16, linear_num_heads=4),
+    "longcat_flash": dict(qk_head_dim=32, zero_expert_num=2, expert_ffn_hidden_size=64),  # nope + rope
+    "dots3_note_text": dict(
+        per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
+    ),  # rope 64 x 0.25
 }
 
 
@@ -149,7 +160,7 @@ def build_family_model(model_type: str, seed: int = 0, outliers: bool = True, **
 def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: int = 8) -> dict:
     """AWQ's and RTN's output error (logits MSE vs the FP model on held-out ids) of a tiny `model_type`,
     quantized block by block in memory as the pipeline does; also what the block reports per layer."""
-    from awqforge.arch import get_adapter
+    from awqforge.arch import get_adapter, keep_linears_read_at_init, refuse_nothing_to_quantize
     from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block
 
     calib, held_out = _ids(8, 32, 0), _ids(4, 32, 1)
@@ -157,9 +168,12 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
     with torch.no_grad():
         want = ref(held_out).logits
     out = {"family": get_adapter(ref.config).family}
+    with torch.device("meta"):  # the pipeline's skeleton (awqforge.streaming)
+        skeleton = AutoModelForCausalLM.from_config(ref.config)
+    refuse_nothing_to_quantize(skeleton, keep_linears_read_at_init(get_adapter(ref.config), skeleton))
     for method in ("rtn", "awq"):
         model = build_family_model(model_type)
-        adapter = get_adapter(model.config)
+        adapter = keep_linears_read_at_init(get_adapter(model.config), skeleton)
         layers = adapter.get_layers(model)
         captured = capture_layer_inputs(model, layers, calib)
         x, skipped, n_linears, scaled = captured.inputs, [], 0, set()

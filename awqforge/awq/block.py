@@ -147,6 +147,10 @@ def quantize_block(
                 f"{where}: group size {s.group_size} does not divide {name}'s input width {lin.in_features}"
             )
     all_maps = adapter.mappings(block) if s.method == "awq" else []
+    if not s.activation_scales:
+        for m in all_maps:
+            if m.skip_reason is None and m.scales_an_activation:
+                m.skip_reason = "the activation's scales have no place in a compressed-tensors artifact"
     if not s.gqa_fold:
         for m in all_maps:
             if m.gqa is not None and m.skip_reason is None:

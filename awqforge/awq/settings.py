@@ -67,6 +67,9 @@ class BlockSettings:
         "rounding"
     )  # "nearest" | "gptq": codes rounded with error feedback (same format)
     gqa_fold: bool = _default("gqa_fold")  # v -> o under grouped-query attention: one scale per KV channel
+    # False: mappings whose scales go into an activation (GELU's `act.scales`) are skipped; compressed-tensors'
+    # loaders (transformers, vLLM) have no place for that tensor, only the AWQ format's do (AutoAWQ's layout)
+    activation_scales: bool = True
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
     keep_inputs: bool = (
         True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)
@@ -74,7 +77,11 @@ class BlockSettings:
 
     @classmethod
     def from_spec(cls, spec) -> BlockSettings:
-        return cls(**{name: spec_value(spec, path) for name, path in BLOCK_SETTINGS_FROM_SPEC.items()})
+        formats = {getattr(f, "value", f) for f in spec.formats}
+        return cls(
+            **{name: spec_value(spec, path) for name, path in BLOCK_SETTINGS_FROM_SPEC.items()},
+            activation_scales="compressed-tensors" not in formats,
+        )
 
 
 @dataclass

@@ -35,6 +35,7 @@ class ModelCardInfo:
     tasks: list[dict] = field(default_factory=list)  # lm-eval rows: task, metric, fp, quantized, recovery
     generations: list[dict] = field(default_factory=list)  # prompt, fp, quantized
     quality_failure: str | None = None  # the quality gate this artifact missed
+    quantized_experts: bool = False  # MoE experts quantized: the transformers release that reads them is said
 
     @classmethod
     def from_spec(
@@ -245,6 +246,18 @@ def serving(fmt: str, bits: int) -> dict[str, str | None]:
     return {"vllm": vllm, "kernel": kernel}
 
 
+# bench/bench_floor_load.py: transformers 5.4 loads a compressed-tensors MoE artifact with its experts
+# left at random (no code path dequantizes fused experts before 5.13); 5.13 and later read them.
+MOE_TRANSFORMERS_NOTE = (
+    "The MoE experts are quantized: transformers 5.13 or newer reads them (earlier 5.x releases leave "
+    "quantized experts unread); vLLM reads them in any release that serves this model type."
+)
+MOE_AWQ_NOTE = (
+    "The MoE experts are quantized in the AWQ layout, which vLLM reads; transformers cannot load them (its "
+    "AWQ layers never replace fused experts): use the compressed-tensors artifact there."
+)
+
+
 def render_card(
     info: ModelCardInfo,
     *,
@@ -392,6 +405,10 @@ def render_card(
         if fmt == "compressed-tensors"
         else "(needs `pip install gptqmodel` for AWQ checkpoints)",
     ]
+    if fmt == "compressed-tensors" and info.quantized_experts:
+        lines += ["", MOE_TRANSFORMERS_NOTE]
+    elif fmt == "awq" and info.quantized_experts:
+        lines += ["", MOE_AWQ_NOTE]
     if fmt == "compressed-tensors" and zero_point:
         lines += [
             "",

@@ -169,8 +169,8 @@ class ArtifactWriter:
         overwrite: bool = False,
         unquantized_names: Callable[[list[str], str], list[str]] | None = None,
     ) -> None:
-        """`unquantized_names(names, fmt)` rewrites the list of modules left in full precision (multimodal
-        models: the towers as patterns, the rest under module names; awqforge.multimodal)."""
+        """`unquantized_names(names, fmt)` rewrites the list of modules left in full precision: under module
+        names (StreamingModel.unquantized_names; multimodal models: the towers as patterns, awqforge.multimodal)."""
         fmt = getattr(fmt, "value", fmt)
         self._unquantized_names = unquantized_names
         if fmt not in FORMATS:
