@@ -15,6 +15,7 @@ and torch are imported inside the functions: importing this module costs nothing
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -262,18 +263,21 @@ def _absolute_files(files, base: Path, digest):
     return str(p)
 
 
-class TaskResolver:
-    """Turns task requests into lm-eval configs; the registry's TaskManager is built once, only if needed."""
+@functools.lru_cache(maxsize=1)
+def registry_manager():
+    """lm-eval's TaskManager over its whole registry, built once per process: indexing every task YAML takes
+    seconds to a minute, and a job would otherwise build it when its tasks are resolved and again when they
+    run (and the next job in the same worker once more). The index is read-only once built."""
+    from lm_eval.tasks import TaskManager
 
-    def __init__(self) -> None:
-        self._manager = None
+    return TaskManager()
+
+
+class TaskResolver:
+    """Turns task requests into lm-eval configs; the registry's index is built only if a name needs it."""
 
     def manager(self):
-        if self._manager is None:
-            from lm_eval.tasks import TaskManager
-
-            self._manager = TaskManager()
-        return self._manager
+        return registry_manager()
 
     def resolve(self, req: TaskRequest) -> list[tuple[str, object, str]]:
         """[(task name, config dict or registry name, definition digest)] of one request."""
@@ -298,9 +302,7 @@ class TaskResolver:
 
 def known_task_names() -> set[str]:
     """Every name lm-eval's registry knows (tasks, groups, tags); reads YAML only, imports no torch."""
-    from lm_eval.tasks import TaskManager
-
-    return set(TaskManager().all_tasks)
+    return set(registry_manager().all_tasks)
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -409,7 +411,7 @@ def run_tasks(
                     numpy_random_seed=req.seed,
                     torch_random_seed=req.seed,
                     fewshot_random_seed=req.seed,
-                    task_manager=resolver.manager() if isinstance(item.config, str) else _EMPTY_MANAGER.get(),
+                    task_manager=resolver.manager() if isinstance(item.config, str) else _empty_manager(),
                 )
             except JobCancelled:
                 raise
@@ -563,29 +565,17 @@ def _versions_only(storage: dict) -> None:
     )
 
 
-class _Lazy:
-    def __init__(self, make) -> None:
-        self.make, self.value = make, None
-
-    def get(self):
-        if self.value is None:
-            self.value = self.make()
-        return self.value
-
-
+@functools.lru_cache(maxsize=1)
 def _empty_manager():
+    """simple_evaluate is handed built Task objects; this manager (no index to build) only carries them."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_defaults=False)
 
 
-# simple_evaluate is handed built Task objects; this manager (no index to build) only carries them through.
-_EMPTY_MANAGER = _Lazy(_empty_manager)
-
-
 def _load_task(resolver: TaskResolver, name: str, config):
     """The lm-eval Task object (its data loaded now, so that unreachable data fails here, readably)."""
-    manager = resolver.manager() if isinstance(config, str) else _EMPTY_MANAGER.get()
+    manager = resolver.manager() if isinstance(config, str) else _empty_manager()
     try:
         if hasattr(manager, "load"):
             built = manager.load([config])["tasks"]

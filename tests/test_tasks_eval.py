@@ -127,6 +127,37 @@ def test_cancel_stops_inside_a_task(fp_model, tiny_tokenizer):
     assert len(calls) == 4
 
 
+def test_the_registry_index_is_built_once_per_process(monkeypatch):
+    """A registry task is resolved when the job starts and again when it runs (and the API checks names):
+    lm-eval's full task index is built for the first of them only."""
+    import lm_eval.tasks
+
+    from awqforge import tasks_eval
+    from awqforge.pipeline import _resolve_eval_tasks
+
+    built = []
+
+    class CountingTaskManager(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("include_defaults", True):
+                built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", CountingTaskManager)
+    tasks_eval.registry_manager.cache_clear()
+    try:
+        spec = JobSpec(model="org/m", eval={"tasks": [{"name": "hellaswag", "limit": 4}]})
+        (item,) = _resolve_eval_tasks(spec, allowed_roots=None)  # at the job's start
+        assert (item.task, item.config) == ("hellaswag", "hellaswag")
+        # at its run: evaluate_models' own resolver, the manager simple_evaluate gets; then the API's check
+        assert [t.task for t in resolve_tasks(["hellaswag"], tasks_eval.TaskResolver())] == ["hellaswag"]
+        assert tasks_eval.TaskResolver().manager() is tasks_eval.registry_manager()
+        assert "hellaswag" in tasks_eval.known_task_names()
+        assert len(built) == 1
+    finally:
+        tasks_eval.registry_manager.cache_clear()  # not the counting subclass for later tests
+
+
 def test_gate_names_the_task_and_the_figures():
     rows = [
         {"task": "a", "metric": "acc", "fp": 0.5, "quantized": 0.45, "recovery": 0.9},
