@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from awqforge.errors import InputError, JobCancelled
+from awqforge.limits import TASK_BATCH_SIZE
 
 BUILTIN_TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 BUILTIN_TASKS = ("awqforge_mc", "awqforge_cloze")
@@ -364,7 +365,7 @@ def run_tasks(
     tokenizer,
     tasks: Sequence,
     *,
-    batch_size: int = 8,
+    batch_size: int = TASK_BATCH_SIZE,
     resolver: TaskResolver | None = None,
     cancel: Callable[[], bool] | None = None,
     on_task: Callable[[str], None] | None = None,
@@ -454,7 +455,7 @@ def evaluate_models(
     max_new_tokens: int = 32,
     fp_cache=None,
     model_key: str | None = None,
-    batch_size: int = 8,
+    batch_size: int = TASK_BATCH_SIZE,
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
