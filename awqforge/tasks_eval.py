@@ -15,6 +15,7 @@ and torch are imported inside the functions: importing this module costs nothing
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -317,13 +318,27 @@ class _Meter:
         self.cancel = cancel
 
         def hook(_module, args, kwargs):
-            if self.cancel is not None and self.cancel():
-                raise JobCancelled("the job was cancelled during task evaluation")
+            self.check()
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is not None and hasattr(ids, "numel"):
                 self.tokens += int(ids.numel())
 
         self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise JobCancelled("the job was cancelled during task evaluation")
+
+    def checked(self, fn: Callable) -> Callable:
+        """fn, checking for cancellation first. lm-eval builds and tokenizes every request of a task before
+        its first forward: 17 s for the 560 five-shot examples of awqforge_mc on a loaded CPU, minutes for a
+        large registry task, and no forward to check in."""
+
+        def call(*args, **kwargs):
+            self.check()
+            return fn(*args, **kwargs)
+
+        return call
 
     def close(self) -> None:
         self.handle.remove()
@@ -372,7 +387,8 @@ def run_tasks(
 ) -> list[TaskScore]:
     """Every task (ResolvedTask, or requests resolved here) on `model`, an in-memory transformers causal LM,
     through lm_eval.simple_evaluate over HFLM. Raises TaskEvalError (readable) when a task cannot be resolved
-    or its data cannot be loaded, JobCancelled when `cancel()` turns true (checked before every forward)."""
+    or its data cannot be loaded, JobCancelled when `cancel()` turns true (checked before every forward,
+    every example's requests and every request's tokenization)."""
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
@@ -384,6 +400,7 @@ def run_tasks(
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     meter = _Meter(model, cancel)
+    lm.tok_encode = meter.checked(lm.tok_encode)  # per request, while lm-eval tokenizes them all
     scores: list[TaskScore] = []
     # simple_evaluate ends by collecting torch's environment report (collect_env: ~15 s of subprocesses per
     # call on a loaded CPU, twice per task); the report records the versions that matter itself.
@@ -398,7 +415,10 @@ def run_tasks(
             req = item.request
             if on_task is not None:
                 on_task(item.task)
+            meter.check()
             task_obj = _load_task(resolver, item.task, item.config)
+            if hasattr(task_obj, "construct_requests"):  # per example, while lm-eval builds the requests
+                task_obj.construct_requests = meter.checked(task_obj.construct_requests)
             tokens0, t0 = meter.tokens, time.perf_counter()
             try:
                 out = lm_eval.simple_evaluate(
@@ -508,7 +528,7 @@ def evaluate_models(
                     item = next(i for i in missing if i.task == score.task)
                     fp_cache.put(item.cache_key(model_key), score.to_dict())
             if prompts:
-                fp_gen = generate(model, tokenizer, prompts, max_new_tokens)
+                fp_gen = generate(model, tokenizer, prompts, max_new_tokens, cancel)
         finally:
             del model
             gc.collect()
@@ -528,7 +548,7 @@ def evaluate_models(
             q_scores.append(score)
             done += 1
             log(f"task {score.task}: quantized {score.metric} {score.score:.4f}")
-        q_gen = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
+        q_gen = generate(model, tokenizer, prompts, max_new_tokens, cancel) if prompts else []
     finally:
         del model
         gc.collect()
@@ -698,13 +718,21 @@ def check_gate(
     return reasons
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of each prompt (the prompt itself left out)."""
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    cancel: Callable[[], bool] | None = None,
+) -> list[str]:
+    """Greedy continuations of each prompt (the prompt itself left out). `cancel` is checked before every
+    forward (every new token): 16 prompts of 512 tokens on a large model run for hours on a CPU."""
     import torch
 
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     outs = []
-    with torch.no_grad():
+    meter = _Meter(model, cancel)
+    with torch.no_grad(), contextlib.closing(meter):
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").to(device)
             gen = model.generate(

@@ -23,6 +23,7 @@ from awqforge.tasks_eval import (  # noqa: E402
     build_local_tasks,
     check_gate,
     compare,
+    generate,
     recovery,
     resolve_tasks,
     run_tasks,
@@ -125,6 +126,30 @@ def test_cancel_stops_inside_a_task(fp_model, tiny_tokenizer):
     with pytest.raises(JobCancelled):
         run_tasks(fp_model[1], tiny_tokenizer, [TaskRequest("awqforge_mc", limit=200)], cancel=cancel)
     assert len(calls) == 4
+    calls.clear()  # and in the side-by-side generations: before every new token
+    with pytest.raises(JobCancelled):
+        generate(fp_model[1], tiny_tokenizer, ["The License", "Once"], max_new_tokens=50, cancel=cancel)
+    assert len(calls) == 4
+    assert len(generate(fp_model[1], tiny_tokenizer, ["Once"], max_new_tokens=3, cancel=lambda: False)) == 1
+
+
+def test_cancel_stops_while_lm_eval_builds_the_requests(fp_model, tiny_tokenizer):
+    """lm-eval builds and tokenizes every request before its first forward (seconds to minutes): a cancel
+    then stops it there, no forward run."""
+    forwards = []
+    handle = fp_model[1].register_forward_pre_hook(lambda *_: forwards.append(1))
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # after the task's data is loaded, at its second example
+
+    try:
+        with pytest.raises(JobCancelled):
+            run_tasks(fp_model[1], tiny_tokenizer, [TaskRequest("awqforge_mc", num_fewshot=5)], cancel=cancel)
+    finally:
+        handle.remove()
+    assert len(calls) == 3 and forwards == []
 
 
 def test_the_registry_index_is_built_once_per_process(monkeypatch):
