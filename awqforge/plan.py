@@ -17,6 +17,9 @@ memory fits, and `awqforge plan` prints it. It follows what the engine holds whi
   factors and the fp32 Gram matrix of the widest input).
 - evaluate: the quantized model loaded whole (packed codes, scales, the embedding and lm_head in the
   compute dtype) and a window's logits.
+- evaluate_tasks (eval.tasks, or eval.prompts): lm-eval's tasks and the generations run on the FP model
+  loaded whole in the compute dtype (evaluate.load_fp_model), then on the quantized one (the FP model is
+  freed first: tasks_eval.evaluate_models), each with a batch of requests' logits.
 
 The compute dtype is float32 on CPU and the checkpoint's dtype on GPU (streaming.compute_dtype).
 Figures against measured peaks: bench/bench_plan.py.
@@ -44,6 +47,13 @@ _CPU_RUNTIME = GIB // 4  # RSS a CPU job adds before its first block (bench/benc
 _MODULE_INPUTS = ("attn_in", "mlp_in", "shared_in")  # linear inputs that are an inspected module's input
 _CLIP_RATIOS = limits.CLIP_RATIOS
 _EVAL_WINDOWS_DEFAULT = 40  # the built-in evaluation text at seq_len 2048 is about this many windows
+# lm-eval pads a batch to its longest request: 1024 tokens covers the common zero- and few-shot tasks (the
+# bundled ones are under 100); a task of longer contexts needs more than planned.
+_TASK_CONTEXT_TOKENS = 1024
+# Tokens an example costs forward (a context per choice: the bundled multiple-choice task runs ~140) and the
+# examples of a task without `limit` (registry tasks range from hundreds to tens of thousands).
+_TASK_TOKENS_PER_EXAMPLE = 256
+_TASK_EXAMPLES_DEFAULT = 1000
 
 
 class PlanError(InputError):
@@ -180,6 +190,8 @@ JOB_SETTINGS_FROM_SPEC = {
     "eval_enabled": "eval.enabled",
     "eval_seq_len": "eval.seq_len",
     "eval_max_seqs": "eval.max_seqs",
+    "eval_tasks": "eval.tasks",
+    "eval_prompts": "eval.prompts",
 }
 
 
@@ -204,6 +216,13 @@ class JobSettings:
     eval_enabled: bool = _default("eval_enabled")
     eval_seq_len: int = _default("eval_seq_len")
     eval_max_seqs: int | None = _default("eval_max_seqs")
+    eval_tasks: tuple = _default("eval_tasks")  # EvalTaskSpec (or dicts of its fields)
+    eval_prompts: tuple | None = _default("eval_prompts")
+
+    @property
+    def evaluates_tasks(self) -> bool:
+        """The job loads the FP model whole for lm-eval tasks or side-by-side generations (pipeline.py)."""
+        return bool(self.eval_tasks or self.eval_prompts)
 
     @classmethod
     def from_spec(cls, spec) -> JobSettings:
@@ -215,9 +234,10 @@ class MemoryPlan:
     device: str  # "cpu" | "cuda"
     compute_dtype: str
     peak_bytes: int
-    peak_stage: str  # quantize | evaluate
+    peak_stage: str  # quantize | evaluate | evaluate_tasks
     quantize_peak_bytes: int
     evaluate_peak_bytes: int
+    evaluate_tasks_peak_bytes: int = 0  # lm-eval tasks and generations: the FP model whole (0: no tasks)
     components: dict[str, int] = field(default_factory=dict)  # quantize stage, persistent + largest transient
     transient: str = ""  # which transient sets the quantize peak
     est_seconds: float = 0.0
@@ -344,7 +364,15 @@ def plan(
             + shape.n_layers * 2 * h * e
             + 3 * s.eval_seq_len * shape.vocab * 4
         )
-    peak = max(quantize_peak, eval_peak)
+    # evaluate_tasks: the FP model whole in the compute dtype (freed before the quantized model, which is
+    # smaller, is loaded) and a batch of requests' logits with their log-softmax
+    tasks_peak = 0
+    if s.evaluates_tasks:
+        logits = 2 * limits.TASK_BATCH_SIZE * _TASK_CONTEXT_TOKENS * shape.vocab * e
+        tasks_peak = int(comp["runtime"] + shape.total_params * e + logits)
+    stages = {"quantize": quantize_peak, "evaluate": eval_peak, "evaluate_tasks": tasks_peak}
+    peak_stage = max(stages, key=stages.get)  # the first on a tie
+    peak = stages[peak_stage]
 
     rate = flops_rate or DEVICE_FLOPS[device]
     secs = _time(shape, s, rate, linears, widths, tokens)
@@ -352,9 +380,10 @@ def plan(
         device=device,
         compute_dtype="float32" if e == 4 else shape.checkpoint_dtype,
         peak_bytes=int(peak),
-        peak_stage="quantize" if quantize_peak >= eval_peak else "evaluate",
+        peak_stage=peak_stage,
         quantize_peak_bytes=int(quantize_peak),
         evaluate_peak_bytes=int(eval_peak),
+        evaluate_tasks_peak_bytes=tasks_peak,
         components={k: int(v) for k, v in comp.items()},
         transient=which,
         est_seconds=round(sum(secs.values()), 1),
@@ -411,7 +440,14 @@ def _time(shape: ModelShape, s: JobSettings, rate: float, linears, widths, token
     if s.eval_enabled:
         windows = s.eval_max_seqs or _EVAL_WINDOWS_DEFAULT
         out["evaluate"] = 2 * 2 * windows * s.eval_seq_len * shape.total_params / rate
+    if s.eval_tasks:  # every task's examples forward through the FP and the quantized model
+        examples = sum(_task_limit(t) or _TASK_EXAMPLES_DEFAULT for t in s.eval_tasks)
+        out["evaluate_tasks"] = 2 * 2 * examples * _TASK_TOKENS_PER_EXAMPLE * shape.total_params / rate
     return out
+
+
+def _task_limit(task) -> int | None:
+    return task.get("limit") if isinstance(task, dict) else task.limit
 
 
 def read_config(model_dir: str | Path) -> dict[str, Any]:
@@ -438,7 +474,12 @@ def describe(p: MemoryPlan) -> str:
     lines = [
         f"device {p.device} ({p.compute_dtype}), {p.n_blocks} blocks, {p.params / 1e9:.2f} B parameters",
         f"peak {format_bytes(p.peak_bytes)} ({p.peak_stage}); quantize {format_bytes(p.quantize_peak_bytes)}, "
-        f"evaluate {format_bytes(p.evaluate_peak_bytes)}",
+        f"evaluate {format_bytes(p.evaluate_peak_bytes)}"
+        + (
+            f", evaluate_tasks {format_bytes(p.evaluate_tasks_peak_bytes)}"
+            if p.evaluate_tasks_peak_bytes
+            else ""
+        ),
     ]
     for k, v in sorted(p.components.items(), key=lambda kv: -kv[1]):
         if not v:

@@ -15,6 +15,8 @@ and torch are imported inside the functions: importing this module costs nothing
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
 import math
@@ -27,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from awqforge.errors import InputError, JobCancelled
+from awqforge.limits import TASK_BATCH_SIZE
 
 BUILTIN_TASKS_DIR = Path(__file__).parent / "data" / "tasks"
 BUILTIN_TASKS = ("awqforge_mc", "awqforge_cloze")
@@ -262,18 +265,21 @@ def _absolute_files(files, base: Path, digest):
     return str(p)
 
 
-class TaskResolver:
-    """Turns task requests into lm-eval configs; the registry's TaskManager is built once, only if needed."""
+@functools.lru_cache(maxsize=1)
+def registry_manager():
+    """lm-eval's TaskManager over its whole registry, built once per process: indexing every task YAML takes
+    seconds to a minute, and a job would otherwise build it when its tasks are resolved and again when they
+    run (and the next job in the same worker once more). The index is read-only once built."""
+    from lm_eval.tasks import TaskManager
 
-    def __init__(self) -> None:
-        self._manager = None
+    return TaskManager()
+
+
+class TaskResolver:
+    """Turns task requests into lm-eval configs; the registry's index is built only if a name needs it."""
 
     def manager(self):
-        if self._manager is None:
-            from lm_eval.tasks import TaskManager
-
-            self._manager = TaskManager()
-        return self._manager
+        return registry_manager()
 
     def resolve(self, req: TaskRequest) -> list[tuple[str, object, str]]:
         """[(task name, config dict or registry name, definition digest)] of one request."""
@@ -298,9 +304,7 @@ class TaskResolver:
 
 def known_task_names() -> set[str]:
     """Every name lm-eval's registry knows (tasks, groups, tags); reads YAML only, imports no torch."""
-    from lm_eval.tasks import TaskManager
-
-    return set(TaskManager().all_tasks)
+    return set(registry_manager().all_tasks)
 
 
 # -- running -------------------------------------------------------------------------------------------------
@@ -314,13 +318,27 @@ class _Meter:
         self.cancel = cancel
 
         def hook(_module, args, kwargs):
-            if self.cancel is not None and self.cancel():
-                raise JobCancelled("the job was cancelled during task evaluation")
+            self.check()
             ids = kwargs.get("input_ids", args[0] if args else None)
             if ids is not None and hasattr(ids, "numel"):
                 self.tokens += int(ids.numel())
 
         self.handle = model.register_forward_pre_hook(hook, with_kwargs=True)
+
+    def check(self) -> None:
+        if self.cancel is not None and self.cancel():
+            raise JobCancelled("the job was cancelled during task evaluation")
+
+    def checked(self, fn: Callable) -> Callable:
+        """fn, checking for cancellation first. lm-eval builds and tokenizes every request of a task before
+        its first forward: 17 s for the 560 five-shot examples of awqforge_mc on a loaded CPU, minutes for a
+        large registry task, and no forward to check in."""
+
+        def call(*args, **kwargs):
+            self.check()
+            return fn(*args, **kwargs)
+
+        return call
 
     def close(self) -> None:
         self.handle.remove()
@@ -362,14 +380,15 @@ def run_tasks(
     tokenizer,
     tasks: Sequence,
     *,
-    batch_size: int = 8,
+    batch_size: int = TASK_BATCH_SIZE,
     resolver: TaskResolver | None = None,
     cancel: Callable[[], bool] | None = None,
     on_task: Callable[[str], None] | None = None,
 ) -> list[TaskScore]:
     """Every task (ResolvedTask, or requests resolved here) on `model`, an in-memory transformers causal LM,
     through lm_eval.simple_evaluate over HFLM. Raises TaskEvalError (readable) when a task cannot be resolved
-    or its data cannot be loaded, JobCancelled when `cancel()` turns true (checked before every forward)."""
+    or its data cannot be loaded, JobCancelled when `cancel()` turns true (checked before every forward,
+    every example's requests and every request's tokenization)."""
     import lm_eval
     import lm_eval.evaluator
     from lm_eval.models.huggingface import HFLM
@@ -381,6 +400,7 @@ def run_tasks(
     model.eval()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     meter = _Meter(model, cancel)
+    lm.tok_encode = meter.checked(lm.tok_encode)  # per request, while lm-eval tokenizes them all
     scores: list[TaskScore] = []
     # simple_evaluate ends by collecting torch's environment report (collect_env: ~15 s of subprocesses per
     # call on a loaded CPU, twice per task); the report records the versions that matter itself.
@@ -395,7 +415,10 @@ def run_tasks(
             req = item.request
             if on_task is not None:
                 on_task(item.task)
+            meter.check()
             task_obj = _load_task(resolver, item.task, item.config)
+            if hasattr(task_obj, "construct_requests"):  # per example, while lm-eval builds the requests
+                task_obj.construct_requests = meter.checked(task_obj.construct_requests)
             tokens0, t0 = meter.tokens, time.perf_counter()
             try:
                 out = lm_eval.simple_evaluate(
@@ -409,7 +432,7 @@ def run_tasks(
                     numpy_random_seed=req.seed,
                     torch_random_seed=req.seed,
                     fewshot_random_seed=req.seed,
-                    task_manager=resolver.manager() if isinstance(item.config, str) else _EMPTY_MANAGER.get(),
+                    task_manager=resolver.manager() if isinstance(item.config, str) else _empty_manager(),
                 )
             except JobCancelled:
                 raise
@@ -452,7 +475,7 @@ def evaluate_models(
     max_new_tokens: int = 32,
     fp_cache=None,
     model_key: str | None = None,
-    batch_size: int = 8,
+    batch_size: int = TASK_BATCH_SIZE,
     cancel: Callable[[], bool] | None = None,
     progress: Callable[[str, int, int], None] | None = None,
     log: Callable[[str], None] | None = None,
@@ -505,7 +528,7 @@ def evaluate_models(
                     item = next(i for i in missing if i.task == score.task)
                     fp_cache.put(item.cache_key(model_key), score.to_dict())
             if prompts:
-                fp_gen = generate(model, tokenizer, prompts, max_new_tokens)
+                fp_gen = generate(model, tokenizer, prompts, max_new_tokens, cancel)
         finally:
             del model
             gc.collect()
@@ -525,7 +548,7 @@ def evaluate_models(
             q_scores.append(score)
             done += 1
             log(f"task {score.task}: quantized {score.metric} {score.score:.4f}")
-        q_gen = generate(model, tokenizer, prompts, max_new_tokens) if prompts else []
+        q_gen = generate(model, tokenizer, prompts, max_new_tokens, cancel) if prompts else []
     finally:
         del model
         gc.collect()
@@ -563,29 +586,17 @@ def _versions_only(storage: dict) -> None:
     )
 
 
-class _Lazy:
-    def __init__(self, make) -> None:
-        self.make, self.value = make, None
-
-    def get(self):
-        if self.value is None:
-            self.value = self.make()
-        return self.value
-
-
+@functools.lru_cache(maxsize=1)
 def _empty_manager():
+    """simple_evaluate is handed built Task objects; this manager (no index to build) only carries them."""
     from lm_eval.tasks import TaskManager
 
     return TaskManager(include_defaults=False)
 
 
-# simple_evaluate is handed built Task objects; this manager (no index to build) only carries them through.
-_EMPTY_MANAGER = _Lazy(_empty_manager)
-
-
 def _load_task(resolver: TaskResolver, name: str, config):
     """The lm-eval Task object (its data loaded now, so that unreachable data fails here, readably)."""
-    manager = resolver.manager() if isinstance(config, str) else _EMPTY_MANAGER.get()
+    manager = resolver.manager() if isinstance(config, str) else _empty_manager()
     try:
         if hasattr(manager, "load"):
             built = manager.load([config])["tasks"]
@@ -707,13 +718,21 @@ def check_gate(
     return reasons
 
 
-def generate(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32) -> list[str]:
-    """Greedy continuations of each prompt (the prompt itself left out)."""
+def generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 32,
+    cancel: Callable[[], bool] | None = None,
+) -> list[str]:
+    """Greedy continuations of each prompt (the prompt itself left out). `cancel` is checked before every
+    forward (every new token): 16 prompts of 512 tokens on a large model run for hours on a CPU."""
     import torch
 
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     outs = []
-    with torch.no_grad():
+    meter = _Meter(model, cancel)
+    with torch.no_grad(), contextlib.closing(meter):
         for prompt in prompts:
             ids = tokenizer(prompt, return_tensors="pt").to(device)
             gen = model.generate(

@@ -9,12 +9,22 @@ share of the job's wall time (the first job pays for the FP scores too).
 
     python bench/bench_tasks.py                 # every example (slow on a loaded CPU)
     python bench/bench_tasks.py --limit 100     # the first 100 examples of each task
+    python bench/bench_tasks.py --api --limit 60   # the same jobs through the HTTP API, then a gated one
+
+--api starts `awqforge serve` on its embedded defaults (SQLite, a filesystem broker, one worker child) in a
+fresh AWQFORGE_HOME, submits each configuration with POST /v1/jobs, reads GET /v1/jobs/{id}/metrics (the FP
+scores of the first job come from the service's cache for the others), and ends with the first configuration
+again under `--gate`, which it is expected to fail: the job ends failed at stage "gate" with the reason.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -35,6 +45,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-max-seqs", type=int, default=4, help="perplexity windows of 1024 tokens")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (default: all cores)")
     ap.add_argument("--out", default="bench/results_tasks.json")
+    ap.add_argument("--api", action="store_true", help="through the HTTP API of an embedded `awqforge serve`")
+    ap.add_argument(
+        "--gate",
+        default='{"min_avg_recovery": 0.95, "max_perplexity_increase": 0.1}',
+        help="with --api: eval.gate of the last, gated job (JSON)",
+    )
     args = ap.parse_args(argv)
 
     import torch
@@ -53,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
 
         ckpt = ensure_smollm2_checkpoint()
     tasks = [{"name": "awqforge_mc", "limit": args.limit}, {"name": "awqforge_cloze", "limit": args.limit}]
+    if args.api:
+        return _via_api(args, ckpt, tasks)
     cache = FPScoreCache()
     rows = []
     with tempfile.TemporaryDirectory(prefix="bench-tasks-") as work:
@@ -113,6 +131,142 @@ def main(argv: list[str] | None = None) -> int:
             )
     print(f"results: {args.out}")
     return 0
+
+
+def _via_api(args, ckpt: Path, tasks: list[dict]) -> int:
+    import httpx
+
+    from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
+
+    rows = []
+    with (
+        tempfile.TemporaryDirectory(prefix="bench-tasks-api-") as home,
+        _embedded(Path(home), [ckpt.parent, Path(BUNDLED_CALIBRATION_TEXT).parent], args.threads) as (
+            url,
+            key,
+        ),
+    ):
+        client = httpx.Client(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60)
+        configs = [(b, m, None) for b in args.bits for m in args.methods]
+        configs.append((*configs[0][:2], json.loads(args.gate)))  # the first one again, gated
+        for bits, method, gate in configs:
+            body = {
+                "model": str(ckpt),
+                "method": method,
+                "bits": bits,
+                "group_size": args.group_size,
+                "calibration": {
+                    "source": f"file:{BUNDLED_CALIBRATION_TEXT}",
+                    "n_samples": args.n_samples,
+                    "seq_len": args.seq_len,
+                },
+                "formats": ["awq"] if bits == 4 else ["compressed-tensors"],
+                "eval": {"seq_len": 1024, "max_seqs": args.eval_max_seqs, "tasks": tasks, "prompts": []}
+                | ({"gate": gate} if gate else {}),
+                "device": "cpu",
+            }
+            r = client.post("/v1/jobs", json=body)
+            if r.status_code != 202:
+                print(f"submit refused: {r.status_code} {r.text}", file=sys.stderr)
+                return 1
+            job_id = r.json()["id"]
+            while (job := client.get(f"/v1/jobs/{job_id}").json())["status"] in ("queued", "running"):
+                time.sleep(2)
+            m = client.get(f"/v1/jobs/{job_id}/metrics").json()
+            # what task evaluation cost this job: the quantized runs, and the FP runs it did not take from the cache
+            tasks_s = sum(
+                (t["quantized_s"] or 0) + (0 if t["fp_cached"] else t["fp_s"] or 0) for t in m["tasks"]
+            )
+            row = {
+                "bits": bits,
+                "method": method,
+                "group_size": args.group_size,
+                "limit": args.limit,
+                "gate": gate,
+                "job_id": job_id,
+                "status": job["status"],
+                "stage": job["stage"],
+                "error": job["error"],
+                "job_total_s": m["total_s"],
+                "tasks_s": round(tasks_s, 1),
+                "tasks_share": round(tasks_s / m["total_s"], 3) if m["total_s"] else None,
+                "fp_perplexity": m["fp_perplexity"],
+                "quant_perplexity": m["quant_perplexity"],
+                "tasks": m["tasks"],
+            }
+            rows.append(row)
+            Path(args.out).write_text(json.dumps({"model": str(ckpt), "api": url, "rows": rows}, indent=2))
+            print(
+                f"\nAPI job {job_id} W{bits} g{args.group_size} {method.upper()}"
+                + (f" gate {json.dumps(gate)}" if gate else "")
+                + f": {job['status']} (stage {job['stage']}), job {m['total_s'] or 0:.0f} s, task evaluation "
+                f"{tasks_s:.0f} s" + (f" ({100 * row['tasks_share']:.0f}%)" if row["tasks_share"] else ""),
+                flush=True,
+            )
+            if job["error"]:
+                print(f"  error: {job['error']}", flush=True)
+            for t in m["tasks"]:
+                print(
+                    f"  {t['task']:<16} {t['metric']} FP {_f(t['fp'])} quantized {_f(t['quantized'])} ± "
+                    f"{_f(t['stderr'])} recovery {_f(t['recovery'], '.3f')}"
+                    + (" (FP cached)" if t["fp_cached"] else ""),
+                    flush=True,
+                )
+    print(f"results: {args.out}")
+    ok = [r["status"] for r in rows[:-1]] == ["succeeded"] * (len(rows) - 1)
+    return 0 if ok and (rows[-1]["status"], rows[-1]["stage"]) == ("failed", "gate") else 1
+
+
+@contextlib.contextmanager
+def _embedded(home: Path, roots: list[Path], threads: int):
+    """`awqforge serve` on its embedded defaults (no DATABASE_URL / REDIS_URL) in `home`: (url, API key)."""
+    import socket
+
+    import httpx
+
+    env = {k: v for k, v in os.environ.items() if k not in ("DATABASE_URL", "REDIS_URL", "BROKER_URL")}
+    env.update(
+        AWQFORGE_HOME=str(home),
+        ALLOWED_LOCAL_ROOTS=os.pathsep.join(str(r) for r in roots),
+        HF_HUB_OFFLINE="1",
+        PYTHONPATH=str(Path(__file__).resolve().parents[1]),
+    )
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    run = [sys.executable, "-m", "awqforge"]
+    key = subprocess.run(
+        [*run, "keys", "create", "--tenant", "bench"], env=env, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = home / "serve.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [*run, "serve", "--port", str(port)], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 300
+        while True:
+            try:
+                if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(
+                    "awqforge serve did not start:\n" + log.read_text(errors="replace")[-3000:]
+                )
+            time.sleep(1)
+        print(f"embedded service on {url} (AWQFORGE_HOME {home})", flush=True)
+        yield url, key
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
 
 
 def _f(x, spec: str = ".4f") -> str:

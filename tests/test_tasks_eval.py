@@ -23,6 +23,7 @@ from awqforge.tasks_eval import (  # noqa: E402
     build_local_tasks,
     check_gate,
     compare,
+    generate,
     recovery,
     resolve_tasks,
     run_tasks,
@@ -125,6 +126,61 @@ def test_cancel_stops_inside_a_task(fp_model, tiny_tokenizer):
     with pytest.raises(JobCancelled):
         run_tasks(fp_model[1], tiny_tokenizer, [TaskRequest("awqforge_mc", limit=200)], cancel=cancel)
     assert len(calls) == 4
+    calls.clear()  # and in the side-by-side generations: before every new token
+    with pytest.raises(JobCancelled):
+        generate(fp_model[1], tiny_tokenizer, ["The License", "Once"], max_new_tokens=50, cancel=cancel)
+    assert len(calls) == 4
+    assert len(generate(fp_model[1], tiny_tokenizer, ["Once"], max_new_tokens=3, cancel=lambda: False)) == 1
+
+
+def test_cancel_stops_while_lm_eval_builds_the_requests(fp_model, tiny_tokenizer):
+    """lm-eval builds and tokenizes every request before its first forward (seconds to minutes): a cancel
+    then stops it there, no forward run."""
+    forwards = []
+    handle = fp_model[1].register_forward_pre_hook(lambda *_: forwards.append(1))
+    calls = []
+
+    def cancel() -> bool:
+        calls.append(1)
+        return len(calls) > 2  # after the task's data is loaded, at its second example
+
+    try:
+        with pytest.raises(JobCancelled):
+            run_tasks(fp_model[1], tiny_tokenizer, [TaskRequest("awqforge_mc", num_fewshot=5)], cancel=cancel)
+    finally:
+        handle.remove()
+    assert len(calls) == 3 and forwards == []
+
+
+def test_the_registry_index_is_built_once_per_process(monkeypatch):
+    """A registry task is resolved when the job starts and again when it runs (and the API checks names):
+    lm-eval's full task index is built for the first of them only."""
+    import lm_eval.tasks
+
+    from awqforge import tasks_eval
+    from awqforge.pipeline import _resolve_eval_tasks
+
+    built = []
+
+    class CountingTaskManager(lm_eval.tasks.TaskManager):
+        def __init__(self, *args, **kwargs):
+            if kwargs.get("include_defaults", True):
+                built.append(1)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(lm_eval.tasks, "TaskManager", CountingTaskManager)
+    tasks_eval.registry_manager.cache_clear()
+    try:
+        spec = JobSpec(model="org/m", eval={"tasks": [{"name": "hellaswag", "limit": 4}]})
+        (item,) = _resolve_eval_tasks(spec, allowed_roots=None)  # at the job's start
+        assert (item.task, item.config) == ("hellaswag", "hellaswag")
+        # at its run: evaluate_models' own resolver, the manager simple_evaluate gets; then the API's check
+        assert [t.task for t in resolve_tasks(["hellaswag"], tasks_eval.TaskResolver())] == ["hellaswag"]
+        assert tasks_eval.TaskResolver().manager() is tasks_eval.registry_manager()
+        assert "hellaswag" in tasks_eval.known_task_names()
+        assert len(built) == 1
+    finally:
+        tasks_eval.registry_manager.cache_clear()  # not the counting subclass for later tests
 
 
 def test_gate_names_the_task_and_the_figures():

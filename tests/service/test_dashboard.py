@@ -202,3 +202,66 @@ def test_browser_submit_and_watch_a_job(service, make_key, browser, shots_dir):
     page.wait_for_selector("#signin")
     assert errors == []
     page.close()
+
+
+def test_browser_job_page_shows_task_recovery(service, make_key, browser, shots_dir):
+    """The job page of a job with lm-eval tasks: a bar per model and task (FP, quantized) at the API's
+    figures, scaled to the largest, with the recovery; and the side-by-side generations of its report."""
+    pytest.importorskip("lm_eval")
+    from .conftest import wait_for_status
+
+    key = make_key(tenant="recovery-tenant")
+    tasks = [{"name": "awqforge_mc", "limit": 8}, {"name": "awqforge_cloze", "limit": 8}]
+    prompts = ["The License", "Once upon a time"]
+    ev = {"seq_len": 32, "max_seqs": 2, "tasks": tasks, "prompts": prompts, "max_new_tokens": 4}
+    with service.client(key) as c:
+        r = c.post("/v1/jobs", json=service.job_body(eval=ev))
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=300)
+        assert job["status"] == "succeeded", job["error"]
+        rows = c.get(f"/v1/jobs/{job_id}/metrics").json()["tasks"]
+        files = next(a for a in job["artifacts"] if a["format"] == "awq")["files"]
+        report = c.get(next(f["url"] for f in files if f["path"] == "quant_report.json")).json()
+    gens = report["evaluation"]["generations"]
+    assert [t["task"] for t in rows] == ["awqforge_mc", "awqforge_cloze"] and len(gens) == 2
+
+    page = browser.new_page(viewport={"width": 1280, "height": 900})
+    errors: list[str] = []
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto(f"{service.url}/dashboard")
+    page.fill("#key", key)
+    page.click("#signin button")
+    page.wait_for_selector("text=recovery-tenant")
+    page.goto(f"{service.url}/dashboard/jobs/{job_id}")
+    page.wait_for_selector("#tasks-card:not([hidden]) #task-chart .task")
+    page.wait_for_selector("#generations .gen")
+    shown = page.locator("#task-chart .task")
+    assert shown.count() == len(rows)
+    top = max(v or 0 for t in rows for v in (t["fp"], t["quantized"]))
+    for i, t in enumerate(rows):
+        task = shown.nth(i)
+        head = task.locator("b").inner_text(), task.locator(".muted").first.inner_text()
+        assert head[0] == t["task"], head
+        recovery = head[1].split("recovery ")[1].split(",")[0]
+        assert (
+            recovery == "–"
+            if t["recovery"] is None
+            else float(recovery) == pytest.approx(t["recovery"], abs=1e-3)
+        )
+        for cls, label, value in (("fp", "FP", t["fp"]), ("quant", "quantized", t["quantized"])):
+            bar = task.locator(".tbar").filter(has=page.locator(f".tfill.{cls}"))
+            assert bar.locator(".tlabel").inner_text() == label
+            assert float(bar.locator("span").last.inner_text()) == pytest.approx(value, abs=1e-4)
+            width = bar.locator(".tfill").evaluate("e => parseFloat(e.style.width)")
+            assert width == pytest.approx(60 * value / top if top else 0, abs=0.01), (t["task"], label)
+    shown_gens = page.locator("#generations .gen")
+    assert shown_gens.count() == len(gens)
+    for i, g in enumerate(gens):
+        text = " ".join(shown_gens.nth(i).inner_text().split())
+        assert g["prompt"] in text
+        assert f"FP: {' '.join(g['fp'].split())}".strip() in text
+        assert f"quantized: {' '.join(g['quantized'].split())}".strip() in text
+    page.locator("#tasks-card").screenshot(path=str(shots_dir / "05-task-recovery.png"))
+    assert errors == []
+    page.close()

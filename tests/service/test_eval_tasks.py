@@ -16,7 +16,8 @@ from .conftest import wait_for_status
 pytest.importorskip("lm_eval")
 pytestmark = pytest.mark.services
 
-TASKS = [{"name": "awqforge_mc", "limit": 8}, {"name": "awqforge_cloze", "limit": 8}]
+TASK_NAMES = ("awqforge_mc", "awqforge_cloze")
+TASKS = [{"name": n, "limit": 8} for n in TASK_NAMES]
 
 
 def test_job_with_tasks_gate_and_override(service, make_key, db_session):
@@ -179,3 +180,59 @@ def test_fp_score_scopes(service):
     assert fp_cache_for(7, gated).scope == "tenant:7"
     assert fp_cache_for(7, JobSpec(model="/models/m", eval=tasks)).scope == "tenant:7"
     assert fp_cache_for(7, JobSpec(model="org/model")) is None
+
+
+CANCEL_BOUND_S = (
+    10  # the engine checks before every lm-eval batch; the worker reads the flag 4 times a second
+)
+
+
+def test_cancel_inside_task_evaluation(service, make_key, db_session):
+    """Cancelled while lm-eval runs (the FP pass of a long task): the job ends `cancelled` within
+    CANCEL_BOUND_S of the request, in stage evaluate, with its tokens and scratch folders gone."""
+    import time
+
+    from app.models import Job
+    from app.services import lifecycle
+
+    body = service.job_body(
+        model=str(service.deep_model_dir),
+        # every example with five shots: far longer than the test waits before cancelling
+        eval={"enabled": False, "prompts": [], "tasks": [{"name": n, "num_fewshot": 5} for n in TASK_NAMES]},
+        source={"token": "hf_cancel_source_token"},
+        publish={"repo_id": "canceller/never-published", "private": True, "token": "hf_cancel_publish_token"},
+    )
+    with service.client(make_key("canceller")) as c:
+        r = c.post("/v1/jobs", json=body)
+        assert r.status_code == 202, r.text
+        job_id = r.json()["id"]
+        with c.stream("GET", f"/v1/jobs/{job_id}/events", timeout=300) as events:
+            for line in events.iter_lines():
+                if line.startswith("data: "):
+                    e = json.loads(line[6:])
+                    if e["stage"] == "evaluate" and "lm-evaluation-harness" in (e["message"] or ""):
+                        break
+            else:  # the stream ends with the job
+                raise AssertionError("the job ended before its task evaluation began")
+        time.sleep(2)  # into lm-eval's first pass
+        r = c.post(f"/v1/jobs/{job_id}/cancel")
+        asked = time.monotonic()
+        assert r.status_code == 202 and r.json()["status"] in ("running", "cancelled"), r.text
+        job = wait_for_status(c, job_id, ("succeeded", "failed", "cancelled"), timeout=CANCEL_BOUND_S)
+        took = time.monotonic() - asked
+        assert job["status"] == "cancelled" and job["stage"] == "evaluate", job
+        logs = c.get(f"/v1/jobs/{job_id}/logs").text
+        assert "cancelled during evaluate" in logs, logs[-2000:]
+        assert "task awqforge_mc: FP" not in logs  # stopped inside the first task, not after it
+        assert job["metrics"] is None and job["artifacts"] == []
+    print(f"cancelled {took:.1f} s after the request")
+    db_session.expire_all()
+    row = db_session.get(Job, job_id)
+    assert row.source_token_enc is None and row.publish_token_enc is None
+    for folder in (
+        lifecycle.job_work_dir(row.tenant_id, job_id),
+        lifecycle.run_staging_dir(row.tenant_id, job_id),
+        lifecycle.publish_staging_dir(job_id),
+        lifecycle.job_output_dir(row.tenant_id, job_id),
+    ):
+        assert not folder.exists(), folder

@@ -67,6 +67,29 @@ def test_plan_is_pure_and_ordered():
     assert big.est_seconds > small.est_seconds > 0
 
 
+def test_plan_counts_task_evaluation():
+    """eval.tasks loads the FP model whole (in fp32 on CPU) beside lm-eval's batch of logits: a stage of its
+    own in the memory plan and the time estimate, absent without tasks."""
+    from awqforge.plan import JobSettings, describe, plan
+
+    common = {"n_samples": 16, "seq_len": 128}
+    base = plan(LLAMA_7B, JobSettings(**common), device="cpu")
+    tasks = ({"name": "awqforge_mc", "limit": 100}, {"name": "awqforge_cloze", "limit": 100})
+    with_tasks = plan(LLAMA_7B, JobSettings(**common, eval_tasks=tasks), device="cpu")
+    assert base.evaluate_tasks_peak_bytes == 0 and "evaluate_tasks" not in base.est_seconds_by_stage
+    assert with_tasks.peak_stage == "evaluate_tasks" and with_tasks.peak_bytes > base.peak_bytes
+    assert with_tasks.evaluate_tasks_peak_bytes > 4 * with_tasks.params  # the FP weights in fp32
+    assert with_tasks.est_seconds_by_stage["evaluate_tasks"] > 0
+    assert with_tasks.est_seconds > base.est_seconds
+    assert "evaluate_tasks" in describe(with_tasks)
+    more = plan(LLAMA_7B, JobSettings(**common, eval_tasks=({"name": "hellaswag"},)), device="cpu")
+    assert more.est_seconds_by_stage["evaluate_tasks"] > with_tasks.est_seconds_by_stage["evaluate_tasks"]
+    # side-by-side generations alone load the FP model too; they cost no task time
+    prompts = plan(LLAMA_7B, JobSettings(**common, eval_prompts=("Once",)), device="cpu")
+    assert prompts.evaluate_tasks_peak_bytes == with_tasks.evaluate_tasks_peak_bytes
+    assert "evaluate_tasks" not in prompts.est_seconds_by_stage
+
+
 def test_plan_follows_the_engine_on_wide_layers():
     """Fewer calibration tokens than a linear's input width: the engine keeps the inputs, not the Gram matrix,
     and on CPU the inputs of q/k/v and gate/up are the module-loss records themselves (not counted twice)."""
@@ -119,6 +142,22 @@ def test_plan_endpoint_and_routing_by_need(service, make_key, config_models):
         assert r.status_code == 422
     with service.client(None) as c:
         assert c.get("/v1/plan", params={"model": config_models["llama-7b"]}).status_code == 401
+
+
+def test_plan_endpoint_counts_task_evaluation(service, make_key, config_models):
+    body = {
+        "model": config_models["llama-7b"],
+        "calibration": {"n_samples": 16, "seq_len": 128},
+        "device": "cpu",
+    }
+    with service.client(make_key()) as c:
+        plain = c.post("/v1/plan", json=body).json()["plan"]
+        r = c.post("/v1/plan", json={**body, "eval": {"tasks": [{"name": "awqforge_mc", "limit": 50}]}})
+        assert r.status_code == 200, r.text
+        p = r.json()["plan"]
+    assert plain["peak_stage"] != "evaluate_tasks" and plain["evaluate_tasks_peak_bytes"] == 0
+    assert p["peak_stage"] == "evaluate_tasks" and p["peak_bytes"] > plain["peak_bytes"]
+    assert p["est_seconds_by_stage"]["evaluate_tasks"] > 0 and p["est_seconds"] > plain["est_seconds"]
 
 
 def test_cpu_only_deployment_routes_everything_to_cpu(service, monkeypatch, config_models):
