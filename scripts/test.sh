@@ -28,10 +28,24 @@ step "PostgreSQL and Redis (scripts/services.sh)"
 bash scripts/services.sh
 export AWQFORGE_TEST_DATABASE_URL=${AWQFORGE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
 export AWQFORGE_TEST_REDIS_URL=${AWQFORGE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
-# Two pytest workers: the service tests in one, the engine's in the other (tests/conftest.py groups them);
-# AWQFORGE_TEST_WORKERS=0 runs them in one process.
-WORKERS=${AWQFORGE_TEST_WORKERS:-2}
-XDIST=()
-[ "$WORKERS" != 0 ] && XDIST=(-n "$WORKERS" --dist loadgroup)
-step "pytest ${XDIST[*]}"
-exec "$PY" -m pytest -q "${XDIST[@]}" "$@"
+# The whole suite in two processes side by side: the service tests (one package-scoped stack: a Postgres
+# database, a Celery worker, an API server) and the engine's; each prints its own report, then its exit
+# status counts. AWQFORGE_TEST_PROCESSES=1 (or naming tests) runs one pytest as usual.
+if [ $# -eq 0 ] && [ "${AWQFORGE_TEST_PROCESSES:-2}" = 2 ]; then
+    step "pytest: tests/service and the engine's tests in two processes"
+    LOGS=$(mktemp -d)
+    export AWQFORGE_TEST_PROCESSES=2  # tests/conftest.py: each process's torch takes half the cores
+    "$PY" -m pytest -q tests/service >"$LOGS/service.log" 2>&1 &
+    SERVICE=$!
+    "$PY" -m pytest -q tests --ignore=tests/service >"$LOGS/engine.log" 2>&1 &
+    ENGINE=$!
+    rs=0; wait "$SERVICE" || rs=$?
+    re=0; wait "$ENGINE" || re=$?
+    echo "==> the engine's tests (exit $re)"; cat "$LOGS/engine.log"
+    echo "==> the service tests (exit $rs)"; cat "$LOGS/service.log"
+    rm -rf "$LOGS"
+    [ "$rs" = 0 ] && [ "$re" = 0 ]
+    exit
+fi
+step "pytest"
+exec "$PY" -m pytest -q "$@"

@@ -33,21 +33,11 @@ def _quiet_triton_teardown() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), 2)
 
 
-# Two pytest workers (scripts/test.sh: `-n 2 --dist loadgroup`): the service tests in one, the engine's in the
-# other, each in the order a serial run has (the service tests share one package-scoped stack: Postgres
-# database, Celery worker, API server). Each worker's torch takes its share of the cores.
-_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-if _WORKERS > 1:
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _WORKERS))
-
-
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook reads the groups
-def pytest_collection_modifyitems(config, items):
-    if not config.pluginmanager.hasplugin("xdist"):
-        return
-    for item in items:
-        group = "service" if Path(item.fspath).parent.name == "service" else "engine"
-        item.add_marker(pytest.mark.xdist_group(group))
+# scripts/test.sh runs the service tests and the engine's in two processes side by side: each process's torch
+# takes its share of the cores.
+_PROCESSES = int(os.environ.get("AWQFORGE_TEST_PROCESSES", "1"))
+if _PROCESSES > 1:
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // _PROCESSES))
 
 
 def train_tiny_tokenizer(vocab_size: int = 512):
