@@ -217,16 +217,14 @@ def run_demo(
     server = ServerThread(create_app(), host=host, port=_free_port(port)).start()
     print(f"API on {server.url} (docs: {server.url}/docs, dashboard: {server.url}/dashboard)", flush=True)
     try:
-        import awqforge
-
-        calib = Path(awqforge.__file__).resolve().parent / "data" / "calibration_en.txt"
         body = {
             "model": str(checkpoint),
             "method": "awq",
             "bits": 4,
             "group_size": 64,
             # A small calibration set and grid on a CPU, so that the demo ends in minutes.
-            "calibration": {"source": f"file:{calib}", "n_samples": n_samples, "seq_len": seq_len},
+            # the English text shipped with awqforge, by name (a file: path would show the install folder)
+            "calibration": {"source": "bundled", "n_samples": n_samples, "seq_len": seq_len},
             "n_grid": 20 if has_gpu else 10,
             "formats": ["awq", "compressed-tensors"],
             "eval": {"seq_len": 512, "max_seqs": 16} if has_gpu else {"seq_len": 256, "max_seqs": 4},
