@@ -12,6 +12,7 @@ the quantize stage, so the measurement is short next to the job.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
 from typing import Any
 
@@ -57,16 +58,11 @@ def measure_block_seconds(config: dict[str, Any], settings: JobSettings, device:
     layers = adapter.get_layers(model)
     ids = torch.randint(3, cfg.vocab_size, (settings.n_samples, settings.seq_len))
     captured = capture_layer_inputs(model, layers, ids.to(device))
-    s = BlockSettings(
-        method=settings.method,
-        bits=settings.bits,
-        group_size=settings.group_size,
-        scale_search=settings.scale_search,
-        n_grid=settings.n_grid,
-        search_screen=settings.search_screen,
-        clip_search=settings.clip_search,
-        rounding=settings.rounding,
-    )
+    # the fields the plan's settings share with a block's (both derive from JobSpec); the rest keep their defaults
+    shared = {f.name for f in dataclasses.fields(BlockSettings)} & {
+        f.name for f in dataclasses.fields(settings)
+    }
+    s = BlockSettings(**{name: getattr(settings, name) for name in shared})
     t0 = time.perf_counter()
     quantize_block(layers[0], captured.inputs, captured.layer_kwargs[0], settings=s, adapter=adapter)
     return time.perf_counter() - t0

@@ -553,10 +553,10 @@ def _publish_destination(job_id: str, token: str | None) -> str:
     return _db(pick, "choosing the publish destination")
 
 
-def _quality_failed(job_id, reporter: _JobReporter, reason: str, work_dir) -> str:
+def _quality_failed(job_id, reporter: _JobReporter, reason: str) -> str:
     """Below its quality gate (or its tasks could not run): failed at stage `gate`, artifacts recorded and
-    kept, nothing published; POST /v1/jobs/{id}/publish with override_gate publishes anyway."""
-    shutil.rmtree(work_dir, ignore_errors=True)
+    kept, nothing published; POST /v1/jobs/{id}/publish with override_gate publishes anyway. finish() removes
+    the checkpoints when it ends the job; a job given away keeps them for its new run."""
     error = reporter.scrub(reason)[:1900] + " (artifacts kept)"
 
     ended = _db(
@@ -785,7 +785,7 @@ def run_job(job_id: str, *, worker_name: str | None = None) -> str:
         _db(record_result, "recording the result")
         _db(lambda s: lifecycle.prune_unrecorded(s, job_id), "removing the replaced artifacts")
         if quality_failure:
-            return _quality_failed(job_id, reporter, quality_failure, work_dir)
+            return _quality_failed(job_id, reporter, quality_failure)
         if spec.publish is not None:
             reporter.stage = PUBLISH_STAGE
             if reporter.cancel():
