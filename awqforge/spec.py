@@ -285,8 +285,9 @@ SearchScreen = Annotated[
     ),
 ]
 RoundingDescription = (
-    "nearest (AWQ as published) or gptq: after the AWQ scale and clip search, round the codes "
-    "with error feedback through the inverse input Gram matrix; same artifact format"
+    "gptq (the default): after the AWQ scale and clip search, round the codes with error feedback through "
+    "the inverse input Gram matrix, same artifact format (closer to full precision on every family measured, "
+    "bench/README.md); or nearest, AWQ as published"
 )
 
 
@@ -482,7 +483,7 @@ class JobSpec(BaseModel):
     search_screen: SearchScreen = (
         8  # k=8: SmolLM2 W4 perplexity 17.573 vs 17.567 full; k=4: 17.805 (bench/README)
     )
-    rounding: Rounding = Field(Rounding.NEAREST, description=RoundingDescription)
+    rounding: Rounding = Field(Rounding.GPTQ, description=RoundingDescription)
     gqa_fold: bool = Field(
         False,
         description="grouped-query attention: fold the v -> o scale per KV channel, shared by its query heads "

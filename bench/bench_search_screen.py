@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -29,18 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from tiny_models import build_tiny_model, tiny_input_ids  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from common import SHAPES, parse_variant  # noqa: E402
+
 from awqforge.arch import get_adapter  # noqa: E402
 from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block  # noqa: E402
-
-SHAPES = {
-    "tiny": {},
-    "gemma3-640": dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
-                       head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
-    "gemma3-1152": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
-                        head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
-    "gemma2-2304": dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4,
-                        head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
-}  # fmt: skip
 
 
 def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings, shape: dict) -> dict:
@@ -52,6 +46,7 @@ def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings
         ref = ref_model(held_out).logits
         captured = capture_layer_inputs(model, layers, ids)
     x, errs, picks, module_s = captured.inputs, [], {}, 0.0
+    t0 = time.perf_counter()
     for i, block in enumerate(layers):
         res = quantize_block(
             block, x, captured.layer_kwargs[i], settings=s, adapter=adapter, block_index=i, block_prefix=""
@@ -60,6 +55,7 @@ def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings
         errs += [(lm.mse_rtn, lm.mse_quant) for lm in res.layers]
         picks.update({f"{i}:{k}": v["ratio"] for k, v in res.scales.items()})
         module_s += res.timings.get("scale_search_module", 0.0) + res.timings.get("scale_screen", 0.0)
+    blocks_s = time.perf_counter() - t0
     with torch.no_grad():
         logits_mse = float((model(held_out).logits - ref).pow(2).mean())
     return {
@@ -68,6 +64,7 @@ def run(family: str, ids: torch.Tensor, held_out: torch.Tensor, s: BlockSettings
         "logits_mse": logits_mse,
         "picks": picks,
         "module_s": module_s,
+        "blocks_s": blocks_s,
     }
 
 
@@ -75,6 +72,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--families", nargs="+", default=["llama", "qwen3", "gemma2", "phi3", "mixtral"])
     ap.add_argument("--screens", type=int, nargs="+", default=[0, 8])
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="BlockSettings to compare instead of --screens, the first the reference (e.g. the full search "
+        "'search_screen=0,search_fraction=1' against the defaults 'default'); 'default' alone is the engine's",
+    )
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=32)
     ap.add_argument("--n-samples", type=int, default=16)
@@ -90,27 +94,28 @@ def main() -> None:
         f"{args.shape} {shape or ''}"
     )
     print(
-        f"{'family':<10} {'k':>3} {'sum layer MSE':>14} {'vs k0':>7} {'RTN':>12} {'logits MSE':>11} "
-        f"{'same picks':>10} {'module s':>9} {'gap cost':>9}"
+        f"{'family':<12} {'settings':<34} {'sum layer MSE':>14} {'vs ref':>7} {'RTN':>12} {'logits MSE':>11} "
+        f"{'same picks':>10} {'module s':>9} {'blocks s':>9} {'gap cost':>9}"
     )
+    variants = args.variants or [f"search_screen={k}" for k in args.screens]
     for fam in args.families:
         base = None
         rtn = run(
             fam, ids, held_out, BlockSettings(method="rtn", bits=args.bits, group_size=args.group_size), shape
         )
-        for k in args.screens:
-            s = BlockSettings(bits=args.bits, group_size=args.group_size, search_screen=k)
+        for k in variants:
+            s = BlockSettings(bits=args.bits, group_size=args.group_size, **parse_variant(k))
             r = run(fam, ids, held_out, s, shape)
             base = base or r
             same = sum(base["picks"][m] == r["picks"].get(m) for m in base["picks"])
             n_maps = len(base["picks"])
             print(
-                f"{fam:<10} {k:>3} {r['ours']:>14.6g} {r['ours'] / base['ours']:>7.4f} {r['rtn']:>12.6g} "
-                f"{r['logits_mse']:>11.4g} {f'{same}/{n_maps}':>10} {r['module_s']:>9.2f} "
+                f"{fam:<12} {k:<34} {r['ours']:>14.6g} {r['ours'] / base['ours']:>7.4f} {r['rtn']:>12.6g} "
+                f"{r['logits_mse']:>11.4g} {f'{same}/{n_maps}':>10} {r['module_s']:>9.2f} {r['blocks_s']:>9.2f} "
                 f"{100 * (r['logits_mse'] - base['logits_mse']) / rtn['logits_mse']:>8.2f}%"
             )
         print(
-            f"{fam:<10} RTN logits MSE {rtn['logits_mse']:.4g}; full search closes "
+            f"{fam:<12} RTN logits MSE {rtn['logits_mse']:.4g}; the reference closes "
             f"{100 * (1 - base['logits_mse'] / rtn['logits_mse']):.1f}% of it"
         )
 

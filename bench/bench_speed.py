@@ -3,6 +3,7 @@
     python bench/bench_speed.py                            # SmolLM2-135M cut to its first 4 blocks, W4 g64
     python bench/bench_speed.py --layers 30 --llmc-python /work/venvs/llmc/bin/python   # the whole model
     python bench/bench_speed.py --model CKPT_DIR --layers 0 --skip-llmc                  # another model, all blocks
+    python bench/bench_speed.py --family gemma3_text --shape gemma3-640 --layers 2       # a random model, real width
 
 The checkpoint is cut to its first --layers decoder blocks (0: all), written once under --work-dir. Both sides
 get the same calibration tokens (--n-samples x --seq-len of the bundled text, bench/common.py) and run on
@@ -90,7 +91,42 @@ def cut_checkpoint(src: Path, dest: Path, layers: int) -> Path:
     return dest
 
 
-def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_screen: int = 8) -> dict:
+def random_checkpoint(family: str, shape: str, layers: int, dest: Path) -> Path:
+    """A bf16 random-init checkpoint of `family` with `layers` blocks of shape SHAPES[shape], SmolLM2's tokenizer."""
+    if (dest / "config.json").exists():
+        return dest
+    sys.path.insert(0, str(REPO / "tests"))
+    from tiny_models import build_tiny_model
+
+    from awqforge.smollm import ensure_smollm2_checkpoint
+
+    tok_src = ensure_smollm2_checkpoint()
+    extra = {}
+    if family in ("gemma2", "gemma3_text"):  # sliding and full attention alternating, as Gemma-2's blocks
+        extra["layer_types"] = ["sliding_attention", "full_attention"] * (layers // 2) + [
+            "sliding_attention"
+        ] * (layers % 2)
+    if family == "llama4_text":  # every block MoE, rope on all but the last of each four (Llama-4's pattern)
+        extra.update(
+            interleave_moe_layer_step=1, no_rope_layers=[int((i + 1) % 4 != 0) for i in range(layers)]
+        )
+    model = build_tiny_model(
+        family,
+        dtype=torch.bfloat16,
+        num_hidden_layers=layers,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        **common.SHAPES[shape],
+        **extra,
+    )
+    model.save_pretrained(dest)
+    for f in tok_src.iterdir():
+        if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) or f.suffix == ".jinja":
+            shutil.copy(f, dest / f.name)
+    return dest
+
+
+def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, **overrides) -> dict:
     from awqforge.arch import get_adapter
     from awqforge.awq import BlockSettings, quantize_block
     from awqforge.packing import pack_awq_gemm
@@ -109,8 +145,8 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
         stream.unload_non_block()
         times["capture"] += time.perf_counter() - t0
         x = captured.inputs
-        settings = BlockSettings(bits=bits, group_size=group_size, search_screen=search_screen)
-        per_block, per_block_cpu, per_block_stages, picks, layers = [], [], [], {}, {}
+        settings = BlockSettings(bits=bits, group_size=group_size, **overrides)
+        per_block, per_block_cpu, per_block_stages, picks, layers, finalists = [], [], [], {}, {}, {}
         for i in range(stream.n_blocks):
             t0 = time.perf_counter()
             block = stream.load_block(i)
@@ -132,6 +168,8 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
                 times[k] += v
             for name, info in res.scales.items():
                 picks[f"{i}:{name}"] = info["ratio"]
+                if info.get("scored") == "module":
+                    finalists[f"{i}:{name}"] = info.get("finalists")
             for lm in res.layers:
                 layers[f"{i}:{lm.name}"] = (lm.mse_rtn, lm.mse_quant)
             t0 = time.perf_counter()
@@ -149,6 +187,7 @@ def ours(ckpt: Path, calib: torch.Tensor, bits: int, group_size: int, search_scr
         "per_block_cpu_s": per_block_cpu,
         "per_block_stages": per_block_stages,
         "picks": picks,  # chosen grid ratio per block and mapping
+        "finalists": finalists,  # module-scored mappings: candidates scored on every sample
         "layers": layers,  # per block and linear: (RTN output MSE, ours)
     }
 
@@ -158,6 +197,10 @@ def report(label: str, mine: dict) -> None:
         f"\nours, {label}: {mine['total_s']:.1f} s wall ({', '.join(f'{t:.1f}' for t in mine['per_block_s'])} s "
         f"per block), {mine['cpu_s']:.1f} s CPU ({', '.join(f'{t:.1f}' for t in mine['per_block_cpu_s'])} per block)"
     )
+    if mine.get("finalists"):
+        print(
+            f"  module-scored mappings, candidates scored on every sample: {list(mine['finalists'].values())}"
+        )
     for stage, t in sorted(mine["stages"].items(), key=lambda kv: -kv[1]):
         per = ", ".join(f"{b.get(stage, 0.0):.2f}" for b in mine["per_block_stages"])
         print(f"  {stage:<22} {t:8.2f} s  {100 * t / mine['total_s']:5.1f} %   per block: {per}")
@@ -186,7 +229,8 @@ def compare(base_label: str, base: dict, label: str, other: dict) -> None:
     print(
         f"  time {label} / {base_label}: {other['total_s'] / base['total_s']:.2f}x wall, "
         f"{other['cpu_s'] / base['cpu_s']:.2f}x CPU; scale_search_module "
-        f"{other['stages'].get('scale_search_module', 0) / base['stages']['scale_search_module']:.2f}x wall (same run)"
+        f"{other['stages'].get('scale_search_module', 0) / max(base['stages'].get('scale_search_module', 0), 1e-9):.2f}x"
+        " wall (same run)"
     )
 
 
@@ -207,6 +251,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="HF checkpoint folder (default: the converted SmolLM2-135M-Instruct)")
     ap.add_argument("--layers", type=int, default=4, help="first N decoder blocks (0: all)")
+    ap.add_argument("--family", help="a random-init model of this model_type (tests/tiny_models.py) instead")
+    ap.add_argument("--shape", choices=list(common.SHAPES), default="tiny", help="--family's block shape")
     ap.add_argument("--bits", type=int, default=4)
     ap.add_argument("--group-size", type=int, default=64)
     ap.add_argument("--n-samples", type=int, default=32)
@@ -224,17 +270,28 @@ def main() -> None:
         "this process, each compared with the first (picks, per-layer errors, time); llm-compressor is "
         "compared with the last",
     )
+    ap.add_argument(
+        "--variants",
+        nargs="+",
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="our runs with these BlockSettings instead of --search-screen's, each compared with the first "
+        "(e.g. 'search_screen=0,search_fraction=1' default 'rounding=gptq'; 'default': the engine's own)",
+    )
     ap.add_argument("--json-out", help="write our runs (stage times, picks, per-layer errors) to this file")
     ap.add_argument("--work-dir", default=str(Path.home() / ".cache" / "awqforge-bench" / "speed"))
     args = ap.parse_args()
     common.set_threads(args.threads)
-    if args.model:
+    work = Path(args.work_dir)
+    if args.family:
+        src = random_checkpoint(
+            args.family, args.shape, args.layers or 2, work / f"{args.family}-{args.shape}-random"
+        )
+    elif args.model:
         src = Path(args.model)
     else:
         from awqforge.smollm import ensure_smollm2_checkpoint
 
         src = ensure_smollm2_checkpoint()
-    work = Path(args.work_dir)
     ckpt = cut_checkpoint(src, work / f"{src.name}-{args.layers or 'all'}-layers", args.layers)
     from transformers import AutoTokenizer
 
@@ -247,9 +304,8 @@ def main() -> None:
         f"{ckpt.name}: {args.n_samples} x {args.seq_len} tokens, W{args.bits} g{args.group_size}, {args.threads} thread(s)"
     )
     runs = {}
-    for k in args.search_screen:
-        label = f"search_screen={k}" + (" (off)" if k == 0 else "")
-        runs[label] = ours(ckpt, calib, args.bits, args.group_size, k)
+    for label in args.variants or [f"search_screen={k}" for k in args.search_screen]:
+        runs[label] = ours(ckpt, calib, args.bits, args.group_size, **common.parse_variant(label))
         report(label, runs[label])
     labels = list(runs)
     for label in labels[1:]:

@@ -135,3 +135,63 @@ def parse_emitted(stdout: str) -> dict:
         if line.startswith("BENCH_JSON "):
             return json.loads(line[len("BENCH_JSON ") :])
     raise ValueError("no BENCH_JSON line in the child's output")
+
+
+# Realistic block shapes of the families the speed and screen benchmarks build as random models (the blocks of
+# real small checkpoints; a small vocabulary unless the script sets one): tests/tiny_models.tiny_config's
+# family defaults with these fields over them. "tiny" keeps the test models' width (hidden 128).
+SHAPES: dict[str, dict] = {
+    "tiny": {},
+    # Gemma-3-270M's block: hidden 640, head_dim 256, one KV head, sliding and full layers
+    "gemma3-640": dict(hidden_size=640, intermediate_size=2048, num_attention_heads=4, num_key_value_heads=1,
+                       head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
+    # Gemma-3-1B's
+    "gemma3-1152": dict(hidden_size=1152, intermediate_size=6912, num_attention_heads=4, num_key_value_heads=1,
+                        head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
+    # Gemma-2-2B's
+    "gemma2-2304": dict(hidden_size=2304, intermediate_size=9216, num_attention_heads=8, num_key_value_heads=4,
+                        head_dim=256, query_pre_attn_scalar=256, sliding_window=32),
+    # Qwen2.5-0.5B's: 14 heads over 2 KV heads, biases on q/k/v
+    "qwen2-896": dict(hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2,
+                      head_dim=64),
+    # Qwen3-0.6B's: head_dim 128, q/k norms
+    "qwen3-1024": dict(hidden_size=1024, intermediate_size=3072, num_attention_heads=16, num_key_value_heads=8,
+                       head_dim=128),
+    # a Mistral block at SmolLM2-360M's width (hidden 960, 15 heads over 5 KV heads)
+    "mistral-960": dict(hidden_size=960, intermediate_size=2560, num_attention_heads=15, num_key_value_heads=5,
+                        head_dim=64, sliding_window=4096),
+    # Phi-3's fused qkv and gate_up, multi-head attention, at hidden 1024
+    "phi3-1024": dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+                      head_dim=64),
+    # MoE blocks at hidden 768: 16 routed experts, top 4 (Qwen2-MoE with its shared expert)
+    "qwen3_moe-768": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
+                          head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=384),
+    "qwen2_moe-768": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=4,
+                          head_dim=64, num_experts=16, num_experts_per_tok=4, moe_intermediate_size=384,
+                          shared_expert_intermediate_size=1536),
+    # DeepSeek-V3's MLA and routing (block 0 dense, then MoE with one shared expert) at hidden 768
+    "deepseek_v3-768": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_key_value_heads=12,
+                            head_dim=32, q_lora_rank=384, kv_lora_rank=256, qk_rope_head_dim=32,
+                            qk_nope_head_dim=64, v_head_dim=64, n_routed_experts=16, num_experts_per_tok=4,
+                            moe_intermediate_size=384, n_shared_experts=1, first_k_dense_replace=1),
+    # Llama-4's interleaved MoE (top 1, a shared expert) at hidden 768
+    "llama4_text-768": dict(hidden_size=768, intermediate_size=768, intermediate_size_mlp=2048,
+                            num_attention_heads=12, num_key_value_heads=4, head_dim=64, num_local_experts=16,
+                            num_experts_per_tok=1, attention_chunk_size=8192),
+}  # fmt: skip
+
+
+def parse_variant(text: str) -> dict:
+    """'search_screen=0,search_fraction=1' -> BlockSettings overrides, typed as the dataclass's defaults;
+    'default' -> none (the engine's own settings)."""
+    from awqforge.awq import BlockSettings
+
+    if text == "default":
+        return {}
+    defaults = BlockSettings()
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        kind = type(getattr(defaults, name))
+        out[name] = value.lower() in ("1", "true", "on") if kind is bool else kind(value)
+    return out

@@ -233,6 +233,52 @@ def test_two_stage_search_matches_exhaustive_search_closely():
     assert fast <= full * 1.1
 
 
+@pytest.mark.parametrize("width", [96, 1024, 1537])
+def test_blocked_gram_equals_the_full_product(width):
+    from awqforge.awq.search import accumulate_gram, mirror_gram
+
+    g = torch.Generator().manual_seed(width)
+    chunks = [torch.randn(n, width, generator=g) for n in (200, 31)]
+    gram = torch.zeros(width, width)
+    for x in chunks:
+        accumulate_gram(gram, x)
+    mirror_gram(gram)
+    ref = sum(x.T @ x for x in chunks)
+    torch.testing.assert_close(gram, ref, rtol=1e-5, atol=1e-3)
+    assert torch.equal(gram, gram.T)
+
+
+def test_rescoring_keeps_only_candidates_the_coarse_samples_cannot_tell_apart():
+    from awqforge.awq.search import contenders
+
+    best = [1.0, 2.0, 0.5, 1.5, 1.2, 0.8, 1.1, 0.9]
+    per_row = {
+        0: best,
+        1: [v * 1.10 for v in best],  # 10% worse on every sample: clearly worse
+        2: [v + (0.2 if i % 2 else -0.19) for i, v in enumerate(best)],  # as good on average: a close call
+        3: [v + 5.0 for v in best],
+    }
+    assert contenders(per_row, [0, 2, 1, 3], z=3.0) == [0, 2]
+    assert contenders({0: best, 1: per_row[1]}, [0, 1], z=3.0) == [0]  # a clear best is kept alone
+    assert contenders({0: best[:3], 1: best[:3]}, [0, 1], z=3.0) is None  # too few samples to test
+
+
+def test_paired_rescoring_picks_what_the_exhaustive_search_picks():
+    """The coarse subsample (the first quarter of the samples) alone can rank a worse scale first; the paired
+    test sends every close call to all the samples, so the picks are the full-data search's."""
+    ids = tiny_input_ids(16, 64)
+    picks = {}
+    for name, settings in {
+        "full": BlockSettings(group_size=32, search_fraction=1.0, search_screen=0),
+        "paired": BlockSettings(group_size=32, rescore_z=3.0, search_screen=0),
+    }.items():
+        _, results = logits_mse("llama", ids, settings)
+        picks[name] = [v["ratio"] for r in results for v in r.scales.values()]
+        finalists = [v["finalists"] for r in results for v in r.scales.values()]
+    assert picks["paired"] == picks["full"]
+    assert min(finalists) >= 1
+
+
 def _correlated_layer(out_f=48, in_f=128, n=512, seed=0):
     """A weight and a Gram matrix of correlated, unevenly scaled inputs (as real activations are)."""
     g = torch.Generator().manual_seed(seed)

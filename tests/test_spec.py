@@ -18,7 +18,7 @@ def test_defaults_are_the_awq_paper_settings():
     assert spec.calibration.source == "pileval"
     assert spec.calibration.n_samples == 128 and spec.calibration.seq_len == 512
     assert spec.eval.seq_len == 2048 and spec.n_grid == 20
-    assert spec.rounding == "nearest"  # AWQ as published; "gptq" is opt-in
+    assert spec.rounding == "gptq"  # AWQ's scales and clip, GPTQ's rounding; "nearest" is AWQ as published
 
 
 def test_rounding():

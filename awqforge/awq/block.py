@@ -13,9 +13,11 @@ One generic algorithm over the mappings an `ArchAdapter` resolves (see awqforge.
      exact from the Gram matrix: ||X dW^T||^2 = sum((dW G) * dW), vectorised over all candidates,
      without running anything on the tokens (the same number llm-compressor gets by rerunning the layer).
    - When it is a module (attention with its kwargs, the MLP, the whole MoE block with its router), the
-     module is rerun: all candidates on the first `search_fraction` of the samples, then the best
-     `search_topk` on the rest, so the pick is the full-data best unless the subsample ranks it below
-     the top k. `search_fraction=1` gives the exhaustive search.
+     module is rerun: all candidates on the first `search_fraction` of the samples, then, on the rest,
+     every candidate the coarse samples cannot tell from the coarse best: a paired test on the
+     candidates' per-sample errors against the best's (`rescore_z` standard errors; with `rescore_z=0`,
+     the best `search_topk` instead). A clear coarse best is kept without rerunning the rest; a close
+     call is decided on all samples. `search_fraction=1` gives the exhaustive search.
      With `search_screen` = k > 0, every candidate is first screened exactly and cheaply on the mapping's
      linears' own outputs, sum over the linears of n tr(dW G dW^T) with their shared input Gram G (no
      forward), and only the k best (the screen's best always among them) go through the module rerun
@@ -58,6 +60,7 @@ from awqforge.awq.search import (
     install_hooks,
     main_output,
     module_losses,
+    prescreen,
     row_slices,
     rtn_mse,
     screen_losses,
@@ -239,13 +242,20 @@ def quantize_block(
         prev_cands = candidates(x_mean, w_avg, s)
         cands = prev_cands if m.gqa is None else [(c[0], c[1], m.to_linear(c[2])) for c in prev_cands]
         only, screen = None, None  # the screen's short list (module-scored mappings, search_screen > 0)
-        if m.linear_loss or not s.module_loss:
-            losses = gram_losses(cands, qlins, orig, stats, s)
+        scored = "linears" if m.linear_loss or not s.module_loss else "module"
+        if scored == "linears":
+            keep = prescreen(cands, qlins, orig, stats, s, s.prescreen)
+            losses = gram_losses(cands, qlins, orig, stats, s, only=keep)
             best = int(torch.argmin(losses))
             lap("scale_search_linear")
         else:
             if 0 < s.search_screen < len(cands):
-                screen = screen_losses(cands, qlins, orig, stats, s)
+                keep = (
+                    prescreen(cands, qlins, orig, stats, s, max(s.prescreen, s.search_screen))
+                    if s.prescreen
+                    else None
+                )
+                screen = screen_losses(cands, qlins, orig, stats, s, only=keep)
                 only = shortlist(screen, s.search_screen)
                 lap("scale_screen")
             losses, best = module_losses(cands, qlins, m, stats, s, len(coarse), where, only)
@@ -285,6 +295,10 @@ def quantize_block(
             "loss": float(losses[best]),
             # the screen's short list (candidate indices, best first) and every candidate's screen loss
             "shortlist": only,
+            # candidates with a loss over every sample (the module search's rescored ones; 1: the coarse best
+            # was clearly best)
+            "finalists": int(torch.isfinite(losses).sum()),
+            "scored": scored,  # "module": the inspected module rerun; "linears": exact from their inputs
             "screen_loss": screen.tolist() if screen is not None else None,
             "loss_identity": float(losses[identity])
             if identity is not None and torch.isfinite(losses[identity])

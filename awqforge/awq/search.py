@@ -39,6 +39,36 @@ def row_slices(out_f: int, in_f: int, batch: int = 1) -> list[slice]:
     return [slice(r, min(r + rows, out_f)) for r in range(0, out_f, rows)]
 
 
+GRAM_BLOCKS = 4  # column blocks of a wide input's Gram matrix, only the upper ones computed
+GRAM_BLOCKED_MIN = 1024  # inputs at least this wide are accumulated by blocks
+
+
+def _gram_blocks(n: int) -> list[tuple[int, int]]:
+    step = -(-n // GRAM_BLOCKS)
+    return [(i0, min(i0 + step, n)) for i0 in range(0, n, step)]
+
+
+def accumulate_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
+    """gram += x^T x. For a wide input only the block rows' diagonal and right-hand blocks are computed
+    (5/8 of the multiply-adds with 4 blocks: a Gram matrix is symmetric); `mirror_gram` fills the rest once
+    the pass is over. The blocks computed are the same sums as the full product's, so nothing changes."""
+    n = x.shape[1]
+    if n < GRAM_BLOCKED_MIN:
+        gram.addmm_(x.T, x)
+        return
+    for i0, i1 in _gram_blocks(n):
+        gram[i0:i1, i0:].addmm_(x[:, i0:i1].T, x[:, i0:])
+
+
+def mirror_gram(gram: torch.Tensor) -> torch.Tensor:
+    """The blocks below the diagonal blocks, from those above (after `accumulate_gram`); in place."""
+    n = gram.shape[0]
+    if n >= GRAM_BLOCKED_MIN:
+        for i0, i1 in _gram_blocks(n):
+            gram[i1:, i0:i1] = gram[i0:i1, i1:].T
+    return gram
+
+
 class Stats:
     """What the FP pass collects: per distinct linear input its Gram matrix (or, when the block sees fewer
     tokens than the input is wide, the inputs themselves), mapping statistics, inspected calls."""
@@ -93,7 +123,7 @@ class Stats:
             del parts
             self._resolved[key] = Inputs(None, x, count)
         else:
-            gram = self.gram.pop(key)
+            gram = mirror_gram(self.gram.pop(key))
             gram /= count  # in place: the accumulated matrix is not needed any more
             self._resolved[key] = Inputs(gram, None, count)
         return self._resolved[key]
@@ -139,6 +169,13 @@ class Inputs:
         if self.inv is not None:
             delta = delta * self.inv
         return ((delta @ self.gram) * delta).sum(-1)
+
+    def diag(self) -> torch.Tensor:
+        """The diagonal of G: each input channel's mean square."""
+        if self.x is not None:
+            return self.x.pow(2).sum(0) / self.count
+        d = torch.diagonal(self.gram)
+        return d if self.inv is None else d * self.inv.pow(2)
 
     def blocks(self, g: int) -> torch.Tensor:
         """The diagonal [g, g] blocks of G, one per input group: [n_groups, g, g]."""
@@ -220,7 +257,7 @@ def install_hooks(linears, maps, stats: Stats, s: BlockSettings) -> list:
                 return
             if key not in stats.gram:
                 stats.gram[key] = torch.zeros(x2.shape[1], x2.shape[1], device=x2.device)
-            stats.gram[key].addmm_(x2.T, x2)
+            accumulate_gram(stats.gram[key], x2)
 
         return hook
 
@@ -322,36 +359,62 @@ def scaled_fake_quant(w: torch.Tensor, sc: torch.Tensor, s: BlockSettings) -> to
 
 
 def gram_losses(
-    cands, qlins, orig, stats: Stats, s: BlockSettings, *, per_token_sum: bool = False
+    cands,
+    qlins,
+    orig,
+    stats: Stats,
+    s: BlockSettings,
+    *,
+    per_token_sum: bool = False,
+    only: list[int] | None = None,
+    diagonal: bool = False,
 ) -> torch.Tensor:
-    """Exact output MSE of every candidate on the linears' own outputs, from their inputs (or Grams); with
-    `per_token_sum`, the squared errors summed over outputs and tokens instead (float64, the screen's score).
+    """Exact output MSE of every candidate (or those in `only`; the others inf) on the linears' own outputs,
+    from their inputs (or Grams); with `per_token_sum`, the squared errors summed over outputs and tokens
+    instead (float64, the screen's score). `diagonal`: the Gram matrix's diagonal only, sum(D^2 diag(G)), the
+    prescreen's approximation (it drops the input channels' correlations; in^2 fewer multiply-adds).
 
     Batches of candidates x weight rows of about CHUNK_ELEMS elements: the per-row errors are gathered and
     summed per candidate, as over the whole weight at once."""
+    idx = list(range(len(cands))) if only is None else list(only)
     if per_token_sum:
-        losses = torch.zeros(len(cands), dtype=torch.float64)
+        sums = torch.zeros(len(idx), dtype=torch.float64)
     else:
-        losses = torch.zeros(len(cands), device=cands[0][2].device)
-    scales = torch.stack([c[2] for c in cands])  # [C, in]
+        sums = torch.zeros(len(idx), device=cands[0][2].device)
+    scales = torch.stack([cands[i][2] for i in idx])  # [C, in]
     for name, _lin in qlins:
         inp = stats.inputs_of(name)
         if inp is None:
             continue
+        diag = inp.diag() if diagonal else None
         w = orig[name]  # the compute dtype; float32 row by row below
         out_f, in_f = w.shape
         step = max(1, CHUNK_ELEMS // max(1, w.numel()))
-        for c0 in range(0, len(cands), step):
+        for c0 in range(0, len(idx), step):
             sc = scales[c0 : c0 + step, None, :].to(inp.device)
             errs = torch.empty(sc.shape[0], out_f, device=inp.device)
             for sl in row_slices(out_f, in_f, sc.shape[0]):
                 part = w[sl].float().to(inp.device)[None]
-                errs[:, sl] = inp.row_errors(scaled_fake_quant(part, sc, s) - part)
+                delta = scaled_fake_quant(part, sc, s) - part
+                errs[:, sl] = (delta.pow(2) * diag).sum(-1) if diagonal else inp.row_errors(delta)
             if per_token_sum:
-                losses[c0 : c0 + step] += errs.sum(-1).double().cpu() * inp.count
+                sums[c0 : c0 + step] += errs.sum(-1).double().cpu() * inp.count
             else:
-                losses[c0 : c0 + step] += errs.sum(-1).to(losses.device) / out_f
+                sums[c0 : c0 + step] += errs.sum(-1).to(sums.device) / out_f
+    if only is None:
+        return sums
+    losses = torch.full((len(cands),), math.inf, dtype=sums.dtype, device=sums.device)
+    losses[idx] = sums
     return losses
+
+
+def prescreen(cands, qlins, orig, stats: Stats, s: BlockSettings, keep: int) -> list[int] | None:
+    """The `keep` candidates of lowest diagonal-Gram loss (grid order on ties), or None (every candidate)
+    when the prescreen is off or would keep them all."""
+    if keep <= 0 or keep >= len(cands):
+        return None
+    approx = gram_losses(cands, qlins, orig, stats, s, diagonal=True)
+    return shortlist(approx, keep)
 
 
 def squared_error(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:
@@ -364,11 +427,44 @@ def squared_error(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | Non
     return float(d.sum()), d.numel()
 
 
-def screen_losses(cands, qlins, orig, stats: Stats, s: BlockSettings) -> torch.Tensor:
+def screen_losses(
+    cands, qlins, orig, stats: Stats, s: BlockSettings, only: list[int] | None = None
+) -> torch.Tensor:
     """The screen of a module-scored mapping: per candidate, the exact squared error of the mapping's linears'
     own outputs summed over its linears, outputs and calibration tokens, sum_l n_l tr(dW_l G_l dW_l^T) with
     dW = Q(W*s)/s - W (a linear seeing more tokens, as a busy MoE expert, weighs more). No module forward."""
-    return gram_losses(cands, qlins, orig, stats, s, per_token_sum=True)
+    return gram_losses(cands, qlins, orig, stats, s, per_token_sum=True, only=only)
+
+
+def row_errors(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> list[float]:
+    """Each sample row's mean squared error over its real tokens (rows with none left out)."""
+    if out.dim() < 3:  # tokens flattened (no sample rows to tell apart)
+        return []
+    d = (out - ref).pow(2).reshape(out.shape[0], -1, out.shape[-1]).sum(-1)  # [rows, tokens]
+    if mask is None or mask.shape != d.shape:
+        return (d.mean(1) / out.shape[-1]).tolist()
+    keep = mask.to(d.device)
+    n = keep.sum(1)
+    per = (d * keep).sum(1) / (n.clamp(min=1) * out.shape[-1])
+    return [float(v) for v, c in zip(per, n, strict=True) if int(c) > 0]
+
+
+def contenders(per_row: dict[int, list[float]], ranked: list[int], z: float) -> list[int] | None:
+    """The candidates the rest of the samples must decide between: the coarse best (ranked[0]) and every
+    candidate not clearly worse than it on the coarse samples, by a paired test on their per-sample errors
+    (mean difference above z standard errors: the same samples, so the sample-to-sample spread cancels).
+    None when the coarse samples are too few to test (fewer than 4 rows)."""
+    best = ranked[0]
+    keep = [best]
+    b = torch.tensor(per_row[best], dtype=torch.float64)
+    if b.numel() < 4:
+        return None
+    for ci in ranked[1:]:
+        d = torch.tensor(per_row[ci], dtype=torch.float64) - b
+        se = float(d.std()) / math.sqrt(d.numel())
+        if not float(d.mean()) > z * se:
+            keep.append(ci)
+    return keep
 
 
 def shortlist(screen: torch.Tensor, k: int) -> list[int]:
@@ -404,13 +500,14 @@ def module_losses(
     saved = [(lin, lin._parameters["weight"]) for _, lin in qlins]
     bufs = [torch.empty_like(p) for _, p in saved]
 
-    def score(ci: int, chunk_ids) -> float:
+    def score(ci: int, chunk_ids) -> tuple[float, list[float]]:
+        """(mean squared error over the chunks' real terms, each sample row's own mean error)."""
         sc = cands[ci][2]
         for (_lin, w0), buf in zip(saved, bufs, strict=True):
             scd = sc.to(w0.device)[None, :]
             for sl in row_slices(*w0.shape):
                 buf[sl] = scaled_fake_quant(w0[sl].float(), scd, s)
-        total, count = 0.0, 0
+        total, count, rows = 0.0, 0, []
         for k in chunk_ids:
             args, kwargs = calls[k]
             for mod in experts:
@@ -419,7 +516,8 @@ def module_losses(
             err, n = squared_error(out, fp[k].float(), masks[k])
             total += err
             count += n
-        return total / max(1, count)
+            rows += row_errors(out, fp[k].float(), masks[k])
+        return total / max(1, count), rows
 
     def terms(k: int) -> int:  # the squared-error terms of recorded call k (its real tokens)
         if masks[k] is None or fp[k].shape[:-1].numel() != masks[k].numel():
@@ -432,8 +530,9 @@ def module_losses(
             lin._parameters["weight"] = nn.Parameter(buf, requires_grad=False)
         coarse_ids = list(range(min(n_coarse, len(calls))))
         rest_ids = list(range(len(coarse_ids), len(calls)))
+        per_row: dict[int, list[float]] = {}
         for ci in range(len(cands)) if only is None else only:
-            losses[ci] = score(ci, coarse_ids)
+            losses[ci], per_row[ci] = score(ci, coarse_ids)
         finite = torch.isfinite(losses)
         if not finite.any():
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
@@ -442,9 +541,13 @@ def module_losses(
             n_r = sum(terms(k) for k in rest_ids)
             order = torch.argsort(torch.where(finite, losses, torch.full_like(losses, math.inf)))
             top = [ci for ci in order[: max(1, s.search_topk)].tolist() if finite[ci]]
+            if s.rescore_z > 0:
+                top = contenders(per_row, [ci for ci in order.tolist() if finite[ci]], s.rescore_z) or top
             full = torch.full_like(losses, math.inf)
-            for ci in top:
-                full[ci] = (losses[ci] * n_c + score(ci, rest_ids) * n_r) / (n_c + n_r)
+            for ci in top if len(top) > 1 else []:
+                full[ci] = (losses[ci] * n_c + score(ci, rest_ids)[0] * n_r) / (n_c + n_r)
+            if len(top) == 1:  # the coarse best is clearly best: the rest cannot change the pick
+                full[top[0]] = losses[top[0]]
             losses = full
     finally:
         for lin, w0 in saved:

@@ -53,7 +53,13 @@ class BlockSettings:
     skip_patterns: tuple[str, ...] = _default("skip_patterns")  # modules_to_not_convert
     chunk_tokens: int = limits.CHUNK_TOKENS  # tokens per forward chunk (memory bound)
     search_fraction: float = 0.25  # samples scored for every grid point of a module loss
-    search_topk: int = 3  # candidates rescored on the remaining samples
+    search_topk: int = 3  # candidates rescored on the remaining samples (rescore_z 0)
+    # > 0: rescore, instead of the top search_topk, every candidate whose coarse per-sample errors are not
+    # rescore_z standard errors above the coarse best's (a paired test); none when the best is clear
+    rescore_z: float = 3.0
+    # > 0: Gram-scored losses (the linears' mappings and the module screen) computed exactly for the best
+    # `prescreen` candidates of the diagonal approximation sum(dW^2 diag(G)) only (0: every candidate)
+    prescreen: int = 10
     search_screen: int = _default(
         "search_screen"
     )  # module-scored mappings: run the module on the best k of the linears' exact
