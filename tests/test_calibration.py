@@ -26,6 +26,7 @@ from awqforge.calibration import (
     read_text,
     token_blocks,
 )
+from awqforge.awq.capture import for_rows
 from awqforge.errors import HubUnavailable, InputError
 from awqforge.evaluate import eval_windows
 from awqforge.resolve import resolve_model
@@ -316,7 +317,7 @@ def test_per_sample_padding_leaves_real_tokens_exact_through_the_capture(
         stream.unload_non_block()
         hidden = captured.inputs
         for i in range(stream.n_blocks):
-            out = stream.load_block(i)(hidden, **captured.layer_kwargs[i])
+            out = stream.load_block(i)(hidden, **for_rows(captured.layer_kwargs[i], slice(0, len(hidden))))
             hidden = out[0] if isinstance(out, tuple) else out
             stream.free_block(i)
         return hidden
