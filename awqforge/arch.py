@@ -761,20 +761,7 @@ SUPPORTED_FAMILIES = tuple(_REGISTRY)
 # Model types refused up front, as data: model_type -> (config field that must be falsy for the refusal not to
 # apply, or None: always; what is missing). Everything else outside the registry goes to the structural
 # fallback (awqforge.structure), which maps what it can and leaves the rest to labelled plain rounding.
-_REFUSED: dict[str, tuple[str | None, str, str]] = {
-    "gemma4_text": (
-        "hidden_size_per_layer_input",
-        "its decoder layers take a per-token input beside hidden_states (per-layer embeddings), which "
-        "layer-by-layer calibration cannot replay",
-        "Gemma 4 checkpoints without per-layer inputs (hidden_size_per_layer_input 0) are quantized",
-    ),
-    "deepseek_v4": (
-        None,
-        "its compressed sparse attention joins per-sample tensors to the attention mask, which layer-by-layer "
-        "calibration records on one sample",
-        "this engine has no way around it yet; quantize it with a weight-only tool that needs no calibration",
-    ),
-}
+_REFUSED: dict[str, tuple[str | None, str, str]] = {}
 
 
 def get_adapter(config, mappings=None) -> ArchAdapter:
