@@ -360,6 +360,7 @@ class ArchAdapter:
                 if m.skip_reason is None:
                     m.prev_rows, m.skip_reason, m.gqa = _prev_rows(spec, m, modules)
                 out.append(m)
+        _one_fold_per_prev(out)
         return out
 
     def never_quantize(self, name: str) -> bool:
@@ -499,6 +500,23 @@ def _bind(pattern: str, binds: tuple[str, ...]) -> str:
     for b in binds:
         pattern = pattern.replace("*", b, 1)
     return pattern
+
+
+def _one_fold_per_prev(maps: list[Mapping]) -> None:
+    """Skip all but one of the applicable mappings that fold into the same op (same prev, same rows): the one
+    with the most linears, the first on ties. A structural adapter's specs are the union over its blocks, so on
+    a hybrid block another layer type's spec can resolve on part of what a norm feeds (Bailing's MLA
+    `input_layernorm -> q_a_proj, kv_a_proj_with_mqa, g_proj` finds only g_proj on a linear-attention block);
+    a second fold into the norm would rescale the other mapping's linears' inputs without their weights."""
+    kept: dict[tuple, Mapping] = {}
+    for m in sorted(maps, key=lambda m: -len(m.linears)):
+        if m.skip_reason is not None:
+            continue
+        key = (id(m.prev), str(m.prev_rows))
+        if key in kept:
+            m.skip_reason = f"{kept[key].name} folds its scales into {m.prev_name} already"
+        else:
+            kept[key] = m
 
 
 def _prev_rows(

@@ -105,6 +105,7 @@ NEW_MOE = [
     "dots1",
     "phimoe",  # per-expert names as transformers reads them: w1|w3|w2
     "minimax",  # w1|w3|w2; its residual is taken after the input norm: that norm is not scaled
+    "mimo_v2_flash",  # sliding-window layers with twice the kv heads and attention sinks
 ]
 HYBRID = [
     "qwen3_next",  # gated delta rule beside gated attention, MoE
@@ -115,6 +116,7 @@ HYBRID = [
     "nemotron_h",  # checkpoint `backbone.`, module tree `model.`: the ignore list under module names
     "jamba",  # Mamba-1 (dt_proj weight read directly: kept FP)
     "lfm2_moe",  # short convolutions beside attention, w1|w3|w2 experts
+    "bailing_hybrid",  # linear attention beside MLA: each layer type's norm scaled once (arch._one_fold_per_prev)
 ]
 # Layer kwargs with one entry per sample, replayed per chunk of rows (tests/test_replay.py)
 PER_SAMPLE = [
@@ -147,6 +149,19 @@ def test_family_awq_beats_rtn_and_artifact_loads_in_transformers(model_type, tin
     if model_type in KEPT_IN_IGNORE:
         config = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())
         assert set(KEPT_IN_IGNORE[model_type]) <= set(config["quantization_config"]["ignore"])
+
+
+def test_one_norm_is_folded_into_once_on_a_hybrid_block():
+    """Bailing-hybrid: the MLA layer's `input_layernorm -> q_a_proj, kv_a_proj_with_mqa, g_proj` resolves on the
+    linear-attention layer to g_proj alone; folding the norm twice would rescale q/k/v's inputs unmatched."""
+    from tiny_families import logits_errors
+
+    r = logits_errors("bailing_hybrid")
+    assert any(
+        s.startswith("0.input_layernorm->self_attn.g_proj: ") and "folds its scales into input_layernorm" in s
+        for s in r["awq_skipped"]
+    ), r["awq_skipped"]
+    assert r["awq"] < r["rtn"], r
 
 
 def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precision():

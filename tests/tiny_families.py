@@ -94,6 +94,18 @@ EXTRA: dict[str, dict] = {
     "mamba2": dict(num_heads=8, state_size=16, time_step_rank=8),  # heads x head_dim = 2 x hidden
     "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=16, linear_num_heads=4),
     "longcat_flash": dict(qk_head_dim=32, zero_expert_num=2, expert_ffn_hidden_size=64),  # nope + rope
+    # sliding-window layers double the kv heads: 2 -> 4, not more than the 4 query heads
+    "mimo_v2_flash": dict(num_key_value_heads=2),
+    # one expert group (of 4 experts), top-2; linear attention 4 heads of 16; MLA q/k 16 nope + 16 rope
+    "bailing_hybrid": dict(
+        num_expert_group=1,
+        num_experts_per_token=2,
+        linear_num_heads=4,
+        linear_head_dim=16,
+        qk_head_dim=32,
+        expert_swiglu_limit_list=[0, 0],  # one per layer
+        share_expert_swiglu_limit_list=[0, 0],
+    ),
     "dots3_note_text": dict(
         per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
     ),  # rope 64 x 0.25
