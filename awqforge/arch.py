@@ -416,8 +416,9 @@ _SOURCES: dict[type, str] = {}
 
 def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAdapter:
     """The adapter keeping in full precision the linears whose weight the model's own `_init_weights` reads
-    through their parent (FalconMamba's mixer.out_proj, NanoChat's self_attn.o_proj): transformers runs it on
-    every module after loading, and a quantized linear has no `weight`, so the artifact would not load.
+    through their parent (FalconMamba's mixer.out_proj, NanoChat's self_attn.o_proj) or on the linear itself
+    without checking it has one (RWKV's): transformers runs it on every module after loading, and a quantized
+    linear has no `weight`, so the artifact would not load.
 
     Probed on `model`, a skeleton on the meta device: each linear's weight taken away in turn, its parent
     initialised."""
@@ -430,8 +431,8 @@ def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAda
                     continue
                 n_linears += 1
                 key = (type(parent), child_name)
-                if key not in seen:
-                    seen[key] = _init_reads_weight(init, parent, child)
+                if key not in seen:  # read through the parent, or by the init of a linear itself (RWKV's)
+                    seen[key] = _init_reads_weight(init, parent, child) or _init_reads_weight(init, child, child)
                 if seen[key]:
                     kept.add(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not kept:
@@ -779,7 +780,25 @@ SUPPORTED_FAMILIES = tuple(_REGISTRY)
 # Model types refused up front, as data: model_type -> (config field that must be falsy for the refusal not to
 # apply, or None: always; what is missing). Everything else outside the registry goes to the structural
 # fallback (awqforge.structure), which maps what it can and leaves the rest to labelled plain rounding.
-_REFUSED: dict[str, tuple[str | None, str, str]] = {}
+_REFUSED: dict[str, tuple[str | None, str, str]] = {
+    "hrm_text": (
+        None,
+        "its two decoder stacks run in a recurrence (each layer several times per token, on the other stack's "
+        "outputs), which layer-by-layer calibration, running each layer once in order, cannot follow",
+        "quantize it with a weight-only tool that needs no calibration",
+    ),
+}
+
+# Model types whose forward needs a config field that checkpoints may leave unset, as data: model_type -> (the
+# field, what is missing, how to proceed). Refused up front, with or without the job's own mappings: the
+# calibration forward would stop on it.
+_NEEDS_FIELD: dict[str, tuple[str, str, str]] = {
+    "xmod": (
+        "default_language",
+        "its forward picks its language adapters by `default_language`, which its config does not set",
+        "set `default_language` in its config.json to the calibration text's language (one of its `languages`)",
+    ),
+}
 
 
 def get_adapter(config, mappings=None) -> ArchAdapter:
@@ -788,6 +807,9 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
     it could not map."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    needs = _NEEDS_FIELD.get(model_type)
+    if needs is not None and getattr(config, needs[0], None) in (None, ""):
+        raise _refuse(config, needs[1], how=needs[2])
     if mappings:
         return _user_adapter(config, mappings)
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):

@@ -298,8 +298,9 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     # state-space): every linear reading the block's width is fed by the norm, except output projections.
     # The loss is measured on the whole child's output, so a scale that does not commute with it is not chosen.
     fed = [n for n in names if lin[n].in_features == hidden and not _is_output_name(n)]
-    if is_attention:
-        fed = [n for n in names if n in QKV | Q | K | V] + [n for n in fed if n not in QKV | Q | K | V]
+    if is_attention:  # q/k/v first; only those reading the block's width (RWKV's channel mix: `value` reads 4x)
+        qkv_first = [n for n in names if n in QKV | Q | K | V and lin[n].in_features == hidden]
+        fed = qkv_first + [n for n in fed if n not in QKV | Q | K | V]
     qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
     sub_norm = _sub_norm_specs(name, mod, o[0]) if o else None
     if sub_norm is not None:  # a norm on the attention output (BitNet's attn_sub_norm, DiffLlama's groupnorm)

@@ -179,6 +179,28 @@ def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precisi
     assert r["state_changed"] == []
 
 
+@pytest.mark.parametrize(
+    ("model_type", "says"),
+    [
+        ("hrm_text", "recurrence"),  # arch._REFUSED
+        ("xmod", "no norm feeds a linear"),  # post-norm encoder blocks (the structural fallback)
+        ("xmod", "default_language"),  # arch._NEEDS_FIELD: checked first, with or without the job's mappings
+    ],
+)
+def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(model_type, says):
+    from tiny_families import family_config
+
+    from awqforge.arch import UnsupportedArchitecture, get_adapter
+
+    config = family_config(model_type)
+    if says == "default_language":
+        config.default_language = None  # as xmod checkpoints ship
+    with pytest.raises(UnsupportedArchitecture) as err:
+        get_adapter(config, mappings=[{"prev": "x", "linears": ["y"]}] if says == "default_language" else None)
+    msg = str(err.value)
+    assert f"'{model_type}'" in msg and says in msg and len(msg) < 400 and msg.count(". ") == 0
+
+
 def test_gemma4_text_without_per_layer_inputs_is_quantized():
     from tiny_families import family_config
 
@@ -235,10 +257,11 @@ def test_linears_transformers_initialises_by_name_stay_full_precision_and_the_ar
     assert any(n.endswith(kept) for n in ignore["quantization_config"]["ignore"])
 
 
-@pytest.mark.parametrize("model_type", ["modernbert-decoder", "falcon"])
+@pytest.mark.parametrize("model_type", ["modernbert-decoder", "falcon", "rwkv", "xlstm"])
 def test_a_model_with_no_linear_to_quantize_is_refused_up_front(model_type, tiny_tokenizer, tmp_path):
     """ModernBERT-decoder: its `_init_weights` reads every linear's weight; Falcon: FalconLinear has its own
-    forward. Refused before any work, in one sentence, rather than failing once every block is done."""
+    forward; RWKV and xLSTM: their `_init_weights` reads the weight of every nn.Linear it is given. Refused
+    before any work, in one sentence, rather than failing once every block is done (or at load)."""
     from tiny_families import save_family_checkpoint
 
     from awqforge.arch import UnsupportedArchitecture

@@ -106,6 +106,10 @@ EXTRA: dict[str, dict] = {
         expert_swiglu_limit_list=[0, 0],  # one per layer
         share_expert_swiglu_limit_list=[0, 0],
     ),
+    "rwkv": dict(attention_hidden_size=64),
+    "xmod": dict(default_language="en_XX"),  # its forward needs a language (adapters) when given no lang_ids
+    # 4 heads of 32 (q/k 16: its native chunkwise kernel fails on 8-wide q/k heads)
+    "xlstm": dict(hidden_size=128, embedding_dim=128, num_blocks=2, num_heads=4),
     "dots3_note_text": dict(
         per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
     ),  # rope 64 x 0.25
