@@ -92,7 +92,10 @@ EXTRA: dict[str, dict] = {
     # per-layer inputs as wide as a group (the artifact's g32); no per-layer overrides of the 30-layer default
     "gemma4_text": dict(per_layer_config={}, hidden_size_per_layer_input=32),
     "mamba2": dict(num_heads=8, state_size=16, time_step_rank=8),  # heads x head_dim = 2 x hidden
-    "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=16, linear_num_heads=4),
+    # linear-attention heads of 32: the forget gate's and output gate's low-rank b projections read one head's
+    # width, which a group of 32 (the artifact's) must divide
+    "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=32, linear_num_heads=4),
+    "axk2": dict(gated_norm_rank=32),  # its gated norms' fc2 reads the rank: a group of 32 must divide it
     "longcat_flash": dict(qk_head_dim=32, zero_expert_num=2, expert_ffn_hidden_size=64),  # nope + rope
     # sliding-window layers double the kv heads: 2 -> 4, not more than the 4 query heads
     "mimo_v2_flash": dict(num_key_value_heads=2),
