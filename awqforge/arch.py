@@ -369,10 +369,17 @@ class ArchAdapter:
 
     def weight_read_directly(self, block: nn.Module, name: str) -> bool:
         """Whether the linear's parent (a transformers class) reads `self.<linear>.weight` (Mamba's dt_proj in
-        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision."""
+        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision. A read
+        under a condition on the parent's own settings that does not hold for it does not count (Bloom's
+        `if self.pretraining_tp > 1 and self.slow_but_exact:` path through `self.dense.weight`)."""
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        return f"self.{child}.weight" in _forward_source(type(parent))
+        if f"self.{child}.weight" not in _forward_source(type(parent)):
+            return False
+        return any(
+            all(_condition(test, parent) is not (not in_body) for test, in_body in conditions)
+            for conditions in _weight_reads(type(parent), child)
+        )
 
     def quantizable_linears(
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
@@ -432,7 +439,9 @@ def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAda
                 n_linears += 1
                 key = (type(parent), child_name)
                 if key not in seen:  # read through the parent, or by the init of a linear itself (RWKV's)
-                    seen[key] = _init_reads_weight(init, parent, child) or _init_reads_weight(init, child, child)
+                    seen[key] = _init_reads_weight(init, parent, child) or _init_reads_weight(
+                        init, child, child
+                    )
                 if seen[key]:
                     kept.add(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not kept:
@@ -487,6 +496,95 @@ def _forward_source(cls: type) -> str:
         except (OSError, TypeError):
             _SOURCES[cls] = ""
     return _SOURCES[cls]
+
+
+_READS: dict[tuple[type, str], list] = {}
+
+
+def _weight_reads(cls: type, child: str) -> list[list[tuple]]:
+    """Per read of `self.<child>.weight` in the class source, the `if` tests around it: (test, in its body)."""
+    import ast
+    import textwrap
+
+    if (cls, child) not in _READS:
+        reads: list[list[tuple]] = []
+        try:
+            tree = ast.parse(textwrap.dedent(_forward_source(cls)))
+        except SyntaxError:
+            tree = None
+
+        def visit(node: ast.AST, conditions: list[tuple]) -> None:
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "weight"
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == child
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"
+            ):
+                reads.append(conditions)
+            if isinstance(node, ast.If):
+                visit(node.test, conditions)
+                for sub in node.body:
+                    visit(sub, [*conditions, (node.test, True)])
+                for sub in node.orelse:
+                    visit(sub, [*conditions, (node.test, False)])
+                return
+            for sub in ast.iter_child_nodes(node):
+                visit(sub, conditions)
+
+        if tree is None:
+            reads.append([])  # unreadable: counted as read
+        else:
+            visit(tree, [])
+        _READS[(cls, child)] = reads
+    return _READS[(cls, child)]
+
+
+def _condition(test, module: nn.Module) -> bool | None:
+    """The value of an `if` test made of the module's own plain settings (`self.pretraining_tp > 1 and
+    self.slow_but_exact`), constants, comparisons, and/or/not; None when it holds anything else."""
+    import ast
+    import operator
+
+    compare = {
+        ast.Gt: operator.gt,
+        ast.GtE: operator.ge,
+        ast.Lt: operator.lt,
+        ast.LtE: operator.le,
+        ast.Eq: operator.eq,
+        ast.NotEq: operator.ne,
+        ast.Is: operator.is_,
+        ast.IsNot: operator.is_not,
+    }
+    missing = object()
+
+    def value(node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            v = module.__dict__.get(node.attr, missing)
+            return v if v is None or isinstance(v, (bool, int, float, str)) else missing
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            v = value(node.operand)
+            return missing if v is missing else not v
+        if isinstance(node, ast.BoolOp):
+            vals = [value(v) for v in node.values]
+            if any(v is missing for v in vals):
+                return missing
+            return all(vals) if isinstance(node.op, ast.And) else any(vals)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in compare:
+            a, b = value(node.left), value(node.comparators[0])
+            if a is missing or b is missing:
+                return missing
+            try:
+                return compare[type(node.ops[0])](a, b)
+            except TypeError:
+                return missing
+        return missing
+
+    v = value(test)
+    return None if v is missing else bool(v)
 
 
 def _match(pattern: str, modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, ...]]]:

@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from awqforge.awq.capture import for_rows
 from awqforge.calibration import (
     BUNDLED_CALIBRATION_TEXT,
     BUNDLED_EVAL_TEXT,
@@ -26,7 +27,6 @@ from awqforge.calibration import (
     read_text,
     token_blocks,
 )
-from awqforge.awq.capture import for_rows
 from awqforge.errors import HubUnavailable, InputError
 from awqforge.evaluate import eval_windows
 from awqforge.resolve import resolve_model

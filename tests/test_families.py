@@ -164,6 +164,29 @@ def test_one_norm_is_folded_into_once_on_a_hybrid_block():
     assert r["awq"] < r["rtn"], r
 
 
+def test_bloom_is_read_as_its_settings_run_it():
+    """Bloom takes the residual after the norm only under apply_residual_connection_post_layernorm, and reads
+    `self.dense.weight` only on its pretraining_tp > 1 slow path: with neither, its norms are scaled and every
+    linear is quantized; with the slow path on, dense and dense_4h_to_h are kept."""
+    from tiny_families import build_family_model, logits_errors
+
+    from awqforge.arch import get_adapter
+
+    r = logits_errors("bloom")
+    assert r["n_linears"] == 8 and r["awq"] < r["rtn"], r
+    assert not any(
+        s.endswith("query_key_value: no AWQ mapping applies (plain rounding)") for s in r["awq_skipped"]
+    )
+    assert not any(
+        s.endswith("dense_h_to_4h: no AWQ mapping applies (plain rounding)") for s in r["awq_skipped"]
+    )
+    model = build_family_model("bloom")
+    adapter, block = get_adapter(model.config), model.transformer.h[0]
+    assert not adapter.weight_read_directly(block, "self_attention.dense")
+    block.self_attention.pretraining_tp, block.self_attention.slow_but_exact = 2, True
+    assert adapter.weight_read_directly(block, "self_attention.dense")
+
+
 def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precision():
     """Qwen3-Next: the gated delta rule's out_proj (a gated norm before it) gets plain rounding, said per layer;
     its input projections are scaled from the norm; conv1d, A_log and dt_bias are untouched."""
@@ -196,7 +219,9 @@ def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(mode
     if says == "default_language":
         config.default_language = None  # as xmod checkpoints ship
     with pytest.raises(UnsupportedArchitecture) as err:
-        get_adapter(config, mappings=[{"prev": "x", "linears": ["y"]}] if says == "default_language" else None)
+        get_adapter(
+            config, mappings=[{"prev": "x", "linears": ["y"]}] if says == "default_language" else None
+        )
     msg = str(err.value)
     assert f"'{model_type}'" in msg and says in msg and len(msg) < 400 and msg.count(". ") == 0
 

@@ -102,9 +102,13 @@ def test_language_model_quantized_towers_kept_loads_in_transformers(name, mm_che
         source = json.loads((ckpt / "config.json").read_text())
         assert config["architectures"] == source["architectures"]
         assert config["model_type"] == family
-        if config["text_config"].get("hidden_size_per_layer_input"):  # Gemma 4's per-layer embeddings: kept FP
+        if config["text_config"].get(
+            "hidden_size_per_layer_input"
+        ):  # Gemma 4's per-layer embeddings: kept FP
             ignore = config["quantization_config"]["ignore"]
-            assert {"embed_tokens_per_layer", "per_layer_model_projection"} <= {n.rsplit(".", 1)[-1] for n in ignore}
+            assert {"embed_tokens_per_layer", "per_layer_model_projection"} <= {
+                n.rsplit(".", 1)[-1] for n in ignore
+            }
         model, info = AutoModelForImageTextToText.from_pretrained(
             art, dtype=torch.float32, output_loading_info=True
         )

@@ -54,7 +54,9 @@ def test_blocks_replayed_in_chunks_of_rows_give_the_models_own_layer_outputs(mod
     with torch.no_grad():
         for i, block in enumerate(layers):
             chunks = [slice(0, 1), slice(1, 4)]  # chunks of different sizes, one not starting at row 0
-            x = torch.cat([main_output(block(x[sl], **for_rows(captured.layer_kwargs[i], sl))) for sl in chunks])
+            x = torch.cat(
+                [main_output(block(x[sl], **for_rows(captured.layer_kwargs[i], sl))) for sl in chunks]
+            )
             torch.testing.assert_close(x, want[i], rtol=1e-4, atol=1e-5)
 
 
@@ -73,4 +75,7 @@ def test_one_row_repeated_or_sliced():
     rows = torch.arange(8.0).reshape(4, 2)  # every row, one entry per sample
     assert torch.equal(PerSample(rows, 1, True).rows(slice(1, 3)), rows[1:3])
     nested = {"a": (PerSample(rows, 1, True), None), "b": 1}
-    assert torch.equal(for_rows(nested, slice(2, 4))["a"][0], rows[2:4]) and for_rows(nested, slice(0, 1))["b"] == 1
+    assert (
+        torch.equal(for_rows(nested, slice(2, 4))["a"][0], rows[2:4])
+        and for_rows(nested, slice(0, 1))["b"] == 1
+    )

@@ -91,9 +91,13 @@ def _tuple_length(body: list, value: Any) -> int | None:
 
     def run(stmts: list, n: int | None) -> int | None:
         for st in stmts:
-            if isinstance(st, ast.Assign) and any(isinstance(t, ast.Name) and t.id == value.id for t in st.targets):
+            if isinstance(st, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == value.id for t in st.targets
+            ):
                 n = len(st.value.elts) if isinstance(st.value, ast.Tuple) else None
-            elif isinstance(st, ast.AugAssign) and isinstance(st.target, ast.Name) and st.target.id == value.id:
+            elif (
+                isinstance(st, ast.AugAssign) and isinstance(st.target, ast.Name) and st.target.id == value.id
+            ):
                 n = n + len(st.value.elts) if n is not None and isinstance(st.value, ast.Tuple) else None
             elif isinstance(st, ast.If):
                 a, b = run(st.body, n), run(st.orelse, n)
@@ -254,12 +258,18 @@ def capture_layer_inputs(
         last = n_blocks - 1 if kwargs else 0
         for i in range(last + 1):
             layers[i] = _Recorder(
-                i, captured, stop=i == last, record_inputs=inputs and i == 0, layer=originals[i],
+                i,
+                captured,
+                stop=i == last,
+                record_inputs=inputs and i == 0,
+                layer=originals[i],
                 sink=sink if kwargs else None,
             )
         _run_until_stop(model, device, ids, mask)
         if kwargs and len(sink) != n_blocks:
-            raise AWQForgeError("capturing the decoder layers' inputs failed: the model did not call every layer")
+            raise AWQForgeError(
+                "capturing the decoder layers' inputs failed: the model did not call every layer"
+            )
         return sink
 
     try:
@@ -273,7 +283,9 @@ def capture_layer_inputs(
         del two
         every_row = any(_needs_every_row(kw) for kw in marked)
         full = run(input_ids, attention_mask, inputs=True, kwargs=every_row)
-        captured.layer_kwargs = [_take_rows(m, f) for m, f in zip(marked, full, strict=True)] if every_row else marked
+        captured.layer_kwargs = (
+            [_take_rows(m, f) for m, f in zip(marked, full, strict=True)] if every_row else marked
+        )
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer
