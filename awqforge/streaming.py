@@ -343,17 +343,48 @@ class StreamingModel:
         self.model.tie_weights()
 
     def _init_buffers(self, root: nn.Module, skip_prefix: str | None = None) -> None:
-        """Buffers not in the checkpoint (rotary inv_freq, embed scales) computed by transformers' own init."""
-        owners = set()
+        """Buffers not in the checkpoint (rotary inv_freq, embed scales) computed by transformers' own init: that
+        of their owner, then of the owner's ancestors, root first (FalconH1Model's init fills every layer's
+        `mamba.mup_vector`). Every other tensor is flagged `_is_hf_initialized` meanwhile, as transformers'
+        loader does, so that no init rewrites a loaded weight."""
+        owners, fresh = {}, set()
         for name, buf in list(root.named_buffers()):
             if buf.device.type != "meta" or (skip_prefix and name.startswith(skip_prefix)):
                 continue
             module_name, _, attr = name.rpartition(".")
             module = root.get_submodule(module_name) if module_name else root
             module._buffers[attr] = torch.empty_like(buf, device="cpu", dtype=buf.dtype)
-            owners.add(module)
-        for module in owners:
-            self.model._init_weights(module)
+            fresh.add(id(module._buffers[attr]))
+            owners[id(module)] = module
+        if not owners:
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        chain: dict[str, nn.Module] = {}
+        for module in owners.values():
+            parts = names[id(module)].split(".") if names[id(module)] else []
+            for i in range(len(parts)):  # the ancestors, root first
+                chain.setdefault(".".join(parts[:i]), self.model.get_submodule(".".join(parts[:i])))
+        guarded = [
+            t
+            for t in [*self.model.parameters(), *self.model.buffers()]
+            if id(t) not in fresh and not getattr(t, "_is_hf_initialized", False)
+        ]
+        for t in guarded:
+            t._is_hf_initialized = True
+        try:
+            for module in chain.values():
+                if id(module) in owners:
+                    continue
+                try:
+                    self.model._init_weights(module)
+                except Exception:  # noqa: BLE001 - an ancestor's init on a meta skeleton: best effort
+                    pass
+            for module in owners.values():
+                self.model._init_weights(module)
+        finally:
+            for t in guarded:
+                del t._is_hf_initialized
+        for module in owners.values():
             for attr, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[attr] = buf.to(self.device)

@@ -187,6 +187,33 @@ def test_bloom_is_read_as_its_settings_run_it():
     assert adapter.weight_read_directly(block, "self_attention.dense")
 
 
+def test_streamed_blocks_hold_the_buffers_transformers_computes(tiny_tokenizer, tmp_path):
+    """FalconH1Model's init, not its mixer's, fills every layer's non-persistent `mamba.mup_vector`: the streamed
+    loader runs the init of a buffer's owner and of its ancestors (was: left uninitialised, NaN at times), and
+    no init rewrites a loaded weight."""
+    from tiny_families import save_family_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from awqforge.arch import get_adapter
+    from awqforge.resolve import resolve_model
+    from awqforge.streaming import StreamingModel
+
+    save_family_checkpoint("falcon_h1", tmp_path, tiny_tokenizer)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    resolved = resolve_model(str(tmp_path))
+    stream = StreamingModel.from_resolved(resolved, get_adapter(resolved.config), device=torch.device("cpu"))
+    stream.load_non_block()
+    want_embed = ref.model.embed_tokens.weight
+    for i, ref_block in enumerate(ref.model.layers):
+        block = stream.load_block(i)
+        for name, buf in ref_block.named_buffers():
+            torch.testing.assert_close(block.get_buffer(name), buf, msg=name)
+        for name, p in ref_block.named_parameters():
+            torch.testing.assert_close(block.get_parameter(name), p, msg=name)
+        stream.free_block(i)
+    torch.testing.assert_close(stream.model.model.embed_tokens.weight, want_embed)
+
+
 def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precision():
     """Qwen3-Next: the gated delta rule's out_proj (a gated norm before it) gets plain rounding, said per layer;
     its input projections are scaled from the norm; conv1d, A_log and dt_bias are untouched."""
