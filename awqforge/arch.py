@@ -360,6 +360,7 @@ class ArchAdapter:
                 if m.skip_reason is None:
                     m.prev_rows, m.skip_reason, m.gqa = _prev_rows(spec, m, modules)
                 out.append(m)
+        _one_fold_per_prev(out)
         return out
 
     def never_quantize(self, name: str) -> bool:
@@ -368,10 +369,17 @@ class ArchAdapter:
 
     def weight_read_directly(self, block: nn.Module, name: str) -> bool:
         """Whether the linear's parent (a transformers class) reads `self.<linear>.weight` (Mamba's dt_proj in
-        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision."""
+        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision. A read
+        under a condition on the parent's own settings that does not hold for it does not count (Bloom's
+        `if self.pretraining_tp > 1 and self.slow_but_exact:` path through `self.dense.weight`)."""
         parent_name, _, child = name.rpartition(".")
         parent = block.get_submodule(parent_name) if parent_name else block
-        return f"self.{child}.weight" in _forward_source(type(parent))
+        if f"self.{child}.weight" not in _forward_source(type(parent)):
+            return False
+        return any(
+            all(_condition(test, parent) is not (not in_body) for test, in_body in conditions)
+            for conditions in _weight_reads(type(parent), child)
+        )
 
     def quantizable_linears(
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
@@ -415,8 +423,9 @@ _SOURCES: dict[type, str] = {}
 
 def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAdapter:
     """The adapter keeping in full precision the linears whose weight the model's own `_init_weights` reads
-    through their parent (FalconMamba's mixer.out_proj, NanoChat's self_attn.o_proj): transformers runs it on
-    every module after loading, and a quantized linear has no `weight`, so the artifact would not load.
+    through their parent (FalconMamba's mixer.out_proj, NanoChat's self_attn.o_proj) or on the linear itself
+    without checking it has one (RWKV's): transformers runs it on every module after loading, and a quantized
+    linear has no `weight`, so the artifact would not load.
 
     Probed on `model`, a skeleton on the meta device: each linear's weight taken away in turn, its parent
     initialised."""
@@ -429,8 +438,10 @@ def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAda
                     continue
                 n_linears += 1
                 key = (type(parent), child_name)
-                if key not in seen:
-                    seen[key] = _init_reads_weight(init, parent, child)
+                if key not in seen:  # read through the parent, or by the init of a linear itself (RWKV's)
+                    seen[key] = _init_reads_weight(init, parent, child) or _init_reads_weight(
+                        init, child, child
+                    )
                 if seen[key]:
                     kept.add(f"{parent_name}.{child_name}" if parent_name else child_name)
     if not kept:
@@ -487,6 +498,95 @@ def _forward_source(cls: type) -> str:
     return _SOURCES[cls]
 
 
+_READS: dict[tuple[type, str], list] = {}
+
+
+def _weight_reads(cls: type, child: str) -> list[list[tuple]]:
+    """Per read of `self.<child>.weight` in the class source, the `if` tests around it: (test, in its body)."""
+    import ast
+    import textwrap
+
+    if (cls, child) not in _READS:
+        reads: list[list[tuple]] = []
+        try:
+            tree = ast.parse(textwrap.dedent(_forward_source(cls)))
+        except SyntaxError:
+            tree = None
+
+        def visit(node: ast.AST, conditions: list[tuple]) -> None:
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr == "weight"
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == child
+                and isinstance(node.value.value, ast.Name)
+                and node.value.value.id == "self"
+            ):
+                reads.append(conditions)
+            if isinstance(node, ast.If):
+                visit(node.test, conditions)
+                for sub in node.body:
+                    visit(sub, [*conditions, (node.test, True)])
+                for sub in node.orelse:
+                    visit(sub, [*conditions, (node.test, False)])
+                return
+            for sub in ast.iter_child_nodes(node):
+                visit(sub, conditions)
+
+        if tree is None:
+            reads.append([])  # unreadable: counted as read
+        else:
+            visit(tree, [])
+        _READS[(cls, child)] = reads
+    return _READS[(cls, child)]
+
+
+def _condition(test, module: nn.Module) -> bool | None:
+    """The value of an `if` test made of the module's own plain settings (`self.pretraining_tp > 1 and
+    self.slow_but_exact`), constants, comparisons, and/or/not; None when it holds anything else."""
+    import ast
+    import operator
+
+    compare = {
+        ast.Gt: operator.gt,
+        ast.GtE: operator.ge,
+        ast.Lt: operator.lt,
+        ast.LtE: operator.le,
+        ast.Eq: operator.eq,
+        ast.NotEq: operator.ne,
+        ast.Is: operator.is_,
+        ast.IsNot: operator.is_not,
+    }
+    missing = object()
+
+    def value(node):
+        if isinstance(node, ast.Constant):
+            return node.value
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+            v = module.__dict__.get(node.attr, missing)
+            return v if v is None or isinstance(v, (bool, int, float, str)) else missing
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+            v = value(node.operand)
+            return missing if v is missing else not v
+        if isinstance(node, ast.BoolOp):
+            vals = [value(v) for v in node.values]
+            if any(v is missing for v in vals):
+                return missing
+            return all(vals) if isinstance(node.op, ast.And) else any(vals)
+        if isinstance(node, ast.Compare) and len(node.ops) == 1 and type(node.ops[0]) in compare:
+            a, b = value(node.left), value(node.comparators[0])
+            if a is missing or b is missing:
+                return missing
+            try:
+                return compare[type(node.ops[0])](a, b)
+            except TypeError:
+                return missing
+        return missing
+
+    v = value(test)
+    return None if v is missing else bool(v)
+
+
 def _match(pattern: str, modules: dict[str, nn.Module]) -> list[tuple[str, tuple[str, ...]]]:
     if "*" not in pattern:
         return [(pattern, ())] if pattern in modules else []
@@ -499,6 +599,23 @@ def _bind(pattern: str, binds: tuple[str, ...]) -> str:
     for b in binds:
         pattern = pattern.replace("*", b, 1)
     return pattern
+
+
+def _one_fold_per_prev(maps: list[Mapping]) -> None:
+    """Skip all but one of the applicable mappings that fold into the same op (same prev, same rows): the one
+    with the most linears, the first on ties. A structural adapter's specs are the union over its blocks, so on
+    a hybrid block another layer type's spec can resolve on part of what a norm feeds (Bailing's MLA
+    `input_layernorm -> q_a_proj, kv_a_proj_with_mqa, g_proj` finds only g_proj on a linear-attention block);
+    a second fold into the norm would rescale the other mapping's linears' inputs without their weights."""
+    kept: dict[tuple, Mapping] = {}
+    for m in sorted(maps, key=lambda m: -len(m.linears)):
+        if m.skip_reason is not None:
+            continue
+        key = (id(m.prev), str(m.prev_rows))
+        if key in kept:
+            m.skip_reason = f"{kept[key].name} folds its scales into {m.prev_name} already"
+        else:
+            kept[key] = m
 
 
 def _prev_rows(
@@ -762,17 +879,22 @@ SUPPORTED_FAMILIES = tuple(_REGISTRY)
 # apply, or None: always; what is missing). Everything else outside the registry goes to the structural
 # fallback (awqforge.structure), which maps what it can and leaves the rest to labelled plain rounding.
 _REFUSED: dict[str, tuple[str | None, str, str]] = {
-    "gemma4_text": (
-        "hidden_size_per_layer_input",
-        "its decoder layers take a per-token input beside hidden_states (per-layer embeddings), which "
-        "layer-by-layer calibration cannot replay",
-        "Gemma 4 checkpoints without per-layer inputs (hidden_size_per_layer_input 0) are quantized",
-    ),
-    "deepseek_v4": (
+    "hrm_text": (
         None,
-        "its compressed sparse attention joins per-sample tensors to the attention mask, which layer-by-layer "
-        "calibration records on one sample",
-        "this engine has no way around it yet; quantize it with a weight-only tool that needs no calibration",
+        "its two decoder stacks run in a recurrence (each layer several times per token, on the other stack's "
+        "outputs), which layer-by-layer calibration, running each layer once in order, cannot follow",
+        "quantize it with a weight-only tool that needs no calibration",
+    ),
+}
+
+# Model types whose forward needs a config field that checkpoints may leave unset, as data: model_type -> (the
+# field, what is missing, how to proceed). Refused up front, with or without the job's own mappings: the
+# calibration forward would stop on it.
+_NEEDS_FIELD: dict[str, tuple[str, str, str]] = {
+    "xmod": (
+        "default_language",
+        "its forward picks its language adapters by `default_language`, which its config does not set",
+        "set `default_language` in its config.json to the calibration text's language (one of its `languages`)",
     ),
 }
 
@@ -783,6 +905,9 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
     it could not map."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    needs = _NEEDS_FIELD.get(model_type)
+    if needs is not None and getattr(config, needs[0], None) in (None, ""):
+        raise _refuse(config, needs[1], how=needs[2])
     if mappings:
         return _user_adapter(config, mappings)
     if model_type == "opt" and not getattr(config, "do_layer_norm_before", True):

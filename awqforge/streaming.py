@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from awqforge.awq.capture import CapturedInputs, capture_layer_inputs
+from awqforge.awq.capture import CapturedInputs, capture_layer_inputs, for_rows
 from awqforge.errors import AWQForgeError, InputError
 from awqforge.weight_names import HeaderError, read_header
 
@@ -149,12 +149,7 @@ def _checkpoint_to_module(
     """Checkpoint tensors -> module tensors, with transformers' registered conversions (renames, expert fusion)."""
     if not conversions:
         return tensors
-    from transformers.core_model_loading import (
-        WeightConverter,
-        WeightRenaming,
-        dot_natural_key,
-        rename_source_key,
-    )
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key
 
     renamings = [c for c in conversions if isinstance(c, WeightRenaming)]
     converters = [c for c in conversions if isinstance(c, WeightConverter)]
@@ -162,7 +157,7 @@ def _checkpoint_to_module(
     prefix = getattr(model, "base_model_prefix", None)
     pending: dict[str, Any] = {}
     for key in sorted(tensors, key=dot_natural_key):
-        target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        target, pattern = _rename(key, renamings, converters, prefix, meta_state)
         if pattern is not None:
             unit = pending.setdefault(target, deepcopy(pattern_to_converter[pattern]))
         else:
@@ -174,6 +169,18 @@ def _checkpoint_to_module(
         for name, value in unit.convert(first_name, model=model, config=model.config).items():
             out[name] = value[0] if isinstance(value, list) else value
     return out
+
+
+def _rename(key: str, renamings: list, converters: list, prefix: str | None, meta_state: dict) -> tuple:
+    """transformers' renaming of one checkpoint key (`rename_source_key`), with its loader's fallback: a key that
+    is already a module tensor's name and whose renaming is not keeps its name (DeepSeek-V4's `.norm.` ->
+    `.kv_norm.` renaming would otherwise send `model.norm.weight` to a `model.kv_norm` that does not exist)."""
+    from transformers.core_model_loading import rename_source_key
+
+    target, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+    if target not in meta_state and key in meta_state:
+        return rename_source_key(key, [], [], prefix, meta_state)
+    return target, pattern
 
 
 # -- the streamed model -------------------------------------------------------------------------------
@@ -243,15 +250,13 @@ class StreamingModel:
         """Checkpoint key -> the module tensor it becomes (its first target, for keys fused into one)."""
         if not self._conversions:
             return {k: k for k in self.reader.names()}
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import WeightConverter, WeightRenaming
 
         renamings = [c for c in self._conversions if isinstance(c, WeightRenaming)]
         converters = [c for c in self._conversions if isinstance(c, WeightConverter)]
         base = getattr(self.model, "base_model_prefix", None)
         meta_state = self._meta_state()
-        return {
-            k: rename_source_key(k, renamings, converters, base, meta_state)[0] for k in self.reader.names()
-        }
+        return {k: _rename(k, renamings, converters, base, meta_state)[0] for k in self.reader.names()}
 
     def _group_by_block(self, targets: dict[str, str]) -> dict[int | None, list[str]]:
         """Checkpoint keys by the block they belong to (None: not in a block)."""
@@ -338,17 +343,48 @@ class StreamingModel:
         self.model.tie_weights()
 
     def _init_buffers(self, root: nn.Module, skip_prefix: str | None = None) -> None:
-        """Buffers not in the checkpoint (rotary inv_freq, embed scales) computed by transformers' own init."""
-        owners = set()
+        """Buffers not in the checkpoint (rotary inv_freq, embed scales) computed by transformers' own init: that
+        of their owner, then of the owner's ancestors, root first (FalconH1Model's init fills every layer's
+        `mamba.mup_vector`). Every other tensor is flagged `_is_hf_initialized` meanwhile, as transformers'
+        loader does, so that no init rewrites a loaded weight."""
+        owners, fresh = {}, set()
         for name, buf in list(root.named_buffers()):
             if buf.device.type != "meta" or (skip_prefix and name.startswith(skip_prefix)):
                 continue
             module_name, _, attr = name.rpartition(".")
             module = root.get_submodule(module_name) if module_name else root
             module._buffers[attr] = torch.empty_like(buf, device="cpu", dtype=buf.dtype)
-            owners.add(module)
-        for module in owners:
-            self.model._init_weights(module)
+            fresh.add(id(module._buffers[attr]))
+            owners[id(module)] = module
+        if not owners:
+            return
+        names = {id(m): n for n, m in self.model.named_modules()}
+        chain: dict[str, nn.Module] = {}
+        for module in owners.values():
+            parts = names[id(module)].split(".") if names[id(module)] else []
+            for i in range(len(parts)):  # the ancestors, root first
+                chain.setdefault(".".join(parts[:i]), self.model.get_submodule(".".join(parts[:i])))
+        guarded = [
+            t
+            for t in [*self.model.parameters(), *self.model.buffers()]
+            if id(t) not in fresh and not getattr(t, "_is_hf_initialized", False)
+        ]
+        for t in guarded:
+            t._is_hf_initialized = True
+        try:
+            for module in chain.values():
+                if id(module) in owners:
+                    continue
+                try:
+                    self.model._init_weights(module)
+                except Exception:  # noqa: BLE001 - an ancestor's init on a meta skeleton: best effort
+                    pass
+            for module in owners.values():
+                self.model._init_weights(module)
+        finally:
+            for t in guarded:
+                del t._is_hf_initialized
+        for module in owners.values():
             for attr, buf in module._buffers.items():
                 if buf is not None:
                     module._buffers[attr] = buf.to(self.device)
@@ -426,7 +462,8 @@ class StreamingModel:
             block = self.load_block(i)
             outs = []
             for start in range(0, len(hidden), batch_size):
-                out = block(hidden[start : start + batch_size], **captured.layer_kwargs[i])
+                x = hidden[start : start + batch_size]
+                out = block(x, **for_rows(captured.layer_kwargs[i], slice(start, start + len(x))))
                 outs.append(out[0] if isinstance(out, tuple) else out)
             hidden = torch.cat(outs)
             self.free_block(i)

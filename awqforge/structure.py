@@ -150,6 +150,18 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             escaped.update(sources(sub))
         return set()
 
+    def flag(test: ast.AST) -> bool | None:
+        """The value of `self.<flag>` / `not self.<flag>` when the block holds that bool (Bloom's
+        apply_residual_connection_post_layernorm, which decides whether the residual is the normed input)."""
+        negate = isinstance(test, ast.UnaryOp) and isinstance(test.op, ast.Not)
+        node = test.operand if negate else test
+        if not (
+            isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self"
+        ):
+            return None
+        value = block.__dict__.get(node.attr)  # a plain attribute, not a child module or a property
+        return (not value if negate else value) if isinstance(value, bool) else None
+
     def run(stmts: Iterable[ast.stmt]) -> None:
         for st in stmts:
             if isinstance(st, (ast.Assign, ast.AnnAssign)):
@@ -159,6 +171,10 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
                     first = t.elts[0] if isinstance(t, ast.Tuple) and t.elts else t
                     if isinstance(first, ast.Name):
                         env[first.id] = value
+            elif (
+                isinstance(st, ast.If) and flag(st.test) is not None
+            ):  # a flag the block holds: as it will run
+                run(st.body if flag(st.test) else st.orelse)
             elif isinstance(st, ast.If):  # branches (layer types of a hybrid block) start from the same state
                 sources(st.test)
                 before = {k: set(v) for k, v in env.items()}
@@ -298,8 +314,11 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     # state-space): every linear reading the block's width is fed by the norm, except output projections.
     # The loss is measured on the whole child's output, so a scale that does not commute with it is not chosen.
     fed = [n for n in names if lin[n].in_features == hidden and not _is_output_name(n)]
-    if is_attention:
-        fed = [n for n in names if n in QKV | Q | K | V] + [n for n in fed if n not in QKV | Q | K | V]
+    if (
+        is_attention
+    ):  # q/k/v first; only those reading the block's width (RWKV's channel mix: `value` reads 4x)
+        qkv_first = [n for n in names if n in QKV | Q | K | V and lin[n].in_features == hidden]
+        fed = qkv_first + [n for n in fed if n not in QKV | Q | K | V]
     qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
     sub_norm = _sub_norm_specs(name, mod, o[0]) if o else None
     if sub_norm is not None:  # a norm on the attention output (BitNet's attn_sub_norm, DiffLlama's groupnorm)

@@ -30,6 +30,7 @@ from tiny_multimodal import (  # noqa: E402
     _AUDIO,
     EXTRA_FAMILIES,
     MULTIMODAL_FAMILIES,
+    TEXT_VARIANTS,
     _text_config,
     build_tiny_multimodal,
 )
@@ -39,8 +40,8 @@ from awqforge.errors import AWQForgeError  # noqa: E402
 from awqforge.pipeline import run_quantization  # noqa: E402
 from awqforge.spec import JobSpec  # noqa: E402
 
-# Qwen3.5 as it ships: gated-delta-rule (linear attention) layers beside attention layers
-VARIANTS = {"qwen3_5 (hybrid)": ("qwen3_5", {"layer_types": ["linear_attention", "full_attention"]})}
+# Qwen3.5 as it ships (gated-delta-rule layers beside attention), Gemma 4 with per-layer inputs
+VARIANTS = TEXT_VARIANTS
 OTHER_OVERRIDES = {
     "gemma4 (audio)": ("gemma4", {"audio_config": _AUDIO["gemma4"]})
 }  # beside the vision tower

@@ -7,7 +7,14 @@ import torch
 from tiny_models import FAMILIES, build_tiny_model, tiny_input_ids
 
 from awqforge.arch import get_adapter
-from awqforge.awq import BlockSettings, NumericalError, capture_layer_inputs, quantize_block
+from awqforge.awq import (
+    BlockSettings,
+    NumericalError,
+    PerSample,
+    capture_layer_inputs,
+    for_rows,
+    quantize_block,
+)
 from awqforge.quant import fake_quantize
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -221,8 +228,10 @@ def test_capture_gives_block0_inputs_and_per_layer_kwargs():
     torch.testing.assert_close(captured.inputs, ref)
     assert len(captured.layer_kwargs) == 2
     masks = [kw["attention_mask"] for kw in captured.layer_kwargs]
-    assert masks[0].shape[0] == 1  # a batch of one: broadcasts over any chunk of samples
-    assert not torch.equal(masks[0], masks[1])  # sliding-window layer vs full-attention layer
+    # recorded on one sample (the same for every sample: repeated to the rows run, awq.capture.PerSample)
+    assert isinstance(masks[0], PerSample) and masks[0].tensor.shape[0] == 1 and not masks[0].every_row
+    assert for_rows(captured.layer_kwargs[0], slice(1, 3))["attention_mask"].shape[0] == 2
+    assert not torch.equal(masks[0].tensor, masks[1].tensor)  # sliding-window layer vs full-attention layer
     assert all("past_key_values" not in kw and "use_cache" not in kw for kw in captured.layer_kwargs)
 
 

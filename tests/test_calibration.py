@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from awqforge.awq.capture import for_rows
 from awqforge.calibration import (
     BUNDLED_CALIBRATION_TEXT,
     BUNDLED_EVAL_TEXT,
@@ -316,7 +317,7 @@ def test_per_sample_padding_leaves_real_tokens_exact_through_the_capture(
         stream.unload_non_block()
         hidden = captured.inputs
         for i in range(stream.n_blocks):
-            out = stream.load_block(i)(hidden, **captured.layer_kwargs[i])
+            out = stream.load_block(i)(hidden, **for_rows(captured.layer_kwargs[i], slice(0, len(hidden))))
             hidden = out[0] if isinstance(out, tuple) else out
             stream.free_block(i)
         return hidden

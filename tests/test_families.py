@@ -105,6 +105,7 @@ NEW_MOE = [
     "dots1",
     "phimoe",  # per-expert names as transformers reads them: w1|w3|w2
     "minimax",  # w1|w3|w2; its residual is taken after the input norm: that norm is not scaled
+    "mimo_v2_flash",  # sliding-window layers with twice the kv heads and attention sinks
 ]
 HYBRID = [
     "qwen3_next",  # gated delta rule beside gated attention, MoE
@@ -115,10 +116,18 @@ HYBRID = [
     "nemotron_h",  # checkpoint `backbone.`, module tree `model.`: the ignore list under module names
     "jamba",  # Mamba-1 (dt_proj weight read directly: kept FP)
     "lfm2_moe",  # short convolutions beside attention, w1|w3|w2 experts
+    "bailing_hybrid",  # linear attention beside MLA: each layer type's norm scaled once (arch._one_fold_per_prev)
 ]
+# Layer kwargs with one entry per sample, replayed per chunk of rows (tests/test_replay.py)
+PER_SAMPLE = [
+    "bloom",  # ALiBi, the heads folded into the batch
+    "deepseek_v4",  # input_ids (hash routing), per-sample tensors joined to the attention mask
+    "gemma4_text",  # per-layer inputs: their embedding tables and projection stay in full precision
+]
+KEPT_IN_IGNORE = {"gemma4_text": ("model.embed_tokens_per_layer", "model.per_layer_model_projection")}
 
 
-@pytest.mark.parametrize("model_type", NEW_MOE + HYBRID)
+@pytest.mark.parametrize("model_type", NEW_MOE + HYBRID + PER_SAMPLE)
 def test_family_awq_beats_rtn_and_artifact_loads_in_transformers(model_type, tiny_tokenizer, tmp_path):
     pytest.importorskip("compressed_tensors")
     from tiny_families import artifact_roundtrip, logits_errors, save_family_checkpoint
@@ -137,6 +146,72 @@ def test_family_awq_beats_rtn_and_artifact_loads_in_transformers(model_type, tin
     rt = artifact_roundtrip(model_type, ckpt, tmp_path / "out")
     assert rt["max_diff"] < 1e-2, rt  # transformers' default loading computes what our loader computes
     assert rt["ours_cos"] > 0.8, rt
+    if model_type in KEPT_IN_IGNORE:
+        config = json.loads((tmp_path / "out" / "compressed-tensors" / "config.json").read_text())
+        assert set(KEPT_IN_IGNORE[model_type]) <= set(config["quantization_config"]["ignore"])
+
+
+def test_one_norm_is_folded_into_once_on_a_hybrid_block():
+    """Bailing-hybrid: the MLA layer's `input_layernorm -> q_a_proj, kv_a_proj_with_mqa, g_proj` resolves on the
+    linear-attention layer to g_proj alone; folding the norm twice would rescale q/k/v's inputs unmatched."""
+    from tiny_families import logits_errors
+
+    r = logits_errors("bailing_hybrid")
+    assert any(
+        s.startswith("0.input_layernorm->self_attn.g_proj: ") and "folds its scales into input_layernorm" in s
+        for s in r["awq_skipped"]
+    ), r["awq_skipped"]
+    assert r["awq"] < r["rtn"], r
+
+
+def test_bloom_is_read_as_its_settings_run_it():
+    """Bloom takes the residual after the norm only under apply_residual_connection_post_layernorm, and reads
+    `self.dense.weight` only on its pretraining_tp > 1 slow path: with neither, its norms are scaled and every
+    linear is quantized; with the slow path on, dense and dense_4h_to_h are kept."""
+    from tiny_families import build_family_model, logits_errors
+
+    from awqforge.arch import get_adapter
+
+    r = logits_errors("bloom")
+    assert r["n_linears"] == 8 and r["awq"] < r["rtn"], r
+    assert not any(
+        s.endswith("query_key_value: no AWQ mapping applies (plain rounding)") for s in r["awq_skipped"]
+    )
+    assert not any(
+        s.endswith("dense_h_to_4h: no AWQ mapping applies (plain rounding)") for s in r["awq_skipped"]
+    )
+    model = build_family_model("bloom")
+    adapter, block = get_adapter(model.config), model.transformer.h[0]
+    assert not adapter.weight_read_directly(block, "self_attention.dense")
+    block.self_attention.pretraining_tp, block.self_attention.slow_but_exact = 2, True
+    assert adapter.weight_read_directly(block, "self_attention.dense")
+
+
+def test_streamed_blocks_hold_the_buffers_transformers_computes(tiny_tokenizer, tmp_path):
+    """FalconH1Model's init, not its mixer's, fills every layer's non-persistent `mamba.mup_vector`: the streamed
+    loader runs the init of a buffer's owner and of its ancestors (was: left uninitialised, NaN at times), and
+    no init rewrites a loaded weight."""
+    from tiny_families import save_family_checkpoint
+    from transformers import AutoModelForCausalLM
+
+    from awqforge.arch import get_adapter
+    from awqforge.resolve import resolve_model
+    from awqforge.streaming import StreamingModel
+
+    save_family_checkpoint("falcon_h1", tmp_path, tiny_tokenizer)
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.float32)
+    resolved = resolve_model(str(tmp_path))
+    stream = StreamingModel.from_resolved(resolved, get_adapter(resolved.config), device=torch.device("cpu"))
+    stream.load_non_block()
+    want_embed = ref.model.embed_tokens.weight
+    for i, ref_block in enumerate(ref.model.layers):
+        block = stream.load_block(i)
+        for name, buf in ref_block.named_buffers():
+            torch.testing.assert_close(block.get_buffer(name), buf, msg=name)
+        for name, p in ref_block.named_parameters():
+            torch.testing.assert_close(block.get_parameter(name), p, msg=name)
+        stream.free_block(i)
+    torch.testing.assert_close(stream.model.model.embed_tokens.weight, want_embed)
 
 
 def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precision():
@@ -157,8 +232,9 @@ def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precisi
 @pytest.mark.parametrize(
     ("model_type", "says"),
     [
-        ("gemma4_text", "per-token input"),
-        ("deepseek_v4", "attention mask"),
+        ("hrm_text", "recurrence"),  # arch._REFUSED
+        ("xmod", "no norm feeds a linear"),  # post-norm encoder blocks (the structural fallback)
+        ("xmod", "default_language"),  # arch._NEEDS_FIELD: checked first, with or without the job's mappings
     ],
 )
 def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(model_type, says):
@@ -166,8 +242,13 @@ def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(mode
 
     from awqforge.arch import UnsupportedArchitecture, get_adapter
 
+    config = family_config(model_type)
+    if says == "default_language":
+        config.default_language = None  # as xmod checkpoints ship
     with pytest.raises(UnsupportedArchitecture) as err:
-        get_adapter(family_config(model_type))
+        get_adapter(
+            config, mappings=[{"prev": "x", "linears": ["y"]}] if says == "default_language" else None
+        )
     msg = str(err.value)
     assert f"'{model_type}'" in msg and says in msg and len(msg) < 400 and msg.count(". ") == 0
 
@@ -228,10 +309,11 @@ def test_linears_transformers_initialises_by_name_stay_full_precision_and_the_ar
     assert any(n.endswith(kept) for n in ignore["quantization_config"]["ignore"])
 
 
-@pytest.mark.parametrize("model_type", ["modernbert-decoder", "falcon"])
+@pytest.mark.parametrize("model_type", ["modernbert-decoder", "falcon", "rwkv", "xlstm"])
 def test_a_model_with_no_linear_to_quantize_is_refused_up_front(model_type, tiny_tokenizer, tmp_path):
     """ModernBERT-decoder: its `_init_weights` reads every linear's weight; Falcon: FalconLinear has its own
-    forward. Refused before any work, in one sentence, rather than failing once every block is done."""
+    forward; RWKV and xLSTM: their `_init_weights` reads the weight of every nn.Linear it is given. Refused
+    before any work, in one sentence, rather than failing once every block is done (or at load)."""
     from tiny_families import save_family_checkpoint
 
     from awqforge.arch import UnsupportedArchitecture

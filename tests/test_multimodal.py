@@ -16,7 +16,7 @@ import pytest
 import torch
 import transformers
 from tiny_models import tiny_input_ids
-from tiny_multimodal import MULTIMODAL_FAMILIES, build_tiny_multimodal
+from tiny_multimodal import MULTIMODAL_FAMILIES, build_tiny_multimodal, variant_overrides
 
 from awqforge.arch import UnsupportedArchitecture, get_adapter
 from awqforge.calibration import BUNDLED_CALIBRATION_TEXT
@@ -38,22 +38,24 @@ SIDE_FILES = {
 
 @pytest.fixture(scope="module")
 def mm_checkpoint(tmp_path_factory, tiny_tokenizer):
-    """mm_checkpoint(family) -> (folder, FP model): safetensors, tokenizer, chat template, processor files."""
+    """mm_checkpoint(family or TEXT_VARIANTS label) -> (folder, FP model): safetensors, tokenizer, chat template,
+    processor files."""
     cache = {}
 
-    def make(family: str):
+    def make(name: str):
+        family, overrides = variant_overrides(name)
         if family not in transformers.CONFIG_MAPPING:  # newer than the transformers installed
             pytest.skip(f"transformers {transformers.__version__} has no model type {family!r}")
-        if family not in cache:
+        if name not in cache:
             folder = tmp_path_factory.mktemp(f"mm-{family}")
-            model = build_tiny_multimodal(family)
+            model = build_tiny_multimodal(family, **overrides)
             model.save_pretrained(folder)
             tiny_tokenizer.save_pretrained(folder)
             (folder / "chat_template.jinja").write_text(CHAT_TEMPLATE)
             for name, content in SIDE_FILES.items():
                 (folder / name).write_text(json.dumps(content))
-            cache[family] = (folder, model)
-        return cache[family]
+            cache[name] = (folder, model)
+        return cache[name]
 
     return make
 
@@ -83,11 +85,13 @@ def _logits(model, ids):
 
 
 @needs_ct
-@pytest.mark.parametrize("family", [*MULTIMODAL_FAMILIES, "qwen3_vl_moe"])  # + a MoE language model
-def test_language_model_quantized_towers_kept_loads_in_transformers(family, mm_checkpoint, tmp_path):
+# + a MoE language model, and Gemma 4 with per-layer inputs (a per-token input per layer, captured per row)
+@pytest.mark.parametrize("name", [*MULTIMODAL_FAMILIES, "qwen3_vl_moe", "gemma4 (per-layer inputs)"])
+def test_language_model_quantized_towers_kept_loads_in_transformers(name, mm_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
-    ckpt, fp = mm_checkpoint(family)
+    ckpt, fp = mm_checkpoint(name)
+    family = variant_overrides(name)[0]
     ids = tiny_input_ids(4, 32, seed=7)
     want = _logits(fp, ids)
     errors = {}
@@ -98,6 +102,13 @@ def test_language_model_quantized_towers_kept_loads_in_transformers(family, mm_c
         source = json.loads((ckpt / "config.json").read_text())
         assert config["architectures"] == source["architectures"]
         assert config["model_type"] == family
+        if config["text_config"].get(
+            "hidden_size_per_layer_input"
+        ):  # Gemma 4's per-layer embeddings: kept FP
+            ignore = config["quantization_config"]["ignore"]
+            assert {"embed_tokens_per_layer", "per_layer_model_projection"} <= {
+                n.rsplit(".", 1)[-1] for n in ignore
+            }
         model, info = AutoModelForImageTextToText.from_pretrained(
             art, dtype=torch.float32, output_loading_info=True
         )

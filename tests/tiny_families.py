@@ -89,13 +89,39 @@ EXTRA: dict[str, dict] = {
     "kolibri1_1": dict(index_layers=[1], kv_source_layers=[0, 1], index_num_heads=1, index_topk=16),
     "laguna": dict(num_attention_heads_per_layer=[4, 4]),
     "gemma4_unified_text": dict(per_layer_config={}),
+    # per-layer inputs as wide as a group (the artifact's g32); no per-layer overrides of the 30-layer default
+    "gemma4_text": dict(per_layer_config={}, hidden_size_per_layer_input=32),
     "mamba2": dict(num_heads=8, state_size=16, time_step_rank=8),  # heads x head_dim = 2 x hidden
-    "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=16, linear_num_heads=4),
+    # linear-attention heads of 32: the forget gate's and output gate's low-rank b projections read one head's
+    # width, which a group of 32 (the artifact's) must divide
+    "kimi_linear": dict(num_experts_per_token=2, qk_head_dim=32, linear_head_dim=32, linear_num_heads=4),
+    "axk2": dict(gated_norm_rank=32),  # its gated norms' fc2 reads the rank: a group of 32 must divide it
     "longcat_flash": dict(qk_head_dim=32, zero_expert_num=2, expert_ffn_hidden_size=64),  # nope + rope
+    # sliding-window layers double the kv heads: 2 -> 4, not more than the 4 query heads
+    "mimo_v2_flash": dict(num_key_value_heads=2),
+    # one expert group (of 4 experts), top-2; linear attention 4 heads of 16; MLA q/k 16 nope + 16 rope
+    "bailing_hybrid": dict(
+        num_expert_group=1,
+        num_experts_per_token=2,
+        linear_num_heads=4,
+        linear_head_dim=16,
+        qk_head_dim=32,
+        expert_swiglu_limit_list=[0, 0],  # one per layer
+        share_expert_swiglu_limit_list=[0, 0],
+    ),
+    "rwkv": dict(attention_hidden_size=64),
+    "xmod": dict(default_language="en_XX"),  # its forward needs a language (adapters) when given no lang_ids
+    # 4 heads of 32 (q/k 16: its native chunkwise kernel fails on 8-wide q/k heads)
+    "xlstm": dict(hidden_size=128, embedding_dim=128, num_blocks=2, num_heads=4),
     "dots3_note_text": dict(
         per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
     ),  # rope 64 x 0.25
 }
+
+
+# Integer buffers a checkpoint fills and random init leaves at zero, by name suffix -> the config field bounding
+# their values: DeepSeek-V4's hash routing table (token -> experts; all zeros would send every token to expert 0)
+RANDOM_BUFFERS = {"tid2eid": "n_routed_experts"}
 
 
 def _shrink(cfg, model_type: str) -> None:
@@ -154,6 +180,11 @@ def build_family_model(model_type: str, seed: int = 0, outliers: bool = True, **
             if outliers:
                 gain[torch.randperm(w.shape[0], generator=gen)[:3]] *= 8.0
             w.copy_(gain - 1.0 if plus_one else gain)
+        for name, buf in model.named_buffers():
+            field = next((f for suffix, f in RANDOM_BUFFERS.items() if name.endswith(suffix)), None)
+            if field is not None:
+                high = getattr(config.get_text_config(), field)
+                buf.copy_(torch.randint(0, high, buf.shape, generator=gen))
     return model.eval()
 
 
@@ -165,9 +196,9 @@ def logits_errors(model_type: str, bits: int = 3, group_size: int = 16, n_grid: 
 
     calib, held_out = _ids(8, 32, 0), _ids(4, 32, 1)
     ref = build_family_model(model_type)
+    out = {"family": get_adapter(ref.config).family}  # a refusal first, as in the pipeline
     with torch.no_grad():
         want = ref(held_out).logits
-    out = {"family": get_adapter(ref.config).family}
     with torch.device("meta"):  # the pipeline's skeleton (awqforge.streaming)
         skeleton = AutoModelForCausalLM.from_config(ref.config)
     refuse_nothing_to_quantize(skeleton, keep_linears_read_at_init(get_adapter(ref.config), skeleton))

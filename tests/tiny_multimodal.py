@@ -159,6 +159,12 @@ _AUDIO = {  # Gemma 4 with an audio tower too (bench/bench_multimodal.py's "gemm
         output_proj_dims=32,
     ),
 }
+# A family's text model as it also ships: label -> (model_type, text-config fields over _text_config's)
+TEXT_VARIANTS = {
+    "qwen3_5 (hybrid)": ("qwen3_5", {"layer_types": ["linear_attention", "full_attention"]}),
+    # per-layer embeddings: a per-token input beside hidden_states, one per layer (as wide as a group of 32)
+    "gemma4 (per-layer inputs)": ("gemma4", {"hidden_size_per_layer_input": 32}),
+}
 _TEXT_TYPE = {
     "gemma3": "gemma3_text",
     "mistral3": "mistral",
@@ -178,7 +184,7 @@ def _text_config(family: str) -> dict:
         kw = {k: v for k, v in kw.items() if k not in ("architectures", "transformers_version", "model_type")}
     else:
         kw = dict(_COMMON)
-        if family == "gemma4":  # no per-layer inputs (PLE): their capture is the Gemma 4 text family's work
+        if family == "gemma4":  # no per-layer inputs (PLE) unless a variant asks (TEXT_VARIANTS)
             kw.update(
                 layer_types=["sliding_attention", "full_attention"],
                 sliding_window=16,
@@ -208,6 +214,12 @@ def tiny_multimodal_config(family: str, **overrides):
         if hasattr(config, key) and getattr(config, key) != value:
             setattr(config, key, value)
     return config
+
+
+def variant_overrides(name: str) -> tuple[str, dict]:
+    """(model_type, build_tiny_multimodal overrides) of a family or a TEXT_VARIANTS label."""
+    family, text = TEXT_VARIANTS.get(name, (name, None))
+    return family, ({"text_config": {**_text_config(family), **text}} if text else {})
 
 
 def build_tiny_multimodal(family: str, seed: int = 0, **overrides) -> PreTrainedModel:

@@ -4,7 +4,7 @@ quantization, clip search, least-squares refit), `gptq` (error-feedback rounding
 (`quantize_block`, the algorithm in order; its docstring describes it)."""
 
 from awqforge.awq.block import quantize_block
-from awqforge.awq.capture import CapturedInputs, capture_layer_inputs
+from awqforge.awq.capture import CapturedInputs, PerSample, capture_layer_inputs, for_rows
 from awqforge.awq.folding import fold_scales
 from awqforge.awq.settings import BlockResult, BlockSettings, LayerMetric, NumericalError
 
@@ -14,7 +14,9 @@ __all__ = [
     "CapturedInputs",
     "LayerMetric",
     "NumericalError",
+    "PerSample",
     "capture_layer_inputs",
     "fold_scales",
+    "for_rows",
     "quantize_block",
 ]

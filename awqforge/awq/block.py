@@ -49,6 +49,7 @@ import torch
 from torch import nn
 
 from awqforge.arch import ArchAdapter, UnfusedExperts
+from awqforge.awq.capture import for_rows
 from awqforge.awq.folding import device_of, fold_scales
 from awqforge.awq.gptq import gptq_codes
 from awqforge.awq.qparams import refine_qparams, search_clip
@@ -108,7 +109,8 @@ def fp_pass(
             for mod in experts:
                 mod.token_keep = mask
             x = inputs[sl].to(device=device, dtype=dtype)
-            outputs.append(main_output(block(x, **kwargs)).to(inputs.device))
+            rows = slice(sl.start, sl.start + x.shape[0])  # per-sample kwargs for these rows (awq.capture)
+            outputs.append(main_output(block(x, **for_rows(kwargs, rows))).to(inputs.device))
     finally:
         for h in handles:
             h.remove()

@@ -2,6 +2,13 @@
 
 The one capture path, used by the streamed pipeline (`StreamingModel.capture`) and on any in-memory model:
 every decoder layer is replaced by a recorder, so nothing past the embeddings runs.
+
+The kwargs are recorded on one sample, which holds for any batch when they broadcast (a [1, ...] mask, rotary
+tables). Kwargs with one entry per sample are found by recording them once more on two samples and comparing:
+a tensor whose first dimension doubles is per sample (`PerSample`). When its two samples' entries are equal
+(Bloom's ALiBi, [batch * heads, 1, seq], a mask built at the batch size) the one sample's entries are repeated to
+the rows being run; when they differ (Gemma 4's per-layer input, DeepSeek-V4's `input_ids` for hash routing) it
+is recorded for every calibration row and sliced. `for_rows` gives a layer's kwargs for a slice of the rows.
 """
 
 from __future__ import annotations
@@ -31,6 +38,113 @@ class CapturedInputs:
     token_mask: torch.Tensor | None = None
 
 
+@dataclass
+class PerSample:
+    """A layer kwarg with `fold` entries per sample along dim 0 (1, or the heads folded into the batch: Bloom's
+    ALiBi [batch * heads, 1, seq]). `every_row`: the tensor holds every calibration row and is sliced; else it
+    holds one sample's entries, which hold for every row, and is repeated to the rows run."""
+
+    tensor: torch.Tensor
+    fold: int
+    every_row: bool
+
+    def rows(self, rows: slice) -> torch.Tensor:
+        start, stop = rows.start or 0, rows.stop
+        if self.every_row:
+            return self.tensor[start * self.fold : stop * self.fold]
+        n = stop - start
+        if self.fold == 1:
+            return self.tensor.expand(n, *self.tensor.shape[1:])
+        return self.tensor.repeat(n, *([1] * (self.tensor.dim() - 1)))
+
+
+def for_rows(kwargs: Any, rows: slice) -> Any:
+    """A layer's recorded kwargs for calibration rows `rows` (a slice with a stop): `PerSample` entries resolved."""
+    if isinstance(kwargs, PerSample):
+        return kwargs.rows(rows)
+    if isinstance(kwargs, dict):
+        return {k: for_rows(v, rows) for k, v in kwargs.items()}
+    if isinstance(kwargs, (tuple, list)) and any(_has_per_sample(v) for v in kwargs):
+        return type(kwargs)(for_rows(v, rows) for v in kwargs)
+    return kwargs
+
+
+def _has_per_sample(v: Any) -> bool:
+    if isinstance(v, PerSample):
+        return True
+    if isinstance(v, dict):
+        return any(_has_per_sample(x) for x in v.values())
+    if isinstance(v, (tuple, list)):
+        return any(_has_per_sample(x) for x in v)
+    return False
+
+
+def _tuple_length(body: list, value: Any) -> int | None:
+    """The length of a returned tuple: a tuple display, or a local name built from tuples (`x = (a, b)`,
+    `x += (c,)`, an if/else adding to it on either branch); None when it is not a tuple."""
+    import ast
+
+    if isinstance(value, ast.Tuple):
+        return len(value.elts)
+    if not isinstance(value, ast.Name):
+        return None
+
+    def run(stmts: list, n: int | None) -> int | None:
+        for st in stmts:
+            if isinstance(st, ast.Assign) and any(
+                isinstance(t, ast.Name) and t.id == value.id for t in st.targets
+            ):
+                n = len(st.value.elts) if isinstance(st.value, ast.Tuple) else None
+            elif (
+                isinstance(st, ast.AugAssign) and isinstance(st.target, ast.Name) and st.target.id == value.id
+            ):
+                n = n + len(st.value.elts) if n is not None and isinstance(st.value, ast.Tuple) else None
+            elif isinstance(st, ast.If):
+                a, b = run(st.body, n), run(st.orelse, n)
+                n = a if a == b else None
+        return n
+
+    return run(body, None)
+
+
+def _per_sample(one: Any, two: Any) -> Any:
+    """`one` (kwargs recorded on one sample) with its per-sample tensors marked, found by comparing with `two`
+    (the same kwargs on two samples): a tensor whose first dimension doubles. Not yet every_row: see
+    `_needs_every_row`, `_take_rows`."""
+    if isinstance(one, torch.Tensor) and isinstance(two, torch.Tensor):
+        f = one.shape[0] if one.dim() else 0
+        if f and two.dim() == one.dim() and two.shape[0] == 2 * f and two.shape[1:] == one.shape[1:]:
+            return PerSample(one, f, every_row=not torch.equal(two[:f], two[f:]))
+        return one
+    if isinstance(one, dict) and isinstance(two, dict) and one.keys() == two.keys():
+        return {k: _per_sample(v, two[k]) for k, v in one.items()}
+    if isinstance(one, (tuple, list)) and isinstance(two, (tuple, list)) and len(one) == len(two):
+        marked = [_per_sample(a, b) for a, b in zip(one, two, strict=True)]
+        return type(one)(marked) if any(_has_per_sample(v) for v in marked) else one
+    return one
+
+
+def _needs_every_row(v: Any) -> bool:
+    if isinstance(v, PerSample):
+        return v.every_row
+    if isinstance(v, dict):
+        return any(_needs_every_row(x) for x in v.values())
+    if isinstance(v, (tuple, list)):
+        return any(_needs_every_row(x) for x in v)
+    return False
+
+
+def _take_rows(marked: Any, full: Any) -> Any:
+    """The every_row tensors of `marked` replaced by their recording on all the calibration rows (`full`)."""
+    if isinstance(marked, PerSample):
+        return PerSample(full, marked.fold, True) if marked.every_row else marked
+    if isinstance(marked, dict):
+        return {k: _take_rows(v, full[k]) for k, v in marked.items()}
+    if isinstance(marked, (tuple, list)) and _has_per_sample(marked):
+        return type(marked)(_take_rows(a, b) for a, b in zip(marked, full, strict=True))
+    return marked
+
+
 class _StopForward(Exception):
     pass
 
@@ -38,8 +152,7 @@ class _StopForward(Exception):
 class _Recorder(nn.Module):
     """Stands in for decoder layer `index` during capture: records what it is called with, passes through.
 
-    Two passes: one sample through every recorder for the kwargs (a batch of one, so masks and rotary tables
-    broadcast over any chunk of samples that quantize_block runs), then all samples up to layer 0 only.
+    Records its hidden_states into `captured.inputs` (`record_inputs`) and/or its kwargs into `sink`.
     """
 
     def __init__(
@@ -49,9 +162,11 @@ class _Recorder(nn.Module):
         stop: bool,
         record_inputs: bool,
         layer: nn.Module | None = None,
+        sink: list | None = None,
     ) -> None:
         super().__init__()
         self.index, self.captured, self.stop, self.record_inputs = index, captured, stop, record_inputs
+        self.sink = sink
         object.__setattr__(
             self, "_layer", layer
         )  # not a submodule: only read for attributes and the signature
@@ -71,34 +186,36 @@ class _Recorder(nn.Module):
             kwargs = {**self._positional_as_keywords(hidden_states, args), **kwargs}
         if self.record_inputs:
             self.captured.inputs = hidden_states
-        else:
+        if self.sink is not None:
             for key in CACHE_KWARGS:
                 kwargs.pop(key, None)
-            self.captured.layer_kwargs.append(kwargs)
+            self.sink.append(kwargs)
         if self.stop:
             raise _StopForward
         return self._like_layer_output(hidden_states)
 
     def _like_layer_output(self, hidden_states: torch.Tensor) -> Any:
         """hidden_states as the real layer returns it: a tuple when its forward returns one (Bamba's
-        `hidden_states, attn_weights`), with None for the other items."""
+        `hidden_states, attn_weights`; RWKV's `outputs`, built as `(hidden, state)` then `+= (None,)`), with
+        None for the other items."""
         import ast
         import inspect
         import textwrap
 
         layer = self.__dict__.get("_layer")
         try:
-            fn = ast.parse(textwrap.dedent(inspect.getsource(type(layer).forward)))
-        except (OSError, TypeError, SyntaxError):
+            fn = ast.parse(textwrap.dedent(inspect.getsource(type(layer).forward))).body[0]
+        except (OSError, TypeError, SyntaxError, IndexError):
             return hidden_states
         returns = [n.value for n in ast.walk(fn) if isinstance(n, ast.Return) and n.value is not None]
-        if returns and all(isinstance(r, ast.Tuple) for r in returns):
-            return (hidden_states,) + (None,) * (len(returns[-1].elts) - 1)
+        lengths = {_tuple_length(fn.body, r) for r in returns}
+        if returns and None not in lengths:
+            return (hidden_states,) + (None,) * (max(lengths) - 1)
         return hidden_states
 
     def _positional_as_keywords(self, hidden_states: torch.Tensor, args: tuple) -> dict[str, Any]:
-        """Positional arguments after hidden_states, by the layer's parameter names; a per-token input (a
-        tensor shaped like hidden_states' [batch, seq]) cannot be replayed from one sample, so it is refused."""
+        """Positional arguments after hidden_states, by the layer's parameter names (a per-token input such as
+        Gemma 4's per-layer embeddings is found per sample like any kwarg: see the module docstring)."""
         import inspect
 
         layer = self.__dict__.get("_layer")
@@ -111,16 +228,6 @@ class _Recorder(nn.Module):
                 f"decoder layer {self.index} is called with {len(args)} positional arguments besides "
                 "hidden_states that its signature does not name; this calling convention is not supported"
             )
-        for name, value in zip(names, args, strict=False):
-            if (
-                isinstance(value, torch.Tensor)
-                and value.dim() >= 2
-                and value.shape[:2] == hidden_states.shape[:2]
-            ):
-                raise AWQForgeError(
-                    f"decoder layer {self.index} takes a per-token input besides hidden_states ({name}, e.g. "
-                    "Gemma 4's per-layer embeddings), which layer-by-layer calibration cannot replay"
-                )
         return dict(zip(names, args, strict=False))
 
 
@@ -133,7 +240,9 @@ def capture_layer_inputs(
     *,
     device: torch.device | None = None,
 ) -> CapturedInputs:
-    """Run `model` up to its decoder `layers` once, with every layer replaced by a recorder.
+    """Run `model` up to its decoder `layers`, with every layer replaced by a recorder (nothing past the
+    embeddings runs): the kwargs on the first row, then on two rows to find the per-sample ones (see the module
+    docstring), then block 0's inputs on every row (through every layer when a kwarg must be kept per row).
 
     Layer kwargs are recorded per layer because they differ between layers in some families (Gemma2/3
     alternate sliding-window and full attention masks, Gemma3 local and global rotary tables).
@@ -143,14 +252,40 @@ def capture_layer_inputs(
     n_blocks = len(layers)
     captured = CapturedInputs(layer_kwargs=[], token_mask=padding_mask(input_ids, attention_mask))
     originals = list(layers)
-    try:
-        for i in range(n_blocks):
+
+    def run(ids: torch.Tensor, mask: torch.Tensor | None, inputs: bool, kwargs: bool) -> list:
+        sink: list = []
+        last = n_blocks - 1 if kwargs else 0
+        for i in range(last + 1):
             layers[i] = _Recorder(
-                i, captured, stop=i == n_blocks - 1, record_inputs=False, layer=originals[i]
+                i,
+                captured,
+                stop=i == last,
+                record_inputs=inputs and i == 0,
+                layer=originals[i],
+                sink=sink if kwargs else None,
             )
-        _run_until_stop(model, device, input_ids[:1], None if attention_mask is None else attention_mask[:1])
-        layers[0] = _Recorder(0, captured, stop=True, record_inputs=True, layer=originals[0])
-        _run_until_stop(model, device, input_ids, attention_mask)
+        _run_until_stop(model, device, ids, mask)
+        if kwargs and len(sink) != n_blocks:
+            raise AWQForgeError(
+                "capturing the decoder layers' inputs failed: the model did not call every layer"
+            )
+        return sink
+
+    try:
+        one_mask = None if attention_mask is None else attention_mask[:1]
+        one = run(input_ids[:1], one_mask, inputs=False, kwargs=True)
+        # a second row whose tokens differ from the first (the first again when all rows are the same text)
+        other = next((i for i in range(1, len(input_ids)) if not torch.equal(input_ids[i], input_ids[0])), 0)
+        two_mask = None if one_mask is None else torch.ones_like(attention_mask[:2])
+        two = run(input_ids[[0, other]], two_mask, inputs=False, kwargs=True)
+        marked = [_per_sample(a, b) for a, b in zip(one, two, strict=True)]
+        del two
+        every_row = any(_needs_every_row(kw) for kw in marked)
+        full = run(input_ids, attention_mask, inputs=True, kwargs=every_row)
+        captured.layer_kwargs = (
+            [_take_rows(m, f) for m, f in zip(marked, full, strict=True)] if every_row else marked
+        )
     finally:
         for i, layer in enumerate(originals):
             layers[i] = layer

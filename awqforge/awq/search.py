@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -10,6 +11,7 @@ from torch import nn
 
 from awqforge import limits
 from awqforge.arch import Mapping, UnfusedExperts
+from awqforge.awq.capture import PerSample
 from awqforge.awq.qparams import fake_quant
 from awqforge.awq.settings import BlockSettings, NumericalError
 from awqforge.quant import effective_group_size
@@ -225,6 +227,8 @@ def chunks(n: int, seq: int, s: BlockSettings) -> tuple[list[slice], list[slice]
 def to_device(v, device):
     if isinstance(v, torch.Tensor):
         return v.to(device)
+    if isinstance(v, PerSample):
+        return dataclasses.replace(v, tensor=v.tensor.to(device))
     if isinstance(v, tuple):
         return tuple(to_device(x, device) for x in v)
     if isinstance(v, list):
