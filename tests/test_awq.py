@@ -257,6 +257,21 @@ def test_blocked_gram_equals_the_full_product(width):
     assert torch.equal(gram, gram.T)
 
 
+def test_diagonal_prescreen_keeps_the_exact_picks_and_no_scale():
+    """The prescreen computes the exact Gram losses of its 10 best (and of s = 1) only: on the tiny model the
+    linears' mappings pick what the exact search over all 21 candidates picks, and s = 1 always has a loss."""
+    ids = tiny_input_ids(8, 32)
+    picks = {}
+    for keep in (0, 10):
+        _, results = logits_mse("llama", ids, BlockSettings(bits=3, group_size=32, prescreen=keep))
+        picks[keep] = [(k, v["ratio"]) for r in results for k, v in r.scales.items()]
+        for r in results:
+            for v in (v for v in r.scales.values() if v["scored"] == "linears"):
+                assert v["loss_identity"] is not None and v["loss"] <= v["loss_identity"]
+                assert v["finalists"] == (11 if keep else 21)  # 10 and s = 1 (not among them here), or all
+    assert picks[10] == picks[0]
+
+
 def test_rescoring_keeps_only_candidates_the_coarse_samples_cannot_tell_apart():
     from awqforge.awq.search import contenders
 
@@ -343,7 +358,7 @@ def test_gptq_rounding_lowers_the_output_error_of_fixed_qparams():
 def test_gptq_rounding_in_a_block_beats_nearest():
     ids = tiny_input_ids(8, 32)
     w3 = dict(bits=3, group_size=32)
-    mse_near, _ = logits_mse("llama", ids, BlockSettings(**w3))
+    mse_near, _ = logits_mse("llama", ids, BlockSettings(rounding="nearest", **w3))
     mse_gptq, results = logits_mse("llama", ids, BlockSettings(rounding="gptq", **w3))
     assert mse_gptq < mse_near
     for res in results:  # 3-bit codes, and the dequantized weights are what the block computes with
@@ -371,8 +386,10 @@ def test_few_tokens_losses_from_the_inputs_equal_the_gram_form():
         assert a.blocks(32).shape == (4, 32, 32)
 
     ids = tiny_input_ids(4, 48)  # 192 tokens: fewer than down_proj's 256 inputs, more than 128
-    _, fast = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32))
-    _, slow = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32, keep_inputs=False))
+    _, fast = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32, rounding="nearest"))
+    _, slow = logits_mse(
+        "llama", ids, BlockSettings(bits=4, group_size=32, rounding="nearest", keep_inputs=False)
+    )
     for a, b in zip(fast, slow, strict=True):
         for la, lb in zip(a.layers, b.layers, strict=True):
             assert la.mse_rtn == pytest.approx(lb.mse_rtn, rel=1e-4)
@@ -431,7 +448,7 @@ def test_search_screen_picks_from_its_short_list(k):
     of them, the short list is the k lowest screen losses, and the screen is the linears' exact output error
     (checked against a computation from scratch on block 0's q/k/v)."""
     ids = tiny_input_ids(8, 32)
-    s = BlockSettings(bits=3, group_size=32, n_grid=10, search_screen=k)
+    s = BlockSettings(bits=3, group_size=32, n_grid=10, search_screen=k, prescreen=0)
     _, results = logits_mse("llama", ids, s)
     n_module = 0
     for res in results:

@@ -35,7 +35,7 @@ CHANGED = JobSpec(
     clip_search=False,
     refine_steps=0,
     search_screen=3,
-    rounding="gptq",
+    rounding="nearest",
     gqa_fold=True,
     seed=11,
 )
@@ -181,7 +181,7 @@ def test_the_cli_flags_default_to_the_spec(tmp_path):
         "mlp.down_proj", "--calib", "self", "--n-samples", "7", "--seq-len", "33", "--packing", "per_sample",
         "--format", "compressed-tensors", "--no-eval", "--eval-seq-len", "99", "--eval-max-seqs", "3",
         "--device", "cpu", "--scale-search", "both", "--n-grid", "5", "--no-clip-search", "--refine-steps", "0",
-        "--search-screen", "3", "--rounding", "gptq", "--seed", "11", "--gqa-fold", "--eval-task", "awqforge_mc",
+        "--search-screen", "3", "--rounding", "nearest", "--seed", "11", "--gqa-fold", "--eval-task", "awqforge_mc",
         "--eval-limit", "5", "--eval-min-recovery", "0.9", "--eval-prompt", "Hello", "--eval-max-new-tokens", "8",
     ]  # fmt: skip
     args = parser.parse_args(["quantize", "org/name", "--out", str(tmp_path), *flags])

@@ -413,12 +413,15 @@ def gram_losses(
 
 
 def prescreen(cands, qlins, orig, stats: Stats, s: BlockSettings, keep: int) -> list[int] | None:
-    """The `keep` candidates of lowest diagonal-Gram loss (grid order on ties), or None (every candidate)
-    when the prescreen is off or would keep them all."""
+    """The `keep` candidates of lowest diagonal-Gram loss (grid order on ties), plus s = 1 (no scale: the
+    search's pick is never worse than leaving the channels alone), or None (every candidate) when the
+    prescreen is off or would keep them all."""
     if keep <= 0 or keep >= len(cands):
         return None
     approx = gram_losses(cands, qlins, orig, stats, s, diagonal=True)
-    return shortlist(approx, keep)
+    kept = shortlist(approx, keep)
+    kept += [i for i, c in enumerate(cands) if c[0] == "identity" and i not in kept]
+    return kept
 
 
 def squared_error(out: torch.Tensor, ref: torch.Tensor, mask: torch.Tensor | None) -> tuple[float, int]:

@@ -231,7 +231,8 @@ class TinyModels:
 @pytest.fixture(scope="package")
 def tiny_models():
     """Two random Llama checkpoints (2 and 24 blocks) and a calibration text, made once per run."""
-    HOME.mkdir(parents=True, exist_ok=True)  # a second package run in this process (removed at the first's end)
+    # a second package run in this process (removed at the first's end)
+    HOME.mkdir(parents=True, exist_ok=True)
     calib = HOME / "calib.txt"
     calib.write_text(_calibration_text())
     yield TinyModels(
