@@ -15,8 +15,8 @@ One generic algorithm over the mappings an `ArchAdapter` resolves (see awqforge.
    - When it is a module (attention with its kwargs, the MLP, the whole MoE block with its router), the
      module is rerun: all candidates on the first `search_fraction` of the samples, then, on the rest,
      every candidate the coarse samples cannot tell from the coarse best: a paired test on the
-     candidates' per-sample errors against the best's (`rescore_z` standard errors; with `rescore_z=0`,
-     the best `search_topk` instead). A clear coarse best is kept without rerunning the rest; a close
+     candidates' per-sample errors against the best's (`rescore_z` standard errors, at most `rescore_max`
+     of them; with `rescore_z=0`, the best `search_topk` instead). A clear coarse best is kept without rerunning the rest; a close
      call is decided on all samples. `search_fraction=1` gives the exhaustive search.
      With `search_screen` = k > 0, every candidate is first screened exactly and cheaply on the mapping's
      linears' own outputs, sum over the linears of n tr(dW G dW^T) with their shared input Gram G (no

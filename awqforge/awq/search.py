@@ -550,6 +550,7 @@ def module_losses(
             top = [ci for ci in order[: max(1, s.search_topk)].tolist() if finite[ci]]
             if s.rescore_z > 0:
                 top = contenders(per_row, [ci for ci in order.tolist() if finite[ci]], s.rescore_z) or top
+                top = top[: s.rescore_max] if s.rescore_max > 0 else top
             full = torch.full_like(losses, math.inf)
             for ci in top if len(top) > 1 else []:
                 full[ci] = (losses[ci] * n_c + score(ci, rest_ids)[0] * n_r) / (n_c + n_r)

@@ -57,6 +57,7 @@ class BlockSettings:
     # > 0: rescore, instead of the top search_topk, every candidate whose coarse per-sample errors are not
     # rescore_z standard errors above the coarse best's (a paired test); none when the best is clear
     rescore_z: float = 3.0
+    rescore_max: int = 4  # at most this many rescored, best first (0: every one the test keeps)
     # > 0: Gram-scored losses (the linears' mappings and the module screen) computed exactly for the best
     # `prescreen` candidates of the diagonal approximation sum(dW^2 diag(G)) only (0: every candidate)
     prescreen: int = 10
