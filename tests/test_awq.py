@@ -272,6 +272,23 @@ def test_diagonal_prescreen_keeps_the_exact_picks_and_no_scale():
     assert picks[10] == picks[0]
 
 
+def test_gptq_rounding_needs_four_tokens_per_input_channel():
+    """With fewer calibration tokens than 4 per input channel a layer is rounded to nearest, said per layer:
+    GPTQ's error feedback would fit those few tokens (on a tiny olmo2 with 1 token per channel its artifact's
+    logits fell to cosine 0.79 against 0.95 rounded to nearest)."""
+    ids = tiny_input_ids(4, 64)  # 256 tokens: 2 per channel of the 128-wide inputs, 1 of down_proj's 256
+    _, near = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32, rounding="nearest"))
+    _, gptq = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32, rounding="gptq"))
+    for a, b in zip(near, gptq, strict=True):
+        notes = [s for s in b.skipped if "rounded to nearest, not GPTQ" in s]
+        assert len(notes) == len(b.quantized) and "256 calibration tokens" in notes[0]
+        for name, qt in a.quantized.items():
+            assert torch.equal(qt.qweight, b.quantized[name].qweight)
+    ids = tiny_input_ids(16, 64)  # 1024 tokens: 8 per channel of the 128-wide inputs, 4 of down_proj's
+    _, gptq = logits_mse("llama", ids, BlockSettings(bits=4, group_size=32, rounding="gptq"))
+    assert not any("not GPTQ" in s for r in gptq for s in r.skipped)
+
+
 def test_rescoring_keeps_only_candidates_the_coarse_samples_cannot_tell_apart():
     from awqforge.awq.search import contenders
 
@@ -356,7 +373,7 @@ def test_gptq_rounding_lowers_the_output_error_of_fixed_qparams():
 
 
 def test_gptq_rounding_in_a_block_beats_nearest():
-    ids = tiny_input_ids(8, 32)
+    ids = tiny_input_ids(16, 64)  # 4 or more tokens per input channel: GPTQ on every layer
     w3 = dict(bits=3, group_size=32)
     mse_near, _ = logits_mse("llama", ids, BlockSettings(rounding="nearest", **w3))
     mse_gptq, results = logits_mse("llama", ids, BlockSettings(rounding="gptq", **w3))

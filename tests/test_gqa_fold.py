@@ -131,7 +131,8 @@ def test_quantized_error_with_the_fold_is_lower(family, rounding):
     on_mse, on = _logits_mse(family, ids, BlockSettings(gqa_fold=True, **kw))
     off_mse, off = _logits_mse(family, ids, BlockSettings(gqa_fold=False, **kw))
     assert any("gqa_fold=False" in s for s in off[0].skipped)
-    assert not any("v_proj" in s or "qkv_proj" in s for s in on[0].skipped)
+    mappings_skipped = [s for s in on[0].skipped if "rounded to nearest, not GPTQ" not in s]
+    assert not any("v_proj" in s or "qkv_proj" in s for s in mappings_skipped)
     for res in on:
         info = next(v for v in res.scales.values() if v["gqa"] is not None)
         assert info["loss"] <= info["loss_identity"]  # the search's pick is at least as good as no scale

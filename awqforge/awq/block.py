@@ -336,7 +336,16 @@ def quantize_block(
                 lap("refit")
         else:
             scales, zeros = compute_qparams(w, s.bits, s.group_size, s.zero_point)
-        if s.method == "awq" and s.rounding == "gptq" and inp is not None and cnt >= s.min_tokens:
+        gptq = s.method == "awq" and s.rounding == "gptq" and inp is not None and cnt >= s.min_tokens
+        if gptq and cnt < s.gptq_tokens_per_input * w.shape[1]:
+            # too few tokens to pin down the input Gram matrix: error feedback would fit the calibration
+            # tokens (the rounding error pushed into directions they do not span) and miss others
+            gptq = False
+            skipped.append(
+                f"{name}: rounded to nearest, not GPTQ: {cnt} calibration tokens, fewer than "
+                f"{s.gptq_tokens_per_input:g} per input channel ({w.shape[1]})"
+            )
+        if gptq:
             lap("quantize")
             q = gptq_codes(w, inp.full_gram(), scales, zeros, s).to(torch.uint8)
             lap("gptq_rounding")

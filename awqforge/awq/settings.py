@@ -77,6 +77,9 @@ class BlockSettings:
     # False: mappings whose scales go into an activation (GELU's `act.scales`) are skipped; compressed-tensors'
     # loaders (transformers, vLLM) have no place for that tensor, only the AWQ format's do (AutoAWQ's layout)
     activation_scales: bool = True
+    # GPTQ rounding only where the calibration tokens are at least this many per input channel (else
+    # nearest, said per layer): on a tiny model with 1 token per channel GPTQ lost to nearest rounding
+    gptq_tokens_per_input: float = 4.0
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
     keep_inputs: bool = (
         True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)
