@@ -10,6 +10,9 @@ CHUNK_ELEMS = 1 << 23  # elements of a row chunk of the weight-sized temporaries
 CLIP_GRID = 20  # clip ratios 1 - i/CLIP_GRID for i < MAX_SHRINK * CLIP_GRID (AutoAWQ)
 MAX_SHRINK = 0.5
 CLIP_RATIOS = int(CLIP_GRID * MAX_SHRINK)  # clip ratios tried per group
+# GPTQ rounding only on a linear whose calibration tokens are at least this many per input channel (else it is
+# rounded to nearest): fewer cannot pin down its input Gram matrix (bench/README.md, issue 21, stop 3)
+GPTQ_TOKENS_PER_INPUT = 4
 
 # lm-eval requests per forward in task evaluation (awqforge.tasks_eval), which the planner charges logits for.
 TASK_BATCH_SIZE = 8

@@ -346,9 +346,11 @@ def plan(
     # clip search and final quantize of the widest linear: its fp32 copy (off CPU), scaled inputs, chunks
     quantize = (4 * n_big if e != 4 else 0) + widest_kept + fq
     phases["quantize"] = {"block_codes": codes, "transient_quantize": quantize}
-    if awq and s.rounding == "gptq":
-        w_in = max(lin.in_features for lin in linears)
-        gptq = 3 * 8 * w_in * w_in + 4 * w_in * w_in + 4 * 4 * n_big
+    gptq_lins = [lin for lin in linears if awq and _gptq_applies(s, lin, tokens)]
+    if gptq_lins:
+        w_in = max(lin.in_features for lin in gptq_lins)
+        n_g = max(lin.out_features * lin.in_features for lin in gptq_lins)
+        gptq = 3 * 8 * w_in * w_in + 4 * w_in * w_in + 4 * 4 * n_g
         phases["quantize"]["transient_quantize"] = max(quantize, gptq)
     which = max(phases, key=lambda k: sum(phases[k].values()))
     comp.update(phases[which])
@@ -424,9 +426,17 @@ def _block_flops(shape: ModelShape, s: JobSettings, linears, widths, tokens: int
             block += c * (20 * nw + 2 * nw * t) / (1 if screened else 2)
             if s.clip_search:
                 block += _CLIP_RATIOS * (2 * nw * g + 20 * nw) + 8 * nw * g
-            if s.rounding == "gptq":
+            if _gptq_applies(s, lin, tokens):
                 block += lin.in_features**3 + 2 * nw * lin.in_features
     return block
+
+
+def _gptq_applies(s: JobSettings, lin, tokens: int) -> bool:
+    """Whether the engine rounds this linear with GPTQ: rounding=gptq and enough calibration tokens reach it
+    (limits.GPTQ_TOKENS_PER_INPUT per input channel; awq.block rounds the others to nearest)."""
+    return (
+        s.rounding == "gptq" and tokens * lin.tokens_share >= limits.GPTQ_TOKENS_PER_INPUT * lin.in_features
+    )
 
 
 def _time(shape: ModelShape, s: JobSettings, rate: float, linears, widths, tokens: int) -> dict[str, float]:

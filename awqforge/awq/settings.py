@@ -79,7 +79,7 @@ class BlockSettings:
     activation_scales: bool = True
     # GPTQ rounding only where the calibration tokens are at least this many per input channel (else
     # nearest, said per layer): on a tiny model with 1 token per channel GPTQ lost to nearest rounding
-    gptq_tokens_per_input: float = 4.0
+    gptq_tokens_per_input: float = limits.GPTQ_TOKENS_PER_INPUT
     gptq_damp: float = 0.01  # fraction of the mean Gram diagonal added to it before inverting
     keep_inputs: bool = (
         True  # fewer tokens than a linear's input width: keep X, not X^T X (False: always the Gram)
