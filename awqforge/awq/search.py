@@ -507,8 +507,9 @@ def module_losses(
     saved = [(lin, lin._parameters["weight"]) for _, lin in qlins]
     bufs = [torch.empty_like(p) for _, p in saved]
 
-    def score(ci: int, chunk_ids) -> tuple[float, list[float]]:
-        """(mean squared error over the chunks' real terms, each sample row's own mean error)."""
+    def score(ci: int, chunk_ids, per_sample: bool = False) -> tuple[float, list[float]]:
+        """(mean squared error over the chunks' real terms, each sample row's own mean error if per_sample:
+        the paired test reads them on the coarse chunks only)."""
         sc = cands[ci][2]
         for (_lin, w0), buf in zip(saved, bufs, strict=True):
             scd = sc.to(w0.device)[None, :]
@@ -523,7 +524,8 @@ def module_losses(
             err, n = squared_error(out, fp[k].float(), masks[k])
             total += err
             count += n
-            rows += row_errors(out, fp[k].float(), masks[k])
+            if per_sample:
+                rows += row_errors(out, fp[k].float(), masks[k])
         return total / max(1, count), rows
 
     def terms(k: int) -> int:  # the squared-error terms of recorded call k (its real tokens)
@@ -539,7 +541,7 @@ def module_losses(
         rest_ids = list(range(len(coarse_ids), len(calls)))
         per_row: dict[int, list[float]] = {}
         for ci in range(len(cands)) if only is None else only:
-            losses[ci], per_row[ci] = score(ci, coarse_ids)
+            losses[ci], per_row[ci] = score(ci, coarse_ids, per_sample=s.rescore_z > 0)
         finite = torch.isfinite(losses)
         if not finite.any():
             raise NumericalError(f"{where}, mapping {m.name}: every scale candidate gives a NaN/inf loss")
