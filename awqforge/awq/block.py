@@ -51,7 +51,7 @@ from torch import nn
 from awqforge.arch import ArchAdapter, UnfusedExperts
 from awqforge.awq.capture import for_rows
 from awqforge.awq.folding import device_of, fold_scales
-from awqforge.awq.gptq import gptq_codes
+from awqforge.awq.gptq import gptq_codes, gptq_factor
 from awqforge.awq.qparams import refine_qparams, search_clip
 from awqforge.awq.search import (
     Stats,
@@ -312,6 +312,9 @@ def quantize_block(
     # 4. clip search and quantization
     quantized: dict[str, QuantizedTensor] = {}
     metrics: list[LayerMetric] = []
+    # GPTQ's inverse factor depends on the input only: linears that read the same one with the same folded
+    # scale (q/k/v, gate/up: adjacent in the block's order) share it; one kept at a time (its size is in^2)
+    factor_of: tuple | None = None  # (input key, folded scale or None, InverseFactor)
     for name, lin in linears.items():
         w = lin.weight.detach().float()
         inp = stats.inputs_of(name)
@@ -347,7 +350,16 @@ def quantize_block(
             )
         if gptq:
             lap("quantize")
-            q = gptq_codes(w, inp.full_gram(), scales, zeros, s).to(torch.uint8)
+            key = stats.key.get(name)
+            if not (
+                factor_of is not None
+                and factor_of[0] == key
+                and (factor_of[1] is None) == (s_in is None)
+                and (s_in is None or torch.equal(factor_of[1], s_in))
+            ):
+                factor_of = None  # free the previous factor before the next is computed
+                factor_of = (key, s_in, gptq_factor(inp.full_gram(), s.gptq_damp))
+            q = gptq_codes(w, None, scales, zeros, s, factor=factor_of[2]).to(torch.uint8)
             lap("gptq_rounding")
         else:
             q = torch.empty(w.shape, dtype=torch.uint8, device=w.device)
