@@ -134,6 +134,15 @@ def build_calibration(
     return concat_blocks(texts, tokenizer, n, seq, source=calib.source)
 
 
+def samples_used(calib, tokenizer) -> int | None:
+    """How many calibration rows a job with this `CalibrationSpec` will use: n_samples, or fewer when its
+    source holds less text (the job then uses what there is). None where counting would mean downloading or
+    generating (hub datasets, pileval, self): the job's own count is known only when it runs."""
+    if not (calib.source == BUNDLED or calib.source.startswith("file:")):
+        return None
+    return build_calibration(calib, tokenizer).n_samples
+
+
 def load_calibration(calib, tokenizer, model_dir: str | Path | None = None, **kwargs) -> torch.Tensor:
     """Calibration token blocks, LongTensor [n_samples, seq_len] (`build_calibration(...).input_ids`)."""
     return build_calibration(calib, tokenizer, model_dir, **kwargs).input_ids

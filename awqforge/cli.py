@@ -8,6 +8,7 @@ Exit codes: 0 ok, 1 the job failed (message on stderr), 2 bad arguments, 130 int
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -640,6 +641,21 @@ def _plan(args) -> int:
         config = read_config(Path(hf_hub_download(spec.model, "config.json", revision=spec.revision)).parent)
     devices = ["cpu", "cuda"] if spec.device == "auto" else [spec.device]
     settings = JobSettings.from_spec(spec)
+    if is_local_reference(spec.model):
+        # the plan counts the calibration rows the job will use: fewer than asked when the source holds less
+        from transformers import AutoTokenizer
+
+        from awqforge.calibration import samples_used
+
+        used = samples_used(
+            spec.calibration, AutoTokenizer.from_pretrained(str(spec.model), trust_remote_code=False)
+        )
+        if used is not None and used < settings.n_samples:
+            _announce(
+                f"calibration: {spec.calibration.source} holds {used} samples of {settings.seq_len} tokens "
+                f"({settings.n_samples} asked); the plan counts the {used} the job will use"
+            )
+            settings = dataclasses.replace(settings, n_samples=used)
     rates = {}
     if getattr(args, "measure", False):
         from awqforge.timing import measure_rate

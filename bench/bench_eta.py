@@ -8,9 +8,10 @@ timing one block (awqforge.timing.measure_rate, what `awqforge plan --measure` d
 (run_quantization with the default settings: W4 g64 written in the default formats, evaluation on), in this
 process, on --threads threads. Printed per stage: the estimate at the measured rate, the measured seconds and
 their ratio (issue 21's target: within 1.5x), and the default-rate estimate beside it. The measuring itself is
-timed too: it is what a job would spend on it. Calibration is 32 x 512 tokens of the bundled text, which is
-all it holds: with the job default of 128 samples the job uses those 32 while the plan counts 128 (a 4x
-overestimate of the quantize stage on SmolLM2, measured here; the plan does not read the source's length). Models: the converted SmolLM2-135M-Instruct checkpoint (all 30
+timed too: it is what a job would spend on it. Calibration: the job default (128 samples of 512 tokens) of the
+bundled text, which holds fewer (32 with SmolLM2's tokenizer): the job uses what there is, and the plan counts
+the rows the job will use (awqforge.calibration.samples_used, as `awqforge plan` does), not the 128 asked for.
+Models: the converted SmolLM2-135M-Instruct checkpoint (all 30
 blocks) and random-init checkpoints of bench_speed.py's shapes (`gemma3-640`: Gemma-3-270M's block, 4 blocks;
 `qwen3_moe-768`: 16 experts, 2 blocks), with SmolLM2's tokenizer and vocabulary.
 """
@@ -18,6 +19,7 @@ blocks) and random-init checkpoints of bench_speed.py's shapes (`gemma3-640`: Ge
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import sys
@@ -45,21 +47,21 @@ def checkpoint(name: str, work: Path) -> Path:
 
 
 def one(name: str, work: Path) -> dict:
+    from transformers import AutoTokenizer
+
+    from awqforge.calibration import samples_used
     from awqforge.pipeline import run_quantization
     from awqforge.plan import JobSettings, plan, read_config
     from awqforge.spec import JobSpec
     from awqforge.timing import measure_rate
 
     ckpt = checkpoint(name, work)
-    # 32 x 512: what the bundled text holds (the job default asks for 128 samples; a job given less text uses what
-    # there is, while the plan counts what was asked for: see the module docstring)
-    spec = JobSpec(
-        model=str(ckpt),
-        quant={"bits": 4, "group_size": 64},
-        calibration={"source": "bundled", "n_samples": 32, "seq_len": 512},
-    )
+    spec = JobSpec(model=str(ckpt), quant={"bits": 4, "group_size": 64})  # the job defaults otherwise
     config = read_config(ckpt)
     settings = JobSettings.from_spec(spec)
+    used = samples_used(spec.calibration, AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False))
+    if used is not None:  # what `awqforge plan` counts: the rows the job will use
+        settings = dataclasses.replace(settings, n_samples=used)
     default = plan(config, settings, device="cpu")
     t0 = time.perf_counter()
     rate, block_s = measure_rate(config, settings, "cpu")

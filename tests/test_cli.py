@@ -217,3 +217,20 @@ def test_describe_gives_one_readable_line():
     assert describe(NumericalError("block 3: NaN")) == "block 3: NaN"
     assert describe(ValueError("bad\n  thing")) == "unexpected ValueError: bad thing"
     assert describe(MemoryError()).startswith("out of memory")
+
+
+def test_plan_counts_the_calibration_rows_the_source_holds(tiny_checkpoint):
+    """The bundled text holds fewer 512-token rows than 1024: the job would use what there is, and the plan
+    counts those (the same estimate as asking for that many), not the 1024 asked for."""
+    ckpt = tiny_checkpoint("llama")
+    asked = awqforge("plan", str(ckpt), "--device", "cpu", "--n-samples", "1024", "--json", env=offline_env())
+    assert asked.returncode == 0, asked.stderr[-3000:]
+    line = next(x for x in asked.stderr.splitlines() if "the plan counts the" in x)
+    used = int(line.split(" holds ")[1].split()[0])
+    assert 4 <= used < 1024 and "(1024 asked)" in line
+    same = awqforge(
+        "plan", str(ckpt), "--device", "cpu", "--n-samples", str(used), "--json", env=offline_env()
+    )
+    assert same.returncode == 0 and "the plan counts the" not in same.stderr
+    a, b = json.loads(asked.stdout)["cpu"], json.loads(same.stdout)["cpu"]
+    assert a["est_seconds"] == b["est_seconds"] and a["peak_bytes"] == b["peak_bytes"]
