@@ -279,9 +279,10 @@ SearchScreen = Annotated[
     Field(
         ge=0,
         le=100,
-        description="scale search of the attention and MLP mappings: every grid point is scored exactly on the "
-        "mapping's linears' own outputs (from their input Gram matrix), and only the best k are scored on the "
-        "attention / MLP output; 0 scores every grid point on the module output (AWQ as published)",
+        description="scale search of the attention and MLP mappings: every grid point is ranked on the "
+        "mapping's linears' own output error (from the diagonal of their input Gram matrix), and only the best k "
+        "(and no scale) are scored on the attention / MLP output; 0 scores every grid point on the module output "
+        "(AWQ as published)",
     ),
 ]
 RoundingDescription = (

@@ -320,6 +320,41 @@ def test_paired_rescoring_picks_what_the_exhaustive_search_picks():
     assert min(finalists) >= 1
 
 
+def test_diagonal_shortlist_picks_what_the_exact_screen_picks():
+    """The module search's short list straight from the diagonal prescreen (no exact Gram losses): the same
+    picks as the exact screen's short list and as the full search on the tiny model."""
+    ids = tiny_input_ids(16, 64)
+    picks = {}
+    for name, settings in {
+        "full": BlockSettings(group_size=32, search_fraction=1.0, search_screen=0, prescreen=0),
+        "exact": BlockSettings(group_size=32, screen_exact=True),
+        "diagonal": BlockSettings(group_size=32, screen_exact=False),
+    }.items():
+        _, results = logits_mse("llama", ids, settings)
+        picks[name] = [v["ratio"] for r in results for v in r.scales.values()]
+        screens = [v["screen_loss"] for r in results for v in r.scales.values() if v["scored"] == "module"]
+        assert all(sl is None for sl in screens) == (name != "exact")
+    assert picks["diagonal"] == picks["exact"] == picks["full"]
+
+
+def test_rescoring_race_picks_what_the_exhaustive_search_picks():
+    """Chunks of 2 samples: the rest of the samples is scored chunk by chunk, dropping the candidates the
+    paired test tells apart after each; the picks are the full-data search's, with fewer candidates left."""
+    ids = tiny_input_ids(16, 64)
+    picks, finalists = {}, {}
+    for name, settings in {
+        "full": BlockSettings(group_size=32, search_fraction=1.0, search_screen=0, chunk_tokens=128),
+        "all rescored": BlockSettings(group_size=32, search_screen=0, chunk_tokens=128, race=False),
+        "race": BlockSettings(group_size=32, search_screen=0, chunk_tokens=128),
+    }.items():
+        _, results = logits_mse("llama", ids, settings)
+        picks[name] = [v["ratio"] for r in results for v in r.scales.values()]
+        finalists[name] = [v["finalists"] for r in results for v in r.scales.values()]
+    assert picks["race"] == picks["full"] == picks["all rescored"]
+    assert min(finalists["race"]) >= 1
+    assert sum(finalists["race"]) < sum(finalists["all rescored"])
+
+
 def _correlated_layer(out_f=48, in_f=128, n=512, seed=0):
     """A weight and a Gram matrix of correlated, unevenly scaled inputs (as real activations are)."""
     g = torch.Generator().manual_seed(seed)

@@ -251,7 +251,11 @@ def quantize_block(
             best = int(torch.argmin(losses))
             lap("scale_search_linear")
         else:
-            if 0 < s.search_screen < len(cands):
+            if 0 < s.search_screen < len(cands) and not s.screen_exact and s.prescreen:
+                # the short list straight from the diagonal prescreen (and s = 1), no exact Gram losses
+                only = prescreen(cands, qlins, orig, stats, s, s.search_screen)
+                lap("scale_screen")
+            elif 0 < s.search_screen < len(cands):
                 keep = (
                     prescreen(cands, qlins, orig, stats, s, max(s.prescreen, s.search_screen))
                     if s.prescreen

@@ -220,7 +220,9 @@ def chunks(n: int, seq: int, s: BlockSettings) -> tuple[list[slice], list[slice]
     per = max(1, s.chunk_tokens // max(1, seq))
     n_coarse = n if (s.search_fraction >= 1 or n < 4) else max(1, math.ceil(n * s.search_fraction))
     coarse = [slice(i, min(i + per, n_coarse)) for i in range(0, n_coarse, per)]
-    rest = [slice(i, min(i + per, n)) for i in range(n_coarse, n, per)]
+    # the rest in chunks no larger than the coarse set: the rescoring race drops candidates between them
+    step = min(per, n_coarse)
+    rest = [slice(i, min(i + step, n)) for i in range(n_coarse, n, step)]
     return coarse, rest
 
 
@@ -554,10 +556,31 @@ def module_losses(
                 top = contenders(per_row, [ci for ci in order.tolist() if finite[ci]], s.rescore_z) or top
                 top = top[: s.rescore_max] if s.rescore_max > 0 else top
             full = torch.full_like(losses, math.inf)
-            for ci in top if len(top) > 1 else []:
-                full[ci] = (losses[ci] * n_c + score(ci, rest_ids)[0] * n_r) / (n_c + n_r)
-            if len(top) == 1:  # the coarse best is clearly best: the rest cannot change the pick
-                full[top[0]] = losses[top[0]]
+            race = s.race and s.rescore_z > 0
+            if len(top) > 1 and not race:
+                for ci in top:
+                    full[ci] = (losses[ci] * n_c + score(ci, rest_ids)[0] * n_r) / (n_c + n_r)
+            elif len(top) > 1:
+                # A race over the rest, chunk by chunk: after each chunk the same paired test, on every sample
+                # scored so far, drops the candidates now clearly worse than the best so far; the rest of the
+                # samples go to the survivors only, and one survivor is the pick.
+                sums = {ci: float(losses[ci]) * n_c for ci in top}
+                n_done = n_c
+                for j, k in enumerate(rest_ids):
+                    for ci in top:
+                        loss_k, rows = score(ci, [k], per_sample=True)
+                        sums[ci] += loss_k * terms(k)
+                        per_row[ci] += rows
+                    n_done += terms(k)
+                    if j + 1 < len(rest_ids):
+                        ranked = sorted(top, key=lambda ci: sums[ci])
+                        top = contenders(per_row, ranked, s.rescore_z) or ranked
+                        if len(top) == 1:
+                            break
+                for ci in top:
+                    full[ci] = sums[ci] / n_done
+            if len(top) == 1:  # the best is clearly best: the rest of the samples cannot change the pick
+                full[top[0]] = losses[top[0]] if math.isinf(full[top[0]]) else full[top[0]]
             losses = full
     finally:
         for lin, w0 in saved:

@@ -57,14 +57,20 @@ class BlockSettings:
     # > 0: rescore, instead of the top search_topk, every candidate whose coarse per-sample errors are not
     # rescore_z standard errors above the coarse best's (a paired test); none when the best is clear
     rescore_z: float = 3.0
-    rescore_max: int = 4  # at most this many rescored, best first (0: every one the test keeps)
+    rescore_max: int = 6  # at most this many rescored, best first (0: every one the test keeps)
+    # rescore as a race: after each further chunk of samples the paired test (on all samples so far) drops
+    # the rescored candidates now clearly worse than the best so far (False: all rescored on every sample)
+    race: bool = True
     # > 0: Gram-scored losses (the linears' mappings and the module screen) computed exactly for the best
     # `prescreen` candidates of the diagonal approximation sum(dW^2 diag(G)) only (0: every candidate)
     prescreen: int = 10
+    # False: a module-scored mapping's short list (search_screen) comes from the diagonal prescreen directly,
+    # without the exact Gram losses of the screen
+    screen_exact: bool = False
     search_screen: int = _default(
         "search_screen"
-    )  # module-scored mappings: run the module on the best k of the linears' exact
-    # output error (Gram screen) only; 0 (or k >= the number of candidates): every candidate on the module
+    )  # module-scored mappings: run the module on the best k of the linears' output error (the diagonal
+    # prescreen, or the exact Gram screen with screen_exact) only; 0 (or k >= the candidates): every candidate
     min_tokens: int = 16  # an expert seeing fewer calibration tokens gets no data-driven search
     module_loss: bool = True  # False: score attention/MLP mappings on their linears' outputs (Gram)
     refine_steps: int = _default(

@@ -107,9 +107,10 @@ def describe_method(spec: JobSpec) -> dict[str, str]:
         "method": "AWQ: per-channel scales searched on calibration activations and folded into the previous op",
         "scale_search": _SCALE_SEARCH[spec.scale_search.value].format(n=spec.n_grid),
         "search_screen": (
-            f"attention and MLP mappings: every grid point scored exactly on the mapping's linears' own outputs "
-            f"(input Gram matrix), the best {spec.search_screen} scored on the attention / MLP output (an AWQForge "
-            "addition; search_screen=0 scores every grid point on the module output)"
+            f"attention and MLP mappings: every grid point ranked on the mapping's linears' own output error "
+            f"(the diagonal of their input Gram matrix), the best {spec.search_screen} scored on the "
+            "attention / MLP output, with no scale beside them (an AWQForge addition; search_screen=0 scores every "
+            "grid point on the module output)"
             if 0 < spec.search_screen < n_cands
             else "off: every grid point scored on the attention / MLP output (AWQ as published)"
         ),
