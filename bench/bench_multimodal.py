@@ -64,8 +64,13 @@ def run(ckpt: Path, out: Path, method: str, bits: int, group_size: int) -> Path:
 def measure(family: str, fp, ckpt: Path, work: Path, bits: int, group_size: int, held_out) -> dict:
     from transformers import AutoModelForImageTextToText
 
+    # the reference as transformers loads the source (its default attention, as the artifact's): PaliGemma's
+    # text-only forward is causal in eager attention and bidirectional in sdpa (a skipped mask and
+    # `is_causal=False`), so an eager in-memory model against an sdpa-loaded artifact differs with no quantization
+    ref = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
-        want = fp(input_ids=held_out).logits
+        want = ref(input_ids=held_out).logits
+    del ref
     row: dict = {"loads": "yes", "tower": "kept"}
     for method in ("rtn", "awq"):
         art = run(ckpt, work / f"{method}-{bits}", method, bits, group_size)
