@@ -429,7 +429,10 @@ def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAda
 
     Probed on `model`, a skeleton on the meta device: each linear's weight taken away in turn, its parent
     initialised."""
-    init = getattr(model, "_init_weights", None)
+    from awqforge.streaming import init_weights_of
+
+    # the init transformers runs on the blocks: their nearest PreTrainedModel's (a multimodal model's language model)
+    init = init_weights_of(model, adapter.layers_attr) if hasattr(model, "_init_weights") else None
     kept, seen, n_linears = set(), {}, 0
     for block in adapter.get_layers(model) if init is not None else []:
         for parent_name, parent in block.named_modules():

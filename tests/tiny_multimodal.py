@@ -231,6 +231,13 @@ def build_tiny_multimodal(family: str, seed: int = 0, **overrides) -> PreTrained
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        # Gemma's embeddings are multiplied by sqrt(hidden) (11.3 here): random-init rows of std 0.02 would start
+        # the residual stream 10x larger than what two random blocks add to it without Gemma 3/4's post-norms
+        # (PaliGemma's Gemma), and the quantized blocks' error would be a few percent of the logits'. Rows
+        # scaled down by it start the stream at the other families' size.
+        emb = model.get_input_embeddings()
+        if getattr(emb, "embed_scale", None) is not None:
+            emb.weight.div_(float(emb.embed_scale))
         for name, mod in model.get_decoder().named_modules():
             w = getattr(mod, "weight", None)
             if w is None or w.dim() != 1 or not name.endswith(("norm", "layernorm")):
