@@ -85,10 +85,20 @@ def _logits(model, ids):
 
 
 @needs_ct
-# + a MoE language model, Gemma 4 with per-layer inputs (a per-token input per layer, captured per row), and
-# PaliGemma (a composite model whose own init does not set its Gemma language model's embed_scale)
+# + MoE language models (Qwen3-VL-MoE's experts kept fused; Qwen3.5-MoE's per expert, beside gated-delta-rule
+# layers), Qwen3.5 as it ships (gated-delta-rule + attention layers), Gemma 4 with per-layer inputs (a per-token
+# input per layer, captured per row), and PaliGemma (a composite model whose own init does not set its Gemma
+# language model's embed_scale)
 @pytest.mark.parametrize(
-    "name", [*MULTIMODAL_FAMILIES, "qwen3_vl_moe", "gemma4 (per-layer inputs)", "paligemma"]
+    "name",
+    [
+        *MULTIMODAL_FAMILIES,
+        "qwen3_vl_moe",
+        "qwen3_5_moe",
+        "qwen3_5 (hybrid)",
+        "gemma4 (per-layer inputs)",
+        "paligemma",
+    ],
 )
 def test_language_model_quantized_towers_kept_loads_in_transformers(name, mm_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
@@ -243,6 +253,10 @@ def test_adapter_is_the_text_model_s_on_the_language_model_layers():
     llama4 = get_adapter(tiny_multimodal_config("llama4"))
     assert llama4.layers_attr == "language_model.model.layers" and llama4.experts.in_out
     assert get_adapter(tiny_multimodal_config("qwen3_vl")).family == "qwen3_vl (language model, structural)"
+    # experts per expert where transformers' loader merges per-expert tensors for a sub-model's type (Qwen3.5-MoE:
+    # its text model's), fused and in full precision where it merges none (Qwen3-VL-MoE)
+    assert get_adapter(tiny_multimodal_config("qwen3_5_moe")).experts.keep_fused is None
+    assert "merges no per-expert" in get_adapter(tiny_multimodal_config("qwen3_vl_moe")).experts.keep_fused
     if "gemma4" not in transformers.CONFIG_MAPPING:
         return
     # Gemma 4 normalises the values (v_norm) between v_proj and o_proj: no v -> o scaling, even without GQA
