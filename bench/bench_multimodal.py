@@ -8,7 +8,7 @@ vision tower, the projector, a 2-layer text model of hidden 128 with outlier nor
 tokenizer and quantized by `run_quantization` (calibration: the bundled English text, 16 x 64 tokens, through
 the language model) into compressed-tensors, symmetric. The artifact is loaded with transformers'
 `AutoModelForImageTextToText` (compressed-tensors' loader); the error is the MSE of its text logits against
-the FP model's on held-out token ids. AWQ/RTN < 1: AWQ's scales help. `tower` = whether the vision tower and
+the source checkpoint's, loaded alike, on held-out token ids. AWQ/RTN < 1: AWQ's scales help. `tower` = whether the vision tower and
 projector came back bit-identical to the source. A family the engine refuses prints its one-sentence reason.
 """
 
