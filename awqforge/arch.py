@@ -429,7 +429,10 @@ def keep_linears_read_at_init(adapter: ArchAdapter, model: nn.Module) -> ArchAda
 
     Probed on `model`, a skeleton on the meta device: each linear's weight taken away in turn, its parent
     initialised."""
-    init = getattr(model, "_init_weights", None)
+    from awqforge.streaming import init_weights_of
+
+    # the init transformers runs on the blocks: their nearest PreTrainedModel's (a multimodal model's language model)
+    init = init_weights_of(model, adapter.layers_attr) if hasattr(model, "_init_weights") else None
     kept, seen, n_linears = set(), {}, 0
     for block in adapter.get_layers(model) if init is not None else []:
         for parent_name, parent in block.named_modules():
@@ -993,12 +996,7 @@ def _expert_layout(config, model: nn.Module) -> ExpertLayout:
     keep = _per_expert_unreadable(config, model)
     if keep is not None:
         return ExpertLayout(keep_fused=keep)
-    try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
-
-        conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
-    except Exception:
-        return ExpertLayout()
+    conversions = _loading_conversions(config, model)
     names = {}
     for c in conversions:
         srcs = [
@@ -1015,6 +1013,23 @@ def _expert_layout(config, model: nn.Module) -> ExpertLayout:
     return ExpertLayout()
 
 
+def _loading_conversions(config, model: nn.Module) -> list:
+    """The checkpoint conversions transformers' loader applies to `model`: those of every sub-model's model type
+    (`get_model_conversion_mapping`), not only the top one's. A multimodal model's per-expert merge belongs to
+    its text model's type (Qwen3.5-MoE's `qwen3_5_moe_text`; `qwen3_5_moe` itself maps nothing)."""
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+
+        return list(get_model_conversion_mapping(model) or [])
+    except Exception:  # noqa: BLE001 - an older transformers, or a skeleton it cannot walk: the top type's own
+        try:
+            from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+
+            return list(get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or [])
+        except Exception:  # noqa: BLE001
+            return []
+
+
 def _per_expert_unreadable(config, model: nn.Module) -> str | None:
     """Why per-expert linears would not load for this model type in transformers (None: they would).
 
@@ -1023,7 +1038,7 @@ def _per_expert_unreadable(config, model: nn.Module) -> str | None:
     names `experts.*.`); for the others (GraniteMoE's `input_linear`, gpt-oss, JetMoE) a per-expert artifact
     would leave the experts uninitialised, so their fused experts are kept as they are, in full precision."""
     try:
-        from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+        import transformers.conversion_mapping  # noqa: F401
     except ImportError:  # transformers < 5 has no fused experts: per-expert tensors are its own layout
         return None
     fused = [
@@ -1033,10 +1048,7 @@ def _per_expert_unreadable(config, model: nn.Module) -> str | None:
     ]
     if not fused:
         return None
-    try:
-        conversions = get_checkpoint_conversion_mapping(getattr(config, "model_type", None)) or []
-    except Exception:
-        conversions = []
+    conversions = _loading_conversions(config, model)
     if any("experts.*." in src for c in conversions for src in getattr(c, "source_patterns", []) or []):
         return None
     return (

@@ -372,15 +372,15 @@ class StreamingModel:
         for t in guarded:
             t._is_hf_initialized = True
         try:
-            for module in chain.values():
+            for name, module in chain.items():
                 if id(module) in owners:
                     continue
                 try:
-                    self.model._init_weights(module)
+                    init_weights_of(self.model, name)(module)
                 except Exception:  # noqa: BLE001 - an ancestor's init on a meta skeleton: best effort
                     pass
             for module in owners.values():
-                self.model._init_weights(module)
+                init_weights_of(self.model, names[id(module)])(module)
         finally:
             for t in guarded:
                 del t._is_hf_initialized
@@ -483,6 +483,20 @@ class StreamingModel:
         finally:
             for i, layer in enumerate(originals):
                 self.layers[i] = layer
+
+
+def init_weights_of(model: nn.Module, module_name: str) -> Callable[[nn.Module], None]:
+    """The `_init_weights` transformers runs on the module at `module_name`: that of its nearest enclosing
+    PreTrainedModel (transformers' `smart_apply`). A composite model's sub-model inits its own modules: PaliGemma's
+    has no case for the Gemma language model's scaled embedding, whose `embed_scale` only GemmaModel's init sets."""
+    from transformers import PreTrainedModel
+
+    init, node = model._init_weights, model
+    for part in module_name.split(".") if module_name else []:
+        node = getattr(node, part)
+        if isinstance(node, PreTrainedModel):
+            init = node._init_weights
+    return init
 
 
 def checkpoint_dtype(path: Path) -> torch.dtype:

@@ -8,7 +8,7 @@ vision tower, the projector, a 2-layer text model of hidden 128 with outlier nor
 tokenizer and quantized by `run_quantization` (calibration: the bundled English text, 16 x 64 tokens, through
 the language model) into compressed-tensors, symmetric. The artifact is loaded with transformers'
 `AutoModelForImageTextToText` (compressed-tensors' loader); the error is the MSE of its text logits against
-the FP model's on held-out token ids. AWQ/RTN < 1: AWQ's scales help. `tower` = whether the vision tower and
+the source checkpoint's, loaded alike, on held-out token ids. AWQ/RTN < 1: AWQ's scales help. `tower` = whether the vision tower and
 projector came back bit-identical to the source. A family the engine refuses prints its one-sentence reason.
 """
 
@@ -64,8 +64,13 @@ def run(ckpt: Path, out: Path, method: str, bits: int, group_size: int) -> Path:
 def measure(family: str, fp, ckpt: Path, work: Path, bits: int, group_size: int, held_out) -> dict:
     from transformers import AutoModelForImageTextToText
 
+    # the reference as transformers loads the source (its default attention, as the artifact's): PaliGemma's
+    # text-only forward is causal in eager attention and bidirectional in sdpa (a skipped mask and
+    # `is_causal=False`), so an eager in-memory model against an sdpa-loaded artifact differs with no quantization
+    ref = AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32)
     with torch.no_grad():
-        want = fp(input_ids=held_out).logits
+        want = ref(input_ids=held_out).logits
+    del ref
     row: dict = {"loads": "yes", "tower": "kept"}
     for method in ("rtn", "awq"):
         art = run(ckpt, work / f"{method}-{bits}", method, bits, group_size)

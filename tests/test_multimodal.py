@@ -85,15 +85,30 @@ def _logits(model, ids):
 
 
 @needs_ct
-# + a MoE language model, and Gemma 4 with per-layer inputs (a per-token input per layer, captured per row)
-@pytest.mark.parametrize("name", [*MULTIMODAL_FAMILIES, "qwen3_vl_moe", "gemma4 (per-layer inputs)"])
+# + MoE language models (Qwen3-VL-MoE's experts kept fused; Qwen3.5-MoE's per expert, beside gated-delta-rule
+# layers), Qwen3.5 as it ships (gated-delta-rule + attention layers), Gemma 4 with per-layer inputs (a per-token
+# input per layer, captured per row), and PaliGemma (a composite model whose own init does not set its Gemma
+# language model's embed_scale)
+@pytest.mark.parametrize(
+    "name",
+    [
+        *MULTIMODAL_FAMILIES,
+        "qwen3_vl_moe",
+        "qwen3_5_moe",
+        "qwen3_5 (hybrid)",
+        "gemma4 (per-layer inputs)",
+        "paligemma",
+    ],
+)
 def test_language_model_quantized_towers_kept_loads_in_transformers(name, mm_checkpoint, tmp_path):
     from transformers import AutoModelForImageTextToText
 
     ckpt, fp = mm_checkpoint(name)
     family = variant_overrides(name)[0]
     ids = tiny_input_ids(4, 32, seed=7)
-    want = _logits(fp, ids)
+    # the source as transformers loads it, in the artifact's attention implementation: PaliGemma's text-only
+    # forward is causal in eager attention (the in-memory model's) and bidirectional in sdpa
+    want = _logits(AutoModelForImageTextToText.from_pretrained(ckpt, dtype=torch.float32), ids)
     errors = {}
     for method in ("rtn", "awq"):
         result = _quantize(ckpt, tmp_path / method, method=method)
@@ -238,6 +253,10 @@ def test_adapter_is_the_text_model_s_on_the_language_model_layers():
     llama4 = get_adapter(tiny_multimodal_config("llama4"))
     assert llama4.layers_attr == "language_model.model.layers" and llama4.experts.in_out
     assert get_adapter(tiny_multimodal_config("qwen3_vl")).family == "qwen3_vl (language model, structural)"
+    # experts per expert where transformers' loader merges per-expert tensors for a sub-model's type (Qwen3.5-MoE:
+    # its text model's), fused and in full precision where it merges none (Qwen3-VL-MoE)
+    assert get_adapter(tiny_multimodal_config("qwen3_5_moe")).experts.keep_fused is None
+    assert "merges no per-expert" in get_adapter(tiny_multimodal_config("qwen3_vl_moe")).experts.keep_fused
     if "gemma4" not in transformers.CONFIG_MAPPING:
         return
     # Gemma 4 normalises the values (v_norm) between v_proj and o_proj: no v -> o scaling, even without GQA
@@ -280,3 +299,25 @@ def test_refusals_are_one_sentence():
     with pytest.raises(UnsupportedArchitecture) as err:  # no causal LM: no list of config classes
         get_adapter(transformers.AutoConfig.for_model("clip_text_model"))
     assert "should be one of" not in str(err.value) and len(str(err.value)) < 700
+
+
+def test_streamed_buffers_get_their_sub_model_s_init(mm_checkpoint):
+    """PaliGemma's own `_init_weights` has no case for its Gemma language model's scaled embedding: the
+    embed_scale buffer (not in the checkpoint) is set by GemmaModel's init, as transformers' loader does, and the
+    captured block-0 inputs are the scaled embeddings (an uninitialised buffer made them ~0: AWQ then searched
+    its scales on nothing)."""
+    from transformers import AutoConfig
+
+    from awqforge.resolve import safetensors_files
+    from awqforge.streaming import StreamingModel
+
+    ckpt, fp = mm_checkpoint("paligemma")
+    config = AutoConfig.from_pretrained(ckpt)
+    stream = StreamingModel(config, safetensors_files(ckpt), get_adapter(config), device=torch.device("cpu"))
+    stream.load_non_block()
+    emb = stream.model.get_input_embeddings()
+    assert float(emb.embed_scale) == pytest.approx(config.text_config.hidden_size**0.5)
+    ids = tiny_input_ids(2, 16)
+    with torch.no_grad():
+        want = fp.get_input_embeddings()(ids)
+    torch.testing.assert_close(stream.capture(ids).inputs, want)

@@ -118,7 +118,16 @@ _VISION = {  # 1 layer, tiny widths, per vision tower's own field names
     ),
 }
 # More image-text-to-text families transformers ships, measured by bench/bench_multimodal.py
-EXTRA_FAMILIES = ["paligemma", "qwen2_vl", "smolvlm", "internvl", "llava_next", "glm4v", "qwen3_vl_moe"]
+EXTRA_FAMILIES = [
+    "paligemma",
+    "qwen2_vl",
+    "smolvlm",
+    "internvl",
+    "llava_next",
+    "glm4v",
+    "qwen3_vl_moe",
+    "qwen3_5_moe",
+]
 _VISION.update(
     paligemma=dict(_VISION["gemma3"]),
     qwen2_vl=dict(depth=1, embed_dim=32, hidden_size=128, num_heads=2, mlp_ratio=2, patch_size=8),
@@ -140,6 +149,7 @@ _VISION.update(
     ),
     llava_next=dict(_VISION["llava"]),
     qwen3_vl_moe=dict(_VISION["qwen3_vl"]),
+    qwen3_5_moe=dict(_VISION["qwen3_5"]),
     glm4v=dict(
         depth=1,
         hidden_size=32,
@@ -192,14 +202,33 @@ def _text_config(family: str) -> dict:
                 num_kv_shared_layers=0,
                 global_head_dim=32,
             )
-        if family == "qwen3_vl_moe":
+        if family in ("qwen3_vl_moe", "qwen3_5_moe"):
             kw.update(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=128, decoder_sparse_step=1)
-        if family in ("qwen2_5_vl", "qwen3_vl", "qwen3_5", "qwen2_vl", "glm4v", "qwen3_vl_moe"):
+        if family == "qwen3_5_moe":
+            kw.update(shared_expert_intermediate_size=128)
+        if family in ("qwen3_5", "qwen3_5_moe"):  # gated-delta-rule layers: 2 key / 4 value heads of 16
+            kw.update(
+                linear_num_key_heads=2,
+                linear_num_value_heads=4,
+                linear_key_head_dim=16,
+                linear_value_head_dim=16,
+            )
+        if family in (
+            "qwen2_5_vl",
+            "qwen3_vl",
+            "qwen3_5",
+            "qwen2_vl",
+            "glm4v",
+            "qwen3_vl_moe",
+            "qwen3_5_moe",
+        ):
             kw.update(
                 rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]}
             )
-        if family == "qwen3_5":
+        if family == "qwen3_5":  # attention layers only; TEXT_VARIANTS' "qwen3_5 (hybrid)" as it ships
             kw.update(layer_types=["full_attention", "full_attention"])
+        if family == "qwen3_5_moe":  # as it ships: a gated-delta-rule layer, then an attention layer
+            kw.update(layer_types=["linear_attention", "full_attention"])
     kw.update(vocab_size=VOCAB, tie_word_embeddings=False)
     return kw
 
@@ -231,6 +260,13 @@ def build_tiny_multimodal(family: str, seed: int = 0, **overrides) -> PreTrained
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
+        # Gemma's embeddings are multiplied by sqrt(hidden) (11.3 here): random-init rows of std 0.02 would start
+        # the residual stream 10x larger than what two random blocks add to it without Gemma 3/4's post-norms
+        # (PaliGemma's Gemma), and the quantized blocks' error would be a few percent of the logits'. Rows
+        # scaled down by it start the stream at the other families' size.
+        emb = model.get_input_embeddings()
+        if getattr(emb, "embed_scale", None) is not None:
+            emb.weight.div_(float(emb.embed_scale))
         for name, mod in model.get_decoder().named_modules():
             w = getattr(mod, "weight", None)
             if w is None or w.dim() != 1 or not name.endswith(("norm", "layernorm")):
