@@ -417,7 +417,8 @@ def _block_flops(shape: ModelShape, s: JobSettings, linears, widths, tokens: int
         c = _n_candidates(s)
         screened = 0 < s.search_screen < c
         on_module = s.search_screen if screened else c  # the screen's short list, or every candidate
-        block += on_module * 0.25 * fwd + min(3, on_module) * 0.75 * fwd  # coarse quarter, top 3 on the rest
+        # the short list on the coarse eighth, then a race on the rest: about 2 candidates stay to the end
+        block += on_module * 0.125 * fwd + min(2, on_module) * 0.875 * fwd
         for lin in linears:
             nw = lin.out_features * lin.in_features
             t = min(tokens * lin.tokens_share, lin.in_features)

@@ -305,7 +305,7 @@ def test_rescoring_keeps_only_candidates_the_coarse_samples_cannot_tell_apart():
 
 
 def test_paired_rescoring_picks_what_the_exhaustive_search_picks():
-    """The coarse subsample (the first quarter of the samples) alone can rank a worse scale first; the paired
+    """The coarse subsample (the first 4 samples) alone can rank a worse scale first; the paired
     test sends every close call to all the samples, so the picks are the full-data search's."""
     ids = tiny_input_ids(16, 64)
     picks = {}

@@ -218,7 +218,8 @@ def main_output(out):
 def chunks(n: int, seq: int, s: BlockSettings) -> tuple[list[slice], list[slice]]:
     """Sample chunks of at most chunk_tokens tokens: (coarse set, rest) for the two-stage search."""
     per = max(1, s.chunk_tokens // max(1, seq))
-    n_coarse = n if (s.search_fraction >= 1 or n < 4) else max(1, math.ceil(n * s.search_fraction))
+    # at least 4 coarse samples: the paired test needs them (contenders)
+    n_coarse = n if (s.search_fraction >= 1 or n < 4) else max(4, math.ceil(n * s.search_fraction))
     coarse = [slice(i, min(i + per, n_coarse)) for i in range(0, n_coarse, per)]
     # the rest in chunks no larger than the coarse set: the rescoring race drops candidates between them
     step = min(per, n_coarse)

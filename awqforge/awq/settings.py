@@ -52,7 +52,7 @@ class BlockSettings:
     max_shrink: float = limits.MAX_SHRINK
     skip_patterns: tuple[str, ...] = _default("skip_patterns")  # modules_to_not_convert
     chunk_tokens: int = limits.CHUNK_TOKENS  # tokens per forward chunk (memory bound)
-    search_fraction: float = 0.25  # samples scored for every grid point of a module loss
+    search_fraction: float = 0.125  # samples scored for every grid point of a module loss (at least 4)
     search_topk: int = 3  # candidates rescored on the remaining samples (rescore_z 0)
     # > 0: rescore, instead of the top search_topk, every candidate whose coarse per-sample errors are not
     # rescore_z standard errors above the coarse best's (a paired test); none when the best is clear
