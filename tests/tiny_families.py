@@ -63,6 +63,21 @@ SIZES = dict(
     chunk_size=16,
     mamba_expand=2,
     sliding_window=16,
+    # encoder-decoder / GPT-2-era names that no `attribute_map` aliases to the fields above
+    d_model=64,
+    ffn_dim=128,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    n_positions=256,
+    n_ctx=256,
+    max_seq_len=256,
+    max_target_positions=256,
+    dff=128,
+    d_inner=128,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
@@ -124,9 +139,15 @@ EXTRA: dict[str, dict] = {
 RANDOM_BUFFERS = {"tid2eid": "n_routed_experts"}
 
 
+def _has_field(cfg, key: str) -> bool:
+    """A field of the config under this name, or an alias its `attribute_map` resolves (GPT-2's hidden_size is
+    n_embd: setting hidden_size sets n_embd; `to_dict()` lists only n_embd)."""
+    return key in cfg.to_dict() or key in getattr(cfg, "attribute_map", {})
+
+
 def _shrink(cfg, model_type: str) -> None:
     for key, value in {**SIZES, **EXTRA.get(model_type, {})}.items():
-        if key in cfg.to_dict() or key in EXTRA.get(model_type, {}):
+        if _has_field(cfg, key) or key in EXTRA.get(model_type, {}):
             try:
                 setattr(cfg, key, value)
             except (AttributeError, ValueError, TypeError):
