@@ -131,6 +131,36 @@ EXTRA: dict[str, dict] = {
     "dots3_note_text": dict(
         per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
     ),  # rope 64 x 0.25
+    # rotary dims within a head of 16
+    "codegen": dict(rotary_dim=8),
+    "gptj": dict(rotary_dim=8),
+    # attention and MoE settings in sub-configs; transformers' default attn_config lacks the rope_theta it reads
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2, hidden_size=64),
+    ),
+    "ergo": dict(first_dense_intermediate_size=128, shared_intermediate_size=64),
+    "inkling2_text": dict(unpadded_vocab_size=512, swa_head_dim=16),
+    "inkling2_loop_text": dict(unpadded_vocab_size=512, swa_head_dim=16),
+    "recurrent_gemma": dict(lru_width=64, attention_window_size=16),
+    "roc_bert": dict(
+        pronunciation_embed_dim=16, pronunciation_vocab_size=16, shape_embed_dim=16, shape_vocab_size=16
+    ),
+    # attention on the [hidden, hidden] concatenation: 2 x 64 wide, 4 heads of 32
+    "zamba": dict(attention_hidden_size=128, attention_head_dim=32, mamba_dt_rank=8),
+    "zamba2": dict(attention_hidden_size=128, attention_head_dim=32, mamba_headdim=16, kv_channels=16, adapter_rank=8),
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[16, 48]),  # its LM head requires is_decoder
+    "gemma3n_text": dict(num_kv_shared_layers=0, intermediate_size=[128, 128]),  # 2 layers: none left to share another's cache
+    "gemma4_unified_assistant": dict(num_kv_shared_layers=2),  # every layer reads the target model's cache
+    # input, recurrent (looped) and output stacks of one layer each
+    "dory": dict(
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        n_input_layers=1,
+        n_output_layers=1,
+        n_recurrent_layers=1,
+    ),
+    "gemma4_assistant": dict(hidden_size_per_layer_input=0),
 }
 
 
@@ -149,6 +179,14 @@ def _shrink(cfg, model_type: str) -> None:
     for key, value in {**SIZES, **EXTRA.get(model_type, {})}.items():
         if _has_field(cfg, key) or key in EXTRA.get(model_type, {}):
             try:
+                sub = getattr(cfg, key, None)
+            except Exception:  # noqa: BLE001 - a per-layer field read globally (Gemma-4-unified's head_dim)
+                sub = None
+            if isinstance(value, dict) and isinstance(sub, transformers.PretrainedConfig):
+                for k, v in value.items():  # fields of a nested config (DBRX's attn_config / ffn_config)
+                    setattr(sub, k, v)
+                continue
+            try:
                 setattr(cfg, key, value)
             except (AttributeError, ValueError, TypeError):
                 pass
@@ -165,13 +203,26 @@ def _shrink(cfg, model_type: str) -> None:
                 pass
 
 
+def _text_config(cfg) -> transformers.PretrainedConfig:
+    """The config of the decoder that gets quantized: `get_text_config()`, or, where a composite config has
+    several (MusicGen's text encoder and decoder), its `decoder`."""
+    try:
+        return cfg.get_text_config()
+    except ValueError:
+        return getattr(cfg, "decoder", cfg)
+
+
 def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
     """The default config of `model_type`, shrunk (see module docstring); overrides win."""
     cfg = transformers.AutoConfig.for_model(model_type)
     _shrink(cfg, model_type)
-    text = cfg.get_text_config()
+    text = _text_config(cfg)
     if text is not cfg:
         _shrink(text, text.model_type)
+    for key in getattr(cfg, "sub_configs", {}):  # vision / audio towers, BLT's patcher and local models
+        sub = getattr(cfg, key, None)
+        if isinstance(sub, transformers.PretrainedConfig) and sub is not text:
+            _shrink(sub, sub.model_type)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg
