@@ -885,6 +885,22 @@ _REFUSED: dict[str, tuple[str | None, str, str]] = {
         "outputs), which layer-by-layer calibration, running each layer once in order, cannot follow",
         "quantize it with a weight-only tool that needs no calibration",
     ),
+    "dory": (
+        "n_recurrent_loops",
+        "its recurrent stack runs `n_recurrent_loops` times per token, each pass on the previous pass's output, "
+        "which layer-by-layer calibration, running each layer once in order, cannot follow",
+        "quantize it with a weight-only tool that needs no calibration",
+    ),
+}
+
+# Linear-like module classes the engine does not quantize, as data: class name -> (what is missing, how to
+# proceed). A decoder whose blocks hold no nn.Linear, only these, is refused up front in one sentence.
+_LINEAR_LIKE: dict[str, tuple[str, str]] = {
+    "Conv1D": (
+        "its blocks' linears are transformers' Conv1D (weight stored transposed, [in, out]), which transformers' "
+        "compressed-tensors and AWQ loading never replace by quantized layers, so no artifact of it would load",
+        "keep it in its original precision",
+    ),
 }
 
 # Model types whose forward needs a config field that checkpoints may leave unset, as data: model_type -> (the
@@ -975,7 +991,11 @@ def structural_adapter(config) -> ArchAdapter:
         layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
         layout = _expert_layout(config, model)
         base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
+        _refuse_linear_like(config, model.get_submodule(layers_attr))
+        _refuse_tied_blocks(config, model, layers_attr)
         specs = structural_specs(model, layers_attr, base.prepare_block)
+    except UnsupportedArchitecture:
+        raise
     except StructureError as exc:
         raise _refuse(config, f"its decoder block could not be mapped ({exc})") from exc
     except Exception as exc:  # a module the structural reading does not expect: refused, not a crash
@@ -985,6 +1005,36 @@ def structural_adapter(config) -> ArchAdapter:
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
     _STRUCTURAL[key] = adapter
     return adapter
+
+
+def _refuse_linear_like(config, layers: nn.Module) -> None:
+    """Refuse a decoder whose blocks hold no nn.Linear, only linear-like classes listed in `_LINEAR_LIKE`."""
+    if any(isinstance(m, nn.Linear) for m in layers.modules()):
+        return
+    for m in layers.modules():
+        known = _LINEAR_LIKE.get(type(m).__name__)
+        if known is not None:
+            raise _refuse(config, known[0], how=known[1])
+
+
+def _refuse_tied_blocks(config, model: nn.Module, layers_attr: str) -> None:
+    """Refuse a decoder whose layers share a sub-block's weights (Zamba's shared transformer, tied across its
+    hybrid layers by `_tied_weights_keys` where tie_word_embeddings is set): each layer's pass would scale and
+    round the same weights again, and transformers ties the layers' copies back to one on load."""
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return
+    prefix = layers_attr.rsplit(".", 1)[-1] + "."
+    for name, mod in model.named_modules():
+        tied = getattr(mod, "_tied_weights_keys", None) or {}
+        inside = sorted(t for t in tied.values() if isinstance(t, str) and t.startswith(prefix))
+        if inside:
+            raise _refuse(
+                config,
+                f"its decoder layers share the weights of one sub-block ({inside[0]}, tied to the same "
+                "sub-block of other layers), which block-by-block quantization would scale and round once per "
+                "layer that calls it",
+                how="keep it in its original precision",
+            )
 
 
 def _expert_layout(config, model: nn.Module) -> ExpertLayout:

@@ -147,11 +147,36 @@ EXTRA: dict[str, dict] = {
         pronunciation_embed_dim=16, pronunciation_vocab_size=16, shape_embed_dim=16, shape_vocab_size=16
     ),
     # attention on the [hidden, hidden] concatenation: 2 x 64 wide, 4 heads of 32
-    "zamba": dict(attention_hidden_size=128, attention_head_dim=32, mamba_dt_rank=8),
-    "zamba2": dict(attention_hidden_size=128, attention_head_dim=32, mamba_headdim=16, kv_channels=16, adapter_rank=8),
+    # both layers hybrid: the shared transformer block is called by each of them, tied (as checkpoints ship)
+    "zamba": dict(
+        tie_word_embeddings=True,
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        mamba_dt_rank=8,
+        attn_layer_period=1,
+        attn_layer_offset=0,
+        layers_block_type=["hybrid", "hybrid"],
+    ),
+    "zamba2": dict(
+        tie_word_embeddings=True,
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        mamba_headdim=16,
+        kv_channels=16,
+        adapter_rank=8,
+        layers_block_type=["hybrid", "hybrid"],
+        hybrid_layer_ids=[0, 1],
+    ),
     "reformer": dict(is_decoder=True, axial_pos_embds_dim=[16, 48]),  # its LM head requires is_decoder
     "gemma3n_text": dict(num_kv_shared_layers=0, intermediate_size=[128, 128]),  # 2 layers: none left to share another's cache
-    "gemma4_unified_assistant": dict(num_kv_shared_layers=2),  # every layer reads the target model's cache
+    "gemma4_unified_assistant": dict(num_kv_shared_layers=2),
+    # byte-group hash embeddings of 512 rows each; local models read the global model's 64-wide patches
+    "blt": dict(encoder_hash_byte_group_vocab=512, hidden_size_global=64),
+    "blt_local_encoder": dict(hidden_size_global=64),
+    "blt_local_decoder": dict(hidden_size_global=64),
+    "phi4_multimodal_audio": dict(
+        ext_pw_out_channel=64, depthwise_separable_out_channel=64, nemo_conv_channels=64
+    ),  # every layer reads the target model's cache
     # input, recurrent (looped) and output stacks of one layer each
     "dory": dict(
         num_hidden_layers=3,
@@ -167,6 +192,11 @@ EXTRA: dict[str, dict] = {
 # Integer buffers a checkpoint fills and random init leaves at zero, by name suffix -> the config field bounding
 # their values: DeepSeek-V4's hash routing table (token -> experts; all zeros would send every token to expert 0)
 RANDOM_BUFFERS = {"tid2eid": "n_routed_experts"}
+
+
+# Per-layer lists (one entry per layer, or a pattern cycled over the layers): cut to the layer count, each kind
+# of layer kept (Zamba's `layers_block_type`, RecurrentGemma's `block_types`)
+PER_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
 
 
 def _has_field(cfg, key: str) -> bool:
@@ -192,7 +222,7 @@ def _shrink(cfg, model_type: str) -> None:
                 pass
     n = getattr(cfg, "num_hidden_layers", None)
     for key, lt in cfg.to_dict().items():  # layer_types, mlp_layer_types, ...: one entry per layer
-        if not (key.endswith("layer_types") and isinstance(lt, list) and n) or key in EXTRA.get(
+        if not (key.endswith(PER_LAYER_LISTS) and isinstance(lt, list) and n) or key in EXTRA.get(
             model_type, {}
         ):
             continue
