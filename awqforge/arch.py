@@ -368,18 +368,23 @@ class ArchAdapter:
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
     def weight_read_directly(self, block: nn.Module, name: str) -> bool:
-        """Whether the linear's parent (a transformers class) reads `self.<linear>.weight` (Mamba's dt_proj in
-        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision. A read
+        """Whether the linear's parent or another ancestor in the block (a transformers class) reads
+        `self.<path to the linear>.weight` (Mamba's dt_proj in the discretisation; Ergo's decoder layer reads
+        `self.self_attn.o_proj.weight.dtype`): a quantized layer has no `weight`, so such a linear stays in full precision. A read
         under a condition on the parent's own settings that does not hold for it does not count (Bloom's
         `if self.pretraining_tp > 1 and self.slow_but_exact:` path through `self.dense.weight`)."""
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        if f"self.{child}.weight" not in _forward_source(type(parent)):
-            return False
-        return any(
-            all(_condition(test, parent) is not (not in_body) for test, in_body in conditions)
-            for conditions in _weight_reads(type(parent), child)
-        )
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):  # the parent, then each further ancestor up to the block
+            parent_name, child = ".".join(parts[:i]), ".".join(parts[i:])
+            parent = block.get_submodule(parent_name) if parent_name else block
+            if f"self.{child}.weight" not in _forward_source(type(parent)):
+                continue
+            if any(
+                all(_condition(test, parent) is not (not in_body) for test, in_body in conditions)
+                for conditions in _weight_reads(type(parent), child)
+            ):
+                return True
+        return False
 
     def quantizable_linears(
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
@@ -501,8 +506,20 @@ def _forward_source(cls: type) -> str:
 _READS: dict[tuple[type, str], list] = {}
 
 
+def _self_path(node) -> str | None:
+    """`self.a.b` -> "a.b" (an attribute chain on self), else None."""
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join(reversed(parts)) if isinstance(node, ast.Name) and node.id == "self" and parts else None
+
+
 def _weight_reads(cls: type, child: str) -> list[list[tuple]]:
-    """Per read of `self.<child>.weight` in the class source, the `if` tests around it: (test, in its body)."""
+    """Per read of `self.<child>.weight` in the class source (`child` may be a dotted path to a descendant),
+    the `if` tests around it: (test, in its body)."""
     import ast
     import textwrap
 
@@ -514,14 +531,7 @@ def _weight_reads(cls: type, child: str) -> list[list[tuple]]:
             tree = None
 
         def visit(node: ast.AST, conditions: list[tuple]) -> None:
-            if (
-                isinstance(node, ast.Attribute)
-                and node.attr == "weight"
-                and isinstance(node.value, ast.Attribute)
-                and node.value.attr == child
-                and isinstance(node.value.value, ast.Name)
-                and node.value.value.id == "self"
-            ):
+            if isinstance(node, ast.Attribute) and node.attr == "weight" and _self_path(node.value) == child:
                 reads.append(conditions)
             if isinstance(node, ast.If):
                 visit(node.test, conditions)
