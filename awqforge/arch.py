@@ -292,6 +292,7 @@ _NEVER_QUANTIZE = (
     "mlp.gate.wg",
     "*.router.gate",  # AFMoE's router (a module holding one linear)
     "router.gate",
+    "*.router.layer",  # DBRX's router (a module holding one linear)
 )
 
 

@@ -138,6 +138,15 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
         if (
             isinstance(expr, ast.Call)
             and isinstance(expr.func, ast.Attribute)
+            and expr.func.attr in _CASTS
+            and child_call(expr.func.value) is not None
+        ):  # `self.norm(x).to(x.dtype)` (DBRX): a cast of a child's output is that output
+            for arg in [*expr.args, *(k.value for k in expr.keywords)]:
+                sources(arg)
+            return sources(expr.func.value)
+        if (
+            isinstance(expr, ast.Call)
+            and isinstance(expr.func, ast.Attribute)
             and isinstance(expr.func.value, ast.Name)
             and expr.func.value.id == "self"
             and expr.func.attr not in children
@@ -206,6 +215,7 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
     } | {n: ESCAPED for n in escaped if n in children and is_norm(children[n]) and edges.get(n)}
 
 
+_CASTS = {"to", "type_as", "float", "half", "bfloat16", "contiguous"}  # methods that keep a tensor's values
 ESCAPED = ["<escaped>"]  # norm_consumers' value for a norm whose output also feeds arithmetic (a residual)
 
 
@@ -257,7 +267,9 @@ def block_specs(block: nn.Module, hidden: int):
             only = users[0] if len(users) == 1 and not isinstance(children[users[0]], nn.Linear) else None
             specs.append(MappingSpec(norm, tuple(fed), only, absorb=tuple(absorb)))
         specs += inner
-    # children with linears that no norm feeds (post-norm blocks): their inner mappings still apply
+    # children with linears that no norm feeds (post-norm blocks): their inner mappings still apply; a child
+    # that is itself a sub-layer (its own norms feeding its linears: DBRX's norm_attn_norm, a hybrid layer's
+    # wrapped decoder layers) is read like a block
     for name, mod in children.items():
         if (
             name in mapped
@@ -265,8 +277,39 @@ def block_specs(block: nn.Module, hidden: int):
             or not any(isinstance(m, nn.Linear) for m in mod.modules())
         ):
             continue
-        specs += _consumer(name, mod, hidden)["inner"]
+        nested = _sub_layer_specs(name, mod, hidden)
+        specs += nested if nested is not None else _consumer(name, mod, hidden)["inner"]
     return specs
+
+
+def _sub_layer_specs(name: str, mod: nn.Module, hidden: int) -> list | None:
+    """The specs of a child read as a block, names prefixed with the child's, when one of its own norms feeds
+    one of its linears; else None."""
+    import dataclasses
+
+    if not any(is_norm(m) for m in mod.children()):
+        return None
+    try:
+        inner = block_specs(mod, hidden)
+    except StructureError:
+        return None
+    norms = {n for n, m in mod.named_children() if is_norm(m)}
+    if not any(sp.prev in norms for sp in inner):
+        return None
+
+    def pre(n: str | None) -> str | None:
+        return None if n is None else f"{name}.{n}"
+
+    return [
+        dataclasses.replace(
+            sp,
+            prev=pre(sp.prev),
+            linears=tuple(pre(n) for n in sp.linears),
+            inspect=pre(sp.inspect),
+            absorb=tuple(pre(n) for n in sp.absorb),
+        )
+        for sp in inner
+    ]
 
 
 def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
@@ -381,13 +424,14 @@ def _sub_norm_specs(name: str, mod: nn.Module, out_linear: str) -> list | None:
 def _attention_output_is_linear_in_v(mod: nn.Module, o_width: int) -> bool:
     """Whether o_proj reads softmax(qk) @ v as is, read from the forward's source: no gate (Qwen3-Next's sigmoid
     gate from q_proj, MiniMax's output gate) and no `self.norm(...)` on the attention output (linear attention's
-    output norm; q_norm / k_norm on q and k do not matter)."""
+    output norm; q_norm / k_norm on q and k do not matter), and no clamp of the projected states (DBRX's
+    `qkv_states.clamp(...)`: a clamp of v / s is not the clamp of v, divided by s; clamps of positions are)."""
     del o_width
     try:
         src = inspect.getsource(type(mod).forward)
     except (OSError, TypeError):
         return False
-    return not re.search(r"gate|sigmoid|(?<!q_)(?<!k_)norm\(", src)
+    return not re.search(r"gate|sigmoid|(?<!q_)(?<!k_)norm\(|(states|qkv|value)\.(clamp|clip)\(", src)
 
 
 def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hidden: int) -> dict:

@@ -136,6 +136,8 @@ CAUSAL_LM = [
     "xglm",
     "ergo",  # its decoder layer reads `self.self_attn.o_proj.weight`: that linear kept (arch.weight_read_directly)
     "mbart",  # BartForCausalLM-style decoder, pre-norm
+    "dbrx",  # norms inside a sub-layer (norm_attn_norm) read like a block; fused experts kept; clamped qkv: no v->o
+    "megatron-bert",  # pre-norm BERT: attention.ln inside the attention sub-layer feeds query/key/value
 ]
 KEPT_IN_IGNORE = {"gemma4_text": ("model.embed_tokens_per_layer", "model.per_layer_model_projection")}
 

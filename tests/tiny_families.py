@@ -136,7 +136,7 @@ EXTRA: dict[str, dict] = {
     "gptj": dict(rotary_dim=8),
     # attention and MoE settings in sub-configs; transformers' default attn_config lacks the rope_theta it reads
     "dbrx": dict(
-        attn_config=dict(kv_n_heads=2, rope_theta=10000.0),
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),  # its forward clamps whatever it is
         ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2, hidden_size=64),
     ),
     "ergo": dict(first_dense_intermediate_size=128, shared_intermediate_size=64),
