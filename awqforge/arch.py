@@ -896,6 +896,15 @@ _REFUSED: dict[str, tuple[str | None, str, str]] = {
         "outputs), which layer-by-layer calibration, running each layer once in order, cannot follow",
         "quantize it with a weight-only tool that needs no calibration",
     ),
+    **dict.fromkeys(
+        ("gemma4_assistant", "gemma4_unified_assistant"),
+        (
+            None,
+            "it is a drafter whose forward reads its target model's hidden states and key/value cache "
+            "(shared_kv_states), which calibrating it alone cannot provide",
+            "quantize the target model and keep the drafter in its original precision",
+        ),
+    ),
     "dory": (
         "n_recurrent_loops",
         "its recurrent stack runs `n_recurrent_loops` times per token, each pass on the previous pass's output, "
@@ -932,6 +941,16 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
     it could not map."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    try:
+        config.get_text_config()
+    except ValueError as exc:  # MusicGen: a text encoder and a decoder, neither named the text model
+        subs = [k for k in getattr(config, "sub_configs", {}) if k in str(exc)]
+        raise _refuse(
+            config,
+            f"its config holds several text models ({', '.join(subs) or 'sub-configs'}) and names none as "
+            "the decoder to quantize",
+            how="keep it in its original precision",
+        ) from exc
     needs = _NEEDS_FIELD.get(model_type)
     if needs is not None and getattr(config, needs[0], None) in (None, ""):
         raise _refuse(config, needs[1], how=needs[2])
@@ -946,7 +965,7 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
-    refused = _REFUSED.get(getattr(config.get_text_config(), "model_type", model_type))
+    refused = _REFUSED.get(getattr(config.get_text_config(), "model_type", model_type)) or _REFUSED.get(model_type)
     if refused is not None and (refused[0] is None or getattr(config.get_text_config(), refused[0], None)):
         raise _refuse(config, refused[1], how=refused[2])
     from awqforge import multimodal
@@ -997,9 +1016,18 @@ def structural_adapter(config) -> ArchAdapter:
     key = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
     if key in _STRUCTURAL:
         return _STRUCTURAL[key]
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if n_layers is None:  # BLT: a patcher, a local encoder, a global transformer and a local decoder
+        stacks = [k.removesuffix("_config") for k in getattr(config, "sub_configs", {})]
+        raise _refuse(
+            config,
+            "its config gives no num_hidden_layers, so no single stack of decoder layers could be found"
+            + (f" (it runs several: {', '.join(stacks)})" if stacks else ""),
+            how="keep it in its original precision",
+        )
     model = _skeleton(config)
     try:
-        layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
+        layers_attr = find_layers(model, n_layers)
         layout = _expert_layout(config, model)
         base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
         _refuse_linear_like(config, model.get_submodule(layers_attr))

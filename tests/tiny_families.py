@@ -185,7 +185,18 @@ EXTRA: dict[str, dict] = {
         n_output_layers=1,
         n_recurrent_layers=1,
     ),
-    "gemma4_assistant": dict(hidden_size_per_layer_input=0),
+    # drafters: no per-layer inputs, every layer reads the target model's cache
+    "gemma4_assistant": dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2),
+    # transformers' defaults leave these unset, and its model reads them
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
+    ),
+    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+}
+
+# Fields a model type's default config must be built with (its validation rejects transformers' own defaults)
+INIT: dict[str, dict] = {
+    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0))
 }
 
 
@@ -244,11 +255,14 @@ def _text_config(cfg) -> transformers.PretrainedConfig:
 
 def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
     """The default config of `model_type`, shrunk (see module docstring); overrides win."""
-    cfg = transformers.AutoConfig.for_model(model_type)
+    cfg = transformers.AutoConfig.for_model(model_type, **INIT.get(model_type, {}))
     _shrink(cfg, model_type)
     text = _text_config(cfg)
     if text is not cfg:
         _shrink(text, text.model_type)
+        for key, value in EXTRA.get(model_type, {}).items():  # a composite type's extras for its decoder
+            if _has_field(text, key):
+                setattr(text, key, value)
     for key in getattr(cfg, "sub_configs", {}):  # vision / audio towers, BLT's patcher and local models
         sub = getattr(cfg, key, None)
         if isinstance(sub, transformers.PretrainedConfig) and sub is not text:
