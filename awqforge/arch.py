@@ -965,7 +965,8 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
-    refused = _REFUSED.get(getattr(config.get_text_config(), "model_type", model_type)) or _REFUSED.get(model_type)
+    text_type = getattr(config.get_text_config(), "model_type", model_type)
+    refused = _REFUSED.get(text_type) or _REFUSED.get(model_type)  # the drafters: by their own type
     if refused is not None and (refused[0] is None or getattr(config.get_text_config(), refused[0], None)):
         raise _refuse(config, refused[1], how=refused[2])
     from awqforge import multimodal
@@ -993,6 +994,10 @@ def _refuse(config, why: str, how: str | None = None) -> UnsupportedArchitecture
     )
 
 
+class MissingPackage(UnsupportedArchitecture):
+    """transformers needs a package that is not installed to build the model (Gemma-3n's vision tower: PIL)."""
+
+
 def _skeleton(config) -> nn.Module:
     from awqforge.multimodal import auto_model_class, short_error
 
@@ -1000,6 +1005,13 @@ def _skeleton(config) -> nn.Module:
     try:
         with torch.device("meta"):
             return auto.from_config(config, trust_remote_code=False)
+    except ImportError as exc:
+        package = re.search(r"requires the (\S+) library", str(exc))
+        raise MissingPackage(
+            f"model type {getattr(config, 'model_type', None)!r} cannot be built here: transformers needs "
+            f"{'the ' + package.group(1) + ' library' if package else 'a package'} for it, which is not installed; "
+            "install it and run the job again."
+        ) from exc
     except Exception as exc:  # transformers has no model of that class for this config
         raise _refuse(
             config, f"transformers builds no {auto.__name__} from its config ({short_error(exc)})"
@@ -1063,7 +1075,7 @@ def _refuse_tied_blocks(config, model: nn.Module, layers_attr: str) -> None:
     if not getattr(config.get_text_config(), "tie_word_embeddings", False):
         return
     prefix = layers_attr.rsplit(".", 1)[-1] + "."
-    for name, mod in model.named_modules():
+    for mod in model.modules():
         tied = getattr(mod, "_tied_weights_keys", None) or {}
         inside = sorted(t for t in tied.values() if isinstance(t, str) and t.startswith(prefix))
         if inside:

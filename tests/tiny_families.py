@@ -168,7 +168,8 @@ EXTRA: dict[str, dict] = {
         hybrid_layer_ids=[0, 1],
     ),
     "reformer": dict(is_decoder=True, axial_pos_embds_dim=[16, 48]),  # its LM head requires is_decoder
-    "gemma3n_text": dict(num_kv_shared_layers=0, intermediate_size=[128, 128]),  # 2 layers: none left to share another's cache
+    # 2 layers: none left to share another's cache; one MLP width per layer
+    "gemma3n_text": dict(num_kv_shared_layers=0, intermediate_size=[128, 128]),
     "gemma4_unified_assistant": dict(num_kv_shared_layers=2),
     # byte-group hash embeddings of 512 rows each; local models read the global model's 64-wide patches
     "blt": dict(encoder_hash_byte_group_vocab=512, hidden_size_global=64),
@@ -186,12 +187,20 @@ EXTRA: dict[str, dict] = {
         n_recurrent_layers=1,
     ),
     # drafters: no per-layer inputs, every layer reads the target model's cache
-    "gemma4_assistant": dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2),
+    "gemma4_assistant": dict(
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2
+    ),
     # transformers' defaults leave these unset, and its model reads them
     "qwen4_exp_text": dict(
-        indexer_n_heads=2, indexer_kv_heads=1, indexer_head_dim=16, indexer_budget=16, indexer_compress_ratio=4
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=16,
+        indexer_compress_ratio=4,
     ),
-    "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
+    "cohere_compass_text": dict(
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    ),
 }
 
 # Fields a model type's default config must be built with (its validation rejects transformers' own defaults)
