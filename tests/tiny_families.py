@@ -215,7 +215,7 @@ RANDOM_BUFFERS = {"tid2eid": "n_routed_experts"}
 
 
 # Per-layer lists (one entry per layer, or a pattern cycled over the layers): cut to the layer count, each kind
-# of layer kept (Zamba's `layers_block_type`, RecurrentGemma's `block_types`)
+# of layer kept (Zamba's `layers_block_type`, RecurrentGemma's `block_types`); not the MTP layers' (`mtp_...`)
 PER_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
 
 
@@ -242,9 +242,9 @@ def _shrink(cfg, model_type: str) -> None:
                 pass
     n = getattr(cfg, "num_hidden_layers", None)
     for key, lt in cfg.to_dict().items():  # layer_types, mlp_layer_types, ...: one entry per layer
-        if not (key.endswith(PER_LAYER_LISTS) and isinstance(lt, list) and n) or key in EXTRA.get(
-            model_type, {}
-        ):
+        if not (
+            key.endswith(PER_LAYER_LISTS) and not key.startswith("mtp_") and isinstance(lt, list) and n
+        ) or key in EXTRA.get(model_type, {}):
             continue
         if len(lt) != n:
             try:
