@@ -905,6 +905,13 @@ _REFUSED: dict[str, tuple[str | None, str, str]] = {
             "quantize the target model and keep the drafter in its original precision",
         ),
     ),
+    "inkling2_loop_text": (
+        "loop_num_passes",
+        "its middle layers (loop_layer_index_start to loop_layer_index_end) run `loop_num_passes` times per "
+        "token, each pass on the previous pass's output, which layer-by-layer calibration, running each layer "
+        "once in order, cannot follow",
+        "quantize it with a weight-only tool that needs no calibration",
+    ),
     "dory": (
         "n_recurrent_loops",
         "its recurrent stack runs `n_recurrent_loops` times per token, each pass on the previous pass's output, "

@@ -92,8 +92,10 @@ def is_norm(mod: nn.Module) -> bool:
     )
 
 
-def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
-    """norm child name -> the children its output is passed to, in call order (from the forward's source)."""
+def norm_consumers(block: nn.Module, side_inputs: dict[str, set[str]] | None = None) -> dict[str, list[str]]:
+    """norm child name -> the children its output is passed to, in call order (from the forward's source).
+    `side_inputs`, when given, gets child name -> the children whose outputs it is also given in arguments
+    after its first (Inkling-2's attention: key and value states from their own norms)."""
     try:
         src = textwrap.dedent(inspect.getsource(type(block).forward))
         fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef))
@@ -131,7 +133,10 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             for src_name in sources(arg):
                 edges.setdefault(src_name, []).append(name)
             for extra in [*call.args[1:], *(k.value for k in call.keywords if k.value is not arg)]:
-                escaped.update(sources(extra))
+                side = sources(extra)
+                escaped.update(side)
+                if side_inputs is not None:
+                    side_inputs.setdefault(name, set()).update(side)
             return {name}
         if isinstance(expr, ast.Name):
             return set(env.get(expr.id, set()))
@@ -242,8 +247,20 @@ def block_specs(block: nn.Module, hidden: int):
 
     specs: list[MappingSpec] = []
     mapped: set[str] = set()  # children whose linears are accounted for
-    consumers = norm_consumers(block)
+    side: dict[str, set[str]] = {}
+    consumers = norm_consumers(block, side)
     children = dict(block.named_children())
+    # a child given the outputs of two norms (Inkling-2's attention: q_input_layernorm's as its input,
+    # k_ and v_input_layernorm's beside it): which of its linears reads which is not known here, so no norm is
+    # folded into them
+    fed_twice = {
+        u
+        for u in children
+        if not isinstance(children[u], nn.Linear)
+        and sum(u in users for users in consumers.values() if users is not ESCAPED)
+        + sum(is_norm(children[n]) for n in side.get(u, ()) if n in children)
+        > 1
+    }
     for norm, users in consumers.items():
         if users is ESCAPED:
             # its output is also read outside the modules it feeds (MiniMax's residual taken from the normed
@@ -259,8 +276,9 @@ def block_specs(block: nn.Module, hidden: int):
                 fed.append(user)
                 continue
             parts = _consumer(user, mod, hidden)
-            fed += parts["fed"]
-            absorb += parts["absorb"]
+            if user not in fed_twice:
+                fed += parts["fed"]
+                absorb += parts["absorb"]
             inner += parts["inner"]
             mapped.add(user)
         if fed:
@@ -362,6 +380,16 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     ):  # q/k/v first; only those reading the block's width (RWKV's channel mix: `value` reads 4x)
         qkv_first = [n for n in names if n in QKV | Q | K | V and lin[n].in_features == hidden]
         fed = qkv_first + [n for n in fed if n not in QKV | Q | K | V]
+    wrapped = [
+        c
+        for c, m in sub.items()
+        if not isinstance(m, nn.Linear)
+        and any(isinstance(x, nn.Linear) and x.in_features == hidden for x in m.modules())
+    ]
+    if wrapped and not is_attention:
+        # no q/k/v of its own, but linears inside sub-modules (Inkling-2's q/k/v projections) that may read
+        # the input too: a fold into the direct ones alone would change theirs
+        fed = []
     qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
     sub_norm = _sub_norm_specs(name, mod, o[0]) if o else None
     if sub_norm is not None:  # a norm on the attention output (BitNet's attn_sub_norm, DiffLlama's groupnorm)
