@@ -262,6 +262,10 @@ def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precisi
         ("zamba", "share the weights"),  # a shared transformer block tied across the hybrid layers
         ("zamba2", "share the weights"),
         ("dory", "n_recurrent_loops"),  # arch._REFUSED: a looped recurrent stack
+        ("inkling2_loop_text", "loop_num_passes"),
+        ("gemma4_assistant", "drafter"),  # arch._REFUSED by its own type (its text config is gemma4_text)
+        ("musicgen", "several text models"),  # text encoder and decoder: get_text_config() is ambiguous
+        ("blt", "num_hidden_layers"),  # several stacks, no layer count
     ],
 )
 def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(model_type, says):
