@@ -292,6 +292,7 @@ _NEVER_QUANTIZE = (
     "mlp.gate.wg",
     "*.router.gate",  # AFMoE's router (a module holding one linear)
     "router.gate",
+    "*.router.layer",  # DBRX's router (a module holding one linear)
 )
 
 
@@ -368,18 +369,23 @@ class ArchAdapter:
         return any(fnmatch.fnmatchcase(name, p) for p in _NEVER_QUANTIZE)
 
     def weight_read_directly(self, block: nn.Module, name: str) -> bool:
-        """Whether the linear's parent (a transformers class) reads `self.<linear>.weight` (Mamba's dt_proj in
-        the discretisation): a quantized layer has no `weight`, so such a linear stays in full precision. A read
+        """Whether the linear's parent or another ancestor in the block (a transformers class) reads
+        `self.<path to the linear>.weight` (Mamba's dt_proj in the discretisation; Ergo's decoder layer reads
+        `self.self_attn.o_proj.weight.dtype`): a quantized layer has no `weight`, so such a linear stays in full precision. A read
         under a condition on the parent's own settings that does not hold for it does not count (Bloom's
         `if self.pretraining_tp > 1 and self.slow_but_exact:` path through `self.dense.weight`)."""
-        parent_name, _, child = name.rpartition(".")
-        parent = block.get_submodule(parent_name) if parent_name else block
-        if f"self.{child}.weight" not in _forward_source(type(parent)):
-            return False
-        return any(
-            all(_condition(test, parent) is not (not in_body) for test, in_body in conditions)
-            for conditions in _weight_reads(type(parent), child)
-        )
+        parts = name.split(".")
+        for i in range(len(parts) - 1, -1, -1):  # the parent, then each further ancestor up to the block
+            parent_name, child = ".".join(parts[:i]), ".".join(parts[i:])
+            parent = block.get_submodule(parent_name) if parent_name else block
+            if f"self.{child}.weight" not in _forward_source(type(parent)):
+                continue
+            if any(
+                all(_condition(test, parent) is not (not in_body) for test, in_body in conditions)
+                for conditions in _weight_reads(type(parent), child)
+            ):
+                return True
+        return False
 
     def quantizable_linears(
         self, block: nn.Module, skip_patterns: Iterable[str] = (), prefix: str = ""
@@ -504,8 +510,20 @@ def _forward_source(cls: type) -> str:
 _READS: dict[tuple[type, str], list] = {}
 
 
+def _self_path(node) -> str | None:
+    """`self.a.b` -> "a.b" (an attribute chain on self), else None."""
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return ".".join(reversed(parts)) if isinstance(node, ast.Name) and node.id == "self" and parts else None
+
+
 def _weight_reads(cls: type, child: str) -> list[list[tuple]]:
-    """Per read of `self.<child>.weight` in the class source, the `if` tests around it: (test, in its body)."""
+    """Per read of `self.<child>.weight` in the class source (`child` may be a dotted path to a descendant),
+    the `if` tests around it: (test, in its body)."""
     import ast
     import textwrap
 
@@ -517,14 +535,7 @@ def _weight_reads(cls: type, child: str) -> list[list[tuple]]:
             tree = None
 
         def visit(node: ast.AST, conditions: list[tuple]) -> None:
-            if (
-                isinstance(node, ast.Attribute)
-                and node.attr == "weight"
-                and isinstance(node.value, ast.Attribute)
-                and node.value.attr == child
-                and isinstance(node.value.value, ast.Name)
-                and node.value.value.id == "self"
-            ):
+            if isinstance(node, ast.Attribute) and node.attr == "weight" and _self_path(node.value) == child:
                 reads.append(conditions)
             if isinstance(node, ast.If):
                 visit(node.test, conditions)
@@ -888,6 +899,38 @@ _REFUSED: dict[str, tuple[str | None, str, str]] = {
         "outputs), which layer-by-layer calibration, running each layer once in order, cannot follow",
         "quantize it with a weight-only tool that needs no calibration",
     ),
+    **dict.fromkeys(
+        ("gemma4_assistant", "gemma4_unified_assistant"),
+        (
+            None,
+            "it is a drafter whose forward reads its target model's hidden states and key/value cache "
+            "(shared_kv_states), which calibrating it alone cannot provide",
+            "quantize the target model and keep the drafter in its original precision",
+        ),
+    ),
+    "inkling2_loop_text": (
+        "loop_num_passes",
+        "its middle layers (loop_layer_index_start to loop_layer_index_end) run `loop_num_passes` times per "
+        "token, each pass on the previous pass's output, which layer-by-layer calibration, running each layer "
+        "once in order, cannot follow",
+        "quantize it with a weight-only tool that needs no calibration",
+    ),
+    "dory": (
+        "n_recurrent_loops",
+        "its recurrent stack runs `n_recurrent_loops` times per token, each pass on the previous pass's output, "
+        "which layer-by-layer calibration, running each layer once in order, cannot follow",
+        "quantize it with a weight-only tool that needs no calibration",
+    ),
+}
+
+# Linear-like module classes the engine does not quantize, as data: class name -> (what is missing, how to
+# proceed). A decoder whose blocks hold no nn.Linear, only these, is refused up front in one sentence.
+_LINEAR_LIKE: dict[str, tuple[str, str]] = {
+    "Conv1D": (
+        "its blocks' linears are transformers' Conv1D (weight stored transposed, [in, out]), which transformers' "
+        "compressed-tensors and AWQ loading never replace by quantized layers, so no artifact of it would load",
+        "keep it in its original precision",
+    ),
 }
 
 # Model types whose forward needs a config field that checkpoints may leave unset, as data: model_type -> (the
@@ -908,6 +951,16 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
     it could not map."""
     config = getattr(config, "config", config)
     model_type = getattr(config, "model_type", None)
+    try:
+        config.get_text_config()
+    except ValueError as exc:  # MusicGen: a text encoder and a decoder, neither named the text model
+        subs = [k for k in getattr(config, "sub_configs", {}) if k in str(exc)]
+        raise _refuse(
+            config,
+            f"its config holds several text models ({', '.join(subs) or 'sub-configs'}) and names none as "
+            "the decoder to quantize",
+            how="keep it in its original precision",
+        ) from exc
     needs = _NEEDS_FIELD.get(model_type)
     if needs is not None and getattr(config, needs[0], None) in (None, ""):
         raise _refuse(config, needs[1], how=needs[2])
@@ -922,7 +975,8 @@ def get_adapter(config, mappings=None) -> ArchAdapter:
         return dataclasses.replace(_REGISTRY["opt"], specs=specs)
     if model_type in _REGISTRY:
         return _REGISTRY[model_type]
-    refused = _REFUSED.get(getattr(config.get_text_config(), "model_type", model_type))
+    text_type = getattr(config.get_text_config(), "model_type", model_type)
+    refused = _REFUSED.get(text_type) or _REFUSED.get(model_type)  # the drafters: by their own type
     if refused is not None and (refused[0] is None or getattr(config.get_text_config(), refused[0], None)):
         raise _refuse(config, refused[1], how=refused[2])
     from awqforge import multimodal
@@ -950,6 +1004,10 @@ def _refuse(config, why: str, how: str | None = None) -> UnsupportedArchitecture
     )
 
 
+class MissingPackage(UnsupportedArchitecture):
+    """transformers needs a package that is not installed to build the model (Gemma-3n's vision tower: PIL)."""
+
+
 def _skeleton(config) -> nn.Module:
     from awqforge.multimodal import auto_model_class, short_error
 
@@ -957,6 +1015,13 @@ def _skeleton(config) -> nn.Module:
     try:
         with torch.device("meta"):
             return auto.from_config(config, trust_remote_code=False)
+    except ImportError as exc:
+        package = re.search(r"requires the (\S+) library", str(exc))
+        raise MissingPackage(
+            f"model type {getattr(config, 'model_type', None)!r} cannot be built here: transformers needs "
+            f"{'the ' + package.group(1) + ' library' if package else 'a package'} for it, which is not installed; "
+            "install it and run the job again."
+        ) from exc
     except Exception as exc:  # transformers has no model of that class for this config
         raise _refuse(
             config, f"transformers builds no {auto.__name__} from its config ({short_error(exc)})"
@@ -973,12 +1038,25 @@ def structural_adapter(config) -> ArchAdapter:
     key = config.to_json_string() if hasattr(config, "to_json_string") else repr(config)
     if key in _STRUCTURAL:
         return _STRUCTURAL[key]
+    n_layers = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if n_layers is None:  # BLT: a patcher, a local encoder, a global transformer and a local decoder
+        stacks = [k.removesuffix("_config") for k in getattr(config, "sub_configs", {})]
+        raise _refuse(
+            config,
+            "its config gives no num_hidden_layers, so no single stack of decoder layers could be found"
+            + (f" (it runs several: {', '.join(stacks)})" if stacks else ""),
+            how="keep it in its original precision",
+        )
     model = _skeleton(config)
     try:
-        layers_attr = find_layers(model, config.get_text_config().num_hidden_layers)
+        layers_attr = find_layers(model, n_layers)
         layout = _expert_layout(config, model)
         base = ArchAdapter(f"{config.model_type} (structural)", layers_attr, (), experts=layout)
+        _refuse_linear_like(config, model.get_submodule(layers_attr))
+        _refuse_tied_blocks(config, model, layers_attr)
         specs = structural_specs(model, layers_attr, base.prepare_block)
+    except UnsupportedArchitecture:
+        raise
     except StructureError as exc:
         raise _refuse(config, f"its decoder block could not be mapped ({exc})") from exc
     except Exception as exc:  # a module the structural reading does not expect: refused, not a crash
@@ -988,6 +1066,36 @@ def structural_adapter(config) -> ArchAdapter:
     adapter = dataclasses.replace(base, specs=specs, norm_plus_one=plus_one)
     _STRUCTURAL[key] = adapter
     return adapter
+
+
+def _refuse_linear_like(config, layers: nn.Module) -> None:
+    """Refuse a decoder whose blocks hold no nn.Linear, only linear-like classes listed in `_LINEAR_LIKE`."""
+    if any(isinstance(m, nn.Linear) for m in layers.modules()):
+        return
+    for m in layers.modules():
+        known = _LINEAR_LIKE.get(type(m).__name__)
+        if known is not None:
+            raise _refuse(config, known[0], how=known[1])
+
+
+def _refuse_tied_blocks(config, model: nn.Module, layers_attr: str) -> None:
+    """Refuse a decoder whose layers share a sub-block's weights (Zamba's shared transformer, tied across its
+    hybrid layers by `_tied_weights_keys` where tie_word_embeddings is set): each layer's pass would scale and
+    round the same weights again, and transformers ties the layers' copies back to one on load."""
+    if not getattr(config.get_text_config(), "tie_word_embeddings", False):
+        return
+    prefix = layers_attr.rsplit(".", 1)[-1] + "."
+    for mod in model.modules():
+        tied = getattr(mod, "_tied_weights_keys", None) or {}
+        inside = sorted(t for t in tied.values() if isinstance(t, str) and t.startswith(prefix))
+        if inside:
+            raise _refuse(
+                config,
+                f"its decoder layers share the weights of one sub-block ({inside[0]}, tied to the same "
+                "sub-block of other layers), which block-by-block quantization would scale and round once per "
+                "layer that calls it",
+                how="keep it in its original precision",
+            )
 
 
 def _expert_layout(config, model: nn.Module) -> ExpertLayout:

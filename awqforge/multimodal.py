@@ -83,7 +83,13 @@ def short_error(exc: BaseException) -> str:
 
 def adapter(config: Any):
     """The adapter of an image-text-to-text model: its text model's, on the multimodal model's layer list."""
-    from awqforge.arch import UnsupportedArchitecture, _skeleton, registry_adapter, structural_adapter
+    from awqforge.arch import (
+        MissingPackage,
+        UnsupportedArchitecture,
+        _skeleton,
+        registry_adapter,
+        structural_adapter,
+    )
     from awqforge.structure import StructureError, find_layers
 
     text = config.get_text_config()
@@ -91,6 +97,8 @@ def adapter(config: Any):
     if base is None:
         try:
             found = structural_adapter(config)
+        except MissingPackage:
+            raise
         except UnsupportedArchitecture as exc:
             raise UnsupportedArchitecture(
                 refusal(

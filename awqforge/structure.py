@@ -92,8 +92,10 @@ def is_norm(mod: nn.Module) -> bool:
     )
 
 
-def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
-    """norm child name -> the children its output is passed to, in call order (from the forward's source)."""
+def norm_consumers(block: nn.Module, side_inputs: dict[str, set[str]] | None = None) -> dict[str, list[str]]:
+    """norm child name -> the children its output is passed to, in call order (from the forward's source).
+    `side_inputs`, when given, gets child name -> the children whose outputs it is also given in arguments
+    after its first (Inkling-2's attention: key and value states from their own norms)."""
     try:
         src = textwrap.dedent(inspect.getsource(type(block).forward))
         fn = next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef))
@@ -131,10 +133,22 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
             for src_name in sources(arg):
                 edges.setdefault(src_name, []).append(name)
             for extra in [*call.args[1:], *(k.value for k in call.keywords if k.value is not arg)]:
-                escaped.update(sources(extra))
+                side = sources(extra)
+                escaped.update(side)
+                if side_inputs is not None:
+                    side_inputs.setdefault(name, set()).update(side)
             return {name}
         if isinstance(expr, ast.Name):
             return set(env.get(expr.id, set()))
+        if (
+            isinstance(expr, ast.Call)
+            and isinstance(expr.func, ast.Attribute)
+            and expr.func.attr in _CASTS
+            and child_call(expr.func.value) is not None
+        ):  # `self.norm(x).to(x.dtype)` (DBRX): a cast of a child's output is that output
+            for arg in [*expr.args, *(k.value for k in expr.keywords)]:
+                sources(arg)
+            return sources(expr.func.value)
         if (
             isinstance(expr, ast.Call)
             and isinstance(expr.func, ast.Attribute)
@@ -206,6 +220,7 @@ def norm_consumers(block: nn.Module) -> dict[str, list[str]]:
     } | {n: ESCAPED for n in escaped if n in children and is_norm(children[n]) and edges.get(n)}
 
 
+_CASTS = {"to", "type_as", "float", "half", "bfloat16", "contiguous"}  # methods that keep a tensor's values
 ESCAPED = ["<escaped>"]  # norm_consumers' value for a norm whose output also feeds arithmetic (a residual)
 
 
@@ -232,8 +247,20 @@ def block_specs(block: nn.Module, hidden: int):
 
     specs: list[MappingSpec] = []
     mapped: set[str] = set()  # children whose linears are accounted for
-    consumers = norm_consumers(block)
+    side: dict[str, set[str]] = {}
+    consumers = norm_consumers(block, side)
     children = dict(block.named_children())
+    # a child given the outputs of two norms (Inkling-2's attention: q_input_layernorm's as its input,
+    # k_ and v_input_layernorm's beside it): which of its linears reads which is not known here, so no norm is
+    # folded into them
+    fed_twice = {
+        u
+        for u in children
+        if not isinstance(children[u], nn.Linear)
+        and sum(u in users for users in consumers.values() if users is not ESCAPED)
+        + sum(is_norm(children[n]) for n in side.get(u, ()) if n in children)
+        > 1
+    }
     for norm, users in consumers.items():
         if users is ESCAPED:
             # its output is also read outside the modules it feeds (MiniMax's residual taken from the normed
@@ -249,15 +276,18 @@ def block_specs(block: nn.Module, hidden: int):
                 fed.append(user)
                 continue
             parts = _consumer(user, mod, hidden)
-            fed += parts["fed"]
-            absorb += parts["absorb"]
+            if user not in fed_twice:
+                fed += parts["fed"]
+                absorb += parts["absorb"]
             inner += parts["inner"]
             mapped.add(user)
         if fed:
             only = users[0] if len(users) == 1 and not isinstance(children[users[0]], nn.Linear) else None
             specs.append(MappingSpec(norm, tuple(fed), only, absorb=tuple(absorb)))
         specs += inner
-    # children with linears that no norm feeds (post-norm blocks): their inner mappings still apply
+    # children with linears that no norm feeds (post-norm blocks): their inner mappings still apply; a child
+    # that is itself a sub-layer (its own norms feeding its linears: DBRX's norm_attn_norm, a hybrid layer's
+    # wrapped decoder layers) is read like a block
     for name, mod in children.items():
         if (
             name in mapped
@@ -265,8 +295,39 @@ def block_specs(block: nn.Module, hidden: int):
             or not any(isinstance(m, nn.Linear) for m in mod.modules())
         ):
             continue
-        specs += _consumer(name, mod, hidden)["inner"]
+        nested = _sub_layer_specs(name, mod, hidden)
+        specs += nested if nested is not None else _consumer(name, mod, hidden)["inner"]
     return specs
+
+
+def _sub_layer_specs(name: str, mod: nn.Module, hidden: int) -> list | None:
+    """The specs of a child read as a block, names prefixed with the child's, when one of its own norms feeds
+    one of its linears; else None."""
+    import dataclasses
+
+    if not any(is_norm(m) for m in mod.children()):
+        return None
+    try:
+        inner = block_specs(mod, hidden)
+    except StructureError:
+        return None
+    norms = {n for n, m in mod.named_children() if is_norm(m)}
+    if not any(sp.prev in norms for sp in inner):
+        return None
+
+    def pre(n: str | None) -> str | None:
+        return None if n is None else f"{name}.{n}"
+
+    return [
+        dataclasses.replace(
+            sp,
+            prev=pre(sp.prev),
+            linears=tuple(pre(n) for n in sp.linears),
+            inspect=pre(sp.inspect),
+            absorb=tuple(pre(n) for n in sp.absorb),
+        )
+        for sp in inner
+    ]
 
 
 def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
@@ -319,6 +380,16 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     ):  # q/k/v first; only those reading the block's width (RWKV's channel mix: `value` reads 4x)
         qkv_first = [n for n in names if n in QKV | Q | K | V and lin[n].in_features == hidden]
         fed = qkv_first + [n for n in fed if n not in QKV | Q | K | V]
+    wrapped = [
+        c
+        for c, m in sub.items()
+        if not isinstance(m, nn.Linear)
+        and any(isinstance(x, nn.Linear) and x.in_features == hidden for x in m.modules())
+    ]
+    if wrapped and not is_attention:
+        # no q/k/v of its own, but linears inside sub-modules (Inkling-2's q/k/v projections) that may read
+        # the input too: a fold into the direct ones alone would change theirs
+        fed = []
     qkv, v, o = _role(names, QKV), _role(names, V), _role(names, O)
     sub_norm = _sub_norm_specs(name, mod, o[0]) if o else None
     if sub_norm is not None:  # a norm on the attention output (BitNet's attn_sub_norm, DiffLlama's groupnorm)
@@ -381,13 +452,14 @@ def _sub_norm_specs(name: str, mod: nn.Module, out_linear: str) -> list | None:
 def _attention_output_is_linear_in_v(mod: nn.Module, o_width: int) -> bool:
     """Whether o_proj reads softmax(qk) @ v as is, read from the forward's source: no gate (Qwen3-Next's sigmoid
     gate from q_proj, MiniMax's output gate) and no `self.norm(...)` on the attention output (linear attention's
-    output norm; q_norm / k_norm on q and k do not matter)."""
+    output norm; q_norm / k_norm on q and k do not matter), and no clamp of the projected states (DBRX's
+    `qkv_states.clamp(...)`: a clamp of v / s is not the clamp of v, divided by s; clamps of positions are)."""
     del o_width
     try:
         src = inspect.getsource(type(mod).forward)
     except (OSError, TypeError):
         return False
-    return not re.search(r"gate|sigmoid|(?<!q_)(?<!k_)norm\(", src)
+    return not re.search(r"gate|sigmoid|(?<!q_)(?<!k_)norm\(|(states|qkv|value)\.(clamp|clip)\(", src)
 
 
 def _moe(name: str, mod: nn.Module, sub: dict, experts: nn.Module, lin: dict, hidden: int) -> dict:

@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from tiny_families import artifact_roundtrip, build_family_model, logits_errors  # noqa: E402
+from tiny_families import artifact_roundtrip, build_family_model, family_config, logits_errors  # noqa: E402
 
-from awqforge.arch import UnsupportedArchitecture  # noqa: E402
+from awqforge.arch import UnsupportedArchitecture, get_adapter  # noqa: E402
 
 
 class _Timeout(Exception):
@@ -56,6 +56,12 @@ def measure(model_type: str, tokenizer, timeout_s: int) -> dict:
             build_family_model(model_type)
         except Exception as exc:
             row["status"], row["note"] = "not measured", f"tiny config: {_short(exc)}"
+            try:  # refused up front from its config alone, model or not (MusicGen)
+                get_adapter(family_config(model_type))
+            except UnsupportedArchitecture as refusal:
+                row["status"], row["note"] = "refused", str(refusal)
+            except Exception:  # noqa: BLE001 - the config itself cannot be read: not measured, as said
+                pass
             return row
         try:
             r = logits_errors(model_type)

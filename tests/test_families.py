@@ -124,10 +124,25 @@ PER_SAMPLE = [
     "deepseek_v4",  # input_ids (hash routing), per-sample tensors joined to the attention mask
     "gemma4_text",  # per-layer inputs: their embedding tables and projection stay in full precision
 ]
+# Decoder-only causal LMs outside the registry that vLLM serves, GPT-2-era config names (n_embd, d_model, ...;
+# tests/tiny_families.py sets them through the config's attribute_map), and encoder-decoder families' causal-LM
+# decoders (cross-attention unused without encoder states)
+CAUSAL_LM = [
+    "gpt_bigcode",  # fused c_attn with multi-query kv
+    "gptj",  # parallel attention and MLP from one norm
+    "codegen",
+    "mpt",
+    "ctrl",
+    "xglm",
+    "ergo",  # its decoder layer reads `self.self_attn.o_proj.weight`: that linear kept (arch.weight_read_directly)
+    "mbart",  # BartForCausalLM-style decoder, pre-norm
+    "dbrx",  # norms inside a sub-layer (norm_attn_norm) read like a block; fused experts kept; clamped qkv: no v->o
+    "megatron-bert",  # pre-norm BERT: attention.ln inside the attention sub-layer feeds query/key/value
+]
 KEPT_IN_IGNORE = {"gemma4_text": ("model.embed_tokens_per_layer", "model.per_layer_model_projection")}
 
 
-@pytest.mark.parametrize("model_type", NEW_MOE + HYBRID + PER_SAMPLE)
+@pytest.mark.parametrize("model_type", NEW_MOE + HYBRID + PER_SAMPLE + CAUSAL_LM)
 def test_family_awq_beats_rtn_and_artifact_loads_in_transformers(model_type, tiny_tokenizer, tmp_path):
     pytest.importorskip("compressed_tensors")
     from tiny_families import artifact_roundtrip, logits_errors, save_family_checkpoint
@@ -136,7 +151,14 @@ def test_family_awq_beats_rtn_and_artifact_loads_in_transformers(model_type, tin
     assert r["family"] == f"{model_type} (structural)"
     assert r["awq"] < r["rtn"], r
     scaled_or_plain = r["awq_scaled"] + sum("plain rounding" in s for s in r["awq_skipped"])
-    assert scaled_or_plain == r["n_linears"]  # every quantized linear: scaled, or labelled plain rounding
+    # a causal-LM decoder's cross-attention (no encoder states): no calibration token reaches it, said per layer
+    unreached = {
+        f"{s.split('.', 1)[0]}.{n}"
+        for s in r["awq_skipped"]
+        if "only 0 calibration tokens reach it" in s
+        for n in s.split(": ")[0].split("->")[1].split(",")
+    }
+    assert scaled_or_plain + len(unreached) == r["n_linears"]  # every quantized linear: scaled, or labelled
     routers = [n for n in r["awq_quantized"] if n.endswith((".gate", ".router", ".gate.wg"))]
     assert routers == []  # routers stay in full precision
     assert r["state_changed"] == []  # convolution and state parameters untouched
@@ -235,6 +257,15 @@ def test_plain_rounding_is_labelled_per_layer_and_state_params_stay_full_precisi
         ("hrm_text", "recurrence"),  # arch._REFUSED
         ("xmod", "no norm feeds a linear"),  # post-norm encoder blocks (the structural fallback)
         ("xmod", "default_language"),  # arch._NEEDS_FIELD: checked first, with or without the job's mappings
+        ("gpt2", "Conv1D"),  # arch._LINEAR_LIKE: no nn.Linear in its blocks, only transformers' Conv1D
+        ("openai-gpt", "Conv1D"),
+        ("zamba", "share the weights"),  # a shared transformer block tied across the hybrid layers
+        ("zamba2", "share the weights"),
+        ("dory", "n_recurrent_loops"),  # arch._REFUSED: a looped recurrent stack
+        ("inkling2_loop_text", "loop_num_passes"),
+        ("gemma4_assistant", "drafter"),  # arch._REFUSED by its own type (its text config is gemma4_text)
+        ("musicgen", "several text models"),  # text encoder and decoder: get_text_config() is ambiguous
+        ("blt", "num_hidden_layers"),  # several stacks, no layer count
     ],
 )
 def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(model_type, says):
@@ -251,6 +282,19 @@ def test_refusals_are_one_short_sentence_naming_type_reason_and_way_forward(mode
         )
     msg = str(err.value)
     assert f"'{model_type}'" in msg and says in msg and len(msg) < 400 and msg.count(". ") == 0
+
+
+def test_tiny_configs_set_size_fields_through_the_attribute_map():
+    """GPT-2 names its sizes n_embd / n_layer / n_head (hidden_size etc. are `attribute_map` aliases, absent
+    from `to_dict()`); MPT d_model / n_layers / n_heads: the tiny builder shrinks them all."""
+    from tiny_families import family_config
+
+    gpt2 = family_config("gpt2")
+    assert (gpt2.n_embd, gpt2.n_layer, gpt2.n_head, gpt2.n_positions) == (64, 2, 4, 256)
+    mpt = family_config("mpt")
+    assert (mpt.d_model, mpt.n_layers, mpt.n_heads) == (64, 2, 4)
+    dbrx = family_config("dbrx")  # nested sub-config fields
+    assert dbrx.ffn_config.moe_num_experts == 4 and dbrx.attn_config.kv_n_heads == 2
 
 
 def test_gemma4_text_without_per_layer_inputs_is_quantized():

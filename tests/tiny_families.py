@@ -63,6 +63,21 @@ SIZES = dict(
     chunk_size=16,
     mamba_expand=2,
     sliding_window=16,
+    # encoder-decoder / GPT-2-era names that no `attribute_map` aliases to the fields above
+    d_model=64,
+    ffn_dim=128,
+    encoder_ffn_dim=128,
+    decoder_ffn_dim=128,
+    encoder_layers=2,
+    decoder_layers=2,
+    encoder_attention_heads=4,
+    decoder_attention_heads=4,
+    n_positions=256,
+    n_ctx=256,
+    max_seq_len=256,
+    max_target_positions=256,
+    dff=128,
+    d_inner=128,
     pad_token_id=0,
     bos_token_id=1,
     eos_token_id=2,
@@ -116,6 +131,81 @@ EXTRA: dict[str, dict] = {
     "dots3_note_text": dict(
         per_layer_config={}, head_dim=64, qk_nope_head_dim=48, index_head_dim=16, index_n_heads=2
     ),  # rope 64 x 0.25
+    # rotary dims within a head of 16
+    "codegen": dict(rotary_dim=8),
+    "gptj": dict(rotary_dim=8),
+    # attention and MoE settings in sub-configs; transformers' default attn_config lacks the rope_theta it reads
+    "dbrx": dict(
+        attn_config=dict(kv_n_heads=2, rope_theta=10000.0, clip_qkv=8.0),  # its forward clamps whatever it is
+        ffn_config=dict(ffn_hidden_size=64, moe_num_experts=4, moe_top_k=2, hidden_size=64),
+    ),
+    "ergo": dict(first_dense_intermediate_size=128, shared_intermediate_size=64),
+    "inkling2_text": dict(unpadded_vocab_size=512, swa_head_dim=16),
+    "inkling2_loop_text": dict(unpadded_vocab_size=512, swa_head_dim=16),
+    "recurrent_gemma": dict(lru_width=64, attention_window_size=16),
+    "roc_bert": dict(
+        pronunciation_embed_dim=16, pronunciation_vocab_size=16, shape_embed_dim=16, shape_vocab_size=16
+    ),
+    # attention on the [hidden, hidden] concatenation: 2 x 64 wide, 4 heads of 32
+    # both layers hybrid: the shared transformer block is called by each of them, tied (as checkpoints ship)
+    "zamba": dict(
+        tie_word_embeddings=True,
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        mamba_dt_rank=8,
+        attn_layer_period=1,
+        attn_layer_offset=0,
+        layers_block_type=["hybrid", "hybrid"],
+    ),
+    "zamba2": dict(
+        tie_word_embeddings=True,
+        attention_hidden_size=128,
+        attention_head_dim=32,
+        mamba_headdim=16,
+        kv_channels=16,
+        adapter_rank=8,
+        layers_block_type=["hybrid", "hybrid"],
+        hybrid_layer_ids=[0, 1],
+    ),
+    "reformer": dict(is_decoder=True, axial_pos_embds_dim=[16, 48]),  # its LM head requires is_decoder
+    # 2 layers: none left to share another's cache; one MLP width per layer
+    "gemma3n_text": dict(num_kv_shared_layers=0, intermediate_size=[128, 128]),
+    "gemma4_unified_assistant": dict(num_kv_shared_layers=2),
+    # byte-group hash embeddings of 512 rows each; local models read the global model's 64-wide patches
+    "blt": dict(encoder_hash_byte_group_vocab=512, hidden_size_global=64),
+    "blt_local_encoder": dict(hidden_size_global=64),
+    "blt_local_decoder": dict(hidden_size_global=64),
+    "phi4_multimodal_audio": dict(
+        ext_pw_out_channel=64, depthwise_separable_out_channel=64, nemo_conv_channels=64
+    ),  # every layer reads the target model's cache
+    # input, recurrent (looped) and output stacks of one layer each
+    "dory": dict(
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        n_input_layers=1,
+        n_output_layers=1,
+        n_recurrent_layers=1,
+    ),
+    # drafters: no per-layer inputs, every layer reads the target model's cache
+    "gemma4_assistant": dict(
+        hidden_size_per_layer_input=0, vocab_size_per_layer_input=0, num_kv_shared_layers=2
+    ),
+    # transformers' defaults leave these unset, and its model reads them
+    "qwen4_exp_text": dict(
+        indexer_n_heads=2,
+        indexer_kv_heads=1,
+        indexer_head_dim=16,
+        indexer_budget=16,
+        indexer_compress_ratio=4,
+    ),
+    "cohere_compass_text": dict(
+        rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    ),
+}
+
+# Fields a model type's default config must be built with (its validation rejects transformers' own defaults)
+INIT: dict[str, dict] = {
+    "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0, vocab_size_per_layer_input=0))
 }
 
 
@@ -124,18 +214,37 @@ EXTRA: dict[str, dict] = {
 RANDOM_BUFFERS = {"tid2eid": "n_routed_experts"}
 
 
+# Per-layer lists (one entry per layer, or a pattern cycled over the layers): cut to the layer count, each kind
+# of layer kept (Zamba's `layers_block_type`, RecurrentGemma's `block_types`); not the MTP layers' (`mtp_...`)
+PER_LAYER_LISTS = ("layer_types", "layers_block_type", "block_types")
+
+
+def _has_field(cfg, key: str) -> bool:
+    """A field of the config under this name, or an alias its `attribute_map` resolves (GPT-2's hidden_size is
+    n_embd: setting hidden_size sets n_embd; `to_dict()` lists only n_embd)."""
+    return key in cfg.to_dict() or key in getattr(cfg, "attribute_map", {})
+
+
 def _shrink(cfg, model_type: str) -> None:
     for key, value in {**SIZES, **EXTRA.get(model_type, {})}.items():
-        if key in cfg.to_dict() or key in EXTRA.get(model_type, {}):
+        if _has_field(cfg, key) or key in EXTRA.get(model_type, {}):
+            try:
+                sub = getattr(cfg, key, None)
+            except Exception:  # noqa: BLE001 - a per-layer field read globally (Gemma-4-unified's head_dim)
+                sub = None
+            if isinstance(value, dict) and isinstance(sub, transformers.PretrainedConfig):
+                for k, v in value.items():  # fields of a nested config (DBRX's attn_config / ffn_config)
+                    setattr(sub, k, v)
+                continue
             try:
                 setattr(cfg, key, value)
             except (AttributeError, ValueError, TypeError):
                 pass
     n = getattr(cfg, "num_hidden_layers", None)
     for key, lt in cfg.to_dict().items():  # layer_types, mlp_layer_types, ...: one entry per layer
-        if not (key.endswith("layer_types") and isinstance(lt, list) and n) or key in EXTRA.get(
-            model_type, {}
-        ):
+        if not (
+            key.endswith(PER_LAYER_LISTS) and not key.startswith("mtp_") and isinstance(lt, list) and n
+        ) or key in EXTRA.get(model_type, {}):
             continue
         if len(lt) != n:
             try:
@@ -144,13 +253,29 @@ def _shrink(cfg, model_type: str) -> None:
                 pass
 
 
+def _text_config(cfg) -> transformers.PretrainedConfig:
+    """The config of the decoder that gets quantized: `get_text_config()`, or, where a composite config has
+    several (MusicGen's text encoder and decoder), its `decoder`."""
+    try:
+        return cfg.get_text_config()
+    except ValueError:
+        return getattr(cfg, "decoder", cfg)
+
+
 def family_config(model_type: str, **overrides) -> transformers.PretrainedConfig:
     """The default config of `model_type`, shrunk (see module docstring); overrides win."""
-    cfg = transformers.AutoConfig.for_model(model_type)
+    cfg = transformers.AutoConfig.for_model(model_type, **INIT.get(model_type, {}))
     _shrink(cfg, model_type)
-    text = cfg.get_text_config()
+    text = _text_config(cfg)
     if text is not cfg:
         _shrink(text, text.model_type)
+        for key, value in EXTRA.get(model_type, {}).items():  # a composite type's extras for its decoder
+            if _has_field(text, key):
+                setattr(text, key, value)
+    for key in getattr(cfg, "sub_configs", {}):  # vision / audio towers, BLT's patcher and local models
+        sub = getattr(cfg, key, None)
+        if isinstance(sub, transformers.PretrainedConfig) and sub is not text:
+            _shrink(sub, sub.model_type)
     for k, v in overrides.items():
         setattr(cfg, k, v)
     return cfg

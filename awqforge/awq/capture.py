@@ -291,6 +291,15 @@ def capture_layer_inputs(
             layers[i] = layer
     if captured.inputs is None or len(captured.layer_kwargs) != n_blocks:
         raise AWQForgeError("capturing the decoder layers' inputs failed: the model did not call every layer")
+    if captured.inputs.dim() < 2 or captured.inputs.shape[0] != len(input_ids):
+        from awqforge.arch import UnsupportedArchitecture
+
+        raise UnsupportedArchitecture(
+            f"model type {getattr(getattr(model, 'config', None), 'model_type', None)!r} is not supported: its "
+            f"decoder layers take hidden states of shape {tuple(captured.inputs.shape)}, whose first dimension "
+            f"is not the batch of {len(input_ids)} rows (Gemma-3n's stacked AltUp streams), which calibration "
+            "by rows cannot split; keep it in its original precision."
+        )
     return captured
 
 
