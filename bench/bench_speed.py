@@ -283,9 +283,8 @@ def main() -> None:
     common.set_threads(args.threads)
     work = Path(args.work_dir)
     if args.family:
-        src = random_checkpoint(
-            args.family, args.shape, args.layers or 2, work / f"{args.family}-{args.shape}-random"
-        )
+        n = args.layers or 2
+        src = random_checkpoint(args.family, args.shape, n, work / f"{args.family}-{args.shape}-random-{n}")
     elif args.model:
         src = Path(args.model)
     else:
