@@ -640,7 +640,7 @@ def consumer_reads(mod: nn.Module) -> tuple[dict[str, list[str]], dict[str, str]
         if not params:
             return None
         _follow(mod, fn, {params[0]: {IN}}, "", reads, unfollowed, True, 0)
-    except (_Unfollowed, RecursionError):
+    except Exception:  # _Unfollowed, or source this reading does not expect: as an unreadable forward
         return None
     return {k: list(dict.fromkeys(v)) for k, v in reads.items()}, unfollowed
 
