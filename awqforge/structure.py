@@ -270,6 +270,7 @@ def block_specs(block: nn.Module, hidden: int):
         fed: list[str] = []
         absorb: list[str] = []
         inner: list[MappingSpec] = []
+        disabled: str | None = None
         for user in users:
             mod = children[user]
             if isinstance(mod, nn.Linear):
@@ -279,11 +280,12 @@ def block_specs(block: nn.Module, hidden: int):
             if user not in fed_twice:
                 fed += parts["fed"]
                 absorb += parts["absorb"]
+                disabled = disabled or parts.get("disabled")
             inner += parts["inner"]
             mapped.add(user)
         if fed:
             only = users[0] if len(users) == 1 and not isinstance(children[users[0]], nn.Linear) else None
-            specs.append(MappingSpec(norm, tuple(fed), only, absorb=tuple(absorb)))
+            specs.append(MappingSpec(norm, tuple(fed), only, absorb=tuple(absorb), disabled=disabled))
         specs += inner
     # children with linears that no norm feeds (post-norm blocks): their inner mappings still apply; a child
     # that is itself a sub-layer (its own norms feeding its linears: DBRX's norm_attn_norm, a hybrid layer's
@@ -400,6 +402,20 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
     v_norm = next((n for n in sub if n in V_NORMS), None)
     if o and not v_norm and not _attention_output_is_linear_in_v(mod, lin[o[0]].in_features):
         qkv = v = []  # a gate or a norm between attention and its output projection: no v -> o scale
+    # the forward, followed: linears inside sub-modules that read the input or a latent norm's output (a DSA
+    # attention's indexer: wk and weights_proj read the input, wq_b reads q_a_layernorm's output) take the
+    # same scales as the mapping's own linears; one such child whose forward cannot be read leaves the mapping
+    # disabled. (A child whose only input readers are nested ones gets no mapping from this, as before.)
+    flow = consumer_reads(mod)
+    reads, unfollowed = flow if flow is not None else ({}, {})
+    if fed:
+        fed += [r for r in reads.get(IN, []) if "." in r]
+    if IN in unfollowed and fed:
+        disabled = f"its output also reaches {name}.{unfollowed[IN]}, whose reads are not followed"
+    elif flow is None and fed and wrapped:
+        disabled = f"{name}.forward could not be read, and its sub-modules {', '.join(wrapped)} hold linears"
+    else:
+        disabled = None
     inner = list(inner_norm)
     if qkv and o:
         inner.append(MappingSpec(f"{name}.{qkv[0]}", (f"{name}.{o[0]}",), f"{name}.{o[0]}", prev_rows="v"))
@@ -422,8 +438,211 @@ def _consumer(name: str, mod: nn.Module, hidden: int) -> dict:
             and norm.weight.numel() == lin[target].in_features
         ):
             t = f"{name}.{target}"
-            inner.append(MappingSpec(f"{name}.{norm_name}", (t,), t))
-    return {"fed": [f"{name}.{n}" for n in dict.fromkeys(fed)], "absorb": [], "inner": inner}
+            more = [f"{name}.{r}" for r in reads.get(norm_name, []) if r != target]
+            reason = (
+                f"its output also reaches {name}.{unfollowed[norm_name]}, whose reads are not followed"
+                if norm_name in unfollowed
+                else None
+            )
+            # several readers: the loss is on each linear's own output
+            inner.append(MappingSpec(f"{name}.{norm_name}", (t, *more), None if more else t, disabled=reason))
+    return {
+        "fed": [f"{name}.{n}" for n in dict.fromkeys(fed)],
+        "absorb": [],
+        "inner": inner,
+        "disabled": disabled,
+    }
+
+
+IN = "<input>"  # _follow's label for the consumer's input (the norm's output)
+
+
+class _Unfollowed(Exception):
+    """A source that _follow cannot read (no source, a call whose arguments cannot be matched to parameters)."""
+
+
+def _fn_ast(fn) -> ast.FunctionDef:
+    try:
+        src = textwrap.dedent(inspect.getsource(fn))
+        return next(n for n in ast.walk(ast.parse(src)) if isinstance(n, ast.FunctionDef))
+    except (OSError, TypeError, StopIteration, SyntaxError) as exc:
+        raise _Unfollowed(str(exc)) from exc
+
+
+def _bind_args(fn: ast.FunctionDef, call: ast.Call, labelled) -> dict[str, set[str]]:
+    """The callee's parameter name -> labels, for the call's arguments that carry labels (`labelled(expr)`)."""
+    params = [a.arg for a in [*fn.args.posonlyargs, *fn.args.args]][1:]  # without self
+    named = set(params) | {a.arg for a in fn.args.kwonlyargs}
+    out: dict[str, set[str]] = {}
+    for i, arg in enumerate(call.args):
+        labels = labelled(arg)
+        if not labels:
+            continue
+        if isinstance(arg, ast.Starred) or i >= len(params):
+            raise _Unfollowed(f"argument {i} has no named parameter")
+        out.setdefault(params[i], set()).update(labels)
+    for kw in call.keywords:
+        labels = labelled(kw.value)
+        if not labels:
+            continue
+        if kw.arg is None or kw.arg not in named:
+            raise _Unfollowed(f"keyword {kw.arg} has no named parameter")
+        out.setdefault(kw.arg, set()).update(labels)
+    return out
+
+
+def _follow(
+    mod: nn.Module, fn, env: dict[str, set[str]], prefix: str, reads, unfollowed, norms: bool, depth: int
+):
+    """Which linears read which labelled tensors, read from `fn`'s source (a method of `mod`) as a dataflow.
+
+    A label follows a value through names, casts (`x.to(dtype)`) and products / quotients with unlabelled
+    values (per-channel scales pass through those); a child module called with a labelled value is followed
+    into its forward when it holds linears (a DSA attention's indexer given the attention's input), as is a
+    method of the module. `reads`: label -> linear paths (relative to the top module); `unfollowed`: label ->
+    the child it reached whose forward could not be read. With `norms`, the outputs of `mod`'s norm children
+    are labels of their own (an MLA attention's q_a_layernorm)."""
+    tree = _fn_ast(fn)
+    children = dict(mod.named_children())
+
+    def holds_linear(m: nn.Module) -> bool:
+        return any(isinstance(x, nn.Linear) for x in m.modules())
+
+    def value(expr: ast.AST | None) -> set[str]:
+        """The labels an expression's value carries; every call inside it is visited."""
+        if expr is None:
+            return set()
+        if isinstance(expr, ast.Name):
+            return set(env.get(expr.id, set()))
+        if isinstance(expr, ast.Call):
+            return call(expr)
+        if isinstance(expr, ast.BinOp) and isinstance(expr.op, (ast.Mult, ast.Div)):
+            left, right = value(expr.left), value(expr.right)
+            if isinstance(expr.op, ast.Div):
+                return left if not right else set()
+            return left ^ right if not (left and right) else set()
+        if isinstance(expr, ast.IfExp):
+            value(expr.test)
+            return value(expr.body) | value(expr.orelse)
+        for sub in ast.iter_child_nodes(expr):
+            value(sub)
+        return set()
+
+    def call(expr: ast.Call) -> set[str]:
+        f = expr.func
+        if isinstance(f, ast.Attribute) and f.attr in _CASTS:  # x.to(dtype): the same values
+            base = value(f.value)
+            for a in [*expr.args, *(k.value for k in expr.keywords)]:
+                value(a)
+            return base
+        is_self = isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name) and f.value.id == "self"
+        if not is_self:
+            for sub in ast.iter_child_nodes(expr):
+                value(sub)
+            return set()
+        args = {id(a): value(a) for a in [*expr.args, *(k.value for k in expr.keywords)]}
+
+        def labelled(a: ast.AST) -> set[str]:
+            return args.get(id(a), set())
+
+        name = f.attr
+        child = children.get(name)
+        path = f"{prefix}{name}"
+        if isinstance(child, nn.Linear):
+            first = expr.args[0] if expr.args else next((k.value for k in expr.keywords), None)
+            for label in labelled(first) if first is not None else ():
+                reads.setdefault(label, []).append(path)
+            return set()
+        if child is not None:
+            if norms and is_norm(child):
+                return {name}
+            carried = set().union(*args.values()) if args else set()
+            if not carried or not holds_linear(child):
+                return set()
+            try:
+                if depth > 6:
+                    raise _Unfollowed("too deep")
+                sub_fn = type(child).forward
+                sub_env = _bind_args(_fn_ast(sub_fn), expr, labelled)
+                _follow(child, sub_fn, sub_env, f"{path}.", reads, unfollowed, False, depth + 1)
+            except _Unfollowed:
+                for label in carried:
+                    unfollowed.setdefault(label, path)
+            return set()
+        method = inspect.getattr_static(type(mod), name, None)
+        carried = set().union(*args.values()) if args else set()
+        if carried and inspect.isfunction(method) and depth <= 6:  # a method of the module: read as inline
+            try:
+                sub_env = _bind_args(_fn_ast(method), expr, labelled)
+                _follow(mod, method, sub_env, prefix, reads, unfollowed, norms, depth + 1)
+            except _Unfollowed:
+                for label in carried:
+                    unfollowed.setdefault(label, f"{prefix}{name}")
+        return set()
+
+    def assign(target: ast.AST, labels: set[str], val: ast.AST | None) -> None:
+        if isinstance(target, ast.Name):
+            env[target.id] = labels
+        elif isinstance(target, (ast.Tuple, ast.List)):
+            elts = val.elts if isinstance(val, (ast.Tuple, ast.List)) else None
+            for i, t in enumerate(target.elts):
+                if elts is not None and len(elts) == len(target.elts):
+                    assign(t, env_value_cache.get(id(elts[i]), set()), None)
+                else:
+                    assign(t, set(), None)
+
+    env_value_cache: dict[int, set[str]] = {}
+
+    def run(stmts) -> None:
+        for st in stmts:
+            if isinstance(st, (ast.Assign, ast.AnnAssign)):
+                if isinstance(st.value, (ast.Tuple, ast.List)):
+                    for e in st.value.elts:
+                        env_value_cache[id(e)] = value(e)
+                    labels: set[str] = set()
+                else:
+                    labels = value(st.value)
+                for t in st.targets if isinstance(st, ast.Assign) else [st.target]:
+                    assign(t, labels, st.value)
+            elif isinstance(st, ast.AugAssign):
+                other = value(st.value)
+                if isinstance(st.target, ast.Name):
+                    keep = isinstance(st.op, (ast.Mult, ast.Div)) and not other
+                    env[st.target.id] = env.get(st.target.id, set()) if keep else set()
+            elif isinstance(st, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                continue
+            else:
+                for field, sub in ast.iter_fields(st):
+                    if isinstance(sub, list) and sub and isinstance(sub[0], ast.stmt):
+                        run(sub)
+                    elif isinstance(sub, list):
+                        for x in sub:
+                            if isinstance(x, ast.AST) and not isinstance(x, ast.excepthandler):
+                                value(x)
+                            elif isinstance(x, ast.excepthandler):
+                                run(x.body)
+                    elif isinstance(sub, ast.AST) and field not in ("target",):
+                        value(sub)
+
+    run(tree.body)
+
+
+def consumer_reads(mod: nn.Module) -> tuple[dict[str, list[str]], dict[str, str]] | None:
+    """For a child called with a norm's output: label -> the linears (paths relative to it, nested ones
+    included) that read its input (label IN) or one of its own norms' outputs (label: the norm's name), and
+    label -> a child the value reaches whose forward could not be read. None when its forward cannot be read."""
+    reads: dict[str, list[str]] = {}
+    unfollowed: dict[str, str] = {}
+    try:
+        fn = type(mod).forward
+        tree = _fn_ast(fn)
+        params = [a.arg for a in [*tree.args.posonlyargs, *tree.args.args]][1:]
+        if not params:
+            return None
+        _follow(mod, fn, {params[0]: {IN}}, "", reads, unfollowed, True, 0)
+    except Exception:  # _Unfollowed, or source this reading does not expect: as an unreadable forward
+        return None
+    return {k: list(dict.fromkeys(v)) for k, v in reads.items()}, unfollowed
 
 
 _QK_NORM = re.compile(r"^(q|k|kv|query|key)(_a)?_?(layer)?norm$")

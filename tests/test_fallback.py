@@ -157,3 +157,142 @@ def test_cli_mappings_argument(tmp_path):
         cli._mappings_arg("[{not json")
     with pytest.raises(cli._UsageError, match="--mappings"):
         cli._mappings_arg(f"@{tmp_path / 'missing.json'}")
+
+
+@pytest.mark.parametrize("family", ["deepseek_v32", "glm_moe_dsa", "dots3_note_text", "hy_v4", "deepseek_v4"])
+def test_every_reader_of_a_folded_norm_is_compensated_in_a_dsa_attention(family):
+    """DSA attentions pass their normed input (and q_a_layernorm's output) on to an indexer whose linears
+    (wk, weights_proj, wq_b; DeepSeek-V4's compressor) pick the top-k tokens: they must take the scales too.
+    Scales folded by every applicable mapping leave the model's function, the indexer's selection included
+    (index_topk below the sequence length, so the selection matters), unchanged; and every linear that reads a
+    folded norm's output (forward hooks) is among that mapping's linears."""
+    from tiny_families import build_family_model
+
+    from awqforge.awq.folding import fold_scales
+    from awqforge.structure import is_norm
+
+    model = build_family_model(family, index_topk=3)
+    adapter = get_adapter(model.config)
+    layers = adapter.get_layers(model)
+    ids = torch.randint(
+        0, model.config.get_text_config().vocab_size, (1, 12), generator=torch.Generator().manual_seed(3)
+    )
+    maps = {i: [m for m in adapter.mappings(b) if m.skip_reason is None] for i, b in enumerate(layers)}
+
+    # which linears read each norm prev's output (the same values: a cast of it counts)
+    outputs: dict[int, torch.Tensor] = {}
+    readers: dict[tuple[int, str], set[str]] = {}
+    hooks = []
+    for i, block in enumerate(layers):
+        norms = {m.prev_name: m.prev for m in maps[i] if is_norm(m.prev)}
+        for name, norm in norms.items():
+            hooks.append(
+                norm.register_forward_hook(
+                    lambda _m, _a, out, key=(i, name): outputs.__setitem__(id(_m), (key, out))
+                )
+            )
+        for lname, lin in block.named_modules():
+            if isinstance(lin, torch.nn.Linear):
+
+                def pre(_m, args, lname=lname):
+                    x = args[0]
+                    for key, out in outputs.values():
+                        if x.shape == out.shape and torch.equal(x.to(out.dtype), out):
+                            readers.setdefault(key, set()).add(lname)
+
+                hooks.append(lin.register_forward_pre_hook(pre))
+    selections: list[torch.Tensor] = []
+    for name, mod in model.named_modules():
+        if name.endswith("indexer"):
+            hooks.append(mod.register_forward_hook(lambda _m, _a, out: selections.append(out)))
+    with torch.no_grad():
+        ref = model(ids).logits
+    for h in hooks:
+        h.remove()
+    assert selections and readers
+    for (i, norm), names in readers.items():
+        mapped = {n for m in maps[i] if m.prev_name == norm for n in m.linear_names}
+        assert names <= mapped, f"layer {i}: {sorted(names - mapped)} read {norm}'s output uncompensated"
+
+    fp_sel = [s.clone() for s in selections]
+    selections.clear()
+    hooks = [
+        mod.register_forward_hook(lambda _m, _a, out: selections.append(out))
+        for name, mod in model.named_modules()
+        if name.endswith("indexer")
+    ]
+    gen = torch.Generator().manual_seed(5)
+    for i, block in enumerate(layers):
+        for m in maps[i]:
+            if is_norm(m.prev):
+                fold_scales(block, m, torch.exp(torch.randn(m.linears[0].in_features, generator=gen)))
+    with torch.no_grad():
+        out = model(ids).logits
+    for h in hooks:
+        h.remove()
+    topk = 3
+    for a, b in zip(
+        fp_sel, selections, strict=True
+    ):  # rows with at least top-k causal keys (no ties of -inf)
+        assert torch.equal(a[..., topk - 1 :, :].sort(-1).values, b[..., topk - 1 :, :].sort(-1).values)
+    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+
+
+class _Scorer(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.wk, self.wq = torch.nn.Linear(16, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x, q_resid):
+        return self.wk(x.to(self.wk.weight.dtype)) * self.wq(q_resid)
+
+
+class _Opaque(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(16, 4)
+
+    def forward(self, *args):  # which parameter gets which tensor is not readable
+        return self.proj(args[0])
+
+
+class _ToyMLA(torch.nn.Module):
+    def __init__(self, scorer):
+        super().__init__()
+        self.q_a_proj, self.q_a_layernorm = torch.nn.Linear(16, 8), torch.nn.RMSNorm(8)
+        self.q_b_proj, self.kv_a_proj_with_mqa = torch.nn.Linear(8, 16), torch.nn.Linear(16, 16)
+        self.o_proj, self.scorer = torch.nn.Linear(16, 16), scorer
+
+    def forward(self, hidden_states):
+        q_resid = self.q_a_layernorm(self.q_a_proj(hidden_states)) * 2.0
+        kv = self.kv_a_proj_with_mqa(hidden_states)
+        return self.o_proj(self.q_b_proj(q_resid) * kv * self.scorer(hidden_states, q_resid).mean())
+
+
+class _ToyBlock(torch.nn.Module):
+    def __init__(self, scorer):
+        super().__init__()
+        self.input_layernorm, self.self_attn = torch.nn.RMSNorm(16), _ToyMLA(scorer)
+
+    def forward(self, hidden_states):
+        return hidden_states + self.self_attn(self.input_layernorm(hidden_states))
+
+
+def test_a_child_given_a_folded_norm_s_output_is_followed_or_the_mapping_disabled():
+    from awqforge.structure import block_specs
+
+    specs = {sp.prev: sp for sp in block_specs(_ToyBlock(_Scorer()), 16)}
+    # the child's forward is followed: its linears reading the input (through a cast) or q_a_layernorm's
+    # output (through a product with a constant) take the same scales
+    assert specs["input_layernorm"].linears == (
+        "self_attn.q_a_proj",
+        "self_attn.kv_a_proj_with_mqa",
+        "self_attn.scorer.wk",
+    )
+    assert specs["self_attn.q_a_layernorm"].linears == ("self_attn.q_b_proj", "self_attn.scorer.wq")
+    assert specs["input_layernorm"].disabled is None and specs["self_attn.q_a_layernorm"].disabled is None
+    opaque = {sp.prev: sp for sp in block_specs(_ToyBlock(_Opaque()), 16)}
+    for norm in ("input_layernorm", "self_attn.q_a_layernorm"):
+        assert (
+            opaque[norm].disabled == "its output also reaches self_attn.scorer, whose reads are not followed"
+        )
