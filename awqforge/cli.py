@@ -647,9 +647,14 @@ def _plan(args) -> int:
 
         from awqforge.calibration import samples_used
 
-        used = samples_used(
-            spec.calibration, AutoTokenizer.from_pretrained(str(spec.model), trust_remote_code=False)
-        )
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(spec.model), trust_remote_code=False)
+        except (OSError, ValueError) as exc:  # a folder without a tokenizer: count what was asked for
+            tokenizer = None
+            _announce(
+                f"no tokenizer in {spec.model} ({type(exc).__name__}): the plan counts the samples asked for"
+            )
+        used = samples_used(spec.calibration, tokenizer) if tokenizer is not None else None
         if used is not None and used < settings.n_samples:
             _announce(
                 f"calibration: {spec.calibration.source} holds {used} samples of {settings.seq_len} tokens "
