@@ -557,11 +557,12 @@ def module_losses(
                 top = contenders(per_row, [ci for ci in order.tolist() if finite[ci]], s.rescore_z) or top
                 top = top[: s.rescore_max] if s.rescore_max > 0 else top
             full = torch.full_like(losses, math.inf)
-            race = s.race and s.rescore_z > 0
-            if len(top) > 1 and not race:
+            if len(top) == 1:  # the coarse best is clearly best: the rest cannot change the pick
+                full[top[0]] = losses[top[0]]
+            elif not (s.race and s.rescore_z > 0):
                 for ci in top:
                     full[ci] = (losses[ci] * n_c + score(ci, rest_ids)[0] * n_r) / (n_c + n_r)
-            elif len(top) > 1:
+            else:
                 # A race over the rest, chunk by chunk: after each chunk the same paired test, on every sample
                 # scored so far, drops the candidates now clearly worse than the best so far; the rest of the
                 # samples go to the survivors only, and one survivor is the pick.
@@ -578,10 +579,8 @@ def module_losses(
                         top = contenders(per_row, ranked, s.rescore_z) or ranked
                         if len(top) == 1:
                             break
-                for ci in top:
+                for ci in top:  # one survivor: its mean over the samples scored before it was alone
                     full[ci] = sums[ci] / n_done
-            if len(top) == 1:  # the best is clearly best: the rest of the samples cannot change the pick
-                full[top[0]] = losses[top[0]] if math.isinf(full[top[0]]) else full[top[0]]
             losses = full
     finally:
         for lin, w0 in saved:
