@@ -10,6 +10,30 @@ CHUNK_ELEMS = 1 << 23  # elements of a row chunk of the weight-sized temporaries
 CLIP_GRID = 20  # clip ratios 1 - i/CLIP_GRID for i < MAX_SHRINK * CLIP_GRID (AutoAWQ)
 MAX_SHRINK = 0.5
 CLIP_RATIOS = int(CLIP_GRID * MAX_SHRINK)  # clip ratios tried per group
+# A wide input's Gram matrix X^T X and the losses' quadratic forms d G d^T (awq.search) multiply only the
+# diagonal and upper column blocks of the symmetric G: (k + 1) / 2k of the full product's multiply-adds with k
+# blocks (bench/README.md, issue 21, stop 5).
+GRAM_BLOCKED_MIN = 1024  # inputs at least this wide are done by blocks
+GRAM_BLOCKS = 4  # column blocks of an accumulated Gram matrix
+FORM_BLOCKS = 8  # column blocks of a quadratic form, at most
+FORM_BLOCK_MIN = 512  # and at least this wide (a narrower product runs further from the machine's peak)
+
+
+def gram_blocks(width: int) -> int:
+    """Column blocks the Gram matrix of an input this wide is accumulated in (1: the full product)."""
+    return GRAM_BLOCKS if width >= GRAM_BLOCKED_MIN else 1
+
+
+def form_blocks(width: int) -> int:
+    """Column blocks of a quadratic form d G d^T over an input this wide (1: the full product)."""
+    return max(1, min(FORM_BLOCKS, width // FORM_BLOCK_MIN)) if width >= GRAM_BLOCKED_MIN else 1
+
+
+def blocked_share(blocks: int) -> float:
+    """The share of a symmetric product's multiply-adds done with this many column blocks."""
+    return (blocks + 1) / (2 * blocks)
+
+
 # GPTQ rounding only on a linear whose calibration tokens are at least this many per input channel (else it is
 # rounded to nearest): fewer cannot pin down its input Gram matrix (bench/README.md, issue 21, stop 3)
 GPTQ_TOKENS_PER_INPUT = 4

@@ -411,8 +411,12 @@ def block_flops(config: dict[str, Any], settings: JobSettings) -> float:
 def _block_flops(shape: ModelShape, s: JobSettings, linears, widths, tokens: int) -> float:
     p_lin = sum(lin.out_features * lin.in_features for lin in linears)
     fwd = 2 * tokens * p_lin + 4 * s.n_samples * s.seq_len**2 * shape.hidden
-    # Gram matrices, where the inputs are not kept instead
-    block = fwd + sum(2 * tokens * share * w * w for w, share in widths.values() if tokens >= w)
+    # Gram matrices, where the inputs are not kept instead (a wide one by its upper blocks only)
+    block = fwd + sum(
+        2 * tokens * share * w * w * limits.blocked_share(limits.gram_blocks(w))
+        for w, share in widths.values()
+        if tokens >= w
+    )
     if s.method == "awq":
         c = _n_candidates(s)
         screened = 0 < s.search_screen < c
@@ -422,6 +426,8 @@ def _block_flops(shape: ModelShape, s: JobSettings, linears, widths, tokens: int
         for lin in linears:
             nw = lin.out_features * lin.in_features
             t = min(tokens * lin.tokens_share, lin.in_features)
+            if t == lin.in_features:  # from the Gram matrix: a wide one's quadratic forms by blocks
+                t *= limits.blocked_share(limits.form_blocks(lin.in_features))
             g = _group(lin.in_features, s.group_size)
             # scored on their outputs: about half the linears, all of them when the module search is screened
             block += c * (20 * nw + 2 * nw * t) / (1 if screened else 2)
