@@ -28,23 +28,38 @@ step "PostgreSQL and Redis (scripts/services.sh)"
 bash scripts/services.sh
 export AWQFORGE_TEST_DATABASE_URL=${AWQFORGE_TEST_DATABASE_URL:-postgresql+psycopg://postgres@127.0.0.1:5432/test}
 export AWQFORGE_TEST_REDIS_URL=${AWQFORGE_TEST_REDIS_URL:-redis://127.0.0.1:6379/0}
-# The whole suite in two processes side by side: the service tests (one package-scoped stack: a Postgres
-# database, a Celery worker, an API server) and the engine's; each prints its own report, then its exit
-# status counts. AWQFORGE_TEST_PROCESSES=1 (or naming tests) runs one pytest as usual.
+# The whole suite in three processes side by side: the engine's tests, and the service tests in two halves
+# (each its own package-scoped stack: a Postgres database, a Redis prefix, a Celery worker, an API server;
+# they wait on those processes about half the time, so two halves beside the engine's fill the cores). Each
+# prints its own report, then its exit status counts. AWQFORGE_TEST_PROCESSES=1 (or naming tests) runs one
+# pytest as usual.
+# The service half that runs jobs through killed and faulted workers; every other service file (new ones too)
+# goes to the other half.
+SERVICE_A="tests/service/test_faults.py tests/service/test_faults_reconcile.py tests/service/test_publish_retry.py
+    tests/service/test_embedded.py tests/service/test_scaleout.py tests/service/test_eval_tasks.py
+    tests/service/test_routing.py"
 if [ $# -eq 0 ] && [ "${AWQFORGE_TEST_PROCESSES:-2}" = 2 ]; then
-    step "pytest: tests/service and the engine's tests in two processes"
+    step "pytest: the engine's tests and the service tests (two halves) in three processes"
     LOGS=$(mktemp -d)
-    export AWQFORGE_TEST_PROCESSES=2  # tests/conftest.py: each process's torch takes half the cores
-    "$PY" -m pytest -q tests/service >"$LOGS/service.log" 2>&1 &
-    SERVICE=$!
+    export AWQFORGE_TEST_PROCESSES=2  # tests/conftest.py: the engine's torch takes half the cores
+    IGNORE=""
+    for f in $SERVICE_A; do IGNORE="$IGNORE --ignore=$f"; done
+    # shellcheck disable=SC2086  # the file lists split on spaces
+    "$PY" -m pytest -q $SERVICE_A >"$LOGS/service-a.log" 2>&1 &
+    SA=$!
+    # shellcheck disable=SC2086
+    "$PY" -m pytest -q tests/service $IGNORE >"$LOGS/service-b.log" 2>&1 &
+    SB=$!
     "$PY" -m pytest -q tests --ignore=tests/service >"$LOGS/engine.log" 2>&1 &
     ENGINE=$!
-    rs=0; wait "$SERVICE" || rs=$?
+    ra=0; wait "$SA" || ra=$?
+    rb=0; wait "$SB" || rb=$?
     re=0; wait "$ENGINE" || re=$?
     echo "==> the engine's tests (exit $re)"; cat "$LOGS/engine.log"
-    echo "==> the service tests (exit $rs)"; cat "$LOGS/service.log"
+    echo "==> the service tests, jobs under faults (exit $ra)"; cat "$LOGS/service-a.log"
+    echo "==> the other service tests (exit $rb)"; cat "$LOGS/service-b.log"
     rm -rf "$LOGS"
-    [ "$rs" = 0 ] && [ "$re" = 0 ]
+    [ "$ra" = 0 ] && [ "$rb" = 0 ] && [ "$re" = 0 ]
     exit
 fi
 step "pytest"
