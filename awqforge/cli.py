@@ -661,16 +661,23 @@ def _plan(args) -> int:
                 f"({settings.n_samples} asked); the plan counts the {used} the job will use"
             )
             settings = dataclasses.replace(settings, n_samples=used)
-    rates = {}
+    rates, forward_rates = {}, {}
     if getattr(args, "measure", False):
-        from awqforge.timing import measure_rate
+        from awqforge.timing import measure_forward_rate, measure_rate
 
         device = "cuda" if spec.device == "cuda" else "cpu"
         _announce(f"timing one block of this model on {device} for the time estimate ...")
         rates[device], secs = measure_rate(config, settings, device)
-        _announce(f"one block took {secs:.1f} s ({rates[device] / 1e9:.0f} GFLOP/s by the plan's count)")
+        forward_rates[device], fwd_secs = measure_forward_rate(config, settings, device)
+        _announce(
+            f"one block took {secs:.1f} s ({rates[device] / 1e9:.0f} GFLOP/s by the plan's count), its forward "
+            f"on {settings.eval_seq_len} tokens {fwd_secs:.2f} s ({forward_rates[device] / 1e9:.0f} GFLOP/s)"
+        )
         devices = [device]
-    plans = {d: plan(config, settings, device=d, flops_rate=rates.get(d)) for d in devices}
+    plans = {
+        d: plan(config, settings, device=d, flops_rate=rates.get(d), forward_rate=forward_rates.get(d))
+        for d in devices
+    }
     if args.json:
         print(json.dumps({d: p.to_dict() for d, p in plans.items()}, indent=1))
     else:

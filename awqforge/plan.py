@@ -54,6 +54,9 @@ _TASK_CONTEXT_TOKENS = 1024
 # examples of a task without `limit` (registry tasks range from hundreds to tens of thousands).
 _TASK_TOKENS_PER_EXAMPLE = 256
 _TASK_EXAMPLES_DEFAULT = 1000
+# Module-scored candidates the estimate charges the rest of the samples for: the race (awq.search) keeps about
+# this many to the end on a trained model; awqforge.timing times its block with exactly this many rescored.
+RESCORED = 2
 
 
 class PlanError(InputError):
@@ -246,6 +249,9 @@ class MemoryPlan:
     # this machine by timing one block (awqforge.timing.measure_rate)
     flops_rate: float = 0.0
     flops_rate_source: str = "default"
+    # the rate of the stages that run the model forward (calibrate, evaluate, evaluate_tasks): measured by
+    # timing forwards of one block (awqforge.timing.measure_forward_rate); 0: flops_rate's
+    forward_rate: float = 0.0
     n_blocks: int = 0
     params: int = 0
 
@@ -265,12 +271,19 @@ def _group(in_f: int, group_size: int) -> int:
 
 
 def plan(
-    config: dict[str, Any], settings: JobSettings, *, device: str = "cuda", flops_rate: float | None = None
+    config: dict[str, Any],
+    settings: JobSettings,
+    *,
+    device: str = "cuda",
+    flops_rate: float | None = None,
+    forward_rate: float | None = None,
 ) -> MemoryPlan:
     """Peak memory (bytes) and a time estimate of a job on one device kind ("cpu" or "cuda").
 
     flops_rate: FLOP/s of this machine for the search's work, measured (awqforge.timing.measure_rate times
-    one block of the model); default DEVICE_FLOPS[device], an order of magnitude only."""
+    one block of the model); default DEVICE_FLOPS[device], an order of magnitude only. forward_rate: FLOP/s
+    of the model's forward (evaluation runs large matmuls, nearer the machine's peak than the search's mixed
+    work: awqforge.timing.measure_forward_rate); default flops_rate's."""
     if device not in ("cpu", "cuda"):
         raise ValueError(f"device must be 'cpu' or 'cuda', got {device!r}")
     shape = ModelShape.from_config(config)
@@ -377,7 +390,7 @@ def plan(
     peak = stages[peak_stage]
 
     rate = flops_rate or DEVICE_FLOPS[device]
-    secs = _time(shape, s, rate, linears, widths, tokens)
+    secs = _time(shape, s, rate, forward_rate or rate, linears, widths, tokens)
     return MemoryPlan(
         device=device,
         compute_dtype="float32" if e == 4 else shape.checkpoint_dtype,
@@ -392,6 +405,7 @@ def plan(
         est_seconds_by_stage={k: round(v, 1) for k, v in secs.items()},
         flops_rate=float(rate),
         flops_rate_source="measured" if flops_rate else "default",
+        forward_rate=float(forward_rate or 0.0),
         n_blocks=shape.n_layers,
         params=shape.total_params,
     )
@@ -421,8 +435,8 @@ def _block_flops(shape: ModelShape, s: JobSettings, linears, widths, tokens: int
         c = _n_candidates(s)
         screened = 0 < s.search_screen < c
         on_module = s.search_screen if screened else c  # the screen's short list, or every candidate
-        # the short list on the coarse eighth, then a race on the rest: about 2 candidates stay to the end
-        block += on_module * 0.125 * fwd + min(2, on_module) * 0.875 * fwd
+        # the short list on the coarse eighth, then a race on the rest: about RESCORED stay to the end
+        block += on_module * 0.125 * fwd + min(RESCORED, on_module) * 0.875 * fwd
         for lin in linears:
             nw = lin.out_features * lin.in_features
             t = min(tokens * lin.tokens_share, lin.in_features)
@@ -446,20 +460,31 @@ def _gptq_applies(s: JobSettings, lin, tokens: int) -> bool:
     )
 
 
-def _time(shape: ModelShape, s: JobSettings, rate: float, linears, widths, tokens: int) -> dict[str, float]:
-    """FLOP count per stage over a rate: an order-of-magnitude estimate with the default rate, within the
-    model's own error once the rate is measured on the machine."""
+def forward_flops(params: int, tokens: int) -> float:
+    """The FLOP count the estimate charges a forward of `tokens` tokens through a model of `params`
+    parameters (what awqforge.timing's measured forward is divided into, too)."""
+    return 2.0 * tokens * params
+
+
+def _time(
+    shape: ModelShape, s: JobSettings, rate: float, fwd_rate: float, linears, widths, tokens: int
+) -> dict[str, float]:
+    """FLOP count per stage over a rate (the search's, or the forward's for the stages that only run the
+    model): an order-of-magnitude estimate with the default rate, within the model's own error once the
+    rates are measured on the machine."""
     block = _block_flops(shape, s, linears, widths, tokens)
     out = {
-        "calibrate": 2 * tokens * shape.embedding_params / 2 / rate,
+        "calibrate": forward_flops(shape.embedding_params, tokens) / 2 / fwd_rate,
         "quantize": shape.n_layers * block / rate,
     }
-    if s.eval_enabled:
+    if s.eval_enabled:  # the FP and the quantized model over the windows
         windows = s.eval_max_seqs or _EVAL_WINDOWS_DEFAULT
-        out["evaluate"] = 2 * 2 * windows * s.eval_seq_len * shape.total_params / rate
+        out["evaluate"] = 2 * forward_flops(shape.total_params, windows * s.eval_seq_len) / fwd_rate
     if s.eval_tasks:  # every task's examples forward through the FP and the quantized model
         examples = sum(_task_limit(t) or _TASK_EXAMPLES_DEFAULT for t in s.eval_tasks)
-        out["evaluate_tasks"] = 2 * 2 * examples * _TASK_TOKENS_PER_EXAMPLE * shape.total_params / rate
+        out["evaluate_tasks"] = (
+            2 * forward_flops(shape.total_params, examples * _TASK_TOKENS_PER_EXAMPLE) / fwd_rate
+        )
     return out
 
 
@@ -512,6 +537,10 @@ def describe(p: MemoryPlan) -> str:
             else "(a rough default for the device kind; `awqforge plan --measure` times one block here)"
         )
     )
+    if p.forward_rate:
+        lines.append(
+            f"  the model's forwards (calibrate, evaluate) at {p.forward_rate / 1e9:.0f} GFLOP/s measured"
+        )
     return "\n".join(lines)
 
 

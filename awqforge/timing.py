@@ -7,6 +7,13 @@ no block reads), runs the calibration forward and `quantize_block` with the job'
 tokens of the job's calibration size, and returns plan.block_flops / the measured seconds: the rate the
 plan then uses (`plan(..., flops_rate=...)`, `awqforge plan --measure`). One block costs 1/n_layers of
 the quantize stage, so the measurement is short next to the job.
+
+The timed block rescores exactly plan.RESCORED module-scored candidates on the rest of the samples, the
+work the plan counts, instead of racing them: on random weights and tokens the candidates' losses are close
+and the race keeps more of them than on a trained model (SmolLM2's block: 14.1 s raced against 8.4 s with
+two, where the real model's blocks take 8.6 s on average; bench/README.md, issue 21, stop 5).
+`measure_forward_rate` times forwards of the same one-block model on an evaluation window: the rate of
+the stages that only run the model (plan(..., forward_rate=...)).
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from typing import Any
 
 import torch
 
-from awqforge.plan import JobSettings, block_flops
+from awqforge.plan import RESCORED, JobSettings, block_flops, forward_flops
 
 
 def _one_block_config(config: dict[str, Any]):
@@ -43,17 +50,22 @@ def _one_block_config(config: dict[str, Any]):
     return built.get_text_config() if hasattr(built, "get_text_config") else built
 
 
-@torch.no_grad()
-def measure_block_seconds(config: dict[str, Any], settings: JobSettings, device: str = "cpu") -> float:
-    """Seconds `quantize_block` takes on one block of this model's shape with these settings."""
+def _one_block_model(config: dict[str, Any], device: str):
     from transformers import AutoModelForCausalLM
-
-    from awqforge.arch import get_adapter
-    from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block
 
     cfg = _one_block_config(config)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device).eval()
+    return cfg, AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).to(device).eval()
+
+
+@torch.no_grad()
+def measure_block_seconds(config: dict[str, Any], settings: JobSettings, device: str = "cpu") -> float:
+    """Seconds `quantize_block` takes on one block of this model's shape with these settings (plan.RESCORED
+    candidates rescored on the rest of the samples, as the plan counts)."""
+    from awqforge.arch import get_adapter
+    from awqforge.awq import BlockSettings, capture_layer_inputs, quantize_block
+
+    cfg, model = _one_block_model(config, device)
     adapter = get_adapter(model.config)
     layers = adapter.get_layers(model)
     ids = torch.randint(3, cfg.vocab_size, (settings.n_samples, settings.seq_len))
@@ -62,7 +74,12 @@ def measure_block_seconds(config: dict[str, Any], settings: JobSettings, device:
     shared = {f.name for f in dataclasses.fields(BlockSettings)} & {
         f.name for f in dataclasses.fields(settings)
     }
-    s = BlockSettings(**{name: getattr(settings, name) for name in shared})
+    s = BlockSettings(
+        **{name: getattr(settings, name) for name in shared},
+        race=False,
+        rescore_z=0.0,
+        search_topk=RESCORED,
+    )
     t0 = time.perf_counter()
     quantize_block(layers[0], captured.inputs, captured.layer_kwargs[0], settings=s, adapter=adapter)
     return time.perf_counter() - t0
@@ -72,3 +89,20 @@ def measure_rate(config: dict[str, Any], settings: JobSettings, device: str = "c
     """(FLOP/s for plan(..., flops_rate=...), the measured seconds of one block)."""
     secs = measure_block_seconds(config, settings, device)
     return block_flops(config, settings) / max(secs, 1e-6), secs
+
+
+@torch.no_grad()
+def measure_forward_rate(
+    config: dict[str, Any], settings: JobSettings, device: str = "cpu", repeats: int = 2
+) -> tuple[float, float]:
+    """(FLOP/s for plan(..., forward_rate=...), seconds of one forward): forwards of the one-block model on
+    one evaluation window (eval.seq_len tokens), after one untimed forward, counted as plan.forward_flops."""
+    cfg, model = _one_block_model(config, device)
+    ids = torch.randint(3, cfg.vocab_size, (1, settings.eval_seq_len), device=device)
+    model(ids)
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        model(ids)
+    secs = (time.perf_counter() - t0) / repeats
+    params = sum(p.numel() for p in model.parameters())
+    return forward_flops(params, ids.numel()) / max(secs, 1e-9), secs

@@ -9,11 +9,12 @@ timing one block (awqforge.timing.measure_rate, what `awqforge plan --measure` d
 process, on --threads threads. Printed per stage: the estimate at the measured rate, the measured seconds and
 their ratio (issue 21's target: within 1.5x), and the default-rate estimate beside it. The measuring itself is
 timed too: it is what a job would spend on it. Calibration: the job default (128 samples of 512 tokens) of the
-bundled text, which holds fewer (32 with SmolLM2's tokenizer): the job uses what there is, and the plan counts
+bundled text (the default source, pileval, is read from the Hub), which holds fewer (32 with SmolLM2's tokenizer): the job uses what there is, and the plan counts
 the rows the job will use (awqforge.calibration.samples_used, as `awqforge plan` does), not the 128 asked for.
 Models: the converted SmolLM2-135M-Instruct checkpoint (all 30
 blocks) and random-init checkpoints of bench_speed.py's shapes (`gemma3-640`: Gemma-3-270M's block, 4 blocks;
-`qwen3_moe-768`: 16 experts, 2 blocks), with SmolLM2's tokenizer and vocabulary.
+`qwen3_moe-768`: 16 experts, 2 blocks, written as symmetric compressed-tensors: the AWQ format alone is refused
+for MoE models), with SmolLM2's tokenizer and vocabulary.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ MODELS = {
     "gemma3-640": ("gemma3_text", 4),
     "qwen3_moe-768": ("qwen3_moe", 2),
 }
+MOE = {"qwen3_moe-768"}  # written as compressed-tensors, symmetric: what transformers loads for MoE
 
 
 def checkpoint(name: str, work: Path) -> Path:
@@ -53,10 +55,14 @@ def one(name: str, work: Path) -> dict:
     from awqforge.pipeline import run_quantization
     from awqforge.plan import JobSettings, plan, read_config
     from awqforge.spec import JobSpec
-    from awqforge.timing import measure_rate
+    from awqforge.timing import measure_forward_rate, measure_rate
 
     ckpt = checkpoint(name, work)
-    spec = JobSpec(model=str(ckpt), quant={"bits": 4, "group_size": 64})  # the job defaults otherwise
+    # the job defaults otherwise; the bundled text, since pileval (the default source) needs the Hub
+    quant, extra = {"bits": 4, "group_size": 64}, {}
+    if name in MOE:  # the AWQ format alone is refused for MoE models (arch.check_format_support)
+        quant["zero_point"], extra["formats"] = False, ["compressed-tensors"]
+    spec = JobSpec(model=str(ckpt), quant=quant, calibration={"source": "bundled"}, **extra)
     config = read_config(ckpt)
     settings = JobSettings.from_spec(spec)
     used = samples_used(spec.calibration, AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False))
@@ -66,7 +72,10 @@ def one(name: str, work: Path) -> dict:
     t0 = time.perf_counter()
     rate, block_s = measure_rate(config, settings, "cpu")
     measure_s = time.perf_counter() - t0
-    measured_plan = plan(config, settings, device="cpu", flops_rate=rate)
+    t0 = time.perf_counter()
+    fwd_rate, _ = measure_forward_rate(config, settings, "cpu")
+    measure_s += time.perf_counter() - t0
+    measured_plan = plan(config, settings, device="cpu", flops_rate=rate, forward_rate=fwd_rate)
     out = work / f"out-{name}"
     shutil.rmtree(out, ignore_errors=True)
     with common.Timer() as t:
@@ -76,6 +85,7 @@ def one(name: str, work: Path) -> dict:
     return {
         "model": name,
         "rate_gflops": rate / 1e9,
+        "forward_gflops": fwd_rate / 1e9,
         "block_s": block_s,
         "measure_s": measure_s,
         "estimate": measured_plan.est_seconds_by_stage,
@@ -100,7 +110,7 @@ def main() -> int:
         rows.append(r)
         print(
             f"\n== {name}: one block timed in {r['block_s']:.1f} s ({r['rate_gflops']:.1f} GFLOP/s by the plan's "
-            f"count; measuring took {r['measure_s']:.1f} s), job {r['wall_s']:.1f} s, {args.threads} thread(s)"
+            f"count; forward {r['forward_gflops']:.1f} GFLOP/s; measuring took {r['measure_s']:.1f} s), job {r['wall_s']:.1f} s, {args.threads} thread(s)"
         )
         print(
             f"{'stage':<12} {'estimate s':>11} {'measured s':>11} {'est/meas':>9} {'default-rate est s':>19}"

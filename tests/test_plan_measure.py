@@ -27,3 +27,23 @@ def test_measured_rate_drives_the_estimate(family):
     default = plan(config, s, device="cpu")
     assert default.flops_rate == DEVICE_FLOPS["cpu"] and default.flops_rate_source == "default"
     assert block_flops(config, s) > 0
+
+
+def test_measured_forward_rate_drives_the_forward_stages():
+    """Evaluation runs the model forward (large matmuls): its stage is estimated at the rate of a timed
+    forward of one block on an evaluation window, not at the search's rate."""
+    from awqforge.plan import ModelShape, forward_flops
+    from awqforge.timing import measure_forward_rate
+
+    config = tiny_config("llama").to_dict()
+    s = JobSettings(n_samples=4, seq_len=32, group_size=32, eval_seq_len=64, eval_max_seqs=2000)
+    fwd, secs = measure_forward_rate(config, s)
+    assert secs > 0 and math.isfinite(fwd) and fwd > 0
+    p = plan(config, s, device="cpu", flops_rate=1e9, forward_rate=fwd)
+    params = ModelShape.from_config(config).total_params
+    want = 2 * forward_flops(params, 2000 * 64) / fwd
+    assert want > 5 and p.est_seconds_by_stage["evaluate"] == pytest.approx(want, rel=0.01)
+    assert p.forward_rate == fwd and "forward" in describe(p)
+    slower = plan(config, s, device="cpu", flops_rate=1e9, forward_rate=fwd / 10)
+    assert slower.est_seconds_by_stage["evaluate"] > p.est_seconds_by_stage["evaluate"]
+    assert slower.est_seconds_by_stage["quantize"] == p.est_seconds_by_stage["quantize"]
