@@ -642,25 +642,22 @@ def _plan(args) -> int:
     devices = ["cpu", "cuda"] if spec.device == "auto" else [spec.device]
     settings = JobSettings.from_spec(spec)
     if is_local_reference(spec.model):
-        # the plan counts the calibration rows the job will use: fewer than asked when the source holds less
+        # the plan counts the calibration rows and evaluation windows the job will use
         from transformers import AutoTokenizer
 
-        from awqforge.calibration import samples_used
+        from awqforge.timing import settings_as_run
 
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(spec.model), trust_remote_code=False)
         except (OSError, ValueError) as exc:  # a folder without a tokenizer: count what was asked for
-            tokenizer = None
             _announce(
-                f"no tokenizer in {spec.model} ({type(exc).__name__}): the plan counts the samples asked for"
+                f"no tokenizer in {spec.model} ({type(exc).__name__}): the plan counts the samples and "
+                "evaluation windows asked for"
             )
-        used = samples_used(spec.calibration, tokenizer) if tokenizer is not None else None
-        if used is not None and used < settings.n_samples:
-            _announce(
-                f"calibration: {spec.calibration.source} holds {used} samples of {settings.seq_len} tokens "
-                f"({settings.n_samples} asked); the plan counts the {used} the job will use"
-            )
-            settings = dataclasses.replace(settings, n_samples=used)
+        else:
+            settings, notes = settings_as_run(spec, tokenizer)
+            for note in notes:
+                _announce(note)
     rates, forward_rates = {}, {}
     if getattr(args, "measure", False):
         from awqforge.timing import measure_forward_rate, measure_rate

@@ -34,6 +34,17 @@ def eval_windows(tokenizer, text: str, seq_len: int = 2048, max_seqs: int | None
     return torch.tensor(windows, dtype=torch.long)
 
 
+def windows_used(ev, tokenizer) -> int | None:
+    """How many windows a job with this `EvalSpec` scores: max_seqs, or fewer when its text holds less (all
+    of them with max_seqs null). None where reading the text would mean downloading it (hf:, pileval)."""
+    from awqforge.calibration import read_text
+
+    text = ev.text
+    if text is not None and str(text).startswith(("hf:", "pileval")):
+        return None
+    return eval_windows(tokenizer, read_text(text), ev.seq_len, ev.max_seqs).shape[0]
+
+
 @torch.no_grad()
 def perplexity(
     model: nn.Module,

@@ -106,3 +106,28 @@ def measure_forward_rate(
     secs = (time.perf_counter() - t0) / repeats
     params = sum(p.numel() for p in model.parameters())
     return forward_flops(params, ids.numel()) / max(secs, 1e-9), secs
+
+
+def settings_as_run(spec, tokenizer) -> tuple[JobSettings, list[str]]:
+    """The plan's settings for this job counted as it will run: the calibration rows and evaluation windows
+    its local sources hold when they hold fewer than asked (the job uses what there is), and one line per
+    such change. Sources that would have to be downloaded are counted as asked."""
+    from awqforge.calibration import samples_used
+    from awqforge.evaluate import windows_used
+
+    settings, notes = JobSettings.from_spec(spec), []
+    used = samples_used(spec.calibration, tokenizer)
+    if used is not None and used < settings.n_samples:
+        notes.append(
+            f"calibration: {spec.calibration.source} holds {used} samples of {settings.seq_len} tokens "
+            f"({settings.n_samples} asked); the plan counts the {used} the job will use"
+        )
+        settings = dataclasses.replace(settings, n_samples=used)
+    windows = windows_used(spec.eval, tokenizer) if settings.eval_enabled else None
+    if windows is not None and (settings.eval_max_seqs is None or windows < settings.eval_max_seqs):
+        notes.append(
+            f"evaluation: the text holds {windows} windows of {settings.eval_seq_len} tokens "
+            f"({settings.eval_max_seqs or 'all'} asked); the plan counts the {windows} the job will score"
+        )
+        settings = dataclasses.replace(settings, eval_max_seqs=windows)
+    return settings, notes

@@ -10,7 +10,8 @@ process, on --threads threads. Printed per stage: the estimate at the measured r
 their ratio (issue 21's target: within 1.5x), and the default-rate estimate beside it. The measuring itself is
 timed too: it is what a job would spend on it. Calibration: the job default (128 samples of 512 tokens) of the
 bundled text (the default source, pileval, is read from the Hub), which holds fewer (32 with SmolLM2's tokenizer): the job uses what there is, and the plan counts
-the rows the job will use (awqforge.calibration.samples_used, as `awqforge plan` does), not the 128 asked for.
+the rows the job will use, as `awqforge plan` does (awqforge.timing.settings_as_run), not the 128 asked for;
+likewise the evaluation windows of the built-in text (fewer than the default 16 of 2048 tokens).
 Models: the converted SmolLM2-135M-Instruct checkpoint (all 30
 blocks) and random-init checkpoints of bench_speed.py's shapes (`gemma3-640`: Gemma-3-270M's block, 4 blocks;
 `qwen3_moe-768`: 16 experts, 2 blocks, written as symmetric compressed-tensors: the AWQ format alone is refused
@@ -51,11 +52,10 @@ def checkpoint(name: str, work: Path) -> Path:
 def one(name: str, work: Path) -> dict:
     from transformers import AutoTokenizer
 
-    from awqforge.calibration import samples_used
     from awqforge.pipeline import run_quantization
-    from awqforge.plan import JobSettings, plan, read_config
+    from awqforge.plan import plan, read_config
     from awqforge.spec import JobSpec
-    from awqforge.timing import measure_forward_rate, measure_rate
+    from awqforge.timing import measure_forward_rate, measure_rate, settings_as_run
 
     ckpt = checkpoint(name, work)
     # the job defaults otherwise; the bundled text, since pileval (the default source) needs the Hub
@@ -64,10 +64,8 @@ def one(name: str, work: Path) -> dict:
         quant["zero_point"], extra["formats"] = False, ["compressed-tensors"]
     spec = JobSpec(model=str(ckpt), quant=quant, calibration={"source": "bundled"}, **extra)
     config = read_config(ckpt)
-    settings = JobSettings.from_spec(spec)
-    used = samples_used(spec.calibration, AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False))
-    if used is not None:  # what `awqforge plan` counts: the rows the job will use
-        settings = dataclasses.replace(settings, n_samples=used)
+    # what `awqforge plan` counts: the calibration rows and evaluation windows the job will use
+    settings, _ = settings_as_run(spec, AutoTokenizer.from_pretrained(str(ckpt), trust_remote_code=False))
     default = plan(config, settings, device="cpu")
     t0 = time.perf_counter()
     rate, block_s = measure_rate(config, settings, "cpu")

@@ -225,12 +225,35 @@ def test_plan_counts_the_calibration_rows_the_source_holds(tiny_checkpoint):
     ckpt = tiny_checkpoint("llama")
     asked = awqforge("plan", str(ckpt), "--device", "cpu", "--n-samples", "1024", "--json", env=offline_env())
     assert asked.returncode == 0, asked.stderr[-3000:]
-    line = next(x for x in asked.stderr.splitlines() if "the plan counts the" in x)
+    line = next(x for x in asked.stderr.splitlines() if "calibration:" in x and "plan counts" in x)
     used = int(line.split(" holds ")[1].split()[0])
     assert 4 <= used < 1024 and "(1024 asked)" in line
     same = awqforge(
         "plan", str(ckpt), "--device", "cpu", "--n-samples", str(used), "--json", env=offline_env()
     )
-    assert same.returncode == 0 and "the plan counts the" not in same.stderr
+    assert same.returncode == 0 and "calibration:" not in same.stderr
     a, b = json.loads(asked.stdout)["cpu"], json.loads(same.stdout)["cpu"]
     assert a["est_seconds"] == b["est_seconds"] and a["peak_bytes"] == b["peak_bytes"]
+
+
+def test_plan_counts_the_evaluation_windows_the_text_holds(tiny_checkpoint):
+    """The built-in evaluation text holds a limited number of 2048-token windows: a job asking for more scores
+    what there is, and the plan's evaluate stage counts those (the same estimate as asking for that many)."""
+    ckpt = tiny_checkpoint("llama")
+
+    def plan(max_seqs: int):
+        run = awqforge(
+            "plan", str(ckpt), "--device", "cpu", "--eval-max-seqs", str(max_seqs), "--json", env=offline_env()
+        )
+        assert run.returncode == 0, run.stderr[-3000:]
+        return run, json.loads(run.stdout)["cpu"]
+
+    asked, a = plan(100000)
+    line = next(x for x in asked.stderr.splitlines() if "evaluation:" in x and "plan counts" in x)
+    held = int(line.split(" holds ")[1].split()[0])
+    assert 1 <= held < 100000 and "(100000 asked)" in line
+    same, b = plan(held)
+    assert "evaluation:" not in same.stderr
+    assert a["est_seconds_by_stage"]["evaluate"] == b["est_seconds_by_stage"]["evaluate"] > 0
+    fewer, c = plan(max(1, held // 2))
+    assert c["est_seconds_by_stage"]["evaluate"] < b["est_seconds_by_stage"]["evaluate"]
