@@ -8,7 +8,6 @@ Exit codes: 0 ok, 1 the job failed (message on stderr), 2 bad arguments, 130 int
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import sys

@@ -474,7 +474,8 @@ def _time(
     rates are measured on the machine."""
     block = _block_flops(shape, s, linears, widths, tokens)
     out = {
-        "calibrate": forward_flops(shape.embedding_params, tokens) / 2 / fwd_rate,
+        # tokenizing and the embedding's gather (no matmul): the calibration rows' hidden states
+        "calibrate": forward_flops(shape.hidden, tokens) / fwd_rate,
         "quantize": shape.n_layers * block / rate,
     }
     if s.eval_enabled:  # the FP and the quantized model over the windows

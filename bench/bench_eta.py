@@ -21,7 +21,6 @@ for MoE models), with SmolLM2's tokenizer and vocabulary.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import sys

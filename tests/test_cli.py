@@ -243,7 +243,14 @@ def test_plan_counts_the_evaluation_windows_the_text_holds(tiny_checkpoint):
 
     def plan(max_seqs: int):
         run = awqforge(
-            "plan", str(ckpt), "--device", "cpu", "--eval-max-seqs", str(max_seqs), "--json", env=offline_env()
+            "plan",
+            str(ckpt),
+            "--device",
+            "cpu",
+            "--eval-max-seqs",
+            str(max_seqs),
+            "--json",
+            env=offline_env(),
         )
         assert run.returncode == 0, run.stderr[-3000:]
         return run, json.loads(run.stdout)["cpu"]
