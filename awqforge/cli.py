@@ -666,8 +666,9 @@ def _plan(args) -> int:
         rates[device], secs = measure_rate(config, settings, device)
         forward_rates[device], fwd_secs = measure_forward_rate(config, settings, device)
         _announce(
-            f"one block took {secs:.1f} s ({rates[device] / 1e9:.0f} GFLOP/s by the plan's count), its forward "
-            f"on {settings.eval_seq_len} tokens {fwd_secs:.2f} s ({forward_rates[device] / 1e9:.0f} GFLOP/s)"
+            f"one block took {secs:.1f} s ({rates[device] / 1e9:.0f} GFLOP/s by the plan's count); the whole "
+            f"model's forward on {settings.eval_seq_len} tokens about {fwd_secs:.2f} s "
+            f"({forward_rates[device] / 1e9:.0f} GFLOP/s)"
         )
         devices = [device]
     plans = {

@@ -12,7 +12,7 @@ The timed block rescores exactly plan.RESCORED module-scored candidates on the r
 work the plan counts, instead of racing them: on random weights and tokens the candidates' losses are close
 and the race keeps more of them than on a trained model (SmolLM2's block: 14.1 s raced against 8.4 s with
 two, where the real model's blocks take 8.6 s on average; bench/README.md, issue 21, stop 5).
-`measure_forward_rate` times forwards of the same one-block model on an evaluation window: the rate of
+`measure_forward_rate` times the same one-block model and the output head on an evaluation window: the rate of
 the stages that only run the model (plan(..., forward_rate=...)).
 """
 
@@ -95,17 +95,38 @@ def measure_rate(config: dict[str, Any], settings: JobSettings, device: str = "c
 def measure_forward_rate(
     config: dict[str, Any], settings: JobSettings, device: str = "cpu", repeats: int = 2
 ) -> tuple[float, float]:
-    """(FLOP/s for plan(..., forward_rate=...), seconds of one forward): forwards of the one-block model on
-    one evaluation window (eval.seq_len tokens), after one untimed forward, counted as plan.forward_flops."""
+    """(FLOP/s for plan(..., forward_rate=...), the estimated seconds of the whole model's forward on one
+    evaluation window of eval.seq_len tokens).
+
+    Timed, after one untimed run each: the one-block model's body (embedding, the block, the final norm)
+    and the output head's matmul on a slice of the vocabulary, scaled to the whole vocabulary (on a small
+    model the head is most of the work, and a large matmul runs nearer the machine's peak than a block).
+    The window's seconds are n_layers bodies plus the head; the rate is plan.forward_flops of the whole
+    model over those seconds, so the plan's forward stages come out at this mix of work."""
+    from awqforge.plan import ModelShape
+
     cfg, model = _one_block_model(config, device)
+    shape = ModelShape.from_config(config)
+    body = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     ids = torch.randint(3, cfg.vocab_size, (1, settings.eval_seq_len), device=device)
-    model(ids)
-    t0 = time.perf_counter()
-    for _ in range(repeats):
-        model(ids)
-    secs = (time.perf_counter() - t0) / repeats
-    params = sum(p.numel() for p in model.parameters())
-    return forward_flops(params, ids.numel()) / max(secs, 1e-9), secs
+
+    def timed(fn) -> float:
+        fn()
+        t0 = time.perf_counter()
+        for _ in range(repeats):
+            fn()
+        return (time.perf_counter() - t0) / repeats
+
+    body_s = timed(lambda: body(ids))
+    cols = min(shape.vocab, HEAD_SLICE)
+    h = torch.randn(settings.eval_seq_len, shape.hidden, device=device)
+    w = torch.randn(cols, shape.hidden, device=device) / shape.hidden**0.5
+    head_s = timed(lambda: torch.nn.functional.linear(h, w)) * shape.vocab / cols
+    window_s = shape.n_layers * body_s + head_s
+    return forward_flops(shape.total_params, settings.eval_seq_len) / max(window_s, 1e-9), window_s
+
+
+HEAD_SLICE = 8192  # vocabulary columns of the head's timed matmul (scaled to the whole vocabulary)
 
 
 def settings_as_run(spec, tokenizer) -> tuple[JobSettings, list[str]]:
