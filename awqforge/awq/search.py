@@ -48,7 +48,7 @@ def _gram_blocks(n: int) -> list[tuple[int, int]]:
 
 def accumulate_gram(gram: torch.Tensor, x: torch.Tensor) -> None:
     """gram += x^T x. For a wide input only the block rows' diagonal and right-hand blocks are computed
-    (5/8 of the multiply-adds with 4 blocks: a Gram matrix is symmetric); `mirror_gram` fills the rest once
+    (limits.gram_blocks; 9/16 of the multiply-adds with 8 blocks: a Gram matrix is symmetric); `mirror_gram` fills the rest once
     the pass is over. The blocks computed are the same sums as the full product's, so nothing changes."""
     n = x.shape[1]
     if limits.gram_blocks(n) == 1:
