@@ -345,10 +345,19 @@ def plan(
                 if not lin.input_key.endswith("_down"):
                     group = "attn" if lin.input_key == "attn_in" else "mlp"
                     by_input[group] = by_input.get(group, 0) + lin.out_features * lin.in_features * e
-        # (the candidates are fake-quantized before the module runs: the larger of the two counts)
+
+        # (the candidates are fake-quantized before the module runs: the larger of the two counts), and the
+        # race's contenders' weights kept between chunks where all of them fit limits.RACE_CACHE_BYTES
+        def race_cache(group: int) -> int:
+            return min(limits.RESCORE_MAX, limits.RACE_CACHE_BYTES // group) * group if group else 0
+
         module = {
-            "attn": by_input.get("attn", 0) + max(fq, attn_forward + 4 * chunk * h * e),
-            "mlp": by_input.get("mlp", 0) + max(fq, mlp_forward + 2 * chunk * h * e),
+            "attn": by_input.get("attn", 0)
+            + race_cache(by_input.get("attn", 0))
+            + max(fq, attn_forward + 4 * chunk * h * e),
+            "mlp": by_input.get("mlp", 0)
+            + race_cache(by_input.get("mlp", 0))
+            + max(fq, mlp_forward + 2 * chunk * h * e),
         }
         phases["scale_search"] = {"transient_scale_search": max(module.values())}
     biggest = max(linears, key=lambda lin: lin.out_features * lin.in_features)

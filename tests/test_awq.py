@@ -369,6 +369,26 @@ def test_rescoring_race_picks_what_the_exhaustive_search_picks():
     assert sum(finalists["race"]) < sum(finalists["all rescored"])
 
 
+def test_race_keeps_its_contenders_weights_with_the_same_result(monkeypatch):
+    """The race's contenders keep their fake-quantized weights between chunks (limits.RACE_CACHE_BYTES):
+    the same losses, picks and logits as refilling them for every chunk."""
+    from awqforge import limits
+
+    ids = tiny_input_ids(16, 64)
+    settings = BlockSettings(group_size=32, search_screen=0, chunk_tokens=128)
+    runs, default = {}, limits.RACE_CACHE_BYTES
+    for budget in (default, 0):
+        monkeypatch.setattr(limits, "RACE_CACHE_BYTES", budget)
+        mse, results = logits_mse("llama", ids, settings)
+        runs[budget] = (
+            mse,
+            [(v["ratio"], v["loss"], v["finalists"]) for r in results for v in r.scales.values()],
+        )
+    kept, refilled = runs[default], runs[0]
+    assert kept == refilled
+    assert max(f for _, _, f in kept[1]) >= 2  # a race with several contenders ran
+
+
 def _correlated_layer(out_f=48, in_f=128, n=512, seed=0):
     """A weight and a Gram matrix of correlated, unevenly scaled inputs (as real activations are)."""
     g = torch.Generator().manual_seed(seed)

@@ -528,14 +528,29 @@ def module_losses(
     saved = [(lin, lin._parameters["weight"]) for _, lin in qlins]
     bufs = [torch.empty_like(p) for _, p in saved]
 
-    def score(ci: int, chunk_ids, per_sample: bool = False) -> tuple[float, list[float]]:
-        """(mean squared error over the chunks' real terms, each sample row's own mean error if per_sample:
-        the paired test reads them on the coarse chunks only)."""
+    # the race's contenders keep their fake-quantized weights between chunks when all of them fit the budget
+    cache: dict[int, list[torch.Tensor]] = {}
+    weight_bytes = sum(p.numel() * p.element_size() for _, p in saved)
+
+    def install(ci: int, keep: bool = False) -> None:
+        """The linears read candidate ci's fake-quantized weights: kept ones, or filled into the buffers."""
+        if ci in cache:
+            for (lin, _), w in zip(saved, cache[ci], strict=True):
+                lin._parameters["weight"] = nn.Parameter(w, requires_grad=False)
+            return
         sc = cands[ci][2]
-        for (_lin, w0), buf in zip(saved, bufs, strict=True):
+        for (lin, w0), buf in zip(saved, bufs, strict=True):
             scd = sc.to(w0.device)[None, :]
             for sl in row_slices(*w0.shape):
                 buf[sl] = scaled_fake_quant(w0[sl].float(), scd, s)
+            lin._parameters["weight"] = nn.Parameter(buf, requires_grad=False)
+        if keep:
+            cache[ci] = [buf.clone() for buf in bufs]
+
+    def score(ci: int, chunk_ids, per_sample: bool = False, keep: bool = False) -> tuple[float, list[float]]:
+        """(mean squared error over the chunks' real terms, each sample row's own mean error if per_sample:
+        the paired test reads them on the coarse chunks only)."""
+        install(ci, keep)
         total, count, rows = 0.0, 0, []
         for k in chunk_ids:
             args, kwargs = calls[k]
@@ -556,8 +571,6 @@ def module_losses(
 
     losses = torch.full((len(cands),), math.inf)
     try:
-        for (lin, _), buf in zip(saved, bufs, strict=True):
-            lin._parameters["weight"] = nn.Parameter(buf, requires_grad=False)
         coarse_ids = list(range(min(n_coarse, len(calls))))
         rest_ids = list(range(len(coarse_ids), len(calls)))
         per_row: dict[int, list[float]] = {}
@@ -586,9 +599,10 @@ def module_losses(
                 # samples go to the survivors only, and one survivor is the pick.
                 sums = {ci: float(losses[ci]) * n_c for ci in top}
                 n_done = n_c
+                keep = len(rest_ids) > 1 and len(top) * weight_bytes <= limits.RACE_CACHE_BYTES
                 for j, k in enumerate(rest_ids):
                     for ci in top:
-                        loss_k, rows = score(ci, [k], per_sample=True)
+                        loss_k, rows = score(ci, [k], per_sample=True, keep=keep)
                         sums[ci] += loss_k * terms(k)
                         per_row[ci] += rows
                     n_done += terms(k)
@@ -601,6 +615,7 @@ def module_losses(
                     full[ci] = sums[ci] / n_done
             losses = full
     finally:
+        cache.clear()
         for lin, w0 in saved:
             lin._parameters["weight"] = w0
         for mod in experts:
