@@ -44,7 +44,9 @@ class ProgressEvent:
     message: str
     block: int | None = None  # blocks done so far (quantize stage)
     n_blocks: int | None = None
-    eta_s: float | None = None  # remaining time of the quantize (or evaluate) stage
+    # remaining seconds: in the quantize stage of the whole job (its blocks at the pace they have run, then
+    # the later stages by the plan's model at the rate those blocks show); in the evaluate stage of that stage
+    eta_s: float | None = None
     # evaluate stage: work done in windows, each pass (FP, then quantized) counting every window once
     step: float | None = None
     n_steps: int | None = None
@@ -235,6 +237,15 @@ def run_quantization(
 
         # -- quantize: one block at a time
         job.stage("quantize", f"quantizing {stream.n_blocks} blocks ({spec.method.value})")
+        planned = _plan_seconds(
+            resolved.path,
+            spec,
+            calib.n_samples if not rtn else spec.calibration.n_samples,
+            len(eval_windows(tokenizer, eval_text, spec.eval.seq_len, spec.eval.max_seqs))
+            if eval_text
+            else None,
+            device,
+        )
         layers, mappings, skipped = [], {}, []
         checkpoints, first = None, 0
         if checkpoint_dir is not None and not rtn:  # RTN reruns faster than it would resume
@@ -277,7 +288,11 @@ def run_quantization(
             mappings = new_mappings
             layers.extend(block_layers)
             done = i + 1
-            eta = (time.perf_counter() - started) / (done - first) * (stream.n_blocks - done)
+            per_block = (time.perf_counter() - started) / (done - first)
+            eta = per_block * (stream.n_blocks - done)
+            if planned and planned.get("quantize"):  # the plan's later stages at the rate these blocks show
+                scale = per_block / (planned["quantize"] / stream.n_blocks)
+                eta += scale * sum(v for k, v in planned.items() if k not in ("calibrate", "quantize"))
             job.report(
                 done / stream.n_blocks,
                 f"block {done}/{stream.n_blocks}",
@@ -479,6 +494,25 @@ def _cpu_kernel_note(device, eval_info: dict | None) -> str | None:
     if eval_info and why:
         return f"reference (pure torch, slow): the quantized evaluation ran without the CPU kernel: {why}"
     return cpu_report()["path"]
+
+
+def _plan_seconds(model_dir, spec, n_samples: int, n_windows: int | None, device) -> dict[str, float] | None:
+    """The plan's work per stage for this job as it runs (its calibration rows and evaluation windows), as
+    seconds at 1 FLOP/s: the job turns it into seconds at the rate its own blocks show. None where the config
+    cannot be planned (the ETA then covers the quantize stage only)."""
+    import dataclasses
+
+    from awqforge.plan import JobSettings, plan, read_config
+
+    try:
+        settings = dataclasses.replace(JobSettings.from_spec(spec), n_samples=n_samples)
+        if n_windows is not None:
+            settings = dataclasses.replace(settings, eval_max_seqs=n_windows)
+        kind = "cuda" if str(device).startswith("cuda") else "cpu"
+        return plan(read_config(model_dir), settings, device=kind, flops_rate=1.0).est_seconds_by_stage
+    except (InputError, ValueError, KeyError, TypeError, OSError) as exc:
+        logger.debug("no plan for the ETA: %s", exc)
+        return None
 
 
 def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dtype, job: _Job) -> dict:

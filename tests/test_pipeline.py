@@ -198,6 +198,10 @@ def test_short_calibration_per_sample_refine_and_evaluation_cost(tiny_checkpoint
     fp_steps = [e for e in steps if "FP pass" in e.message]
     assert fp_steps[-1].step == 3 and fp_steps[0].eta_s > 0  # the FP pass's end still has the quantized left
     assert [e.step for e in steps if "quantized pass" in e.message] == [4, 5, 6]
+    # the quantize stage's ETA is the job's: after the last block the evaluation (the plan's model, at the rate
+    # the blocks showed) is still to come
+    blocks = [e for e in events if e.stage == "quantize" and e.block]
+    assert blocks[-1].block == blocks[-1].n_blocks and blocks[-1].eta_s > 0
     refined = run_quantization(
         tiny_spec(ckpt, calibration=calibration, refine_steps=2, formats=["awq"], eval={"enabled": False}),
         tmp_path / "awq2",
