@@ -44,8 +44,8 @@ class ProgressEvent:
     message: str
     block: int | None = None  # blocks done so far (quantize stage)
     n_blocks: int | None = None
-    # remaining seconds: in the quantize stage of the whole job (its blocks at the pace they have run, then
-    # the later stages by the plan's model at the rate those blocks show); in the evaluate stage of that stage
+    # remaining seconds of the job: the current stage at the pace it has run (blocks, windows, tasks), then the
+    # later stages by the plan's model at the rate the quantize stage's blocks showed
     eta_s: float | None = None
     # evaluate stage: work done in windows, each pass (FP, then quantized) counting every window once
     step: float | None = None
@@ -75,6 +75,9 @@ class _Job:
         self._stage: str | None = None
         self._t0 = 0.0
         self._shown = 0.0  # the highest overall progress reported: a bar never moves back
+        # seconds the stages after evaluate (lm-eval tasks) are expected to take: the plan's model at the rate
+        # the quantize stage's blocks showed, added to the evaluate stage's ETA
+        self.after_evaluate_s = 0.0
 
     def stage(self, name: str, message: str) -> None:
         self.end_stage()
@@ -293,6 +296,7 @@ def run_quantization(
             if planned and planned.get("quantize"):  # the plan's later stages at the rate these blocks show
                 scale = per_block / (planned["quantize"] / stream.n_blocks)
                 eta += scale * sum(v for k, v in planned.items() if k not in ("calibrate", "quantize"))
+                job.after_evaluate_s = scale * planned.get("evaluate_tasks", 0.0)
             job.report(
                 done / stream.n_blocks,
                 f"block {done}/{stream.n_blocks}",
@@ -558,7 +562,7 @@ def _evaluate(spec, text: str, resolved, adapter, writer, tokenizer, device, dty
             f"evaluate: {name} pass, {unit} {done}/{steps}",
             step=timer.windows_done(),
             n_steps=2 * n_windows,
-            eta_s=eta,
+            eta_s=None if eta is None else eta + job.after_evaluate_s,
         )
 
     timer.start("FP")

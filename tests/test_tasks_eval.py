@@ -237,6 +237,9 @@ def test_pipeline_reports_tasks_gate_card_and_reuses_fp_scores(fp_model, tmp_pat
     assert "**Prompt:** The License" in card
     steps = [e for e in events if e.stage == "evaluate" and e.message.startswith("tasks:")]
     assert steps and steps[-1].step == steps[-1].n_steps == 5  # 2 tasks x 2 models + generations
+    # the job's ETA at the end of the perplexity windows still holds the tasks (the plan's model)
+    windows = [e for e in events if e.stage == "evaluate" and "quantized pass" in e.message]
+    assert windows[-1].step == windows[-1].n_steps and windows[-1].eta_s > 0
 
     # the same model, tasks and settings again: the FP scores come from the cache, the report says so
     again = run_quantization(_spec(folder, tasks=tasks, prompts=[]), tmp_path / "b", fp_task_cache=cache)
