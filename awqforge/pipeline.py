@@ -192,10 +192,10 @@ def run_quantization(
             raise InputError(str(exc)) from exc
         settings = BlockSettings.from_spec(spec)
         tokenizer = AutoTokenizer.from_pretrained(str(resolved.path), trust_remote_code=False)
-        eval_text = None
+        eval_text = n_eval_windows = None
         if spec.eval.enabled:  # a missing or too short evaluation text fails now, not after the quantization
             eval_text = read_text(spec.eval.text)
-            eval_windows(tokenizer, eval_text, spec.eval.seq_len, 1)
+            n_eval_windows = len(eval_windows(tokenizer, eval_text, spec.eval.seq_len, spec.eval.max_seqs))
         task_items = _resolve_eval_tasks(spec, allowed_roots)  # unknown tasks fail now, not after quantizing
         if shard_size is None:
             shard_size = DEFAULT_SHARD_SIZE
@@ -244,9 +244,7 @@ def run_quantization(
             resolved.path,
             spec,
             calib.n_samples if not rtn else spec.calibration.n_samples,
-            len(eval_windows(tokenizer, eval_text, spec.eval.seq_len, spec.eval.max_seqs))
-            if eval_text
-            else None,
+            n_eval_windows,
             device,
         )
         layers, mappings, skipped = [], {}, []

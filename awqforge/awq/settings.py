@@ -57,9 +57,7 @@ class BlockSettings:
     # > 0: rescore, instead of the top search_topk, every candidate whose coarse per-sample errors are not
     # rescore_z standard errors above the coarse best's (a paired test); none when the best is clear
     rescore_z: float = 3.0
-    rescore_max: int = (
-        limits.RESCORE_MAX
-    )  # at most this many rescored, best first (0: every one the test keeps)
+    rescore_max: int = limits.RESCORE_MAX  # at most this many rescored, best first (0: all the test keeps)
     # rescore as a race: after each further chunk of samples the paired test (on all samples so far) drops
     # the rescored candidates now clearly worse than the best so far (False: all rescored on every sample)
     race: bool = True
