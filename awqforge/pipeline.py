@@ -512,7 +512,7 @@ def _plan_seconds(model_dir, spec, n_samples: int, n_windows: int | None, device
             settings = dataclasses.replace(settings, eval_max_seqs=n_windows)
         kind = "cuda" if str(device).startswith("cuda") else "cpu"
         return plan(read_config(model_dir), settings, device=kind, flops_rate=1.0).est_seconds_by_stage
-    except (InputError, ValueError, KeyError, TypeError, OSError) as exc:
+    except Exception as exc:  # noqa: BLE001  an estimate never fails the job: an unplannable config, no ETA
         logger.debug("no plan for the ETA: %s", exc)
         return None
 
